@@ -1,0 +1,65 @@
+"""Small helpers shared by the ops: precision rules, delta layouts, output allocation."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Arithmetic runs in float32, or float64 when any input is float64 (half inputs are upcast)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def padded_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int]) -> tuple[int, ...]:
+    """``(K, *P)`` with ``P`` left-padded by ones to the rank of ``F``, so ``delta[labels]`` broadcasts."""
+    per_class = tuple(delta_shape[1:])
+    return (delta_shape[0],) + (1,) * (len(feature_shape) - len(per_class)) + per_class
+
+
+def delta_layout(feature_shape: Sequence[int], delta_shape: Sequence[int]) -> tuple[int, int] | None:
+    """``(D, I)`` such that feature ``f`` of a flattened sample reads ``delta[y, (f // I) % D]``.
+
+    This covers the three layouts the kernels serve: full (``D = F``, ``I = 1``), channel-wise NCHW
+    (``D = C``, ``I = H * W``) and last-dim (``D`` = last size, ``I = 1``). It returns None when the
+    dimensions that vary in ``P`` are not one contiguous run of ``F``; callers then expand delta.
+    """
+    padded = padded_delta_shape(delta_shape, feature_shape)[1:]
+    varying = [i for i, (p, f) in enumerate(zip(padded, feature_shape)) if p == f and f != 1]
+    if not varying:
+        return 1, 1
+    first, last = varying[0], varying[-1]
+    if any(feature_shape[i] != 1 and i not in varying for i in range(first, last + 1)):
+        return None
+    return math.prod(feature_shape[first : last + 1]), math.prod(feature_shape[last + 1 :])
+
+
+def poisoning() -> bool:
+    """Tests set ``LPA_POISON=1`` so that every kernel output starts as NaN and unwritten cells show."""
+    return os.environ.get("LPA_POISON", "0") == "1"
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer a kernel fully overwrites (NaN-filled when poisoning)."""
+    if poisoning():
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def per_class(value: float | torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """A validated step size / radius / direction as a contiguous ``(K,)`` tensor in ``like``'s compute dtype."""
+    dtype = compute_dtype(like.dtype)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=dtype).contiguous()
+    return torch.full((num_classes,), float(value), dtype=dtype, device=like.device)
+
+
+def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Triton kernel may take under the CPU interpreter, where bfloat16 arithmetic is wrong
+    or fails: bfloat16 is upcast to float32 there (and rounded back by the caller), never run as is."""
+    from lpa_kernels.backend import interpreting
+
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype

@@ -1,0 +1,138 @@
+"""Backend selection, in one place.
+
+Every public op calls :func:`resolve` with the ``backend`` argument it was given and the tensors it
+works on; the answer is one of ``"reference"``, ``"triton"`` or ``"cuda"``, or a ``ValueError`` that
+says why the asked-for backend cannot run here. ``LPA_BACKEND`` overrides ``"auto"`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable: {exc}"
+    return ""
+
+
+def _triton_reason(device: torch.device | None) -> str:
+    """Why Triton cannot run on ``device`` ("" when it can)."""
+    reason = _triton_import_error()
+    if reason:
+        return reason
+    if device is None:
+        if interpreting() or torch.cuda.is_available():
+            return ""
+        return "no CUDA GPU and TRITON_INTERPRET is not 1"
+    if device.type == "cpu":
+        return "" if interpreting() else "CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
+    if device.type == "cuda":
+        if interpreting():
+            return "TRITON_INTERPRET=1 runs kernels on CPU tensors only; unset it for CUDA tensors"
+        return ""
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def _cuda_reason(device: torch.device | None) -> str:
+    """Why the CUDA C++ extension cannot run on ``device`` ("" when it can)."""
+    from lpa_kernels import _cuda_ext
+
+    reason = _cuda_ext.unavailable_reason()
+    if reason:
+        return reason
+    if device is not None and device.type != "cuda":
+        return f"the CUDA C++ kernels need CUDA tensors, got a {device.type} tensor"
+    return ""
+
+
+def _reason(backend: str, device: torch.device | None) -> str:
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        return _triton_reason(device)
+    return _cuda_reason(device)
+
+
+def _check_name(backend: object, argname: str = "backend") -> str:
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"{argname} must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs an op on ``device`` for the requested ``backend``."""
+    backend = _check_name(backend)
+    if backend == "auto":
+        env = os.environ.get("LPA_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = _check_name(env, "LPA_BACKEND")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for candidate in ("triton", "cuda"):
+            if not _reason(candidate, device):
+                return candidate
+        return "reference"
+    reason = _reason(backend, device)
+    if reason:
+        raise ValueError(f"backend={backend!r} is not available for a {device.type} tensor: {reason}")
+    return backend
+
+
+def backend_info() -> dict:
+    """What each backend can do on this machine, and the versions in use."""
+    from lpa_kernels import _cuda_ext
+
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    info: dict = {}
+    for name in BACKENDS:
+        reason = _reason(name, device)
+        info[name] = {"available": not reason, "reason": reason}
+    info["cuda_extension_built"] = _cuda_ext.is_built()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - depends on the machine
+        triton_version = None
+    info["versions"] = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_runtime": torch.version.cuda,
+        "lpa_kernels": _package_version(),
+    }
+    info["triton_interpreter"] = interpreting()
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return info
+
+
+def _package_version() -> str:
+    from lpa_kernels import __version__
+
+    return __version__
+
+
+def kernels(backend: str, triton_module: str):
+    """The module holding an op's kernel launchers for ``backend`` ("triton" or "cuda").
+
+    Both expose the same launcher names, so one custom op serves both backends."""
+    import importlib
+
+    if backend == "cuda":
+        return importlib.import_module("lpa_kernels.cuda_kernels")
+    return importlib.import_module(triton_module)

@@ -1,0 +1,31 @@
+"""LPL's confidence rule, carried to activations (SPEC section 1).
+
+``p_c`` is the mean softmax probability of the true class over the batch's samples of class ``c``;
+``thr`` is the mean of ``p_c`` over the classes present. ``s_c = sign(thr - p_c)``: classes the model
+is less sure of than average get positive augmentation (+1), the others negative (-1). Absent classes
+get 0 (they have no gradient either), and so does a class that sits exactly on the threshold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def class_mean_true_prob(p_true: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """``(p_c (K,), present (K,) bool)`` from the per-sample true-class probabilities ``p_true (B,)``."""
+    p_true = p_true.detach().float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    sums = torch.zeros(num_classes, device=p_true.device).index_add_(0, labels, p_true)
+    present = counts > 0
+    return torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums)), present
+
+
+def confidence_direction(p_true: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """``(direction (K,), magnitude (K,))``: ``direction = sign(thr - p_c)`` and
+    ``magnitude = |thr - p_c| / max_c |thr - p_c|`` (0 for absent classes, all 0 when every gap is 0)."""
+    p_c, present = class_mean_true_prob(p_true, labels, num_classes)
+    thr = p_c[present].mean() if bool(present.any()) else p_c.new_zeros(())
+    gap = torch.where(present, thr - p_c, torch.zeros_like(p_c))
+    largest = gap.abs().max() if gap.numel() else gap.new_zeros(())
+    magnitude = gap.abs() / largest if float(largest) > 0 else torch.zeros_like(gap)
+    return torch.sign(gap), magnitude

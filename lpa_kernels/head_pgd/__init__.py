@@ -1,0 +1,1 @@
+"""head_pgd: reference (naive.py), Triton kernels (triton_kernels.py), public op and custom ops (op.py)."""

@@ -1,0 +1,1 @@
+"""linear_perturb: reference (naive.py), Triton kernels (triton_kernels.py), public op and custom ops (op.py)."""

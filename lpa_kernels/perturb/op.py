@@ -1,0 +1,174 @@
+"""Public ``perturb`` and ``class_grad``: validation, dispatch and the torch.library custom ops.
+
+The fast backends see flattened, contiguous tensors: ``h (B, F)``, ``delta (K, D)`` and the stride
+``inner`` such that feature ``f`` reads ``delta[y, (f // inner) % D]`` (see ``_common.delta_layout``).
+Their launchers (``perturb_forward``, ``perturb_backward``) live in ``triton_kernels.py`` and in
+``lpa_kernels.cuda_kernels``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from lpa_kernels import _checks, backend as _backend
+from lpa_kernels._common import compute_dtype, delta_layout, padded_delta_shape
+from lpa_kernels.perturb import naive
+
+_TRITON = "lpa_kernels.perturb.triton_kernels"
+
+
+@torch.library.custom_op("lpa_kernels::perturb", mutates_args=())
+def _perturb_op(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str, backend: str) -> torch.Tensor:
+    launch = _backend.kernels(backend, _TRITON).perturb_forward
+    out = launch(h.reshape(h.shape[0], -1), labels, delta.reshape(delta.shape[0], -1), inner, mode)
+    return out.view(h.shape)
+
+
+@_perturb_op.register_fake
+def _(h, labels, delta, inner, mode, backend):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("lpa_kernels::perturb_backward", mutates_args=())
+def _perturb_backward_op(
+    grad_out: torch.Tensor,
+    h: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    delta: Optional[torch.Tensor],
+    delta_shape: Sequence[int],
+    delta_dtype: torch.dtype,
+    inner: int,
+    mode: str,
+    backend: str,
+    need_grad_h: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
+    when ``need_grad_h`` is False (``class_grad``)."""
+    batch, k = grad_out.shape[0], delta_shape[0]
+    flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
+    launch = _backend.kernels(backend, _TRITON).perturb_backward
+    grad_h, grad_delta = launch(
+        flat(grad_out), flat(h), labels, flat(delta), k, inner, mode, need_grad_h, deterministic, delta_dtype
+    )
+    grad_h = grad_h.view(grad_out.shape) if need_grad_h else grad_out.new_empty(0)
+    return grad_h, grad_delta.view(tuple(delta_shape))
+
+
+@_perturb_backward_op.register_fake
+def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend, need_grad_h, deterministic):
+    grad_h = torch.empty_like(grad_out) if need_grad_h else grad_out.new_empty(0)
+    return grad_h, grad_out.new_empty(tuple(delta_shape), dtype=delta_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    h, labels, delta, inner, mode, backend = inputs
+    ctx.save_for_backward(h if mode == "scale" else None, labels, delta)
+    ctx.inner, ctx.mode, ctx.backend = inner, mode, backend
+
+
+def _backward(ctx, grad_out):
+    h, labels, delta = ctx.saved_tensors
+    need_grad_h = ctx.needs_input_grad[0]
+    grad_h, grad_delta = _perturb_backward_op(
+        grad_out.contiguous(), h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
+        ctx.backend, need_grad_h, torch.are_deterministic_algorithms_enabled(),
+    )
+    return (grad_h if need_grad_h else None), None, grad_delta, None, None, None
+
+
+_perturb_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_layout(feature_shape, delta: torch.Tensor):
+    """``(delta, inner)`` for the kernels; a delta whose layout they do not serve is expanded to full."""
+    layout = delta_layout(feature_shape, delta.shape)
+    if layout is None:
+        full = delta.reshape(padded_delta_shape(delta.shape, feature_shape)).expand(delta.shape[0], *feature_shape)
+        return full, 1
+    return delta, layout[1]
+
+
+def _check_perturb_args(h, labels, delta, mode, backend) -> str:
+    _checks.check_float("h", h)
+    _checks.check_float("delta", delta)
+    _checks.check_choice("mode", mode, _checks.MODES)
+    if h.dim() < 1:
+        raise ValueError(f"h must have shape (B, *F), got a 0-d tensor")
+    _checks.check_delta_shape(delta.shape, h.shape[1:])
+    device = _checks.check_same_device(h=h, labels=labels, delta=delta)
+    _checks.check_labels(labels, h.shape[0], delta.shape[0])
+    return _backend.resolve(backend, device)
+
+
+def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str = "add", backend: str = "auto") -> torch.Tensor:
+    """The perturbed activations ``h~`` (``h.dtype``, shape of ``h``).
+
+    ``h (B, *F)``, ``labels (B,)`` int32/int64 in ``[0, K)``, ``delta (K, *P)`` with ``P`` broadcastable to
+    ``F``. ``mode="add"``: ``h + delta[y]``; ``mode="scale"``: ``h * (1 + delta[y])``. Differentiable in
+    ``h`` and ``delta`` (the fast backends compute both gradients in one pass over ``grad_out``).
+    """
+    backend = _check_perturb_args(h, labels, delta, mode, backend)
+    if backend == "reference":
+        return naive.perturb(h, labels, delta, mode)
+    kernel_delta, inner = _kernel_layout(h.shape[1:], delta)
+    out = _perturb_op(h.contiguous(), labels.contiguous(), kernel_delta.contiguous(), inner, mode, backend)
+    return out
+
+
+def class_grad(
+    grad_out: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    delta_shape: Sequence[int],
+    h: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    mode: str = "add",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The class-summed gradient with respect to delta, shape ``delta_shape = (K, *P)``.
+
+    ``grad_out (B, *F)`` is the gradient w.r.t. ``h~``; ``scale`` mode needs ``h`` too. The result has
+    ``delta.dtype`` when ``delta`` is given, else float32 (float64 for float64 input). Classes absent
+    from the batch get zero. The fast backends reduce per class in a fixed order, so the result is the
+    same from run to run (deterministic) whether or not ``torch.use_deterministic_algorithms`` is on.
+    """
+    _checks.check_float("grad_out", grad_out)
+    _checks.check_choice("mode", mode, _checks.MODES)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    delta_shape = tuple(int(s) for s in delta_shape)
+    if not delta_shape or delta_shape[0] != num_classes:
+        raise ValueError(f"delta_shape must start with num_classes={num_classes}, got {delta_shape}")
+    if grad_out.dim() < 1:
+        raise ValueError("grad_out must have shape (B, *F), got a 0-d tensor")
+    _checks.check_delta_shape(delta_shape, grad_out.shape[1:], name="delta_shape")
+    if mode == "scale" and h is None:
+        raise ValueError("h is required for mode='scale' (the gradient w.r.t. delta is grad_out * h)")
+    if h is not None:
+        _checks.check_float("h", h)
+        if h.shape != grad_out.shape:
+            raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")
+    if delta is not None:
+        _checks.check_float("delta", delta)
+        if tuple(delta.shape) != delta_shape:
+            raise ValueError(f"delta must have shape delta_shape={delta_shape}, got {tuple(delta.shape)}")
+    device = _checks.check_same_device(grad_out=grad_out, labels=labels, h=h, delta=delta)
+    _checks.check_labels(labels, grad_out.shape[0], num_classes)
+    backend = _backend.resolve(backend, device)
+    out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
+    h = h if mode == "scale" else None
+    if backend == "reference":
+        return naive.class_grad(grad_out, labels, num_classes, delta_shape, h=h, mode=mode, out_dtype=out_dtype)
+    layout = delta_layout(grad_out.shape[1:], delta_shape)
+    if layout is None:  # reduce at full resolution, then sum over the broadcast dimensions
+        full_shape = (num_classes,) + tuple(grad_out.shape[1:])
+        full = class_grad(grad_out, labels, num_classes, full_shape, h=h, mode=mode, backend=backend)
+        return naive.class_grad(full, torch.arange(num_classes, device=device), num_classes, delta_shape, out_dtype=out_dtype)
+    _, grad_delta = _perturb_backward_op(
+        grad_out.contiguous(), None if h is None else h.contiguous(), labels.contiguous(), None,
+        list(delta_shape), out_dtype, layout[1], mode, backend, False, True,
+    )
+    return grad_delta

@@ -1,0 +1,144 @@
+"""Public ``pgd_step_`` and ``class_grad_pgd_step_``: validation, dispatch and the custom ops.
+
+Launchers (``pgd_step``, ``class_grad_pgd_step``) live in ``triton_kernels.py`` and in
+``lpa_kernels.cuda_kernels``; they update a contiguous ``delta (K, D)`` in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lpa_kernels import _checks, backend as _backend
+from lpa_kernels._common import delta_layout, per_class
+from lpa_kernels.perturb.op import class_grad
+from lpa_kernels.pgd import naive
+
+_TRITON = "lpa_kernels.pgd.triton_kernels"
+
+
+@torch.library.custom_op("lpa_kernels::pgd_step_", mutates_args=("delta",))
+def _pgd_step_op(
+    delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
+    direction: torch.Tensor, norm: str, backend: str,
+) -> None:
+    k = delta.shape[0]
+    launch = _backend.kernels(backend, _TRITON).pgd_step
+    launch(delta.view(k, -1), grad.reshape(k, -1), step_size, eps, direction, norm)
+
+
+@_pgd_step_op.register_fake
+def _(delta, grad, step_size, eps, direction, norm, backend):
+    return None
+
+
+@torch.library.custom_op("lpa_kernels::class_grad_pgd_step_", mutates_args=("delta",))
+def _class_grad_pgd_step_op(
+    delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor, h: Optional[torch.Tensor],
+    step_size: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, inner: int, mode: str,
+    norm: str, backend: str,
+) -> None:
+    flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
+    launch = _backend.kernels(backend, _TRITON).class_grad_pgd_step
+    launch(delta.view(delta.shape[0], -1), flat(grad_out), labels, flat(h), step_size, eps, direction, inner, mode, norm)
+
+
+@_class_grad_pgd_step_op.register_fake
+def _(delta, grad_out, labels, h, step_size, eps, direction, inner, mode, norm, backend):
+    return None
+
+
+def _check_pgd_args(delta, step_size, eps, direction, norm):
+    _checks.check_float("delta", delta)
+    if delta.dim() < 1 or delta.shape[0] < 1:
+        raise ValueError(f"delta must have shape (K, *P) with K >= 1, got {tuple(delta.shape)}")
+    _checks.check_choice("norm", norm, _checks.NORMS)
+    k = delta.shape[0]
+    _checks.check_per_class("step_size", step_size, k, positive=False, nonnegative=True)
+    _checks.check_per_class("eps", eps, k, positive=True)
+    _checks.check_per_class("direction", direction, k, positive=False)
+    return [per_class(v, k, delta) for v in (step_size, eps, direction)]
+
+
+def _update_in_place(delta: torch.Tensor, run) -> torch.Tensor:
+    """Run ``run(contiguous_delta)`` and make sure ``delta`` itself holds the result."""
+    with torch.no_grad():
+        target = delta if delta.is_contiguous() else delta.contiguous()
+        run(target)
+        if target is not delta:
+            delta.copy_(target)
+    return delta
+
+
+def pgd_step_(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    direction: float | torch.Tensor = 1.0,
+    norm: str = "linf",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One projected step on ``delta (K, *P)`` in place, from the class gradient ``grad (K, *P)``.
+
+    ``linf``: ``clamp(delta + step * dir * sign(grad), -eps, eps)``; ``l2``: ``delta + step * dir *
+    grad / (||grad|| + 1e-12)`` scaled back onto ``||delta_c|| <= eps_c``. ``step_size``, ``eps`` and
+    ``direction`` are floats or ``(K,)`` tensors. A class with an all-zero gradient keeps its delta.
+    Returns ``delta``.
+    """
+    step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
+    _checks.check_float("grad", grad)
+    if grad.shape != delta.shape:
+        raise ValueError(f"grad must have the shape of delta {tuple(delta.shape)}, got {tuple(grad.shape)}")
+    device = _checks.check_same_device(delta=delta, grad=grad)
+    backend = _backend.resolve(backend, device)
+    if backend == "reference":
+        return naive.pgd_step_(delta, grad, step, radius, sign, norm)
+    grad = grad.detach().contiguous()
+    return _update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend))
+
+
+def class_grad_pgd_step_(
+    delta: torch.Tensor,
+    grad_out: torch.Tensor,
+    labels: torch.Tensor,
+    step_size: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    direction: float | torch.Tensor = 1.0,
+    norm: str = "linf",
+    h: torch.Tensor | None = None,
+    mode: str = "add",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``pgd_step_(delta, class_grad(grad_out, labels, ...), ...)`` in one launch (single-pass LPA).
+
+    ``grad_out (B, *F)`` is the gradient w.r.t. the perturbed activations; ``h (B, *F)`` is needed for
+    ``mode="scale"``. Returns ``delta``, updated in place.
+    """
+    step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
+    _checks.check_float("grad_out", grad_out)
+    _checks.check_choice("mode", mode, _checks.MODES)
+    if grad_out.dim() < 1:
+        raise ValueError("grad_out must have shape (B, *F), got a 0-d tensor")
+    _checks.check_delta_shape(delta.shape, grad_out.shape[1:])
+    if mode == "scale" and h is None:
+        raise ValueError("h is required for mode='scale' (the gradient w.r.t. delta is grad_out * h)")
+    if h is not None:
+        _checks.check_float("h", h)
+        if h.shape != grad_out.shape:
+            raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")
+    device = _checks.check_same_device(delta=delta, grad_out=grad_out, labels=labels, h=h)
+    _checks.check_labels(labels, grad_out.shape[0], delta.shape[0])
+    backend = _backend.resolve(backend, device)
+    h = h if mode == "scale" else None
+    if backend == "reference":
+        return naive.class_grad_pgd_step_(delta, grad_out, labels, step, radius, sign, norm, h=h, mode=mode)
+    layout = delta_layout(grad_out.shape[1:], delta.shape)
+    if layout is None:  # a layout the fused kernel does not serve: reduce, then step (two launches)
+        grad = class_grad(grad_out, labels, delta.shape[0], delta.shape, h=h, mode=mode, backend=backend)
+        return pgd_step_(delta, grad, step, radius, sign, norm, backend=backend)
+    args = (grad_out.detach().contiguous(), labels.contiguous(), None if h is None else h.detach().contiguous())
+    return _update_in_place(
+        delta, lambda d: _class_grad_pgd_step_op(d, *args, step, radius, sign, layout[1], mode, norm, backend)
+    )
