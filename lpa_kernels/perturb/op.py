@@ -8,6 +8,7 @@ Their launchers (``perturb_forward``, ``perturb_backward``) live in ``triton_ker
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -47,11 +48,11 @@ def _perturb_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
     when ``need_grad_h`` is False (``class_grad``)."""
-    batch, k = grad_out.shape[0], delta_shape[0]
+    k, per_class = delta_shape[0], math.prod(delta_shape[1:])
     flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
     launch = _backend.kernels(backend, _TRITON).perturb_backward
     grad_h, grad_delta = launch(
-        flat(grad_out), flat(h), labels, flat(delta), k, inner, mode, need_grad_h, deterministic, delta_dtype
+        flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, deterministic, delta_dtype
     )
     grad_h = grad_h.view(grad_out.shape) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_delta.view(tuple(delta_shape))
