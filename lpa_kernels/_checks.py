@@ -41,7 +41,8 @@ def check_float(name: str, t: object) -> torch.Tensor:
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    present = {k: v for k, v in tensors.items() if v is not None}
+    # Non-tensors are left to the argument's own check (which raises a TypeError naming it).
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     devices = {k: v.device for k, v in present.items()}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):

@@ -20,10 +20,15 @@ from lpa_kernels.perturb import naive
 _TRITON = "lpa_kernels.perturb.triton_kernels"
 
 
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t (N, *S)`` viewed as ``(N, prod(S))`` (also when N == 0, where ``reshape(N, -1)`` fails)."""
+    return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 @torch.library.custom_op("lpa_kernels::perturb", mutates_args=())
 def _perturb_op(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str, backend: str) -> torch.Tensor:
     launch = _backend.kernels(backend, _TRITON).perturb_forward
-    out = launch(h.reshape(h.shape[0], -1), labels, delta.reshape(delta.shape[0], -1), inner, mode)
+    out = launch(_flat(h), labels, _flat(delta), inner, mode)
     return out.view(h.shape)
 
 
@@ -49,10 +54,9 @@ def _perturb_backward_op(
     """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
     when ``need_grad_h`` is False (``class_grad``)."""
     k, per_class = delta_shape[0], math.prod(delta_shape[1:])
-    flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
     launch = _backend.kernels(backend, _TRITON).perturb_backward
     grad_h, grad_delta = launch(
-        flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, deterministic, delta_dtype
+        _flat(grad_out), _flat(h), labels, _flat(delta), k, per_class, inner, mode, need_grad_h, deterministic, delta_dtype
     )
     grad_h = grad_h.view(grad_out.shape) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_delta.view(tuple(delta_shape))

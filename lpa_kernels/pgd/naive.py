@@ -29,7 +29,8 @@ def pgd_step_(
     d, g = delta.detach().reshape(k, -1).to(cd), grad.detach().reshape(k, -1).to(cd)
     step, eps, direction = (v.to(cd).reshape(k, 1) for v in (step_size, eps, direction))
     if norm == "linf":
-        new = torch.maximum(torch.minimum(d + step * direction * torch.sign(g), eps), -eps)
+        sign = torch.where(torch.isnan(g), g, torch.sign(g))  # torch.sign(nan) is 0: keep the NaN
+        new = torch.maximum(torch.minimum(d + step * direction * sign, eps), -eps)
     else:
         unit = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + 1e-12)
         new = d + step * direction * unit

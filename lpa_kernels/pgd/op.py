@@ -12,7 +12,7 @@ import torch
 
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import delta_layout, per_class
-from lpa_kernels.perturb.op import class_grad
+from lpa_kernels.perturb.op import _flat, class_grad
 from lpa_kernels.pgd import naive
 
 _TRITON = "lpa_kernels.pgd.triton_kernels"
@@ -23,9 +23,8 @@ def _pgd_step_op(
     delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
     direction: torch.Tensor, norm: str, backend: str,
 ) -> None:
-    k = delta.shape[0]
     launch = _backend.kernels(backend, _TRITON).pgd_step
-    launch(delta.view(k, -1), grad.reshape(k, -1), step_size, eps, direction, norm)
+    launch(_flat(delta), _flat(grad), step_size, eps, direction, norm)
 
 
 @_pgd_step_op.register_fake
@@ -36,16 +35,16 @@ def _(delta, grad, step_size, eps, direction, norm, backend):
 @torch.library.custom_op("lpa_kernels::class_grad_pgd_step_", mutates_args=("delta",))
 def _class_grad_pgd_step_op(
     delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor, h: Optional[torch.Tensor],
-    step_size: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, inner: int, mode: str,
+    step_size: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, inner: int, perturb_mode: str,
     norm: str, backend: str,
 ) -> None:
-    flat = lambda t: None if t is None else t.reshape(t.shape[0], -1)  # noqa: E731
+    # (An argument named ``mode`` would clash with torch's functionalization of mutating ops.)
     launch = _backend.kernels(backend, _TRITON).class_grad_pgd_step
-    launch(delta.view(delta.shape[0], -1), flat(grad_out), labels, flat(h), step_size, eps, direction, inner, mode, norm)
+    launch(_flat(delta), _flat(grad_out), labels, _flat(h), step_size, eps, direction, inner, perturb_mode, norm)
 
 
 @_class_grad_pgd_step_op.register_fake
-def _(delta, grad_out, labels, h, step_size, eps, direction, inner, mode, norm, backend):
+def _(delta, grad_out, labels, h, step_size, eps, direction, inner, perturb_mode, norm, backend):
     return None
 
 

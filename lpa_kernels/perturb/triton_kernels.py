@@ -1,0 +1,204 @@
+"""Triton kernels for ``perturb`` (forward) and its backward / ``class_grad``.
+
+Flattened view used by every launcher: ``h (B, F)``, ``labels (B,)``, ``delta (K, D)``, and feature
+``f`` of a sample reads ``delta[y, (f // inner) % D]``. Writing ``f = (o * D + d) * inner + i`` with
+``o < outer = F // (D * inner)`` and ``i < inner`` splits a sample into ``D`` groups of
+``R = outer * inner`` features each; ``grad_delta[c, d]`` sums one group over the samples of class c.
+
+Backward is a deterministic segmented reduction: the samples are ordered by class (stable sort, so
+the order is fixed), and program ``(c, d-block)`` walks the ``n_c * R`` rows ``(sample, r)`` of its
+class in tiles, accumulating ``grad_delta`` in float32 (float64 for float64 inputs) and writing
+``grad_h`` for the same tile: every element of ``grad_out`` is read once and ``grad_h`` written once.
+No atomics, so the result is bitwise reproducible. Known limit: the work per program is proportional
+to the class size, so a batch with very few classes (or one dominant class) and small ``D`` uses few
+programs; splitting long classes across programs would need a second reduction stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lpa_kernels._common import compute_dtype, interpreter_dtype, new_output
+
+# Elements per program tile: large enough to keep a GPU's memory system busy, small enough for
+# the float32 accumulator to stay in registers (4096 fp32 = 32 per thread at 4 warps).
+TILE = 4096
+
+
+def kernel_dtype_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in a dtype the kernels may take here (bfloat16 upcast under the CPU interpreter)."""
+    return None if t is None else t.to(interpreter_dtype(t.dtype))
+
+
+def accumulator(*tensors: torch.Tensor | None):
+    """The Triton accumulation dtype for these inputs: float64 if any is float64, else float32."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    return tl.float64 if compute_dtype(*dtypes) == torch.float64 else tl.float32
+
+
+def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, starts)``: sample indices sorted by class (stable), and ``starts (K + 1,)`` such that
+    the samples of class c are ``order[starts[c]:starts[c + 1]]``."""
+    order = torch.argsort(labels, stable=True)
+    starts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    torch.cumsum(torch.bincount(labels, minlength=num_classes), 0, out=starts[1:])
+    return order, starts
+
+
+def reduction_blocks(D: int, inner: int, rows: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_Q)`` for a ``[BLOCK_D, BLOCK_Q]`` tile of ``D`` groups by ``rows`` (sample, r)
+    pairs. When ``inner == 1`` the groups are contiguous in memory, so the tile is wide in ``d``;
+    otherwise consecutive rows are contiguous, so it is wide in ``q``."""
+    block_d = min(triton.next_power_of_2(D), 256 if inner == 1 else 16)
+    block_q = min(max(TILE // block_d, 1), triton.next_power_of_2(max(rows, 1)))
+    return block_d, block_q
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr, labels_ptr, delta_ptr, out_ptr,
+    B, F, D, inner, num_f_blocks,
+    SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # One [BLOCK_B, BLOCK_F] tile of (samples, features); the grid is 1-D so B has no grid limit.
+    pid = tl.program_id(0)
+    pid_b, pid_f = pid // num_f_blocks, pid % num_f_blocks
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_mask, col_mask = rows < B, cols < F
+    mask = row_mask[:, None] & col_mask[None, :]
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    d = tl.load(delta_ptr + y[:, None] * D + ((cols // inner) % D)[None, :], mask=mask, other=0).to(ACC)
+    offs = rows[:, None] * F + cols[None, :]
+    h = tl.load(h_ptr + offs, mask=mask, other=0).to(ACC)
+    out = h * (1 + d) if SCALE else h + d
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def class_block_sum(
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, starts_ptr,
+    c, d0, F, D, inner, R,
+    SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """``grad_delta[c, d0:d0 + BLOCK_D]``: the sum of ``grad_out`` (times ``h`` when SCALE) over the
+    samples of class c and the R features of each group d; also writes ``grad_h`` on those elements
+    when WRITE_GRAD_H (``grad_out``, times ``1 + delta[c, d]`` when SCALE)."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    start = tl.load(starts_ptr + c)
+    rows = (tl.load(starts_ptr + c + 1) - start) * R
+    if WRITE_GRAD_H and SCALE:
+        factor = 1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=d_mask, other=0).to(ACC)
+    # Row q of the class is (its q // R-th sample, feature r = q % R of the group); feature
+    # f = (o * D + d) * inner + i with o = r // inner and i = r % inner. Only the tile start q0 is
+    # divided in 64 bits; the per-element divisions stay in 32 bits (R < 2**31).
+    group_offs = d * inner
+    acc = tl.zeros((BLOCK_D, BLOCK_Q), dtype=ACC)
+    for q0 in range(0, rows, BLOCK_Q):
+        local = (q0 % R).to(tl.int32) + tl.arange(0, BLOCK_Q)
+        q_mask = q0 + tl.arange(0, BLOCK_Q) < rows
+        sample = tl.load(order_ptr + start + q0 // R + local // R, mask=q_mask, other=0)
+        r = local % R
+        row_offs = sample * F + (r // inner) * D * inner + r % inner
+        offs = group_offs[:, None] + row_offs[None, :]
+        mask = d_mask[:, None] & q_mask[None, :]
+        g = tl.load(grad_out_ptr + offs, mask=mask, other=0).to(ACC)
+        if SCALE:
+            acc += g * tl.load(h_ptr + offs, mask=mask, other=0).to(ACC)
+        else:
+            acc += g
+        if WRITE_GRAD_H:
+            grad_h = g * factor[:, None] if SCALE else g
+            tl.store(grad_h_ptr + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, grad_delta_ptr, order_ptr, starts_ptr,
+    F, D, inner, R, num_d_blocks,
+    SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    # Program (c, d-block); the grid is 1-D so neither K nor D meets a grid-dimension limit.
+    pid = tl.program_id(0)
+    c, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    total = class_block_sum(
+        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, starts_ptr, c, d0, F, D, inner, R,
+        SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q,
+    )
+    d = d0 + tl.arange(0, BLOCK_D)
+    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, total.to(grad_delta_ptr.dtype.element_ty), mask=d < D)
+
+
+def perturb_forward(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str) -> torch.Tensor:
+    """``h (B, F)``, ``labels (B,)``, ``delta (K, D)`` contiguous -> ``h~ (B, F)`` in ``h.dtype``."""
+    B, F = h.shape
+    out = new_output((B, F), h.dtype, h.device)
+    if out.numel() == 0:
+        return out
+    kh, kdelta = kernel_dtype_view(h), kernel_dtype_view(delta)
+    kout = out if kh.dtype == h.dtype else new_output((B, F), kh.dtype, h.device)
+    block_f = min(triton.next_power_of_2(F), 1024)
+    block_b = min(max(TILE // block_f, 1), triton.next_power_of_2(B))
+    num_f_blocks = triton.cdiv(F, block_f)
+    grid = (triton.cdiv(B, block_b) * num_f_blocks,)
+    _forward_kernel[grid](
+        kh, labels, kdelta, kout, B, F, delta.shape[1], inner, num_f_blocks,
+        SCALE=mode == "scale", ACC=accumulator(h, delta), BLOCK_B=block_b, BLOCK_F=block_f,
+    )
+    if kout is not out:
+        out.copy_(kout)
+    return out
+
+
+def perturb_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor | None,
+    labels: torch.Tensor,
+    delta: torch.Tensor | None,
+    num_classes: int,
+    per_class: int,
+    inner: int,
+    mode: str,
+    need_grad_h: bool,
+    deterministic: bool,
+    grad_delta_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(grad_h (B, F) or None, grad_delta (K, D))`` in one pass over ``grad_out (B, F)``.
+
+    ``h`` is needed for ``scale``; ``delta`` only when ``need_grad_h`` in ``scale``. ``grad_h`` has
+    ``grad_out.dtype``, ``grad_delta`` has ``grad_delta_dtype``. Always deterministic (fixed order,
+    no atomics), so ``deterministic`` changes nothing.
+    """
+    B, F = grad_out.shape
+    scale = mode == "scale"
+    grad_h = new_output((B, F), grad_out.dtype, grad_out.device) if need_grad_h else None
+    grad_delta = new_output((num_classes, per_class), grad_delta_dtype, grad_out.device)
+    if grad_delta.numel() == 0:
+        return grad_h, grad_delta
+    kgrad_out, kh, kdelta = (kernel_dtype_view(t) for t in (grad_out, h, delta))
+    kgrad_h = grad_h if grad_h is None or kgrad_out.dtype == grad_h.dtype else new_output((B, F), kgrad_out.dtype, grad_out.device)
+    kgrad_delta = grad_delta if interpreter_dtype(grad_delta_dtype) == grad_delta_dtype else new_output(
+        (num_classes, per_class), torch.float32, grad_out.device)
+    order, starts = class_order(labels, num_classes)
+    R = F // per_class
+    block_d, block_q = reduction_blocks(per_class, inner, B * R)
+    num_d_blocks = triton.cdiv(per_class, block_d)
+    # Unused pointer arguments get grad_out as a stand-in; the constexpr flags keep them unread.
+    _backward_kernel[(num_classes * num_d_blocks,)](
+        kgrad_out, kgrad_out if kh is None else kh, kgrad_out if kdelta is None else kdelta,
+        kgrad_out if kgrad_h is None else kgrad_h, kgrad_delta, order, starts,
+        F, per_class, inner, R, num_d_blocks,
+        SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=accumulator(grad_out, h, delta),
+        BLOCK_D=block_d, BLOCK_Q=block_q,
+    )
+    if kgrad_h is not grad_h:
+        grad_h.copy_(kgrad_h)
+    if kgrad_delta is not grad_delta:
+        grad_delta.copy_(kgrad_delta)
+    return grad_h, grad_delta

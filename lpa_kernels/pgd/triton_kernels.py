@@ -1,0 +1,163 @@
+"""Triton kernels for ``pgd_step_`` and the fused ``class_grad_pgd_step_``.
+
+One program per class c updates ``delta[c] (D,)`` in place, looping over D in blocks:
+1. statistics of the class gradient ``g_c``: whether any entry is non-zero (a class with an all-zero
+   gradient keeps its delta, projection included) and ``||g_c||^2`` for l2;
+2. ``linf``: write ``clamp(delta + step * dir * sign(g), -eps, eps)``;
+   ``l2``: compute ``new = delta + step * dir * g / (||g|| + 1e-12)`` and ``||new||^2``, then write
+   ``new`` scaled back onto the ball ``||new|| <= eps``.
+The fused kernel first reduces ``g_c`` from ``grad_out`` (the same segmented reduction as
+``perturb``'s backward) into a float32 scratch row, then runs the same update. NaN propagates as in
+the reference: a NaN gradient counts as non-zero, and no min/max drops it.
+Known limit: K programs in all, so few classes with large D use few of a GPU's cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lpa_kernels.perturb.triton_kernels import (
+    accumulator, class_block_sum, class_order, kernel_dtype_view, reduction_blocks,
+)
+
+# Block of D one update pass handles at a time (one class row per program).
+BLOCK_UPDATE = 1024
+
+
+@triton.jit
+def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``(any entry of grad[:D] is non-zero, sum of squares)``."""
+    sumsq = tl.zeros((BLOCK,), dtype=ACC)
+    nonzero = tl.zeros((BLOCK,), dtype=tl.int32)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        g = tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC)
+        sumsq += g * g
+        nonzero = tl.maximum(nonzero, (g != 0).to(tl.int32))
+    return tl.max(nonzero, axis=0) > 0, tl.sum(sumsq, axis=0)
+
+
+@triton.jit
+def _signum(x):
+    """sign(x) that keeps NaN (like ``torch.sign``)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+
+
+@triton.jit
+def _update_class(
+    delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, grad_sumsq,
+    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Write the PGD update of ``delta[c]`` (row pointers ``delta_ptr``, ``grad_ptr``) when ``active``."""
+    step = tl.load(step_ptr + c).to(ACC) * tl.load(direction_ptr + c).to(ACC)
+    eps = tl.load(eps_ptr + c).to(ACC)
+    if L2:
+        step = step / (tl.sqrt(grad_sumsq) + 1e-12)
+        new_sumsq = tl.zeros((BLOCK,), dtype=ACC)
+        for d0 in range(0, D, BLOCK):
+            d = d0 + tl.arange(0, BLOCK)
+            new = tl.load(delta_ptr + d, mask=d < D, other=0).to(ACC) + step * tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC)
+            new_sumsq += new * new
+        length = tl.sqrt(tl.sum(new_sumsq, axis=0))
+    # An inactive class writes nothing: its delta stays exactly as it was.
+    written = tl.where(active, D, 0)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        mask = d < written
+        old = tl.load(delta_ptr + d, mask=mask, other=0).to(ACC)
+        g = tl.load(grad_ptr + d, mask=mask, other=0).to(ACC)
+        if L2:
+            new = old + step * g
+            new = tl.where(length > eps, new * (eps / length), new)
+        else:
+            new = old + step * _signum(g)
+            new = tl.where(new > eps, eps, tl.where(new < -eps, -eps, new))
+        tl.store(delta_ptr + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pgd_step_kernel(
+    delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D,
+    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = c.to(tl.int64) * D
+    active, sumsq = _gradient_stats(grad_ptr + row, D, ACC, BLOCK)
+    _update_class(delta_ptr + row, grad_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, sumsq, L2, ACC, BLOCK)
+
+
+@triton.jit
+def _class_grad_pgd_step_kernel(
+    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, order_ptr, starts_ptr, step_ptr, eps_ptr, direction_ptr,
+    F, D, inner, R,
+    SCALE: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    c = tl.program_id(0)
+    row = c.to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        g = class_block_sum(
+            grad_out_ptr, h_ptr, delta_ptr, grad_out_ptr, order_ptr, starts_ptr, c, d0, F, D, inner, R,
+            SCALE, False, ACC, BLOCK_D, BLOCK_Q,
+        )
+        d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(scratch_ptr + row + d, g, mask=d < D)
+    # The scratch row is read back by other threads of this program than those that wrote it.
+    tl.debug_barrier()
+    active, sumsq = _gradient_stats(scratch_ptr + row, D, ACC, BLOCK_D)
+    _update_class(delta_ptr + row, scratch_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, sumsq, L2, ACC, BLOCK_D)
+
+
+def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
+    """Run ``launch(kernel_delta)`` on ``delta`` itself, or on a float32 copy written back (bfloat16
+    under the CPU interpreter)."""
+    kdelta = kernel_dtype_view(delta)
+    launch(kdelta)
+    if kdelta is not delta:
+        delta.copy_(kdelta)
+
+
+def pgd_step(
+    delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, norm: str
+) -> None:
+    """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``; ``step``, ``eps``,
+    ``direction`` are ``(K,)``."""
+    K, D = delta.shape
+    if delta.numel() == 0:
+        return
+    kgrad = kernel_dtype_view(grad.contiguous())
+    block = min(triton.next_power_of_2(D), BLOCK_UPDATE)
+    _in_kernel_dtype(delta, lambda kdelta: _pgd_step_kernel[(K,)](
+        kdelta, kgrad, step, eps, direction, D, L2=norm == "l2", ACC=accumulator(delta, grad), BLOCK=block,
+    ))
+
+
+def class_grad_pgd_step(
+    delta: torch.Tensor,
+    grad_out: torch.Tensor,
+    labels: torch.Tensor,
+    h: torch.Tensor | None,
+    step: torch.Tensor,
+    eps: torch.Tensor,
+    direction: torch.Tensor,
+    inner: int,
+    mode: str,
+    norm: str,
+) -> None:
+    """``pgd_step(delta, class_grad(grad_out (B, F), labels, h), ...)`` in one launch, ``delta (K, D)``
+    contiguous and updated in place."""
+    K, D = delta.shape
+    B, F = grad_out.shape
+    if delta.numel() == 0:
+        return
+    kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
+    acc = accumulator(delta, grad_out, h)
+    scratch = torch.empty((K, D), dtype=torch.float64 if acc == tl.float64 else torch.float32, device=delta.device)
+    order, starts = class_order(labels, K)
+    R = F // D
+    block_d, block_q = reduction_blocks(D, inner, B * R)
+    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(K,)](
+        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, order, starts, step, eps, direction,
+        F, D, inner, R, SCALE=mode == "scale", L2=norm == "l2", ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
+    ))

@@ -1,0 +1,239 @@
+"""perturb and class_grad: every backend x dtype x delta layout x mode against the float64 reference.
+
+Each check runs the op forward and backward (grad_h and grad_delta from one backward call) and
+compares all three with ``naive`` in float64; the low-precision yardstick is PyTorch eager autograd
+in the inputs' own dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lpa_kernels import class_grad, perturb
+from lpa_kernels._common import padded_delta_shape
+from lpa_kernels.perturb import naive
+from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
+
+TARGETS = [pytest.param(("reference", "cpu"), id="reference"), *KERNEL_TARGETS]
+MODES = ("add", "scale")
+# Feature shape F of one sample and per-class delta shape P, for each layout the ops serve.
+LAYOUTS = {
+    "full": ((3, 5, 7), (3, 5, 7)),
+    "channel": ((3, 5, 7), (3, 1, 1)),
+    "last_dim": ((6, 9), (1, 9)),
+    "last_dim_short": ((6, 9), (9,)),
+    "broadcast": ((3, 5, 7), (3, 1, 7)),  # not a kernel layout: the op expands delta to full
+}
+
+
+def random_inputs(batch, num_classes, features, per_class, dtype=torch.float32, device="cpu",
+                  labels=None, label_dtype=torch.int64):
+    """``(h, labels, delta, grad_out)``; by default the last class is absent from the batch."""
+    h = torch.randn(batch, *features, device=device).to(dtype)
+    if labels is None:
+        labels = make_labels(batch, max(num_classes - 1, 1), device, label_dtype)
+    delta = (0.5 * torch.randn(num_classes, *per_class, device=device)).to(dtype)
+    grad_out = torch.randn(batch, *features, device=device).to(dtype)
+    return h, labels, delta, grad_out
+
+
+def eager_perturb(h, labels, delta, mode):
+    """PyTorch eager in the inputs' own dtype (rounding after every operation): the lowp yardstick."""
+    d = delta.reshape(padded_delta_shape(delta.shape, h.shape[1:]))[labels]
+    return h + d if mode == "add" else h * (1 + d)
+
+
+def forward_backward(fn, h, labels, delta, grad_out, mode):
+    """``(h~, grad_h, grad_delta)`` of ``fn(h, labels, delta, mode)`` backpropagating ``grad_out``."""
+    h, delta = h.detach().requires_grad_(), delta.detach().requires_grad_()
+    out = fn(h, labels, delta, mode)
+    out.backward(grad_out)
+    return out.detach(), h.grad, delta.grad
+
+
+def check_perturb(backend, h, labels, delta, grad_out, mode):
+    """Forward, grad_h and grad_delta of ``perturb(backend=backend)`` equal the float64 reference."""
+    got = forward_backward(lambda *a: perturb(*a, backend=backend), h, labels, delta, grad_out, mode)
+    ref = forward_backward(naive.perturb, h.double(), labels, delta.double(), grad_out.double(), mode)
+    lowp = forward_backward(eager_perturb, h, labels, delta, grad_out, mode)
+    for what, a, r, low in zip(("perturb output", "grad_h", "grad_delta"), got, ref, lowp):
+        assert a.dtype == low.dtype, f"{what}: dtype {a.dtype}, expected {low.dtype}"
+        assert_close_to_reference(a, r, low, what=f"{what} ({backend}, {mode})")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+def test_perturb_forward_and_gradients_match_reference(target, dtype, layout, mode):
+    backend, device = target
+    features, per_class = LAYOUTS[layout]
+    check_perturb(backend, *random_inputs(7, 4, features, per_class, dtype, device), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "batch, num_classes, features, per_class",
+    [
+        (1, 3, (13,), (13,)),  # one sample
+        (0, 3, (4, 5), (4, 1)),  # empty batch: grad_delta is all zero
+        (6, 1, (5, 3), (5, 3)),  # one class
+        (5, 1200, (6,), (6,)),  # many classes, most absent
+        (3, 2, (1100,), (1100,)),  # more features than one block
+        (9, 3, (2, 3, 31, 37), (1, 3, 1, 1)),  # channel-wise with a long odd inner run
+    ],
+    ids=["B1", "B0", "K1", "K1200", "F1100", "inner1147"],
+)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_perturb_odd_sizes_match_reference(target, batch, num_classes, features, per_class, mode):
+    backend, device = target
+    check_perturb(backend, *random_inputs(batch, num_classes, features, per_class, device=device), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_perturb_non_contiguous_inputs_and_int32_labels(target, mode):
+    backend, device = target
+    h = torch.randn(6, 3, 7, 5, device=device).transpose(2, 3)  # (6, 3, 5, 7), strided
+    delta = torch.randn(4, 7, 5, 3, device=device).permute(0, 3, 2, 1)  # (4, 3, 5, 7), strided
+    grad_out = torch.randn(6, 5, 7, 3, device=device).permute(0, 3, 1, 2)
+    labels = torch.randint(0, 4, (12,), dtype=torch.int32, device=device)[::2]
+    assert not (h.is_contiguous() or delta.is_contiguous() or grad_out.is_contiguous() or labels.is_contiguous())
+    check_perturb(backend, h, labels, delta, grad_out, mode)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_perturb_propagates_nan(target):
+    backend, device = target
+    h, labels, delta, grad_out = random_inputs(5, 3, (4, 6), (4, 6), device=device)
+    h[2, 1, 3] = float("nan")
+    check_perturb(backend, h, labels, delta, grad_out, "scale")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+def test_class_grad_matches_reference(target, dtype, layout, mode):
+    backend, device = target
+    features, per_class = LAYOUTS[layout]
+    h, labels, delta, grad_out = random_inputs(8, 4, features, per_class, dtype, device)
+    ref = naive.class_grad(grad_out.double(), labels, 4, delta.shape, h=h.double(), mode=mode)
+    assert not ref[3].any(), "test setup: class 3 must be absent from the batch"
+    # Without delta the result is float32 (float32 accumulation, no low-precision rounding).
+    got = class_grad(grad_out, labels, 4, delta.shape, h=h, mode=mode, backend=backend)
+    assert got.dtype == torch.float32
+    assert_close_to_reference(got, ref, what=f"class_grad ({backend}, {mode})")
+    # With delta the result has delta's dtype.
+    got = class_grad(grad_out, labels, 4, delta.shape, h=h, delta=delta, mode=mode, backend=backend)
+    lowp = forward_backward(eager_perturb, h, labels, delta, grad_out, mode)[2]
+    assert_close_to_reference(got, ref, lowp, what=f"class_grad with delta ({backend}, {mode})")
+    assert not got[3].any(), "a class absent from the batch must get a zero gradient"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_class_grad_is_bitwise_reproducible(target, mode):
+    backend, device = target
+    h, labels, delta, grad_out = random_inputs(300, 3, (40,), (40,), device=device)
+    first = class_grad(grad_out, labels, 3, delta.shape, h=h, mode=mode, backend=backend)
+    second = class_grad(grad_out, labels, 3, delta.shape, h=h, mode=mode, backend=backend)
+    assert torch.equal(first, second), "class_grad gave different bits on the same input"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", [pytest.param(("reference", "cpu"), id="reference"), KERNEL_TARGETS[0]])
+def test_perturb_gradcheck_float64(target, mode):
+    backend, device = target
+    for per_class in ((2, 2, 3), (2, 1, 1)):  # full and channel-wise
+        h, labels, delta, _ = random_inputs(3, 3, (2, 2, 3), per_class, torch.float64, device)
+        inputs = (h.requires_grad_(), delta.requires_grad_())
+        assert torch.autograd.gradcheck(lambda a, b: perturb(a, labels, b, mode, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_opcheck_perturb_custom_ops(target, mode):
+    backend, device = target
+    h, labels, delta, grad_out = random_inputs(5, 3, (2, 7), (2, 1), device=device)
+    # inner = 7: feature f of a (2, 7) sample reads delta[y, f // 7].
+    torch.library.opcheck(torch.ops.lpa_kernels.perturb, (h.requires_grad_(), labels, delta.requires_grad_(), 7, mode, backend))
+    for need_grad_h in (True, False):
+        torch.library.opcheck(
+            torch.ops.lpa_kernels.perturb_backward,
+            (grad_out, h.detach(), labels, delta.detach(), [3, 2, 1], delta.dtype, 7, mode, backend, need_grad_h, True),
+        )
+
+
+@st.composite
+def perturb_problems(draw):
+    """A random feature shape, a random broadcastable delta shape, batch size, class count and mode."""
+    features = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    keep = draw(st.lists(st.booleans(), min_size=len(features), max_size=len(features)))
+    per_class = tuple(f if k else 1 for f, k in zip(features, keep))[draw(st.integers(0, len(features) - 1)):]
+    return draw(st.integers(0, 6)), draw(st.integers(1, 5)), features, per_class, draw(st.sampled_from(MODES))
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@settings(max_examples=20, deadline=None)
+@given(problem=perturb_problems())
+def test_perturb_random_shapes_match_reference(target, problem):
+    backend, device = target
+    batch, num_classes, features, per_class, mode = problem
+    h, _, delta, grad_out = random_inputs(batch, num_classes, features, per_class, device=device)
+    labels = make_labels(batch, num_classes, device)
+    check_perturb(backend, h, labels, delta, grad_out, mode)
+
+
+class _PerturbedHead(torch.nn.Module):
+    """perturb -> linear head -> loss, plus the class gradient of that loss: both inside one graph."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, h, labels, delta):
+        out = perturb(h, labels, delta, "scale", backend=self.backend)
+        grad_out = torch.ones_like(out)
+        return self.head(out.flatten(1)).sum(), class_grad(grad_out, labels, 3, delta.shape, h=h, mode="scale", backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=KERNEL_TARGETS[0].marks)])
+def test_perturb_and_class_grad_under_torch_compile(backend):
+    torch._dynamo.reset()
+    model = _PerturbedHead(backend)
+    h, labels, delta, _ = random_inputs(5, 3, (3, 4), (3, 1), labels=torch.tensor([0, 2, 2, 1, 0]))
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        delta_leaf = delta.clone().requires_grad_()
+        loss, grad = run(h, labels, delta_leaf)
+        loss.backward()
+        results.append((loss.detach(), grad, delta_leaf.grad))
+    for what, compiled, eager in zip(("loss", "class_grad", "delta.grad"), results[1], results[0]):
+        torch.testing.assert_close(compiled, eager, msg=lambda m: f"compiled {what} differs from eager: {m}")
+    compiled_grad = results[1][1]
+    ref = naive.class_grad(torch.ones(5, 3, 4, dtype=torch.float64), labels, 3, delta.shape, h=h.double(), mode="scale")
+    assert_close_to_reference(compiled_grad, ref, what=f"compiled class_grad ({backend})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_perturb_more_than_2_pow_31_elements(backend, mode):
+    """Offsets past 2**31 elements: the last samples of a huge batch come out right."""
+    features = 1024
+    batch = 2**31 // features + 3
+    h = torch.randn(batch, 4, 16, 16, device="cuda", dtype=torch.float16)
+    labels = make_labels(batch, 5, "cuda")
+    delta = torch.randn(5, 4, 1, 1, device="cuda", dtype=torch.float16)
+    out = perturb(h, labels, delta, mode, backend=backend)
+    tail = slice(batch - 3, batch)
+    assert_close_to_reference(out[tail], naive.perturb(h[tail].double(), labels[tail], delta.double(), mode))
+    del out
+    grad = class_grad(h, labels, 5, delta.shape, h=h, mode=mode, backend=backend)
+    ref = sum(naive.class_grad(h[i:i + 2**16].double(), labels[i:i + 2**16], 5, delta.shape, h=h[i:i + 2**16].double(), mode=mode)
+              for i in range(0, batch, 2**16))
+    assert_close_to_reference(grad, ref, what="class_grad over > 2**31 elements")

@@ -1,0 +1,106 @@
+"""Backend selection: resolve() rules, the LPA_BACKEND override, and backend_info()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpa_kernels import backend, backend_info
+from lpa_kernels._cuda_ext import unavailable_reason
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def no_override(monkeypatch):
+    monkeypatch.delenv("LPA_BACKEND", raising=False)
+
+
+def test_auto_on_cpu_is_the_reference(no_override):
+    assert backend.resolve("auto", CPU) == "reference"
+
+
+def test_explicit_reference_always_resolves(no_override):
+    assert backend.resolve("reference", CPU) == "reference"
+
+
+def test_auto_on_a_cuda_device_prefers_triton(no_override, monkeypatch):
+    # A torch.device("cuda") object exists without a GPU; resolve() only asks what can run on it.
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    assert backend.resolve("auto", torch.device("cuda")) == "triton"
+
+
+def test_auto_on_a_cuda_device_falls_back_to_the_reference_when_nothing_runs(no_override, monkeypatch):
+    monkeypatch.setattr(backend, "interpreting", lambda: True)  # Triton then refuses CUDA tensors
+    expected = "reference" if unavailable_reason() else "cuda"
+    assert backend.resolve("auto", torch.device("cuda")) == expected
+
+
+def test_lpa_backend_overrides_auto(monkeypatch):
+    monkeypatch.setenv("LPA_BACKEND", "reference")
+    monkeypatch.setattr(backend, "interpreting", lambda: True)
+    assert backend.resolve("auto", CPU) == "reference"
+    monkeypatch.setenv("LPA_BACKEND", "triton")
+    assert backend.resolve("auto", CPU) == "triton"
+
+
+def test_lpa_backend_does_not_override_an_explicit_backend(monkeypatch):
+    monkeypatch.setenv("LPA_BACKEND", "triton")
+    assert backend.resolve("reference", CPU) == "reference"
+
+
+def test_lpa_backend_auto_or_empty_means_auto(monkeypatch):
+    for value in ("auto", "", "  "):
+        monkeypatch.setenv("LPA_BACKEND", value)
+        assert backend.resolve("auto", CPU) == "reference", f"LPA_BACKEND={value!r}"
+
+
+def test_invalid_lpa_backend_is_named_in_the_error(monkeypatch):
+    monkeypatch.setenv("LPA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="LPA_BACKEND.*'fastest'"):
+        backend.resolve("auto", CPU)
+
+
+@pytest.mark.parametrize("name", ["Triton", "GPU", "", None, 1])
+def test_unknown_backend_name_raises(no_override, name):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.resolve(name, CPU)
+
+
+def test_triton_on_cpu_without_the_interpreter_says_why(monkeypatch):
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        backend.resolve("triton", CPU)
+
+
+def test_triton_on_cpu_reads_the_triton_interpret_variable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' is not available for a cpu tensor"):
+        backend.resolve("triton", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.resolve("triton", CPU) == "triton"
+
+
+def test_triton_under_the_interpreter_refuses_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(backend, "interpreting", lambda: True)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        backend.resolve("triton", torch.device("cuda"))
+
+
+def test_cuda_backend_unavailable_raises_a_clear_error():
+    # On a CPU tensor the CUDA kernels never run: either the extension is missing or the device is wrong.
+    with pytest.raises(ValueError, match="backend='cuda' is not available for a cpu tensor: .*(not built|CUDA tensors)"):
+        backend.resolve("cuda", CPU)
+
+
+def test_backend_info_reports_every_backend_and_the_versions():
+    info = backend_info()
+    for name in ("reference", "triton", "cuda"):
+        assert set(info[name]) == {"available", "reason"}, name
+        assert info[name]["available"] == (info[name]["reason"] == ""), f"{name}: available iff no reason"
+    assert info["reference"]["available"]
+    assert isinstance(info["cuda_extension_built"], bool)
+    assert info["versions"]["torch"] == torch.__version__
+    assert {"triton", "cuda_runtime", "lpa_kernels"} <= set(info["versions"])
+    if not torch.cuda.is_available():
+        assert not info["cuda"]["available"] and info["cuda"]["reason"]
