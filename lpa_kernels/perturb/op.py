@@ -76,12 +76,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     h, labels, delta = ctx.saved_tensors
-    need_grad_h = ctx.needs_input_grad[0]
-    grad_h, grad_delta = _perturb_backward_op(
-        grad_out.contiguous(), h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
-        ctx.backend, need_grad_h, torch.are_deterministic_algorithms_enabled(),
-    )
-    return (grad_h if need_grad_h else None), None, grad_delta, None, None, None
+    need_grad_h, need_grad_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_out = grad_out.contiguous()
+    # add: grad_h is grad_out itself, so no kernel copies it. scale: grad_h = grad_out * (1 + delta[y])
+    # is perturb's own forward, which is all that runs when delta needs no gradient (the training step).
+    grad_h = grad_out if need_grad_h and ctx.mode == "add" else None
+    kernel_grad_h = need_grad_h and ctx.mode == "scale"
+    grad_delta = None
+    if need_grad_delta:
+        kernel_h, grad_delta = _perturb_backward_op(
+            grad_out, h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
+            ctx.backend, kernel_grad_h, torch.are_deterministic_algorithms_enabled(),
+        )
+        grad_h = kernel_h if kernel_grad_h else grad_h
+    elif kernel_grad_h:
+        grad_h = _perturb_op(grad_out, labels, delta, ctx.inner, "scale", ctx.backend)
+    return grad_h, None, grad_delta, None, None, None
 
 
 _perturb_op.register_autograd(_backward, setup_context=_setup_context)

@@ -104,6 +104,21 @@ def test_perturb_non_contiguous_inputs_and_int32_labels(target, mode):
     check_perturb(backend, h, labels, delta, grad_out, mode)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_perturb_gradient_of_one_input_only(target, mode):
+    """The training step backpropagates to h alone (delta detached); PGD to delta alone."""
+    backend, device = target
+    h, labels, delta, grad_out = random_inputs(6, 3, (4, 5), (4, 1), torch.float16, device)
+    ref = forward_backward(naive.perturb, h.double(), labels, delta.double(), grad_out.double(), mode)
+    lowp = forward_backward(eager_perturb, h, labels, delta, grad_out, mode)
+    for wanted in ("h", "delta"):
+        leaves = {"h": h.detach().requires_grad_(wanted == "h"), "delta": delta.detach().requires_grad_(wanted == "delta")}
+        perturb(leaves["h"], labels, leaves["delta"], mode, backend=backend).backward(grad_out)
+        index = 1 if wanted == "h" else 2
+        assert_close_to_reference(leaves[wanted].grad, ref[index], lowp[index], what=f"grad_{wanted} alone ({mode})")
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_perturb_propagates_nan(target):
     backend, device = target
