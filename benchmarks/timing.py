@@ -1,0 +1,68 @@
+"""Timing and the device's own limits, measured in the same run as the kernels.
+
+On a GPU every time is the median of ``triton.testing.do_bench`` (which synchronises and flushes the
+L2 cache between runs). ``do_bench`` needs a GPU driver, so on the CPU a plain loop of
+``time.perf_counter`` calls after a warm-up stands in for it, and rows say so (timer "cpu-timer").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+GPU_TIMER = "do_bench"
+CPU_TIMER = "cpu-timer"
+
+
+def timer_name(device: torch.device) -> str:
+    return GPU_TIMER if device.type == "cuda" else CPU_TIMER
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
+    """Median wall time of one call of ``fn`` in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 50, return_mode="median"))
+    return _cpu_median_ms(fn, warmup=1 if quick else 3, budget_s=0.05 if quick else 0.5)
+
+
+def _cpu_median_ms(fn: Callable[[], object], warmup: int, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
+    """GB/s of ``dst.copy_(src)`` on a tensor far larger than the caches (bytes = read + write)."""
+    nbytes = (1 << 30 if device.type == "cuda" else 1 << 25) >> (2 if quick else 0)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, quick)
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool = False) -> float:
+    """TFLOP/s of one large square ``torch.matmul`` in ``dtype`` (default backend settings: no TF32)."""
+    n = (8192 if device.type == "cuda" else 512) // (2 if quick else 1)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.matmul(a, b), device, quick)
+    return 2 * n**3 / ms / 1e9
+
+
+def device_peaks(device: torch.device, dtypes: Iterable[torch.dtype], quick: bool = False) -> dict:
+    """``{"copy_gbps": float, "matmul_tflops": {dtype name: float}}`` measured now on ``device``."""
+    return {
+        "copy_gbps": copy_bandwidth_gbps(device, quick),
+        "matmul_tflops": {str(dt).replace("torch.", ""): matmul_tflops(device, dt, quick) for dt in dtypes},
+    }

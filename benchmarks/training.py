@@ -1,0 +1,119 @@
+"""One training step of the same MLP, plain (``erm``) vs LPA with T = 0, 1, 3 PGD steps.
+
+The methods come from ``lpa_kernels.lpa.build_method``; each step is what a training loop does:
+``loss, logits = method.training_loss(x, y)``, zero_grad, backward, ``method.after_backward()``,
+``opt.step()``. Rows give the median step time, its ratio to the plain step, and how many times the
+lower network (everything below the perturbed layer) and the upper network ran per step, counted by
+forward hooks on their first modules (the SPEC's algorithmic target: lower network once per step).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lpa_bench.report import new_row
+from lpa_bench.runner import Budget, attempt
+from lpa_bench.timing import median_ms, timer_name
+
+# The perturbed layer is the output of module "3" (the penultimate features), so the upper network
+# is the linear classifier "4": the head fast path applies.
+LAYER = "3"
+LOWER_ENTRY, UPPER_ENTRY = "0", "4"
+STEPS = (0, 1, 3)
+COUNTED_STEPS = 3
+
+SHAPES = {
+    "quick": dict(B=64, IN=16, HIDDEN=32, K=5),
+    "cpu": dict(B=256, IN=64, HIDDEN=256, K=10),
+    "gpu": dict(B=1024, IN=1024, HIDDEN=4096, K=1000),
+}
+
+
+def mlp(d_in: int, hidden: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+class _CallCounter:
+    def __init__(self, module: nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+def _method(name: str, steps: int | None, model: nn.Module, num_classes: int):
+    from lpa_kernels.lpa import LPAConfig, build_method
+
+    # plain training goes through the same split model, so the ratio measures LPA's extra work only
+    config = None if steps is None else LPAConfig(steps=steps)
+    return build_method(name, model, num_classes, layer=LAYER, config=config)
+
+
+def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int):
+    """``(step, method)``: ``step()`` runs one training step of ``model`` with the method
+    ``name`` ("erm" or "lpa" with ``steps`` PGD steps) on the batch ``(x, y)``."""
+    method = _method(name, steps, model, num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss, _ = method.training_loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward()
+        opt.step()
+        return loss
+
+    return step, method
+
+
+def _measure(name, steps, base, x, y, num_classes, device, quick):
+    """(median step ms, lower forwards per step, upper forwards per step, method.stats())."""
+    model = copy.deepcopy(base)
+    step, method = training_step(name, steps, model, x, y, num_classes)
+    ms = median_ms(step, device, quick)
+    lower, upper = _CallCounter(model.get_submodule(LOWER_ENTRY)), _CallCounter(model.get_submodule(UPPER_ENTRY))
+    for _ in range(COUNTED_STEPS):
+        step()
+    lower.handle.remove()
+    upper.handle.remove()
+    stats = method.stats() if hasattr(method, "stats") else None
+    return ms, lower.calls / COUNTED_STEPS, upper.calls / COUNTED_STEPS, stats
+
+
+def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool) -> list:
+    shape = SHAPES[tier]
+    torch.manual_seed(0)
+    base = mlp(shape["IN"], shape["HIDDEN"], shape["K"]).to(device)
+    x = torch.randn(shape["B"], shape["IN"], device=device)
+    y = torch.randint(0, shape["K"], (shape["B"],), device=device)
+    rows, erm_ms = [], None
+    for name, steps in [("erm", None)] + [("lpa", t) for t in STEPS]:
+        row = new_row(bench="train_step", op="mlp_step", **{"pass": "step"}, impl=name, dtype="float32",
+                      shape=dict(shape), variant={"layer": LAYER, "steps": steps}, timer=timer_name(device))
+        measured = attempt(row, budget, lambda: _measure(name, steps, base, x, y, shape["K"], device, quick))
+        row["time_ms"], row["lower_forwards_per_step"], row["upper_forwards_per_step"], row["stats"] = measured or (None,) * 4
+        if name == "erm":
+            erm_ms = row["time_ms"]
+        else:
+            _lpa_targets(row, erm_ms)
+        rows.append(row)
+    return rows
+
+
+def _lpa_targets(row: dict, erm_ms: float | None) -> None:
+    steps = row["variant"]["steps"]
+    if row["time_ms"] and erm_ms:
+        row["ratio"] = row["time_ms"] / erm_ms
+    lower_once = None if row["lower_forwards_per_step"] is None else row["lower_forwards_per_step"] == 1
+    if steps == 0:
+        row["target"] = "step time <= 1.05x plain step; lower network run once per step"
+        fast = None if row["ratio"] is None else row["ratio"] <= 1.05
+        row["target_met"] = None if fast is None or lower_once is None else (fast and lower_once)
+    else:
+        row["target"] = f"lower network run once per step, not {steps + 1} times"
+        row["target_met"] = lower_once

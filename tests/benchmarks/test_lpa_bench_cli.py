@@ -1,0 +1,145 @@
+"""``lpa-bench --quick --json --plot`` runs on the CPU and writes the documented report and a PNG."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from lpa_bench import cli
+from lpa_kernels.backend import interpreting
+from lpa_bench.report import ROW_KEYS, SCHEMA
+
+README = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "README.md"
+META_KEYS = ("device", "torch", "triton", "git_commit", "date", "timer", "copy_gbps", "matmul_tflops", "backend_info")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick run for the whole module (the CLI called in-process)."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "quick.json", out / "quick.png"
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--quick", "--device", "cpu", "--threads", "1", "--json", str(json_path), "--plot", str(png_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads changed it for this whole process
+    return json.loads(json_path.read_text()), png_path
+
+
+def _rows(report, **match):
+    return [r for r in report["rows"] if all(r[k] == v for k, v in match.items())]
+
+
+def test_quick_report_has_schema_metadata_and_every_row_key(quick_run):
+    report, _ = quick_run
+    assert report["schema"] == SCHEMA
+    missing = [k for k in META_KEYS if report["meta"].get(k) is None]
+    assert not missing, f"metadata keys without a value: {missing}"
+    assert report["meta"]["timer"] == "cpu-timer", "without a GPU the timer must be labelled cpu-timer"
+    assert report["meta"]["cpu_threads"] == 1, "--threads sets torch's CPU threads"
+    assert report["meta"]["copy_gbps"] > 0 and report["meta"]["matmul_tflops"]["float32"] > 0
+    assert report["rows"], "the quick run produced no rows"
+    for row in report["rows"]:
+        assert set(row) == set(ROW_KEYS), f"row keys differ from the schema: {set(row) ^ set(ROW_KEYS)}"
+
+
+def test_every_row_key_is_documented_in_the_readme():
+    text = README.read_text()
+    undocumented = [k for k in ROW_KEYS if f"`{k}`" not in text]
+    assert not undocumented, f"row keys missing from benchmarks/README.md: {undocumented}"
+
+
+def test_quick_run_times_every_op_with_the_reference_backend_and_eager(quick_run):
+    report, _ = quick_run
+    for op in ("perturb", "class_grad", "pgd_step_", "class_grad_pgd_step_", "linear_perturb", "head_pgd_"):
+        measured = [r for r in _rows(report, op=op, impl="reference", bench="op") if r["time_ms"]]
+        assert measured, f"no timed reference row for {op}"
+    for row in _rows(report, bench="op", impl="eager"):
+        assert row["time_ms"] and row["time_ms"] > 0, f"eager row without a time: {row}"
+        assert "reference" in row["speedup"], "eager rows carry their speedup against the reference measured beside them"
+    passes = {r["pass"] for r in _rows(report, op="perturb", impl="reference")}
+    assert passes == {"fwd", "bwd", "fwd+bwd"}
+
+
+def test_perturb_bytes_and_rates_follow_the_documented_formula(quick_run):
+    report, _ = quick_run
+    (row,) = _rows(report, op="perturb", impl="reference", **{"pass": "fwd"}, shape={"B": 64, "D": 32, "K": 5})
+    # read h (64x32 fp32), write h~ (64x32), read delta (5x32), int64 labels (64)
+    assert row["bytes"] == (2 * 64 * 32 + 5 * 32) * 4 + 64 * 8
+    assert row["gbps"] == pytest.approx(row["bytes"] / row["time_ms"] / 1e6)
+    assert row["frac_copy_bw"] == pytest.approx(row["gbps"] / report["meta"]["copy_gbps"])
+    (lin,) = _rows(report, op="linear_perturb", impl="reference", **{"pass": "fwd+bwd"}, shape={"B": 32, "IN": 16, "OUT": 24, "K": 5})
+    assert lin["flops"] == 3 * 2 * 32 * 16 * 24, "fwd+bwd of a GEMM-based op counts three GEMMs"
+    assert lin["frac_matmul"] == pytest.approx(lin["tflops"] / report["meta"]["matmul_tflops"]["float32"])
+
+
+def test_quick_cpu_run_skips_compile_and_says_so(quick_run):
+    report, _ = quick_run
+    assert not _rows(report, impl="compile"), "compile must not run in --quick on the CPU"
+    assert "compile" in report["meta"]["unavailable_impls"]
+    assert all("compile peer skipped" in (r["notes"] or "") for r in _rows(report, op="perturb"))
+
+
+def test_memory_rows_report_saved_bytes_and_no_cpu_peak(quick_run):
+    report, _ = quick_run
+    rows = _rows(report, bench="memory")
+    assert {r["impl"] for r in rows} >= {"reference", "eager"}
+    for row in rows:
+        assert row["saved_bytes"] > 0 and row["peak_bytes"] is None, row
+    # the eager chain relu(x @ W.T + b) + delta[y] keeps relu's (B, OUT) output for backward
+    (eager,) = _rows(report, bench="memory", impl="eager")
+    assert eager["saved_bytes"] >= 64 * 48 * 4
+
+
+def test_training_step_rows_have_ratio_and_lower_forward_count(quick_run):
+    pytest.importorskip("lpa_kernels.lpa", reason="the LPA training machinery has not landed")
+    report, _ = quick_run
+    rows = _rows(report, bench="train_step")
+    assert [(r["impl"], r["variant"]["steps"]) for r in rows] == [("erm", None), ("lpa", 0), ("lpa", 1), ("lpa", 3)]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert row["lower_forwards_per_step"] is not None
+    for row in rows[1:]:
+        assert row["ratio"] == pytest.approx(row["time_ms"] / rows[0]["time_ms"])
+
+
+def test_plot_is_a_png(quick_run):
+    _, png = quick_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_spent_reports_rows_as_skipped(tmp_path):
+    path = tmp_path / "skipped.json"
+    cli.main(["--quick", "--device", "cpu", "--ops", "perturb", "--budget-s", "0", "--json", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["time_ms"] is None and "budget" in r["error"] for r in rows)
+
+
+@pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+def test_triton_interpreter_is_timed_only_when_asked():
+    device = torch.device("cpu")
+    impls, _, unavailable = cli.choose_impls(device, None, quick=True)
+    assert "triton" not in impls and "triton" in unavailable
+    impls, notes, _ = cli.choose_impls(device, ["triton", "eager"], quick=True)
+    assert impls == ["triton", "eager"] and "interpreter" in notes["triton"]
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--ops", "nonsense"])
+
+
+@pytest.mark.gpu
+def test_quick_run_on_the_gpu_times_the_fast_backends_with_do_bench(tmp_path):
+    path = tmp_path / "gpu.json"
+    cli.main(["--quick", "--device", "cuda", "--ops", "perturb", "linear_perturb", "memory",
+              "--backends", "reference", "triton", "cuda", "eager", "matmul", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["meta"]["timer"] == "do_bench"
+    timed = {r["impl"] for r in report["rows"] if r["bench"] == "op" and r["time_ms"]}
+    assert {"reference", "triton", "eager", "matmul"} <= timed, f"timed implementations: {timed}"
+    peaks = [r["peak_bytes"] for r in report["rows"] if r["bench"] == "memory" and r["error"] is None]
+    assert peaks and all(p is not None and p > 0 for p in peaks), "GPU memory rows need peak_bytes"
