@@ -23,7 +23,12 @@ def class_mean_true_prob(p_true: torch.Tensor, labels: torch.Tensor, num_classes
 def confidence_direction(p_true: torch.Tensor, labels: torch.Tensor, num_classes: int):
     """``(direction (K,), magnitude (K,))``: ``direction = sign(thr - p_c)`` and
     ``magnitude = |thr - p_c| / max_c |thr - p_c|`` (0 for absent classes, all 0 when every gap is 0)."""
-    p_c, present = class_mean_true_prob(p_true, labels, num_classes)
+    return direction_from_class_means(*class_mean_true_prob(p_true, labels, num_classes))
+
+
+def direction_from_class_means(p_c: torch.Tensor, present: torch.Tensor):
+    """``(direction (K,), magnitude (K,))`` from the per-class mean true-class probabilities ``p_c`` and
+    the mask of classes present; used where ``p_c`` is reduced over several processes first."""
     thr = p_c[present].mean() if bool(present.any()) else p_c.new_zeros(())
     gap = torch.where(present, thr - p_c, torch.zeros_like(p_c))
     largest = gap.abs().max() if gap.numel() else gap.new_zeros(())

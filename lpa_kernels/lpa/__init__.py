@@ -1,0 +1,14 @@
+"""LPA training machinery: split a model at a layer and train it with LPA, LPL or a baseline.
+
+    from lpa_kernels.lpa import LPAConfig, build_method
+    method = build_method("lpa", model, num_classes=10, layer="layer2", config=LPAConfig(steps=0))
+    for x, y in loader:
+        loss, logits = method.training_loss(x, y)
+        optimizer.zero_grad(); loss.backward(); method.after_backward(); optimizer.step()
+"""
+
+from lpa_kernels.lpa.config import LPAConfig
+from lpa_kernels.lpa.methods import METHODS, Method, build_method
+from lpa_kernels.lpa.split import Split, trace_split
+
+__all__ = ["LPAConfig", "METHODS", "Method", "Split", "build_method", "trace_split"]

@@ -1,0 +1,257 @@
+"""Training methods that perturb a model at a named layer: LPA, LPL, LPA+LPL and the baselines.
+
+Every method follows one protocol::
+
+    method = build_method("lpa", model, num_classes, layer="layer3", config=LPAConfig(steps=0))
+    loss, logits = method.training_loss(x, y)
+    optimizer.zero_grad(); loss.backward(); method.after_backward(); optimizer.step()
+
+``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never
+modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpa_kernels.lpa.config import LPAConfig
+from lpa_kernels.lpa.policy import Policy
+from lpa_kernels.lpa.site import ClassSite, frozen_batchnorm_stats
+from lpa_kernels.lpa.split import explicit_split, trace_split
+
+METHODS = ("erm", "lpa", "lpl", "lpa+lpl", "dropout", "noise", "mixup", "adv")
+
+
+def _identity_upper(z, extras):
+    return z
+
+
+class Method:
+    """Plain training (ERM) through the split model; the other methods override ``_features`` (how the
+    layer's activations are perturbed) or ``_forward_loss``."""
+
+    name = "erm"
+
+    def __init__(self, model: nn.Module, num_classes: int, layer: str | None = None,
+                 config: LPAConfig | None = None, class_counts: torch.Tensor | None = None,
+                 lower: Callable | None = None, upper: Callable | None = None):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.model, self.num_classes, self.layer = model, num_classes, layer
+        self.config = config if config is not None else LPAConfig()
+        if lower is not None or upper is not None:
+            if lower is None or upper is None:
+                raise ValueError("pass both lower= and upper= (or neither, to split the model at layer=)")
+            self.split = explicit_split(lower, upper)
+        elif layer is None:
+            raise ValueError("layer= (the dotted name of a submodule) is required to split the model")
+        else:
+            self.split = trace_split(model, layer)
+        # where BatchNorm statistics must not move during extra upper forwards
+        self._norm_scope = self.split.upper if isinstance(self.split.upper, nn.Module) else model
+        self._counts = dict(lower_forwards=0, upper_forwards=0, training_steps=0, pgd_steps=0)
+
+    def _lower(self, x):
+        self._counts["lower_forwards"] += 1
+        return self.split.lower(x)
+
+    def _upper(self, h, extras):
+        self._counts["upper_forwards"] += 1
+        return self.split.upper(h, *extras)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """``(loss, logits)`` for one training batch: mean cross-entropy of the perturbed forward (mixed
+        cross-entropy for mixup); ``logits`` are the upper network's output for that forward."""
+        self._counts["training_steps"] += 1
+        h, extras = self._lower(x)
+        return self._forward_loss(h, tuple(extras), y)
+
+    def _forward_loss(self, h, extras, y):
+        logits = self._upper(self._features(h, extras, y), extras)
+        return F.cross_entropy(logits, y), logits
+
+    def _features(self, h, extras, y, preview=False):
+        """The activations the training forward continues from (identity for ERM). ``preview``: for
+        ``diagnostics``, compute them without changing any state."""
+        return h
+
+    def after_backward(self) -> None:
+        """Call between ``loss.backward()`` and ``optimizer.step()`` (single-pass delta updates)."""
+
+    def stats(self) -> dict:
+        """Call counts: ``lower_forwards``, ``upper_forwards`` (autograd forwards of the upper network:
+        training forwards, PGD steps, probes; the fused head path runs none), ``training_steps``, ``pgd_steps``."""
+        return dict(self._counts)
+
+    @torch.no_grad()
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Expansive vs contractive perturbation (SPEC section 1) on one batch, model in eval mode.
+
+        With ``h`` the layer's activations and ``h~`` the perturbation this method would train with:
+        ``expansive_fraction (K,)`` share of each class's samples with ``||h~|| > ||h||``, ``norm_ratio
+        (K,)`` mean ``||h~|| / ||h||`` per class over samples with ``h != 0`` (NaN for classes absent from the batch), and
+        ``amplification`` the mean ``||upper(h~) - upper(h)|| / ||h~ - h||`` over samples with ``h~ != h``
+        (NaN if none). No state changes (deltas, counters, loss history) are kept.
+        """
+        counts, training = dict(self._counts), self.model.training
+        self.model.eval()
+        try:
+            h, extras = self.split.lower(x)
+            extras = tuple(extras)
+            perturbed = self._features(h, extras, y, preview=True)
+            logits, perturbed_logits = self.split.upper(h, *extras), self.split.upper(perturbed, *extras)
+        finally:
+            self.model.train(training)
+            self._counts = counts
+        norm = lambda t: torch.linalg.vector_norm(t.flatten(1).double(), dim=1)  # noqa: E731
+        base, new, moved = norm(h), norm(perturbed), norm(perturbed - h)
+        valid = base > 0  # the norm ratio of an all-zero activation is undefined: left out
+        rows = torch.stack([torch.ones_like(base), (new > base).double(), valid.double(),
+                            torch.where(valid, new / base.clamp_min(1e-300), 0.0)], dim=1)
+        sums = torch.zeros(self.num_classes, 4, dtype=torch.float64, device=h.device).index_add_(0, y, rows)
+        mean = lambda col, n: torch.where(n > 0, sums[:, col] / n.clamp_min(1), float("nan"))  # noqa: E731
+        changed = moved > 0
+        ratio = norm(perturbed_logits - logits)[changed] / moved[changed]
+        return {
+            "expansive_fraction": mean(1, sums[:, 0]).cpu(),
+            "norm_ratio": mean(3, sums[:, 2]).cpu(),
+            "amplification": float(ratio.mean()) if ratio.numel() else float("nan"),
+        }
+
+
+class Dropout(Method):
+    name = "dropout"
+
+    def _features(self, h, extras, y, preview=False):
+        return F.dropout(h, self.config.dropout_p, training=True)
+
+
+class Noise(Method):
+    name = "noise"
+
+    def _features(self, h, extras, y, preview=False):
+        return h + self.config.noise_std * torch.randn_like(h)
+
+
+class Adversarial(Method):
+    """Sample-level adversarial feature perturbation: one FGSM step of size ``adv_eps`` (L-inf) on ``h``."""
+
+    name = "adv"
+
+    def _features(self, h, extras, y, preview=False):
+        probe = h.detach().requires_grad_(True)
+        detached = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
+        with frozen_batchnorm_stats(self._norm_scope), torch.enable_grad():
+            loss = F.cross_entropy(self._upper(probe, detached), y)
+            (grad,) = torch.autograd.grad(loss, probe)
+        return h + self.config.adv_eps * grad.sign()
+
+
+class ManifoldMixup(Method):
+    """Manifold Mixup at the layer: ``h`` (and every batch tensor crossing the cut) is mixed with a
+    shuffled copy with ``lam ~ Beta(alpha, alpha)``; the loss mixes the two targets' cross-entropies."""
+
+    name = "mixup"
+
+    def _mix(self, h, extras):
+        lam = float(torch.distributions.Beta(self.config.mixup_alpha, self.config.mixup_alpha).sample())
+        order = torch.randperm(h.shape[0], device=h.device)
+        mix = lambda t: lam * t + (1 - lam) * t[order]  # noqa: E731
+        batch_like = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == h.shape[0]  # noqa: E731
+        return lam, order, mix(h), tuple(mix(e) if batch_like(e) else e for e in extras)
+
+    def _forward_loss(self, h, extras, y):
+        lam, order, h, extras = self._mix(h, extras)
+        logits = self._upper(h, extras)
+        return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[order]), logits
+
+    def _features(self, h, extras, y, preview=False):
+        return self._mix(h, extras)[2]
+
+
+class ClassPerturbationMethod(Method):
+    """LPA (per-class PGD perturbation at the layer), LPL (per-class PGD offset on the logits, delta
+    ``(K, K)``, L2 norm) or both. The returned logits are the upper network's output before LPL's offset."""
+
+    def __init__(self, model, num_classes, layer=None, config=None, class_counts=None, lower=None, upper=None,
+                 use_lpa: bool = True, use_lpl: bool = False):
+        super().__init__(model, num_classes, layer, config, class_counts, lower, upper)
+        c = self.config
+        self.name = "+".join(n for n, used in (("lpa", use_lpa), ("lpl", use_lpl)) if used)
+        self.lpa = self.lpl = None
+        if use_lpa:
+            self.lpa = ClassSite(
+                num_classes, Policy(c, num_classes, c.eps, class_counts), mode=c.mode, norm=c.norm,
+                step_size=c.step_size, steps=c.steps, init=c.init, layout=c.delta_shape, head=c.head,
+                backend=c.backend, norm_scope=self._norm_scope)
+        if use_lpl:
+            self.lpl = ClassSite(
+                num_classes, Policy(c, num_classes, c.lpl_eps, class_counts), mode="add", norm="l2",
+                step_size=c.lpl_step_size, steps=c.lpl_steps, init="fresh" if c.lpl_steps else "carried",
+                layout="full", head="never", backend=c.backend, norm_scope=self._norm_scope)
+
+    def _sites(self):
+        return [s for s in (self.lpa, self.lpl) if s is not None]
+
+    def _features(self, h, extras, y, preview=False):
+        if self.lpa is None:
+            return h
+        if preview:
+            delta = self.lpa.preview_delta(h, extras, y, self._upper, self.split.head)
+        else:
+            delta = self.lpa.training_delta(h, extras, y, self._upper, self.split.head)
+            self._counts["pgd_steps"] += self.lpa.steps
+        return self.lpa.apply(h, y, delta)
+
+    def _forward_loss(self, h, extras, y):
+        logits = self._upper(self._features(h, extras, y), extras)
+        trained = logits
+        if self.lpl is not None:
+            delta = self.lpl.training_delta(logits.detach(), (), y, _identity_upper)
+            self._counts["pgd_steps"] += self.lpl.steps
+            trained = self.lpl.apply(logits, y, delta)
+        for site in self._sites():
+            site.observe(trained, y)
+        return F.cross_entropy(trained, y), logits
+
+    def after_backward(self) -> None:
+        for site in self._sites():
+            self._counts["pgd_steps"] += site.after_backward()
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        """LPA's per-class perturbation ``(K, *P)`` (None before the first batch or without LPA)."""
+        return None if self.lpa is None else self.lpa.delta
+
+    @property
+    def logit_delta(self) -> torch.Tensor | None:
+        """LPL's per-class logit offset ``(K, K)`` (None before the first batch or without LPL)."""
+        return None if self.lpl is None else self.lpl.delta
+
+
+_BUILDERS = {
+    "erm": Method,
+    "dropout": Dropout,
+    "noise": Noise,
+    "mixup": ManifoldMixup,
+    "adv": Adversarial,
+    "lpa": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=True, use_lpl=False),
+    "lpl": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=False, use_lpl=True),
+    "lpa+lpl": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=True, use_lpl=True),
+}
+
+
+def build_method(name: str, model: nn.Module, num_classes: int, layer: str | None = None,
+                 config: LPAConfig | None = None, class_counts: torch.Tensor | None = None,
+                 lower: Callable | None = None, upper: Callable | None = None) -> Method:
+    """The training method ``name`` (one of ``METHODS``) for ``model``, perturbing at the submodule
+    ``layer`` (dotted name). The model is split there with torch.fx; where it cannot be traced, pass
+    ``lower(x) -> h`` and ``upper(h) -> logits`` instead. ``class_counts (K,)``: training samples per
+    class, for the "frequency" direction and radius policies."""
+    if name not in _BUILDERS:
+        raise ValueError(f"name must be one of {', '.join(map(repr, METHODS))}; got {name!r}")
+    return _BUILDERS[name](model, num_classes, layer, config, class_counts, lower, upper)

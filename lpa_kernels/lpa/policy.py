@@ -1,0 +1,141 @@
+"""Per-class direction and radius policies (SPEC section 1), and the per-class batch statistics they read.
+
+Under ``torch.distributed`` (initialised, world size > 1) the statistics are summed over every process
+before a policy reads them, so every rank derives the same direction and radius.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lpa_kernels._common import compute_dtype
+from lpa_kernels.confidence import direction_from_class_means
+from lpa_kernels.lpa.config import LPAConfig
+
+# A class whose radius policy gives 0 (absent, or exactly on the confidence threshold) gets this fraction
+# of eps instead, because the PGD ops require eps > 0; its direction is 0 there, so delta stays ~0.
+MIN_RADIUS_FRACTION = 1e-6
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` in place over the processes (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(3, K)`` float32 (float64 for float64 logits), summed over the (global) batch: sample counts,
+    sums of the true-class softmax probability, sums of the cross-entropy."""
+    logits = logits.detach().to(compute_dtype(logits.dtype))
+    p_true = logits.softmax(dim=1).gather(1, labels[:, None].long())[:, 0]
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    rows = torch.stack([torch.ones_like(p_true), p_true, ce], dim=1)
+    stats = torch.zeros(num_classes, 3, dtype=logits.dtype, device=logits.device).index_add_(0, labels, rows).T.contiguous()
+    return all_reduce_sum(stats)
+
+
+def _named(direction, name: str) -> bool:
+    return isinstance(direction, str) and direction == name
+
+
+def _means(stats: torch.Tensor):
+    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats``."""
+    counts, p_sum, ce_sum = stats
+    present = counts > 0
+    return present, p_sum / counts.clamp_min(1), ce_sum / counts.clamp_min(1)
+
+
+class Policy:
+    """Turns the config's direction/radius choice into ``(direction (K,), eps (K,))`` for one PGD run.
+
+    Directions: "confidence" (``sign(thr - p_c)``), "frequency" (+1 for classes with fewer training samples
+    than the median count, else -1), "ascent" (+1), "descent" (-1), "loss_trend" (see ``observe``), or the
+    user's ``(K,)`` tensor. Radii: "constant" (``eps``), "confidence" (``eps * |thr - p_c| / max |thr -
+    p_c|``), "frequency" (``eps * (n_max / n_c) ** gamma`` normalised so the largest is ``eps``, i.e.
+    ``eps * (n_min / n_c) ** gamma``). The step size is the same for every class.
+    """
+
+    def __init__(self, config: LPAConfig, num_classes: int, eps: float, class_counts: torch.Tensor | None):
+        self.config, self.num_classes, self.eps = config, num_classes, eps
+        direction = config.direction
+        if isinstance(direction, torch.Tensor) and tuple(direction.shape) != (num_classes,):
+            raise ValueError(f"direction must be a policy name or a ({num_classes},) tensor, got shape {tuple(direction.shape)}")
+        if (_named(direction, "frequency") or config.radius == "frequency") and class_counts is None:
+            raise ValueError("direction='frequency' and radius='frequency' need class_counts, the (K,) "
+                             "number of training samples per class")
+        self.counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float64)
+        if self.counts is not None and tuple(self.counts.shape) != (num_classes,):
+            raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(self.counts.shape)}")
+        self.loss_ema = self.fall_ema = None  # loss_trend state, (K,) once observed; NaN = class not seen yet
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether ``resolve`` reads the batch's class statistics (from the first PGD step's logits)."""
+        return _named(self.config.direction, "confidence") or self.config.radius == "confidence"
+
+    @property
+    def tracks_loss(self) -> bool:
+        """Whether ``observe`` keeps per-class loss history ("loss_trend")."""
+        return _named(self.config.direction, "loss_trend")
+
+    def resolve(self, stats: torch.Tensor | None, like: torch.Tensor):
+        """``(direction, eps)`` as ``(K,)`` tensors in ``like``'s device and float dtype."""
+        k, direction, radius = self.num_classes, self.config.direction, self.config.radius
+        conf_sign = conf_magnitude = None
+        if self.needs_stats:
+            present, p_c, _ = _means(stats)
+            conf_sign, conf_magnitude = direction_from_class_means(p_c, present)
+        if isinstance(direction, torch.Tensor):
+            sign = direction
+        elif direction == "confidence":
+            sign = conf_sign
+        elif direction == "frequency":
+            sign = torch.where(self.counts < torch.quantile(self.counts, 0.5), 1.0, -1.0)
+        elif direction == "loss_trend":
+            sign = self._trend_direction()
+        else:
+            sign = torch.full((k,), 1.0 if direction == "ascent" else -1.0)
+        if radius == "confidence":
+            scale = conf_magnitude.clamp_min(MIN_RADIUS_FRACTION)
+        elif radius == "frequency":
+            scale = (self.counts.min() / self.counts.clamp_min(1)) ** self.config.gamma
+        else:
+            scale = torch.ones(k)
+        dtype = compute_dtype(like.dtype)
+        return sign.to(like.device, dtype), (self.eps * scale.double().cpu()).to(like.device, dtype)
+
+    def observe(self, stats: torch.Tensor) -> None:
+        """Feed one training batch's class statistics to the "loss_trend" policy.
+
+        Per class, ``loss_ema`` is the running mean loss (started at its first observation) and
+        ``fall_ema`` the running per-step decrease of ``loss_ema``, both with factor ``m = trend_momentum``.
+        The direction is ``sign(mean_c fall_ema - fall_ema_c)`` over the classes seen so far: classes whose
+        loss falls slower than average get +1, faster -1, unseen classes 0.
+        """
+        if not self.tracks_loss:
+            return
+        present, _, loss = (t.double().cpu() for t in _means(stats))
+        present = present.bool()
+        if self.loss_ema is None:
+            self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
+            self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64)
+        m = self.config.trend_momentum
+        first = present & self.loss_ema.isnan()
+        seen = present & ~first
+        updated = m * self.loss_ema + (1 - m) * loss
+        self.fall_ema = torch.where(seen, m * self.fall_ema + (1 - m) * (self.loss_ema - updated), self.fall_ema)
+        self.loss_ema = torch.where(seen, updated, torch.where(first, loss, self.loss_ema))
+
+    def _trend_direction(self) -> torch.Tensor:
+        if self.loss_ema is None:
+            return torch.zeros(self.num_classes)
+        seen = ~self.loss_ema.isnan()
+        mean_fall = self.fall_ema[seen].mean()
+        return torch.where(seen, torch.sign(mean_fall - self.fall_ema), 0.0)

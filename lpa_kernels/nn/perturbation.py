@@ -1,0 +1,105 @@
+"""``ClassPerturbation``: one learned perturbation per class, updated by single-pass PGD.
+
+Usage inside a model (the labels reach the module in training)::
+
+    self.lpa = ClassPerturbation(num_classes, (C, 1, 1), mode="add", eps=0.5)
+    ...
+    h = self.lpa(h, labels)                  # identity in eval mode or without labels
+    ...
+    loss.backward(); model.lpa.step(); optimizer.step()
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lpa_kernels import _checks, perturb, pgd_step_
+
+
+class ClassPerturbation(nn.Module):
+    """Holds ``delta (K, *shape)`` as a buffer and applies ``perturb(h, labels, delta, mode)`` in training.
+
+    ``shape`` is broadcastable to one sample's features ``F`` (full ``F``, channel-wise ``(C, 1, 1)`` or
+    last-dim ``(1, .., D)``). In training the forward uses a fresh leaf view of delta that requires grad,
+    so the training backward leaves the class gradient on it (the fused backward computes it alongside
+    ``grad_h``); ``step()`` then applies one ``pgd_step_`` (single-pass LPA). In eval mode, or when no
+    labels are given, the forward is the identity.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        shape: Sequence[int],
+        mode: str = "add",
+        eps: float | torch.Tensor = 1.0,
+        step_size: float | torch.Tensor = 0.25,
+        direction: float | torch.Tensor = 1.0,
+        norm: str = "l2",
+        backend: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.mode = _checks.check_choice("mode", mode, _checks.MODES)
+        self.norm = _checks.check_choice("norm", norm, _checks.NORMS)
+        self.eps = _checks.check_per_class("eps", eps, num_classes, positive=True)
+        self.step_size = _checks.check_per_class("step_size", step_size, num_classes, positive=False, nonnegative=True)
+        self.direction = _checks.check_per_class("direction", direction, num_classes, positive=False)
+        self.backend = backend
+        self.register_buffer("delta", torch.zeros((num_classes, *shape), dtype=dtype, device=device))
+        self._live: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.delta.shape[0]
+
+    def live_delta(self) -> torch.Tensor:
+        """The delta a training forward should use: a leaf sharing delta's storage that collects the class
+        gradient when grad is enabled (kept for ``step``), else ``delta`` detached."""
+        if not torch.is_grad_enabled():
+            return self.delta.detach()
+        self._live = self.delta.detach().requires_grad_(True)
+        return self._live
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or labels is None:
+            return h
+        return perturb(h, labels, self.live_delta(), self.mode, backend=self.backend)
+
+    def step(
+        self,
+        grad: torch.Tensor | None = None,
+        step_size: float | torch.Tensor | None = None,
+        eps: float | torch.Tensor | None = None,
+        direction: float | torch.Tensor | None = None,
+    ) -> bool:
+        """One PGD step on delta from ``grad (K, *shape)`` (default: the class gradient the last training
+        backward left). Arguments left None take the module's settings. Returns False (and changes
+        nothing) when there is no gradient, e.g. no backward ran since the last forward."""
+        if grad is None:
+            grad = None if self._live is None else self._live.grad
+        self._live = None
+        if grad is None:
+            return False
+        pgd_step_(
+            self.delta, grad,
+            self.step_size if step_size is None else step_size,
+            self.eps if eps is None else eps,
+            self.direction if direction is None else direction,
+            self.norm, backend=self.backend,
+        )
+        return True
+
+    def reset(self) -> None:
+        """Set every class's perturbation back to zero."""
+        with torch.no_grad():
+            self.delta.zero_()
+        self._live = None
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, shape={tuple(self.delta.shape[1:])}, mode={self.mode}, norm={self.norm}"

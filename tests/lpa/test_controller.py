@@ -1,0 +1,219 @@
+"""The controller around the PGD: model splitting, call counts, eval mode, LPL, baselines, diagnostics."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpa_kernels.lpa import METHODS, LPAConfig, build_method
+from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
+
+
+def count_calls(module: nn.Module) -> list:
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_lower_network_runs_once_per_training_step(steps):
+    model = mlp()
+    first_layer_calls = count_calls(model[0])
+    method = build_method("lpa", model, NUM_CLASSES, layer="3", config=LPAConfig(steps=steps, head="never"))
+    for seed in (1, 2):
+        x, y = batch(seed=seed)
+        loss, _ = method.training_loss(x, y)
+        loss.backward()
+        method.after_backward()
+    assert len(first_layer_calls) == 2, f"lower network ran {len(first_layer_calls)} times in 2 steps (T={steps})"
+    stats = method.stats()
+    assert stats["lower_forwards"] == 2 and stats["training_steps"] == 2
+    assert stats["upper_forwards"] == 2 * (steps + 1), "upper runs once per PGD step plus the training forward"
+    assert stats["pgd_steps"] == 2 * max(steps, 1)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_and_leaves_the_eval_model_unchanged(name):
+    model = mlp(dropout=0.3)
+    x, y = batch()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    first_layer_calls = count_calls(model[0])
+    method = build_method(name, model, NUM_CLASSES, layer="1", config=LPAConfig(steps=0 if name == "lpa" else 2))
+    for _ in range(2):
+        loss, logits = method.training_loss(x, y)
+        assert logits.shape == (len(y), NUM_CLASSES) and torch.isfinite(loss), f"{name}: bad loss or logits"
+        loss.backward()
+        method.after_backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), f"{name}: weights got no gradient"
+    assert len(first_layer_calls) == 2, f"{name}: lower network ran {len(first_layer_calls)} times in 2 steps"
+    if name in ("lpa", "lpa+lpl"):
+        assert method.delta.abs().sum() > 0, "delta did not move"
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), before), f"{name}: the model's eval output changed without a weight update"
+        h, extras = method.split.lower(x)
+        assert torch.equal(method.split.upper(h, *extras), before), "upper(lower(x)) differs from model(x)"
+
+
+def test_lpl_combined_with_lpa_moves_both_deltas_and_lpl_follows_the_logit_gradient():
+    model = mlp()
+    x, y = batch()
+    config = LPAConfig(steps=2, lpl_steps=1, lpl_step_size=0.1, lpl_eps=1.0, direction="ascent")
+    method = build_method("lpa+lpl", model, NUM_CLASSES, layer="3", config=config)
+    loss, logits = method.training_loss(x, y)
+    assert method.delta.abs().sum() > 0, "LPA delta did not move"
+    assert method.logit_delta.shape == (NUM_CLASSES, NUM_CLASSES)
+    # one ascent L2 step from 0 on the logits: 0.1 * g_c / ||g_c|| with g_c = sum over class c of softmax - onehot
+    g = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.float64).index_add_(
+        0, y, logits.detach().softmax(1) - F.one_hot(y, NUM_CLASSES))
+    expected = 0.1 * g / g.norm(dim=1, keepdim=True)
+    assert torch.allclose(method.logit_delta, expected, rtol=1e-10, atol=1e-12), "LPL delta differs from the logit-gradient step"
+    assert torch.allclose(loss, F.cross_entropy(logits + expected[y], y), rtol=1e-12), "loss must include LPL's offset"
+
+
+def test_resnet_attaches_inside_a_block_with_the_skip_connection_crossing_the_cut():
+    torch.manual_seed(0)
+    model = TinyResNet().double()
+    x, y = batch(size=8, features=(3, 6, 6))
+    stem_calls = count_calls(model.conv1)
+    for layer, delta_shape, shape in (("layer1.1.bn1", "channel", (NUM_CLASSES, 4, 1, 1)),
+                                      ("layer2.0", "full", (NUM_CLASSES, 6, 3, 3))):
+        method = build_method("lpa", model, NUM_CLASSES, layer=layer, config=LPAConfig(steps=2, delta_shape=delta_shape))
+        model.eval()
+        with torch.no_grad():
+            h, extras = method.split.lower(x)
+            assert torch.equal(method.split.upper(h, *extras), model(x)), f"{layer}: split changes the model"
+        model.train()
+        tracked = model.layer2[0].bn2.num_batches_tracked.item()
+        del stem_calls[:]
+        loss, _ = method.training_loss(x, y)
+        loss.backward()
+        assert len(stem_calls) == 1, f"{layer}: stem ran {len(stem_calls)} times"
+        assert method.delta.shape == shape and method.delta.abs().sum() > 0
+        assert model.layer2[0].bn2.num_batches_tracked.item() == tracked + 1, \
+            "PGD steps must not update BatchNorm running statistics"
+    crossing = build_method("lpa", model, NUM_CLASSES, layer="layer1.1.bn1").split.lower(x)[1]
+    assert len(crossing) == 1, "the block input (skip connection) must cross the cut"
+
+
+def test_explicit_lower_upper_when_tracing_fails():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(6, 5).double(), nn.Linear(5, NUM_CLASSES).double()
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.head(h if h.sum() > 0 else -h)  # data-dependent: not traceable
+
+    model = Branchy()
+    with pytest.raises(ValueError, match="lower= and upper="):
+        build_method("lpa", model, NUM_CLASSES, layer="body")
+    method = build_method("lpa", model, NUM_CLASSES, lower=model.body, upper=model.head,
+                          config=LPAConfig(steps=2, head="always"))
+    x, y = batch()
+    loss, _ = method.training_loss(x, y)
+    loss.backward()
+    assert method.delta.abs().sum() > 0 and method.stats()["lower_forwards"] == 1
+
+
+def test_unknown_layer_and_method_are_rejected():
+    with pytest.raises(ValueError, match="not a submodule"):
+        build_method("lpa", mlp(), NUM_CLASSES, layer="7")
+    with pytest.raises(ValueError, match="name must be one of"):
+        build_method("sgd", mlp(), NUM_CLASSES, layer="1")
+
+
+def _recording_method(name, config):
+    """A method on an explicit split whose upper records the activations it is given."""
+    model = mlp()
+    seen = []
+
+    def upper(h):
+        seen.append(h.detach().clone())
+        return model[2:](h)
+
+    return build_method(name, model, NUM_CLASSES, lower=model[:2], upper=upper, config=config), model, seen
+
+
+def test_adversarial_baseline_moves_every_activation_by_adv_eps():
+    method, model, seen = _recording_method("adv", LPAConfig(adv_eps=0.05))
+    x, y = batch()
+    method.training_loss(x, y)
+    probe, trained = seen
+    moved = (trained - probe).abs()
+    assert torch.allclose(moved[moved > 0], torch.tensor(0.05, dtype=torch.float64), rtol=1e-12)
+    assert (moved > 0).float().mean() > 0.5, "FGSM should move most coordinates"
+
+
+def test_dropout_and_noise_baselines_perturb_as_documented():
+    x, y = batch(size=400)
+    method, model, seen = _recording_method("dropout", LPAConfig(dropout_p=0.25))
+    method.training_loss(x, y)
+    h = model[:2](x)
+    kept = seen[0] != 0
+    assert torch.allclose(seen[0][kept], h[kept] / 0.75, rtol=1e-12), "kept activations are scaled by 1 / (1 - p)"
+    dropped = ((seen[0] == 0) & (h != 0)).sum() / (h != 0).sum()
+    assert 0.18 < dropped < 0.32, f"dropped fraction {dropped:.3f} is far from p = 0.25"
+    method, model, seen = _recording_method("noise", LPAConfig(noise_std=0.2))
+    method.training_loss(x, y)
+    std = (seen[0] - model[:2](x)).std()
+    assert 0.18 < std < 0.22, f"noise std {std:.3f} is far from 0.2"
+
+
+def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda():
+    method, model, seen = _recording_method("mixup", LPAConfig(mixup_alpha=1.0))
+    x, y = batch(size=6)
+    loss, logits = method.training_loss(x, y)
+    h, mixed = model[:2](x).detach(), seen[0]
+    # recover lambda and the partner of each sample: mixed_i = lam * h_i + (1 - lam) * h_j
+    i = next(i for i in range(6) if not torch.allclose(mixed[i], h[i]))
+    fits = []
+    for j in range(6):
+        if j != i:
+            lam = torch.dot(mixed[i] - h[j], h[i] - h[j]) / (h[i] - h[j]).square().sum()
+            fits.append(((lam * h[i] + (1 - lam) * h[j] - mixed[i]).norm(), lam))
+    lam = min(fits, key=lambda f: f[0])[1]
+    partners = [min(range(6), key=lambda j: (lam * h[k] + (1 - lam) * h[j] - mixed[k]).norm()) for k in range(6)]
+    assert sorted(partners) == list(range(6)), "partners must form a permutation"
+    assert torch.allclose(mixed, lam * h + (1 - lam) * h[partners], rtol=1e-9, atol=1e-12), "one lambda for the batch"
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[partners])
+    assert torch.allclose(loss, expected, rtol=1e-9), "mixup loss must mix the two targets' cross-entropies"
+
+
+def test_diagnostics_report_expansion_per_class_for_a_known_delta():
+    model = mlp()
+    x, y = batch()
+    method = build_method("lpa", model, NUM_CLASSES, layer="2", config=LPAConfig(steps=0, mode="scale"))
+    method.training_loss(x, y)  # creates delta
+    with torch.no_grad():
+        method.delta.copy_(torch.tensor([0.5, -0.5, 0.0, 0.2], dtype=torch.float64)[:, None].expand(-1, 7))
+    counts = method.stats()
+    report = method.diagnostics(x, y)
+    h = model[:3](x).detach()
+    scale = 1 + method.delta[y]
+    ratio = (h * scale).norm(dim=1) / h.norm(dim=1)
+    for c, factor in enumerate([1.5, 0.5, 1.0, 1.2]):
+        assert torch.allclose(ratio[y == c], torch.tensor(factor, dtype=torch.float64))
+    assert report["expansive_fraction"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert torch.allclose(report["norm_ratio"], torch.tensor([1.5, 0.5, 1.0, 1.2], dtype=torch.float64))
+    moved = (h * scale - h).norm(dim=1)
+    with torch.no_grad():
+        amplification = ((model[3:](h * scale) - model[3:](h)).norm(dim=1)[moved > 0] / moved[moved > 0]).mean()
+    assert abs(report["amplification"] - float(amplification)) < 1e-10
+    assert method.stats() == counts, "diagnostics must not count as training"
+
+
+def test_diagnostics_do_not_change_a_carried_delta():
+    x, y = batch()
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="1", config=LPAConfig(steps=2, init="carried"))
+    method.training_loss(x, y)
+    delta = method.delta.clone()
+    report = method.diagnostics(x, y)
+    assert torch.equal(method.delta, delta), "diagnostics ran PGD on the carried delta itself"
+    assert report["expansive_fraction"].shape == (NUM_CLASSES,)

@@ -1,0 +1,85 @@
+"""Data-parallel LPA: two CPU processes (gloo) keep the same delta, equal to one process on the whole batch.
+
+Each of 3 training steps has a global batch of 8 samples; rank r trains on rows 4r..4r+3 and averages
+the weight gradients with an all-reduce (what DDP does). The controller all-reduces its class gradient
+(the gradient of the cross-entropy summed over the global batch) and the policy statistics.
+"""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lpa_kernels.lpa import LPAConfig, build_method
+from tests.lpa.models import NUM_CLASSES, mlp
+
+WORLD = 2
+CONFIGS = {
+    "single-pass": ("lpa", LPAConfig(steps=0, norm="l2", eps=0.5, step_size=0.2, direction="confidence")),
+    "t-step-carried": ("lpa", LPAConfig(steps=2, init="carried", norm="l2", eps=0.5, step_size=0.2,
+                                        direction="confidence", radius="confidence")),
+    "lpa+lpl-single-pass": ("lpa+lpl", LPAConfig(steps=0, lpl_steps=0, norm="l2", eps=0.5, step_size=0.2,
+                                                 direction="ascent")),
+}
+
+
+def _data():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (3, 8), generator=gen)
+    return x, y
+
+
+def _train(rows: slice, world: int) -> dict:
+    """Train every config for 3 steps on ``rows`` of each global batch; the final deltas."""
+    x, y = _data()
+    deltas = {}
+    for key, (name, config) in CONFIGS.items():
+        torch.manual_seed(0)
+        model = mlp()
+        method = build_method(name, model, NUM_CLASSES, layer="3", config=config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for step in range(3):
+            loss, _ = method.training_loss(x[step, rows], y[step, rows])
+            optimizer.zero_grad()
+            loss.backward()
+            for p in model.parameters():
+                if world > 1:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            method.after_backward()
+            optimizer.step()
+        deltas[key] = method.delta.clone()
+        if method.logit_delta is not None:
+            deltas[key + "/lpl"] = method.logit_delta.clone()
+    return deltas
+
+
+def _worker(rank: int, port: int, out_dir: str):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        per_rank = 8 // WORLD
+        torch.save(_train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_delta_is_identical_across_ranks_and_equals_one_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    single = _train(slice(0, 8), 1)
+    for key, expected in single.items():
+        assert expected.abs().sum() > 0, f"{key}: delta did not move"
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key}: ranks hold different deltas"
+        assert torch.allclose(ranks[0][key], expected, rtol=1e-9, atol=1e-12), \
+            f"{key}: two-process delta differs from one process on the concatenated batch"

@@ -1,0 +1,92 @@
+"""ClassPerturbation and LPALinear against the op references (reference backend on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lpa_kernels.linear_perturb import naive as linear_naive
+from lpa_kernels.nn import ClassPerturbation, LPALinear
+from lpa_kernels.perturb import naive as perturb_naive
+from lpa_kernels.pgd import naive as pgd_naive
+from tests.helpers import make_labels
+
+FEATURES = (3, 5, 4)
+LAYOUTS = {"full": FEATURES, "channel": (3, 1, 1), "last": (1, 1, 4)}
+
+
+def _per_class(value, k):
+    return torch.full((k,), float(value), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_class_perturbation_forward_backward_and_step_match_the_op_references(mode, layout):
+    k, batch = 3, 7
+    module = ClassPerturbation(k, LAYOUTS[layout], mode=mode, eps=0.7, step_size=0.2, norm="l2", dtype=torch.float64)
+    with torch.no_grad():
+        module.delta.uniform_(-0.3, 0.3)
+    start = module.delta.clone()
+    h = torch.randn(batch, *FEATURES, dtype=torch.float64, requires_grad=True)
+    labels = make_labels(batch, k)
+    weights = torch.randn(batch, *FEATURES, dtype=torch.float64)
+
+    out = module(h, labels)
+    expected = perturb_naive.perturb(h.detach(), labels, start, mode)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=0), "training forward differs from perturb's reference"
+    (out * weights).sum().backward()
+    grad_h = weights if mode == "add" else weights * (1 + start.expand(k, *FEATURES)[labels])
+    assert torch.allclose(h.grad, grad_h, rtol=1e-12, atol=1e-14), "grad_h differs from the hand-derived gradient"
+    class_grad = perturb_naive.class_grad(weights, labels, k, start.shape, h=h.detach(), mode=mode)
+
+    assert module.step(), "step() found no class gradient after a training backward"
+    reference = start.clone()
+    pgd_naive.pgd_step_(reference, class_grad, _per_class(0.2, k), _per_class(0.7, k), _per_class(1.0, k), "l2")
+    assert torch.allclose(module.delta, reference, rtol=1e-12, atol=1e-14), "single-pass step differs from pgd_step_'s reference"
+    assert not module.step(), "a second step() without a new backward must do nothing"
+
+
+def test_class_perturbation_is_identity_in_eval_and_without_labels():
+    module = ClassPerturbation(2, (4,), eps=1.0)
+    with torch.no_grad():
+        module.delta.fill_(0.5)
+    h, labels = torch.randn(3, 4), torch.tensor([0, 1, 1])
+    assert torch.equal(module(h), h), "forward without labels must be the identity"
+    module.eval()
+    assert torch.equal(module(h, labels), h), "eval-mode forward must be the identity"
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "none"])
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("rows", [(), (3,)], ids=["2d", "3d"])
+def test_lpa_linear_forward_backward_match_linear_perturb_reference(activation, mode, rows):
+    k, batch, d_in, d_out = 4, 5, 6, 7
+    layer = LPALinear(d_in, d_out, k, activation=activation, mode=mode, eps=2.0, step_size=0.1, norm="linf",
+                      dtype=torch.float64)
+    with torch.no_grad():
+        layer.perturbation.delta.uniform_(-0.5, 0.5)
+    delta = layer.perturbation.delta.clone().double().requires_grad_(True)
+    x = torch.randn(batch, *rows, d_in, dtype=torch.float64, requires_grad=True)
+    labels = make_labels(batch, k)
+    weights = torch.randn(batch, *rows, d_out, dtype=torch.float64)
+
+    out = layer(x, labels)
+    w_ref, b_ref = (p.detach().clone().requires_grad_(True) for p in (layer.weight, layer.bias))
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = linear_naive.linear_perturb(x_ref, w_ref, b_ref, labels, delta, activation, mode)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-14), "training forward differs from linear_perturb's reference"
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for name, got, want in (("x", x.grad, x_ref.grad), ("weight", layer.weight.grad, w_ref.grad),
+                            ("bias", layer.bias.grad, b_ref.grad)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), f"grad of {name} differs from the reference"
+    assert torch.allclose(layer.perturbation._live.grad, delta.grad, rtol=1e-10, atol=1e-12), "class gradient differs"
+
+    assert layer.step()
+    reference = delta.detach().clone()
+    pgd_naive.pgd_step_(reference, delta.grad, _per_class(0.1, k), _per_class(2.0, k), _per_class(1.0, k), "linf")
+    assert torch.allclose(layer.perturbation.delta.double(), reference, rtol=1e-6, atol=1e-7), "step differs from pgd_step_"
+
+    layer.eval()
+    with torch.no_grad():
+        plain = linear_naive.ACTIVATION_FNS[activation](F.linear(x, layer.weight, layer.bias))
+        assert torch.allclose(layer(x, labels), plain, rtol=1e-12, atol=1e-14), "eval forward must be act(linear(x))"
