@@ -11,8 +11,8 @@
 #   bench.json, bench.png, bench.log.
 set -u -o pipefail
 
-T_BUILD=${T_BUILD:-120}
-T_PYTEST=${T_PYTEST:-120}
+T_BUILD=${T_BUILD:-100}
+T_PYTEST=${T_PYTEST:-150}
 T_SANITIZER=${T_SANITIZER:-45}      # each of memcheck and racecheck
 T_BENCH=${T_BENCH:-150}
 BENCH_BUDGET=${BENCH_BUDGET:-$((T_BENCH - 40))}  # lpa-bench stops starting new cases after this

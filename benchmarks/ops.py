@@ -131,7 +131,10 @@ def _perturb_call(impl, t, v):
 def _perturb_bytes(pass_, sh, s, v):
     b, d, k = sh["B"], sh["D"], sh["K"]
     fwd = (2 * b * d + k * d) * s + b * LABEL_BYTES  # read h, write h~, read delta, labels
-    bwd = fwd + ((b * d + k * d) * s if v["mode"] == "scale" else 0)  # read g, write grad_h, grad_delta (+ h, delta)
+    if v["mode"] == "add":  # grad_h is grad_out itself: read g, write grad_delta
+        bwd = (b * d + k * d) * s + b * LABEL_BYTES
+    else:  # read g, h and delta, write grad_h and grad_delta
+        bwd = (3 * b * d + 2 * k * d) * s + b * LABEL_BYTES
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 

@@ -71,6 +71,9 @@ def test_perturb_bytes_and_rates_follow_the_documented_formula(quick_run):
     assert row["bytes"] == (2 * 64 * 32 + 5 * 32) * 4 + 64 * 8
     assert row["gbps"] == pytest.approx(row["bytes"] / row["time_ms"] / 1e6)
     assert row["frac_copy_bw"] == pytest.approx(row["gbps"] / report["meta"]["copy_gbps"])
+    (bwd,) = _rows(report, op="perturb", impl="reference", **{"pass": "bwd"}, shape={"B": 64, "D": 32, "K": 5})
+    # add mode: grad_h is grad_out itself, so read g and labels, write grad_delta
+    assert bwd["bytes"] == (64 * 32 + 5 * 32) * 4 + 64 * 8
     (lin,) = _rows(report, op="linear_perturb", impl="reference", **{"pass": "fwd+bwd"}, shape={"B": 32, "IN": 16, "OUT": 24, "K": 5})
     assert lin["flops"] == 3 * 2 * 32 * 16 * 24, "fwd+bwd of a GEMM-based op counts three GEMMs"
     assert lin["frac_matmul"] == pytest.approx(lin["tflops"] / report["meta"]["matmul_tflops"]["float32"])
