@@ -1,12 +1,39 @@
-"""Public ``head_pgd_``: T PGD steps on delta when the upper network is a linear classifier."""
+"""Public ``head_pgd_``: T PGD steps on delta when the upper network is a linear classifier.
+
+The fast backends run the whole loop without autograd through the in-place custom op
+``lpa_kernels::head_pgd_``, whose launcher ``head_pgd`` lives in ``triton_kernels.py`` (and, with the
+same signature, in ``lpa_kernels.cuda_kernels``). It is a no-grad optimisation loop, so the op has no
+autograd formula.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels.head_pgd import naive
-from lpa_kernels.pgd.op import _check_pgd_args
+from lpa_kernels.pgd.op import _check_pgd_args, _update_in_place
+
+_TRITON = "lpa_kernels.head_pgd.triton_kernels"
+
+
+@torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta",))
+def _head_pgd_op(
+    h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
+    steps: int, step_size: torch.Tensor, eps: torch.Tensor, direction: Optional[torch.Tensor], norm: str,
+    perturb_mode: str, backend: str,
+) -> None:
+    """``direction`` None means LPL's confidence rule. (An argument named ``mode`` would clash with
+    torch's dispatch-mode redirection under AOT dispatch.)"""
+    launch = _backend.kernels(backend, _TRITON).head_pgd
+    launch(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode)
+
+
+@_head_pgd_op.register_fake
+def _(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode, backend):
+    return None
 
 
 def head_pgd_(
@@ -50,7 +77,14 @@ def head_pgd_(
     device = _checks.check_same_device(h=h, labels=labels, weight=weight, bias=bias, delta=delta)
     _checks.check_labels(labels, h.shape[0], k)
     backend = _backend.resolve(backend, device)
-    direction = "confidence" if confidence else sign
     if backend == "reference":
+        direction = "confidence" if confidence else sign
         return naive.head_pgd_(h, labels, weight, bias, delta, steps, step, radius, direction, norm, mode)
-    raise ValueError(f"backend={backend!r} for head_pgd_ is not implemented yet")
+    if backend == "cuda" and not hasattr(_backend.kernels(backend, _TRITON), "head_pgd"):
+        raise ValueError("backend='cuda' has no head_pgd_ kernel yet; use backend='triton' or 'reference'")
+    args = [t.detach().contiguous() for t in (h, labels, weight)]
+    bias = None if bias is None else bias.detach().contiguous()
+    direction = None if confidence else sign  # None: the launcher applies the confidence rule
+    return _update_in_place(
+        delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend)
+    )

@@ -1,0 +1,223 @@
+"""``head_pgd_`` fast path against the reference loop (``lpa_kernels.head_pgd.naive``).
+
+Every comparison runs the same steps three ways: the kernel, the reference in float64 (the truth) and
+the reference in the kernel's dtype (PyTorch's own error, which sets the tolerance). Only the Triton
+targets run the kernel; the CUDA C++ backend has no head_pgd yet (see the last test).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lpa_kernels.head_pgd.triton_kernels as head_triton
+import lpa_kernels.pgd.naive as pgd_naive
+from lpa_kernels import backend_info, head_pgd_
+from lpa_kernels.backend import interpreting
+from lpa_kernels.confidence import confidence_direction
+from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
+
+TRITON_TARGETS = [p for p in KERNEL_TARGETS if p.values[0][0] == "triton"]
+
+
+def make_problem(batch, num_classes, features, dtype=torch.float32, device="cpu", bias=True, labels=None):
+    """Random ``(h, labels, weight, bias, delta)``; logits of order one so the softmax is not saturated."""
+    h = torch.randn(batch, features, device=device).to(dtype)
+    weight = (torch.randn(num_classes, features, device=device) / features**0.5).to(dtype)
+    b = torch.randn(num_classes, device=device).to(dtype) if bias else None
+    y = make_labels(batch, num_classes, device) if labels is None else labels.to(device)
+    delta = (0.05 * torch.randn(num_classes, features, device=device)).to(dtype)
+    return h, y, weight, b, delta
+
+
+def _cpu64(t):
+    return None if t is None else t.detach().cpu().double()
+
+
+def check_against_reference(target, h, y, weight, bias, delta, steps, step_size, eps, direction, norm, mode,
+                            in_place=False):
+    """Run the kernel on a copy of ``delta`` (on ``delta`` itself when ``in_place``) and compare the
+    result with the float64 reference; returns it."""
+    backend, _ = target
+    start = delta.detach().cpu().clone()
+    actual = delta if in_place else delta.clone()
+    head_pgd_(h, y, weight, bias, actual, steps, step_size, eps, direction, norm, mode, backend=backend)
+
+    cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    y = y.cpu().long()  # the reference's cross_entropy takes int64 labels only
+    ref64 = start.double()
+    head_pgd_(_cpu64(h), y, _cpu64(weight), _cpu64(bias), ref64, steps,
+              cpu(step_size), cpu(eps), cpu(direction), norm, mode, backend="reference")
+    lowp = start.clone()
+    head_pgd_(h.cpu(), y, weight.cpu(), None if bias is None else bias.cpu(), lowp, steps,
+              cpu(step_size), cpu(eps), cpu(direction), norm, mode, backend="reference")
+    assert_close_to_reference(actual, ref64, lowp, what=f"delta after {steps} {norm} steps ({mode}, direction {direction!r})")
+    return actual
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("direction", [1.0, -1.0, "confidence"])
+def test_matches_reference_every_mode_norm_dtype(target, dtype, mode, norm, direction):
+    """Three steps, B = 37 and D = 20 (neither a multiple of any block), 5 classes, with bias."""
+    problem = make_problem(37, 5, 20, dtype, target[1])
+    check_against_reference(target, *problem, steps=3, step_size=0.1, eps=0.3, direction=direction, norm=norm, mode=mode)
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("num_classes, mode", [(1, "add"), (1, "scale"), (2, "add"), (2, "scale"), (1000, "scale")])
+def test_class_counts(target, num_classes, mode):
+    """K = 1 (zero gradient: delta unchanged), K = 2, and K = 1000 (most classes absent, many K tiles).
+    One step: the interpreter runs pgd_step's K programs one by one."""
+    problem = make_problem(19, num_classes, 33, device=target[1])
+    check_against_reference(target, *problem, steps=1, step_size=0.05, eps=0.2, direction="confidence", norm="l2", mode=mode)
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+def test_ten_thousand_classes(target, monkeypatch):
+    """K = 10,000: the online softmax runs over 157 class tiles. Under the interpreter the update is
+    the reference pgd_step (pgd_step has its own tests): its 10,000 one-class programs, run one after
+    another, would take about 90 s here, against about 1 s for the fused gradient kernel."""
+    if interpreting():
+        monkeypatch.setattr(head_triton, "pgd_step", pgd_naive.pgd_step_)
+    problem = make_problem(6, 10_000, 16, device=target[1])
+    check_against_reference(target, *problem, steps=2, step_size=0.05, eps=0.2, direction="confidence", norm="linf", mode="add")
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_several_batch_and_feature_tiles(target, norm):
+    """B = 70, D = 300, K = 70: two batch tiles, two output-feature chunks, five contraction tiles and
+    two class tiles, all ragged; int32 labels."""
+    h, y, weight, bias, delta = make_problem(70, 70, 300, device=target[1])
+    check_against_reference(target, h, y.int(), weight, bias, delta, steps=2, step_size=0.1, eps=0.3,
+                            direction=1.0, norm=norm, mode="scale")
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_per_class_tensors_and_no_bias(target, norm):
+    """(K,) step sizes, radii and mixed-sign directions (one class 0: it must not move), bias None."""
+    k = 7
+    h, y, weight, _, delta = make_problem(40, k, 24, device=target[1], bias=False)
+    step = torch.rand(k, device=target[1]) * 0.2 + 0.01
+    eps = torch.rand(k, device=target[1]) * 0.5 + 0.05
+    direction = torch.tensor([1.0, -1.0, 0.0, 1.0, -0.5, 1.0, -1.0], device=target[1])
+    actual = check_against_reference(target, h, y, weight, None, delta, steps=3, step_size=step, eps=eps,
+                                     direction=direction, norm=norm, mode="add")
+    assert torch.equal(actual[2], delta[2]), "a class with direction 0 moved"
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("direction", [1.0, "confidence"])
+def test_absent_classes_keep_their_delta(target, direction):
+    """Only classes 1, 4 and 5 of 8 occur in the batch: the other rows of delta stay bit-identical."""
+    present = torch.tensor([1, 4, 5])
+    labels = present[torch.randint(0, 3, (29,))]
+    problem = make_problem(29, 8, 18, device=target[1], labels=labels)
+    delta = problem[-1]
+    actual = check_against_reference(target, *problem, steps=3, step_size=0.1, eps=0.3, direction=direction,
+                                     norm="l2", mode="add")
+    absent = [c for c in range(8) if c not in present.tolist()]
+    assert torch.equal(actual[absent], delta[absent]), "an absent class's delta changed"
+    assert not torch.equal(actual[present], delta[present]), "no present class moved"
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("batch, steps", [(0, 3), (12, 0)])
+def test_nothing_to_do_leaves_delta_unchanged(target, batch, steps):
+    """B == 0 (no launch) or steps == 0: delta is untouched (no NaN from a poisoned buffer either)."""
+    h, y, weight, bias, delta = make_problem(batch, 4, 10, device=target[1])
+    before = delta.clone()
+    head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, "confidence", backend=target[0])
+    assert torch.equal(delta, before), f"delta changed with B={batch}, steps={steps}"
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+def test_confidence_signs_follow_lpl_rule(target):
+    """One linf step from delta = 0 with a radius the step does not reach moves class c by exactly
+    ``step * s_c * sign(g_c)``, where ``s_c`` is LPL's rule applied to the softmax and ``g_c`` the
+    class-summed ``(softmax - onehot) @ W``, both computed here by hand in float64."""
+    k, step = 6, 0.01
+    h, y, weight, bias, _ = make_problem(45, k, 20, device=target[1])
+    delta = torch.zeros(k, 20, device=target[1])
+    head_pgd_(h, y, weight, bias, delta, 1, step, 1.0, "confidence", norm="linf", backend=target[0])
+
+    h64, w64, b64, y_cpu = _cpu64(h), _cpu64(weight), _cpu64(bias), y.cpu()
+    softmax = (h64 @ w64.T + b64).softmax(dim=1)
+    p_true = softmax[torch.arange(len(y_cpu)), y_cpu]
+    signs, _ = confidence_direction(p_true, y_cpu, k)
+    assert (signs > 0).any() and (signs < 0).any(), "test setup: want both augmentation directions present"
+    sample_grad = (softmax - torch.nn.functional.one_hot(y_cpu, k).double()) @ w64
+    class_grad = torch.zeros(k, 20, dtype=torch.float64).index_add_(0, y_cpu, sample_grad)
+    expected = step * signs.double()[:, None] * torch.sign(class_grad)
+    assert_close_to_reference(delta, expected, what="delta after one confidence-directed linf step")
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+def test_non_contiguous_inputs(target):
+    """h, weight and delta as strided views: the result lands in the caller's delta view."""
+    h_full, y, w_full, bias, d_full = make_problem(23, 5, 40, device=target[1])
+    h, weight, delta = h_full[:, ::2], w_full[:, ::2], d_full[:, ::2]
+    assert not delta.is_contiguous()
+    untouched = d_full[:, 1::2].clone()
+    check_against_reference(target, h, y, weight, bias, delta, steps=2, step_size=0.1, eps=0.3,
+                            direction=1.0, norm="l2", mode="add", in_place=True)
+    assert torch.equal(d_full[:, 1::2], untouched), "entries outside the delta view changed"
+
+
+BAD_INPUTS = {
+    "weight shape": (dict(weight=torch.randn(4, 9)), "weight"),
+    "delta shape": (dict(delta=torch.randn(3, 10)), "weight"),
+    "negative steps": (dict(steps=-1), "steps"),
+    "label out of range": (dict(labels=torch.tensor([0, 1, 4, 2, 0, 1])), "labels"),
+    "unknown direction": (dict(direction="frequency"), "direction"),
+    "bias shape": (dict(bias=torch.randn(5)), "bias"),
+}
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_raises_before_any_kernel(target, case, monkeypatch):
+    """ValueError naming the argument, no launch, delta untouched."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the kernel launcher ran on invalid input")
+
+    monkeypatch.setattr(head_triton, "head_pgd", no_launch)
+    h, y, weight, bias, delta = make_problem(6, 4, 10, device=target[1])
+    args = dict(h=h, labels=y, weight=weight, bias=bias, delta=delta, steps=2, step_size=0.1, eps=0.3,
+                direction="confidence")
+    change, argname = BAD_INPUTS[case]
+    args.update({k: v.to(target[1]) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    before = args["delta"].clone()
+    with pytest.raises(ValueError, match=argname):
+        head_pgd_(**args, backend=target[0])
+    assert torch.equal(args["delta"], before), "a rejected call changed delta"
+
+
+@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("direction", ["tensor", "confidence"])
+def test_custom_op_passes_opcheck(target, direction):
+    """Schema (delta mutated, nothing else), fake impl and AOT dispatch of ``lpa_kernels::head_pgd_``."""
+    h, y, weight, bias, delta = make_problem(9, 3, 17, device=target[1])
+    per_class = lambda v: torch.full((3,), v, device=target[1])  # noqa: E731
+    sign = torch.tensor([1.0, -1.0, 1.0], device=target[1]) if direction == "tensor" else None
+    args = (h, y, weight, bias, delta, 2, per_class(0.1), per_class(0.3), sign, "l2", "scale", target[0])
+    torch.library.opcheck(torch.ops.lpa_kernels.head_pgd_.default, args)
+
+
+def test_cuda_backend_without_head_pgd_kernel_raises():
+    """No CUDA C++ head_pgd exists yet: backend='cuda' is refused with a ValueError, delta untouched."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h, y, weight, bias, delta = make_problem(5, 3, 8, device=device)
+    before = delta.clone()
+    if backend_info()["cuda"]["available"]:
+        import lpa_kernels.cuda_kernels as cuda_kernels
+
+        if hasattr(cuda_kernels, "head_pgd"):
+            pytest.skip("the CUDA C++ backend has a head_pgd launcher: it runs through the kernel tests")
+    with pytest.raises(ValueError, match="cuda"):
+        head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, backend="cuda")
+    assert torch.equal(delta, before)
