@@ -41,6 +41,11 @@ class Method:
                  lower: Callable | None = None, upper: Callable | None = None):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "pass the unwrapped model (ddp.module): the method runs the model in two parts, which "
+                "bypasses DDP's forward and so its gradient synchronisation; wrap method.as_module() in "
+                "DDP instead (the deltas are kept in sync by the method itself)")
         self.model, self.num_classes, self.layer = model, num_classes, layer
         self.config = config if config is not None else LPAConfig()
         if lower is not None or upper is not None:
@@ -78,6 +83,11 @@ class Method:
         """The activations the training forward continues from (identity for ERM). ``preview``: for
         ``diagnostics``, compute them without changing any state."""
         return h
+
+    def as_module(self) -> nn.Module:
+        """An ``nn.Module`` holding the model whose ``forward(x, y)`` is ``training_loss(x, y)``: wrap it in
+        ``DistributedDataParallel`` for data-parallel training, so DDP sees the whole training forward."""
+        return _TrainingLoss(self)
 
     def after_backward(self) -> None:
         """Call between ``loss.backward()`` and ``optimizer.step()`` (single-pass delta updates)."""
@@ -121,6 +131,15 @@ class Method:
             "norm_ratio": mean(3, sums[:, 2]).cpu(),
             "amplification": float(ratio.mean()) if ratio.numel() else float("nan"),
         }
+
+
+class _TrainingLoss(nn.Module):
+    def __init__(self, method: Method):
+        super().__init__()
+        self.model, self._method = method.model, method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self._method.training_loss(x, y)
 
 
 class Dropout(Method):

@@ -74,6 +74,7 @@ class Policy:
         if self.counts is not None and tuple(self.counts.shape) != (num_classes,):
             raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(self.counts.shape)}")
         self.loss_ema = self.fall_ema = None  # loss_trend state, (K,) once observed; NaN = class not seen yet
+        self._fixed = {}  # (device, dtype) -> the policy tensors that do not depend on the batch
 
     @property
     def needs_stats(self) -> bool:
@@ -85,31 +86,41 @@ class Policy:
         """Whether ``observe`` keeps per-class loss history ("loss_trend")."""
         return _named(self.config.direction, "loss_trend")
 
+    def _constant(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A batch-independent ``(K,)`` tensor, computed once in float64 and kept on ``like``'s device."""
+        key = (name, like.device, compute_dtype(like.dtype))
+        if key not in self._fixed:
+            k, counts = self.num_classes, self.counts
+            value = {
+                "ascent": lambda: torch.ones(k, dtype=torch.float64),
+                "descent": lambda: -torch.ones(k, dtype=torch.float64),
+                "frequency": lambda: torch.where(counts < torch.quantile(counts, 0.5), 1.0, -1.0).double(),
+                "eps": lambda: torch.full((k,), float(self.eps), dtype=torch.float64),
+                "frequency_eps": lambda: self.eps * (counts.min() / counts.clamp_min(1)) ** self.config.gamma,
+            }[name]()
+            self._fixed[key] = value.to(like.device, key[2])
+        return self._fixed[key]
+
     def resolve(self, stats: torch.Tensor | None, like: torch.Tensor):
-        """``(direction, eps)`` as ``(K,)`` tensors in ``like``'s device and float dtype."""
-        k, direction, radius = self.num_classes, self.config.direction, self.config.radius
+        """``(direction, eps)`` as ``(K,)`` tensors on ``like``'s device, in its compute dtype."""
+        direction, radius, dtype = self.config.direction, self.config.radius, compute_dtype(like.dtype)
         conf_sign = conf_magnitude = None
         if self.needs_stats:
             present, p_c, _ = _means(stats)
-            conf_sign, conf_magnitude = direction_from_class_means(p_c, present)
+            conf_sign, conf_magnitude = (t.to(dtype) for t in direction_from_class_means(p_c, present))
         if isinstance(direction, torch.Tensor):
-            sign = direction
+            sign = direction.to(like.device, dtype)
         elif direction == "confidence":
             sign = conf_sign
-        elif direction == "frequency":
-            sign = torch.where(self.counts < torch.quantile(self.counts, 0.5), 1.0, -1.0)
         elif direction == "loss_trend":
-            sign = self._trend_direction()
+            sign = self._trend_direction().to(like.device, dtype)
         else:
-            sign = torch.full((k,), 1.0 if direction == "ascent" else -1.0)
+            sign = self._constant(direction, like)
         if radius == "confidence":
-            scale = conf_magnitude.clamp_min(MIN_RADIUS_FRACTION)
-        elif radius == "frequency":
-            scale = (self.counts.min() / self.counts.clamp_min(1)) ** self.config.gamma
+            eps = self.eps * conf_magnitude.clamp_min(MIN_RADIUS_FRACTION)
         else:
-            scale = torch.ones(k)
-        dtype = compute_dtype(like.dtype)
-        return sign.to(like.device, dtype), (self.eps * scale.double().cpu()).to(like.device, dtype)
+            eps = self._constant("frequency_eps" if radius == "frequency" else "eps", like)
+        return sign, eps
 
     def observe(self, stats: torch.Tensor) -> None:
         """Feed one training batch's class statistics to the "loss_trend" policy.

@@ -35,20 +35,23 @@ from lpa_kernels.nn.perturbation import ClassPerturbation
 def frozen_batchnorm_stats(module: nn.Module):
     """Extra forwards (PGD steps, probes) leave BatchNorm running statistics as they were.
 
-    Only modules that ran inside the block are restored (their batch counter moved): writing to the
-    others would bump the version of buffers the pending training graph has saved.
+    Only the modules that ran inside the block are restored (a forward hook marks them, no device
+    sync): writing to the others would bump the version of buffers the pending training graph saved.
     """
     norms = [m for m in module.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    saved = [(m, m.num_batches_tracked.item(), [b.clone() for b in m.buffers()]) for m in norms]
+    saved = {m: [b.clone() for b in m.buffers()] for m in norms}
+    ran = set()
+    hooks = [m.register_forward_hook(lambda m, *_: ran.add(m)) for m in norms]
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         with torch.no_grad():
-            for m, count, buffers in saved:
-                if m.num_batches_tracked.item() != count:
-                    for b, s in zip(m.buffers(), buffers):
-                        b.copy_(s)
+            for m in ran:
+                for b, s in zip(m.buffers(), saved[m]):
+                    b.copy_(s)
 
 
 def delta_shape_for(feature_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from lpa_kernels.lpa import LPAConfig, build_method
 from tests.lpa.models import NUM_CLASSES, mlp
@@ -33,28 +34,32 @@ def _data():
 
 
 def _train(rows: slice, world: int) -> dict:
-    """Train every config for 3 steps on ``rows`` of each global batch; the final deltas."""
+    """Train every config for 3 steps on ``rows`` of each global batch; the final deltas and weights.
+    Weight gradients are averaged by hand, and for one config by DDP around ``method.as_module()``."""
     x, y = _data()
-    deltas = {}
-    for key, (name, config) in CONFIGS.items():
+    results = {}
+    for key, (name, config) in list(CONFIGS.items()) + [("ddp-module", CONFIGS["t-step-carried"])]:
         torch.manual_seed(0)
         model = mlp()
         method = build_method(name, model, NUM_CLASSES, layer="3", config=config)
+        use_ddp = key == "ddp-module" and world > 1
+        forward = DistributedDataParallel(method.as_module()) if use_ddp else method.as_module()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         for step in range(3):
-            loss, _ = method.training_loss(x[step, rows], y[step, rows])
+            loss, _ = forward(x[step, rows], y[step, rows])
             optimizer.zero_grad()
             loss.backward()
             for p in model.parameters():
-                if world > 1:
+                if world > 1 and not use_ddp:
                     dist.all_reduce(p.grad)
                     p.grad /= world
             method.after_backward()
             optimizer.step()
-        deltas[key] = method.delta.clone()
+        results[key] = method.delta.clone()
         if method.logit_delta is not None:
-            deltas[key + "/lpl"] = method.logit_delta.clone()
-    return deltas
+            results[key + "/lpl"] = method.logit_delta.clone()
+        results[key + "/weights"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return results
 
 
 def _worker(rank: int, port: int, out_dir: str):
@@ -79,7 +84,7 @@ def test_two_process_delta_is_identical_across_ranks_and_equals_one_process(tmp_
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     single = _train(slice(0, 8), 1)
     for key, expected in single.items():
-        assert expected.abs().sum() > 0, f"{key}: delta did not move"
+        assert expected.abs().sum() > 0, f"{key}: did not move"
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key}: ranks hold different deltas"
         assert torch.allclose(ranks[0][key], expected, rtol=1e-9, atol=1e-12), \
-            f"{key}: two-process delta differs from one process on the concatenated batch"
+            f"{key}: two processes differ from one process on the concatenated batch"
