@@ -39,7 +39,7 @@ def head_pgd_(
         with torch.enable_grad():
             d = current.clone().requires_grad_(True)
             logits = F.linear(perturb(h, labels, d, mode), w, b)
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+            loss = F.cross_entropy(logits, labels.long(), reduction="sum")
             (grad,) = torch.autograd.grad(loss, d)
         if isinstance(direction, str):  # "confidence", fixed from the first step's softmax
             p_true = logits.detach().softmax(dim=1).gather(1, labels[:, None].long())[:, 0]
