@@ -221,12 +221,14 @@ def format_table(summary: dict) -> str:
 
 
 def _commit() -> str | None:
+    """HEAD of the checkout this file lives in, with ``-dirty`` when tracked files differ from it."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"], capture_output=True, timeout=10).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
