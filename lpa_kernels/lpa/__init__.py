@@ -5,6 +5,10 @@
     for x, y in loader:
         loss, logits = method.training_loss(x, y)
         optimizer.zero_grad(); loss.backward(); method.after_backward(); optimizer.step()
+
+``model`` itself is left as it was: ``model.eval(); model(x)`` evaluates without perturbation. For
+data-parallel training wrap ``method.as_module()`` (whose ``forward(x, y)`` is ``training_loss``) in
+``DistributedDataParallel``; the method keeps the per-class deltas identical on every rank.
 """
 
 from lpa_kernels.lpa.config import LPAConfig

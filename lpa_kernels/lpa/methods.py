@@ -92,6 +92,14 @@ class Method:
     def after_backward(self) -> None:
         """Call between ``loss.backward()`` and ``optimizer.step()`` (single-pass delta updates)."""
 
+    def state_dict(self) -> dict:
+        """The method's learned state beyond the model's weights, for checkpoints (none for the baselines)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
     def stats(self) -> dict:
         """Call counts: ``lower_forwards``, ``upper_forwards`` (autograd forwards of the upper network:
         training forwards, PGD steps, probes; the fused head path runs none), ``training_steps``, ``pgd_steps``."""
@@ -240,6 +248,18 @@ class ClassPerturbationMethod(Method):
     def after_backward(self) -> None:
         for site in self._sites():
             self._counts["pgd_steps"] += site.after_backward()
+
+    def state_dict(self) -> dict:
+        """The learned perturbations, for checkpoints: ``{"delta": ..., "logit_delta": ...}`` (those that exist)."""
+        state = {"delta": self.delta, "logit_delta": self.logit_delta}
+        return {k: v.detach().clone() for k, v in state.items() if v is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, site in (("delta", self.lpa), ("logit_delta", self.lpl)):
+            if key in state:
+                if site is None:
+                    raise ValueError(f"{key!r} given, but method {self.name!r} has no such perturbation")
+                site.load(state[key])
 
     @property
     def delta(self) -> torch.Tensor | None:

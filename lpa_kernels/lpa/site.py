@@ -86,6 +86,15 @@ class ClassSite:
                 norm=self.norm, backend=self.backend, dtype=dtype, device=h.device)
         return self.perturbation
 
+    def load(self, delta: torch.Tensor) -> None:
+        """Take ``delta (K, *P)`` as the carried perturbation (from a checkpoint)."""
+        if self.perturbation is None or self.perturbation.delta.shape != delta.shape:
+            self.perturbation = ClassPerturbation(
+                self.num_classes, tuple(delta.shape[1:]), mode=self.mode, eps=self.policy.eps,
+                step_size=self.step_size, norm=self.norm, backend=self.backend, dtype=delta.dtype, device=delta.device)
+        with torch.no_grad():
+            self.perturbation.delta.copy_(delta)
+
     def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return perturb(h, labels, delta, self.mode, backend=self.backend)
 

@@ -51,3 +51,22 @@ def batch(size=10, features=(6,), dtype=torch.float64, seed=1):
     x = torch.randn(size, *features, generator=gen, dtype=dtype)
     y = torch.arange(size) % NUM_CLASSES
     return x, y[torch.randperm(size, generator=gen)]
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm transformer block over ``(B, T, 6)`` inputs, mean-pooled into a linear head."""
+
+    def __init__(self, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.norm1, self.norm2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        q = self.norm1(x)
+        x = x + self.attn(q, q, q, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))

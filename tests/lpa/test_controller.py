@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpa_kernels.lpa import METHODS, LPAConfig, build_method
-from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
+from tests.lpa.models import NUM_CLASSES, TinyResNet, TinyTransformer, batch, mlp
 
 
 def count_calls(module: nn.Module) -> list:
@@ -99,6 +99,36 @@ def test_resnet_attaches_inside_a_block_with_the_skip_connection_crossing_the_cu
             "PGD steps must not update BatchNorm running statistics"
     crossing = build_method("lpa", model, NUM_CLASSES, layer="layer1.1.bn1").split.lower(x)[1]
     assert len(crossing) == 1, "the block input (skip connection) must cross the cut"
+
+
+def test_transformer_block_attaches_inside_its_mlp_with_a_last_dim_delta():
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    x, y = batch(size=6, features=(5, 6))
+    embed_calls = count_calls(model.embed)
+    method = build_method("lpa", model, NUM_CLASSES, layer="mlp.1", config=LPAConfig(steps=2, delta_shape="last"))
+    loss, _ = method.training_loss(x, y)
+    loss.backward()
+    assert len(embed_calls) == 1 and method.stats()["upper_forwards"] == 3
+    assert method.delta.shape == (NUM_CLASSES, 1, 16) and method.delta.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        h, extras = method.split.lower(x)
+        assert len(extras) == 1, "the residual stream must cross the cut"
+        assert torch.equal(method.split.upper(h, *extras), model(x)), "split changes the transformer"
+
+
+@pytest.mark.parametrize("steps, head", [(0, "auto"), (2, "always"), (2, "never")])
+def test_bf16_autocast_keeps_a_float32_delta(steps, head):
+    model = mlp(torch.float32)
+    x, y = batch(dtype=torch.float32)
+    method = build_method("lpa+lpl", model, NUM_CLASSES, layer="4", config=LPAConfig(steps=steps, head=head))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = method.training_loss(x, y)
+    loss.backward()
+    method.after_backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert method.delta.dtype == torch.float32 and torch.isfinite(method.delta).all() and method.delta.abs().sum() > 0
 
 
 def test_explicit_lower_upper_when_tracing_fails():
@@ -217,3 +247,19 @@ def test_diagnostics_do_not_change_a_carried_delta():
     report = method.diagnostics(x, y)
     assert torch.equal(method.delta, delta), "diagnostics ran PGD on the carried delta itself"
     assert report["expansive_fraction"].shape == (NUM_CLASSES,)
+
+
+def test_state_dict_round_trip_restores_the_carried_deltas():
+    x, y = batch()
+    config = LPAConfig(steps=0, lpl_steps=0)
+    trained = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=config)
+    loss, _ = trained.training_loss(x, y)
+    loss.backward()
+    trained.after_backward()
+    state = trained.state_dict()
+    assert set(state) == {"delta", "logit_delta"} and state["delta"].abs().sum() > 0
+    restored = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=config)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.delta, trained.delta) and torch.equal(restored.logit_delta, trained.logit_delta)
+    with pytest.raises(ValueError, match="logit_delta"):
+        build_method("lpa", mlp(), NUM_CLASSES, layer="3").load_state_dict(state)
