@@ -88,8 +88,9 @@ def test_triton_under_the_interpreter_refuses_cuda_tensors(monkeypatch):
 
 
 def test_cuda_backend_unavailable_raises_a_clear_error():
-    # On a CPU tensor the CUDA kernels never run: either the extension is missing or the device is wrong.
-    with pytest.raises(ValueError, match="backend='cuda' is not available for a cpu tensor: .*(not built|CUDA tensors)"):
+    # On a CPU tensor the CUDA kernels never run: the extension is missing, there is no GPU, or the
+    # tensor is not on one; the message says which.
+    with pytest.raises(ValueError, match="backend='cuda' is not available for a cpu tensor: .*(not built|no CUDA GPU|CUDA tensors)"):
         backend.resolve("cuda", CPU)
 
 

@@ -9,9 +9,10 @@ Backward is a deterministic segmented reduction: the samples are ordered by clas
 the order is fixed), and program ``(c, d-block)`` walks the ``n_c * R`` rows ``(sample, r)`` of its
 class in tiles, accumulating ``grad_delta`` in float32 (float64 for float64 inputs) and writing
 ``grad_h`` for the same tile: every element of ``grad_out`` is read once and ``grad_h`` written once.
-No atomics, so the result is bitwise reproducible. Known limit: the work per program is proportional
-to the class size, so a batch with very few classes (or one dominant class) and small ``D`` uses few
-programs; splitting long classes across programs would need a second reduction stage.
+When that gives too few programs to fill the device (few classes, or one dominant class, with
+small ``D``), each class's rows are cut into chunks of CHUNK rows, one program each; programs write
+partial sums and a second small kernel adds each class's partials in chunk order (``chunk_plan``).
+No atomics anywhere, so the result is bitwise reproducible from run to run.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ def kernel_dtype_view(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(interpreter_dtype(t.dtype))
 
 
-def accumulator(*tensors: torch.Tensor | None):
-    """The Triton accumulation dtype for these inputs: float64 if any is float64, else float32."""
-    dtypes = [t.dtype for t in tensors if t is not None]
-    return tl.float64 if compute_dtype(*dtypes) == torch.float64 else tl.float32
+def accumulator_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The accumulation dtype for these inputs: float64 if any is float64, else float32."""
+    return compute_dtype(*(t.dtype for t in tensors if t is not None))
+
+
+def accumulator(*tensors: torch.Tensor | None) -> tl.dtype:
+    """:func:`accumulator_dtype` as the Triton dtype the kernels take."""
+    return tl.float64 if accumulator_dtype(*tensors) == torch.float64 else tl.float32
 
 
 def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +59,33 @@ def reduction_blocks(D: int, inner: int, rows: int) -> tuple[int, int]:
     block_d = min(triton.next_power_of_2(D), 256 if inner == 1 else 16)
     block_q = min(max(TILE // block_d, 1), triton.next_power_of_2(max(rows, 1)))
     return block_d, block_q
+
+
+def parallel_programs(device: torch.device) -> int:
+    """How many programs keep the device busy: a few per streaming multiprocessor on a GPU; a small
+    number under the CPU interpreter (so that the tests there exercise the chunked reduction too)."""
+    if device.type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def chunk_plan(starts: torch.Tensor, R: int, rows: int, block_q: int, num_d_blocks: int):
+    """How to split the classes' rows across programs when one program per (class, d-block) would
+    leave the device idle (few classes, or one dominant class): ``(CHUNK, chunk_class, first_chunk)``
+    with class c owning chunks ``first_chunk[c]:first_chunk[c + 1]`` (at least one, so absent classes
+    get their zero) and ``chunk_class`` mapping each of the ``K + cdiv(rows, CHUNK)`` programs (an
+    upper bound on the chunk count, known without reading the counts back to the host) to its class.
+    None when no split is needed."""
+    num_classes = starts.numel() - 1
+    target = parallel_programs(starts.device)
+    if num_classes * num_d_blocks >= target or rows <= block_q:
+        return None
+    chunk = triton.cdiv(triton.cdiv(rows * num_d_blocks, target), block_q) * block_q
+    chunks = torch.clamp_min(((starts[1:] - starts[:-1]) * R + chunk - 1) // chunk, 1)
+    first_chunk = torch.zeros_like(starts)
+    torch.cumsum(chunks, 0, out=first_chunk[1:])
+    programs = torch.arange(num_classes + triton.cdiv(rows, chunk), device=starts.device)
+    return chunk, torch.searchsorted(first_chunk[1:], programs, right=True), first_chunk
 
 
 @triton.jit
@@ -78,19 +110,24 @@ def _forward_kernel(
 
 
 @triton.jit
+def class_span(starts_ptr, c, R):
+    """``(start, rows)``: class c's samples begin at ``order[start]`` and span ``rows`` (sample, r) rows."""
+    start = tl.load(starts_ptr + c)
+    return start, (tl.load(starts_ptr + c + 1) - start) * R
+
+
+@triton.jit
 def class_block_sum(
-    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, starts_ptr,
-    c, d0, F, D, inner, R,
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr,
+    c, start, row_lo, row_hi, d0, F, D, inner, R,
     SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """``grad_delta[c, d0:d0 + BLOCK_D]``: the sum of ``grad_out`` (times ``h`` when SCALE) over the
-    samples of class c and the R features of each group d; also writes ``grad_h`` on those elements
-    when WRITE_GRAD_H (``grad_out``, times ``1 + delta[c, d]`` when SCALE)."""
+    """The sum of ``grad_out`` (times ``h`` when SCALE) over rows ``[row_lo, row_hi)`` of class c
+    (whose samples begin at ``order[start]``) for the groups ``d0:d0 + BLOCK_D``; also writes
+    ``grad_h`` on those elements when WRITE_GRAD_H (``grad_out``, times ``1 + delta[c, d]`` when SCALE)."""
     d = d0 + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    start = tl.load(starts_ptr + c)
-    rows = (tl.load(starts_ptr + c + 1) - start) * R
     if WRITE_GRAD_H and SCALE:
         factor = 1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=d_mask, other=0).to(ACC)
     # Row q of the class is (its q // R-th sample, feature r = q % R of the group); feature
@@ -98,9 +135,9 @@ def class_block_sum(
     # divided in 64 bits; the per-element divisions stay in 32 bits (R < 2**31).
     group_offs = d * inner
     acc = tl.zeros((BLOCK_D, BLOCK_Q), dtype=ACC)
-    for q0 in range(0, rows, BLOCK_Q):
+    for q0 in range(row_lo, row_hi, BLOCK_Q):
         local = (q0 % R).to(tl.int32) + tl.arange(0, BLOCK_Q)
-        q_mask = q0 + tl.arange(0, BLOCK_Q) < rows
+        q_mask = q0 + tl.arange(0, BLOCK_Q) < row_hi
         sample = tl.load(order_ptr + start + q0 // R + local // R, mask=q_mask, other=0)
         r = local % R
         row_offs = sample * F + (r // inner) * D * inner + r % inner
@@ -119,20 +156,43 @@ def class_block_sum(
 
 @triton.jit
 def _backward_kernel(
-    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, grad_delta_ptr, order_ptr, starts_ptr,
-    F, D, inner, R, num_d_blocks,
-    SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, sums_ptr, order_ptr, starts_ptr, chunk_class_ptr, first_chunk_ptr,
+    K, F, D, inner, R, num_d_blocks, CHUNK,
+    SPLIT: tl.constexpr, SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # Program (c, d-block); the grid is 1-D so neither K nor D meets a grid-dimension limit.
+    # Program (g, d-block) writes row g of sums (K, D). With SPLIT, g is a chunk of CHUNK rows of
+    # class chunk_class[g] and sums holds per-chunk partial sums; padding programs past the last chunk
+    # (chunk_class == K) fall on an empty row range. The grid is 1-D: no grid-dimension limit.
     pid = tl.program_id(0)
-    c, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    g, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    if SPLIT:
+        c = tl.minimum(tl.load(chunk_class_ptr + g), K - 1)
+        start, rows = class_span(starts_ptr, c, R)
+        row_lo = (g - tl.load(first_chunk_ptr + c)) * CHUNK
+        row_hi = tl.minimum(row_lo + CHUNK, rows)
+    else:
+        c = g
+        start, row_hi = class_span(starts_ptr, c, R)
+        row_lo = 0
     total = class_block_sum(
-        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, starts_ptr, c, d0, F, D, inner, R,
+        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, c, start, row_lo, row_hi, d0, F, D, inner, R,
         SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q,
     )
     d = d0 + tl.arange(0, BLOCK_D)
-    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, total.to(grad_delta_ptr.dtype.element_ty), mask=d < D)
+    tl.store(sums_ptr + g.to(tl.int64) * D + d, total.to(sums_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _sum_chunks_kernel(partial_ptr, first_chunk_ptr, grad_delta_ptr, D, num_d_blocks, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grad_delta[c] = the partial sums of class c's chunks, added in chunk order (deterministic).
+    pid = tl.program_id(0)
+    c, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    d = d0 + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for j in range(tl.load(first_chunk_ptr + c), tl.load(first_chunk_ptr + c + 1)):
+        acc += tl.load(partial_ptr + j * D + d, mask=d < D, other=0)
+    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, acc.to(grad_delta_ptr.dtype.element_ty), mask=d < D)
 
 
 def perturb_forward(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str) -> torch.Tensor:
@@ -189,14 +249,25 @@ def perturb_backward(
     R = F // per_class
     block_d, block_q = reduction_blocks(per_class, inner, B * R)
     num_d_blocks = triton.cdiv(per_class, block_d)
+    plan = chunk_plan(starts, R, B * R, block_q, num_d_blocks)
+    acc = accumulator(grad_out, h, delta)
+    if plan is None:  # one program per (class, d-block) sums straight into grad_delta
+        chunk, chunk_class, first_chunk, sums = 0, starts, starts, kgrad_delta
+    else:
+        chunk, chunk_class, first_chunk = plan
+        sums_dtype = accumulator_dtype(grad_out, h, delta)
+        sums = torch.empty((chunk_class.numel(), per_class), dtype=sums_dtype, device=grad_out.device)
     # Unused pointer arguments get grad_out as a stand-in; the constexpr flags keep them unread.
-    _backward_kernel[(num_classes * num_d_blocks,)](
+    _backward_kernel[(sums.shape[0] * num_d_blocks,)](
         kgrad_out, kgrad_out if kh is None else kh, kgrad_out if kdelta is None else kdelta,
-        kgrad_out if kgrad_h is None else kgrad_h, kgrad_delta, order, starts,
-        F, per_class, inner, R, num_d_blocks,
-        SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=accumulator(grad_out, h, delta),
-        BLOCK_D=block_d, BLOCK_Q=block_q,
+        kgrad_out if kgrad_h is None else kgrad_h, sums, order, starts, chunk_class, first_chunk,
+        num_classes, F, per_class, inner, R, num_d_blocks, chunk,
+        SPLIT=plan is not None, SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
     )
+    if plan is not None:
+        block = min(triton.next_power_of_2(per_class), 1024)
+        num_blocks = triton.cdiv(per_class, block)
+        _sum_chunks_kernel[(num_classes * num_blocks,)](sums, first_chunk, kgrad_delta, per_class, num_blocks, ACC=acc, BLOCK_D=block)
     if kgrad_h is not grad_h:
         grad_h.copy_(kgrad_h)
     if kgrad_delta is not grad_delta:

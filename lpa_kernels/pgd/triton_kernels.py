@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lpa_kernels.perturb.triton_kernels import (
-    accumulator, class_block_sum, class_order, kernel_dtype_view, reduction_blocks,
+    accumulator, accumulator_dtype, class_block_sum, class_order, class_span, kernel_dtype_view, reduction_blocks,
 )
 
 # Block of D one update pass handles at a time (one class row per program).
@@ -96,9 +96,10 @@ def _class_grad_pgd_step_kernel(
 ):
     c = tl.program_id(0)
     row = c.to(tl.int64) * D
+    start, rows = class_span(starts_ptr, c, R)
     for d0 in range(0, D, BLOCK_D):
         g = class_block_sum(
-            grad_out_ptr, h_ptr, delta_ptr, grad_out_ptr, order_ptr, starts_ptr, c, d0, F, D, inner, R,
+            grad_out_ptr, h_ptr, delta_ptr, grad_out_ptr, order_ptr, c, start, 0, rows, d0, F, D, inner, R,
             SCALE, False, ACC, BLOCK_D, BLOCK_Q,
         )
         d = d0 + tl.arange(0, BLOCK_D)
@@ -152,12 +153,11 @@ def class_grad_pgd_step(
     if delta.numel() == 0:
         return
     kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
-    acc = accumulator(delta, grad_out, h)
-    scratch = torch.empty((K, D), dtype=torch.float64 if acc == tl.float64 else torch.float32, device=delta.device)
+    scratch = torch.empty((K, D), dtype=accumulator_dtype(delta, grad_out, h), device=delta.device)
     order, starts = class_order(labels, K)
     R = F // D
     block_d, block_q = reduction_blocks(D, inner, B * R)
     _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(K,)](
         kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, order, starts, step, eps, direction,
-        F, D, inner, R, SCALE=mode == "scale", L2=norm == "l2", ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
+        F, D, inner, R, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h), BLOCK_D=block_d, BLOCK_Q=block_q,
     ))
