@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import shlex
 import statistics
 import subprocess
@@ -106,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace) -> LPAConfig:
     given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
-    if "backend" in {f.name for f in dataclasses.fields(LPAConfig)}:
-        given["backend"] = args.backend
-    return LPAConfig(**given)
+    return LPAConfig(backend=args.backend, **given)
 
 
 @torch.no_grad()
@@ -240,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
-    if args.backend != "auto" and "backend" not in {f.name for f in dataclasses.fields(LPAConfig)}:
-        os.environ["LPA_BACKEND"] = args.backend  # SPEC section 2: overrides the ops' "auto"
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     data = load(args.dataset, args.imbalance, args.data_dir)
