@@ -29,8 +29,10 @@ def confidence_direction(p_true: torch.Tensor, labels: torch.Tensor, num_classes
 def direction_from_class_means(p_c: torch.Tensor, present: torch.Tensor):
     """``(direction (K,), magnitude (K,))`` from the per-class mean true-class probabilities ``p_c`` and
     the mask of classes present; used where ``p_c`` is reduced over several processes first."""
-    thr = p_c[present].mean() if bool(present.any()) else p_c.new_zeros(())
+    # Written without a device sync (no data-dependent Python branch): it runs once per training step.
+    weight = present.to(p_c.dtype)
+    thr = (p_c * weight).sum() / weight.sum().clamp_min(1)
     gap = torch.where(present, thr - p_c, torch.zeros_like(p_c))
-    largest = gap.abs().max() if gap.numel() else gap.new_zeros(())
-    magnitude = gap.abs() / largest if float(largest) > 0 else torch.zeros_like(gap)
-    return torch.sign(gap), magnitude
+    size = gap.abs()
+    largest = size.amax() if gap.numel() else gap.new_zeros(())
+    return torch.sign(gap), size / largest.clamp_min(torch.finfo(size.dtype).tiny)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.confidence import direction_from_class_means
@@ -34,9 +33,8 @@ def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     """``(3, K)`` float32 (float64 for float64 logits), summed over the (global) batch: sample counts,
     sums of the true-class softmax probability, sums of the cross-entropy."""
     logits = logits.detach().to(compute_dtype(logits.dtype))
-    p_true = logits.softmax(dim=1).gather(1, labels[:, None].long())[:, 0]
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    rows = torch.stack([torch.ones_like(p_true), p_true, ce], dim=1)
+    log_p_true = logits.log_softmax(dim=1).gather(1, labels[:, None].long())
+    rows = torch.cat([torch.ones_like(log_p_true), log_p_true.exp(), -log_p_true], dim=1)
     stats = torch.zeros(num_classes, 3, dtype=logits.dtype, device=logits.device).index_add_(0, labels, rows).T.contiguous()
     return all_reduce_sum(stats)
 
