@@ -62,7 +62,11 @@ class Method:
 
     def _lower(self, x):
         self._counts["lower_forwards"] += 1
-        return self.split.lower(x)
+        h, extras = self.split.lower(x)
+        if not isinstance(h, torch.Tensor):
+            raise ValueError(f"the layer {self.layer!r} must output one tensor (B, *F), got {type(h).__name__}; "
+                             "choose a layer with a tensor output, or pass lower= and upper=")
+        return h, extras
 
     def _upper(self, h, extras):
         self._counts["upper_forwards"] += 1

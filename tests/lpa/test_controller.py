@@ -152,9 +152,12 @@ def test_explicit_lower_upper_when_tracing_fails():
     assert method.delta.abs().sum() > 0 and method.stats()["lower_forwards"] == 1
 
 
-def test_unknown_layer_and_method_are_rejected():
+def test_unknown_layer_tuple_output_and_unknown_method_are_rejected():
     with pytest.raises(ValueError, match="not a submodule"):
         build_method("lpa", mlp(), NUM_CLASSES, layer="7")
+    method = build_method("lpa", TinyTransformer().double(), NUM_CLASSES, layer="attn")
+    with pytest.raises(ValueError, match="one tensor"):
+        method.training_loss(*batch(size=4, features=(5, 6)))
     with pytest.raises(ValueError, match="name must be one of"):
         build_method("sgd", mlp(), NUM_CLASSES, layer="1")
 
