@@ -7,7 +7,7 @@ One program per class c updates ``delta[c] (D,)`` in place, looping over D in bl
    ``l2``: compute ``new = delta + step * dir * g / (||g|| + 1e-12)`` and ``||new||^2``, then write
    ``new`` scaled back onto the ball ``||new|| <= eps``.
 The fused kernel first reduces ``g_c`` from ``grad_out`` (the same segmented reduction as
-``perturb``'s backward) into a float32 scratch row, then runs the same update. NaN propagates as in
+``perturb``'s backward, one class per program) into a float32 (float64) scratch row, then runs the same update. NaN propagates as in
 the reference: a NaN gradient counts as non-zero, and no min/max drops it.
 Known limit: K programs in all, so few classes with large D use few of a GPU's cores.
 """
@@ -41,7 +41,7 @@ def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _signum(x):
-    """sign(x) that keeps NaN (like ``torch.sign``)."""
+    """sign(x), but NaN stays NaN (``torch.sign`` gives 0 there, which would hide a NaN gradient)."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
 
 

@@ -71,11 +71,11 @@ def test_pgd_step_odd_sizes_nan_and_strided_delta(target, norm):
     for k, d in sizes:
         delta, grad = torch.randn(d, k, device=device).t(), torch.randn(k, d, device=device)  # strided delta
         step, eps = torch.rand(k, device=device) + 0.1, torch.rand(k, device=device) + 0.1
-        ref = naive.pgd_step_(delta.double().clone(), grad.double(), step.double(), eps.double(), torch.ones(k, dtype=torch.float64), norm)
+        ref = naive.pgd_step_(delta.double().clone(), grad.double(), step.double(), eps.double(), torch.ones(k, dtype=torch.float64, device=device), norm)
         assert_close_to_reference(pgd_step_(delta, grad, step, eps, 1.0, norm, backend=backend), ref, what=f"pgd_step_ K={k} D={d}")
     delta, grad = torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)
     grad[1, 2] = float("nan")
-    ref = naive.pgd_step_(delta.double().clone(), grad.double(), *(torch.full((4,), 0.5, dtype=torch.float64),) * 3, norm)
+    ref = naive.pgd_step_(delta.double().clone(), grad.double(), *(torch.full((4,), 0.5, dtype=torch.float64, device=device),) * 3, norm)
     assert_close_to_reference(pgd_step_(delta, grad, 0.5, 0.5, 0.5, norm, backend=backend), ref, what="NaN gradient")
 
 
