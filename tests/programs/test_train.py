@@ -15,6 +15,7 @@ import pytest
 from lpa_kernels.lpa import METHODS
 from lpa_programs.data import long_tail_counts
 from lpa_programs.train import FIGURES, build_parser, main
+from tests.helpers import KERNEL_TARGETS
 from tests.programs.fake_cifar import write_cifar
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--quiet", "--width", "16"]
@@ -61,6 +62,18 @@ def test_single_pass_lpa_at_an_inner_layer_with_lpa_options(tmp_path):
     assert (config["direction"], config["radius"], config["backend"]) == ("frequency", "frequency", "reference")
     stats = report["runs"][0]["stats"]
     assert stats["lower_forwards"] == stats["training_steps"], "single pass: one lower forward per step"
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("steps", ["3", "0"], ids=["t-step", "single-pass"])
+def test_kernel_backend_trains_like_the_reference_backend(tmp_path, target, steps):
+    backend, device = target
+    common = ("--method", "lpa+lpl", "--seeds", "0", "--batch-size", "128", "--steps", steps, "--device", device)
+    fast = _run(tmp_path, *common, "--backend", backend)["runs"][0]
+    reference = _run(tmp_path, *common, "--backend", "reference")["runs"][0]
+    assert fast["config"]["backend"] == backend
+    # three training steps: the two backends may differ by rounding, which can flip a near-tied test sample
+    assert abs(fast["overall"] - reference["overall"]) <= 0.4, f"{backend}: {fast['overall']} vs {reference['overall']}"
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("erm", "lpa")])
