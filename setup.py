@@ -1,13 +1,69 @@
 """Packaging: the Python packages, and the CUDA C++ extension when nvcc is found (see csrc/README.md).
 
 ``python/`` installs as ``lpa_programs`` (training programs) and ``benchmarks/`` as ``lpa_bench``.
+
+``LPA_BUILD_CUDA=1`` builds the extension ``lpa_kernels._lpa_cuda`` or fails; ``LPA_BUILD_CUDA=0``
+skips it; unset, it is built when nvcc is found and a loud warning says so when it is not. The nvcc
+build itself (archs: ``LPA_CUDA_ARCH``; parallel jobs: ``LPA_BUILD_JOBS``) is
+``lpa_kernels/_cuda_build.py``, shared with the just-in-time build.
 """
 
-from setuptools import find_packages, setup
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
 
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
 packages = find_packages(include=["lpa_kernels", "lpa_kernels.*"]) + ["lpa_programs", "lpa_bench"]
+
+
+def _load_cuda_build():
+    """``lpa_kernels/_cuda_build.py`` by path: importing the package would need torch, absent here."""
+    spec = importlib.util.spec_from_file_location("_lpa_cuda_build", ROOT / "lpa_kernels" / "_cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _warn(message: str) -> None:
+    bar = "!" * 100
+    print(f"\n{bar}\nWARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+class BuildCudaExtension(build_ext):
+    """Compiles the extension with nvcc through ``_cuda_build`` instead of setuptools' compilers."""
+
+    def build_extension(self, ext):
+        cuda_build = _load_cuda_build()
+        output = Path(self.get_ext_fullpath(ext.name))
+        start = time.time()
+        cuda_build.build(output, Path(self.build_temp) / "lpa_cuda", ROOT / "csrc")
+        print(f"lpa_kernels: CUDA extension built in {time.time() - start:.0f} s: {output}", flush=True)
+
+
+def _cuda_extensions():
+    switch = os.environ.get("LPA_BUILD_CUDA", "").strip()
+    if switch == "0":
+        print("lpa_kernels: LPA_BUILD_CUDA=0, not building the CUDA extension", flush=True)
+        return []
+    cuda_build = _load_cuda_build()
+    if cuda_build.find_nvcc() is None:
+        if switch == "1":
+            raise RuntimeError("LPA_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        _warn("nvcc not found: installing lpa_kernels WITHOUT its CUDA C++ backend (backend='cuda' will be "
+              "unavailable). Install the CUDA toolkit and reinstall, or set LPA_BUILD_CUDA=1 to make this an error.")
+        return []
+    in_csrc = lambda names: [str(Path("csrc") / name) for name in names]  # noqa: E731
+    return [Extension("lpa_kernels._lpa_cuda", sources=in_csrc(cuda_build.SOURCES), depends=in_csrc(cuda_build.HEADERS))]
+
 
 setup(
     packages=packages,
     package_dir={"lpa_programs": "python", "lpa_bench": "benchmarks"},
+    ext_modules=_cuda_extensions(),
+    cmdclass={"build_ext": BuildCudaExtension},
 )

@@ -1,0 +1,106 @@
+"""A small run of every CUDA C++ kernel, checked against the reference, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  python benchmarks/sanitize_cuda.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_cuda.py
+    compute-sanitizer --tool initcheck python benchmarks/sanitize_cuda.py
+
+Sizes are odd (no multiple of any block or vector width) and small, so a sanitizer run takes seconds.
+Exits non-zero when a result differs from the float64 reference or the backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lpa_kernels import backend_info, class_grad, class_grad_pgd_step_, linear_perturb, perturb, pgd_step_
+from lpa_kernels.linear_perturb import naive as linear_naive
+from lpa_kernels.perturb import naive
+from lpa_kernels.pgd import naive as pgd_naive
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+failures: list[str] = []
+
+
+def check(what: str, actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    a, r = actual.detach().double().cpu(), reference.detach().double().cpu()
+    error = (a - r).abs().max().item() if a.numel() else 0.0
+    bound = TOLERANCE[dtype] * max(r.abs().max().item() if r.numel() else 0.0, 1.0)
+    status = "ok" if error <= bound else "MISMATCH"
+    print(f"{status:8s} {what:60s} max error {error:.2e} (bound {bound:.2e})")
+    if status != "ok":
+        failures.append(what)
+
+
+def per_class(values, k, device):
+    return [torch.full((k,), v, device=device, dtype=torch.float64) for v in values]
+
+
+def run(dtype: torch.dtype, device: str = "cuda") -> None:
+    name = str(dtype).removeprefix("torch.")
+    labels = torch.randint(0, 3, (5,), device=device)
+    h = torch.randn(5, 3, 3, 5, device=device).to(dtype)
+    grad_out = torch.randn_like(h)
+    for delta_shape in [(3, 3, 3, 5), (3, 3, 1, 1), (3, 5)]:
+        for mode in ("add", "scale"):
+            delta = (0.1 * torch.randn(delta_shape, device=device)).to(dtype).requires_grad_()
+            hh = h.clone().requires_grad_()
+            out = perturb(hh, labels, delta, mode, backend="cuda")
+            grad_h, grad_delta = torch.autograd.grad(out, (hh, delta), grad_out)
+            h64, d64 = h.double().requires_grad_(), delta.detach().double().requires_grad_()
+            ref = naive.perturb(h64, labels, d64, mode)
+            ref_h, ref_d = torch.autograd.grad(ref, (h64, d64), grad_out.double())
+            tag = f"perturb {name} {mode} delta{delta_shape}"
+            check(tag + " forward", out, ref, dtype)
+            check(tag + " grad_h", grad_h, ref_h, dtype)
+            check(tag + " grad_delta", grad_delta, ref_d, dtype)
+            cg = class_grad(grad_out, labels, 3, delta_shape, h=h, mode=mode, backend="cuda")
+            check(f"class_grad {name} {mode} delta{delta_shape}", cg,
+                  naive.class_grad(grad_out.double(), labels, 3, delta_shape, h=h.double(), mode=mode), dtype)
+            for norm in ("linf", "l2"):
+                d = (0.1 * torch.randn(delta_shape, device=device)).to(dtype)
+                ref_d = pgd_naive.class_grad_pgd_step_(d.double(), grad_out.double(), labels, *per_class((0.05, 0.3, 1.0), 3, device),
+                                                       norm, h=h.double(), mode=mode)
+                class_grad_pgd_step_(d, grad_out, labels, 0.05, 0.3, 1.0, norm, h=h, mode=mode, backend="cuda")
+                check(f"class_grad_pgd_step_ {name} {mode} {norm} delta{delta_shape}", d, ref_d, dtype)
+    for norm in ("linf", "l2"):
+        d, g = (0.1 * torch.randn(3, 7, device=device)).to(dtype), torch.randn(3, 7, device=device).to(dtype)
+        g[1] = 0  # an absent class keeps its delta
+        ref_d = pgd_naive.pgd_step_(d.double(), g.double(), *per_class((0.05, 0.3, -1.0), 3, device), norm)
+        pgd_step_(d, g, 0.05, 0.3, -1.0, norm, backend="cuda")
+        check(f"pgd_step_ {name} {norm}", d, ref_d, dtype)
+    for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
+        for mode in ("add", "scale"):
+            x = torch.randn(3, 5, 19, device=device).to(dtype).requires_grad_()
+            w = (torch.randn(21, 19, device=device) / 19**0.5).to(dtype).requires_grad_()
+            b = torch.randn(21, device=device).to(dtype).requires_grad_()
+            delta = (0.1 * torch.randn(3, 21, device=device)).to(dtype).requires_grad_()
+            lab = labels[:3]
+            out = linear_perturb(x, w, b, lab, delta, activation, mode, backend="cuda")
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (x, w, b, delta), g)
+            inputs = [t.detach().double().requires_grad_() for t in (x, w, b, delta)]
+            ref = linear_naive.linear_perturb(inputs[0], inputs[1], inputs[2], lab, inputs[3], activation, mode)
+            ref_grads = torch.autograd.grad(ref, inputs, g.double())
+            tag = f"linear_perturb {name} {activation} {mode}"
+            check(tag + " forward", out, ref, dtype)
+            for what, a, r in zip(("x", "weight", "bias", "delta"), grads, ref_grads):
+                check(f"{tag} grad_{what}", a, r, dtype)
+
+
+def main() -> int:
+    info = backend_info()["cuda"]
+    if not info["available"]:
+        print(f"the CUDA backend is not available: {info['reason']}")
+        return 2
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        run(dtype)
+    torch.cuda.synchronize()
+    print(f"{len(failures)} mismatches" + (": " + ", ".join(failures) if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+// Host launchers of the lpa_kernels CUDA kernels (defined in the .cu files, bound in bindings.cpp).
+//
+// Every tensor is a raw device pointer to a contiguous buffer; `dtype` codes are lpa::DType values
+// (0 float32, 1 float16, 2 bfloat16, 3 float64). "acc" buffers (partials, workspaces, per-class
+// step/eps/direction, linear bias and delta) hold the accumulation type: float64 when the data is
+// float64, else float32. Labels, sample orders and class offsets are int64. Each launcher throws
+// lpa::LaunchError naming the kernel when the launch fails.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+namespace lpa {
+
+// A failed launch: the bindings raise it as RuntimeError("<kernel>: <CUDA error string>"). Bad
+// arguments throw std::invalid_argument (ValueError in Python).
+struct LaunchError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// out[b, f] = h[b, f] + delta[y_b, (f / inner) % D]   (mode 0, add)
+//           = h[b, f] * (1 + delta[y_b, ...])           (mode 1, scale)
+// delta has dtype `delta_dtype`: the data's dtype or its acc type.
+void perturb_forward(void* out, const void* h, const int64_t* labels, const void* delta, int64_t B, int64_t F,
+                     int64_t D, int64_t inner, int mode, int dtype, int delta_dtype, cudaStream_t stream);
+
+// grad_h (optional) and the per-class partial sums part[(split, c, k)] (acc type) in one pass over
+// grad_out. `order`/`offsets` (K + 1) sort the samples by class; `splits` samples shares per class.
+// h is read in scale mode (grad_delta = sum grad_out * h); delta only when grad_h is wanted in scale mode.
+void perturb_backward(void* grad_h, const void* grad_out, const void* h, const int64_t* order,
+                      const int64_t* offsets, const void* delta, int64_t K, int64_t F, int64_t D, int64_t inner,
+                      int mode, int dtype, int delta_dtype, int64_t splits, void* part, cudaStream_t stream);
+
+// out[j] = sum_i part[i * n_inner + j] (part in acc type of part_dtype), rounded to out_dtype.
+void sum_partials(const void* part, int part_dtype, int64_t n_outer, int64_t n_inner, void* out, int out_dtype,
+                  cudaStream_t stream);
+
+// pgd_step on delta (K, D) in place from grad (K, D) of dtype delta's or its acc type.
+void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
+              int64_t D, int norm, int dtype, int grad_dtype, cudaStream_t stream);
+
+// The class reduction of grad_out (and h for scale) and pgd_step, one block per class, one launch.
+// `workspace` (K, D) acc holds the class gradient between the two phases.
+void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
+                         const int64_t* offsets, const void* step, const void* eps, const void* direction, int64_t K,
+                         int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
+                         void* workspace, cudaStream_t stream);
+
+// Tensor-core GEMM x (M, Kin) @ weight (N, Kin)^T with the bias/activation/perturb epilogue
+// (float16/bfloat16 only). Row m uses labels[m / rows_per_label]; preact (M, N) may be null.
+void linear_forward(void* out, void* preact, const void* x, const void* weight, const void* bias,
+                    const int64_t* labels, const void* delta, int64_t M, int64_t N, int64_t Kin,
+                    int64_t rows_per_label, int activation, int mode, int dtype, cudaStream_t stream);
+
+// The same epilogue applied to a precomputed z = x @ weight^T (M, N) (every dtype).
+void linear_epilogue(void* out, void* preact, const void* z, const void* bias, const int64_t* labels,
+                     const void* delta, int64_t M, int64_t N, int64_t rows_per_label, int activation, int mode,
+                     int dtype, cudaStream_t stream);
+
+// grad_preact (M, N) and the per-class partial sums of grad_delta and grad_bias (acc, (splits, K, N)
+// each) in one pass; samples b own rows b * rows_per_label .. + rows_per_label - 1.
+void linear_backward_epilogue(void* grad_preact, const void* grad_out, const void* preact, const int64_t* order,
+                              const int64_t* offsets, const void* delta, int64_t K, int64_t B,
+                              int64_t rows_per_label, int64_t N, int activation, int mode, int dtype,
+                              int64_t splits, void* part_delta, void* part_bias, cudaStream_t stream);
+
+}  // namespace lpa

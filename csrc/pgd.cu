@@ -1,0 +1,139 @@
+// pgd_step and the fused class_grad + pgd_step: one block per class.
+#include "class_reduce.cuh"
+#include "kernels.h"
+
+namespace lpa {
+
+// One PGD step on delta_row (D entries of class c) from its gradient grad_row, by the whole block.
+// linf: clamp(delta + step * dir * sign(g), -eps, eps); l2: delta + step * dir * g / (||g|| + 1e-12),
+// scaled back onto ||delta|| <= eps. A row whose gradient is zero everywhere is left untouched; NaN
+// is not zero and propagates (nan_min/nan_max, and NaN norms make every entry NaN), as in the reference.
+template <typename T, typename G, typename A>
+__device__ void pgd_update_row(T* delta_row, const G* grad_row, int64_t D, A step, A eps, A direction, int norm,
+                               A* scratch) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  A squares = 0;
+  int nonzero = 0;
+  for (int64_t j = t; j < D; j += nt) {
+    const A g = load_as_acc(grad_row[j]);
+    squares += g * g;
+    nonzero |= (g != A(0));
+  }
+  if (!__syncthreads_or(nonzero)) return;  // uniform across the block
+  if (norm == kLinf) {
+    for (int64_t j = t; j < D; j += nt) {
+      const A moved = A(load_as_acc(delta_row[j])) + step * direction * sign_of(A(load_as_acc(grad_row[j])));
+      delta_row[j] = store_from<T>(nan_max(nan_min(moved, eps), -eps));
+    }
+    return;
+  }
+  const A denom = sqrt(block_sum(squares, scratch)) + A(1e-12);
+  A moved_squares = 0;
+  for (int64_t j = t; j < D; j += nt) {
+    const A moved = A(load_as_acc(delta_row[j])) + step * direction * (A(load_as_acc(grad_row[j])) / denom);
+    moved_squares += moved * moved;
+  }
+  const A length = sqrt(block_sum(moved_squares, scratch));
+  const bool outside = length > eps;
+  for (int64_t j = t; j < D; j += nt) {
+    const A moved = A(load_as_acc(delta_row[j])) + step * direction * (A(load_as_acc(grad_row[j])) / denom);
+    delta_row[j] = store_from<T>(outside ? moved * (eps / length) : moved);
+  }
+}
+
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_step_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                int64_t D, int norm) {
+  __shared__ acc_t<T> scratch[kReduceThreads];
+  const int64_t c = blockIdx.x;
+  pgd_update_row(delta + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
+}
+
+// Class sum of grad_out (times h for scale) for the fused kernel: no grad_h is written.
+template <typename T>
+struct ClassGradTerm {
+  using A = acc_t<T>;
+  const T* grad_out;
+  const T* h;
+  int mode;
+
+  __device__ A class_state(int64_t, int64_t) const { return A(0); }
+  __device__ void element(int64_t idx, A, A& sum, A&) const {
+    const A g = load_as_acc(grad_out[idx]);
+    sum += mode == kAdd ? g : g * load_as_acc(h[idx]);
+  }
+};
+
+// Block c: class c's gradient, group tile by group tile, into workspace row c (fp32/fp64, never
+// rounded), then the PGD update of delta row c from it. Blocks never share data, so one launch does both.
+template <typename T, typename TD>
+__global__ void __launch_bounds__(kReduceThreads)
+class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* order, const int64_t* offsets,
+                           const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction, GroupShape s,
+                           int norm, acc_t<T>* workspace) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kReduceThreads];
+  const int64_t c = blockIdx.x;
+  A* grad_row = workspace + c * s.D;
+  for (int64_t k0 = 0; k0 < s.D; k0 += blockDim.x) {
+    const int64_t k = k0 + threadIdx.x;
+    A sum = 0, unused = 0;
+    if (k < s.D) group_partial_sums(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
+    sum = reduce_over_y(sum, scratch);
+    if (threadIdx.y == 0 && k < s.D) grad_row[k] = sum;
+  }
+  __syncthreads();  // the row written above is read by other threads of this block below
+  pgd_update_row(delta + c * s.D, grad_row, s.D, step[c], eps[c], direction[c], norm, scratch);
+}
+
+void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
+              int64_t D, int norm, int dtype, int grad_dtype, cudaStream_t stream) {
+  if (K > 2147483647LL) throw std::invalid_argument("pgd_step: too many classes");
+  LPA_DISPATCH(dtype, "pgd_step", {
+    using A = acc_t<scalar_t>;
+    auto d = static_cast<scalar_t*>(delta);
+    auto st = static_cast<const A*>(step);
+    auto ep = static_cast<const A*>(eps);
+    auto dir = static_cast<const A*>(direction);
+    if (grad_dtype == dtype) {
+      pgd_step_kernel<scalar_t, scalar_t><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const scalar_t*>(grad), st, ep, dir, D, norm);
+    } else {
+      pgd_step_kernel<scalar_t, A><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const A*>(grad), st, ep, dir, D, norm);
+    }
+  })
+  check_launch("pgd_step_kernel");
+}
+
+template <typename T, typename TD>
+void launch_class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
+                                const int64_t* offsets, const void* step, const void* eps, const void* direction,
+                                int64_t K, const GroupShape& s, int mode, int norm, void* workspace,
+                                cudaStream_t stream) {
+  using A = acc_t<T>;
+  const ClassGradTerm<T> term{static_cast<const T*>(grad_out), static_cast<const T*>(h), mode};
+  class_grad_pgd_step_kernel<T, TD><<<K, reduce_block(s), 0, stream>>>(
+      static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
+      static_cast<const A*>(direction), s, norm, static_cast<A*>(workspace));
+}
+
+void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
+                         const int64_t* offsets, const void* step, const void* eps, const void* direction, int64_t K,
+                         int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
+                         void* workspace, cudaStream_t stream) {
+  const GroupShape s{F, D, inner, F / (D * inner)};
+  // The per-class step/eps/direction and the workspace are in the gradient's acc type; delta may be
+  // any dtype whose acc type matches it (float32 delta with half gradients, or the gradient's own).
+  LPA_DISPATCH(dtype, "class_grad_pgd_step", {
+    if (delta_dtype == dtype) {
+      launch_class_grad_pgd_step<scalar_t, scalar_t>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, workspace, stream);
+    } else if (delta_dtype == (std::is_same_v<acc_t<scalar_t>, double> ? kFloat64 : kFloat32)) {
+      launch_class_grad_pgd_step<scalar_t, acc_t<scalar_t>>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, workspace, stream);
+    } else {
+      throw std::invalid_argument("class_grad_pgd_step: delta must have grad_out's dtype or its accumulation dtype");
+    }
+  })
+  check_launch("class_grad_pgd_step_kernel");
+}
+
+}  // namespace lpa

@@ -1,0 +1,138 @@
+"""Builds the CUDA C++ extension ``_lpa_cuda`` from ``csrc/`` with nvcc (no torch, no setuptools).
+
+Used by ``setup.py`` at install time and by ``_cuda_ext`` for the just-in-time build, so it imports
+only the standard library (and pybind11 for its headers): it runs in pip's isolated build
+environment, where torch is not installed.
+
+Switches (environment):
+- ``LPA_CUDA_ARCH``: compute capabilities to compile for, e.g. ``"90"``, ``"80;90"`` or ``"90a"``.
+  Default: SASS for sm_80 and sm_90 plus sm_90 PTX (which the driver JIT-compiles for newer GPUs).
+- ``LPA_BUILD_JOBS``: parallel nvcc processes (default: CPUs, capped by memory at ~1.5 GB a job).
+- ``CUDA_HOME`` / ``CUDA_PATH``: where to look for ``bin/nvcc`` before ``PATH``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+SOURCES = ("perturb.cu", "pgd.cu", "linear_perturb.cu", "bindings.cpp")
+HEADERS = ("common.cuh", "class_reduce.cuh", "kernels.h")
+DEFAULT_ARCHS = ("80", "90")
+MEMORY_PER_JOB = 1.5 * 2**30
+
+
+def find_nvcc() -> str | None:
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def csrc_dir() -> Path | None:
+    """``csrc/`` of a source checkout or editable install (a wheel does not ship it)."""
+    candidate = Path(__file__).resolve().parent.parent / "csrc"
+    return candidate if (candidate / SOURCES[0]).is_file() else None
+
+
+def _supported_archs(nvcc: str) -> set[str]:
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=False).stdout
+    return {line.strip().removeprefix("compute_") for line in out.split() if line.startswith("compute_")}
+
+
+def gencode_flags(nvcc: str) -> list[str]:
+    requested = os.environ.get("LPA_CUDA_ARCH", "").replace(",", ";").split(";")
+    requested = [a.strip().removeprefix("sm_").replace(".", "") for a in requested if a.strip()]
+    archs = requested or list(DEFAULT_ARCHS)
+    supported = _supported_archs(nvcc)
+    usable = [a for a in archs if not supported or a.rstrip("af") in supported]
+    if not usable:
+        raise RuntimeError(f"nvcc at {nvcc} supports none of the requested archs {archs} (it has {sorted(supported)})")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in usable]
+    ptx = max((a for a in usable if a.isdigit()), key=int, default=None)
+    if ptx:  # PTX of the newest plain arch, so newer GPUs can still run the module
+        flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
+    return flags
+
+
+def parallel_jobs() -> int:
+    if os.environ.get("LPA_BUILD_JOBS"):
+        return max(1, int(os.environ["LPA_BUILD_JOBS"]))
+    jobs = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        jobs = min(jobs, max(1, int(available // MEMORY_PER_JOB)))
+    except (OSError, KeyError, ValueError):
+        pass
+    return max(1, min(jobs, len(SOURCES)))
+
+
+def _include_flags() -> list[str]:
+    import pybind11
+
+    return [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+
+
+def compile_commands(nvcc: str, sources: Path, build_dir: Path, output: Path) -> tuple[list[list[str]], list[str]]:
+    """(one nvcc command per source, the link command)."""
+    common = [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler=-fPIC,-fvisibility=hidden", f"-I{sources}"]
+    compile_cmds, objects = [], []
+    for name in SOURCES:
+        obj = build_dir / (name + ".o")
+        extra = gencode_flags(nvcc) if name.endswith(".cu") else _include_flags()
+        compile_cmds.append(common + extra + ["-c", str(sources / name), "-o", str(obj)])
+        objects.append(str(obj))
+    link = [nvcc, "-shared", "-cudart=static", "-o", str(output)] + objects
+    return compile_cmds, link
+
+
+def build_key(nvcc: str, sources: Path) -> str:
+    """Hash of the sources, the compiler and the switches: a JIT cache entry is reused only when equal."""
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + (sources / name).read_bytes())
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    digest.update(version.encode() + " ".join(gencode_flags(nvcc)).encode() + sys.version.encode())
+    return digest.hexdigest()[:16]
+
+
+def build(output: Path, build_dir: Path, sources: Path | None = None, log=print) -> Path:
+    """Compiles ``csrc/`` into the extension module ``output`` (objects in ``build_dir``)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    sources = sources or csrc_dir()
+    if sources is None:
+        raise RuntimeError("the CUDA sources (csrc/) are not available; build from a source checkout")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compile_cmds, link = compile_commands(nvcc, Path(sources), Path(build_dir), Path(output))
+    jobs = parallel_jobs()
+    log(f"lpa_kernels: compiling the CUDA extension with {nvcc} ({jobs} parallel jobs): {' '.join(gencode_flags(nvcc))}")
+
+    def run(cmd: list[str]) -> None:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"command failed: {' '.join(cmd)}\n{result.stdout}{result.stderr}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run, cmd) for cmd in compile_cmds]:
+            future.result()
+    run(link)
+    return output
+
+
+def extension_filename(name: str = "_lpa_cuda") -> str:
+    return name + sysconfig.get_config_var("EXT_SUFFIX")

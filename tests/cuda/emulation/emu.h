@@ -1,0 +1,72 @@
+// Host emulation of the CUDA features the lpa_kernels kernels use, so their code can be compiled by
+// g++ and checked on a machine without a GPU (tests/cuda/test_emulated_kernels.py). Force-included
+// before each source; `kernel<<<grid, block, smem, stream>>>(args)` is rewritten by build.py into
+// `lpa_emu::launch(grid, block, [&] { kernel(args); })`.
+//
+// Every block runs after the previous one; its threads are real std::threads, so __syncthreads is a
+// real barrier and __shared__ (made `static`) is one buffer shared by the block's threads. wmma is
+// emulated in mma.h next to this file.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <barrier>
+#include <functional>
+#include <math.h>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __launch_bounds__(...)
+#define __shared__ static
+#define cudaGetLastError() cudaSuccess
+
+namespace lpa_emu {
+
+inline thread_local uint3 thread_index, block_index;
+inline dim3 block_dim, grid_dim;
+inline std::unique_ptr<std::barrier<>> block_barrier;
+inline std::atomic<int> vote{0};
+
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  block_dim = block;
+  grid_dim = grid;
+  const unsigned threads = block.x * block.y * block.z;
+  block_barrier = std::make_unique<std::barrier<>>(threads);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t, bx, by, bz] {
+            block_index = {bx, by, bz};
+            thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            body();
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+}
+
+inline void syncthreads() { block_barrier->arrive_and_wait(); }
+
+inline int syncthreads_or(int predicate) {
+  syncthreads();
+  if (predicate) vote.fetch_or(1);
+  syncthreads();
+  const int result = vote.load();
+  syncthreads();
+  if (thread_index.x == 0 && thread_index.y == 0 && thread_index.z == 0) vote.store(0);
+  syncthreads();
+  return result;
+}
+
+}  // namespace lpa_emu
+
+#define threadIdx (::lpa_emu::thread_index)
+#define blockIdx (::lpa_emu::block_index)
+#define blockDim (::lpa_emu::block_dim)
+#define gridDim (::lpa_emu::grid_dim)
+#define __syncthreads() ::lpa_emu::syncthreads()
+#define __syncthreads_or(p) ::lpa_emu::syncthreads_or(p)

@@ -1,0 +1,189 @@
+"""The CUDA kernels' own code, run on the CPU: ``csrc/`` compiled by g++ against a host emulation of
+CUDA (``emulation/``: blocks one after another, each thread a real thread, __syncthreads a real
+barrier, wmma as plain loops) and driven through the real launchers of ``lpa_kernels.cuda_kernels``
+on CPU tensors. This checks the indexing, the vector/scalar paths, the class reductions (split
+across blocks: the emulated GPU has 3 SMs) and the epilogues against the float64 reference on a
+machine without a GPU. It cannot check what only hardware shows (tensor-core numerics, timing,
+memory-model races): ``pytest -m gpu`` and benchmarks/sanitize_cuda.py do that on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from lpa_kernels import _cuda_build, cuda_kernels
+from lpa_kernels._common import delta_layout
+from lpa_kernels.linear_perturb import naive as linear_naive
+from lpa_kernels.perturb import naive
+from lpa_kernels.pgd import naive as pgd_naive
+from tests.helpers import DTYPES, assert_close_to_reference, make_labels
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None or _cuda_build.find_nvcc() is None,
+                                reason="needs g++ and the CUDA toolkit headers")
+# Features (3, 8, 9) per sample; per class, a group has more elements than a block has threads, so
+# every thread strides through several (sample, run, offset) positions.
+FEATURES = (3, 8, 9)
+LAYOUTS = {"full": (3, *FEATURES), "channel": (3, 3, 1, 1), "last_dim": (3, 9)}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from tests.cuda.emulation import build
+
+    path = build.build(tmp_path_factory.mktemp("lpa_cuda_emulated"))
+    spec = importlib.util.spec_from_file_location("_lpa_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def launchers(emulated, monkeypatch):
+    """``cuda_kernels`` calling the emulated module on CPU tensors (stream 0, a 3-SM device)."""
+    monkeypatch.setattr(cuda_kernels, "_launch", lambda name, device, *args: getattr(emulated, name)(*args, 0))
+    monkeypatch.setattr(cuda_kernels, "_multiprocessors", lambda device: 3)
+    return cuda_kernels
+
+
+def _flat(t):
+    return t.reshape(t.shape[0], -1)
+
+
+def _misaligned(shape, dtype):
+    numel = torch.Size(shape).numel()
+    return torch.randn(numel + 8).to(dtype)[1:numel + 1].view(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_perturb_forward(launchers, dtype, layout, mode, aligned):
+    shape = (7, *FEATURES)
+    h = torch.randn(shape).to(dtype) if aligned else _misaligned(shape, dtype)
+    labels = make_labels(7, 3)
+    delta = torch.randn(LAYOUTS[layout]).to(dtype)
+    D, inner = delta_layout(shape[1:], delta.shape)
+    out = launchers.perturb_forward(_flat(h), labels, _flat(delta), inner, mode).view(shape)
+    ref = naive.perturb(h.double(), labels, delta.double(), mode)
+    assert_close_to_reference(out, ref, naive.perturb(h, labels, delta, mode), what=f"perturb forward {layout}")
+
+
+def test_perturb_forward_vector_tail_and_float32_delta_with_half_h(launchers):
+    h = torch.randn(5, 13).half()  # 65 elements: 8 vectors of 8 and a tail of 1
+    labels, delta = make_labels(5, 2), torch.randn(2, 13)
+    out = launchers.perturb_forward(h, labels, delta, 1, "scale")
+    assert_close_to_reference(out, naive.perturb(h.double(), labels, delta.double(), "scale"), what="tail")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("need_grad_h", [True, False])
+def test_perturb_backward(launchers, dtype, layout, mode, need_grad_h):
+    shape, batch = FEATURES, 40
+    h = torch.randn(batch, *shape).to(dtype)
+    grad_out = torch.randn(batch, *shape).to(dtype)
+    labels = make_labels(batch, 3)
+    labels[0] = 2  # class 1 may be absent; class 2 is present
+    delta = (0.5 * torch.randn(LAYOUTS[layout])).to(dtype)
+    D, inner = delta_layout(shape, delta.shape)
+    grad_h, grad_delta = launchers.perturb_backward(
+        _flat(grad_out), _flat(h), labels, _flat(delta), 3, D, inner, mode, need_grad_h, True, dtype)
+    h64, d64 = h.double().requires_grad_(), delta.double().requires_grad_()
+    ref_h, ref_d = torch.autograd.grad(naive.perturb(h64, labels, d64, mode), (h64, d64), grad_out.double())
+    lowp = naive.class_grad(grad_out, labels, 3, delta.shape, h=h, mode=mode, out_dtype=dtype)
+    assert_close_to_reference(grad_delta.view(delta.shape), ref_d, lowp, what=f"grad_delta {layout}")
+    if need_grad_h:
+        lowp_h = (grad_out.float() * (1 + naive.perturb(torch.zeros_like(h), labels, delta, "add").float())).to(dtype) \
+            if mode == "scale" else grad_out
+        assert_close_to_reference(grad_h.view(h.shape), ref_h, lowp_h, what="grad_h")
+    else:
+        assert grad_h is None
+
+
+def test_perturb_backward_many_samples_split_across_blocks_is_reproducible(launchers):
+    grad_out, labels = torch.randn(300, 6), torch.zeros(300, dtype=torch.int64)
+    assert launchers.reduce_splits(torch.device("cpu"), 1, 6, 1, 300) > 1, "the emulated device must split here"
+    runs = [launchers.perturb_backward(grad_out, None, labels, None, 1, 6, 1, "add", False, True, torch.float16)[1]
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]), "two identical class reductions differ"
+    assert_close_to_reference(runs[0], grad_out.double().sum(0, keepdim=True), what="single-class grad_delta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("grad_dtype", ["same", "float32"])
+def test_pgd_step(launchers, dtype, norm, grad_dtype):
+    K, D = 4, 301
+    delta = (0.3 * torch.randn(K, D)).to(dtype)
+    grad = torch.randn(K, D).to(dtype if grad_dtype == "same" else torch.float32)
+    grad[1] = 0  # absent class: keeps its delta
+    grad[2, 5] = float("nan")  # NaN propagates
+    step, eps, direction = torch.rand(K) * 0.2, torch.rand(K) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0])
+    ref = pgd_naive.pgd_step_(delta.double(), grad.double(), step.double(), eps.double(), direction.double(), norm)
+    launchers.pgd_step(delta, grad, step, eps, direction, norm)
+    assert_close_to_reference(delta, ref, what=f"delta after pgd_step ({norm})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_class_grad_pgd_step(launchers, dtype, layout, mode, norm):
+    shape, batch = FEATURES, 41
+    grad_out, h = torch.randn(batch, *shape).to(dtype), torch.randn(batch, *shape).to(dtype)
+    labels = make_labels(batch, 2)  # class 2 absent
+    delta = (0.2 * torch.randn(LAYOUTS[layout])).to(dtype)
+    D, inner = delta_layout(shape, delta.shape)
+    step, eps, direction = torch.tensor([0.05, 0.1, 0.2]), torch.tensor([0.3, 0.2, 0.4]), torch.tensor([1.0, -1.0, 1.0])
+    ref = pgd_naive.class_grad_pgd_step_(delta.double(), grad_out.double(), labels, step.double(), eps.double(),
+                                         direction.double(), norm, h=h.double(), mode=mode)
+    launchers.class_grad_pgd_step(_flat(delta), _flat(grad_out), labels, _flat(h), step, eps, direction, inner, mode, norm)
+    assert_close_to_reference(delta, ref, what=f"delta after class_grad_pgd_step ({layout}, {mode}, {norm})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_features", [32, 13], ids=["vector-loads", "scalar-loads"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_linear_perturb_forward_and_backward_epilogue(launchers, dtype, in_features, activation, mode):
+    """M = 2 * 35 rows and N = 67 columns: partial 64 x 64 tiles in both directions."""
+    B, T, N, K = 2, 35, 67, 3
+    x = torch.randn(B * T, in_features).to(dtype)
+    weight = (torch.randn(N, in_features) / in_features**0.5).to(dtype)
+    bias, delta = torch.randn(N).to(dtype), (0.3 * torch.randn(K, N)).to(dtype)
+    labels = make_labels(B, K)
+    out, preact = launchers.linear_perturb_forward(x, weight, bias, labels, T, delta, activation, mode, True)
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias, delta)]
+    ref = linear_naive.linear_perturb(inputs[0].view(B, T, -1), inputs[1], inputs[2], labels, inputs[3], activation, mode)
+    lowp = linear_naive.linear_perturb(x.view(B, T, -1), weight, bias, labels, delta, activation, mode)
+    assert_close_to_reference(out.view(B, T, N), ref, lowp, what="linear_perturb forward")
+    z = inputs[0].detach() @ inputs[1].detach().T + inputs[2].detach()
+    assert_close_to_reference(preact, z, (x.float() @ weight.float().T + bias.float()).to(dtype), what="preact")
+
+    grad_out = torch.randn(B * T, N).to(dtype)
+    grad_preact, grad_bias, grad_delta = launchers.linear_perturb_backward_epilogue(
+        grad_out, preact, labels, T, delta, activation, mode)
+    z64 = preact.double().requires_grad_()  # the saved pre-activation is what the backward reads
+    d64 = delta.double().requires_grad_()
+    a = linear_naive.ACTIVATION_FNS[activation](z64).view(B, T, N)
+    refs = torch.autograd.grad(naive.perturb(a, labels, d64, mode), (z64, d64), grad_out.double().view(B, T, N))
+    assert_close_to_reference(grad_preact, refs[0], what="grad_preact")
+    assert_close_to_reference(grad_bias, refs[0].sum(0), what="grad_bias")
+    assert_close_to_reference(grad_delta, refs[1], what="grad_delta")
+
+
+def test_linear_backward_epilogue_without_preact(launchers):
+    """activation "none" in add mode never reads the pre-activation (the forward may not save it)."""
+    grad_out, labels, delta = torch.randn(6, 9), torch.tensor([1, 0, 1]), torch.randn(2, 9)
+    grad_preact, grad_bias, grad_delta = launchers.linear_perturb_backward_epilogue(
+        grad_out, torch.empty(0), labels, 2, delta, "none", "add")
+    assert torch.equal(grad_preact, grad_out), "grad_preact must equal grad_out for activation none, add mode"
+    assert_close_to_reference(grad_bias, grad_out.double().sum(0), what="grad_bias")
+    expected = torch.stack([grad_out[2:4].double().sum(0), grad_out[[0, 1, 4, 5]].double().sum(0)])
+    assert_close_to_reference(grad_delta, expected, what="grad_delta")

@@ -1,0 +1,82 @@
+"""The CUDA C++ extension as CI sees it (no GPU): built whenever nvcc is present, importable without a
+driver, and refused with a clear reason when there is no GPU to run it."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+
+import pytest
+import torch
+
+import lpa_kernels
+from lpa_kernels import _cuda_build, _cuda_ext, backend_info, cuda_kernels
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and _cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
+def test_extension_is_built_when_nvcc_is_present():
+    """With nvcc, `pip install` must have compiled csrc/: a source that stops compiling fails here."""
+    assert _cuda_ext.is_built(), f"lpa_kernels._lpa_cuda is missing although nvcc exists: {_cuda_ext.unavailable_reason()}"
+    assert backend_info()["cuda_extension_built"] is True
+
+
+@pytest.mark.skipif(not _cuda_ext.is_built(), reason="extension not built")
+def test_extension_imports_and_reports_its_runtime_without_a_driver():
+    module = importlib.import_module("lpa_kernels._lpa_cuda")
+    info = module.runtime_info()
+    assert info["runtime_version"] >= 11000, f"unexpected CUDA runtime version {info}"
+    for name in ("perturb_forward", "perturb_backward", "sum_partials", "pgd_step", "class_grad_pgd_step",
+                 "linear_forward", "linear_epilogue", "linear_backward_epilogue"):
+        assert callable(getattr(module, name, None)), f"the extension does not export {name}"
+    if not torch.cuda.is_available():
+        assert info["device_count"] == 0 and info["error"], f"no GPU here, yet the runtime reports {info}"
+
+
+@NO_GPU
+def test_backend_info_says_why_cuda_is_unavailable():
+    cuda = backend_info()["cuda"]
+    assert cuda["available"] is False
+    expected = "no CUDA GPU" if _cuda_ext.is_built() else "not built"
+    assert expected in cuda["reason"], f"reason {cuda['reason']!r} does not say {expected!r}"
+
+
+@NO_GPU
+@pytest.mark.parametrize("op", ["perturb", "class_grad", "pgd_step_", "class_grad_pgd_step_", "linear_perturb"])
+def test_cuda_backend_on_cpu_tensors_raises_a_clear_value_error(op):
+    h, labels, delta = torch.randn(3, 4), torch.tensor([0, 1, 0]), torch.randn(2, 4)
+    calls = {
+        "perturb": lambda: lpa_kernels.perturb(h, labels, delta, backend="cuda"),
+        "class_grad": lambda: lpa_kernels.class_grad(h, labels, 2, delta.shape, backend="cuda"),
+        "pgd_step_": lambda: lpa_kernels.pgd_step_(delta, torch.randn(2, 4), 0.1, 1.0, backend="cuda"),
+        "class_grad_pgd_step_": lambda: lpa_kernels.class_grad_pgd_step_(delta, h, labels, 0.1, 1.0, backend="cuda"),
+        "linear_perturb": lambda: lpa_kernels.linear_perturb(h, torch.randn(4, 4), None, labels, delta, backend="cuda"),
+    }
+    with pytest.raises(ValueError, match="backend='cuda' is not available"):
+        calls[op]()
+
+
+def test_launchers_refuse_cpu_tensors():
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        cuda_kernels.perturb_forward(torch.randn(3, 4), torch.tensor([0, 1, 0]), torch.randn(2, 4), 1, "add")
+
+
+@pytest.mark.skipif(_cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize(("arch", "expected"), [
+    ("", ["code=sm_80", "code=sm_90", "code=compute_90"]),
+    ("90", ["arch=compute_90,code=sm_90", "code=compute_90"]),
+    ("sm_80;90a", ["code=sm_80", "arch=compute_90a,code=sm_90a", "arch=compute_80,code=compute_80"]),
+])
+def test_cuda_arch_switch_selects_the_gencode_flags(monkeypatch, arch, expected):
+    monkeypatch.setenv("LPA_CUDA_ARCH", arch)
+    flags = " ".join(_cuda_build.gencode_flags(_cuda_build.find_nvcc()))
+    for piece in expected:
+        assert piece in flags, f"LPA_CUDA_ARCH={arch!r} gave {flags!r}, missing {piece!r}"
+
+
+def test_build_jobs_are_capped(monkeypatch):
+    monkeypatch.delenv("LPA_BUILD_JOBS", raising=False)
+    assert 1 <= _cuda_build.parallel_jobs() <= len(_cuda_build.SOURCES)
+    monkeypatch.setenv("LPA_BUILD_JOBS", "1")
+    assert _cuda_build.parallel_jobs() == 1
