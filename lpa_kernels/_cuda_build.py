@@ -6,7 +6,8 @@ environment, where torch is not installed.
 
 Switches (environment):
 - ``LPA_CUDA_ARCH``: compute capabilities to compile for, e.g. ``"90"``, ``"80;90"`` or ``"90a"``.
-  Default: SASS for sm_80 and sm_90 plus sm_90 PTX (which the driver JIT-compiles for newer GPUs).
+  Default: SASS for sm_80, sm_90 and sm_90a plus sm_90 PTX (which the driver JIT-compiles for newer
+  GPUs); archs this nvcc does not know are left out.
 - ``LPA_BUILD_JOBS``: parallel nvcc processes (default: CPUs, capped by memory at ~1.5 GB a job).
 - ``CUDA_HOME`` / ``CUDA_PATH``: where to look for ``bin/nvcc`` before ``PATH``.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 SOURCES = ("perturb.cu", "pgd.cu", "linear_perturb.cu", "bindings.cpp")
 HEADERS = ("common.cuh", "class_reduce.cuh", "kernels.h")
-DEFAULT_ARCHS = ("80", "90")
+DEFAULT_ARCHS = ("80", "90", "90a")
 MEMORY_PER_JOB = 1.5 * 2**30
 
 

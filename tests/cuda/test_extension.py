@@ -64,7 +64,7 @@ def test_launchers_refuse_cpu_tensors():
 
 @pytest.mark.skipif(_cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
 @pytest.mark.parametrize(("arch", "expected"), [
-    ("", ["code=sm_80", "code=sm_90", "code=compute_90"]),
+    ("", ["code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90a,code=sm_90a", "code=compute_90"]),
     ("90", ["arch=compute_90,code=sm_90", "code=compute_90"]),
     ("sm_80;90a", ["code=sm_80", "arch=compute_90a,code=sm_90a", "arch=compute_80,code=compute_80"]),
 ])
