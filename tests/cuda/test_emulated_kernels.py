@@ -187,3 +187,46 @@ def test_linear_backward_epilogue_without_preact(launchers):
     assert_close_to_reference(grad_bias, grad_out.double().sum(0), what="grad_bias")
     expected = torch.stack([grad_out[2:4].double().sum(0), grad_out[[0, 1, 4, 5]].double().sum(0)])
     assert_close_to_reference(grad_delta, expected, what="grad_delta")
+
+
+@pytest.fixture()
+def cuda_backend_on_cpu(launchers, monkeypatch):
+    """The public ops with backend="cuda" accepting CPU tensors (they then run the emulated kernels)."""
+    from lpa_kernels import backend
+
+    monkeypatch.setattr(backend, "_cuda_reason", lambda device: "")
+
+
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_public_ops_through_the_custom_ops(cuda_backend_on_cpu, mode):
+    """The op wiring (custom ops, autograd, layouts) calls the CUDA launchers with the right arguments."""
+    import lpa_kernels
+
+    h = torch.randn(6, 3, 4, 5, requires_grad=True)
+    labels = make_labels(6, 3, dtype=torch.int32)
+    delta = (0.2 * torch.randn(3, 3, 1, 1)).requires_grad_()
+    out = lpa_kernels.perturb(h, labels, delta, mode, backend="cuda")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (h, delta), grad_out)
+    h64, d64 = h.detach().double().requires_grad_(), delta.detach().double().requires_grad_()
+    ref = naive.perturb(h64, labels, d64, mode)
+    assert_close_to_reference(out, ref, what="perturb")
+    for name, g, r in zip(("h", "delta"), grads, torch.autograd.grad(ref, (h64, d64), grad_out.double())):
+        assert_close_to_reference(g, r, what=f"perturb grad_{name}")
+
+    x = torch.randn(3, 2, 10, requires_grad=True)
+    weight, bias = torch.randn(7, 10, requires_grad=True), torch.randn(7, requires_grad=True)
+    ldelta = (0.2 * torch.randn(3, 7)).requires_grad_()
+    lout = lpa_kernels.linear_perturb(x, weight, bias, labels[:3], ldelta, "gelu", mode, backend="cuda")
+    lgrads = torch.autograd.grad(lout.square().sum(), (x, weight, bias, ldelta))
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias, ldelta)]
+    lref = linear_naive.linear_perturb(inputs[0], inputs[1], inputs[2], labels[:3], inputs[3], "gelu", mode)
+    assert_close_to_reference(lout, lref, what="linear_perturb")
+    for name, g, r in zip(("x", "weight", "bias", "delta"), lgrads, torch.autograd.grad(lref.square().sum(), inputs)):
+        assert_close_to_reference(g, r, what=f"linear_perturb grad_{name}")
+
+    step = delta.detach().clone()
+    expected = pgd_naive.class_grad_pgd_step_(step.double(), grad_out.double(), labels, *(torch.full((3,), v, dtype=torch.float64) for v in (0.05, 0.3, 1.0)),
+                                              "l2", h=h.detach().double(), mode=mode)
+    lpa_kernels.class_grad_pgd_step_(step, grad_out, labels, 0.05, 0.3, 1.0, "l2", h=h.detach(), mode=mode, backend="cuda")
+    assert_close_to_reference(step, expected, what="class_grad_pgd_step_")
