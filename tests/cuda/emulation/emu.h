@@ -34,19 +34,22 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   grid_dim = grid;
   const unsigned threads = block.x * block.y * block.z;
   block_barrier = std::make_unique<std::barrier<>>(threads);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t, bx, by, bz] {
+  // One std::thread per CUDA thread, walking the blocks in order; the barrier after each block keeps
+  // a block's threads from starting the next block while others still use the shared buffers.
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
             block_index = {bx, by, bz};
-            thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             body();
-          });
-        }
-        for (auto& th : pool) th.join();
-      }
+            block_barrier->arrive_and_wait();
+          }
+    });
+  }
+  for (auto& th : pool) th.join();
 }
 
 inline void syncthreads() { block_barrier->arrive_and_wait(); }
