@@ -27,30 +27,40 @@ struct GroupShape {
   int64_t outer;  // runs per group per sample: F / (D * inner)
 };
 
-// (TX, TY) for a shape: TX consecutive groups when their features are adjacent (inner == 1).
-inline dim3 reduce_block(const GroupShape& s) {
+// (TX, TY) for a shape whose threads own V consecutive groups each: TX neighbouring threads on
+// neighbouring groups when their features are adjacent (inner == 1), else TX = 1.
+inline dim3 reduce_block(const GroupShape& s, int V = 1) {
   int tx = 1;
   if (s.inner == 1) {
-    while (tx < 32 && tx < s.D) tx *= 2;
+    while (tx < 32 && int64_t(tx) * V < s.D) tx *= 2;
   }
   return dim3(tx, kReduceThreads / tx);
 }
 
-// Per-thread sums over the elements of group k for the samples order[row_begin..row_end), calling
-// `op.element(index, class_state, sum1, sum2)` on each element index of the (B, F) tensors.
-template <typename A, class Op>
+// V elements at idx, with one load when V > 1 (callers guarantee 16-byte alignment then).
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p, int64_t idx) { return *reinterpret_cast<const Vec<T, V>*>(p + idx); }
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, int64_t idx, const Vec<T, V>& v) { *reinterpret_cast<Vec<T, V>*>(p + idx) = v; }
+
+// Per-thread sums over the elements of groups k .. k + V - 1 for the samples order[row_begin..row_end),
+// calling `op.element<V>(index, class_state, sum1, sum2)` on each element index of the (B, F) tensors
+// (V > 1 only when inner == 1, so the V groups' elements are adjacent).
+template <int V, typename A, class Op>
 __device__ void group_partial_sums(const Op& op, int64_t c, int64_t k, const int64_t* order, int64_t row_begin,
-                                   int64_t row_end, const GroupShape& s, A& sum1, A& sum2) {
+                                   int64_t row_end, const GroupShape& s, A (&sum1)[V], A (&sum2)[V]) {
   const int64_t per_sample = s.outer * s.inner;
   const int64_t ty = threadIdx.y, ny = blockDim.y;
   // Position (r, o, i) of this thread's first element and the mixed-radix stride of ny elements.
   int64_t r = row_begin + ty / per_sample;
   int64_t o = (ty % per_sample) / s.inner, i = ty % s.inner;
   const int64_t dr = ny / per_sample, d_o = (ny % per_sample) / s.inner, di = ny % s.inner;
-  const auto state = op.class_state(c, k);
+  A state[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) state[j] = op.class_state(c, k + j);
   while (r < row_end) {
     const int64_t sample = order[r];
-    op.element(sample * s.F + (o * s.D + k) * s.inner + i, state, sum1, sum2);
+    op.template element<V>(sample * s.F + (o * s.D + k) * s.inner + i, state, sum1, sum2);
     i += di;
     if (i >= s.inner) { i -= s.inner; ++o; }
     o += d_o;
@@ -59,42 +69,66 @@ __device__ void group_partial_sums(const Op& op, int64_t c, int64_t k, const int
   }
 }
 
-// Adds the TY partial sums of each group in a fixed tree order; row threadIdx.y == 0 gets the totals.
-template <typename A>
-__device__ A reduce_over_y(A value, A* scratch) {
-  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x;
-  scratch[ty * nx + tx] = value;
+// Adds the TY partial sums of each group in a fixed tree order (all V lanes in one pass over
+// `scratch`, V * TX * TY slots); every thread gets its groups' totals back in `value`.
+template <int V, typename A>
+__device__ void reduce_over_y(A (&value)[V], A* scratch) {
+  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
+#pragma unroll
+  for (int j = 0; j < V; ++j) scratch[(j * ny + ty) * nx + tx] = value[j];
   __syncthreads();
-  for (int half = blockDim.y / 2; half > 0; half /= 2) {
-    if (ty < half) scratch[ty * nx + tx] += scratch[(ty + half) * nx + tx];
+  for (int half = ny / 2; half > 0; half /= 2) {
+    if (ty < half) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) scratch[(j * ny + ty) * nx + tx] += scratch[(j * ny + ty + half) * nx + tx];
+    }
     __syncthreads();
   }
-  A total = scratch[tx];
+#pragma unroll
+  for (int j = 0; j < V; ++j) value[j] = scratch[j * ny * nx + tx];
   __syncthreads();
-  return total;
 }
 
 // Block (group tile blockIdx.x, class blockIdx.y, sample split blockIdx.z): the partial sums of
-// class c over its split-th share of samples, written to part1/part2[(split, c, k)] (part2 may be null).
-template <typename A, class Op>
+// class c over its split-th share of samples, written to part1/part2[(split, c, k)] (part2 may be
+// null). Each thread owns V consecutive groups (V > 1: 16-byte loads; D % V == 0).
+template <int V, typename A, class Op>
 __global__ void __launch_bounds__(kReduceThreads)
 class_reduce_kernel(Op op, const int64_t* order, const int64_t* offsets, GroupShape s, int64_t num_classes,
                     A* part1, A* part2) {
-  __shared__ A scratch[kReduceThreads];
+  __shared__ A scratch[kReduceThreads * V];
   const int64_t c = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const int64_t first = offsets[c], count = offsets[c + 1] - first;
   const int64_t share = (count + splits - 1) / splits;
   const int64_t row_begin = first + min64(count, split * share), row_end = first + min64(count, (split + 1) * share);
-  A sum1 = 0, sum2 = 0;
-  if (k < s.D) group_partial_sums(op, c, k, order, row_begin, row_end, s, sum1, sum2);
-  sum1 = reduce_over_y(sum1, scratch);
-  if (part2 != nullptr) sum2 = reduce_over_y(sum2, scratch);
+  A sum1[V] = {}, sum2[V] = {};
+  if (k < s.D) group_partial_sums<V>(op, c, k, order, row_begin, row_end, s, sum1, sum2);
+  reduce_over_y(sum1, scratch);
+  if (part2 != nullptr) reduce_over_y(sum2, scratch);
   if (threadIdx.y == 0 && k < s.D) {
     const int64_t at = (split * num_classes + c) * s.D + k;
-    part1[at] = sum1;
-    if (part2 != nullptr) part2[at] = sum2;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      part1[at + j] = sum1[j];
+      if (part2 != nullptr) part2[at + j] = sum2[j];
+    }
   }
+}
+
+// Launches class_reduce_kernel for `op` with V-wide loads when the shape and every pointer allow it.
+template <typename T, typename A, class Op>
+void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const int64_t* offsets,
+                         const GroupShape& s, int64_t num_classes, int64_t splits, A* part1, A* part2,
+                         cudaStream_t stream) {
+  constexpr int V = kVec<T>;
+  const bool vec = aligned && s.inner == 1 && s.D % V == 0;
+  const dim3 block = reduce_block(s, vec ? V : 1);
+  const int64_t per_block = int64_t(block.x) * (vec ? V : 1);
+  const dim3 grid(static_cast<unsigned>((s.D + per_block - 1) / per_block), static_cast<unsigned>(num_classes),
+                  static_cast<unsigned>(splits));
+  if (vec) class_reduce_kernel<V><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  else class_reduce_kernel<1><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
 }
 
 // out[j] = sum over i < n_outer of part[i * n_inner + j], in order of i (rounded once to T).

@@ -166,14 +166,22 @@ struct LinearGrad {
 
   __device__ A class_state(int64_t c, int64_t k) const { return delta[c * N + k]; }
 
-  __device__ void element(int64_t idx, A d, A& delta_sum, A& bias_sum) const {
-    const A g = load_as_acc(grad_out[idx]);
-    A slope = A(1), a = A(0);  // no preact: activation "none" in add mode reads neither
-    if (preact != nullptr) a = activate(A(load_as_acc(preact[idx])), activation, &slope);
-    const A gp = (mode == kAdd ? g : g * (A(1) + d)) * slope;
-    grad_preact[idx] = store_from<T>(gp);
-    delta_sum += mode == kAdd ? g : g * a;
-    bias_sum += gp;
+  template <int V>
+  __device__ void element(int64_t idx, const A (&d)[V], A (&delta_sum)[V], A (&bias_sum)[V]) const {
+    const Vec<T, V> g = load_vec<V>(grad_out, idx);
+    Vec<T, V> z, gp;
+    if (preact != nullptr) z = load_vec<V>(preact, idx);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A gj = load_as_acc(g.v[j]);
+      A slope = A(1), a = A(0);  // no preact: activation "none" in add mode reads neither
+      if (preact != nullptr) a = activate(A(load_as_acc(z.v[j])), activation, &slope);
+      const A grad_z = (mode == kAdd ? gj : gj * (A(1) + d[j])) * slope;
+      gp.v[j] = store_from<T>(grad_z);
+      delta_sum[j] += mode == kAdd ? gj : gj * a;
+      bias_sum[j] += grad_z;
+    }
+    store_vec<V>(grad_preact, idx, gp);
   }
 };
 
@@ -228,9 +236,9 @@ void linear_backward_epilogue(void* grad_preact, const void* grad_out, const voi
     using A = acc_t<scalar_t>;
     const LinearGrad<scalar_t> op{static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(preact),
                                   static_cast<const A*>(delta), static_cast<scalar_t*>(grad_preact), N, activation, mode};
-    const dim3 block = reduce_block(s);
-    const dim3 grid(static_cast<unsigned>((N + block.x - 1) / block.x), static_cast<unsigned>(K), static_cast<unsigned>(splits));
-    class_reduce_kernel<A><<<grid, block, 0, stream>>>(op, order, offsets, s, K, static_cast<A*>(part_delta), static_cast<A*>(part_bias));
+    const bool aligned = aligned16(grad_out) && aligned16(grad_preact) && (preact == nullptr || aligned16(preact));
+    launch_class_reduce<scalar_t>(op, aligned, order, offsets, s, K, splits, static_cast<A*>(part_delta),
+                                  static_cast<A*>(part_bias), stream);
   })
   check_launch("linear_backward_epilogue (class_reduce_kernel)");
 }

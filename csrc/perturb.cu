@@ -78,10 +78,18 @@ struct PerturbGrad {
 
   __device__ A class_state(int64_t c, int64_t k) const { return delta != nullptr ? A(load_as_acc(delta[c * D + k])) : A(0); }
 
-  __device__ void element(int64_t idx, A d, A& sum, A&) const {
-    const A g = load_as_acc(grad_out[idx]);
-    if (grad_h != nullptr) grad_h[idx] = store_from<T>(mode == kAdd ? g : g * (A(1) + d));
-    sum += mode == kAdd ? g : g * load_as_acc(h[idx]);
+  template <int V>
+  __device__ void element(int64_t idx, const A (&d)[V], A (&sum)[V], A (&)[V]) const {
+    const Vec<T, V> g = load_vec<V>(grad_out, idx);
+    Vec<T, V> x, gh;
+    if (mode == kScale) x = load_vec<V>(h, idx);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A gj = load_as_acc(g.v[j]);
+      gh.v[j] = store_from<T>(mode == kAdd ? gj : gj * (A(1) + d[j]));
+      sum[j] += mode == kAdd ? gj : gj * load_as_acc(x.v[j]);
+    }
+    if (grad_h != nullptr) store_vec<V>(grad_h, idx, gh);
   }
 };
 
@@ -98,9 +106,8 @@ void launch_perturb_backward(void* grad_h, const void* grad_out, const void* h, 
   using A = acc_t<T>;
   const PerturbGrad<T, TD> op{static_cast<const T*>(grad_out), static_cast<const T*>(h), static_cast<const TD*>(delta),
                               static_cast<T*>(grad_h), s.D, mode};
-  const dim3 block = reduce_block(s);
-  const dim3 grid(static_cast<unsigned>((s.D + block.x - 1) / block.x), static_cast<unsigned>(K), static_cast<unsigned>(splits));
-  class_reduce_kernel<A><<<grid, block, 0, stream>>>(op, order, offsets, s, K, static_cast<A*>(part), static_cast<A*>(nullptr));
+  const bool aligned = aligned16(grad_out) && (h == nullptr || aligned16(h)) && (grad_h == nullptr || aligned16(grad_h));
+  launch_class_reduce<T>(op, aligned, order, offsets, s, K, splits, static_cast<A*>(part), static_cast<A*>(nullptr), stream);
   check_launch("perturb_backward (class_reduce_kernel)");
 }
 

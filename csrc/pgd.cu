@@ -59,9 +59,11 @@ struct ClassGradTerm {
   int mode;
 
   __device__ A class_state(int64_t, int64_t) const { return A(0); }
-  __device__ void element(int64_t idx, A, A& sum, A&) const {
+  template <int V>
+  __device__ void element(int64_t idx, const A (&)[V], A (&sum)[V], A (&)[V]) const {
+    static_assert(V == 1, "the fused kernel reads one group per thread");
     const A g = load_as_acc(grad_out[idx]);
-    sum += mode == kAdd ? g : g * load_as_acc(h[idx]);
+    sum[0] += mode == kAdd ? g : g * load_as_acc(h[idx]);
   }
 };
 
@@ -78,10 +80,10 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
   A* grad_row = workspace + c * s.D;
   for (int64_t k0 = 0; k0 < s.D; k0 += blockDim.x) {
     const int64_t k = k0 + threadIdx.x;
-    A sum = 0, unused = 0;
-    if (k < s.D) group_partial_sums(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
-    sum = reduce_over_y(sum, scratch);
-    if (threadIdx.y == 0 && k < s.D) grad_row[k] = sum;
+    A sum[1] = {}, unused[1] = {};
+    if (k < s.D) group_partial_sums<1>(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
+    reduce_over_y(sum, scratch);
+    if (threadIdx.y == 0 && k < s.D) grad_row[k] = sum[0];
   }
   __syncthreads();  // the row written above is read by other threads of this block below
   pgd_update_row(delta + c * s.D, grad_row, s.D, step[c], eps[c], direction[c], norm, scratch);

@@ -73,9 +73,11 @@ def _multiprocessors_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def reduce_splits(device: torch.device, num_classes: int, groups: int, inner: int, samples: int) -> int:
-    """Sample shares per class so that the class-reduction grid has about 4 blocks per SM."""
-    group_tile = 1 if inner > 1 else min(32, 1 << max(groups - 1, 0).bit_length())
+def reduce_splits(device: torch.device, num_classes: int, groups: int, inner: int, samples: int, itemsize: int) -> int:
+    """Sample shares per class so that the class-reduction grid has about 4 blocks per SM (a block
+    covers up to 32 groups, each thread 16 bytes of them when inner == 1; see reduce_block in csrc)."""
+    vector = 16 // itemsize if inner == 1 and groups % (16 // itemsize) == 0 else 1
+    group_tile = 1 if inner > 1 else min(32, 1 << max(math.ceil(groups / vector) - 1, 0).bit_length()) * vector
     blocks = num_classes * math.ceil(groups / group_tile)
     wanted = 4 * _multiprocessors(device)
     return max(1, min(math.ceil(wanted / blocks), samples, 65535))
@@ -134,7 +136,7 @@ def perturb_backward(
     kdelta = _delta_for(delta, kdtype) if scale and need_grad_h else None
     kgrad_h = grad_h if grad_h is None or kdtype == grad_out.dtype else new_output((B, F), kdtype, grad_out.device)
     order, offsets = class_order(labels, num_classes)
-    splits = reduce_splits(grad_out.device, num_classes, per_class, inner, B)
+    splits = reduce_splits(grad_out.device, num_classes, per_class, inner, B, kdtype.itemsize)
     direct = splits == 1 and grad_delta_dtype == acc
     part = grad_delta if direct else new_output((splits, num_classes, per_class), acc, grad_out.device)
     _launch("perturb_backward", grad_out.device, _ptr(kgrad_h), kgrad_out.data_ptr(), _ptr(kh), order.data_ptr(),
@@ -259,7 +261,7 @@ def linear_perturb_backward_epilogue(
     kpreact = _as(preact, grad_out.dtype) if preact.numel() > 0 else None
     kdelta = _as(delta, acc)
     order, offsets = class_order(labels, K)
-    splits = reduce_splits(grad_out.device, K, N, 1, B)
+    splits = reduce_splits(grad_out.device, K, N, 1, B, grad_out.dtype.itemsize)
     part_delta = grad_delta if splits == 1 else new_output((splits, K, N), acc, grad_out.device)
     part_bias = new_output((splits * K, N), acc, grad_out.device)
     _launch("linear_backward_epilogue", grad_out.device, grad_preact.data_ptr(), grad_out.data_ptr(),

@@ -106,9 +106,27 @@ def test_perturb_backward(launchers, dtype, layout, mode, need_grad_h):
         assert grad_h is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_perturb_backward_last_dim_vector_path(launchers, dtype, mode, aligned):
+    """Last-dim delta of 16 groups (a multiple of every vector width) over 5 rows per sample."""
+    shape = (37, 5, 16)
+    grad_out = torch.randn(shape).to(dtype) if aligned else _misaligned(shape, dtype)
+    h, labels = torch.randn(shape).to(dtype), make_labels(37, 3)
+    delta = torch.randn(3, 16).to(dtype)
+    grad_h, grad_delta = launchers.perturb_backward(_flat(grad_out), _flat(h), labels, delta, 3, 16, 1, mode, True, True, dtype)
+    h64, d64 = h.double().requires_grad_(), delta.double().requires_grad_()
+    ref_h, ref_d = torch.autograd.grad(naive.perturb(h64, labels, d64, mode), (h64, d64), grad_out.double())
+    assert_close_to_reference(grad_delta, ref_d, naive.class_grad(grad_out, labels, 3, (3, 16), h=h, mode=mode, out_dtype=dtype),
+                              what="grad_delta")
+    assert_close_to_reference(grad_h.view(shape), ref_h, (grad_out.double() * (1 + d64.detach()[labels][:, None])).to(dtype)
+                              if mode == "scale" else grad_out, what="grad_h")
+
+
 def test_perturb_backward_many_samples_split_across_blocks_is_reproducible(launchers):
     grad_out, labels = torch.randn(300, 6), torch.zeros(300, dtype=torch.int64)
-    assert launchers.reduce_splits(torch.device("cpu"), 1, 6, 1, 300) > 1, "the emulated device must split here"
+    assert launchers.reduce_splits(torch.device("cpu"), 1, 6, 1, 300, 4) > 1, "the emulated device must split here"
     runs = [launchers.perturb_backward(grad_out, None, labels, None, 1, 6, 1, "add", False, True, torch.float16)[1]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1]), "two identical class reductions differ"
@@ -171,6 +189,24 @@ def test_linear_perturb_forward_and_backward_epilogue(launchers, dtype, in_featu
         grad_out, preact, labels, T, delta, activation, mode)
     z64 = preact.double().requires_grad_()  # the saved pre-activation is what the backward reads
     d64 = delta.double().requires_grad_()
+    a = linear_naive.ACTIVATION_FNS[activation](z64).view(B, T, N)
+    refs = torch.autograd.grad(naive.perturb(a, labels, d64, mode), (z64, d64), grad_out.double().view(B, T, N))
+    assert_close_to_reference(grad_preact, refs[0], what="grad_preact")
+    assert_close_to_reference(grad_bias, refs[0].sum(0), what="grad_bias")
+    assert_close_to_reference(grad_delta, refs[1], what="grad_delta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_linear_backward_epilogue_vector_path(launchers, dtype, activation, mode):
+    """N = 64 columns: the backward epilogue reads and writes 16 bytes at a time."""
+    B, T, N, K = 5, 3, 64, 2
+    preact, grad_out = torch.randn(B * T, N).to(dtype), torch.randn(B * T, N).to(dtype)
+    labels, delta = make_labels(B, K), (0.3 * torch.randn(K, N)).to(dtype)
+    grad_preact, grad_bias, grad_delta = launchers.linear_perturb_backward_epilogue(
+        grad_out, preact, labels, T, delta, activation, mode)
+    z64, d64 = preact.double().requires_grad_(), delta.double().requires_grad_()
     a = linear_naive.ACTIVATION_FNS[activation](z64).view(B, T, N)
     refs = torch.autograd.grad(naive.perturb(a, labels, d64, mode), (z64, d64), grad_out.double().view(B, T, N))
     assert_close_to_reference(grad_preact, refs[0], what="grad_preact")

@@ -1,5 +1,5 @@
 """Builds ``_lpa_cuda`` from ``csrc/`` as plain host C++ with the emulation in this folder (emu.h,
-mma.h): each ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
+mma.h): in every source and header, each ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
 ``lpa_emu::launch(grid, block, [&] { kernel(args); });`` and g++ compiles the rest unchanged."""
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ def build(build_dir: Path) -> Path:
     sources = _cuda_build.csrc_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     cuda_include = _cuda_include()
+    for name in _cuda_build.HEADERS:  # rewritten copies, found before csrc/ (headers may launch too)
+        (build_dir / name).write_text(rewrite_launches((sources / name).read_text()))
     flags = ["g++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-include", str(HERE / "emu.h"), f"-I{HERE}",
-             f"-I{sources}", f"-I{cuda_include}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+             f"-I{build_dir}", f"-I{cuda_include}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
     commands, objects = [], []
     for name in _cuda_build.SOURCES:
         text = (sources / name).read_text()
