@@ -51,14 +51,19 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
-def check_labels(labels: object, batch: int, num_classes: int, name: str = "labels") -> torch.Tensor:
-    """``labels`` must be a 1-D int32/int64 tensor of length ``batch`` with values in ``[0, num_classes)``."""
+def check_labels(labels: object, batch: int, num_classes: int, name: str = "labels", values: bool = True) -> torch.Tensor:
+    """``labels`` must be a 1-D int32/int64 tensor of length ``batch`` with values in ``[0, num_classes)``.
+
+    The range check reads the labels on the host (a device sync on a GPU). ``values=False`` leaves it
+    out: only for callers that range-checked this very tensor already (the LPA training machinery
+    checks each batch's labels once per step, then calls the ops through their internal entry points).
+    """
     labels = check_tensor(name, labels)
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor of class indices, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
-    if labels.numel() and not _compiling():
+    if values and labels.numel() and not _compiling():
         lo, hi = torch.aminmax(labels)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_classes:

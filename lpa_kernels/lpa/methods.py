@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpa_kernels import _checks
+from lpa_kernels._common import compute_dtype
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.policy import Policy
 from lpa_kernels.lpa.site import ClassSite, frozen_batchnorm_stats
@@ -206,7 +208,11 @@ class ManifoldMixup(Method):
 
 class ClassPerturbationMethod(Method):
     """LPA (per-class PGD perturbation at the layer), LPL (per-class PGD offset on the logits, delta
-    ``(K, K)``, L2 norm) or both. The returned logits are the upper network's output before LPL's offset."""
+    ``(K, K)``, L2 norm) or both. The returned logits are the upper network's output before LPL's offset.
+
+    The labels are range-checked once per training step (``_checks.check_labels``); the sites then run
+    the ops without that check. In single-pass mode this is the step's only device sync.
+    """
 
     def __init__(self, model, num_classes, layer=None, config=None, class_counts=None, lower=None, upper=None,
                  use_lpa: bool = True, use_lpl: bool = False):
@@ -232,6 +238,7 @@ class ClassPerturbationMethod(Method):
         if self.lpa is None:
             return h
         if preview:
+            _checks.check_labels(y, h.shape[0], self.num_classes)
             delta = self.lpa.preview_delta(h, extras, y, self._upper, self.split.head)
         else:
             delta = self.lpa.training_delta(h, extras, y, self._upper, self.split.head)
@@ -239,15 +246,22 @@ class ClassPerturbationMethod(Method):
         return self.lpa.apply(h, y, delta)
 
     def _forward_loss(self, h, extras, y):
+        _checks.check_labels(y, h.shape[0], self.num_classes)
         logits = self._upper(self._features(h, extras, y), extras)
         trained = logits
         if self.lpl is not None:
             delta = self.lpl.training_delta(logits.detach(), (), y, _identity_upper)
             self._counts["pgd_steps"] += self.lpl.steps
             trained = self.lpl.apply(logits, y, delta)
+        log_probs = None
+        if trained.dtype == compute_dtype(trained.dtype):
+            # F.cross_entropy is nll_loss(log_softmax): one log-softmax serves the loss and the class
+            # statistics. (For half logits F.cross_entropy upcasts under autocast, else not: left to it.)
+            log_probs = F.log_softmax(trained, dim=1)
         for site in self._sites():
-            site.observe(trained, y)
-        return F.cross_entropy(trained, y), logits
+            site.observe(trained, y, log_probs)
+        loss = F.cross_entropy(trained, y) if log_probs is None else F.nll_loss(log_probs, y)
+        return loss, logits
 
     def after_backward(self) -> None:
         for site in self._sites():

@@ -32,10 +32,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(3, K)`` float32 (float64 for float64 logits), summed over the (global) batch: sample counts,
     sums of the true-class softmax probability, sums of the cross-entropy."""
-    logits = logits.detach().to(compute_dtype(logits.dtype))
-    log_p_true = logits.log_softmax(dim=1).gather(1, labels[:, None].long())
+    return class_stats_from_log_probs(logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1), labels, num_classes)
+
+
+def class_stats_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``class_stats`` from the log-softmax ``(B, K)`` of the logits in their compute dtype (the training
+    cross-entropy computes it anyway, so the single-pass step reuses it)."""
+    log_p_true = log_probs.detach().gather(1, labels[:, None].long())
     rows = torch.cat([torch.ones_like(log_p_true), log_p_true.exp(), -log_p_true], dim=1)
-    stats = torch.zeros(num_classes, 3, dtype=logits.dtype, device=logits.device).index_add_(0, labels, rows).T.contiguous()
+    stats = torch.zeros(num_classes, 3, dtype=rows.dtype, device=rows.device).index_add_(0, labels, rows).T.contiguous()
     return all_reduce_sum(stats)
 
 
@@ -46,8 +51,8 @@ def _named(direction, name: str) -> bool:
 def _means(stats: torch.Tensor):
     """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats``."""
     counts, p_sum, ce_sum = stats
-    present = counts > 0
-    return present, p_sum / counts.clamp_min(1), ce_sum / counts.clamp_min(1)
+    samples = counts.clamp_min(1)
+    return counts > 0, p_sum / samples, ce_sum / samples
 
 
 class Policy:
@@ -73,6 +78,7 @@ class Policy:
             raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(self.counts.shape)}")
         self.loss_ema = self.fall_ema = None  # loss_trend state, (K,) once observed; NaN = class not seen yet
         self._fixed = {}  # (device, dtype) -> the policy tensors that do not depend on the batch
+        self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
 
     @property
     def needs_stats(self) -> bool:
@@ -96,8 +102,19 @@ class Policy:
                 "eps": lambda: torch.full((k,), float(self.eps), dtype=torch.float64),
                 "frequency_eps": lambda: self.eps * (counts.min() / counts.clamp_min(1)) ** self.config.gamma,
             }[name]()
-            self._fixed[key] = value.to(like.device, key[2])
+            value = value.to(dtype=key[2])
+            if name.endswith("eps") and not (value > 0).all():  # once (on the host): the PGD ops skip this check
+                raise ValueError(f"the {self.config.radius!r} radius policy gives eps <= 0 for some class: {value}")
+            self._fixed[key] = value.to(like.device)
         return self._fixed[key]
+
+    def _user_direction(self, direction: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The user's direction tensor on ``device``, converted once (a copy from the host would sync
+        every step) and again only when the tensor is replaced or changed in place."""
+        key = (direction, direction._version, device, dtype)
+        if self._user is None or self._user[0][0] is not direction or self._user[0][1:] != key[1:]:
+            self._user = (key, direction.to(device, dtype).contiguous())
+        return self._user[1]
 
     def resolve(self, stats: torch.Tensor | None, like: torch.Tensor):
         """``(direction, eps)`` as ``(K,)`` tensors on ``like``'s device, in its compute dtype."""
@@ -107,7 +124,7 @@ class Policy:
             present, p_c, _ = _means(stats)
             conf_sign, conf_magnitude = (t.to(dtype) for t in direction_from_class_means(p_c, present))
         if isinstance(direction, torch.Tensor):
-            sign = direction.to(like.device, dtype)
+            sign = self._user_direction(direction, like.device, dtype)
         elif direction == "confidence":
             sign = conf_sign
         elif direction == "loss_trend":

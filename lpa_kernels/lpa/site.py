@@ -8,6 +8,11 @@ cross-entropy and applies ``pgd_step_``; the training forward then uses ``delta.
 Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with a leaf view of
 delta; its backward leaves ``grad_delta`` there and ``after_backward`` applies one ``pgd_step_``.
 
+Validation: the caller range-checks the batch's labels once per training step (``_checks.check_labels``,
+the one host read of tensor values in a single-pass step); the site then calls the ops' internal entry
+points, which skip that check and the radius check (the policy's radii are positive by construction),
+so no other device sync happens (the fused ``head_pgd_`` path of T-step mode still validates its labels).
+
 Class gradient, defined so that data-parallel training equals one process on the whole batch: the
 gradient of the cross-entropy SUMMED over the global batch. T-step mode differentiates the summed loss
 directly; single-pass mode multiplies the gradient of the local mean loss by the local batch size.
@@ -25,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpa_kernels import head_pgd_, perturb, pgd_step_
-from lpa_kernels._common import compute_dtype
-from lpa_kernels.lpa.policy import Policy, all_reduce_sum, class_stats, world_size
+from lpa_kernels import backend as _backend, head_pgd_
+from lpa_kernels._common import compute_dtype, per_class
+from lpa_kernels.lpa.policy import Policy, all_reduce_sum, class_stats, class_stats_from_log_probs, world_size
 from lpa_kernels.nn.perturbation import ClassPerturbation
+from lpa_kernels.perturb.op import perturb_checked_labels
+from lpa_kernels.pgd.op import run_pgd_step_
 
 
 @contextlib.contextmanager
@@ -71,6 +78,7 @@ class ClassSite:
         self.mode, self.norm, self.step_size, self.steps, self.init = mode, norm, step_size, steps, init
         self.layout, self.head_choice, self.backend, self.norm_scope = layout, head, backend, norm_scope
         self.perturbation: ClassPerturbation | None = None
+        self._step_sizes = self._resolved_backend = None  # for delta's device and dtype, set with delta
         self._pending = None  # single pass: (live delta, local batch size, class stats or None)
 
     @property
@@ -80,23 +88,31 @@ class ClassSite:
     def _ensure(self, h: torch.Tensor) -> ClassPerturbation:
         if self.perturbation is None:
             dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-            shape = delta_shape_for(tuple(h.shape[1:]), self.layout)
-            self.perturbation = ClassPerturbation(
-                self.num_classes, shape, mode=self.mode, eps=self.policy.eps, step_size=self.step_size,
-                norm=self.norm, backend=self.backend, dtype=dtype, device=h.device)
+            self._create(delta_shape_for(tuple(h.shape[1:]), self.layout), dtype, h.device)
         return self.perturbation
+
+    def _create(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.perturbation = ClassPerturbation(
+            self.num_classes, shape, mode=self.mode, eps=self.policy.eps, step_size=self.step_size,
+            norm=self.norm, backend=self.backend, dtype=dtype, device=device)
+        # what every PGD step passes to the op, made once
+        self._step_sizes = per_class(self.step_size, self.num_classes, self.perturbation.delta)
+        self._resolved_backend = _backend.resolve(self.backend, device)
 
     def load(self, delta: torch.Tensor) -> None:
         """Take ``delta (K, *P)`` as the carried perturbation (from a checkpoint)."""
         if self.perturbation is None or self.perturbation.delta.shape != delta.shape:
-            self.perturbation = ClassPerturbation(
-                self.num_classes, tuple(delta.shape[1:]), mode=self.mode, eps=self.policy.eps,
-                step_size=self.step_size, norm=self.norm, backend=self.backend, dtype=delta.dtype, device=delta.device)
+            self._create(tuple(delta.shape[1:]), delta.dtype, delta.device)
         with torch.no_grad():
             self.perturbation.delta.copy_(delta)
 
     def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return perturb(h, labels, delta, self.mode, backend=self.backend)
+        """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring)."""
+        return perturb_checked_labels(h, labels, delta, self.mode, self.backend)
+
+    def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor) -> None:
+        """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction)."""
+        run_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm, self._resolved_backend)
 
     # ----- T-step PGD -----------------------------------------------------------------------------
     def _head(self, head: nn.Linear | None, h: torch.Tensor, delta: torch.Tensor) -> nn.Linear | None:
@@ -126,7 +142,7 @@ class ClassSite:
                     direction, eps = self._resolve(logits, labels, delta)
                 loss = F.cross_entropy(logits.to(compute_dtype(logits.dtype)), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, live)
-                pgd_step_(delta, all_reduce_sum(grad), self.step_size, eps, direction, self.norm, backend=self.backend)
+                self._pgd_step(delta, all_reduce_sum(grad), direction, eps)
 
     def _head_pgd(self, delta, h, labels, head: nn.Linear) -> None:
         flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
@@ -148,8 +164,8 @@ class ClassSite:
         """The delta the training forward uses: after T PGD steps (detached), or in single-pass mode
         the carried delta as a leaf that collects the class gradient."""
         perturbation = self._ensure(h)
-        if self.steps == 0:
-            live = perturbation.live_delta()
+        if self.steps == 0:  # a leaf sharing delta's storage, which the training backward gives a gradient
+            live = perturbation.delta.detach().requires_grad_(torch.is_grad_enabled())
             self._pending = (live, h.shape[0], None)
             return live
         if self.init == "fresh":
@@ -167,13 +183,16 @@ class ClassSite:
         self.run_pgd(delta, h, extras, labels, upper, head)
         return delta
 
-    def observe(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def observe(self, logits: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> None:
         """Read the training forward's (perturbed) logits: class statistics for the single-pass step and
-        the "loss_trend" policy."""
+        the "loss_trend" policy. ``log_probs``: their log-softmax in compute precision, if already known."""
         single_pass = self.steps == 0 and self.policy.needs_stats and self._pending is not None
         if not (single_pass or self.policy.tracks_loss):
             return
-        stats = class_stats(logits, labels, self.num_classes)
+        if log_probs is None:
+            stats = class_stats(logits, labels, self.num_classes)
+        else:
+            stats = class_stats_from_log_probs(log_probs, labels, self.num_classes)
         self.policy.observe(stats)
         if single_pass:
             self._pending = self._pending[:2] + (stats,)
@@ -190,7 +209,7 @@ class ClassSite:
         grad = all_reduce_sum(live.grad * batch)  # gradient of the summed CE (see the module docstring)
         # A class whose gradient overflowed (e.g. an AMP step the GradScaler will skip) keeps its delta.
         finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
-        grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+        grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, 0.0)
         direction, eps = self.policy.resolve(stats, grad)
-        self.perturbation.step(grad, eps=eps, direction=direction)
+        self._pgd_step(self.perturbation.delta, grad, direction, eps)
         return 1

@@ -16,7 +16,7 @@ from lpa_kernels._common import compute_dtype, padded_delta_shape
 def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str = "add") -> torch.Tensor:
     """``h + delta[y]`` (``add``) or ``h * (1 + delta[y])`` (``scale``), returned in ``h.dtype``."""
     cd = compute_dtype(h.dtype, delta.dtype)
-    d = delta.reshape(padded_delta_shape(delta.shape, h.shape[1:]))[labels].to(cd)
+    d = delta.reshape(padded_delta_shape(delta.shape, h.shape[1:])).index_select(0, labels).to(cd)
     out = h.to(cd) + d if mode == "add" else h.to(cd) * (1 + d)
     return out.to(h.dtype)
 

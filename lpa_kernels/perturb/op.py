@@ -106,7 +106,7 @@ def _kernel_layout(feature_shape, delta: torch.Tensor):
     return delta, layout[1]
 
 
-def _check_perturb_args(h, labels, delta, mode, backend) -> str:
+def _check_perturb_args(h, labels, delta, mode, backend, label_values: bool = True) -> str:
     _checks.check_float("h", h)
     _checks.check_float("delta", delta)
     _checks.check_choice("mode", mode, _checks.MODES)
@@ -114,7 +114,7 @@ def _check_perturb_args(h, labels, delta, mode, backend) -> str:
         raise ValueError(f"h must have shape (B, *F), got a 0-d tensor")
     _checks.check_delta_shape(delta.shape, h.shape[1:])
     device = _checks.check_same_device(h=h, labels=labels, delta=delta)
-    _checks.check_labels(labels, h.shape[0], delta.shape[0])
+    _checks.check_labels(labels, h.shape[0], delta.shape[0], values=label_values)
     return _backend.resolve(backend, device)
 
 
@@ -125,12 +125,21 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
     ``F``. ``mode="add"``: ``h + delta[y]``; ``mode="scale"``: ``h * (1 + delta[y])``. Differentiable in
     ``h`` and ``delta`` (the fast backends compute both gradients in one pass over ``grad_out``).
     """
-    backend = _check_perturb_args(h, labels, delta, mode, backend)
+    return _run_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend))
+
+
+def perturb_checked_labels(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
+    """``perturb`` for a caller that has range-checked ``labels`` itself (``_checks.check_labels``, once per
+    training step): every other check runs, the label range check (a device sync on a GPU) does not."""
+    return _run_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend, label_values=False))
+
+
+def _run_perturb(h, labels, delta, mode, backend: str) -> torch.Tensor:
+    """``perturb`` on validated arguments, ``backend`` resolved."""
     if backend == "reference":
         return naive.perturb(h, labels, delta, mode)
     kernel_delta, inner = _kernel_layout(h.shape[1:], delta)
-    out = _perturb_op(h.contiguous(), labels.contiguous(), kernel_delta.contiguous(), inner, mode, backend)
-    return out
+    return _perturb_op(h.contiguous(), labels.contiguous(), kernel_delta.contiguous(), inner, mode, backend)
 
 
 def class_grad(

@@ -91,7 +91,13 @@ def pgd_step_(
     if grad.shape != delta.shape:
         raise ValueError(f"grad must have the shape of delta {tuple(delta.shape)}, got {tuple(grad.shape)}")
     device = _checks.check_same_device(delta=delta, grad=grad)
-    backend = _backend.resolve(backend, device)
+    return run_pgd_step_(delta, grad, step, radius, sign, norm, _backend.resolve(backend, device))
+
+
+def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str) -> torch.Tensor:
+    """``pgd_step_`` without validation (no device sync), for callers whose arguments are valid by
+    construction (the LPA training machinery): ``grad`` of ``delta``'s shape and device; ``step``,
+    ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class`` makes them; ``backend`` resolved."""
     if backend == "reference":
         return naive.pgd_step_(delta, grad, step, radius, sign, norm)
     grad = grad.detach().contiguous()
@@ -136,7 +142,7 @@ def class_grad_pgd_step_(
     layout = delta_layout(grad_out.shape[1:], delta.shape)
     if layout is None:  # a layout the fused kernel does not serve: reduce, then step (two launches)
         grad = class_grad(grad_out, labels, delta.shape[0], delta.shape, h=h, mode=mode, backend=backend)
-        return pgd_step_(delta, grad, step, radius, sign, norm, backend=backend)
+        return run_pgd_step_(delta, grad, step, radius, sign, norm, backend)
     args = (grad_out.detach().contiguous(), labels.contiguous(), None if h is None else h.detach().contiguous())
     return _update_in_place(
         delta, lambda d: _class_grad_pgd_step_op(d, *args, step, radius, sign, layout[1], mode, norm, backend)
