@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from lpa_kernels import backend_info, class_grad, class_grad_pgd_step_, linear_perturb, perturb, pgd_step_
+from lpa_kernels import backend_info, class_grad, class_grad_pgd_step_, head_pgd_, linear_perturb, perturb, pgd_step_
+from lpa_kernels.head_pgd import naive as head_naive
 from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
@@ -89,6 +90,22 @@ def run(dtype: torch.dtype, device: str = "cuda") -> None:
                 check(f"{tag} grad_{what}", a, r, dtype)
 
 
+def run_head_pgd(dtype: torch.dtype, device: str = "cuda") -> None:
+    """11 classes (a full chunk of 8 and a ragged one), 13 samples, 37 features; class 10 absent."""
+    name = str(dtype).removeprefix("torch.")
+    labels = torch.randint(0, 10, (13,), device=device)
+    h = torch.randn(13, 37, device=device).to(dtype)
+    w = (torch.randn(11, 37, device=device) / 37**0.5).to(dtype)
+    b = torch.randn(11, device=device).to(dtype)
+    for mode in ("add", "scale"):
+        for norm in ("linf", "l2"):
+            d = (0.05 * torch.randn(11, 37, device=device)).to(dtype)
+            ref_d = head_naive.head_pgd_(h.double(), labels, w.double(), b.double(), d.double(), 2,
+                                         *per_class((0.1, 0.3), 11, device), "confidence", norm, mode)
+            head_pgd_(h, labels, w, b, d, 2, 0.1, 0.3, "confidence", norm, mode, backend="cuda")
+            check(f"head_pgd_ {name} {mode} {norm}", d, ref_d, dtype)
+
+
 def main() -> int:
     info = backend_info()["cuda"]
     if not info["available"]:
@@ -97,6 +114,7 @@ def main() -> int:
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run(dtype)
+        run_head_pgd(dtype)
     torch.cuda.synchronize()
     print(f"{len(failures)} mismatches" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0

@@ -74,6 +74,12 @@ PYBIND11_MODULE(_lpa_cuda, m) {
                              ptr<const int64_t>(offsets), vptr(step), vptr(eps), vptr(direction), K, F, D, inner, mode,
                              norm, dtype, delta_dtype, vptr(workspace), stream_of(stream));
   });
+  m.def("head_sample_grad", [](uintptr_t sample_grad, uintptr_t p_true, uintptr_t h, uintptr_t labels,
+                               uintptr_t weight, uintptr_t bias, uintptr_t delta, int64_t B, int64_t K, int64_t D,
+                               int mode, int dtype, uintptr_t stream) {
+    lpa::head_sample_grad(vptr(sample_grad), vptr(p_true), vptr(h), ptr<const int64_t>(labels), vptr(weight),
+                          vptr(bias), vptr(delta), B, K, D, mode, dtype, stream_of(stream));
+  });
   m.def("linear_forward", [](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
                              uintptr_t labels, uintptr_t delta, int64_t M, int64_t N, int64_t Kin,
                              int64_t rows_per_label, int activation, int mode, int dtype, uintptr_t stream) {

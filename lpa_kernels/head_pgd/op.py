@@ -80,8 +80,6 @@ def head_pgd_(
     if backend == "reference":
         direction = "confidence" if confidence else sign
         return naive.head_pgd_(h, labels, weight, bias, delta, steps, step, radius, direction, norm, mode)
-    if backend == "cuda" and not hasattr(_backend.kernels(backend, _TRITON), "head_pgd"):
-        raise ValueError("backend='cuda' has no head_pgd_ kernel yet; use backend='triton' or 'reference'")
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if confidence else sign  # None: the launcher applies the confidence rule

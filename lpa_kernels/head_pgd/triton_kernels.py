@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lpa_kernels._common import compute_dtype, new_output
-from lpa_kernels.confidence import confidence_direction
+from lpa_kernels._common import compute_dtype
+from lpa_kernels.head_pgd.loop import run_pgd_loop
 from lpa_kernels.perturb.triton_kernels import kernel_dtype_view
 from lpa_kernels.pgd.triton_kernels import pgd_step
 
@@ -160,22 +160,18 @@ def head_pgd(
         return
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     h, weight, bias = kernel_dtype_view(h), kernel_dtype_view(weight), kernel_dtype_view(bias)
-    current = delta if delta.dtype == acc else delta.to(acc)
     grad = torch.empty((num_classes, features), dtype=acc, device=delta.device)
-    p_true = new_output((batch,), acc, delta.device) if direction is None else None
-
     block_b, block_k, block_d, block_out = _block_sizes(batch, features)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(features, block_out))
-    for _ in range(steps):
+
+    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
         grad.zero_()  # the kernel accumulates into it
         _head_class_grad_kernel[grid](
             h, labels, weight, weight if bias is None else bias, current, grad, grad if p_true is None else p_true,
             batch, num_classes, features,
-            SCALE=mode == "scale", HAS_BIAS=bias is not None, WRITE_P_TRUE=direction is None,
+            SCALE=mode == "scale", HAS_BIAS=bias is not None, WRITE_P_TRUE=p_true is not None,
             BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_OUT=block_out,
         )
-        if direction is None:
-            direction = confidence_direction(p_true, labels, num_classes)[0].to(acc)
-        pgd_step(current, grad, step, eps, direction, norm)
-    if current is not delta:
-        delta.copy_(current)
+        return grad
+
+    run_pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad, pgd_step)

@@ -20,6 +20,8 @@ from lpa_kernels._common import delta_layout
 from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
+from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
+from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
 from tests.helpers import DTYPES, assert_close_to_reference, make_labels
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or _cuda_build.find_nvcc() is None,
@@ -266,3 +268,29 @@ def test_public_ops_through_the_custom_ops(cuda_backend_on_cpu, mode):
                                               "l2", h=h.detach().double(), mode=mode)
     lpa_kernels.class_grad_pgd_step_(step, grad_out, labels, 0.05, 0.3, 1.0, "l2", h=h.detach(), mode=mode, backend="cuda")
     assert_close_to_reference(step, expected, what="class_grad_pgd_step_")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_head_pgd(cuda_backend_on_cpu, dtype, mode, norm):
+    """head_pgd_(backend="cuda") through the custom op: B = 37 samples, K = 11 classes (a full chunk
+    of 8 and a ragged one), D = 45 (lanes stride twice), two steps with the confidence rule. Class 10
+    is absent: its delta must stay bit-identical."""
+    h, y, weight, bias, delta = make_head_problem(37, 11, 45, dtype, labels=make_labels(37, 10))
+    actual = check_head_pgd(("cuda", "cpu"), h, y, weight, bias, delta, steps=2, step_size=0.1, eps=0.3,
+                            direction="confidence", norm=norm, mode=mode)
+    assert torch.equal(actual[10], delta[10]), "the absent class's delta changed"
+
+
+@pytest.mark.parametrize("batch, num_classes, features, bias, direction", [
+    (5, 1, 7, True, "confidence"),  # K = 1: softmax is 1, the gradient exactly 0, delta unchanged
+    (3, 3, 300, False, -1.0),  # D wider than a block: threads own several columns; no bias
+    (9, 4, 16, True, torch.tensor([1.0, -1.0, 0.0, 0.5])),  # per-class directions, int32 labels
+])
+def test_head_pgd_class_counts_widths_and_directions(cuda_backend_on_cpu, batch, num_classes, features, bias, direction):
+    h, y, weight, b, delta = make_head_problem(batch, num_classes, features, bias=bias)
+    actual = check_head_pgd(("cuda", "cpu"), h, y.int(), weight, b, delta, steps=2, step_size=0.05, eps=0.2,
+                            direction=direction, norm="l2", mode="scale")
+    if num_classes == 1:
+        assert torch.equal(actual, delta), "with one class the gradient is exactly 0, yet delta moved"

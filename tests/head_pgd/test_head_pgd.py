@@ -1,8 +1,9 @@
 """``head_pgd_`` fast path against the reference loop (``lpa_kernels.head_pgd.naive``).
 
 Every comparison runs the same steps three ways: the kernel, the reference in float64 (the truth) and
-the reference in the kernel's dtype (PyTorch's own error, which sets the tolerance). Only the Triton
-targets run the kernel; the CUDA C++ backend has no head_pgd yet (see the last test).
+the reference in the kernel's dtype (PyTorch's own error, which sets the tolerance). The kernel targets
+are the Triton interpreter on the CPU and, on a GPU machine, both fast backends (Triton and the CUDA C++
+kernel, ``-m gpu``); tests/cuda/test_emulated_kernels.py runs the CUDA C++ kernel on the CPU as well.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lpa_kernels.cuda_kernels as cuda_kernels
 import lpa_kernels.head_pgd.triton_kernels as head_triton
 import lpa_kernels.pgd.naive as pgd_naive
-from lpa_kernels import backend_info, head_pgd_
+from lpa_kernels import head_pgd_
 from lpa_kernels.backend import interpreting
 from lpa_kernels.confidence import confidence_direction
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
-
-TRITON_TARGETS = [p for p in KERNEL_TARGETS if p.values[0][0] == "triton"]
-
 
 def make_problem(batch, num_classes, features, dtype=torch.float32, device="cpu", bias=True, labels=None):
     """Random ``(h, labels, weight, bias, delta)``; logits of order one so the softmax is not saturated."""
@@ -45,7 +44,7 @@ def check_against_reference(target, h, y, weight, bias, delta, steps, step_size,
 
     cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
     y = y.cpu().long()  # the reference's cross_entropy takes int64 labels only
-    ref64 = start.double()
+    ref64 = start.to(torch.float64, copy=True)  # a copy also for float64: start seeds lowp below
     head_pgd_(_cpu64(h), y, _cpu64(weight), _cpu64(bias), ref64, steps,
               cpu(step_size), cpu(eps), cpu(direction), norm, mode, backend="reference")
     lowp = start.clone()
@@ -55,7 +54,7 @@ def check_against_reference(target, h, y, weight, bias, delta, steps, step_size,
     return actual
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -66,7 +65,7 @@ def test_matches_reference_every_mode_norm_dtype(target, dtype, mode, norm, dire
     check_against_reference(target, *problem, steps=3, step_size=0.1, eps=0.3, direction=direction, norm=norm, mode=mode)
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("num_classes, mode", [(1, "add"), (1, "scale"), (2, "add"), (2, "scale"), (1000, "scale")])
 def test_class_counts(target, num_classes, mode):
     """K = 1 (zero gradient: delta unchanged), K = 2, and K = 1000 (most classes absent, many K tiles).
@@ -75,7 +74,7 @@ def test_class_counts(target, num_classes, mode):
     check_against_reference(target, *problem, steps=1, step_size=0.05, eps=0.2, direction="confidence", norm="l2", mode=mode)
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_ten_thousand_classes(target, monkeypatch):
     """K = 10,000: the online softmax runs over 157 class tiles. Under the interpreter the update is
     the reference pgd_step (pgd_step has its own tests): its 10,000 one-class programs, run one after
@@ -86,7 +85,7 @@ def test_ten_thousand_classes(target, monkeypatch):
     check_against_reference(target, *problem, steps=2, step_size=0.05, eps=0.2, direction="confidence", norm="linf", mode="add")
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_several_batch_and_feature_tiles(target, norm):
     """B = 70, D = 300, K = 70: two batch tiles, two output-feature chunks, five contraction tiles and
@@ -96,7 +95,7 @@ def test_several_batch_and_feature_tiles(target, norm):
                             direction=1.0, norm=norm, mode="scale")
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_per_class_tensors_and_no_bias(target, norm):
     """(K,) step sizes, radii and mixed-sign directions (one class 0: it must not move), bias None."""
@@ -110,7 +109,7 @@ def test_per_class_tensors_and_no_bias(target, norm):
     assert torch.equal(actual[2], delta[2]), "a class with direction 0 moved"
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_absent_classes_keep_their_delta(target, direction):
     """Only classes 1, 4 and 5 of 8 occur in the batch: the other rows of delta stay bit-identical."""
@@ -125,7 +124,7 @@ def test_absent_classes_keep_their_delta(target, direction):
     assert not torch.equal(actual[present], delta[present]), "no present class moved"
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("batch, steps", [(0, 3), (12, 0)])
 def test_nothing_to_do_leaves_delta_unchanged(target, batch, steps):
     """B == 0 (no launch) or steps == 0: delta is untouched (no NaN from a poisoned buffer either)."""
@@ -135,7 +134,7 @@ def test_nothing_to_do_leaves_delta_unchanged(target, batch, steps):
     assert torch.equal(delta, before), f"delta changed with B={batch}, steps={steps}"
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_confidence_signs_follow_lpl_rule(target):
     """One linf step from delta = 0 with a radius the step does not reach moves class c by exactly
     ``step * s_c * sign(g_c)``, where ``s_c`` is LPL's rule applied to the softmax and ``g_c`` the
@@ -156,7 +155,7 @@ def test_confidence_signs_follow_lpl_rule(target):
     assert_close_to_reference(delta, expected, what="delta after one confidence-directed linf step")
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_non_contiguous_inputs(target):
     """h, weight and delta as strided views: the result lands in the caller's delta view."""
     h_full, y, w_full, bias, d_full = make_problem(23, 5, 40, device=target[1])
@@ -178,7 +177,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
 def test_bad_input_raises_before_any_kernel(target, case, monkeypatch):
     """ValueError naming the argument, no launch, delta untouched."""
@@ -186,6 +185,7 @@ def test_bad_input_raises_before_any_kernel(target, case, monkeypatch):
         raise AssertionError("the kernel launcher ran on invalid input")
 
     monkeypatch.setattr(head_triton, "head_pgd", no_launch)
+    monkeypatch.setattr(cuda_kernels, "head_pgd", no_launch)
     h, y, weight, bias, delta = make_problem(6, 4, 10, device=target[1])
     args = dict(h=h, labels=y, weight=weight, bias=bias, delta=delta, steps=2, step_size=0.1, eps=0.3,
                 direction="confidence")
@@ -197,7 +197,7 @@ def test_bad_input_raises_before_any_kernel(target, case, monkeypatch):
     assert torch.equal(args["delta"], before), "a rejected call changed delta"
 
 
-@pytest.mark.parametrize("target", TRITON_TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("direction", ["tensor", "confidence"])
 def test_custom_op_passes_opcheck(target, direction):
     """Schema (delta mutated, nothing else), fake impl and AOT dispatch of ``lpa_kernels::head_pgd_``."""
@@ -208,16 +208,12 @@ def test_custom_op_passes_opcheck(target, direction):
     torch.library.opcheck(torch.ops.lpa_kernels.head_pgd_.default, args)
 
 
-def test_cuda_backend_without_head_pgd_kernel_raises():
-    """No CUDA C++ head_pgd exists yet: backend='cuda' is refused with a ValueError, delta untouched."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    h, y, weight, bias, delta = make_problem(5, 3, 8, device=device)
+def test_cuda_backend_on_cpu_tensors_says_why_it_is_unavailable():
+    """backend='cuda' on CPU tensors is refused before any launch with the backend's reason (CPU
+    tensors, no GPU or no extension; the emulated-kernel tests lift this to run the kernel on the CPU),
+    and delta stays untouched."""
+    h, y, weight, bias, delta = make_problem(5, 3, 8)
     before = delta.clone()
-    if backend_info()["cuda"]["available"]:
-        import lpa_kernels.cuda_kernels as cuda_kernels
-
-        if hasattr(cuda_kernels, "head_pgd"):
-            pytest.skip("the CUDA C++ backend has a head_pgd launcher: it runs through the kernel tests")
-    with pytest.raises(ValueError, match="cuda"):
+    with pytest.raises(ValueError, match=r"backend='cuda' is not available for a cpu tensor: .*(CUDA|cuda)"):
         head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, backend="cuda")
-    assert torch.equal(delta, before)
+    assert torch.equal(delta, before), "a refused call changed delta"
