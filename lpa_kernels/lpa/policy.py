@@ -147,11 +147,11 @@ class Policy:
         """
         if not self.tracks_loss:
             return
-        present, _, loss = (t.double().cpu() for t in _means(stats))
-        present = present.bool()
-        if self.loss_ema is None:
-            self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
-            self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64)
+        present, _, loss = _means(stats)
+        loss = loss.double()
+        if self.loss_ema is None:  # kept on the statistics' device: no host copy per step
+            self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=loss.device)
+            self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64, device=loss.device)
         m = self.config.trend_momentum
         first = present & self.loss_ema.isnan()
         seen = present & ~first
@@ -163,5 +163,6 @@ class Policy:
         if self.loss_ema is None:
             return torch.zeros(self.num_classes)
         seen = ~self.loss_ema.isnan()
-        mean_fall = self.fall_ema[seen].mean()
+        # the mean over the seen classes, without selecting them (a device sync); unseen falls are 0
+        mean_fall = self.fall_ema.sum() / seen.sum()
         return torch.where(seen, torch.sign(mean_fall - self.fall_ema), 0.0)

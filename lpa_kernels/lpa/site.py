@@ -8,10 +8,10 @@ cross-entropy and applies ``pgd_step_``; the training forward then uses ``delta.
 Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with a leaf view of
 delta; its backward leaves ``grad_delta`` there and ``after_backward`` applies one ``pgd_step_``.
 
-Validation: the caller range-checks the batch's labels once per training step (``_checks.check_labels``,
-the one host read of tensor values in a single-pass step); the site then calls the ops' internal entry
-points, which skip that check and the radius check (the policy's radii are positive by construction),
-so no other device sync happens (the fused ``head_pgd_`` path of T-step mode still validates its labels).
+Validation: the caller range-checks the batch's labels once per training step (``_checks.check_labels``:
+the step's one device sync, reading the labels' min and max); the site then calls the ops' internal entry
+points, which skip that check and the radius check (the policy's radii are positive by construction), so
+no other sync happens (except in the fused ``head_pgd_`` path of T-step mode, which validates its arguments).
 
 Class gradient, defined so that data-parallel training equals one process on the whole batch: the
 gradient of the cross-entropy SUMMED over the global batch. T-step mode differentiates the summed loss

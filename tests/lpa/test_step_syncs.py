@@ -13,13 +13,14 @@ import torch
 from lpa_kernels.lpa import LPAConfig, build_method
 from tests.lpa.models import NUM_CLASSES, batch, mlp
 
-HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu")
 
-# single pass with every policy that reads batch statistics, and the T-step autograd path
+# single pass with the policies that read batch statistics or history, and the T-step autograd path
 CASES = {
     "single-pass": ("lpa", dict(steps=0)),
     "single-pass-linf-scale-confidence-radius": ("lpa", dict(steps=0, norm="linf", mode="scale", radius="confidence")),
     "single-pass-user-direction": ("lpa", dict(steps=0, direction=torch.tensor([1.0, -1.0, 1.0, -1.0]))),
+    "single-pass-loss-trend": ("lpa", dict(steps=0, direction="loss_trend")),
     "single-pass-lpa+lpl": ("lpa+lpl", dict(steps=0, lpl_steps=0)),
     "t-step-autograd": ("lpa", dict(steps=2, head="never", init="carried")),
 }
@@ -57,13 +58,12 @@ def host_reads(monkeypatch):
 def test_training_step_checks_labels_once_and_reads_no_other_tensor_value(case, host_reads):
     name, config = CASES[case]
     method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config))
-    x, y = batch()
-    training_step(method, x, y)  # the first step creates delta and the policy's constant tensors
+    training_step(method, *batch(seed=0))  # the first step creates delta and the policy's constant tensors
     before = method.delta.clone()
     host_reads["aminmax"], host_reads["reads"] = 0, []
     steps = 3
-    for _ in range(steps):
-        training_step(method, x, y)
+    for seed in range(1, steps + 1):
+        training_step(method, *batch(seed=seed))
     assert host_reads["aminmax"] == steps, f"{case}: {host_reads['aminmax']} label range checks in {steps} steps"
     assert host_reads["reads"] == ["__int__", "__int__"] * steps, \
         f"{case}: host reads other than the label check's min and max: {host_reads['reads']}"
