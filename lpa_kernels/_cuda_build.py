@@ -10,6 +10,8 @@ Switches (environment):
   GPUs); archs this nvcc does not know are left out.
 - ``LPA_BUILD_JOBS``: parallel nvcc processes (default: CPUs, capped by memory at ~1.5 GB a job).
 - ``CUDA_HOME`` / ``CUDA_PATH``: where to look for ``bin/nvcc`` before ``PATH``.
+- ``LPA_BUILD_NINJA=0``: compile with a thread pool instead of ninja (ninja, when found, rebuilds
+  only what changed, following header dependencies).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -123,16 +126,59 @@ def build(output: Path, build_dir: Path, sources: Path | None = None, log=print)
     jobs = parallel_jobs()
     log(f"lpa_kernels: compiling the CUDA extension with {nvcc} ({jobs} parallel jobs): {' '.join(gencode_flags(nvcc))}")
 
-    def run(cmd: list[str]) -> None:
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"command failed: {' '.join(cmd)}\n{result.stdout}{result.stderr}")
-
+    ninja = find_ninja()
+    if ninja is not None:  # incremental: ninja rebuilds only what changed (header dependencies from nvcc -MD)
+        write_ninja_file(Path(build_dir) / "build.ninja", compile_cmds, link)
+        _run([ninja, "-C", str(build_dir), "-j", str(jobs)])
+        return output
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(run, cmd) for cmd in compile_cmds]:
+        for future in [pool.submit(_run, cmd) for cmd in compile_cmds]:
             future.result()
-    run(link)
+    _run(link)
     return output
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"command failed: {' '.join(cmd)}\n{result.stdout}{result.stderr}")
+
+
+def find_ninja() -> str | None:
+    """The ninja binary (PATH, or the PyPI ``ninja`` package's); None builds with a thread pool instead."""
+    if os.environ.get("LPA_BUILD_NINJA", "1") == "0":
+        return None
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja as ninja_package
+    except ImportError:
+        return None
+    candidate = Path(ninja_package.BIN_DIR) / "ninja"
+    return str(candidate) if candidate.is_file() else None
+
+
+def write_ninja_file(path: Path, compile_cmds: list[list[str]], link: list[str]) -> None:
+    """A ``build.ninja`` with one compile edge per source (``-c SRC -o OBJ`` end each command) and the link."""
+    lines = [
+        "ninja_required_version = 1.3",
+        "rule compile",
+        "  command = $cmd -MD -MF $out.d",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = nvcc $in",
+        "rule link",
+        "  command = $cmd",
+        "  description = link $out",
+    ]
+    escape = lambda p: p.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")  # noqa: E731
+    for cmd in compile_cmds:
+        source, obj = cmd[-3], cmd[-1]
+        lines += [f"build {escape(obj)}: compile {escape(source)}", f"  cmd = {shlex.join(cmd)}"]
+    objects = " ".join(escape(o) for o in link[5:])
+    lines += [f"build {escape(link[4])}: link {objects}", f"  cmd = {shlex.join(link)}"]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def extension_filename(name: str = "_lpa_cuda") -> str:

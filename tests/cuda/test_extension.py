@@ -80,3 +80,20 @@ def test_build_jobs_are_capped(monkeypatch):
     assert 1 <= _cuda_build.parallel_jobs() <= len(_cuda_build.SOURCES)
     monkeypatch.setenv("LPA_BUILD_JOBS", "1")
     assert _cuda_build.parallel_jobs() == 1
+
+
+@pytest.mark.skipif(_cuda_build.find_nvcc() is None or _cuda_build.find_ninja() is None, reason="needs nvcc and ninja")
+def test_jit_build_with_ninja_loads_the_module_and_rebuilds_nothing_when_unchanged(monkeypatch, tmp_path):
+    """The just-in-time path: ninja compiles csrc/ into the cache on first use, the module loads, and a
+    second build with unchanged sources recompiles no object."""
+    monkeypatch.setenv("LPA_CUDA_CACHE", str(tmp_path))
+    monkeypatch.setenv("LPA_CUDA_ARCH", "80")  # one arch keeps the test short
+    module = _cuda_ext._jit_build()
+    assert hasattr(module, "perturb_forward") and module.runtime_info()["runtime_version"] >= 11000
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (folder / "obj" / "build.ninja").is_file(), "the JIT build did not go through ninja"
+    objects = sorted((folder / "obj").glob("*.o"))
+    stamps = [o.stat().st_mtime_ns for o in objects]
+    output = folder / _cuda_build.extension_filename()
+    _cuda_build.build(output, folder / "obj")
+    assert [o.stat().st_mtime_ns for o in objects] == stamps, "ninja recompiled objects whose sources did not change"
