@@ -105,3 +105,19 @@ def check_per_class(name: str, value: object, num_classes: int, positive: bool, 
         rule = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be {rule} for every class, got {value}")
     return value
+
+
+def check_grad_out(grad_out: object, h: object, mode: object, delta_shape: Sequence[int], delta_name: str = "delta") -> None:
+    """The class-gradient inputs: ``grad_out (B, *F)`` float with ``delta_shape`` broadcastable to ``F``,
+    a known ``mode``, and ``h`` of ``grad_out``'s shape (required for ``scale``, whose gradient is ``grad_out * h``)."""
+    check_float("grad_out", grad_out)
+    check_choice("mode", mode, MODES)
+    if grad_out.dim() < 1:
+        raise ValueError("grad_out must have shape (B, *F), got a 0-d tensor")
+    check_delta_shape(delta_shape, grad_out.shape[1:], name=delta_name)
+    if mode == "scale" and h is None:
+        raise ValueError("h is required for mode='scale' (the gradient w.r.t. delta is grad_out * h)")
+    if h is not None:
+        check_float("h", h)
+        if h.shape != grad_out.shape:
+            raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")

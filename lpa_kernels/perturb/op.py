@@ -159,22 +159,12 @@ def class_grad(
     from the batch get zero. The fast backends reduce per class in a fixed order, so the result is the
     same from run to run (deterministic) whether or not ``torch.use_deterministic_algorithms`` is on.
     """
-    _checks.check_float("grad_out", grad_out)
-    _checks.check_choice("mode", mode, _checks.MODES)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     delta_shape = tuple(int(s) for s in delta_shape)
     if not delta_shape or delta_shape[0] != num_classes:
         raise ValueError(f"delta_shape must start with num_classes={num_classes}, got {delta_shape}")
-    if grad_out.dim() < 1:
-        raise ValueError("grad_out must have shape (B, *F), got a 0-d tensor")
-    _checks.check_delta_shape(delta_shape, grad_out.shape[1:], name="delta_shape")
-    if mode == "scale" and h is None:
-        raise ValueError("h is required for mode='scale' (the gradient w.r.t. delta is grad_out * h)")
-    if h is not None:
-        _checks.check_float("h", h)
-        if h.shape != grad_out.shape:
-            raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")
+    _checks.check_grad_out(grad_out, h, mode, delta_shape, delta_name="delta_shape")
     if delta is not None:
         _checks.check_float("delta", delta)
         if tuple(delta.shape) != delta_shape:

@@ -122,17 +122,7 @@ def class_grad_pgd_step_(
     ``mode="scale"``. Returns ``delta``, updated in place.
     """
     step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
-    _checks.check_float("grad_out", grad_out)
-    _checks.check_choice("mode", mode, _checks.MODES)
-    if grad_out.dim() < 1:
-        raise ValueError("grad_out must have shape (B, *F), got a 0-d tensor")
-    _checks.check_delta_shape(delta.shape, grad_out.shape[1:])
-    if mode == "scale" and h is None:
-        raise ValueError("h is required for mode='scale' (the gradient w.r.t. delta is grad_out * h)")
-    if h is not None:
-        _checks.check_float("h", h)
-        if h.shape != grad_out.shape:
-            raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")
+    _checks.check_grad_out(grad_out, h, mode, delta.shape)
     device = _checks.check_same_device(delta=delta, grad_out=grad_out, labels=labels, h=h)
     _checks.check_labels(labels, grad_out.shape[0], delta.shape[0])
     backend = _backend.resolve(backend, device)
