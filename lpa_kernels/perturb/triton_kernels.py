@@ -6,12 +6,15 @@ Flattened view used by every launcher: ``h (B, F)``, ``labels (B,)``, ``delta (K
 ``R = outer * inner`` features each; ``grad_delta[c, d]`` sums one group over the samples of class c.
 
 Backward is a deterministic segmented reduction: the samples are ordered by class (stable sort, so
-the order is fixed), and program ``(c, d-block)`` walks the ``n_c * R`` rows ``(sample, r)`` of its
-class in tiles, accumulating ``grad_delta`` in float32 (float64 for float64 inputs) and writing
+the order is fixed) into at most ``min(B, K)`` segments, one per class present (``class_segments``),
+and program ``(segment, d-block)`` walks the ``n_c * R`` rows ``(sample, r)`` of its class in tiles,
+accumulating ``grad_delta`` in float32 (float64 for float64 inputs) and writing
 ``grad_h`` for the same tile: every element of ``grad_out`` is read once and ``grad_h`` written once.
 When that gives too few programs to fill the device (few classes, or one dominant class, with
 small ``D``), each class's rows are cut into chunks of CHUNK rows, one program each; programs write
 partial sums and a second small kernel adds each class's partials in chunk order (``chunk_plan``).
+The grids cover segments, not classes, so K >> B launches no empty programs; classes absent from the
+batch get their zero gradient from the zero-filled output instead.
 No atomics anywhere, so the result is bitwise reproducible from run to run.
 """
 
@@ -52,6 +55,27 @@ def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, t
     return order, starts
 
 
+def class_segments(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, segment_class, segment_start)``: sample indices sorted by class (stable), and the
+    ``S = min(B, K)`` segments of that order, one per class present: segment s holds the samples
+    ``order[segment_start[s]:segment_start[s + 1]]``, all of class ``segment_class[s]``. Segments past
+    the classes present are padding: class ``K`` (no class) and no samples. ``S`` is known on the host,
+    so the grids built on it need no device-to-host read; everything here stays on the device."""
+    B = labels.numel()
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order].to(torch.int64)
+    first = torch.ones(B, dtype=torch.bool, device=labels.device)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    segment = torch.cumsum(first, 0) - 1  # the segment of each sorted sample, non-decreasing
+    segments = min(B, num_classes)
+    # Gathers and a binary search rather than scatters: deterministic, and allowed under
+    # torch.use_deterministic_algorithms on every device.
+    segment_start = torch.searchsorted(segment, torch.arange(segments + 1, device=labels.device))
+    first_labels = sorted_labels[segment_start[:-1].clamp_max(B - 1)]
+    segment_class = torch.where(segment_start[:-1] < B, first_labels, num_classes)
+    return order, segment_class, segment_start
+
+
 def reduction_blocks(D: int, inner: int, rows: int) -> tuple[int, int]:
     """``(BLOCK_D, BLOCK_Q)`` for a ``[BLOCK_D, BLOCK_Q]`` tile of ``D`` groups by ``rows`` (sample, r)
     pairs. When ``inner == 1`` the groups are contiguous in memory, so the tile is wide in ``d``;
@@ -69,22 +93,22 @@ def parallel_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def chunk_plan(starts: torch.Tensor, R: int, rows: int, block_q: int, num_d_blocks: int):
-    """How to split the classes' rows across programs when one program per (class, d-block) would
-    leave the device idle (few classes, or one dominant class): ``(CHUNK, chunk_class, first_chunk)``
-    with class c owning chunks ``first_chunk[c]:first_chunk[c + 1]`` (at least one, so absent classes
-    get their zero) and ``chunk_class`` mapping each of the ``K + cdiv(rows, CHUNK)`` programs (an
-    upper bound on the chunk count, known without reading the counts back to the host) to its class.
+def chunk_plan(segment_start: torch.Tensor, R: int, rows: int, block_q: int, num_d_blocks: int):
+    """How to split the segments' rows across programs when one program per (segment, d-block) would
+    leave the device idle (few classes, or one dominant class): ``(CHUNK, chunk_segment, first_chunk)``
+    with segment s owning chunks ``first_chunk[s]:first_chunk[s + 1]`` (none for a padding segment)
+    and ``chunk_segment`` mapping each of the ``S + cdiv(rows, CHUNK)`` programs (an upper bound on the
+    chunk count, known without reading the counts back to the host) to its segment.
     None when no split is needed."""
-    num_classes = starts.numel() - 1
-    target = parallel_programs(starts.device)
-    if num_classes * num_d_blocks >= target or rows <= block_q:
+    segments = segment_start.numel() - 1
+    target = parallel_programs(segment_start.device)
+    if segments * num_d_blocks >= target or rows <= block_q:
         return None
     chunk = triton.cdiv(triton.cdiv(rows * num_d_blocks, target), block_q) * block_q
-    chunks = torch.clamp_min(((starts[1:] - starts[:-1]) * R + chunk - 1) // chunk, 1)
-    first_chunk = torch.zeros_like(starts)
+    chunks = ((segment_start[1:] - segment_start[:-1]) * R + chunk - 1) // chunk
+    first_chunk = torch.zeros_like(segment_start)
     torch.cumsum(chunks, 0, out=first_chunk[1:])
-    programs = torch.arange(num_classes + triton.cdiv(rows, chunk), device=starts.device)
+    programs = torch.arange(segments + triton.cdiv(rows, chunk), device=segment_start.device)
     return chunk, torch.searchsorted(first_chunk[1:], programs, right=True), first_chunk
 
 
@@ -110,10 +134,11 @@ def _forward_kernel(
 
 
 @triton.jit
-def class_span(starts_ptr, c, R):
-    """``(start, rows)``: class c's samples begin at ``order[start]`` and span ``rows`` (sample, r) rows."""
-    start = tl.load(starts_ptr + c)
-    return start, (tl.load(starts_ptr + c + 1) - start) * R
+def segment_span(segment_class_ptr, segment_start_ptr, s, R):
+    """``(c, start, rows)``: segment s holds class c, whose samples begin at ``order[start]`` and span
+    ``rows`` (sample, r) rows. A padding segment has ``c == K`` and no rows."""
+    start = tl.load(segment_start_ptr + s)
+    return tl.load(segment_class_ptr + s), start, (tl.load(segment_start_ptr + s + 1) - start) * R
 
 
 @triton.jit
@@ -156,43 +181,51 @@ def class_block_sum(
 
 @triton.jit
 def _backward_kernel(
-    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, sums_ptr, order_ptr, starts_ptr, chunk_class_ptr, first_chunk_ptr,
-    K, F, D, inner, R, num_d_blocks, CHUNK,
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, sums_ptr, order_ptr, segment_class_ptr, segment_start_ptr,
+    chunk_segment_ptr, first_chunk_ptr, K, S, F, D, inner, R, num_d_blocks, CHUNK,
     SPLIT: tl.constexpr, SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # Program (g, d-block) writes row g of sums (K, D). With SPLIT, g is a chunk of CHUNK rows of
-    # class chunk_class[g] and sums holds per-chunk partial sums; padding programs past the last chunk
-    # (chunk_class == K) fall on an empty row range. The grid is 1-D: no grid-dimension limit.
+    # Without SPLIT, program (segment g, d-block) writes row c of grad_delta (K, D) for the class c of
+    # its segment; padding segments (c == K) write nothing. With SPLIT, g is a chunk of CHUNK rows of
+    # segment chunk_segment[g] and writes row g of the per-chunk partial sums; padding programs past
+    # the last chunk (chunk_segment == S) fall on an empty row range. The grid is 1-D: no grid limit.
     pid = tl.program_id(0)
     g, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
     if SPLIT:
-        c = tl.minimum(tl.load(chunk_class_ptr + g), K - 1)
-        start, rows = class_span(starts_ptr, c, R)
-        row_lo = (g - tl.load(first_chunk_ptr + c)) * CHUNK
+        s = tl.minimum(tl.load(chunk_segment_ptr + g), S - 1)
+        c, start, rows = segment_span(segment_class_ptr, segment_start_ptr, s, R)
+        row_lo = (g - tl.load(first_chunk_ptr + s)) * CHUNK
         row_hi = tl.minimum(row_lo + CHUNK, rows)
+        out_row, written = g, D
     else:
-        c = g
-        start, row_hi = class_span(starts_ptr, c, R)
+        c, start, row_hi = segment_span(segment_class_ptr, segment_start_ptr, g, R)
         row_lo = 0
+        out_row, written = c, tl.where(c < K, D, 0)
+    # Clamped so that a padding segment's (unused) load of delta[c] stays in bounds.
     total = class_block_sum(
-        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, c, start, row_lo, row_hi, d0, F, D, inner, R,
-        SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q,
+        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, tl.minimum(c, K - 1), start, row_lo, row_hi,
+        d0, F, D, inner, R, SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q,
     )
     d = d0 + tl.arange(0, BLOCK_D)
-    tl.store(sums_ptr + g.to(tl.int64) * D + d, total.to(sums_ptr.dtype.element_ty), mask=d < D)
+    tl.store(sums_ptr + out_row.to(tl.int64) * D + d, total.to(sums_ptr.dtype.element_ty), mask=d < written)
 
 
 @triton.jit
-def _sum_chunks_kernel(partial_ptr, first_chunk_ptr, grad_delta_ptr, D, num_d_blocks, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grad_delta[c] = the partial sums of class c's chunks, added in chunk order (deterministic).
+def _sum_chunks_kernel(
+    partial_ptr, segment_class_ptr, first_chunk_ptr, grad_delta_ptr, K, D, num_d_blocks,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grad_delta[c] = the partial sums of the chunks of c's segment, added in chunk order
+    # (deterministic); padding segments (c == K) write nothing.
     pid = tl.program_id(0)
-    c, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    s, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
+    c = tl.load(segment_class_ptr + s)
     d = d0 + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for j in range(tl.load(first_chunk_ptr + c), tl.load(first_chunk_ptr + c + 1)):
+    for j in range(tl.load(first_chunk_ptr + s), tl.load(first_chunk_ptr + s + 1)):
         acc += tl.load(partial_ptr + j * D + d, mask=d < D, other=0)
-    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, acc.to(grad_delta_ptr.dtype.element_ty), mask=d < D)
+    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, acc.to(grad_delta_ptr.dtype.element_ty), mask=d < tl.where(c < K, D, 0))
 
 
 def perturb_forward(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str) -> torch.Tensor:
@@ -238,36 +271,39 @@ def perturb_backward(
     B, F = grad_out.shape
     scale = mode == "scale"
     grad_h = new_output((B, F), grad_out.dtype, grad_out.device) if need_grad_h else None
-    grad_delta = new_output((num_classes, per_class), grad_delta_dtype, grad_out.device)
-    if grad_delta.numel() == 0:
+    # Zero-filled rather than new_output (no NaN poisoning): no kernel writes the rows of classes
+    # absent from the batch, by design, so this fill is their result, not a placeholder.
+    grad_delta = torch.zeros((num_classes, per_class), dtype=grad_delta_dtype, device=grad_out.device)
+    if grad_delta.numel() == 0 or B == 0:
         return grad_h, grad_delta
     kgrad_out, kh, kdelta = (kernel_dtype_view(t) for t in (grad_out, h, delta))
     kgrad_h = grad_h if grad_h is None or kgrad_out.dtype == grad_h.dtype else new_output((B, F), kgrad_out.dtype, grad_out.device)
-    kgrad_delta = grad_delta if interpreter_dtype(grad_delta_dtype) == grad_delta_dtype else new_output(
-        (num_classes, per_class), torch.float32, grad_out.device)
-    order, starts = class_order(labels, num_classes)
+    kgrad_delta = kernel_dtype_view(grad_delta)
+    order, segment_class, segment_start = class_segments(labels, num_classes)
+    segments = segment_class.numel()
     R = F // per_class
     block_d, block_q = reduction_blocks(per_class, inner, B * R)
     num_d_blocks = triton.cdiv(per_class, block_d)
-    plan = chunk_plan(starts, R, B * R, block_q, num_d_blocks)
+    plan = chunk_plan(segment_start, R, B * R, block_q, num_d_blocks)
     acc = accumulator(grad_out, h, delta)
-    if plan is None:  # one program per (class, d-block) sums straight into grad_delta
-        chunk, chunk_class, first_chunk, sums = 0, starts, starts, kgrad_delta
+    if plan is None:  # one program per (segment, d-block) sums straight into grad_delta
+        chunk, chunk_segment, first_chunk, sums, programs = 0, segment_start, segment_start, kgrad_delta, segments
     else:
-        chunk, chunk_class, first_chunk = plan
-        sums_dtype = accumulator_dtype(grad_out, h, delta)
-        sums = torch.empty((chunk_class.numel(), per_class), dtype=sums_dtype, device=grad_out.device)
+        chunk, chunk_segment, first_chunk = plan
+        programs = chunk_segment.numel()
+        sums = torch.empty((programs, per_class), dtype=accumulator_dtype(grad_out, h, delta), device=grad_out.device)
     # Unused pointer arguments get grad_out as a stand-in; the constexpr flags keep them unread.
-    _backward_kernel[(sums.shape[0] * num_d_blocks,)](
+    _backward_kernel[(programs * num_d_blocks,)](
         kgrad_out, kgrad_out if kh is None else kh, kgrad_out if kdelta is None else kdelta,
-        kgrad_out if kgrad_h is None else kgrad_h, sums, order, starts, chunk_class, first_chunk,
-        num_classes, F, per_class, inner, R, num_d_blocks, chunk,
+        kgrad_out if kgrad_h is None else kgrad_h, sums, order, segment_class, segment_start, chunk_segment, first_chunk,
+        num_classes, segments, F, per_class, inner, R, num_d_blocks, chunk,
         SPLIT=plan is not None, SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
     )
     if plan is not None:
         block = min(triton.next_power_of_2(per_class), 1024)
         num_blocks = triton.cdiv(per_class, block)
-        _sum_chunks_kernel[(num_classes * num_blocks,)](sums, first_chunk, kgrad_delta, per_class, num_blocks, ACC=acc, BLOCK_D=block)
+        _sum_chunks_kernel[(segments * num_blocks,)](
+            sums, segment_class, first_chunk, kgrad_delta, num_classes, per_class, num_blocks, ACC=acc, BLOCK_D=block)
     if kgrad_h is not grad_h:
         grad_h.copy_(kgrad_h)
     if kgrad_delta is not grad_delta:

@@ -6,10 +6,12 @@ One program per class c updates ``delta[c] (D,)`` in place, looping over D in bl
 2. ``linf``: write ``clamp(delta + step * dir * sign(g), -eps, eps)``;
    ``l2``: compute ``new = delta + step * dir * g / (||g|| + 1e-12)`` and ``||new||^2``, then write
    ``new`` scaled back onto the ball ``||new|| <= eps``.
-The fused kernel first reduces ``g_c`` from ``grad_out`` (the same segmented reduction as
-``perturb``'s backward, one class per program) into a float32 (float64) scratch row, then runs the same update. NaN propagates as in
-the reference: a NaN gradient counts as non-zero, and no min/max drops it.
-Known limit: K programs in all, so few classes with large D use few of a GPU's cores.
+The fused kernel runs one program per segment of the class-sorted batch (``class_segments``: at most
+``min(B, K)``, one per class present), reduces ``g_c`` from ``grad_out`` (the same segmented reduction
+as ``perturb``'s backward) into a float32 (float64) scratch row, then runs the same update. Classes
+absent from the batch have a zero gradient, so they keep their delta: no program touches them.
+NaN propagates as in the reference: a NaN gradient counts as non-zero, and no min/max drops it.
+Known limit: one program per class present, so few classes with large D use few of a GPU's cores.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 from lpa_kernels.perturb.triton_kernels import (
-    accumulator, accumulator_dtype, class_block_sum, class_order, class_span, kernel_dtype_view, reduction_blocks,
+    accumulator, accumulator_dtype, class_block_sum, class_segments, kernel_dtype_view, reduction_blocks, segment_span,
 )
 
 # Block of D one update pass handles at a time (one class row per program).
@@ -90,24 +92,28 @@ def _pgd_step_kernel(
 
 @triton.jit
 def _class_grad_pgd_step_kernel(
-    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, order_ptr, starts_ptr, step_ptr, eps_ptr, direction_ptr,
-    F, D, inner, R,
+    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, order_ptr, segment_class_ptr, segment_start_ptr,
+    step_ptr, eps_ptr, direction_ptr, K, F, D, inner, R,
     SCALE: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    row = c.to(tl.int64) * D
-    start, rows = class_span(starts_ptr, c, R)
+    # Program s updates the class c of segment s, reducing into scratch row s. A padding segment
+    # (c == K) has no rows, hence a zero gradient, so _update_class writes nothing; clamping c keeps
+    # its reads of delta, step, eps and direction in bounds.
+    s = tl.program_id(0)
+    c, start, rows = segment_span(segment_class_ptr, segment_start_ptr, s, R)
+    c = tl.minimum(c, K - 1)
+    row, scratch_row = c.to(tl.int64) * D, s.to(tl.int64) * D
     for d0 in range(0, D, BLOCK_D):
         g = class_block_sum(
             grad_out_ptr, h_ptr, delta_ptr, grad_out_ptr, order_ptr, c, start, 0, rows, d0, F, D, inner, R,
             SCALE, False, ACC, BLOCK_D, BLOCK_Q,
         )
         d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(scratch_ptr + row + d, g, mask=d < D)
+        tl.store(scratch_ptr + scratch_row + d, g, mask=d < D)
     # The scratch row is read back by other threads of this program than those that wrote it.
     tl.debug_barrier()
-    active, sumsq = _gradient_stats(scratch_ptr + row, D, ACC, BLOCK_D)
-    _update_class(delta_ptr + row, scratch_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, sumsq, L2, ACC, BLOCK_D)
+    active, sumsq = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_D)
+    _update_class(delta_ptr + row, scratch_ptr + scratch_row, c, D, step_ptr, eps_ptr, direction_ptr, active, sumsq, L2, ACC, BLOCK_D)
 
 
 def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
@@ -150,14 +156,15 @@ def class_grad_pgd_step(
     contiguous and updated in place."""
     K, D = delta.shape
     B, F = grad_out.shape
-    if delta.numel() == 0:
+    if delta.numel() == 0 or B == 0:  # an empty batch leaves every class's delta as it is
         return
     kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
-    scratch = torch.empty((K, D), dtype=accumulator_dtype(delta, grad_out, h), device=delta.device)
-    order, starts = class_order(labels, K)
+    order, segment_class, segment_start = class_segments(labels, K)
+    segments = segment_class.numel()
+    scratch = torch.empty((segments, D), dtype=accumulator_dtype(delta, grad_out, h), device=delta.device)
     R = F // D
     block_d, block_q = reduction_blocks(D, inner, B * R)
-    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(K,)](
-        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, order, starts, step, eps, direction,
-        F, D, inner, R, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h), BLOCK_D=block_d, BLOCK_Q=block_q,
+    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(segments,)](
+        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, order, segment_class, segment_start,
+        step, eps, direction, K, F, D, inner, R, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h), BLOCK_D=block_d, BLOCK_Q=block_q,
     ))

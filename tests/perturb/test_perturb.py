@@ -173,6 +173,34 @@ def test_backward_with_a_dominant_class_split_across_programs(target, layout, mo
     check_perturb(backend, h, labels, delta, grad_out, mode)
 
 
+# K = 10,000 classes, 7 samples of 4 classes (the last class id among them); the second shape has
+# one number per class and enough rows per class that the reduction runs in chunks.
+MANY_CLASSES = 10_000
+FEW_PRESENT = [9999, 3, 4321, 3, 0, 9999, 3]
+
+
+def absent_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(num_classes,)`` bool: True for the classes with no sample in ``labels``."""
+    absent = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
+    absent[labels] = False
+    return absent
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("features, per_class", [((13,), (13,)), ((5, 300), ())], ids=["D13", "D1_chunked"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_perturb_and_class_grad_with_far_more_classes_than_samples(target, features, per_class, mode):
+    """The reductions cover only the classes present; every absent class gets an exact zero."""
+    backend, device = target
+    labels = torch.tensor(FEW_PRESENT, device=device)
+    h, labels, delta, grad_out = random_inputs(7, MANY_CLASSES, features, per_class, device=device, labels=labels)
+    check_perturb(backend, h, labels, delta, grad_out, mode)
+    got = class_grad(grad_out, labels, MANY_CLASSES, delta.shape, h=h, mode=mode, backend=backend)
+    ref = naive.class_grad(grad_out.double(), labels, MANY_CLASSES, delta.shape, h=h.double(), mode=mode)
+    assert_close_to_reference(got, ref, what=f"class_grad K={MANY_CLASSES} ({backend}, {mode})")
+    assert not got[absent_classes(labels, MANY_CLASSES)].any(), "classes absent from the batch must get an exactly zero gradient"
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_class_grad_is_bitwise_reproducible(target, mode):

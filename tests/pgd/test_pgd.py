@@ -12,7 +12,7 @@ import torch
 from lpa_kernels import class_grad_pgd_step_, pgd_step_
 from lpa_kernels.pgd import naive
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
-from tests.perturb.test_perturb import LAYOUTS, MODES, TARGETS
+from tests.perturb.test_perturb import FEW_PRESENT, LAYOUTS, MANY_CLASSES, MODES, TARGETS, absent_classes
 
 NORMS = ("linf", "l2")
 K = 5
@@ -116,6 +116,25 @@ def test_class_grad_pgd_step_low_precision_and_edge_batches(target, dtype, norm)
         assert_close_to_reference(got, ref, lowp, what=f"class_grad_pgd_step_ B={batch} {dtype} {norm}")
         if batch == 0:
             assert torch.equal(got, delta), "an empty batch must leave delta unchanged"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_class_grad_pgd_step_with_far_more_classes_than_samples(target, norm):
+    """K = 10,000 classes and 7 samples of 4 of them: only the classes present move; the others keep
+    their delta bit for bit (deltas start outside the eps-ball, so a stray projection would show)."""
+    backend, device = target
+    delta = 2 * torch.randn(MANY_CLASSES, 13, device=device)
+    grad_out, h = torch.randn(2, 7, 13, device=device)
+    labels = torch.tensor(FEW_PRESENT, device=device)
+    step, eps = torch.rand(MANY_CLASSES, device=device) * 0.5, torch.rand(MANY_CLASSES, device=device) + 0.5
+    direction = torch.where(torch.rand(MANY_CLASSES, device=device) < 0.5, -1.0, 1.0)
+    ref = naive.class_grad_pgd_step_(delta.double(), grad_out.double(), labels, step.double(), eps.double(),
+                                     direction.double(), norm, h=h.double(), mode="scale")
+    got = class_grad_pgd_step_(delta.clone(), grad_out, labels, step, eps, direction, norm, h=h, mode="scale", backend=backend)
+    assert_close_to_reference(got, ref, what=f"class_grad_pgd_step_ K={MANY_CLASSES} {norm} ({backend})")
+    absent = absent_classes(labels, MANY_CLASSES)
+    assert torch.equal(got[absent], delta[absent]), "classes absent from the batch must keep their delta"
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
