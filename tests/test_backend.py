@@ -16,6 +16,12 @@ def no_override(monkeypatch):
     monkeypatch.delenv("LPA_BACKEND", raising=False)
 
 
+@pytest.fixture
+def any_interpreter(monkeypatch):
+    """These tests check the resolve rules, not the interpreter's version (which has its own test)."""
+    monkeypatch.setattr(backend, "_old_interpreter_reason", lambda: "")
+
+
 def test_auto_on_cpu_is_the_reference(no_override):
     assert backend.resolve("auto", CPU) == "reference"
 
@@ -36,7 +42,7 @@ def test_auto_on_a_cuda_device_falls_back_to_the_reference_when_nothing_runs(no_
     assert backend.resolve("auto", torch.device("cuda")) == expected
 
 
-def test_lpa_backend_overrides_auto(monkeypatch):
+def test_lpa_backend_overrides_auto(monkeypatch, any_interpreter):
     monkeypatch.setenv("LPA_BACKEND", "reference")
     monkeypatch.setattr(backend, "interpreting", lambda: True)
     assert backend.resolve("auto", CPU) == "reference"
@@ -73,7 +79,7 @@ def test_triton_on_cpu_without_the_interpreter_says_why(monkeypatch):
         backend.resolve("triton", CPU)
 
 
-def test_triton_on_cpu_reads_the_triton_interpret_variable(monkeypatch):
+def test_triton_on_cpu_reads_the_triton_interpret_variable(monkeypatch, any_interpreter):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' is not available for a cpu tensor"):
         backend.resolve("triton", CPU)
@@ -105,3 +111,19 @@ def test_backend_info_reports_every_backend_and_the_versions():
     assert {"triton", "cuda_runtime", "lpa_kernels"} <= set(info["versions"])
     if not torch.cuda.is_available():
         assert not info["cuda"]["available"] and info["cuda"]["reason"]
+
+
+def test_triton_interpreter_older_than_3_9_is_refused_with_the_reason(monkeypatch):
+    """triton 3.6's CPU interpreter cannot run loops with loaded bounds: the backend says so instead of
+    failing inside a kernel."""
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    backend._old_interpreter_reason.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"triton 3\.6\.0.*triton>=3\.9"):
+            backend.resolve("triton", CPU)
+    finally:
+        monkeypatch.undo()
+        backend._old_interpreter_reason.cache_clear()
