@@ -92,7 +92,7 @@ def _head_class_grad_kernel(
             h_tilde = h * (1.0 + d) if SCALE else h + d
             w_t = tl.load(weight_ptr + classes[None, :] * D + cols[:, None],
                           mask=col_ok[:, None] & class_ok[None, :], other=0.0).to(acc_dtype)
-            logits = tl.dot(h_tilde, w_t, logits, input_precision="ieee")
+            logits = tl.dot(h_tilde, w_t, logits, input_precision="ieee", out_dtype=acc_dtype)
         if HAS_BIAS:
             logits += tl.load(bias_ptr + classes, mask=class_ok, other=0.0).to(acc_dtype)[None, :]
         logits = tl.where(class_ok[None, :], logits, float("-inf"))
@@ -106,7 +106,7 @@ def _head_class_grad_kernel(
         row_sum = row_sum * rescale + tl.sum(expo, axis=1)
         w_out = tl.load(weight_ptr + classes[:, None] * D + out_cols[None, :],
                         mask=class_ok[:, None] & out_ok[None, :], other=0.0).to(acc_dtype)
-        p_w = tl.dot(expo, w_out, p_w * rescale[:, None], input_precision="ieee")
+        p_w = tl.dot(expo, w_out, p_w * rescale[:, None], input_precision="ieee", out_dtype=acc_dtype)
         row_max = new_max
 
     # d loss / d h~ = softmax @ W - W[y]; then d h~ / d delta is 1 (add) or h (scale).

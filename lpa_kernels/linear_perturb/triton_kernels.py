@@ -31,10 +31,12 @@ from lpa_kernels._common import compute_dtype, new_output
 from lpa_kernels.backend import interpreting
 from lpa_kernels.perturb.triton_kernels import accumulator, class_order, kernel_dtype_view
 
-SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
-GELU_TANH_CUBIC = 0.044715
+# constexpr: a compiled (GPU) kernel may read only constexpr globals (the interpreter reads any). A
+# constexpr times a tensor stays a constexpr under the interpreter, so the kernels write tensor * constant.
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _activation(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu":
         a = 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == "gelu_tanh":
-        a = z * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z * z * z))
+        a = z * tl.sigmoid((z + z * z * z * GELU_TANH_CUBIC) * (2.0 * SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         a = z * tl.sigmoid(z)
     else:
@@ -63,9 +65,9 @@ def _activation_derivative(z, ACTIVATION: tl.constexpr):
         d = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACTIVATION == "gelu_tanh":
         # with s = sigmoid(2u): d/dz [z s] = s + 2 z s (1 - s) u'(z); 1 - s = sigmoid(-2u) without cancellation
-        two_u = 2.0 * SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z * z * z)
+        two_u = (z + z * z * z * GELU_TANH_CUBIC) * (2.0 * SQRT_2_OVER_PI)
         s = tl.sigmoid(two_u)
-        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * z * z)
+        du = (1.0 + z * z * (3.0 * GELU_TANH_CUBIC)) * SQRT_2_OVER_PI
         d = s + 2.0 * z * s * tl.sigmoid(-two_u) * du
     elif ACTIVATION == "silu":
         s = tl.sigmoid(z)
@@ -109,7 +111,7 @@ def _linear_perturb_forward_kernel(
         k_ok = (k + ks) < IN
         x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
