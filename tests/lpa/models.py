@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpa_programs.models import BasicBlock  # the residual block of lpa-train's CIFAR ResNet
+
 NUM_CLASSES = 4
 
 
@@ -13,30 +15,13 @@ def mlp(dtype=torch.float64, dropout=0.0) -> nn.Sequential:
                          nn.Linear(7, NUM_CLASSES)).to(dtype)
 
 
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class TinyResNet(nn.Module):
     def __init__(self, num_classes=NUM_CLASSES):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(Block(4, 4, 1), Block(4, 4, 1))
-        self.layer2 = nn.Sequential(Block(4, 6, 2))
+        self.layer1 = nn.Sequential(BasicBlock(4, 4, 1), BasicBlock(4, 4, 1))
+        self.layer2 = nn.Sequential(BasicBlock(4, 6, 2))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, num_classes)
 
