@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 DEFAULT_LAYER = "features"
+# build_model's sizes when --width / --depth are not given: MLP width and hidden layers, ResNet base
+# channels and blocks per stage (3: ResNet-20).
+MODEL_SIZES = {"mlp": {"width": 128, "depth": 2}, "resnet": {"width": 16, "depth": 3}}
 
 
 class MLP(nn.Module):
@@ -75,5 +78,9 @@ class ResNet(nn.Module):
 def build_model(dataset, width: int | None = None, depth: int | None = None) -> nn.Module:
     """The default model for a :class:`~lpa_programs.data.Dataset`: ResNet for images, MLP otherwise."""
     if dataset.is_image:
-        return ResNet(dataset.num_classes, dataset.x_train.shape[1], width=width or 16, blocks=depth or 3)
-    return MLP(dataset.x_train[0].numel(), dataset.num_classes, width=width or 128, depth=depth or 2)
+        size = MODEL_SIZES["resnet"]
+        return ResNet(dataset.num_classes, dataset.x_train.shape[1], width=width or size["width"],
+                      blocks=depth or size["depth"])
+    size = MODEL_SIZES["mlp"]
+    return MLP(dataset.x_train[0].numel(), dataset.num_classes, width=width or size["width"],
+               depth=depth or size["depth"])

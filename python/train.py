@@ -11,12 +11,15 @@ CPU time; LPA's settings are LPAConfig's defaults). Examples::
     lpa-train --method lpa --layer features.1 --mode scale   # perturb an inner layer
     lpa-train --dataset cifar10-lt --imbalance 100 --data-dir ~/data --device cuda --epochs 200
 
-``--json PATH`` writes one object: ``command``, ``date``, ``commit``, ``args`` (every option),
-``dataset`` (``name``, ``num_classes``, ``train_counts``, ``test_counts``, ``shot_rule``, ``groups``),
-``runs`` (one per method and seed: ``method``, ``seed``, ``overall``, ``many``, ``medium``, ``few``,
-``per_class`` (accuracies in %), ``sec_per_step`` (median), ``train_seconds``, ``steps``, ``config``,
-``stats`` (``method.stats()``)) and ``summary`` (per method: ``mean``/``std``/``n`` of each figure over
-the seeds, and the mean of each ``stats`` count).
+Every option and setting is checked before any training: a mistake exits with status 2 and one
+``lpa-train: error: ...`` line. ``--json PATH`` writes one object, rewritten after every run (so a
+failure late in a long job loses nothing): ``command``, ``date``, ``commit``, ``args`` (every option),
+``device``, ``dataset`` (``name``, ``num_classes``, ``train_counts``, ``test_counts``, ``shot_rule``,
+``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
+``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``sec_per_step``
+(median), ``train_seconds``, ``steps``, ``config``, ``stats`` (``method.stats()``), ``pgd_path``) and
+``summary`` (per method: ``mean``/``std``/``n`` of each figure over the seeds, the mean of each
+``stats`` count and ``pgd_path``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import shlex
 import statistics
@@ -36,12 +38,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lpa_kernels.backend import BACKENDS, resolve
 from lpa_kernels.lpa import METHODS, LPAConfig, build_method
-from lpa_programs.data import DATASETS, Dataset, augment_images, load, shot_groups
-from lpa_programs.models import DEFAULT_LAYER, build_model
+from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_images, load, shot_groups
+from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
+from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
 
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
-# CLI options that are LPAConfig fields; left unset, LPAConfig's own defaults apply.
+# CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
 CONFIG_OPTIONS = {
     "mode": dict(choices=("add", "scale"), help="perturbation: h + delta[y] or h * (1 + delta[y])"),
     "norm": dict(choices=("linf", "l2"), help="PGD norm ball"),
@@ -52,7 +56,9 @@ CONFIG_OPTIONS = {
                       help="per-class direction policy (+1 ascend / -1 descend the class loss)"),
     "radius": dict(choices=("constant", "confidence", "frequency"), help="per-class radius policy"),
     "gamma": dict(type=float, help="exponent of the frequency radius eps * (n_max / n_c) ** gamma"),
-    "init": dict(choices=("fresh", "carried"), help="delta starts at 0 every batch, or is carried across batches"),
+    "init": dict(choices=("fresh", "carried"),
+                 help="delta starts at 0 every batch, or is carried across batches (default: carried with "
+                      "--steps 0, fresh otherwise)"),
     "delta_shape": dict(choices=("full", "channel", "last"),
                         help="delta per class: the full activation shape, per channel (NCHW) or per last dim"),
     "head": dict(choices=("auto", "always", "never"), help="use the fused linear-head PGD fast path"),
@@ -64,48 +70,66 @@ CONFIG_OPTIONS = {
     "mixup_alpha": dict(type=float, help="Beta(alpha, alpha) of the manifold-mixup baseline"),
     "adv_eps": dict(type=float, help="radius of the sample-level adversarial feature baseline"),
 }
+CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(LPAConfig)}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to each option's help once; not where the default is None or a flag's
+    False (the help says what applies then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or action.nargs == 0:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{action.help} (default: {shown.replace('%', '%%')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lpa-train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mlp, resnet = MODEL_SIZES["mlp"], MODEL_SIZES["resnet"]
+    summary, examples = __doc__.replace("``", "").split("\n\n")[:2]
+    p = Parser(prog="lpa-train", description=summary, epilog=examples, formatter_class=_HelpFormatter)
     p.add_argument("--method", nargs="+", default=["erm", "lpa"], choices=METHODS, metavar="METHOD",
                    help=f"one or more of {', '.join(METHODS)}")
-    p.add_argument("--dataset", default="digits-lt", choices=DATASETS)
-    p.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py / cifar-100-python")
-    p.add_argument("--imbalance", type=float, default=None,
-                   help="n_max / n_min of an -lt training set (default 10, CIFAR 100)")
+    p.add_argument("--dataset", default="digits-lt", choices=DATASETS, metavar="NAME",
+                   help="one of " + ", ".join(DATASETS))
+    p.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py / cifar-100-python (CIFAR only)")
+    p.add_argument("--imbalance", type=number(float, 1), default=None,
+                   help="n_max / n_min of an -lt training set (default: "
+                        + ", ".join(f"{name} {ratio:g}" for name, ratio in DEFAULT_IMBALANCE.items()) + ")")
     p.add_argument("--shot-rule", default="auto", choices=("auto", "thresholds", "terciles"),
                    help="many/medium/few split: >100 / 20..100 / <20 training samples, or count terciles; "
                         "auto = thresholds when each group has at least max(2, K/10) classes")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov momentum 0.9) learning rate, cosine decay")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=None, help="MLP width (128) / ResNet base channels (16)")
-    p.add_argument("--depth", type=int, default=None, help="MLP hidden layers (2) / ResNet blocks per stage (3)")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--epochs", type=number(int, 1), default=60, help="passes over the training set")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="training batch size")
+    p.add_argument("--lr", type=number(float, 0, strict=True), default=0.05,
+                   help="SGD (Nesterov momentum 0.9) learning rate, cosine decay")
+    p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay")
+    p.add_argument("--width", type=number(int, 1), default=None,
+                   help=f"MLP width / ResNet base channels (default: {mlp['width']} / {resnet['width']})")
+    p.add_argument("--depth", type=number(int, 1), default=None,
+                   help=f"MLP hidden layers / ResNet blocks per stage (default: {mlp['depth']} / {resnet['depth']})")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=number(int, 0), nargs="+", default=[0, 1, 2],
                    help="one run per seed; several give mean and std")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=number(int, 1), default=None,
                    help="CPU threads for torch (default: 1 for the small MLP datasets, where threading costs "
                         "more than it saves, torch's default for images)")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
+    p.add_argument("--backend", default=CONFIG_DEFAULTS["backend"], choices=("auto",) + BACKENDS,
                    help="lpa_kernels backend for the perturbation ops")
     p.add_argument("--layer", default=DEFAULT_LAYER,
-                   help="dotted module name whose output is perturbed (default: the penultimate features; "
-                        "e.g. features.1 for the MLP's first hidden layer, features.stage2 for the ResNet)")
+                   help="dotted module name whose output is perturbed: the penultimate features by default; "
+                        "e.g. features.1 for the MLP's first hidden layer, features.stage2 for the ResNet")
     for name, kw in CONFIG_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
-    p.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=CONFIG_DEFAULTS[name], **kw)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write every figure to this JSON file (rewritten after each run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def make_config(args: argparse.Namespace) -> LPAConfig:
-    given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
-    return LPAConfig(backend=args.backend, **given)
+    return LPAConfig(backend=args.backend, **{name: getattr(args, name) for name in CONFIG_OPTIONS})
 
 
 @torch.no_grad()
@@ -127,10 +151,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
               groups: dict[str, list[int]]) -> dict:
     """Train one model with one method and seed; return its figures (see the module docstring)."""
     torch.manual_seed(seed)
-    model = build_model(data, args.width, args.depth).to(device)
-    config = make_config(args)
-    method = build_method(method_name, model, data.num_classes, layer=args.layer, config=config,
-                          class_counts=data.train_counts)
+    model, method = build_run(data, method_name, args, device)
+    config = method.config
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
@@ -180,7 +202,34 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
         config=dataclasses.asdict(config),
         stats={k: v for k, v in method.stats().items() if isinstance(v, (int, float))},
     )
+    result["pgd_path"] = pgd_path(method_name, config, result["stats"])
     return result
+
+
+def build_run(data: Dataset, method_name: str, args: argparse.Namespace, device: torch.device):
+    """A fresh model and the training method ``method_name`` on it."""
+    model = build_model(data, args.width, args.depth).to(device)
+    method = build_method(method_name, model, data.num_classes, layer=args.layer, config=make_config(args),
+                          class_counts=data.train_counts)
+    return model, method
+
+
+def pgd_path(method_name: str, config: LPAConfig, stats: dict) -> str:
+    """Where the PGD steps of a run went: LPA's "fused head" (``head_pgd_``, no autograd forward of the
+    upper network), "autograd" (one upper forward per step), "single pass" (one update per training step
+    from its backward); LPL's on the "logits". The fused path shows in the counts as no upper forward
+    beyond the training forward (``Method.stats``), which is how it is told apart here."""
+    parts = method_name.split("+")
+    paths = []
+    if "lpa" in parts:
+        if config.steps == 0:
+            paths.append("single pass")
+        else:
+            extra_upper = stats["upper_forwards"] / max(stats["training_steps"], 1) - 1
+            paths.append("autograd" if extra_upper >= config.steps else "fused head")
+    if "lpl" in parts:
+        paths.append("logits")
+    return " + ".join(paths) or "-"
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -195,24 +244,28 @@ def summarise(runs: list[dict]) -> dict:
                           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
         keys = dict.fromkeys(k for r in mine for k in r["stats"])
         entry["stats"] = {k: statistics.fmean(r["stats"].get(k, 0) for r in mine) for k in keys}
+        entry["pgd_path"] = mine[0]["pgd_path"]  # the same for every seed: settings and model are
         summary[method] = entry
     return summary
 
 
 def format_table(summary: dict) -> str:
-    """Plain-text table: accuracies in % (mean ± std over seeds), ms per step, forwards per step."""
-    header = ["method", "overall", "many", "medium", "few", "ms/step", "lower fwd/step", "upper fwd/step"]
+    """Plain-text table: accuracies in % (mean ± std over seeds), ms per step, and per training step the
+    forwards of the network below and above the layer (autograd) and the PGD steps, with their path."""
+    header = ["method", "overall", "many", "medium", "few", "ms/step", "lower fwd/step", "upper fwd/step",
+              "PGD steps/step", "PGD path"]
     rows = [header]
     for method, e in summary.items():
         row = [method] + [f"{e[f]['mean']:.2f} ± {e[f]['std']:.2f}" for f in ("overall", "many", "medium", "few")]
         row.append(f"{1e3 * e['sec_per_step']['mean']:.2f}")
         steps = e["stats"].get("training_steps") or 0
-        for key in ("lower_forwards", "upper_forwards"):
+        for key in ("lower_forwards", "upper_forwards", "pgd_steps"):
             row.append(f"{e['stats'][key] / steps:.2f}" if steps and key in e["stats"] else "-")
+        row.append(e["pgd_path"])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -230,51 +283,143 @@ def _commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
+    parser = build_parser()
     try:
-        return _main(build_parser().parse_args(argv), argv)
+        return _main(parser, parser.parse_args(argv), argv)
     finally:
         torch.set_num_threads(threads)  # main() may be called from other programs and tests
 
 
-def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
-    data = load(args.dataset, args.imbalance, args.data_dir)
-    if args.threads or not data.is_image:
-        torch.set_num_threads(args.threads or 1)
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    device, data = check_args(parser, args)
     groups, rule = shot_groups(data.train_counts, args.shot_rule)
-    print(f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test, {data.num_classes} classes, "
-          f"train counts {min(data.train_counts)}..{max(data.train_counts)}; shot groups by {rule}: "
-          + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) + f"; device {device}", flush=True)
-
-    runs = []
+    print_banner(args, device, data, groups, rule)
+    report = {
+        "command": shlex.join(["lpa-train", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "args": vars(args),
+        "device": str(device),
+        "dataset": {"name": data.name, "num_classes": data.num_classes, "train_counts": data.train_counts,
+                    "test_counts": data.test_counts, "shot_rule": rule, "groups": groups},
+        "finished": False,
+        "runs": [],
+        "summary": {},
+    }
+    try:
+        write_report(args, report)
+    except OSError as exc:  # what check_writable cannot foresee (a read-only file system ...)
+        parser.error(f"argument --json: cannot write {args.json}: {exc.strerror or exc}")
     for method in args.method:
         for seed in args.seeds:
-            runs.append(train_one(data, method, seed, args, device, groups))
-            r = runs[-1]
+            r = train_one(data, method, seed, args, device, groups)
+            report["runs"].append(r)
+            report["summary"] = summarise(report["runs"])
+            write_report(args, report)  # after every run: a later failure loses nothing
             if not args.quiet:
                 print(f"  {method:>8} seed {seed}: overall {r['overall']:.2f}  many {r['many']:.2f}  "
                       f"medium {r['medium']:.2f}  few {r['few']:.2f}  ({r['train_seconds']:.1f} s)", flush=True)
-    summary = summarise(runs)
-    print(format_table(summary))
-
+    print(format_table(report["summary"]))
+    report["finished"] = True
+    write_report(args, report)
     if args.json:
-        report = {
-            "command": shlex.join(["lpa-train", *(sys.argv[1:] if argv is None else argv)]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
-            "args": vars(args),
-            "device": str(device),
-            "dataset": {"name": data.name, "num_classes": data.num_classes, "train_counts": data.train_counts,
-                        "test_counts": data.test_counts, "shot_rule": rule, "groups": groups},
-            "runs": runs,
-            "summary": summary,
-        }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {args.json}")
     return 0
+
+
+def write_report(args: argparse.Namespace, report: dict) -> None:
+    if args.json:
+        write_json_atomically(args.json, report)
+
+
+# ---- checks before any training: every user error exits 2 with one line (parser.error) ---------------
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Dataset]:
+    """Check every option that argparse alone cannot, load the data and try one step of each method on a
+    throwaway model, so that a mistake is reported now and not after hours of training."""
+    args.method = list(dict.fromkeys(args.method))
+    device = check_device(parser, args.device)
+    try:
+        make_config(args)
+    except ValueError as exc:
+        parser.error(f"LPA settings: {exc}")
+    try:
+        resolve(args.backend, device)
+    except ValueError as exc:
+        parser.error(f"argument --backend: {exc}")
+    if args.json and check_writable(args.json):
+        parser.error(f"argument --json: {check_writable(args.json)}")
+    data = check_data(parser, args)
+    if args.threads or not data.is_image:
+        torch.set_num_threads(args.threads or 1)
+    for method in args.method:
+        try_one_step(parser, data, method, args, device)
+    return device, data
+
+
+def check_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"argument --device: {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: lpa-train runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"argument --device: {name} asked for, but torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= count:
+            parser.error(f"argument --device: {name} asked for, but torch sees {count} GPU(s)")
+    return device
+
+
+def check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dataset:
+    if args.imbalance is not None and not args.dataset.endswith("-lt"):
+        parser.error(f"argument --imbalance: applies to the -lt datasets only, not {args.dataset}")
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        parser.error(f"argument --data-dir: no such folder: {args.data_dir}")
+    try:
+        return load(args.dataset, args.imbalance,
+                    None if args.data_dir is None else Path(args.data_dir).expanduser())
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(f"argument --dataset: {exc}")
+
+
+def try_one_step(parser: argparse.ArgumentParser, data: Dataset, method_name: str, args: argparse.Namespace,
+                 device: torch.device) -> None:
+    """One training step of ``method_name`` on a throwaway model and a few samples: finds what only the
+    model can tell (--layer, --delta-shape, --head always, a backend's limits) in a fraction of a second.
+    The runs reseed, so this step changes none of their results."""
+    few = min(4, len(data.y_train))
+    try:
+        model, method = build_run(data, method_name, args, device)
+        loss, _ = method.training_loss(data.x_train[:few].to(device), data.y_train[:few].to(device))
+        loss.backward()
+        method.after_backward()
+    except (ValueError, TypeError) as exc:  # the library's messages for bad settings and layers
+        parser.error(f"--method {method_name} cannot train with these settings: {exc}")
+
+
+def print_banner(args: argparse.Namespace, device: torch.device, data: Dataset, groups: dict, rule: str) -> None:
+    """The data, the model, the optimisation and every setting in force for each method."""
+    print(f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test, {data.num_classes} classes, "
+          f"train counts {min(data.train_counts)}..{max(data.train_counts)}; shot groups by {rule}: "
+          + ", ".join(f"{k} {len(v)}" for k, v in groups.items()), flush=True)
+    model = build_model(data, args.width, args.depth)
+    print(f"model {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters), layer "
+          f"{args.layer!r}; {args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr:g} (Nesterov 0.9, "
+          f"cosine), weight decay {args.weight_decay:g}; seeds {' '.join(map(str, args.seeds))}; device {device}"
+          + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""), flush=True)
+    config = make_config(args)
+    for method in args.method:
+        settings = config.settings_for(method)
+        if "backend" in settings:
+            settings["backend"] = f"{config.backend} ({resolve(config.backend, device)} here)"
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
+        print(f"  {method}: {shown}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from lpa_kernels import _checks
+from lpa_kernels.backend import BACKENDS
 
 DIRECTIONS = ("confidence", "frequency", "ascent", "descent", "loss_trend")
 RADII = ("constant", "confidence", "frequency")
 INITS = ("fresh", "carried")
 DELTA_SHAPES = ("full", "channel", "last")
 HEAD_PATHS = ("auto", "always", "never")
+
+
+# The fields each method reads (the per-class policies serve LPA and LPL alike); ``settings_for`` shows
+# a user the settings in force, so a banner or repr does not list the baselines' knobs for LPA.
+_POLICY = ("direction", "radius", "gamma", "trend_momentum")
+_LPA = ("mode", "norm", "eps", "step_size", "steps", "init", "delta_shape", "head") + _POLICY
+_LPL = ("lpl_eps", "lpl_step_size", "lpl_steps") + _POLICY
+METHOD_SETTINGS = {
+    "erm": (), "dropout": ("dropout_p",), "noise": ("noise_std",), "mixup": ("mixup_alpha",), "adv": ("adv_eps",),
+    "lpa": _LPA + ("backend",), "lpl": _LPL + ("backend",), "lpa+lpl": tuple(dict.fromkeys(_LPA + _LPL)) + ("backend",),
+}
 
 
 @dataclass
@@ -57,6 +69,7 @@ class LPAConfig:
     def __post_init__(self):
         _checks.check_choice("mode", self.mode, _checks.MODES)
         _checks.check_choice("norm", self.norm, _checks.NORMS)
+        _checks.check_choice("backend", self.backend, ("auto",) + BACKENDS)
         if not isinstance(self.direction, torch.Tensor):
             _checks.check_choice("direction", self.direction, DIRECTIONS)
         _checks.check_choice("radius", self.radius, RADII)
@@ -67,18 +80,26 @@ class LPAConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("eps", "lpl_eps", "mixup_alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            _check_number(self, name, "> 0", lambda v: v > 0)
         for name in ("step_size", "lpl_step_size", "noise_std", "adv_eps", "gamma"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.dropout_p < 1:
-            raise ValueError(f"dropout_p must lie in [0, 1), got {self.dropout_p!r}")
-        if not 0 <= self.trend_momentum < 1:
-            raise ValueError(f"trend_momentum must lie in [0, 1), got {self.trend_momentum!r}")
+            _check_number(self, name, ">= 0", lambda v: v >= 0)
+        for name in ("dropout_p", "trend_momentum"):
+            _check_number(self, name, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.init is None:
             self.init = "carried" if self.steps == 0 else "fresh"
         _checks.check_choice("init", self.init, INITS)
         if self.steps == 0 and self.init != "carried":
             raise ValueError("steps=0 (single-pass mode) needs init='carried': delta is updated once per "
                              "training step and must be kept across batches")
+
+
+    def settings_for(self, method: str) -> dict:
+        """``{field: value}`` of the settings the method ``method`` (a ``METHODS`` name) reads."""
+        return {name: getattr(self, name) for name in METHOD_SETTINGS[method]}
+
+
+def _check_number(config: LPAConfig, name: str, rule: str, holds: Callable[[float], bool]) -> None:
+    """A real number (int or float, not bool; NaN fails every rule) for which ``holds`` is true."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not holds(value):
+        raise ValueError(f"{name} must be a number {rule}, got {value!r}")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from lpa_kernels import _checks
 from lpa_kernels._common import compute_dtype
@@ -61,6 +61,13 @@ class Method:
         # where BatchNorm statistics must not move during extra upper forwards
         self._norm_scope = self.split.upper if isinstance(self.split.upper, nn.Module) else model
         self._counts = dict(lower_forwards=0, upper_forwards=0, training_steps=0, pgd_steps=0)
+
+    def __repr__(self) -> str:
+        delta = getattr(self, "delta", None)  # the class-perturbation methods' learned state
+        shown = "" if delta is None else f", delta={tuple(delta.shape)}"
+        settings = "".join(f", {k}={v!r}" for k, v in self.config.settings_for(self.name).items())
+        return (f"{type(self).__name__}({self.name!r}, layer={self.layer!r}, num_classes={self.num_classes}"
+                f"{shown}{settings})")
 
     def _lower(self, x):
         self._counts["lower_forwards"] += 1
@@ -311,4 +318,25 @@ def build_method(name: str, model: nn.Module, num_classes: int, layer: str | Non
     class, for the "frequency" direction and radius policies."""
     if name not in _BUILDERS:
         raise ValueError(f"name must be one of {', '.join(map(repr, METHODS))}; got {name!r}")
-    return _BUILDERS[name](model, num_classes, layer, config, class_counts, lower, upper)
+    method = _BUILDERS[name](model, num_classes, layer, config, class_counts, lower, upper)
+    classifier = _output_linear(method.split.upper)
+    if classifier is not None and classifier.out_features != num_classes:
+        # caught here, not at the first batch holding a label >= num_classes (or never, for LPA's deltas)
+        raise ValueError(f"num_classes={num_classes} but the model's final nn.Linear has out_features="
+                         f"{classifier.out_features}: pass the number of classes the model predicts")
+    return method
+
+
+def _output_linear(upper: Callable) -> nn.Linear | None:
+    """The ``nn.Linear`` whose output is ``upper``'s output (the classifier), where the split shows one:
+    ``upper`` is that Linear, or an fx graph whose output node calls it."""
+    if type(upper) is nn.Linear:
+        return upper
+    if not isinstance(upper, fx.GraphModule):
+        return None
+    (result,) = [n for n in upper.graph.nodes if n.op == "output"]
+    last = result.args[0]
+    if not isinstance(last, fx.Node) or last.op != "call_module":
+        return None
+    module = upper.get_submodule(last.target)
+    return module if type(module) is nn.Linear else None

@@ -1,6 +1,7 @@
 """The controller around the PGD: model splitting, call counts, eval mode, LPL, baselines, diagnostics."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -266,3 +267,45 @@ def test_state_dict_round_trip_restores_the_carried_deltas():
     assert torch.equal(restored.delta, trained.delta) and torch.equal(restored.logit_delta, trained.logit_delta)
     with pytest.raises(ValueError, match="logit_delta"):
         build_method("lpa", mlp(), NUM_CLASSES, layer="3").load_state_dict(state)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("backend", "gpu", "backend must be one of 'auto', 'reference', 'triton', 'cuda'; got 'gpu'"),
+    ("mode", "multiply", "mode must be one of"),
+    ("norm", "l1", "norm must be one of"),
+    ("eps", 0.0, "eps must be a number > 0"),
+    ("eps", "1", "eps must be a number > 0"),
+    ("eps", float("nan"), "eps must be a number > 0"),
+    ("step_size", -0.1, "step_size must be a number >= 0"),
+    ("steps", 1.5, "steps must be an int >= 0"),
+    ("steps", True, "steps must be an int >= 0"),
+    ("dropout_p", 1.0, "dropout_p must be a number in [0, 1)"),
+    ("trend_momentum", -0.5, "trend_momentum must be a number in [0, 1)"),
+    ("head", "sometimes", "head must be one of"),
+])
+def test_config_is_validated_on_construction_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LPAConfig(**{field: value})
+
+
+def test_num_classes_is_checked_against_the_final_linear():
+    model = mlp()  # its last layer is nn.Linear(7, NUM_CLASSES)
+    for kwargs in (dict(layer="3"), dict(lower=model[:5], upper=model[5])):
+        with pytest.raises(ValueError, match=f"num_classes={NUM_CLASSES + 1} but the model's final nn.Linear "
+                                             f"has out_features={NUM_CLASSES}"):
+            build_method("lpa", model, NUM_CLASSES + 1, **kwargs)
+    ends_in_softmax = nn.Sequential(mlp(), nn.LogSoftmax(dim=1))
+    build_method("erm", ends_in_softmax, NUM_CLASSES + 1, layer="0.3")  # no final Linear found: not checked
+
+
+def test_methods_print_their_name_layer_and_the_settings_they_use():
+    model = mlp()
+    lpa = build_method("lpa", model, NUM_CLASSES, layer="3", config=LPAConfig(eps=0.5))
+    text = repr(lpa)
+    assert text.startswith("ClassPerturbationMethod('lpa', layer='3', num_classes=4, mode='add'") and "eps=0.5" in text
+    assert "dropout_p" not in text and "object at 0x" not in text
+    x, y = batch()
+    lpa.training_loss(x, y)
+    assert f"delta={(NUM_CLASSES, 7)}" in repr(lpa), "the learned delta's shape is shown once it exists"
+    assert repr(build_method("dropout", model, NUM_CLASSES, layer="3")) == \
+        "Dropout('dropout', layer='3', num_classes=4, dropout_p=0.1)"

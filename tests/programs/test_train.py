@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from lpa_kernels.lpa import METHODS
+import torch
+
+from lpa_kernels.lpa import METHODS, LPAConfig
 from lpa_programs.data import long_tail_counts
-from lpa_programs.train import FIGURES, build_parser, main
+from lpa_programs.train import FIGURES, build_parser, main, make_config
 from tests.helpers import KERNEL_TARGETS
 from tests.programs.fake_cifar import write_cifar
 
@@ -93,14 +95,144 @@ def test_resnet_on_a_fake_cifar10_lt_folder(tmp_path):
 def test_no_arguments_means_erm_against_lpa_on_digits_lt_over_three_seeds():
     args = build_parser().parse_args([])
     assert (args.method, args.dataset, args.seeds) == (["erm", "lpa"], "digits-lt", [0, 1, 2])
-    assert all(getattr(args, name) is None for name in ("eps", "steps", "direction")), "LPAConfig defaults apply"
+    assert make_config(args) == LPAConfig(), "LPAConfig's defaults apply"
 
 
-def test_console_script_help():
+def _console_script() -> str:
     bin_dirs = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     script = shutil.which("lpa-train", path=bin_dirs)
     assert script, "the lpa-train console script is installed (pip install -e .)"
-    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    return script
+
+
+def test_console_script_help_shows_each_real_default_once():
+    done = subprocess.run([_console_script(), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for option in ("--method", "--dataset", "--data-dir", "--imbalance", "--steps", "--direction", "--json"):
         assert option in done.stdout, f"--help documents {option}"
+    text = " ".join(done.stdout.split())  # help lines wrap anywhere
+    assert "(default: None)" not in text
+    defaults = LPAConfig()
+    for option, value in (("eps", defaults.eps), ("steps", defaults.steps), ("direction", defaults.direction),
+                          ("step-size", defaults.step_size), ("lpl-steps", defaults.lpl_steps)):
+        entry = text.split(f"--{option} ", 2)[2].split(" --")[0]  # usage line, then the option's help
+        assert entry.count("(default:") == 1 and f"(default: {value})" in entry, f"--{option}: {entry}"
+    for option in ("--dataset", "--epochs", "--batch-size"):
+        assert "(default:" in text.split(f"{option} ", 2)[2].split(" --")[0], f"{option} shows its default"
+
+
+def test_console_script_user_error_is_one_line_and_exit_status_2():
+    done = subprocess.run([_console_script(), "--epochs", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["lpa-train: error: argument --epochs: must be >= 1, got 0 "
+                                        "(see lpa-train --help)"]
+
+
+def _no_training(*_args, **_kw):
+    raise AssertionError("training started before every option was checked")
+
+
+USER_ERRORS = {
+    "epochs-0": (["--epochs", "0"], "argument --epochs: must be >= 1"),
+    "batch-size-0": (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    "negative-lr": (["--lr", "-1"], "argument --lr: must be > 0"),
+    "bad-eps": (["--eps", "0"], "eps must be a number > 0"),
+    "single-pass-fresh": (["--steps", "0", "--init", "fresh"], "steps=0 (single-pass mode) needs init='carried'"),
+    "bad-device": (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+    "missing-data-dir": (["--dataset", "cifar10-lt"], "needs --data-dir"),
+    "absent-data-dir": (["--dataset", "cifar10-lt", "--data-dir", "/no/such/folder"],
+                        "argument --data-dir: no such folder: /no/such/folder"),
+    "imbalance-not-lt": (["--dataset", "digits", "--imbalance", "5"], "applies to the -lt datasets only"),
+    "unknown-layer": (["--layer", "nope"], "layer='nope' is not a submodule"),
+    "head-always-off-head": (["--method", "lpa", "--layer", "features.1", "--head", "always"],
+                             "--method lpa cannot train with these settings: head='always' needs"),
+}
+
+
+@pytest.mark.parametrize("argv, message", USER_ERRORS.values(), ids=USER_ERRORS.keys())
+def test_user_errors_exit_2_with_one_line_before_any_training(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("lpa-train: error: ") and message in err, err
+
+
+def test_empty_cifar_folder_is_a_user_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit, match="2"):
+        main([*TINY, "--dataset", "cifar10-lt", "--data-dir", str(tmp_path)])
+    assert "CIFAR-10 files" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "argument --device: cuda asked for, but torch sees no CUDA GPU"),
+    (["--backend", "cuda"], "argument --backend: backend='cuda' is not available"),
+    (["--backend", "triton"], "argument --backend: backend='triton' is not available for a cpu tensor: "
+                              "CPU tensors need TRITON_INTERPRET=1"),
+], ids=["device-cuda", "backend-cuda", "backend-triton-without-interpreter"])
+def test_unavailable_device_or_backend_is_refused_before_training(monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit, match="2"):
+        main([*TINY, *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_json_that_is_a_folder_is_refused(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit, match="2"):
+        main([*TINY, "--json", str(tmp_path)])
+    assert "argument --json" in capsys.readouterr().err
+
+
+def test_json_is_written_after_every_run_so_a_late_failure_loses_nothing(monkeypatch, tmp_path):
+    import lpa_programs.train as train
+
+    finished_runs = []
+
+    def fail_on_the_second_run(*args, **kw):
+        if finished_runs:
+            raise RuntimeError("late failure")
+        finished_runs.append(real(*args, **kw))
+        return finished_runs[-1]
+
+    real = train.train_one
+    monkeypatch.setattr(train, "train_one", fail_on_the_second_run)
+    out = tmp_path / "partial.json"
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.raises(RuntimeError, match="late failure"):
+            main([*TINY, "--method", "erm", "lpa", "--seeds", "0", "--json", str(out)])
+    finally:
+        os.umask(old_umask)
+    report = json.loads(out.read_text())
+    assert report["finished"] is False and [r["method"] for r in report["runs"]] == ["erm"]
+    assert report["summary"]["erm"]["overall"]["n"] == 1
+    assert out.stat().st_mode & 0o777 == 0o644, "result files get the usual permissions, not 0600"
+    assert [p.name for p in tmp_path.iterdir()] == ["partial.json"], "no temporary file is left behind"
+
+
+def test_banner_prints_every_setting_in_force_and_table_names_the_pgd_path(tmp_path, capsys):
+    report = _run(tmp_path, "--method", "lpa", "lpa+lpl", "--seeds", "0", "--eps", "0.5")
+    out = capsys.readouterr().out
+    config = LPAConfig(eps=0.5)
+    for name, value in config.settings_for("lpa+lpl").items():
+        if name != "backend":
+            assert f"{name}={value}" in out, f"the banner shows {name}"
+    assert "backend=auto (reference here)" in out
+    assert report["finished"] is True and report["summary"]["lpa"]["pgd_path"] == "fused head"
+    assert report["summary"]["lpa+lpl"]["pgd_path"] == "fused head + logits"
+    header = next(line for line in out.splitlines() if line.startswith("method"))
+    assert "PGD steps/step" in header and "PGD path" in header
+    lpa_row = next(line for line in out.splitlines() if line.startswith("lpa "))
+    assert lpa_row.split()[-5:] == ["1.00", "1.00", "3.00", "fused", "head"], lpa_row
+
+
+def test_pgd_path_on_the_autograd_path_and_in_single_pass(tmp_path):
+    autograd = _run(tmp_path, "--method", "lpa", "--seeds", "0", "--head", "never")["runs"][0]
+    assert autograd["pgd_path"] == "autograd" and autograd["stats"]["upper_forwards"] == 4 * autograd["steps"]
+    single = _run(tmp_path, "--method", "lpa", "--seeds", "0", "--steps", "0")["runs"][0]
+    assert single["pgd_path"] == "single pass"

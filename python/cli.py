@@ -1,0 +1,69 @@
+"""What ``lpa-train`` and ``lpa-bench`` share: one-line usage errors and writing result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors, its own and those the programs find later with
+    ``parser.error``, are one line on stderr and exit status 2 (argparse would print the whole usage,
+    which for these programs is a screenful that hides the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, minimum: float, strict: bool = False):
+    """An argparse ``type``: a ``kind`` (int or float) >= ``minimum`` (> with ``strict``)."""
+    rule = f"{'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value > minimum if strict else value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a run cut
+    short leaves the last complete file, never half of one. The file gets the usual permissions
+    (0666 less the umask, 0644 by default): a temporary-file helper would leave it 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(path: str | Path, data: object) -> None:
+    """``data`` as indented JSON (NaN allowed; objects JSON cannot hold, such as a dtype, as ``str``)."""
+    write_text_atomically(path, json.dumps(data, indent=1, allow_nan=True, default=str) + "\n")
+
+
+def check_writable(path: str | Path) -> str:
+    """Why ``path`` cannot be written as an output file ("" when it can), checked before a long run."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder, not a file name"
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return f"cannot create the folder {path.parent}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    return ""
