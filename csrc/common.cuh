@@ -63,21 +63,32 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Sum of `value` over a block of `blockDim.x * blockDim.y` threads, reduced in a fixed tree order
-// (deterministic). `scratch` holds one slot per thread. Every thread gets the total.
-template <typename A>
-__device__ A block_sum(A value, A* scratch) {
+// `combine` of `value` over a block of `blockDim.x * blockDim.y` threads, reduced in a fixed tree order
+// (deterministic). `scratch` holds one slot per thread. Every thread gets the result.
+template <typename A, typename Combine>
+__device__ A block_reduce(A value, A* scratch, Combine combine) {
   const int n = blockDim.x * blockDim.y;
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
   scratch[t] = value;
   __syncthreads();
   for (int half = n / 2; half > 0; half /= 2) {  // blockDim products are powers of two
-    if (t < half) scratch[t] += scratch[t + half];
+    if (t < half) scratch[t] = combine(scratch[t], scratch[t + half]);
     __syncthreads();
   }
   A total = scratch[0];
   __syncthreads();
   return total;
+}
+
+template <typename A>
+__device__ A block_sum(A value, A* scratch) {
+  return block_reduce(value, scratch, [](A a, A b) { return a + b; });
+}
+
+// The largest value over the block; NaN if any thread holds NaN.
+template <typename A>
+__device__ A block_max(A value, A* scratch) {
+  return block_reduce(value, scratch, [](A a, A b) { return nan_max(a, b); });
 }
 
 // Dispatch on a dtype code: runs `body` with `scalar_t` bound to the storage type.

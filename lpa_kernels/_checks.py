@@ -87,24 +87,79 @@ def check_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int], 
         )
 
 
-def check_per_class(name: str, value: object, num_classes: int, positive: bool, nonnegative: bool = False):
-    """A Python number or a ``(K,)`` tensor; ``positive`` demands > 0, ``nonnegative`` >= 0."""
+def check_per_class(name: str, value: object, num_classes: int, positive: bool, nonnegative: bool = False,
+                    bounds: tuple[float, float] | None = None, device: torch.device | None = None):
+    """A finite Python number or a finite ``(K,)`` float tensor (on ``device``, when given).
+
+    ``positive`` demands > 0, ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi. NaN and
+    +-Inf are always refused: one such hyperparameter would write NaN or Inf into delta. A tensor's
+    values are read on the host (a device sync), as the public ops validate before any kernel runs.
+    """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a ({num_classes},) tensor, got a bool")
     if isinstance(value, (int, float)):
-        bad = (positive and not value > 0) or (nonnegative and not value >= 0)
+        values = torch.tensor([float(value)], dtype=torch.float64)
     elif isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a float ({num_classes},) tensor, got dtype {value.dtype}")
         if value.shape != (num_classes,):
             raise ValueError(f"{name} must be a float or a tensor of shape ({num_classes},), got {tuple(value.shape)}")
-        bad = bool((positive and not (value > 0).all()) or (nonnegative and not (value >= 0).all()))
+        if device is not None and value.device != device:
+            raise ValueError(f"{name} must be on delta's device {device}, got a tensor on {value.device}")
+        values = value.detach()
     else:
         raise TypeError(f"{name} must be a float or a ({num_classes},) tensor, got {type(value).__name__}")
-    if bad:
-        rule = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be {rule} for every class, got {value}")
+    if _compiling() or values.device.type == "meta":  # no values to read
+        return value
+    rules = []
+    if positive:
+        rules.append(("> 0", values > 0))
+    if nonnegative:
+        rules.append((">= 0", values >= 0))
+    if bounds is not None:
+        rules.append((f"in [{bounds[0]}, {bounds[1]}]", (values >= bounds[0]) & (values <= bounds[1])))
+    rules.append(("finite", torch.isfinite(values)))
+    # one host read for all the rules
+    held = torch.stack([ok.all() for _, ok in rules]).cpu().tolist()
+    failed = [rule for (rule, _), ok in zip(rules, held) if not ok]
+    if failed:
+        raise ValueError(f"{name} must be {' and '.join(r for r, _ in rules)} for every class ({failed[0]} fails), got {value}")
     return value
+
+
+def _memory_span(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
+    """``(device, first byte, end byte)`` of the memory ``t`` reads or writes, or None when it has none
+    (empty, on the meta device, or a tensor without storage such as torch.compile's fake tensors)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        start = t.data_ptr()
+    except RuntimeError:  # fake / functorch-wrapped tensors have no data pointer: nothing to alias
+        return None
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return t.device, start, start + extent * t.element_size()
+
+
+def check_in_place_target(delta: torch.Tensor, **others: torch.Tensor | float | None) -> None:
+    """An in-place op may write ``delta``: it must not share memory with any other argument (the kernel
+    would read what it has already overwritten, or overwrite the caller's weights), and it must not be
+    a tensor autograd tracks (updating it in grad mode would corrupt a pending backward; call the op
+    under ``torch.no_grad()``, as optimizers update parameters). Non-tensors in ``others`` are skipped.
+
+    Memory is compared by address range (the span from the first to the last element), so two
+    interleaved views of one buffer count as overlapping even when they share no element.
+    """
+    if delta.requires_grad and torch.is_grad_enabled():
+        raise ValueError("delta requires grad: an in-place PGD update of a tensor autograd tracks is refused "
+                         "in grad mode; call the op under torch.no_grad() (or pass delta.detach())")
+    span = _memory_span(delta)
+    if span is None:
+        return
+    for name, other in others.items():
+        other_span = _memory_span(other) if isinstance(other, torch.Tensor) else None
+        if other_span is not None and other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
+            raise ValueError(f"delta and {name} share memory: the op updates delta in place, so {name} "
+                             f"must not alias or overlap it (pass a clone)")
 
 
 def check_grad_out(grad_out: object, h: object, mode: object, delta_shape: Sequence[int], delta_name: str = "delta") -> None:

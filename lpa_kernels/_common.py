@@ -57,6 +57,19 @@ def per_class(value: float | torch.Tensor, num_classes: int, like: torch.Tensor)
     return torch.full((num_classes,), float(value), dtype=dtype, device=like.device)
 
 
+# The L2 projection targets ``eps - eps * margin``, not eps itself: the norm it divides by is rounded in
+# the compute dtype (a few ulps, growing slowly with D), and a row scaled onto exactly eps by a rounded
+# norm can land one ulp outside the ball. The margin (32 float32 ulps, 256 float64 ulps) absorbs that
+# rounding, so a projected float32/float64 row never exceeds eps; the radius moves by ~2e-6 (float32).
+# Powers of two, so a Triton kernel receives them exactly as a float32 scalar argument.
+L2_RADIUS_MARGIN = {torch.float32: 2.0**-19, torch.float64: 2.0**-45}
+
+
+def l2_radius_margin(compute: torch.dtype) -> float:
+    """The relative margin inside eps that the L2 projection of ``pgd_step_`` targets in ``compute``."""
+    return L2_RADIUS_MARGIN[compute]
+
+
 def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a Triton kernel may take under the CPU interpreter, where bfloat16 arithmetic is wrong
     or fails: bfloat16 is upcast to float32 there (and rounded back by the caller), never run as is."""

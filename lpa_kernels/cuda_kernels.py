@@ -157,11 +157,15 @@ def pgd_step(
     K, D = delta.shape
     if delta.numel() == 0:
         return
-    acc = compute_dtype(delta.dtype)
-    kgrad = grad.contiguous() if grad.dtype in (delta.dtype, acc) else _as(grad, acc)
+    acc = compute_dtype(delta.dtype, grad.dtype)  # float64 when either is (pgd_step_'s rule)
+    # The kernel computes in delta's accumulation dtype: a float64 gradient updates a float64 copy.
+    kdelta = delta if compute_dtype(delta.dtype) == acc else _as(delta, acc)
+    kgrad = grad.contiguous() if grad.dtype in (kdelta.dtype, acc) else _as(grad, acc)
     step, eps, direction = (_as(v, acc) for v in (step, eps, direction))
-    _launch("pgd_step", delta.device, delta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
-            direction.data_ptr(), K, D, NORM_CODES[norm], _code(delta.dtype), _code(kgrad.dtype))
+    _launch("pgd_step", delta.device, kdelta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
+            direction.data_ptr(), K, D, NORM_CODES[norm], _code(kdelta.dtype), _code(kgrad.dtype))
+    if kdelta is not delta:
+        delta.copy_(kdelta)
 
 
 def class_grad_pgd_step(

@@ -107,3 +107,114 @@ def test_labels_are_checked_against_the_number_of_classes_of_delta():
     perturb(h, torch.tensor([0, 999]), delta, backend="reference")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1000\)"):
         perturb(h, torch.tensor([0, 1000]), delta, backend="reference")
+
+
+# ----- hyperparameters must be finite, in range and on delta's device (issue 17) ------------------------
+NAN, INF = float("nan"), float("inf")
+HYPERPARAMETER_CASES = [
+    ("step_size", INF, "step_size must be >= 0 and finite"),
+    ("step_size", NAN, "step_size must be >= 0 and finite"),
+    ("step_size", torch.tensor([0.1, INF, 0.1]), "step_size must be >= 0 and finite"),
+    ("eps", INF, "eps must be > 0 and finite"),
+    ("eps", NAN, "eps must be > 0 and finite"),
+    ("eps", torch.tensor([0.5, NAN, 0.5]), "eps must be > 0 and finite"),
+    ("direction", NAN, r"direction must be in \[-1.0, 1.0\] and finite"),
+    ("direction", -INF, r"direction must be in \[-1.0, 1.0\] and finite"),
+    ("direction", 1.5, r"direction must be in \[-1.0, 1.0\] and finite"),
+    ("direction", torch.tensor([1.0, -1.0, -2.0]), r"direction must be in \[-1.0, 1.0\] and finite"),
+    ("step_size", torch.full((K,), 0.1, device=META), "step_size must be on delta's device cpu"),
+    ("eps", torch.full((K,), 0.5, device=META), "eps must be on delta's device cpu"),
+    ("direction", torch.ones(K, device=META), "direction must be on delta's device cpu"),
+]
+IN_PLACE_OPS = (pgd_step_, class_grad_pgd_step_)
+
+
+@pytest.mark.parametrize("op", IN_PLACE_OPS, ids=lambda op: op.__name__)
+@pytest.mark.parametrize("name, value, match", HYPERPARAMETER_CASES, ids=lambda v: str(v)[:20])
+def test_non_finite_or_out_of_range_hyperparameter_is_rejected_before_delta_changes(op, name, value, match):
+    args = valid_args(op)
+    args[name] = value
+    delta_before = args["delta"].clone()
+    with pytest.raises(ValueError, match=match):
+        op(**args, backend="reference")
+    assert torch.equal(args["delta"], delta_before)
+
+
+@pytest.mark.parametrize("direction", [-1.0, -0.25, 0.0, 1.0, torch.tensor([1.0, 0.5, -1.0])], ids=str)
+def test_direction_is_a_multiplier_of_the_step_in_minus_one_to_one(direction):
+    """direction in [-1, 1] scales the step: 0.5 moves half as far as 1, -1 the other way."""
+    delta, grad = torch.zeros(K, 4, dtype=torch.float64), torch.randn(K, 4, dtype=torch.float64)
+    pgd_step_(delta, grad, 0.1, 10.0, direction, "l2", backend="reference")
+    multiplier = torch.as_tensor(direction, dtype=torch.float64).expand(K)
+    expected = 0.1 * multiplier[:, None] * grad / grad.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(delta, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float64_grad_is_not_rounded_to_delta_dtype_before_the_step(delta_dtype):
+    """The rule: float64 arithmetic when delta or grad is float64, else float32; rounded into delta once."""
+    delta, grad = torch.randn(K, 6).to(delta_dtype), torch.randn(K, 6, dtype=torch.float64)
+    grad[0] *= 1e300  # finite in float64; rounded to float32 first, class 0 would step along sign(grad[0])
+    expected = delta.double().clone()
+    pgd_step_(expected, grad.double(), 0.3, 1.0, 1.0, "l2", backend="reference")
+    got = pgd_step_(delta.clone(), grad, 0.3, 1.0, 1.0, "l2", backend="reference")
+    assert got.dtype == delta_dtype
+    # step_size and eps are taken in delta's compute dtype (float32): equal up to 2 ulps of delta's dtype
+    torch.testing.assert_close(got, expected.to(delta_dtype), rtol=2 * torch.finfo(delta_dtype).eps, atol=0)
+
+
+# ----- in-place ops refuse aliased arguments and tracked deltas (issue 17) --------------------------------
+def test_pgd_step_refuses_a_grad_or_hyperparameter_sharing_memory_with_delta():
+    storage = torch.rand(2 * K * 3) + 0.5
+    delta = storage[: K * 3].view(K, 3, 1)
+    cases = [
+        ("grad", delta),                                 # the same tensor
+        ("grad", storage[1: K * 3 + 1].view(K, 3, 1)),   # overlapping by all but one element
+        ("eps", storage[K * 3 - 1: K * 4 - 1]),          # a hyperparameter overlapping delta's last element
+        ("step_size", storage[:K]),
+    ]
+    for name, alias in cases:
+        args = dict(valid_args(pgd_step_), delta=delta)
+        args[name] = alias
+        before = storage.clone()
+        with pytest.raises(ValueError, match=f"delta and {name} share memory"):
+            pgd_step_(**args, backend="reference")
+        assert torch.equal(storage, before)
+    # a disjoint part of the same buffer is fine
+    pgd_step_(delta, storage[K * 3:].view(K, 3, 1), 0.1, 0.5, 1.0, "l2", backend="reference")
+
+
+@pytest.mark.parametrize("name", ["grad_out", "h"])
+def test_class_grad_pgd_step_refuses_inputs_sharing_memory_with_delta(name):
+    args = valid_args(class_grad_pgd_step_)
+    args["delta"] = args[name][:K, :, :1]
+    before = args[name].clone()
+    with pytest.raises(ValueError, match=f"delta and {name} share memory"):
+        class_grad_pgd_step_(**args, backend="reference")
+    assert torch.equal(args[name], before)
+
+
+def test_head_pgd_refuses_delta_aliasing_the_weights():
+    """``head_pgd_(h, y, W, b, delta=W)`` would overwrite the classifier's weights."""
+    from lpa_kernels import head_pgd_
+
+    h, labels, weight, bias = torch.randn(B, 5), torch.tensor([0, 2, 1, 2]), torch.randn(K, 5), torch.randn(K)
+    before = weight.clone()
+    for name, delta in (("weight", weight), ("h", h[:K])):
+        with pytest.raises(ValueError, match=f"delta and {name} share memory"):
+            head_pgd_(h, labels, weight, bias, delta, 2, 0.1, 0.5, backend="reference")
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("op", IN_PLACE_OPS, ids=lambda op: op.__name__)
+def test_delta_requiring_grad_is_refused_in_grad_mode_and_updated_under_no_grad(op):
+    args = valid_args(op)
+    delta = torch.nn.Parameter(args["delta"].clone())
+    args["delta"] = delta
+    before = delta.detach().clone()
+    with pytest.raises(ValueError, match="delta requires grad"):
+        op(**args, backend="reference")
+    assert torch.equal(delta.detach(), before)
+    with torch.no_grad():
+        op(**args, backend="reference")
+    assert not torch.equal(delta.detach(), before), "under no_grad the update must happen"

@@ -76,6 +76,8 @@ def head_pgd_(
         raise ValueError(f"bias must have shape ({k},) or be None, got {tuple(bias.shape)}")
     device = _checks.check_same_device(h=h, labels=labels, weight=weight, bias=bias, delta=delta)
     _checks.check_labels(labels, h.shape[0], k)
+    _checks.check_in_place_target(delta, h=h, labels=labels, weight=weight, bias=bias, step_size=step_size, eps=eps,
+                                  direction=direction)
     backend = _backend.resolve(backend, device)
     if backend == "reference":
         direction = "confidence" if confidence else sign

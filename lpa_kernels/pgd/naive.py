@@ -6,13 +6,21 @@
   ``||delta_c|| <= eps_c`` when outside it.
 A class whose gradient is exactly zero everywhere (absent from the batch) keeps its delta unchanged,
 projection included; a NaN gradient is not zero and propagates.
+
+L2 details every backend follows (``pgd_step_``'s docstring states them for users):
+- the direction is computed from ``g_c`` divided by its largest ``|entry|`` (the same unit vector, but
+  ``||g_c||^2`` cannot overflow); a row holding +-Inf entries steps along the sign pattern of those
+  entries (finite entries count 0), the limit of ``g / ||g||`` as they grow: finite, not NaN;
+- the projection targets ``eps_c - eps_c * l2_radius_margin`` (a few ulps inside eps), so rounding in the
+  norm never leaves a class above ``eps_c``.
+The arithmetic runs in float64 when delta or grad is float64, else float32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lpa_kernels._common import compute_dtype
+from lpa_kernels._common import compute_dtype, l2_radius_margin
 from lpa_kernels.perturb.naive import class_grad
 
 
@@ -32,14 +40,25 @@ def pgd_step_(
         sign = torch.where(torch.isnan(g), g, torch.sign(g))  # torch.sign(nan) is 0: keep the NaN
         new = torch.maximum(torch.minimum(d + step * direction * sign, eps), -eps)
     else:
-        unit = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + 1e-12)
-        new = d + step * direction * unit
+        new = d + step * direction * l2_unit(g)
         length = torch.linalg.vector_norm(new, dim=1, keepdim=True)
-        new = torch.where(length > eps, new * (eps / length), new)
+        radius = eps - eps * l2_radius_margin(cd)
+        new = torch.where(length > radius, new * (radius / length), new)
     active = (g != 0).any(dim=1, keepdim=True)
     with torch.no_grad():
         delta.copy_(torch.where(active, new, d).reshape(delta.shape))
     return delta
+
+
+def l2_unit(g: torch.Tensor) -> torch.Tensor:
+    """``g / (||g|| + 1e-12)`` per row of ``g (K, D)``, computed on ``g`` scaled by its largest entry;
+    a row with Inf entries gives the normalised sign pattern of those entries. NaN propagates."""
+    largest = g.abs().amax(dim=1, keepdim=True)  # NaN when the row holds NaN
+    infinite = torch.isinf(largest)
+    # g * 0 keeps NaN entries NaN where the finite entries become 0
+    scaled = torch.where(infinite, torch.where(torch.isinf(g), torch.sign(g), g * 0), g / largest)
+    tiny = torch.where(infinite, 0.0, 1e-12 / largest)  # the 1e-12 of the definition, scaled alike
+    return scaled / (torch.linalg.vector_norm(scaled, dim=1, keepdim=True) + tiny)
 
 
 def class_grad_pgd_step_(

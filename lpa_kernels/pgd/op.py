@@ -48,15 +48,22 @@ def _(delta, grad_out, labels, h, step_size, eps, direction, inner, perturb_mode
     return None
 
 
+# ``direction`` is a per-class multiplier of the step: the sign chooses ascent (+) or descent (-) of the
+# class's loss, the magnitude scales the step (the confidence policy's |thr - p_c| / max), never beyond it.
+DIRECTION_BOUNDS = (-1.0, 1.0)
+
+
 def _check_pgd_args(delta, step_size, eps, direction, norm):
+    """Validate delta and the hyperparameters (finite; step_size >= 0, eps > 0, direction in [-1, 1];
+    tensors on delta's device); returns them as ``(K,)`` tensors in delta's compute dtype."""
     _checks.check_float("delta", delta)
     if delta.dim() < 1 or delta.shape[0] < 1:
         raise ValueError(f"delta must have shape (K, *P) with K >= 1, got {tuple(delta.shape)}")
     _checks.check_choice("norm", norm, _checks.NORMS)
-    k = delta.shape[0]
-    _checks.check_per_class("step_size", step_size, k, positive=False, nonnegative=True)
-    _checks.check_per_class("eps", eps, k, positive=True)
-    _checks.check_per_class("direction", direction, k, positive=False)
+    k, device = delta.shape[0], delta.device
+    _checks.check_per_class("step_size", step_size, k, positive=False, nonnegative=True, device=device)
+    _checks.check_per_class("eps", eps, k, positive=True, device=device)
+    _checks.check_per_class("direction", direction, k, positive=False, bounds=DIRECTION_BOUNDS, device=device)
     return [per_class(v, k, delta) for v in (step_size, eps, direction)]
 
 
@@ -82,15 +89,33 @@ def pgd_step_(
     """One projected step on ``delta (K, *P)`` in place, from the class gradient ``grad (K, *P)``.
 
     ``linf``: ``clamp(delta + step * dir * sign(grad), -eps, eps)``; ``l2``: ``delta + step * dir *
-    grad / (||grad|| + 1e-12)`` scaled back onto ``||delta_c|| <= eps_c``. ``step_size``, ``eps`` and
-    ``direction`` are floats or ``(K,)`` tensors. A class with an all-zero gradient keeps its delta.
-    Returns ``delta``.
+    grad / (||grad|| + 1e-12)`` scaled back onto ``||delta_c|| <= eps_c``. A class with an all-zero
+    gradient keeps its delta. Returns ``delta``.
+
+    Hyperparameters: ``step_size`` (>= 0), ``eps`` (> 0) and ``direction`` are floats or ``(K,)`` tensors
+    on delta's device, all finite. ``direction`` multiplies the step: +1 ascends the class's loss, -1
+    descends it, values in between shorten the step; it must lie in [-1, 1].
+
+    Dtypes: ``grad`` may have any float dtype; the step is computed in float64 when delta or grad is
+    float64, else in float32, and rounded into delta's dtype.
+
+    Non-finite gradients: NaN propagates into the class's delta (as everywhere in the library). For
+    ``l2``, a row holding +-Inf entries steps along the sign pattern of its Inf entries, normalised
+    (the limit of ``g / ||g||`` as those entries grow; its finite entries count as 0), so the result is
+    finite. Rows are scaled by their largest entry before the norm, so huge finite gradients do not
+    overflow it. The projection never leaves a float32/float64 class above eps: rows are projected onto
+    a radius a few ulps below ``eps_c`` (``_common.l2_radius_margin``), absorbing the rounding of the norm;
+    half-precision deltas may exceed it by their own rounding.
+
+    In place: ``delta`` must not share memory with ``grad`` or a hyperparameter tensor, nor require
+    grad in grad mode (call under ``torch.no_grad()``); both raise ``ValueError``.
     """
     step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
     _checks.check_float("grad", grad)
     if grad.shape != delta.shape:
         raise ValueError(f"grad must have the shape of delta {tuple(delta.shape)}, got {tuple(grad.shape)}")
     device = _checks.check_same_device(delta=delta, grad=grad)
+    _checks.check_in_place_target(delta, grad=grad, step_size=step_size, eps=eps, direction=direction)
     return run_pgd_step_(delta, grad, step, radius, sign, norm, _backend.resolve(backend, device))
 
 
@@ -119,12 +144,15 @@ def class_grad_pgd_step_(
     """``pgd_step_(delta, class_grad(grad_out, labels, ...), ...)`` in one launch (single-pass LPA).
 
     ``grad_out (B, *F)`` is the gradient w.r.t. the perturbed activations; ``h (B, *F)`` is needed for
-    ``mode="scale"``. Returns ``delta``, updated in place.
+    ``mode="scale"``. Returns ``delta``, updated in place. Validation, dtypes, non-finite gradients and
+    the in-place rules are ``pgd_step_``'s (``grad_out``, ``h`` and ``labels`` may not overlap delta).
     """
     step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
     _checks.check_grad_out(grad_out, h, mode, delta.shape)
     device = _checks.check_same_device(delta=delta, grad_out=grad_out, labels=labels, h=h)
     _checks.check_labels(labels, grad_out.shape[0], delta.shape[0])
+    _checks.check_in_place_target(delta, grad_out=grad_out, labels=labels, h=h, step_size=step_size, eps=eps,
+                                  direction=direction)
     backend = _backend.resolve(backend, device)
     h = h if mode == "scale" else None
     if backend == "reference":

@@ -294,3 +294,32 @@ def test_head_pgd_class_counts_widths_and_directions(cuda_backend_on_cpu, batch,
                             direction=direction, norm="l2", mode="scale")
     if num_classes == 1:
         assert torch.equal(actual, delta), "with one class the gradient is exactly 0, yet delta moved"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pgd_step_l2_with_inf_and_huge_gradients_stays_finite_and_inside_eps(launchers, dtype):
+    """Rows far outside the ball: one with an Inf entry, one with Inf entries of both signs, one whose
+    squared norm overflows float32; every row ends finite with norm <= eps (float64, stored values)."""
+    from tests.pgd.test_pgd import inf_sign_pattern_step
+
+    K, D, inf = 5, 301, float("inf")
+    delta, grad = 1000 * torch.randn(K, D, dtype=dtype), torch.randn(K, D, dtype=dtype)
+    grad[0, 3] = inf
+    grad[1, :4] = torch.tensor([inf, -inf, -inf, inf])
+    grad[2] *= 1e30
+    step, eps = torch.full((K,), 2000.0, dtype=dtype), torch.logspace(-2, 2, K, dtype=dtype)
+    expected = inf_sign_pattern_step(delta[:2], grad[:2], 2000.0, eps[:2, None].double())
+    launchers.pgd_step(delta, grad, step, eps, torch.ones(K, dtype=dtype), "l2")
+    assert torch.isfinite(delta).all()
+    assert (delta.double().norm(dim=1) <= eps.double()).all()
+    assert_close_to_reference(delta[:2], expected, what="Inf rows")
+
+
+def test_class_grad_pgd_step_l2_with_an_inf_sample_stays_finite(launchers):
+    grad_out, labels = torch.randn(9, 12), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    grad_out[4, 5] = float("inf")  # a sample of class 1
+    delta = torch.randn(3, 12)
+    step, eps, direction = torch.full((3,), 0.5), torch.full((3,), 0.3), torch.ones(3)
+    launchers.class_grad_pgd_step(delta, grad_out, labels, None, step, eps, direction, 1, "add", "l2")
+    assert torch.isfinite(delta).all()
+    assert (delta.double().norm(dim=1) <= 0.3).all()

@@ -151,3 +151,71 @@ def test_opcheck_pgd_custom_ops(target):
                 torch.ops.lpa_kernels.class_grad_pgd_step_,
                 (delta.clone(), grad_out, labels, h, step, eps, direction, 1, mode, norm, backend),
             )
+
+
+# ----- L2 with non-finite and huge gradients, and the projection bound (issue 17) -----------------------
+def inf_sign_pattern_step(delta, grad, step, eps):
+    """The documented L2 step of a row holding Inf, in float64: along the normalised sign pattern of its
+    Inf entries (finite entries 0), then projected onto the eps-ball."""
+    pattern = torch.where(torch.isinf(grad), torch.sign(grad), 0.0).double()
+    new = delta.double() + step * pattern / pattern.norm(dim=1, keepdim=True)
+    return new * (eps / new.norm(dim=1, keepdim=True)).clamp(max=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(target, dtype):
+    backend, device = target
+    delta = 0.1 * torch.randn(4, 300, device=device, dtype=dtype)
+    grad = torch.randn(4, 300, device=device, dtype=dtype)
+    grad[0, 7] = float("inf")                                # one Inf entry
+    grad[1, :5] = torch.tensor([float("inf"), -float("inf")] * 2 + [float("inf")])  # several, both signs
+    grad[2, 299] = -float("inf")                             # the last entry, past a block boundary
+    got = pgd_step_(delta.clone(), grad, 0.2, 0.5, 1.0, "l2", backend=backend)
+    assert torch.isfinite(got).all(), "an Inf gradient entry must not write NaN or Inf into delta"
+    expected = inf_sign_pattern_step(delta[:3], grad[:3], 0.2, 0.5)
+    assert_close_to_reference(got[:3], expected, what=f"Inf rows ({backend})")
+    one = lambda v: torch.full((1,), v, dtype=torch.float64, device=device)  # noqa: E731
+    finite_row = naive.pgd_step_(delta[3:].double(), grad[3:].double(), one(0.2), one(0.5), one(1.0), "l2")
+    assert_close_to_reference(got[3:], finite_row, what="the finite row next to them")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target):
+    """float32 entries of 1e30: ||g||^2 = 1e62 overflows float32, yet g / ||g|| is an ordinary unit vector."""
+    backend, device = target
+    delta, grad = torch.zeros(2, 50, device=device), torch.randn(2, 50, device=device)
+    huge = grad * 1e30
+    got = pgd_step_(delta.clone(), huge, 0.2, 10.0, 1.0, "l2", backend=backend)
+    expected = 0.2 * grad.double() / grad.double().norm(dim=1, keepdim=True)
+    assert_close_to_reference(got, expected, what=f"huge gradient ({backend})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+def test_l2_projection_never_leaves_a_class_above_eps(target, dtype):
+    """Rows far outside the ball, rows one step outside it and rows on its surface, for several widths:
+    after the step, every row's norm (in float64, of the stored values) is at most eps."""
+    backend, device = target
+    for width in (1, 7, 300, 2500):
+        k = 64
+        eps = (torch.rand(k, device=device, dtype=dtype) + 0.1) * torch.logspace(-3, 3, k, device=device, dtype=dtype)
+        direction = torch.randn(k, width, device=device, dtype=dtype)
+        delta = direction / direction.norm(dim=1, keepdim=True) * eps[:, None]  # on the surface (rounded)
+        delta[::3] *= 1000  # far outside
+        grad = torch.randn(k, width, device=device, dtype=dtype)
+        for _ in range(2):  # the second step starts from rows projected by the first
+            pgd_step_(delta, grad, eps * 0.5, eps, 1.0, "l2", backend=backend)
+            norms = delta.double().norm(dim=1)
+            assert (norms <= eps.double()).all(), \
+                f"D={width}: {int((norms > eps.double()).sum())} classes above eps, worst by {(norms / eps.double()).max().item() - 1:.2e}"
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_float64_gradient_for_a_float32_delta_is_used_in_float64(target):
+    backend, device = target
+    delta, grad = torch.randn(K, 40, device=device), torch.randn(K, 40, device=device, dtype=torch.float64)
+    grad[0] *= 1e300  # rounded to float32 first, it would become +-Inf and step along its sign pattern
+    expected = reference_step(naive.pgd_step_, delta, grad, step_size=0.3, eps=1.0, direction=1.0, norm="l2")
+    got = pgd_step_(delta.clone(), grad, 0.3, 1.0, 1.0, "l2", backend=backend)
+    assert_close_to_reference(got, expected, what=f"float64 grad, float32 delta ({backend})")
