@@ -287,7 +287,15 @@ def _head_inputs(shape, dtype, device):
             "delta": _randn((k, d), dtype, device, 0.01)}
 
 
+def head_gemms_bare(h, weight, steps: int):
+    """The rows form's two GEMMs per PGD step, ``(h @ W.T) @ W``, with nothing else: the yardstick."""
+    for _ in range(steps):
+        torch.mm(torch.mm(h, weight.t()), weight)
+
+
 def _head_call(impl, t, v):
+    if impl == "matmul":
+        return lambda: head_gemms_bare(t["h"], t["weight"], t["T"])
     return lambda: lpa_kernels.head_pgd_(t["h"], t["labels"], t["weight"], t["bias"], t["delta"], t["T"], STEP_SIZE,
                                          EPS, norm=v["norm"], mode=v["mode"], backend=impl)
 
@@ -300,13 +308,17 @@ HEAD_PGD = OpBench(
     "head_pgd_", "compute",
     {"quick": [dict(B=32, D=16, K=5, T=3), dict(B=64, D=32, K=10, T=3)],
      "cpu": [dict(B=256, D=128, K=10, T=5), dict(B=1024, D=512, K=100, T=5)],
-     "gpu": [dict(B=256, D=512, K=10, T=10), dict(B=2048, D=2048, K=1000, T=10), dict(B=8192, D=4096, K=10000, T=10)]},
+     # SPEC/issue 11 shapes: a CIFAR-100 head, an ImageNet head, an LLM-vocabulary head. T = 1 rows give
+     # the reference backend's one autograd PGD step, which T = 3 of the fast paths should beat.
+     "gpu": [dict(B=b, D=d, K=k, T=t) for b, d, k in [(128, 640, 100), (1024, 2048, 1000), (4096, 4096, 32000)]
+             for t in (1, 3)]},
     lambda tier: [{"norm": "l2", "mode": "add"}], _head_inputs_with_steps, _head_call,
     # read h, W, bias and labels, read and write delta (the minimum, whatever the number of steps)
     lambda p, sh, s, v: (sh["B"] * sh["D"] + 3 * sh["K"] * sh["D"] + sh["K"]) * s + sh["B"] * LABEL_BYTES,
     # per step: logits (2BDK) and the gradient (softmax - onehot) @ W (2BKD)
     lambda p, sh, v: 4 * sh["B"] * sh["D"] * sh["K"] * sh["T"],
-    peers=(),  # the reference backend is the autograd loop it is compared with
+    # the reference backend is the autograd loop it is compared with; matmul the bare GEMMs
+    peers=("matmul",),
 )
 
 OPS = {op.name: op for op in (PERTURB, LINEAR_PERTURB, HEAD_PGD, CLASS_GRAD, PGD_STEP, CLASS_GRAD_PGD_STEP)}

@@ -74,11 +74,10 @@ PYBIND11_MODULE(_lpa_cuda, m) {
                              ptr<const int64_t>(offsets), vptr(step), vptr(eps), vptr(direction), K, F, D, inner, mode,
                              norm, dtype, delta_dtype, vptr(workspace), stream_of(stream));
   });
-  m.def("head_sample_grad", [](uintptr_t sample_grad, uintptr_t p_true, uintptr_t h, uintptr_t labels,
-                               uintptr_t weight, uintptr_t bias, uintptr_t delta, int64_t B, int64_t K, int64_t D,
-                               int mode, int dtype, uintptr_t stream) {
-    lpa::head_sample_grad(vptr(sample_grad), vptr(p_true), vptr(h), ptr<const int64_t>(labels), vptr(weight),
-                          vptr(bias), vptr(delta), B, K, D, mode, dtype, stream_of(stream));
+  m.def("softmax_xent_grad", [](uintptr_t out, uintptr_t p_true, uintptr_t logits, uintptr_t shift, uintptr_t labels,
+                                int64_t B, int64_t K, int dtype, uintptr_t stream) {
+    lpa::softmax_xent_grad(vptr(out), vptr(p_true), vptr(logits), vptr(shift), ptr<const int64_t>(labels), B, K, dtype,
+                           stream_of(stream));
   });
   m.def("linear_forward", [](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
                              uintptr_t labels, uintptr_t delta, int64_t M, int64_t N, int64_t Kin,

@@ -1,23 +1,15 @@
-// head_sample_grad: the per-sample half of one head_pgd step (lpa_kernels/head_pgd/op.py).
+// softmax_xent_grad: the row-wise part of one head_pgd step (lpa_kernels/head_pgd/loop.py, which runs
+// the GEMMs through cuBLAS and the class sums through the class reduction of perturb's backward).
 //
-// For logits = h~ @ W^T + b and summed cross-entropy, sample b's gradient with respect to its
-// perturbed activations is softmax(logits_b) @ W - W[y_b]; with respect to delta[y_b] it is that
-// (add) or that times h_b (scale). One block per sample writes this row of D values to a (B, D)
-// workspace, without ever storing the K logits: the block walks the classes in chunks of
-// kClassSlots, computes their logits (h~ = h + delta[y] or h * (1 + delta[y]) applied on load), and
-// keeps an online softmax (running max and sum, flash-attention style): the row accumulator
-// sum_c exp(logit_c - max) W[c] is rescaled whenever the max grows. The class-summed gradient is then
-// the existing deterministic class reduction of these rows, and the update the existing pgd_step (the
-// Python launcher chains the three), so no sum here depends on the scheduling: results are bitwise
-// reproducible.
+// out[b, k] = softmax(z_b)[k] - [k == y_b], with z_b = logits[b] + shift[y_b] (shift (K, K) may be null),
+// and p_true[b] = softmax(z_b)[y_b] when p_true is not null.
 //
-// Block layout (kLanes x kClassSlots threads): for the logits, threadIdx.y picks one class of the chunk
-// and threadIdx.x strides over D (a warp reads one row of W, coalesced), the lanes' partial dot
-// products being added in a fixed tree order in shared memory. For the accumulator, the block's
-// threads are flattened and each owns the columns j = t, t + kHeadThreads, ... of the sample's
-// workspace row (coalesced W reads again); a column is only ever touched by its owner, so the row
-// needs no synchronisation. Plain FMA in fp32 (fp64 for fp64 data): linf PGD takes the sign of each
-// gradient entry, which 16-bit or TF32 products would flip where the reference does not.
+// Block layout (kLanes x kRowsPerBlock threads): row b = blockIdx.x * kRowsPerBlock + threadIdx.y is
+// handled by the kLanes threads of one threadIdx.y, each striding over the K columns (coalesced).
+// Pass 1: each lane keeps a running maximum and the sum of exp(z - max) over its columns, rescaled when
+// the maximum grows (online softmax); the lanes' maxima, then their rescaled sums, are combined in a
+// fixed tree order in shared memory (deterministic). Pass 2 writes the probabilities minus the one-hot
+// term. out may alias logits: every element is read before it is written, by the thread that writes it.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -26,95 +18,79 @@
 namespace lpa {
 
 constexpr int kLanes = 32;
-constexpr int kClassSlots = 8;
-constexpr int kHeadThreads = kLanes * kClassSlots;
+constexpr int kRowsPerBlock = 8;
 
-template <typename T>
-__global__ void __launch_bounds__(kHeadThreads)
-head_sample_grad_kernel(acc_t<T>* sample_grad, acc_t<T>* p_true, const T* h, const int64_t* labels, const T* weight,
-                        const acc_t<T>* bias, const acc_t<T>* delta, int64_t K, int64_t D, int mode) {
-  using A = acc_t<T>;
-  __shared__ A scratch[kHeadThreads];
-  const int64_t b = blockIdx.x, y = labels[b];
-  const int lane = threadIdx.x, slot = threadIdx.y, t = slot * kLanes + lane;
-  const T* h_row = h + b * D;
-  const A* delta_row = delta + y * D;
-  A* row = sample_grad + b * D;  // sum_c exp(logit_c - row_max) W[c], then the sample's gradient
-
-  for (int64_t j = t; j < D; j += kHeadThreads) row[j] = A(0);
-  A row_max = -INFINITY, row_sum = 0, true_logit = 0;
-  for (int64_t c0 = 0; c0 < K; c0 += kClassSlots) {
-    // Logit of class c0 + slot: the lanes' partial dot products, summed over the lanes in shared memory.
-    const int64_t c = c0 + slot;
-    A partial = 0;
-    if (c < K) {
-      const T* w_row = weight + c * D;
-      for (int64_t j = lane; j < D; j += kLanes) {
-        const A x = load_as_acc(h_row[j]);
-        const A x_tilde = mode == kAdd ? x + delta_row[j] : x * (A(1) + delta_row[j]);
-        partial += x_tilde * load_as_acc(w_row[j]);
-      }
-    }
-    scratch[t] = partial;
+// Tree combination of one row's kLanes values in scratch[row * kLanes ...]; every lane gets the result.
+// All threads of the block call it (rows past B included), as it holds __syncthreads.
+template <typename A, typename Op>
+__device__ A row_combine(A value, A* scratch, Op op) {
+  const int lane = threadIdx.x, t = threadIdx.y * kLanes + lane;
+  scratch[t] = value;
+  __syncthreads();
+  for (int half = kLanes / 2; half > 0; half /= 2) {
+    if (lane < half) scratch[t] = op(scratch[t], scratch[t + half]);
     __syncthreads();
-    for (int half = kLanes / 2; half > 0; half /= 2) {
-      if (lane < half) scratch[t] += scratch[t + half];
-      __syncthreads();
-    }
-    // Every thread reads the chunk's logits (missing classes past K: -inf, weight 0).
-    A logits[kClassSlots], chunk_max = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kClassSlots; ++s) {
-      const int64_t cs = c0 + s;
-      logits[s] = cs < K ? scratch[s * kLanes] + (bias != nullptr ? bias[cs] : A(0)) : A(-INFINITY);
-      chunk_max = nan_max(chunk_max, logits[s]);
-      if (cs == y) true_logit = logits[s];
-    }
-    __syncthreads();  // scratch is overwritten by the next chunk
-
-    // Online softmax: the first chunk holds a real class, so new_max is finite and
-    // exp(-inf - new_max) = 0 scales the empty start away.
-    const A new_max = nan_max(row_max, chunk_max);
-    const A rescale = exp(row_max - new_max);
-    A weights[kClassSlots], chunk_sum = 0;
-#pragma unroll
-    for (int s = 0; s < kClassSlots; ++s) {
-      weights[s] = exp(logits[s] - new_max);
-      chunk_sum += weights[s];
-    }
-    row_sum = row_sum * rescale + chunk_sum;
-    row_max = new_max;
-    const int classes = static_cast<int>(min64(kClassSlots, K - c0));
-    for (int64_t j = t; j < D; j += kHeadThreads) {
-      A value = row[j] * rescale;
-#pragma unroll  // a constant trip count keeps weights[] in registers
-      for (int s = 0; s < kClassSlots; ++s) {
-        if (s < classes) value += weights[s] * load_as_acc(weight[(c0 + s) * D + j]);
-      }
-      row[j] = value;
-    }
   }
-
-  // d loss / d h~ = softmax @ W - W[y]; d h~ / d delta[y] is 1 (add) or h (scale).
-  const T* w_true = weight + y * D;
-  for (int64_t j = t; j < D; j += kHeadThreads) {
-    const A g = row[j] / row_sum - load_as_acc(w_true[j]);
-    row[j] = mode == kAdd ? g : g * load_as_acc(h_row[j]);
-  }
-  if (p_true != nullptr && t == 0) p_true[b] = exp(true_logit - row_max) / row_sum;
+  const A total = scratch[threadIdx.y * kLanes];
+  __syncthreads();  // scratch is reused by the next combination
+  return total;
 }
 
-void head_sample_grad(void* sample_grad, void* p_true, const void* h, const int64_t* labels, const void* weight,
-                      const void* bias, const void* delta, int64_t B, int64_t K, int64_t D, int mode, int dtype,
-                      cudaStream_t stream) {
-  if (B > 2147483647LL) throw std::invalid_argument("head_sample_grad: more than 2^31 - 1 samples");
-  LPA_DISPATCH(dtype, "head_sample_grad", {
-    using A = acc_t<scalar_t>;
-    head_sample_grad_kernel<scalar_t><<<static_cast<unsigned>(B), dim3(kLanes, kClassSlots), 0, stream>>>(
-        static_cast<A*>(sample_grad), static_cast<A*>(p_true), static_cast<const scalar_t*>(h), labels,
-        static_cast<const scalar_t*>(weight), static_cast<const A*>(bias), static_cast<const A*>(delta), K, D, mode);
+template <typename T>
+__global__ void __launch_bounds__(kLanes * kRowsPerBlock)
+softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shift, const int64_t* labels,
+                         int64_t B, int64_t K) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kLanes * kRowsPerBlock];
+  const int lane = threadIdx.x;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  const bool live = b < B;
+  const int64_t y = live ? labels[b] : 0;
+  const T* z_row = logits + (live ? b : 0) * K;
+  const T* shift_row = shift != nullptr ? shift + y * K : nullptr;
+  auto z = [&](int64_t k) { return load_as_acc(z_row[k]) + (shift_row != nullptr ? load_as_acc(shift_row[k]) : A(0)); };
+
+  // Pass 1: per-lane online maximum and sum. A lane with no finite logit yet has max -inf and sum 0;
+  // a NaN logit makes the sum NaN, and so the whole row (as torch's softmax does).
+  A lane_max = -INFINITY, lane_sum = 0, true_logit = 0;
+  if (live) {
+    for (int64_t k = lane; k < K; k += kLanes) {
+      const A v = z(k);
+      if (k == y) true_logit = v;  // kept by the lane that owns column y, read before anything is written
+      if (v > lane_max) {
+        lane_sum = lane_sum * exp(lane_max - v) + A(1);
+        lane_max = v;
+      } else if (v != -INFINITY) {
+        lane_sum += exp(v - lane_max);
+      }
+    }
+  }
+  const A row_max = row_combine(lane_max, scratch, [](A a, A c) { return nan_max(a, c); });
+  const A pivot = row_max == -INFINITY ? A(0) : row_max;
+  const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
+  const A row_sum = row_combine(rescaled, scratch, [](A a, A c) { return a + c; });
+  if (!live) return;  // after the last __syncthreads
+
+  const A inv_sum = A(1) / row_sum;
+  T* out_row = out + b * K;
+  for (int64_t k = lane; k < K; k += kLanes) {
+    const A p = exp(z(k) - pivot) * inv_sum;
+    out_row[k] = store_from<T>(k == y ? p - A(1) : p);
+  }
+  if (p_true != nullptr && y % kLanes == lane) p_true[b] = exp(true_logit - pivot) * inv_sum;
+}
+
+void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
+                       int64_t K, int dtype, cudaStream_t stream) {
+  const int64_t blocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 2147483647LL) throw std::invalid_argument("softmax_xent_grad: too many rows");
+  if (blocks == 0) return;
+  LPA_DISPATCH(dtype, "softmax_xent_grad", {
+    softmax_xent_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(kLanes, kRowsPerBlock), 0, stream>>>(
+        static_cast<scalar_t*>(out), static_cast<acc_t<scalar_t>*>(p_true), static_cast<const scalar_t*>(logits),
+        static_cast<const scalar_t*>(shift), labels, B, K);
   })
-  check_launch("head_sample_grad_kernel");
+  check_launch("softmax_xent_grad_kernel");
 }
 
 }  // namespace lpa

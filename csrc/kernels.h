@@ -48,13 +48,11 @@ void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
                          void* workspace, cudaStream_t stream);
 
-// One block per sample b: sample_grad[b] (B, D) acc = softmax(h~_b @ weight^T + bias) @ weight - weight[y_b]
-// (times h_b for scale), with h~ = perturb(h, y, delta) and an online softmax over the K classes (no
-// logits stored); p_true[b] (acc, may be null) = the true class's probability. h and weight have
-// dtype `dtype`; bias (may be null) and delta (K, D) the acc type.
-void head_sample_grad(void* sample_grad, void* p_true, const void* h, const int64_t* labels, const void* weight,
-                      const void* bias, const void* delta, int64_t B, int64_t K, int64_t D, int mode, int dtype,
-                      cudaStream_t stream);
+// Row by row, out[b] = softmax(logits[b] + shift[y_b]) - onehot(y_b) for (B, K) logits of dtype `dtype`
+// (shift (K, K) of that dtype, may be null; out may alias logits); p_true[b] (acc type, may be null) =
+// the true class's probability.
+void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
+                       int64_t K, int dtype, cudaStream_t stream);
 
 // Tensor-core GEMM x (M, Kin) @ weight (N, Kin)^T with the bias/activation/perturb epilogue
 // (float16/bfloat16 only). Row m uses labels[m / rows_per_label]; preact (M, N) may be null.

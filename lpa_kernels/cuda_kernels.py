@@ -20,7 +20,7 @@ import torch
 
 from lpa_kernels import _cuda_ext
 from lpa_kernels._common import compute_dtype, new_output
-from lpa_kernels.head_pgd.loop import run_pgd_loop
+from lpa_kernels.head_pgd.loop import HeadKernels, class_sum_from, run_head_pgd
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 MODE_CODES = {"add": 0, "scale": 1}
@@ -203,42 +203,26 @@ def class_grad_pgd_step(
         delta.copy_(kdelta)
 
 
-def head_pgd(
-    h: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    delta: torch.Tensor,
-    steps: int,
-    step: torch.Tensor,
-    eps: torch.Tensor,
-    direction: torch.Tensor | None,
-    norm: str,
-    mode: str,
+def softmax_xent_grad(
+    out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor | None,
+    p_true: torch.Tensor | None,
 ) -> None:
-    """``steps`` PGD steps on ``delta (K, D)`` in place; the Triton launcher's signature and results.
+    """``out = softmax(logits + shift[y]) - onehot(y)`` row by row, ``p_true`` the true class's
+    probability (``HeadKernels.softmax_xent_grad``; ``out`` may be ``logits``)."""
+    batch, num_classes = logits.shape
+    klabels = _as(labels, torch.int64)
+    _launch("softmax_xent_grad", logits.device, out.data_ptr(), _ptr(p_true), logits.data_ptr(), _ptr(shift),
+            klabels.data_ptr(), batch, num_classes, _code(logits.dtype))
 
-    Each step is three launches, none writing a ``(B, K)`` tensor: ``head_sample_grad`` (one block
-    per sample: logits, online softmax, the sample's gradient row into a ``(B, D)`` workspace), the
-    deterministic class reduction of those rows (``perturb_backward``'s) and ``pgd_step``. Writing
-    ``B x D`` rows costs one pass over memory but computes each sample's logits once; reducing per
-    (class, feature tile) directly would redo the ``K x D`` logits for every feature tile."""
-    batch, features = h.shape
-    num_classes = weight.shape[0]
-    if batch == 0 or steps == 0:
-        return
-    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
-    kdtype = acc if acc == torch.float64 else torch.promote_types(h.dtype, weight.dtype)
-    kh, kweight, kbias, klabels = _as(h, kdtype), _as(weight, kdtype), _as(bias, acc), _as(labels, torch.int64)
-    sample_grad = new_output((batch, features), acc, h.device)
 
-    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
-        _launch("head_sample_grad", h.device, sample_grad.data_ptr(), _ptr(p_true), kh.data_ptr(), klabels.data_ptr(),
-                kweight.data_ptr(), _ptr(kbias), current.data_ptr(), batch, num_classes, features, MODE_CODES[mode],
-                _code(kdtype))
-        return perturb_backward(sample_grad, None, klabels, None, num_classes, features, 1, "add", False, True, acc)[1]
+HEAD_KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward), softmax_xent_grad=softmax_xent_grad,
+                           pgd_step=pgd_step)
 
-    run_pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad, pgd_step)
+
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
+    """``steps`` PGD steps on ``delta (K, D)`` in place: ``head_pgd/loop.run_head_pgd`` on the CUDA C++
+    kernels (GEMMs by cuBLAS); the Triton launcher's signature and results."""
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, HEAD_KERNELS)
 
 
 def linear_perturb_forward(

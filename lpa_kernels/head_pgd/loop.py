@@ -1,35 +1,178 @@
-"""The PGD loop of ``head_pgd_`` shared by the Triton and CUDA C++ launchers.
+"""The PGD loop of ``head_pgd_``, shared by the Triton and CUDA C++ launchers.
 
-A backend supplies two callables: ``class_grad(current, p_true) -> grad (K, D)``, the class-summed
-gradient at the iterate ``current`` (which also writes the per-sample true-class probabilities into
-``p_true (B,)`` when it is not None), and its ``pgd_step`` launcher. LPL's confidence rule is applied
-here, in PyTorch, once, from the first step's probabilities.
+For ``logits = perturb(h, y, delta) @ W.T + b`` and summed cross-entropy, the gradient with respect to
+the perturbed activations is ``(P - Y) @ W`` with ``P = softmax(logits)`` and ``Y = onehot(y)``, so one
+PGD step needs no autograd: two GEMMs, a row-wise softmax and a per-class sum. The GEMMs go to cuBLAS
+(``torch.mm``: tensor cores); a backend supplies the rest as :class:`HeadKernels`. Two formulations:
+
+* **rows** (any mode): for each chunk of at most ``chunk_rows`` samples, ``h~ = perturb(h, y, delta)``,
+  ``Z = h~ @ W.T + b`` (``chunk x K``), ``Z <- softmax(Z) - Y`` in place, ``G = Z @ W`` into a
+  ``(B, D)`` buffer; then ``grad[c] = sum_{y_b = c} G_b`` (``* h_b`` for ``scale``). Per step
+  ``4 B K D`` FLOPs; extra memory ``chunk x K + B x D`` elements of the GEMM dtype.
+* **class space** (``add`` only): the logits are affine in delta, ``Z_t = (h @ W.T + b) + E_t[y]`` with
+  ``E_t = delta_t @ W.T (K x K)``, and the class-summed gradient is ``S_t @ W`` with
+  ``S_t[c] = sum_{y_b = c} (P_b - Y_b)`` (``K x K``). ``h @ W.T + b`` is computed once for all steps, so a
+  step costs ``4 K^2 D`` FLOPs plus passes over ``B x K``. Extra memory ``2 B x K + 2 K x K``.
+
+Over T steps the rows form does ``4 T B K D`` FLOPs and the class-space form ``2 B K D + 4 T K^2 D``, so
+class space is chosen when ``2 B + 4 T K < 4 T B`` (many samples per class) and its ``B x K`` buffers fit
+in one chunk; otherwise rows (e.g. LLM-vocabulary heads, ``K >> B``).
+
+Precision: with 16-bit ``h`` and ``W`` and ``norm="l2"``, the GEMMs take 16-bit operands (tensor cores,
+fp32 accumulation), the precision of an autograd PGD step on the same tensors. ``linf`` takes the sign
+of every gradient entry, and rounding ``h~`` or ``P`` to 16 bits flips the sign of entries near zero,
+moving them by ``2 * step_size``; so ``linf``, and float32/float64 data, run the GEMMs in the
+accumulation dtype (float32 GEMMs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` says so).
+The per-class sums are the deterministic segmented reductions of ``perturb``'s backward, and the
+iterate stays in the accumulation dtype between steps, rounded into ``delta`` once.
+
+LPL's confidence rule is applied here, in PyTorch, once, from the first step's probabilities.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from lpa_kernels._common import new_output
+from lpa_kernels._common import compute_dtype, new_output
 from lpa_kernels.confidence import confidence_direction
 
+# Logits elements per chunk of rows (256 MiB in float32): bounds the rows form's (chunk, K) buffer, so
+# K = 100,000 takes chunks of 640 rows instead of a (B, K) tensor.
+CHUNK_ELEMENTS = 1 << 26
+# Rows per chunk are a multiple of this when there are that many: full GEMM tiles.
+ROW_ALIGN = 128
 
-def run_pgd_loop(
-    delta: torch.Tensor,
+
+@dataclass(frozen=True)
+class HeadKernels:
+    """What a backend supplies (the launchers of its ``perturb`` and ``pgd`` kernels, plus one kernel).
+
+    - ``perturb(h (n, D), labels (n,), delta (K, D), inner, mode) -> h~ (n, D)`` in ``h.dtype``;
+    - ``class_sum(rows (n, R), h (n, R) or None, labels (n,), num_classes, mode, dtype) -> (K, R)``:
+      ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``), deterministic, in ``dtype``;
+    - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), shift (K, K) or None, p_true (n,) or None)``:
+      ``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``out`` may be ``logits``), and the
+      true class's probability into ``p_true`` when given;
+    - ``pgd_step(delta, grad, step, eps, direction, norm)``: the in-place projected update.
+    """
+
+    perturb: Callable[..., torch.Tensor]
+    class_sum: Callable[..., torch.Tensor]
+    softmax_xent_grad: Callable[..., None]
+    pgd_step: Callable[..., None]
+
+
+def class_sum_from(perturb_backward: Callable[..., tuple]) -> Callable[..., torch.Tensor]:
+    """``HeadKernels.class_sum`` from a backend's ``perturb_backward`` launcher (its deterministic class
+    reduction, without ``grad_h``)."""
+
+    def class_sum(rows, h, labels, num_classes, mode, dtype):
+        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, True, dtype)[1]
+
+    return class_sum
+
+
+def gemm_dtype(data: torch.dtype, acc: torch.dtype, norm: str) -> torch.dtype:
+    """The GEMM operands' dtype: 16-bit data on tensor cores for ``l2``, else the accumulation dtype."""
+    return data if norm == "l2" and data in (torch.float16, torch.bfloat16) else acc
+
+
+def chunk_rows(batch: int, num_classes: int) -> int:
+    """Rows per chunk of the rows form: ``chunk x K <= CHUNK_ELEMENTS``, a multiple of ``ROW_ALIGN``."""
+    rows = max(1, CHUNK_ELEMENTS // max(num_classes, 1))
+    if rows >= ROW_ALIGN:
+        rows -= rows % ROW_ALIGN
+    return min(batch, rows)
+
+
+def use_class_space(batch: int, num_classes: int, steps: int, mode: str) -> bool:
+    """The module docstring's FLOP rule, for ``add`` when the ``(B, K)`` buffers fit in one chunk."""
+    if mode != "add" or batch * num_classes > CHUNK_ELEMENTS:
+        return False
+    return 2 * batch + 4 * steps * num_classes < 4 * steps * batch
+
+
+def run_head_pgd(
+    h: torch.Tensor,
     labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    delta: torch.Tensor,
     steps: int,
     step: torch.Tensor,
     eps: torch.Tensor,
     direction: torch.Tensor | None,
     norm: str,
-    acc: torch.dtype,
-    class_grad: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-    pgd_step: Callable[..., None],
+    mode: str,
+    kernels: HeadKernels,
 ) -> None:
-    """``steps`` PGD steps on ``delta (K, D)`` in place; ``direction`` None means the confidence rule.
-    The iterate stays in the accumulation dtype ``acc`` between steps and is rounded into ``delta`` once."""
+    """``steps`` PGD steps on ``delta (K, D)`` in place (validated, contiguous tensors on one device).
+
+    ``h (B, D)``, ``labels (B,)``, ``weight (K, D)``, ``bias (K,)`` or None; ``step``, ``eps`` (K,);
+    ``direction`` (K,) or None for LPL's confidence rule, fixed from the first step's softmax."""
+    batch, num_classes = h.shape[0], weight.shape[0]
+    if batch == 0 or steps == 0:
+        return
+    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
+    gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
+    h, weight = h.to(gd), weight.to(gd)
+    bias = None if bias is None else bias.to(gd)
+    if use_class_space(batch, num_classes, steps, mode):
+        class_grad = _class_space_grad(h, labels, weight, bias, acc, kernels)
+    else:
+        class_grad = _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels)
+    _pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad, kernels.pgd_step)
+
+
+GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels) -> GradFn:
+    """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
+    num_classes = weight.shape[0]
+    base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
+    probs = torch.empty_like(base_logits)
+
+    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+        shift = torch.mm(current.to(weight.dtype), weight.t())  # (K, K): class c's samples' logit offset
+        kernels.softmax_xent_grad(probs, base_logits, labels, shift, p_true)
+        class_probs = kernels.class_sum(probs, None, labels, num_classes, "add", acc)  # (K, K)
+        return torch.mm(class_probs.to(weight.dtype), weight).to(acc)
+
+    return class_grad
+
+
+def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels) -> GradFn:
+    """The rows form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
+    (batch, features), num_classes = h.shape, weight.shape[0]
+    rows = chunk_rows(batch, num_classes)
+    logits = new_output((rows, num_classes), weight.dtype, h.device)
+    sample_grad = new_output((batch, features), weight.dtype, h.device)  # d loss / d h~, row by row
+
+    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+        for start in range(0, batch, rows):
+            part = slice(start, min(batch, start + rows))
+            part_labels = labels[part]
+            h_tilde = kernels.perturb(h[part], part_labels, current, 1, mode)
+            z = logits[: h_tilde.shape[0]]
+            if bias is None:
+                torch.mm(h_tilde, weight.t(), out=z)
+            else:
+                torch.addmm(bias, h_tilde, weight.t(), out=z)
+            kernels.softmax_xent_grad(z, z, part_labels, None, None if p_true is None else p_true[part])
+            torch.mm(z, weight, out=sample_grad[part])
+        return kernels.class_sum(sample_grad, h if mode == "scale" else None, labels, num_classes, mode, acc)
+
+    return class_grad
+
+
+def _pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad: GradFn, pgd_step) -> None:
+    """``steps`` PGD steps on ``delta`` in place; ``direction`` None means the confidence rule.
+    The iterate stays in ``acc`` between steps and is rounded into ``delta`` once."""
     current = delta if delta.dtype == acc else delta.to(acc)
     p_true = new_output((labels.shape[0],), acc, delta.device) if direction is None else None
     for _ in range(steps):

@@ -8,10 +8,13 @@ kernel, ``-m gpu``); tests/cuda/test_emulated_kernels.py runs the CUDA C++ kerne
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import lpa_kernels.cuda_kernels as cuda_kernels
+import lpa_kernels.head_pgd.loop as head_loop
 import lpa_kernels.head_pgd.triton_kernels as head_triton
 import lpa_kernels.pgd.naive as pgd_naive
 from lpa_kernels import head_pgd_
@@ -74,15 +77,73 @@ def test_class_counts(target, num_classes, mode):
     check_against_reference(target, *problem, steps=1, step_size=0.05, eps=0.2, direction="confidence", norm="l2", mode=mode)
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
-def test_ten_thousand_classes(target, monkeypatch):
-    """K = 10,000: the online softmax runs over 157 class tiles. Under the interpreter the update is
-    the reference pgd_step (pgd_step has its own tests): its 10,000 one-class programs, run one after
-    another, would take about 90 s here, against about 1 s for the fused gradient kernel."""
+def _reference_update_under_interpreter(monkeypatch):
+    """Under the interpreter, the update is the reference pgd_step (pgd_step has its own tests): its
+    K one-class programs, run one after another, take minutes for K = 10,000 and more."""
     if interpreting():
-        monkeypatch.setattr(head_triton, "pgd_step", pgd_naive.pgd_step_)
-    problem = make_problem(6, 10_000, 16, device=target[1])
-    check_against_reference(target, *problem, steps=2, step_size=0.05, eps=0.2, direction="confidence", norm="linf", mode="add")
+        monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, pgd_step=pgd_naive.pgd_step_))
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("num_classes, mode", [(10_000, "add"), (32_000, "scale")])
+def test_large_class_counts(target, num_classes, mode, monkeypatch):
+    """K = 10,000 and 32,000 (an LLM-vocabulary head) with 6 samples: the rows form, the softmax over
+    several class tiles."""
+    _reference_update_under_interpreter(monkeypatch)
+    problem = make_problem(6, num_classes, 16, device=target[1])
+    check_against_reference(target, *problem, steps=2, step_size=0.05, eps=0.2, direction="confidence", norm="linf", mode=mode)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", [1.0, "confidence"])
+def test_both_formulations_match_the_reference_and_each_other(target, dtype, direction, monkeypatch):
+    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule) and the rows form
+    (forced) each match the reference, and each other within the same tolerance."""
+    problem = make_problem(67, 6, 29, dtype, target[1])
+    assert head_loop.use_class_space(67, 6, 3, "add"), "test setup: the rule should pick class space here"
+    args = dict(steps=3, step_size=0.1, eps=0.3, direction=direction, norm="l2", mode="add")
+    class_space = check_against_reference(target, *problem, **args)
+    monkeypatch.setattr(head_loop, "use_class_space", lambda *a: False)
+    rows = check_against_reference(target, *problem, **args)
+    lowp = problem[-1].clone()
+    head_pgd_(*(t.cpu() if t is not None else None for t in problem[:4]), lowp, backend="reference",
+              **{**args, "direction": direction})
+    assert_close_to_reference(class_space, rows.double(), None if dtype == torch.float32 else lowp,
+                              what="class-space form against the rows form")
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_rows_in_several_chunks(target, mode, monkeypatch):
+    """A chunk budget of 4 classes x 16 rows: B = 37 runs as chunks of 16, 16 and 5 rows (ragged
+    last chunk), with the confidence rule's probabilities written chunk by chunk."""
+    monkeypatch.setattr(head_loop, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(head_loop, "ROW_ALIGN", 8)
+    assert head_loop.chunk_rows(37, 4) == 16
+    problem = make_problem(37, 4, 21, device=target[1])
+    check_against_reference(target, *problem, steps=2, step_size=0.1, eps=0.3, direction="confidence", norm="l2", mode=mode)
+
+
+def test_formulation_rule_and_chunk_bound():
+    """Class space only for add and when cheaper (many samples per class); chunks bound the logits."""
+    assert head_loop.use_class_space(4096, 100, 3, "add")
+    assert not head_loop.use_class_space(4096, 100, 3, "scale")
+    assert not head_loop.use_class_space(128, 1000, 3, "add")  # K >> B: rows
+    assert not head_loop.use_class_space(4096, 32_000, 3, "add")  # (B, K) larger than one chunk
+    for batch, classes in [(4096, 32_000), (4096, 100_000), (100, 7), (1_000_000, 1000)]:
+        rows = head_loop.chunk_rows(batch, classes)
+        assert 1 <= rows <= batch and rows * classes <= max(head_loop.CHUNK_ELEMENTS, classes)
+    assert head_loop.chunk_rows(4096, 100_000) % head_loop.ROW_ALIGN == 0
+
+
+def test_gemm_precision_policy():
+    """16-bit operands on tensor cores for l2; linf (signs) and 32/64-bit data in the accumulation dtype."""
+    assert head_loop.gemm_dtype(torch.bfloat16, torch.float32, "l2") == torch.bfloat16
+    assert head_loop.gemm_dtype(torch.float16, torch.float32, "l2") == torch.float16
+    assert head_loop.gemm_dtype(torch.bfloat16, torch.float32, "linf") == torch.float32
+    assert head_loop.gemm_dtype(torch.float32, torch.float32, "l2") == torch.float32
+    assert head_loop.gemm_dtype(torch.float64, torch.float64, "l2") == torch.float64
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
