@@ -5,11 +5,12 @@ Examples::
     lpa-bench --quick --json quick.json --plot quick.png          # under a minute, CPU or GPU
     lpa-bench --json results.json --plot results.png --budget-s 240
     lpa-bench --ops perturb linear_perturb --backends triton eager compile --dtypes bfloat16 float32
+    lpa-bench static --json static.json --arch 90a 80              # compiled-code facts, modelled roofline
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import sys
 
 import torch
@@ -21,6 +22,7 @@ from lpa_bench.runner import Budget, run_op
 from lpa_bench.timing import device_peaks
 from lpa_bench.training import train_rows
 from lpa_kernels.backend import BACKENDS, resolve
+from lpa_programs.cli import Parser, check_writable, number
 
 PEERS = ("eager", "compile", "matmul")
 SECTIONS = ("perturb", "linear_perturb", "train_step", "memory", "head_pgd_", "class_grad", "pgd_step_",
@@ -30,24 +32,54 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 COMPILE_SKIPPED = "compile peer skipped in --quick (compiling takes longer than the run; name it in --backends)"
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lpa-bench", description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    p = Parser(prog="lpa-bench", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
-    p.add_argument("--plot", metavar="PATH", help="draw throughput vs size per op with the roofline (PNG)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="draw throughput vs size per op with the roofline (PNG; needs matplotlib: "
+                        "pip install 'lpa_kernels[bench]')")
     p.add_argument("--quick", action="store_true", help="tiny shapes, short timing: finishes in under a minute")
     p.add_argument("--ops", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="OP",
                    help=f"what to run, among {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS + PEERS, metavar="IMPL",
-                   help="backends and peers to time (default: every backend available on the device, "
-                        "eager, compile and matmul; the Triton interpreter only when named)")
+                   help="backends and peers to time, among " + ", ".join(BACKENDS + PEERS) + " (default: every "
+                        "backend available on the device, eager, compile and matmul; the Triton interpreter "
+                        "only when named)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), metavar="DTYPE",
-                   help="default: bfloat16 on a GPU (the SPEC targets' dtype), float32 on the CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None,
+                   help=f"among {', '.join(sorted(DTYPES))} (default: bfloat16 on a GPU, the SPEC targets' "
+                        "dtype; float32 on the CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (cuda when available), cpu or cuda (default: auto)")
+    p.add_argument("--threads", type=number(int, 1), default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 steadies CPU timings on a shared machine")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=number(float, 0), default=None,
                    help="wall-clock allowance for the sweep; later cases are reported as skipped")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+def check_args(parser: Parser, args) -> torch.device:
+    """Everything that would otherwise fail after the benchmark ran: the device, backends named but
+    unavailable here, matplotlib for --plot, where the files go. Each is one error line, exit 2."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: cuda asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    for backend in [b for b in (args.backends or ()) if b in BACKENDS]:
+        try:
+            resolve(backend, device)
+        except ValueError as exc:
+            parser.error(f"argument --backends: {exc}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("argument --plot: needs matplotlib, which is not installed: pip install 'lpa_kernels[bench]' "
+                     "(or pip install matplotlib)")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and check_writable(path):
+            parser.error(f"argument {option}: {check_writable(path)}")
+    return device
 
 
 def choose_impls(device: torch.device, requested, quick: bool):
@@ -82,33 +114,62 @@ def _print_targets(rows) -> None:
     held = [r for r in rows if r["target"]]
     for r in held:
         if r["target_met"] is False:
-            print(f"MISSED {r['op']} {r['pass']} {r['impl']} {r['dtype']} {r['shape']}: {r['target']}", flush=True)
+            print(f"MISSED {r['op']} {r['pass']} {r['impl']} {r['dtype']} {_case(r)}: {r['target']}", flush=True)
     met = sum(r["target_met"] is True for r in held)
     missed = sum(r["target_met"] is False for r in held)
     print(f"SPEC targets: {met} met, {missed} missed, {len(held) - met - missed} not measured here", flush=True)
 
 
+def _figure(r: dict) -> str:
+    """The row's measurement in words."""
+    if r["error"]:
+        return f"-- {r['error']}"
+    if r["bench"] == "memory":
+        peak = "n/a on CPU" if r["peak_bytes"] is None else f"{r['peak_bytes']} B"  # a CUDA allocator figure
+        return f"saved {r['saved_bytes']} B, peak {peak}"
+    if r["bench"] == "train_step":
+        ratio = "" if r["ratio"] is None else f", {r['ratio']:.3f}x plain"
+        return (f"{r['time_ms']:.3f} ms{ratio}, lower fwd/step {r['lower_forwards_per_step']:g}, "
+                f"upper fwd/step {r['upper_forwards_per_step']:g}")
+    rate = f"{r['tflops']:.3f} TFLOP/s" if OPS[r["op"]].bound == "compute" else ""  # elementwise: ~0 flops
+    return " ".join(filter(None, [f"{r['time_ms']:.4f} ms", f"{r['gbps']:.1f} GB/s", rate]))
+
+
+VERDICTS = {True: "met", False: "MISSED", None: "not measured here"}
+
+
+def _verdict(r: dict) -> str:
+    """The target column: what the row is held to and how it did, the same words for every kind of row."""
+    return f"| target {VERDICTS[r['target_met']]}: {r['target']}" if r["target"] else ""
+
+
+def _case(r: dict) -> str:
+    """The row's shape and variant as ``B=64,D=32,mode=add``."""
+    return ",".join(f"{k}={v}" for k, v in {**(r["shape"] or {}), **(r["variant"] or {})}.items())
+
+
 def _print_rows(rows) -> None:
     for r in rows:
-        shape = ",".join(f"{k}={v}" for k, v in {**(r["shape"] or {}), **(r["variant"] or {})}.items())
-        if r["error"]:
-            figure = f"-- {r['error']}"
-        elif r["bench"] == "memory":
-            figure = f"saved {r['saved_bytes']} B, peak {r['peak_bytes']} B"
-        elif r["bench"] == "train_step":
-            ratio = "" if r["ratio"] is None else f", {r['ratio']:.3f}x plain"
-            figure = f"{r['time_ms']:.3f} ms{ratio}, lower fwd/step {r['lower_forwards_per_step']}"
-        else:
-            figure = f"{r['time_ms']:.4f} ms {r['gbps']:.1f} GB/s {r['tflops']:.3f} TFLOP/s"
-        met = "" if r["target_met"] is None else f"  target {'met' if r['target_met'] else 'MISSED'}"
-        print(f"{r['op']:>20} {r['pass']:>7} {r['impl']:>9} {r['dtype'] or '':>8} {shape:<44} {figure}{met}", flush=True)
+        line = f"{r['op']:>20} {r['pass']:>7} {r['impl']:>9} {r['dtype'] or '':>8} {_case(r):<44} {_figure(r):<44}"
+        print(f"{line} {_verdict(r)}".rstrip(), flush=True)
+
+
+def _header(meta: dict, peaks: dict, impls: list) -> str:
+    matmul = ", ".join(f"{dtype} {rate:.3g}" for dtype, rate in peaks["matmul_tflops"].items())
+    return (f"lpa-bench on {meta['device']} ({meta['timer']}); measured peaks: copy {peaks['copy_gbps']:.1f} GB/s, "
+            f"matmul {matmul} TFLOP/s; timing {', '.join(impls)}")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    device = torch.device("cuda" if cuda else "cpu")
+    if argv[:1] == ["static"]:  # the GPU-free report: benchmarks/static/
+        from lpa_bench.static.report import main as static_main
+
+        return static_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = check_args(parser, args)
+    cuda = device.type == "cuda"
     tier = "quick" if args.quick else ("gpu" if cuda else "cpu")
     dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or (["bfloat16"] if cuda else ["float32"]))]
     impls, notes, unavailable = choose_impls(device, args.backends, args.quick)
@@ -119,8 +180,7 @@ def main(argv=None) -> int:
     peaks = device_peaks(device, dtypes, args.quick)
     meta = metadata(device, argv, tier, peaks)
     meta["impls"], meta["unavailable_impls"] = impls, unavailable
-    print(f"lpa-bench on {meta['device']} ({meta['timer']}), copy {peaks['copy_gbps']:.1f} GB/s, "
-          f"matmul {peaks['matmul_tflops']} TFLOP/s; timing {impls}", flush=True)
+    print(_header(meta, peaks, impls), flush=True)
     for name, reason in unavailable.items():
         print(f"  not timed: {name}: {reason}", flush=True)
 
@@ -140,14 +200,14 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, meta, rows)
     _print_targets(rows)
+    if args.json:
+        write_json(args.json, meta, rows)  # also when no section ran
+        print(f"wrote {args.json}", flush=True)
     if args.plot:
-        try:
-            from lpa_bench.plot import plot
+        from lpa_bench.plot import plot  # matplotlib: checked to be there before the run
 
-            plot(args.plot, meta, rows)
-        except ImportError as exc:  # the JSON is written; only the picture is missing
-            print(f"no plot: {exc} (pip install matplotlib)", file=sys.stderr)
-            return 2
+        plot(args.plot, meta, rows)
+        print(f"wrote {args.plot}", flush=True)
     return 0
 
 

@@ -19,6 +19,8 @@ def _label(row: dict) -> str:
 
 
 def _op_panel(ax, op: str, pass_: str, rows: list, meta: dict) -> None:
+    from matplotlib.ticker import NullFormatter
+
     compute = OPS[op].bound == "compute"
     xkey, ykey = ("flops", "tflops") if compute else ("bytes", "gbps")
     series: dict = {}
@@ -38,6 +40,7 @@ def _op_panel(ax, op: str, pass_: str, rows: list, meta: dict) -> None:
     elif copy_gbps:
         ax.axhline(copy_gbps, color="k", linestyle="--", label=f"copy {copy_gbps:.0f} GB/s")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks crowd a span under one decade
     ax.set_xlabel("flops" if compute else "bytes moved")
     ax.set_ylabel("TFLOP/s" if compute else "GB/s")
     ax.set_title(f"{op} {pass_}")
@@ -65,7 +68,9 @@ def plot(path: str, meta: dict, rows: list) -> None:
     train = [r for r in rows if r["bench"] == "train_step" and r["ratio"]]
     count = max(1, len(panels) + bool(train))
     cols = min(3, count)
-    fig, axes = plt.subplots(math.ceil(count / cols), cols, figsize=(5.5 * cols, 4 * math.ceil(count / cols)), squeeze=False)
+    # constrained layout places the figure title above the panel titles (tight_layout lets them overlap)
+    fig, axes = plt.subplots(math.ceil(count / cols), cols, figsize=(5.5 * cols, 4 * math.ceil(count / cols)),
+                             squeeze=False, layout="constrained")
     flat = list(axes.flat)
     for ax, (op, pass_) in zip(flat, panels):
         _op_panel(ax, op, pass_, [r for r in measured if r["op"] == op and r["pass"] == pass_], meta)
@@ -77,6 +82,5 @@ def plot(path: str, meta: dict, rows: list) -> None:
         if panels or train:
             ax.axis("off")
     fig.suptitle(f"lpa-bench on {meta.get('device')} ({meta.get('timer')}, commit {str(meta.get('git_commit'))[:10]})")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

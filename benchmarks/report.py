@@ -7,13 +7,13 @@ what each one means.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
-import tempfile
 
 import torch
+
+from lpa_programs.cli import write_json_atomically
 
 SCHEMA = "lpa-bench/1"
 
@@ -97,11 +97,7 @@ def metadata(device: torch.device, argv: list, tier: str, peaks: dict) -> dict:
 
 def write_json(path: str, meta: dict, rows: list) -> None:
     """Write atomically, so a run cut short by a timeout leaves the last complete report."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump({"schema": SCHEMA, "meta": meta, "rows": rows}, f, indent=1, default=str)
-    os.replace(f.name, path)
+    write_json_atomically(path, {"schema": SCHEMA, "meta": meta, "rows": rows})
 
 
 # ---- SPEC section 4 ------------------------------------------------------------------------------

@@ -20,7 +20,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+def _computed_once(function):
+    """Memoise a function of no arguments. Not ``functools.lru_cache``: these run inside ops that
+    ``torch.compile`` traces, and Dynamo warns at every lru_cache-wrapped call it meets. ``cache_clear``
+    forgets the value (tests that change triton's version)."""
+    value = []
+
+    @functools.wraps(function)
+    def once():
+        if not value:
+            value.append(function())
+        return value[0]
+
+    once.cache_clear = value.clear
+    return once
+
+
+@_computed_once
 def _triton_import_error() -> str:
     try:
         import triton  # noqa: F401
@@ -35,7 +51,7 @@ def _triton_import_error() -> str:
 MIN_INTERPRETER_VERSION = (3, 9)
 
 
-@functools.lru_cache(maxsize=None)
+@_computed_once
 def _old_interpreter_reason() -> str:
     import triton
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
 import torch
 
+import lpa_kernels
 from lpa_bench import cli
 from lpa_kernels.backend import interpreting
 from lpa_bench.report import ROW_KEYS, SCHEMA
@@ -130,16 +132,91 @@ def test_triton_interpreter_is_timed_only_when_asked():
     assert impls == ["triton", "eager"] and "interpreter" in notes["triton"]
 
 
-def test_unknown_op_is_refused():
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--ops", "nonsense"])
+def _no_benchmark(*_args, **_kw):
+    raise AssertionError("the benchmark started before every option was checked")
+
+
+def _refused(monkeypatch, capsys, argv) -> str:
+    """lpa-bench's one error line for ``argv``, checked to come before any measurement, with exit status 2."""
+    monkeypatch.setattr(cli, "device_peaks", _no_benchmark)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("lpa-bench: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "nonsense"], "argument --ops: invalid choice: 'nonsense'"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--budget-s", "-1"], "argument --budget-s: must be >= 0"),
+])
+def test_bad_arguments_are_one_line_errors(monkeypatch, capsys, argv, message):
+    assert message in _refused(monkeypatch, capsys, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages on a machine without CUDA")
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "argument --device: cuda asked for, but torch sees no CUDA GPU"),
+    (["--backends", "cuda"], "argument --backends: backend='cuda' is not available for a cpu tensor"),
+], ids=["device-cuda", "backend-cuda"])
+def test_unavailable_device_or_named_backend_is_refused_before_running(monkeypatch, capsys, argv, message):
+    assert message in _refused(monkeypatch, capsys, argv)
+
+
+def test_plot_without_matplotlib_is_refused_before_running_and_names_the_extra(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    err = _refused(monkeypatch, capsys, ["--quick", "--plot", str(tmp_path / "p.png")])
+    assert "needs matplotlib" in err and "lpa_kernels[bench]" in err
+
+
+def test_output_that_is_a_folder_is_refused(monkeypatch, capsys, tmp_path):
+    assert "argument --json: " in _refused(monkeypatch, capsys, ["--quick", "--json", str(tmp_path)])
+
+
+def test_written_files_are_announced_and_readable_by_others(capsys, tmp_path):
+    json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+    old_umask = os.umask(0o022)
+    try:
+        assert cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", "--json", str(json_path),
+                         "--plot", str(png_path)]) == 0
+    finally:
+        os.umask(old_umask)
+    out = capsys.readouterr().out
+    assert f"wrote {json_path}" in out and f"wrote {png_path}" in out
+    for path in (json_path, png_path):
+        assert path.stat().st_mode & 0o777 == 0o644, f"{path.name} is not 0644"
+
+
+def test_console_lines_are_readable(quick_run):
+    report, _ = quick_run
+    meta = report["meta"]
+    header = cli._header(meta, meta, meta["impls"])
+    assert "{" not in header and "matmul float32 " in header and "TFLOP/s" in header, header
+    memory = next(r for r in report["rows"] if r["bench"] == "memory" and r["error"] is None)
+    assert cli._figure(memory).endswith("peak n/a on CPU")
+    perturb = next(r for r in report["rows"] if r["op"] == "perturb" and r["time_ms"])
+    assert "GB/s" in cli._figure(perturb) and "TFLOP/s" not in cli._figure(perturb), "elementwise: no flop rate"
+    linear = next(r for r in report["rows"] if r["op"] == "linear_perturb" and r["bench"] == "op" and r["time_ms"])
+    assert "TFLOP/s" in cli._figure(linear)
+    steps = [r for r in report["rows"] if r["bench"] == "train_step" and r["target"]]
+    verdicts = [cli._verdict(r) for r in steps]
+    assert all(v.startswith("| target ") and r["target"] in v for v, r in zip(verdicts, steps)), verdicts
+    assert {v.split(":")[0] for v in verdicts} <= {"| target met", "| target MISSED", "| target not measured here"}
 
 
 @pytest.mark.gpu
 def test_quick_run_on_the_gpu_times_the_fast_backends_with_do_bench(tmp_path):
     path = tmp_path / "gpu.json"
+    info = lpa_kernels.backend_info()
+    fast = [b for b in ("triton", "cuda") if info[b]["available"]]  # naming an unavailable one is an error
     cli.main(["--quick", "--device", "cuda", "--ops", "perturb", "linear_perturb", "memory",
-              "--backends", "reference", "triton", "cuda", "eager", "matmul", "--json", str(path)])
+              "--backends", "reference", *fast, "eager", "matmul", "--json", str(path)])
     report = json.loads(path.read_text())
     assert report["meta"]["timer"] == "do_bench"
     timed = {r["impl"] for r in report["rows"] if r["bench"] == "op" and r["time_ms"]}
