@@ -260,7 +260,8 @@ def format_table(summary: dict) -> str:
         row.append(f"{1e3 * e['sec_per_step']['mean']:.2f}")
         steps = e["stats"].get("training_steps") or 0
         for key in ("lower_forwards", "upper_forwards", "pgd_steps"):
-            row.append(f"{e['stats'][key] / steps:.2f}" if steps and key in e["stats"] else "-")
+            no_pgd = key == "pgd_steps" and e["pgd_path"] == "-"  # a baseline: "-", not "0.00"
+            row.append(f"{e['stats'][key] / steps:.2f}" if steps and key in e["stats"] and not no_pgd else "-")
         row.append(e["pgd_path"])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
