@@ -83,10 +83,22 @@ class Method:
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor):
         """``(loss, logits)`` for one training batch: mean cross-entropy of the perturbed forward (mixed
-        cross-entropy for mixup); ``logits`` are the upper network's output for that forward."""
-        self._counts["training_steps"] += 1
-        h, extras = self._lower(x)
-        return self._forward_loss(h, tuple(extras), y)
+        cross-entropy for mixup); ``logits`` are the upper network's output for that forward.
+
+        A call that raises changes no counter; the class-perturbation methods check the labels before the
+        lower network runs, so a batch with bad labels changes no delta or BatchNorm statistic either."""
+        self._check_labels(x, y)
+        counts = dict(self._counts)
+        try:
+            self._counts["training_steps"] += 1
+            h, extras = self._lower(x)
+            return self._forward_loss(h, tuple(extras), y)
+        except Exception:
+            self._counts = counts
+            raise
+
+    def _check_labels(self, x, y) -> None:
+        """Validate the batch's labels before anything runs (the baselines leave it to cross-entropy)."""
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
@@ -252,8 +264,12 @@ class ClassPerturbationMethod(Method):
             self._counts["pgd_steps"] += self.lpa.steps
         return self.lpa.apply(h, y, delta)
 
+    def _check_labels(self, x, y) -> None:
+        # the step's one device sync; x's first dimension is the batch (y's own length for non-tensor x)
+        batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else getattr(y, "shape", (-1,))[0]
+        _checks.check_labels(y, batch, self.num_classes)
+
     def _forward_loss(self, h, extras, y):
-        _checks.check_labels(y, h.shape[0], self.num_classes)
         logits = self._upper(self._features(h, extras, y), extras)
         trained = logits
         if self.lpl is not None:
@@ -273,6 +289,16 @@ class ClassPerturbationMethod(Method):
     def after_backward(self) -> None:
         for site in self._sites():
             self._counts["pgd_steps"] += site.after_backward()
+
+    def stats(self) -> dict:
+        """``Method.stats()`` plus the finiteness guard's counts (LPA and LPL together; reading them syncs
+        the device): ``skipped_class_updates``, class delta updates skipped because the class's gradient
+        was not finite, and ``skipped_class_statistics``, non-finite class statistics the "loss_trend"
+        policy left out of its running state."""
+        stats = super().stats()
+        stats["skipped_class_updates"] = sum(site.skipped_updates for site in self._sites())
+        stats["skipped_class_statistics"] = sum(site.policy.skipped_observations for site in self._sites())
+        return stats
 
     def state_dict(self) -> dict:
         """The learned perturbations, for checkpoints: ``{"delta": ..., "logit_delta": ...}`` (those that exist)."""

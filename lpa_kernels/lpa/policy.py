@@ -49,10 +49,21 @@ def _named(direction, name: str) -> bool:
 
 
 def _means(stats: torch.Tensor):
-    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats``."""
+    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats``.
+
+    A class whose sums are not finite (a non-finite sample, e.g. an Inf input) counts as absent from the
+    batch, so its NaN cannot reach the other classes through the confidence threshold or the loss trend;
+    its means are 0. Done with ``torch.where`` on the device (no sync)."""
     counts, p_sum, ce_sum = stats
+    finite = torch.isfinite(p_sum) & torch.isfinite(ce_sum)
     samples = counts.clamp_min(1)
-    return counts > 0, p_sum / samples, ce_sum / samples
+    return (counts > 0) & finite, torch.where(finite, p_sum / samples, 0.0), torch.where(finite, ce_sum / samples, 0.0)
+
+
+def _rejected(stats: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bool: classes in the batch whose statistics are not finite (``_means`` drops them)."""
+    counts, p_sum, ce_sum = stats
+    return (counts > 0) & ~(torch.isfinite(p_sum) & torch.isfinite(ce_sum))
 
 
 class Policy:
@@ -77,6 +88,7 @@ class Policy:
         if self.counts is not None and tuple(self.counts.shape) != (num_classes,):
             raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(self.counts.shape)}")
         self.loss_ema = self.fall_ema = None  # loss_trend state, (K,) once observed; NaN = class not seen yet
+        self._skipped = None  # loss_trend: class statistics left out for being non-finite (a device counter)
         self._fixed = {}  # (device, dtype) -> the policy tensors that do not depend on the batch
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
 
@@ -143,7 +155,8 @@ class Policy:
         Per class, ``loss_ema`` is the running mean loss (started at its first observation) and
         ``fall_ema`` the running per-step decrease of ``loss_ema``, both with factor ``m = trend_momentum``.
         The direction is ``sign(mean_c fall_ema - fall_ema_c)`` over the classes seen so far: classes whose
-        loss falls slower than average get +1, faster -1, unseen classes 0.
+        loss falls slower than average get +1, faster -1, unseen classes 0. A class whose statistics are
+        not finite keeps its running state for this batch (counted in ``skipped_observations``).
         """
         if not self.tracks_loss:
             return
@@ -152,12 +165,19 @@ class Policy:
         if self.loss_ema is None:  # kept on the statistics' device: no host copy per step
             self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=loss.device)
             self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64, device=loss.device)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=loss.device)
+        self._skipped += _rejected(stats).sum()
         m = self.config.trend_momentum
         first = present & self.loss_ema.isnan()
         seen = present & ~first
         updated = m * self.loss_ema + (1 - m) * loss
         self.fall_ema = torch.where(seen, m * self.fall_ema + (1 - m) * (self.loss_ema - updated), self.fall_ema)
         self.loss_ema = torch.where(seen, updated, torch.where(first, loss, self.loss_ema))
+
+    @property
+    def skipped_observations(self) -> int:
+        """Class statistics "loss_trend" left out so far for being non-finite (reading it syncs)."""
+        return 0 if self._skipped is None else int(self._skipped)
 
     def _trend_direction(self) -> torch.Tensor:
         if self.loss_ema is None:

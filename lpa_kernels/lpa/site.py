@@ -13,6 +13,14 @@ the step's one device sync, reading the labels' min and max); the site then call
 points, which skip that check and the radius check (the policy's radii are positive by construction), so
 no other sync happens (except in the fused ``head_pgd_`` path of T-step mode, which validates its arguments).
 
+Finiteness guard (one bad sample never ends training): on every path that updates delta (T-step fresh
+and carried, autograd and head, single pass; the LPL site alike), a class whose gradient, or whose new
+delta on the fused head path, is not finite keeps its previous delta for that step. It is done on the
+device (``torch.where``, no host sync), and the skipped class updates are counted (``skipped_updates``,
+reported by ``Method.stats()``). The policies treat a class with non-finite statistics as absent from the
+batch (``policy._means``). The training loss of such a batch is still non-finite: skip that optimizer
+step, as ``GradScaler`` does.
+
 Class gradient, defined so that data-parallel training equals one process on the whole batch: the
 gradient of the cross-entropy SUMMED over the global batch. T-step mode differentiates the summed loss
 directly; single-pass mode multiplies the gradient of the local mean loss by the local batch size.
@@ -61,6 +69,16 @@ def frozen_batchnorm_stats(module: nn.Module):
                     b.copy_(s)
 
 
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bool: whether every entry of class c's row of ``t (K, *P)`` is finite."""
+    return torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+
+
+def per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(K,)`` mask shaped to broadcast over ``like (K, *P)``."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
 def delta_shape_for(feature_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """Per-class perturbation shape ``P`` for features ``F``: full, channel ``(F[0], 1, ..)`` or last ``(1, .., F[-1])``."""
     if layout == "full" or len(feature_shape) <= 1:
@@ -79,6 +97,7 @@ class ClassSite:
         self.layout, self.head_choice, self.backend, self.norm_scope = layout, head, backend, norm_scope
         self.perturbation: ClassPerturbation | None = None
         self._step_sizes = self._resolved_backend = None  # for delta's device and dtype, set with delta
+        self._skipped = None  # class updates skipped for a non-finite gradient: a device counter, set with delta
         self._pending = None  # single pass: (live delta, local batch size, class stats or None)
 
     @property
@@ -98,6 +117,13 @@ class ClassSite:
         # what every PGD step passes to the op, made once
         self._step_sizes = per_class(self.step_size, self.num_classes, self.perturbation.delta)
         self._resolved_backend = _backend.resolve(self.backend, device)
+        # the count survives a reload of delta onto another device
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device) if self._skipped is None else self._skipped.to(device)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Class updates skipped so far because the class's gradient was not finite (reading it syncs)."""
+        return 0 if self._skipped is None else int(self._skipped)
 
     def load(self, delta: torch.Tensor) -> None:
         """Take ``delta (K, *P)`` as the carried perturbation (from a checkpoint)."""
@@ -110,9 +136,14 @@ class ClassSite:
         """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring)."""
         return perturb_checked_labels(h, labels, delta, self.mode, self.backend)
 
-    def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor) -> None:
-        """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction)."""
+    def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction), in which a
+        class whose gradient is not finite keeps its delta (a zero gradient leaves a class untouched).
+        Returns the number of such classes, as a device tensor (no sync)."""
+        finite = finite_rows(grad)
+        grad = torch.where(per_row(finite, grad), grad, 0.0)
         run_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm, self._resolved_backend)
+        return (~finite).sum()
 
     # ----- T-step PGD -----------------------------------------------------------------------------
     def _head(self, head: nn.Linear | None, h: torch.Tensor, delta: torch.Tensor) -> nn.Linear | None:
@@ -127,13 +158,15 @@ class ClassSite:
         return head if fits else None
 
     def run_pgd(self, delta: torch.Tensor, h: torch.Tensor, extras: tuple, labels: torch.Tensor,
-                upper: Callable, head: nn.Linear | None = None) -> None:
-        """``self.steps`` PGD steps on ``delta`` in place, from the detached lower output."""
+                upper: Callable, head: nn.Linear | None = None) -> torch.Tensor:
+        """``self.steps`` PGD steps on ``delta`` in place, from the detached lower output. Returns the
+        number of class updates skipped for a non-finite gradient (a device tensor)."""
         h = h.detach()
         extras = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
         head = self._head(head, h, delta)
         if head is not None:
             return self._head_pgd(delta, h, labels, head)
+        skipped = torch.zeros((), dtype=torch.int64, device=delta.device)
         with frozen_batchnorm_stats(self.norm_scope), torch.enable_grad():
             for t in range(self.steps):
                 live = delta.detach().requires_grad_(True)
@@ -142,9 +175,12 @@ class ClassSite:
                     direction, eps = self._resolve(logits, labels, delta)
                 loss = F.cross_entropy(logits.to(compute_dtype(logits.dtype)), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, live)
-                self._pgd_step(delta, all_reduce_sum(grad), direction, eps)
+                skipped += self._pgd_step(delta, all_reduce_sum(grad), direction, eps)
+        return skipped
 
-    def _head_pgd(self, delta, h, labels, head: nn.Linear) -> None:
+    def _head_pgd(self, delta, h, labels, head: nn.Linear) -> torch.Tensor:
+        """The fused head path; its loop has no hook between steps, so the guard applies to its result: a
+        class whose new delta is not finite gets its previous delta back (counted once for the T steps)."""
         flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
@@ -152,8 +188,12 @@ class ClassSite:
         if self.policy.needs_stats:
             logits = F.linear(self.apply(flat, labels, flat_delta), weight, bias)
         direction, eps = self._resolve(logits, labels, delta)
+        previous = flat_delta.clone()
         head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self.step_size, eps, direction,
                   self.norm, self.mode, backend=self.backend)
+        finite = finite_rows(flat_delta)
+        flat_delta.copy_(torch.where(per_row(finite, flat_delta), flat_delta, previous))
+        return (~finite).sum()
 
     def _resolve(self, logits, labels, delta):
         stats = class_stats(logits, labels, self.num_classes) if self.policy.needs_stats else None
@@ -170,7 +210,7 @@ class ClassSite:
             return live
         if self.init == "fresh":
             perturbation.reset()
-        self.run_pgd(perturbation.delta, h, extras, labels, upper, head)
+        self._skipped += self.run_pgd(perturbation.delta, h, extras, labels, upper, head)
         return perturbation.delta.detach()
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
@@ -207,9 +247,7 @@ class ClassSite:
         if live.grad is None:
             return 0
         grad = all_reduce_sum(live.grad * batch)  # gradient of the summed CE (see the module docstring)
-        # A class whose gradient overflowed (e.g. an AMP step the GradScaler will skip) keeps its delta.
-        finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
-        grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, 0.0)
         direction, eps = self.policy.resolve(stats, grad)
-        self._pgd_step(self.perturbation.delta, grad, direction, eps)
+        # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
+        self._skipped += self._pgd_step(self.perturbation.delta, grad, direction, eps)
         return 1

@@ -1,0 +1,124 @@
+"""One bad sample never ends training (issue 17): a class whose gradient or statistics are not finite keeps
+its previous delta / policy state for that step, on every path, and the skips are counted; a training call
+that raises changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpa_kernels.lpa import LPAConfig, build_method
+from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
+
+STEPS, INJECT_EVERY, BATCH = 200, 50, 32
+# name -> (method, layer, config): single pass and T = 3 carried, at an inner layer ("1") and at the
+# layer feeding the classifier ("4", where T-step runs the fused head path), plus LPL and loss_trend
+CASES = {
+    "T0-inner": ("lpa", "1", dict(steps=0)),
+    "T0-head-layer": ("lpa", "4", dict(steps=0)),
+    "T3-carried-inner": ("lpa", "1", dict(steps=3, init="carried", head="never")),
+    "T3-carried-head-path": ("lpa", "4", dict(steps=3, init="carried", head="always")),
+    "T3-fresh-lpa+lpl": ("lpa+lpl", "1", dict(steps=3, lpl_steps=2, head="never")),
+    "T0-loss-trend-lpa+lpl": ("lpa+lpl", "1", dict(steps=0, lpl_steps=0, direction="loss_trend")),
+}
+
+
+def teacher_batch(step: int, size: int = BATCH):
+    """A learnable task: labels from a fixed linear teacher of the 6 input features."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    teacher = torch.Generator().manual_seed(7)
+    weights = torch.randn(6, NUM_CLASSES, generator=teacher, dtype=torch.float64)
+    x = torch.randn(size, 6, generator=gen, dtype=torch.float64)
+    return x, (x @ weights).argmax(dim=1)
+
+
+def train(case: str, inject: bool):
+    """``STEPS`` steps of SGD; with ``inject``, one sample of every ``INJECT_EVERY``-th batch is +Inf.
+    A step whose loss is not finite is skipped, as GradScaler does; after_backward runs regardless."""
+    name, layer, config = CASES[case]
+    torch.manual_seed(0)
+    model = mlp()
+    method = build_method(name, model, NUM_CLASSES, layer=layer, config=LPAConfig(eps=0.5, step_size=0.2, **config))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = teacher_batch(step)
+        if inject and step % INJECT_EVERY == INJECT_EVERY // 2:
+            x[3] = float("inf")
+        optimizer.zero_grad()
+        loss, _ = method.training_loss(x, y)
+        loss.backward()
+        method.after_backward()
+        if torch.isfinite(loss):
+            optimizer.step()
+    x, y = teacher_batch(-1, size=2000)
+    with torch.no_grad():
+        accuracy = (model(x).argmax(dim=1) == y).double().mean().item()
+    return method, accuracy
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inf_inputs_every_50_steps_leave_delta_finite_and_accuracy_as_clean(case):
+    method, accuracy = train(case, inject=True)
+    _, clean_accuracy = train(case, inject=False)
+    for name, delta in (("delta", method.delta), ("logit_delta", method.logit_delta)):
+        if delta is not None:
+            assert torch.isfinite(delta).all(), f"{case}: {name} is not finite after Inf inputs"
+            assert delta.abs().sum() > 0, f"{case}: {name} never moved"
+    stats = method.stats()
+    injections = STEPS // INJECT_EVERY
+    assert stats["skipped_class_updates"] >= injections, f"{case}: the guard did not count the skipped updates"
+    assert stats["training_steps"] == STEPS
+    policy = method.lpa.policy
+    if policy.tracks_loss:
+        assert torch.isfinite(policy.fall_ema).all() and torch.isfinite(policy.loss_ema[~policy.loss_ema.isnan()]).all()
+        assert stats["skipped_class_statistics"] >= injections
+    # 4 of 200 optimizer steps skipped: the same accuracy up to noise
+    assert clean_accuracy > 0.5, f"{case}: the clean run did not learn ({clean_accuracy:.2f})"
+    assert abs(accuracy - clean_accuracy) <= 0.05, f"{case}: accuracy {accuracy:.3f} vs clean {clean_accuracy:.3f}"
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_class_with_a_non_finite_gradient_keeps_its_delta_and_the_others_move(steps):
+    """One Inf sample of class 1: class 1's delta is exactly as before, the others change; one skip counted."""
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="1",
+                          config=LPAConfig(steps=steps, init="carried", head="never", direction="ascent"))
+    x, y = batch(size=12)
+    for _ in range(2):  # a first clean step so delta is non-zero
+        loss, _ = method.training_loss(x, y)
+        loss.backward()
+        method.after_backward()
+    before = method.delta.clone()
+    bad = x.clone()
+    bad[(y == 1).nonzero()[0]] = float("inf")
+    loss, _ = method.training_loss(bad, y)
+    loss.backward()
+    method.after_backward()
+    assert torch.equal(method.delta[1], before[1]), "the class with the Inf sample must keep its delta"
+    others = [c for c in range(NUM_CLASSES) if c != 1]
+    assert not torch.equal(method.delta[others], before[others]), "the other classes must still be updated"
+    assert method.stats()["skipped_class_updates"] == max(steps, 1)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_training_call_with_bad_labels_changes_no_counter_delta_or_batchnorm_statistic(steps):
+    model = TinyResNet()
+    method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
+                          config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    loss, _ = method.training_loss(x, y)
+    loss.backward()
+    method.after_backward()
+    stats, buffers = method.stats(), {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = {k: v.clone() for k, v in method.state_dict().items()}
+    policy = method.lpa.policy
+    trend = (policy.loss_ema.clone(), policy.fall_ema.clone())
+    bad = y.clone()
+    bad[2] = NUM_CLASSES
+    with pytest.raises(ValueError, match="labels must lie in"):
+        method.training_loss(x, bad)
+    assert method.stats() == stats, "a failed call changed the counters"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items()), "a failed call changed BatchNorm statistics"
+    assert all(torch.equal(method.state_dict()[k], v) for k, v in deltas.items()), "a failed call changed a delta"
+    for now, then in zip((policy.loss_ema, policy.fall_ema), trend):
+        torch.testing.assert_close(now, then, rtol=0, atol=0, equal_nan=True, msg="a failed call changed the policy state")
