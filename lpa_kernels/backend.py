@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -161,12 +162,41 @@ def _package_version() -> str:
     return __version__
 
 
+# Triton's CPU interpreter is not thread-safe: while it runs a kernel it patches triton.language module-wide,
+# so two threads interpreting at once break each other (InterpreterError). Under TRITON_INTERPRET=1 every
+# launcher obtained from ``kernels`` therefore holds this lock while it runs: launches from several threads
+# are serialised (correct, one at a time). Compiled GPU launches take no lock. Re-entrant, because a
+# launcher may call another (head_pgd's loop calls the perturb and pgd launchers).
+INTERPRETER_LOCK = threading.RLock()
+
+
+class _Serialised:
+    """A launcher module whose functions run holding ``INTERPRETER_LOCK``."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        launcher = getattr(self._module, name)
+        if not callable(launcher):
+            return launcher
+
+        @functools.wraps(launcher)
+        def serialised(*args, **kwargs):
+            with INTERPRETER_LOCK:
+                return launcher(*args, **kwargs)
+
+        return serialised
+
+
 def kernels(backend: str, triton_module: str):
     """The module holding an op's kernel launchers for ``backend`` ("triton" or "cuda").
 
-    Both expose the same launcher names, so one custom op serves both backends."""
+    Both expose the same launcher names, so one custom op serves both backends. Under the CPU interpreter
+    the Triton launchers come wrapped so that they run one at a time (see ``INTERPRETER_LOCK``)."""
     import importlib
 
     if backend == "cuda":
         return importlib.import_module("lpa_kernels.cuda_kernels")
-    return importlib.import_module(triton_module)
+    module = importlib.import_module(triton_module)
+    return _Serialised(module) if interpreting() else module

@@ -7,6 +7,7 @@ import torch
 
 from lpa_kernels import backend, backend_info
 from lpa_kernels._cuda_ext import unavailable_reason
+from lpa_kernels.backend import _old_interpreter_reason, interpreting
 
 CPU = torch.device("cpu")
 
@@ -127,3 +128,41 @@ def test_triton_interpreter_older_than_3_9_is_refused_with_the_reason(monkeypatc
     finally:
         monkeypatch.undo()
         backend._old_interpreter_reason.cache_clear()
+
+
+@pytest.mark.skipif(not interpreting() or bool(_old_interpreter_reason()),
+                    reason="the lock serialises Triton's CPU interpreter (TRITON_INTERPRET=1, triton>=3.9)")
+def test_triton_interpreter_launches_from_two_threads_are_serialised_and_correct():
+    """Triton's interpreter is not thread-safe; ``backend.INTERPRETER_LOCK`` serialises its launches, so two
+    threads running perturb (forward and backward) and pgd_step_ both finish with the reference's results."""
+    import threading
+
+    from lpa_kernels import perturb, pgd_step_
+
+    def work(seed: int, backend: str):
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.randn(9, 2, 37, generator=gen, requires_grad=True)
+        labels, delta = torch.randint(0, 5, (9,), generator=gen), torch.randn(5, 2, 37, generator=gen)
+        out = perturb(h, labels, delta, "scale", backend=backend)
+        (grad_h,) = torch.autograd.grad(out.square().sum(), h)
+        for _ in range(3):
+            pgd_step_(delta, torch.randn(5, 2, 37, generator=gen), 0.1, 0.5, 1.0, "l2", backend=backend)
+        return out.detach(), grad_h, delta
+
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            results[seed] = work(seed, "triton")
+        except Exception as exc:  # reported below: an exception in a thread would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, f"a thread failed: {errors[0]!r}"
+    for seed, got in results.items():
+        for actual, expected in zip(got, work(seed, "reference")):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
