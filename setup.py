@@ -18,7 +18,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-packages = find_packages(include=["lpa_kernels", "lpa_kernels.*"]) + ["lpa_programs", "lpa_bench"]
+packages = find_packages(include=["lpa_kernels", "lpa_kernels.*"]) + ["lpa_programs", "lpa_bench", "lpa_bench.static"]
 
 
 def _load_cuda_build():
@@ -63,7 +63,7 @@ def _cuda_extensions():
 
 setup(
     packages=packages,
-    package_dir={"lpa_programs": "python", "lpa_bench": "benchmarks"},
+    package_dir={"lpa_programs": "python", "lpa_bench": "benchmarks", "lpa_bench.static": "benchmarks/static"},
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": BuildCudaExtension},
 )

@@ -1,0 +1,122 @@
+"""Count, around any piece of code, the GPU kernel launches and host synchronisations it would make:
+``with LaunchCounter() as counts: ...``; then ``counts.summary()``.
+
+Works on the CPU (Triton under its interpreter), so tests and ``lpa-bench static`` can hold a
+training step to a budget without a GPU. What is counted, and why it stands for the GPU:
+
+- ``aten``: every ATen op reaching the dispatcher (a ``TorchDispatchMode``) except those that launch
+  no kernel on a GPU (views, ``empty*``, ``detach``, and the host reads below). An eager op is one
+  kernel launch, give or take (a few ops launch two).
+- ``triton``: every ``kernel[grid](...)`` launch (``KernelInterface.__getitem__``); an autotuned or
+  heuristics-wrapped kernel counts once per call, as it launches once per call on a GPU once tuned.
+- ``host_reads``: calls that make the host wait for the device: ``.item()``, ``bool()``/``int()``/
+  ``float()`` of a tensor (``_local_scalar_dense``), ``.cpu()``, ``.tolist()``, ``.numpy()``,
+  ``nonzero``, ``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size`` (output
+  sizes known only from data), ``equal``, and ``bincount``, counted twice: the CUDA implementation reads
+  the input's min and max back with ``.item()`` before allocating. ``.to("cpu")`` is not seen on CPU
+  tensors (it returns its input without dispatching); write ``.cpu()``. Reads of a tensor that a
+  counted ``.cpu()`` returned are on the host already and are not counted again.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ATen ops that launch no kernel on a GPU (metadata only, or allocation without a fill).
+NO_KERNEL_OPS = frozenset({
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+    "resize_", "set_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+    "_local_scalar_dense", "_to_copy_cpu_noop", "record_stream", "is_nonzero",
+})
+# ATen ops whose output depends on data the host must read first: {op: host reads on a GPU}.
+HOST_READ_OPS = {"_local_scalar_dense": 1, "nonzero": 1, "bincount": 2, "_unique": 1, "_unique2": 1,
+                 "unique_dim": 1, "unique_consecutive": 1, "masked_select": 1, "equal": 1}
+HOST_READ_METHODS = ("cpu", "tolist", "numpy")
+
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self, counts: "LaunchCounter"):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        reads = HOST_READ_OPS.get(name, 0)
+        if reads and args and isinstance(args[0], torch.Tensor) and self.counts.is_on_host(args[0]):
+            reads = 0
+        if name == "repeat_interleave" and kwargs.get("output_size") is None and func._overloadname != "self_int":
+            reads = 1  # the output length is the sum of the repeats, read back to allocate
+        if reads:
+            self.counts.host_reads[name] += reads
+        if not (func.is_view or name in NO_KERNEL_OPS):
+            self.counts.aten[name] += 1
+        return func(*args, **kwargs)
+
+
+class LaunchCounter:
+    """Context manager counting ATen kernel launches, Triton launches and host reads (see module doc).
+    Re-entrant use is not supported; counters keep adding up across uses of one instance."""
+
+    def __init__(self):
+        self.aten, self.triton, self.host_reads = Counter(), Counter(), Counter()
+        self._undo = []
+        self.on_host = weakref.WeakValueDictionary()  # id -> tensor: what a counted .cpu() returned: later reads of it are free
+
+    def __enter__(self):
+        from triton.runtime.jit import KernelInterface
+
+        counts = self
+        getitem = KernelInterface.__getitem__
+
+        def counting_getitem(kernel, grid):
+            counts.triton[_kernel_name(kernel)] += 1
+            return getitem(kernel, grid)
+
+        KernelInterface.__getitem__ = counting_getitem
+        self._undo.append(lambda: setattr(KernelInterface, "__getitem__", getitem))
+        for method in HOST_READ_METHODS:
+            original = getattr(torch.Tensor, method)
+
+            def counting(tensor, *args, _original=original, _method=method, **kwargs):
+                if not counts.is_on_host(tensor):
+                    counts.host_reads[_method] += 1
+                result = _original(tensor, *args, **kwargs)
+                if _method == "cpu":
+                    counts.on_host[id(result)] = result
+                return result
+
+            setattr(torch.Tensor, method, counting)
+            self._undo.append(lambda m=method, o=original: setattr(torch.Tensor, m, o))
+        self._mode = _AtenCounter(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+    def is_on_host(self, tensor) -> bool:
+        return self.on_host.get(id(tensor)) is tensor
+
+    def summary(self) -> dict:
+        """Totals and the per-op / per-kernel / per-kind breakdowns (plain dicts, JSON-ready)."""
+        return {"aten_launches": sum(self.aten.values()), "triton_launches": sum(self.triton.values()),
+                "host_reads": sum(self.host_reads.values()), "aten": dict(self.aten.most_common()),
+                "triton": dict(self.triton.most_common()), "host_read_kinds": dict(self.host_reads)}
+
+
+def _kernel_name(kernel) -> str:
+    fn = kernel
+    while hasattr(fn, "fn") and not hasattr(fn, "__name__"):
+        fn = fn.fn
+    inner = getattr(fn, "fn", fn)
+    module = getattr(inner, "__module__", "") or ""
+    name = getattr(fn, "__name__", None) or getattr(inner, "__name__", repr(fn))
+    return f"{module.split('.')[1]}.{name}" if module.startswith("lpa_kernels.") else name

@@ -1,0 +1,124 @@
+"""``lpa-bench static``: the GPU-free performance report (issue 10). See benchmarks/README.md.
+
+1. every Triton kernel of the shape set (``shapes.CASES``) compiled per arch: registers, spills, shared
+   memory, 128-bit vs narrower global accesses, tensor-core instructions, atomics, grid vs 132 SMs;
+   and the built CUDA C++ extension's kernels (``cuda_extension``);
+2. the roofline model per case (``roofline``), every time labelled modelled;
+3. launches and host reads per LPA training step (``steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import time
+
+from lpa_bench.static import compile_worker, cuda_extension, roofline, shapes, steps
+
+SHAPES_PLAN = "lpa_bench.static.shapes"
+
+
+def parse_arch(text: str) -> int:
+    """``90a``/``sm_90a``/``90`` -> 90 (Triton compiles capability 90 for sm_90a)."""
+    return int(text.lower().removeprefix("sm_").rstrip("af"))
+
+
+def _nvcc_version() -> str | None:
+    from lpa_kernels._cuda_build import find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def metadata(argv, archs) -> dict:
+    import torch
+    import triton
+
+    from lpa_bench.report import git_commit
+
+    return {"schema": "lpa-bench-static/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "git_commit": git_commit(), "triton": triton.__version__, "torch": torch.__version__,
+            "nvcc": _nvcc_version(), "python": platform.python_version(), "argv": list(argv),
+            "archs": [f"sm_{a}" + ("a" if a == 90 else "") for a in archs], "h100_model": roofline.H100,
+            "note": "compiled-code facts and MODELLED times; nothing here ran on a GPU"}
+
+
+def build_report(archs, argv=()) -> dict:
+    start = time.perf_counter()
+    triton_summary = compile_worker.run(SHAPES_PLAN, archs)
+    if "unavailable" in triton_summary:
+        triton_summary = {"compiled": [], "failed": [], "recorded": [], "unavailable": triton_summary["unavailable"]}
+    cuda_rows, cuda_note = cuda_extension.cuda_kernel_rows(tuple(f"sm_{a}" + ("a" if a == 90 else "") for a in archs))
+    first_arch = [e for e in triton_summary["compiled"] if e["arch"] == archs[0]]
+    report = {
+        "meta": metadata(argv, archs),
+        "triton_kernels": triton_summary["compiled"], "triton_failed": triton_summary["failed"],
+        "triton_unavailable": triton_summary.get("unavailable"),
+        "cuda_kernels": cuda_rows, "cuda_note": cuda_note or None,
+        "roofline": roofline.roofline_rows(shapes.CASES, first_arch, triton_summary["recorded"]),
+        "steps": steps.run(),
+    }
+    report["meta"]["seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _grid_programs(grid) -> int:
+    total = 1
+    for g in grid:
+        total *= g
+    return total
+
+
+def print_report(report: dict) -> None:
+    print(f"lpa-bench static ({report['meta']['note']}); triton {report['meta']['triton']}, "
+          f"nvcc {report['meta']['nvcc']}, commit {report['meta']['git_commit'][:10]}")
+    print("\nTriton kernels (case, kernel, autotune config): regs spill(B) smem(B) ld128/ld<128 st128/st<128 "
+          "tensor-core atomics programs/132SM")
+    for e in report["triton_kernels"]:
+        config = f" [{e['autotune_config']}]" if e.get("autotune_config") else ""
+        programs = _grid_programs(e["grid"])
+        print(f"  sm_{e['arch']} {e['variant']:<38} {e['kernel']:<42}{config}\n"
+              f"      regs {e['registers']} spill {e['spill_store_bytes']} smem {e['shared']} "
+              f"ld {e['global_loads_128']}/{e['global_loads_narrower']} st {e['global_stores_128']}/"
+              f"{e['global_stores_narrower']} tc {e['tensor_core'] or '-'} atomics {e['atomics']} "
+              f"programs {programs} ({programs / roofline.H100['sms']:.1f} waves of 132)")
+    for e in report["triton_failed"]:
+        print(f"  FAILED sm_{e['arch']} {e['variant']} {e['kernel']}: {e['error'][:200]}")
+    print(f"\nCUDA C++ extension kernels: {len(report['cuda_kernels'])} {report['cuda_note'] or ''}")
+    for r in report["cuda_kernels"]:
+        print(f"  {r['arch']} {r['kernel'][:100]:<100} regs {r['registers']} local {r['local_bytes']} "
+              f"ld {r['global_loads_128']}/{r['global_loads_narrower']} tc {r['tensor_core'] or '-'} "
+              f"cp.async {r['async_copies']}")
+    print("\nRoofline (MODELLED H100 SXM times, ms; not measured):")
+    print(f"  {'case':<42} {'roofline':>9} {'kernels':>9} {'eager':>9} {'frac':>5} {'vs eager':>8}")
+    for r in report["roofline"]:
+        print(f"  {r['case']:<42} {r['modelled_roofline_ms']:9.4f} {r['modelled_kernel_ms']:9.4f} "
+              f"{r['modelled_eager_ms']:9.4f} {r['modelled_fraction_of_roofline']:5.2f} "
+              f"{r['modelled_speedup_vs_eager']:7.2f}x")
+    print("\nPer training step (MLP; aten launches, Triton launches, host reads):")
+    for r in report["steps"]:
+        method = r["method"] + ("" if r["steps"] is None else f" T={r['steps']}")
+        print(f"  {r['layer']:<6} {r['backend']:<10} {method:<9} aten {r['aten_launches']:4d}  triton "
+              f"{r['triton_launches']:3d}  host reads {r['host_reads']} {r['host_read_kinds']}")
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="lpa-bench static", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--arch", nargs="+", default=["90a", "80"], metavar="ARCH",
+                   help="CUDA archs to compile the Triton kernels for (default: 90a 80)")
+    args = p.parse_args(argv)
+    archs = list(dict.fromkeys(parse_arch(a) for a in args.arch))
+    report = build_report(archs, ["static", *argv])
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    return 0

@@ -1,0 +1,127 @@
+"""Roofline model per op and shape: bytes and FLOPs the kernels do (as written) against the minimum
+any implementation needs, and the plain-PyTorch chain each op replaces, as **modelled** H100 SXM times.
+Nothing here is measured; every time is ``max(bytes / bandwidth, flops / peak) + launches x launch
+cost``. The formulas are listed per op in benchmarks/README.md ("lpa-bench static").
+
+Notation: ``s`` the element size of the activations/weights, ``sd`` of delta (float32 parameters: 4),
+labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
+"""
+
+from __future__ import annotations
+
+# H100 SXM: datasheet figures and what is achieved in practice (modelling constants, not measurements).
+H100 = {
+    "hbm_datasheet_Bps": 3.35e12,
+    "hbm_copy_Bps": 3.0e12,  # a large device-to-device copy reaches about 90% of the datasheet
+    "bf16_tensor_datasheet_flops": 989e12,  # dense
+    "bf16_tensor_achieved_flops": 750e12,  # cuBLAS on large GEMMs (700-800)
+    "fp32_cuda_core_flops": 67e12,
+    "launch_s": 4e-6,  # per kernel launch, host dispatch included (eager op or Triton launcher)
+    "sms": 132,
+}
+ACC = 4
+
+
+def _model(bytes_, flops, launches, tensor_cores: bool) -> float:
+    peak = H100["bf16_tensor_achieved_flops"] if tensor_cores else H100["fp32_cuda_core_flops"]
+    return max(bytes_ / H100["hbm_copy_Bps"], flops / peak) + launches * H100["launch_s"]
+
+
+def _perturb(case, s, sd):
+    z = case.sizes
+    B, K = z["B"], z["K"]
+    F, P = (z["C"] * z["H"] * z["W"], z["C"]) if case.layout == "channel" else (z["D"], z["D"])
+    if case.pass_ == "fwd":
+        minimum = 2 * B * F * s + K * P * sd + 8 * B
+        kernel = minimum  # delta's gathers hit L1/L2 (K x P is small), h read once, out written once
+        eager = 8 * B + 2 * B * P * sd + B * F * s + B * P * sd + B * F * s  # delta[y]; h + delta[y]
+        return minimum, kernel, eager, B * F, 2
+    minimum = B * F * s + K * P * ACC + 8 * B  # add: grad_h is grad_out; read it once, write grad_delta
+    kernel = minimum + K * P * ACC + 6 * 8 * B  # + zero fill of grad_delta, class sort of the labels
+    reduce_first = B * F * s + B * P * ACC if case.layout == "channel" else 0  # g.sum over H, W
+    eager = reduce_first + B * P * ACC + 3 * K * P * ACC + 8 * B  # zeros(K, P).index_add_(0, y, g)
+    return minimum, kernel, eager, B * F, 3 if case.layout == "channel" else 2
+
+
+def _linear(case, s, sd):
+    z = case.sizes
+    M, IN, OUT, K = z["B"], z["IN"], z["OUT"], z["K"]
+    if case.pass_ == "fwd":
+        minimum = (M * IN + OUT * IN + OUT + M * OUT) * s + K * OUT * sd + 8 * M
+        kernel = minimum + M * OUT * s  # + the saved pre-activation (training)
+        # addmm (bias broadcast into out, read back, out written), relu (read, write), delta[y], add
+        eager = (M * IN + OUT * IN + OUT) * s + 3 * M * OUT * s + 2 * M * OUT * s + (M * OUT * sd + 8 * M) \
+            + 3 * M * OUT * s
+        return minimum, kernel, eager, 2 * M * IN * OUT, 4
+    minimum = (2 * M * OUT + 2 * M * IN + 2 * OUT * IN + OUT + K * OUT) * s + 8 * M
+    kernel = minimum + 2 * M * OUT * s  # grad_preact written by the epilogue, read by both GEMMs
+    eager = minimum + 5 * M * OUT * s  # relu backward (read g, out; write), bias sum, index_add read g
+    return minimum, kernel, eager, 4 * M * IN * OUT, 5
+
+
+def _head(case, s, sd):
+    z = case.sizes
+    B, D, K, T = z["B"], z["D"], z["K"], z["T"]
+    minimum = (B * D + 3 * K * D + K) * s + 8 * B
+    # Rows form, per step: perturb (read h, write h~), logits GEMM (read h~, W; write Z), softmax - onehot
+    # (read, write Z), G = Z @ W (read Z, W; write G), class sum (read G, write K x D), PGD update.
+    kernel = T * (s * (6 * B * D + 2 * K * D + 4 * B * K) + 4 * ACC * K * D)
+    # Autograd reference, per step: gather + add, logits, log_softmax + nll forward and backward (three
+    # more passes over B x K), grad_h GEMM, index_add, ~10 elementwise passes of the PGD update.
+    eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)
+    return minimum, kernel, eager, 4 * B * D * K * T, 25 * T
+
+
+def _pgd(case, s, sd):
+    z = case.sizes
+    K, D, l2 = z["K"], z["D"], case.variant["norm"] == "l2"
+    if case.op == "pgd_step_":
+        minimum = 3 * K * D * ACC
+        kernel = minimum + (K * D * ACC if l2 else 0)  # l2 reads the gradient twice (norm, then update)
+        eager = (12 if l2 else 9) * K * D * ACC
+        return minimum, kernel, eager, (6 if l2 else 3) * K * D, 9 if l2 else 5
+    B = z["B"]
+    minimum = B * D * s + 8 * B + 2 * K * D * ACC
+    kernel = minimum + 2 * min(B, K) * D * ACC + 6 * 8 * B  # per-segment scratch, class sort
+    eager = B * D * s + 8 * B + 3 * K * D * ACC + (12 if l2 else 9) * K * D * ACC
+    return minimum, kernel, eager, B * D + (6 if l2 else 3) * K * D, 3 + (9 if l2 else 5)
+
+
+FORMULAS = {"perturb": _perturb, "linear_perturb": _linear, "head_pgd_": _head, "pgd_step_": _pgd,
+            "class_grad_pgd_step_": _pgd}
+_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def roofline_rows(cases, compiled: list[dict], recorded: list) -> list[dict]:
+    """One row per case. ``compiled`` (sm_90 entries) tells whether the case's kernels use tensor
+    cores; ``recorded`` ``[[kernel, variant], ...]`` gives its Triton launches."""
+    rows = []
+    for case in cases:
+        s = _SIZE[case.dtype]
+        minimum, kernel, eager, flops, eager_launches = FORMULAS[case.op](case, s, 4)
+        launches = sum(variant == case.id for _, variant in recorded)
+        gemm_like = case.op in ("linear_perturb", "head_pgd_")
+        if case.op == "linear_perturb" and case.pass_ == "bwd":
+            launches += 3  # two cuBLAS GEMMs and the bias-gradient sum
+        if case.op == "head_pgd_":
+            launches += 2 * case.sizes["T"]  # the two cuBLAS GEMMs per step
+        kernels = [e for e in compiled if e["variant"] == case.id]
+        if case.op == "linear_perturb" and case.pass_ == "fwd":
+            tensor_cores = any(e.get("tensor_core") for e in kernels)
+        else:  # cuBLAS GEMMs in bf16 use tensor cores; the memory-bound kernels do not need them
+            tensor_cores = gemm_like and case.dtype != "float32"
+        roofline_s = max(minimum / H100["hbm_datasheet_Bps"],
+                         flops / (H100["bf16_tensor_datasheet_flops"] if gemm_like else H100["fp32_cuda_core_flops"]))
+        kernel_s = _model(kernel, flops, launches, tensor_cores)
+        rows.append({
+            "case": case.id, "op": case.op, "pass": case.pass_, "dtype": case.dtype, "layout": case.layout or None,
+            "sizes": case.sizes, "variant": case.variant,
+            "min_bytes": minimum, "kernel_bytes": kernel, "eager_bytes": eager, "flops": flops,
+            "kernel_launches": launches, "eager_launches": eager_launches, "tensor_cores": tensor_cores,
+            "modelled_roofline_ms": roofline_s * 1e3,
+            "modelled_kernel_ms": kernel_s * 1e3,
+            "modelled_eager_ms": _model(eager, flops, eager_launches, gemm_like and case.dtype != "float32") * 1e3,
+            "modelled_fraction_of_roofline": roofline_s / kernel_s,
+        })
+        rows[-1]["modelled_speedup_vs_eager"] = rows[-1]["modelled_eager_ms"] / rows[-1]["modelled_kernel_ms"]
+    return rows

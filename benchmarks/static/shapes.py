@@ -1,0 +1,110 @@
+"""The shape set of ``lpa-bench static`` (issue 10), and the launch plan that records its launches.
+
+Each case is one op call at a realistic size; its ``id`` is the variant name the compiled kernels and
+the roofline rows carry. Inputs are ``torch.empty`` (nothing is computed: the recorder stands in for
+the launches), so even the 32000-class head costs only address space. Public ops are called with
+``backend="triton"`` (the recorder lets CPU tensors through), except the ``linear_perturb`` backward
+epilogue, whose launcher is called directly (the op's backward would also run two GEMMs on the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INSPECT = True  # resource usage and PTX/SASS facts for every kernel
+SETUP = "setup"  # the variant of launches that only prepare a case (e.g. the forward before a backward)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    op: str
+    pass_: str  # "fwd" or "bwd" (for in-place ops: the call)
+    dtype: str
+    sizes: dict = field(hash=False)
+    layout: str = ""  # perturb: "channel" (delta (K, C, 1, 1)) or "last_dim" (delta (K, D))
+    variant: dict = field(default_factory=dict, hash=False)
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for dtype in ("float32", "bfloat16"):
+        for layout, sizes in (("channel", dict(B=256, C=512, H=14, W=14, K=100)),
+                              ("last_dim", dict(B=4096, D=4096, K=1000))):
+            for pass_ in ("fwd", "bwd"):
+                cases.append(Case(f"perturb {pass_} {layout} {dtype}", "perturb", pass_, dtype, sizes, layout,
+                                  {"mode": "add"}))
+    for dtype in ("bfloat16", "float16"):
+        cases.append(Case(f"linear_perturb fwd {dtype}", "linear_perturb", "fwd", dtype,
+                          dict(B=8192, IN=4096, OUT=4096, K=1000), variant={"activation": "relu", "mode": "add"}))
+    cases.append(Case("linear_perturb bwd bfloat16", "linear_perturb", "bwd", "bfloat16",
+                      dict(B=8192, IN=4096, OUT=4096, K=1000), variant={"activation": "relu", "mode": "add"}))
+    for sizes in (dict(B=1024, D=2048, K=1000, T=3), dict(B=4096, D=4096, K=32000, T=3)):
+        cases.append(Case(f"head_pgd_ B={sizes['B']} K={sizes['K']} bfloat16", "head_pgd_", "fwd", "bfloat16",
+                          sizes, variant={"norm": "l2", "mode": "add"}))
+    for K in (10, 1000):
+        for norm in ("linf", "l2"):
+            cases.append(Case(f"pgd_step_ K={K} {norm}", "pgd_step_", "fwd", "float32", dict(K=K, D=2048),
+                              variant={"norm": norm}))
+            cases.append(Case(f"class_grad_pgd_step_ K={K} {norm} bfloat16", "class_grad_pgd_step_", "fwd",
+                              "bfloat16", dict(B=1024, D=2048, K=K), variant={"norm": norm, "mode": "add"}))
+    return cases
+
+
+CASES = _cases()
+
+
+def _call_case(case: Case, recorder) -> None:
+    import torch
+
+    import lpa_kernels as lpa
+    from lpa_kernels.linear_perturb import triton_kernels as linear
+
+    dtype, s = getattr(torch, case.dtype), case.sizes
+    empty = lambda *shape, dt=dtype, grad=False: torch.empty(shape, dtype=dt, requires_grad=grad)  # noqa: E731
+    labels = lambda B: torch.randint(0, s["K"], (B,))  # noqa: E731
+    if case.op == "perturb":
+        feature_shape, delta_shape = (((s["C"], s["H"], s["W"]), (s["C"], 1, 1)) if case.layout == "channel"
+                                      else ((s["D"],), (s["D"],)))
+        h, delta = empty(s["B"], *feature_shape, grad=True), empty(s["K"], *delta_shape, dt=torch.float32, grad=True)
+        y = labels(s["B"])
+        if case.pass_ == "fwd":
+            with torch.no_grad():
+                lpa.perturb(h, y, delta, backend="triton")
+        else:
+            recorder.variant = SETUP  # the forward's launches belong to the fwd case
+            out = lpa.perturb(h, y, delta, backend="triton")
+            recorder.variant = case.id
+            torch.autograd.grad(out, (h, delta), torch.empty_like(out))
+    elif case.op == "linear_perturb":
+        x, w, b = empty(s["B"], s["IN"]), empty(s["OUT"], s["IN"]), empty(s["OUT"])
+        delta, y = empty(s["K"], s["OUT"], dt=torch.float32), labels(s["B"])
+        if case.pass_ == "fwd":
+            linear.linear_perturb_forward(x, w, b, y, 1, delta.to(dtype), case.variant["activation"],
+                                          case.variant["mode"], True)
+        else:
+            linear.linear_perturb_backward_epilogue(empty(s["B"], s["OUT"]), empty(s["B"], s["OUT"]), y, 1,
+                                                    delta, case.variant["activation"], case.variant["mode"])
+    elif case.op == "head_pgd_":
+        lpa.head_pgd_(empty(s["B"], s["D"]), labels(s["B"]), empty(s["K"], s["D"]), empty(s["K"]),
+                      torch.zeros(s["K"], s["D"]), steps=s["T"], step_size=0.1, eps=1.0, norm=case.variant["norm"],
+                      backend="triton")
+    elif case.op == "pgd_step_":
+        lpa.pgd_step_(torch.zeros(s["K"], s["D"]), empty(s["K"], s["D"]), step_size=0.1, eps=1.0,
+                      norm=case.variant["norm"], backend="triton")
+    elif case.op == "class_grad_pgd_step_":
+        lpa.class_grad_pgd_step_(torch.zeros(s["K"], s["D"]), empty(s["B"], s["D"]), labels(s["B"]), step_size=0.1,
+                                 eps=1.0, norm=case.variant["norm"], backend="triton")
+    else:
+        raise ValueError(case.op)
+
+
+def record(recorder) -> None:
+    for case in CASES:
+        recorder.call(case.id, _call_case, case, recorder)
+
+
+# Which archs to compile is the caller's choice (``compile_worker.run(..., archs)``); every autotune
+# config is compiled everywhere, since any of them may win on the GPU.
+def configs_to_compile(arch, archs, launch):
+    return [] if launch.variant == SETUP else launch.configs or [None]

@@ -1,0 +1,72 @@
+"""Kernel launches and host reads per LPA training step (``counting.LaunchCounter``), for ERM and LPA
+with T = 0, 1, 3 PGD steps, at the head and at an inner layer of an MLP, for ``backend="reference"``
+and ``backend="triton"``.
+
+The Triton backend runs on the CPU under Triton's interpreter, so the counts come from a subprocess
+with ``TRITON_INTERPRET=1`` (set before the kernel modules are imported): :func:`run`. One warm-up
+step runs first; the second step is counted. The counts are what the code does, whatever the shapes:
+the model here is small (the counts do not depend on sizes, except where a launcher picks a
+chunked reduction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from lpa_bench.static.compile_worker import REPO
+
+# The MLP of lpa-bench's training-step rows; "3" is the penultimate features (the upper network is
+# the classifier: the fused head path), "1" the first hidden layer (an inner layer: perturb path).
+LAYERS = {"head": "3", "inner": "1"}
+SIZES = dict(B=64, IN=32, HIDDEN=64, K=10)
+METHODS = (("erm", None), ("lpa", 0), ("lpa", 1), ("lpa", 3))
+BACKENDS = ("reference", "triton")
+
+
+def count_step(method_name: str, steps: int | None, layer: str, backend: str) -> dict:
+    import torch
+
+    from lpa_bench.static.counting import LaunchCounter
+    from lpa_bench.training import mlp
+    from lpa_kernels.lpa import LPAConfig, build_method
+
+    torch.manual_seed(0)
+    model = mlp(SIZES["IN"], SIZES["HIDDEN"], SIZES["K"])
+    x, y = torch.randn(SIZES["B"], SIZES["IN"]), torch.randint(0, SIZES["K"], (SIZES["B"],))
+    config = None if steps is None else LPAConfig(steps=steps, backend=backend)
+    method = build_method(method_name, model, SIZES["K"], layer=LAYERS[layer], config=config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss, _ = method.training_loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward()
+        optimizer.step()
+
+    step()  # warm-up: lazily built state (momentum buffers, deltas) is not a per-step cost
+    with LaunchCounter() as counts:
+        step()
+    return {"method": method_name, "steps": steps, "layer": layer, "backend": backend, **counts.summary()}
+
+
+def all_rows() -> list[dict]:
+    return [count_step(name, steps, layer, backend) for layer in LAYERS for backend in BACKENDS
+            for name, steps in METHODS]
+
+
+def run(timeout: float = 600) -> list[dict]:
+    """:func:`all_rows` in a subprocess with the Triton interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LPA_POISON": "0", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "lpa_bench.static.steps"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"step counting failed:\n{result.stderr[-6000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json.dumps(all_rows()) + "\n")
