@@ -4,8 +4,10 @@
 // out[b, k] = softmax(z_b)[k] - [k == y_b], with z_b = logits[b] + shift[y_b] (shift (K, K) may be null),
 // and p_true[b] = softmax(z_b)[y_b] when p_true is not null.
 //
-// Block layout (kLanes x kRowsPerBlock threads): row b = blockIdx.x * kRowsPerBlock + threadIdx.y is
-// handled by the kLanes threads of one threadIdx.y, each striding over the K columns (coalesced).
+// Block layout (lanes x rows = kBlockThreads threads): row b = blockIdx.x * blockDim.y + threadIdx.y is
+// handled by the blockDim.x lanes of one threadIdx.y, each striding over the K columns (coalesced). The
+// launcher gives a row 32 lanes for small K and the whole block (256) for large K, where one warp per
+// row would leave most of the GPU idle on a chunk of a few thousand rows.
 // Pass 1: each lane keeps a running maximum and the sum of exp(z - max) over its columns, rescaled when
 // the maximum grows (online softmax); the lanes' maxima, then their rescaled sums, are combined in a
 // fixed tree order in shared memory (deterministic). Pass 2 writes the probabilities minus the one-hot
@@ -17,33 +19,33 @@
 
 namespace lpa {
 
-constexpr int kLanes = 32;
-constexpr int kRowsPerBlock = 8;
+constexpr int kBlockThreads = 256;
+constexpr int64_t kWideRow = 2048;  // from this many classes on, a row gets the whole block
 
-// Tree combination of one row's kLanes values in scratch[row * kLanes ...]; every lane gets the result.
-// All threads of the block call it (rows past B included), as it holds __syncthreads.
+// Tree combination of one row's blockDim.x (a power of two) values in scratch; every lane gets the
+// result. All threads of the block call it (rows past B included), as it holds __syncthreads.
 template <typename A, typename Op>
 __device__ A row_combine(A value, A* scratch, Op op) {
-  const int lane = threadIdx.x, t = threadIdx.y * kLanes + lane;
+  const int lanes = blockDim.x, lane = threadIdx.x, t = threadIdx.y * lanes + lane;
   scratch[t] = value;
   __syncthreads();
-  for (int half = kLanes / 2; half > 0; half /= 2) {
+  for (int half = lanes / 2; half > 0; half /= 2) {
     if (lane < half) scratch[t] = op(scratch[t], scratch[t + half]);
     __syncthreads();
   }
-  const A total = scratch[threadIdx.y * kLanes];
+  const A total = scratch[threadIdx.y * lanes];
   __syncthreads();  // scratch is reused by the next combination
   return total;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kLanes * kRowsPerBlock)
+__global__ void __launch_bounds__(kBlockThreads)
 softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shift, const int64_t* labels,
                          int64_t B, int64_t K) {
   using A = acc_t<T>;
-  __shared__ A scratch[kLanes * kRowsPerBlock];
-  const int lane = threadIdx.x;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  __shared__ A scratch[kBlockThreads];
+  const int lane = threadIdx.x, lanes = blockDim.x;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = b < B;
   const int64_t y = live ? labels[b] : 0;
   const T* z_row = logits + (live ? b : 0) * K;
@@ -54,7 +56,7 @@ softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shi
   // a NaN logit makes the sum NaN, and so the whole row (as torch's softmax does).
   A lane_max = -INFINITY, lane_sum = 0, true_logit = 0;
   if (live) {
-    for (int64_t k = lane; k < K; k += kLanes) {
+    for (int64_t k = lane; k < K; k += lanes) {
       const A v = z(k);
       if (k == y) true_logit = v;  // kept by the lane that owns column y, read before anything is written
       if (v > lane_max) {
@@ -73,20 +75,21 @@ softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shi
 
   const A inv_sum = A(1) / row_sum;
   T* out_row = out + b * K;
-  for (int64_t k = lane; k < K; k += kLanes) {
+  for (int64_t k = lane; k < K; k += lanes) {
     const A p = exp(z(k) - pivot) * inv_sum;
     out_row[k] = store_from<T>(k == y ? p - A(1) : p);
   }
-  if (p_true != nullptr && y % kLanes == lane) p_true[b] = exp(true_logit - pivot) * inv_sum;
+  if (p_true != nullptr && y % lanes == lane) p_true[b] = exp(true_logit - pivot) * inv_sum;
 }
 
 void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
                        int64_t K, int dtype, cudaStream_t stream) {
-  const int64_t blocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int lanes = K >= kWideRow ? kBlockThreads : 32, rows = kBlockThreads / lanes;
+  const int64_t blocks = (B + rows - 1) / rows;
   if (blocks > 2147483647LL) throw std::invalid_argument("softmax_xent_grad: too many rows");
   if (blocks == 0) return;
   LPA_DISPATCH(dtype, "softmax_xent_grad", {
-    softmax_xent_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(kLanes, kRowsPerBlock), 0, stream>>>(
+    softmax_xent_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(lanes, rows), 0, stream>>>(
         static_cast<scalar_t*>(out), static_cast<acc_t<scalar_t>*>(p_true), static_cast<const scalar_t*>(logits),
         static_cast<const scalar_t*>(shift), labels, B, K);
   })

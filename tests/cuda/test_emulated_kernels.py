@@ -323,3 +323,12 @@ def test_class_grad_pgd_step_l2_with_an_inf_sample_stays_finite(launchers):
     launchers.class_grad_pgd_step(delta, grad_out, labels, None, step, eps, direction, 1, "add", "l2")
     assert torch.isfinite(delta).all()
     assert (delta.double().norm(dim=1) <= 0.3).all()
+
+
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_head_pgd_wide_rows(cuda_backend_on_cpu, mode):
+    """K = 2,100 classes: the softmax kernel gives each row a whole block of 256 lanes (K >= 2048), each
+    striding over 8 or 9 columns, with a ragged last stride; 5 samples, the confidence rule."""
+    h, y, weight, bias, delta = make_head_problem(5, 2100, 12)
+    check_head_pgd(("cuda", "cpu"), h, y, weight, bias, delta, steps=2, step_size=0.05, eps=0.2,
+                   direction="confidence", norm="l2", mode=mode)
