@@ -46,18 +46,20 @@ class _CallCounter:
         self.calls += 1
 
 
-def _method(name: str, steps: int | None, model: nn.Module, num_classes: int):
+def _method(name: str, steps: int | None, model: nn.Module, num_classes: int, layer: str, backend: str):
     from lpa_kernels.lpa import LPAConfig, build_method
 
     # plain training goes through the same split model, so the ratio measures LPA's extra work only
-    config = None if steps is None else LPAConfig(steps=steps)
-    return build_method(name, model, num_classes, layer=LAYER, config=config)
+    config = None if steps is None else LPAConfig(steps=steps, backend=backend)
+    return build_method(name, model, num_classes, layer=layer, config=config)
 
 
-def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int):
+def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int, layer: str = LAYER,
+                  backend: str = "auto"):
     """``(step, method)``: ``step()`` runs one training step of ``model`` with the method
-    ``name`` ("erm" or "lpa" with ``steps`` PGD steps) on the batch ``(x, y)``."""
-    method = _method(name, steps, model, num_classes)
+    ``name`` ("erm" or "lpa" with ``steps`` PGD steps, perturbing ``layer`` on ``backend``) on the
+    batch ``(x, y)``."""
+    method = _method(name, steps, model, num_classes, layer, backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():

@@ -30,23 +30,12 @@ def count_step(method_name: str, steps: int | None, layer: str, backend: str) ->
     import torch
 
     from lpa_bench.static.counting import LaunchCounter
-    from lpa_bench.training import mlp
-    from lpa_kernels.lpa import LPAConfig, build_method
+    from lpa_bench.training import mlp, training_step
 
     torch.manual_seed(0)
     model = mlp(SIZES["IN"], SIZES["HIDDEN"], SIZES["K"])
     x, y = torch.randn(SIZES["B"], SIZES["IN"]), torch.randint(0, SIZES["K"], (SIZES["B"],))
-    config = None if steps is None else LPAConfig(steps=steps, backend=backend)
-    method = build_method(method_name, model, SIZES["K"], layer=LAYERS[layer], config=config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        loss, _ = method.training_loss(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward()
-        optimizer.step()
-
+    step, _ = training_step(method_name, steps, model, x, y, SIZES["K"], layer=LAYERS[layer], backend=backend)
     step()  # warm-up: lazily built state (momentum buffers, deltas) is not a per-step cost
     with LaunchCounter() as counts:
         step()

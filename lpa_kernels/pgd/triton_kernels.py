@@ -98,7 +98,7 @@ def _update_class(
         g = tl.load(grad_ptr + d, mask=mask, other=0).to(ACC)
         if L2:
             new = old + step * _scaled(g, largest, infinite)
-            new = tl.where(length > radius, new * (radius / length), new)
+            new = new * (radius / tl.maximum(length, radius))  # 1 inside the ball; no 0 / 0 for a zero row
         else:
             new = old + step * _signum(g)
             new = tl.where(new > eps, eps, tl.where(new < -eps, -eps, new))

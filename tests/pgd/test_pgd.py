@@ -162,6 +162,9 @@ def inf_sign_pattern_step(delta, grad, step, eps):
     return new * (eps / new.norm(dim=1, keepdim=True)).clamp(max=1)
 
 
+# The kernels detect Inf entries by arithmetic on them (x - x, Inf / Inf): the CPU interpreter runs that
+# through numpy, which warns; the compiled kernels compute the same values silently.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("target", TARGETS)
 def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(target, dtype):
