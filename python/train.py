@@ -251,9 +251,10 @@ def summarise(runs: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     """Plain-text table: accuracies in % (mean ± std over seeds), ms per step, and per training step the
-    forwards of the network below and above the layer (autograd) and the PGD steps, with their path."""
+    forwards of the network below and above the layer (autograd) and the PGD steps, the class updates
+    the finiteness guard skipped over the run (mean over seeds), and the PGD path."""
     header = ["method", "overall", "many", "medium", "few", "ms/step", "lower fwd/step", "upper fwd/step",
-              "PGD steps/step", "PGD path"]
+              "PGD steps/step", "skipped updates", "PGD path"]
     rows = [header]
     for method, e in summary.items():
         row = [method] + [f"{e[f]['mean']:.2f} ± {e[f]['std']:.2f}" for f in ("overall", "many", "medium", "few")]
@@ -262,6 +263,9 @@ def format_table(summary: dict) -> str:
         for key in ("lower_forwards", "upper_forwards", "pgd_steps"):
             no_pgd = key == "pgd_steps" and e["pgd_path"] == "-"  # a baseline: "-", not "0.00"
             row.append(f"{e['stats'][key] / steps:.2f}" if steps and key in e["stats"] and not no_pgd else "-")
+        # class updates the finiteness guard skipped (non-finite gradient or new delta), over the run
+        skipped = e["stats"].get("skipped_class_updates")
+        row.append("-" if skipped is None else f"{skipped:.0f}")
         row.append(e["pgd_path"])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
