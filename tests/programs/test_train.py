@@ -226,9 +226,9 @@ def test_banner_prints_every_setting_in_force_and_table_names_the_pgd_path(tmp_p
     assert report["finished"] is True and report["summary"]["lpa"]["pgd_path"] == "fused head"
     assert report["summary"]["lpa+lpl"]["pgd_path"] == "fused head + logits"
     header = next(line for line in out.splitlines() if line.startswith("method"))
-    assert "PGD steps/step" in header and "PGD path" in header
+    assert "PGD steps/step" in header and "skipped updates" in header and "PGD path" in header
     lpa_row = next(line for line in out.splitlines() if line.startswith("lpa "))
-    assert lpa_row.split()[-5:] == ["1.00", "1.00", "3.00", "fused", "head"], lpa_row
+    assert lpa_row.split()[-6:] == ["1.00", "1.00", "3.00", "0", "fused", "head"], lpa_row
 
 
 def test_pgd_path_on_the_autograd_path_and_in_single_pass(tmp_path):
