@@ -69,6 +69,9 @@ def _worker(rank: int, port: int, out_dir: str):
     try:
         per_rank = 8 // WORLD
         torch.save(_train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD), os.path.join(out_dir, f"{rank}.pt"))
+        # Neither rank tears its process group down while the other may still be in a collective: once
+        # (CI, 2026-11-30) a rank aborted in gloo at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
