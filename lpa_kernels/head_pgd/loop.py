@@ -135,7 +135,7 @@ def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels) -> Gra
     """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
     num_classes = weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
-    probs = torch.empty_like(base_logits)
+    probs = new_output(base_logits.shape, base_logits.dtype, h.device)
 
     def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
         shift = torch.mm(current.to(weight.dtype), weight.t())  # (K, K): class c's samples' logit offset

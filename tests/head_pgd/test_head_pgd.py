@@ -107,8 +107,7 @@ def test_both_formulations_match_the_reference_and_each_other(target, dtype, dir
     monkeypatch.setattr(head_loop, "use_class_space", lambda *a: False)
     rows = check_against_reference(target, *problem, **args)
     lowp = problem[-1].cpu().clone()
-    head_pgd_(*(t.cpu() if t is not None else None for t in problem[:4]), lowp, backend="reference",
-              **{**args, "direction": direction})
+    head_pgd_(*(t.cpu() if t is not None else None for t in problem[:4]), lowp, backend="reference", **args)
     assert_close_to_reference(class_space, rows.double(), None if dtype == torch.float32 else lowp,
                               what="class-space form against the rows form")
 
