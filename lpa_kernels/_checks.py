@@ -10,11 +10,16 @@ from typing import Sequence
 
 import torch
 
+from lpa_kernels._common import per_class
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
 MODES = ("add", "scale")
 NORMS = ("linf", "l2")
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# ``direction`` is a per-class multiplier of the step: the sign chooses ascent (+) or descent (-) of the
+# class's loss, the magnitude scales the step (the confidence policy's |thr - p_c| / max), never beyond it.
+DIRECTION_BOUNDS = (-1.0, 1.0)
 
 
 def _compiling() -> bool:
@@ -176,3 +181,17 @@ def check_grad_out(grad_out: object, h: object, mode: object, delta_shape: Seque
         check_float("h", h)
         if h.shape != grad_out.shape:
             raise ValueError(f"h must have the shape of grad_out {tuple(grad_out.shape)}, got {tuple(h.shape)}")
+
+
+def check_pgd_hyperparameters(delta: object, step_size: object, eps: object, direction: object, norm: object):
+    """Validate delta and the PGD hyperparameters (finite; step_size >= 0, eps > 0, direction in [-1, 1];
+    tensors on delta's device); returns ``[step, radius, sign]`` as ``(K,)`` tensors in delta's compute dtype."""
+    check_float("delta", delta)
+    if delta.dim() < 1 or delta.shape[0] < 1:
+        raise ValueError(f"delta must have shape (K, *P) with K >= 1, got {tuple(delta.shape)}")
+    check_choice("norm", norm, NORMS)
+    k, device = delta.shape[0], delta.device
+    check_per_class("step_size", step_size, k, positive=False, nonnegative=True, device=device)
+    check_per_class("eps", eps, k, positive=True, device=device)
+    check_per_class("direction", direction, k, positive=False, bounds=DIRECTION_BOUNDS, device=device)
+    return [per_class(v, k, delta) for v in (step_size, eps, direction)]

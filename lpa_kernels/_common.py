@@ -1,4 +1,5 @@
-"""Small helpers shared by the ops: precision rules, delta layouts, output allocation."""
+"""Small helpers shared by the ops and both backends: precision rules, delta layouts, output allocation,
+class order, in-place updates. Pure PyTorch (no Triton, no extension)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,30 @@ def delta_layout(feature_shape: Sequence[int], delta_shape: Sequence[int]) -> tu
     return math.prod(feature_shape[first : last + 1]), math.prod(feature_shape[last + 1 :])
 
 
+def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t (N, *S)`` viewed as ``(N, prod(S))`` (also when N == 0, where ``reshape(N, -1)`` fails)."""
+    return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, starts)`` int64: sample indices sorted by class (stable, hence a fixed order) and
+    ``starts (K + 1,)`` with class c's samples at ``order[starts[c]:starts[c + 1]]``."""
+    order = torch.argsort(labels, stable=True)
+    starts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    torch.cumsum(torch.bincount(labels, minlength=num_classes), 0, out=starts[1:])
+    return order, starts
+
+
+def update_in_place(delta: torch.Tensor, run) -> torch.Tensor:
+    """Run ``run(contiguous_delta)`` under no_grad and make sure ``delta`` itself holds the result."""
+    with torch.no_grad():
+        target = delta if delta.is_contiguous() else delta.contiguous()
+        run(target)
+        if target is not delta:
+            delta.copy_(target)
+    return delta
+
+
 def poisoning() -> bool:
     """Tests set ``LPA_POISON=1`` so that every kernel output starts as NaN and unwritten cells show."""
     return os.environ.get("LPA_POISON", "0") == "1"
@@ -69,10 +94,3 @@ def l2_radius_margin(compute: torch.dtype) -> float:
     """The relative margin inside eps that the L2 projection of ``pgd_step_`` targets in ``compute``."""
     return L2_RADIUS_MARGIN[compute]
 
-
-def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a Triton kernel may take under the CPU interpreter, where bfloat16 arithmetic is wrong
-    or fails: bfloat16 is upcast to float32 there (and rounded back by the caller), never run as is."""
-    from lpa_kernels.backend import interpreting
-
-    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype

@@ -2,7 +2,9 @@
 
 Every public op calls :func:`resolve` with the ``backend`` argument it was given and the tensors it
 works on; the answer is one of ``"reference"``, ``"triton"`` or ``"cuda"``, or a ``ValueError`` that
-says why the asked-for backend cannot run here. ``LPA_BACKEND`` overrides ``"auto"`` only.
+says why the asked-for backend cannot run here. ``LPA_BACKEND`` overrides ``"auto"`` only. Which
+launchers then run is each op's own business (``<op>/backends.py``); this module only adds
+:func:`serialised`, the lock that Triton's CPU interpreter needs around them.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def _package_version() -> str:
 
 # Triton's CPU interpreter is not thread-safe: while it runs a kernel it patches triton.language module-wide,
 # so two threads interpreting at once break each other (InterpreterError). Under TRITON_INTERPRET=1 every
-# launcher obtained from ``kernels`` therefore holds this lock while it runs: launches from several threads
+# launcher an op obtains (``<op>/backends.py``) therefore holds this lock while it runs: launches from several threads
 # are serialised (correct, one at a time). Compiled GPU launches take no lock. Re-entrant, because a
 # launcher may call another (head_pgd's loop calls the perturb and pgd launchers).
 INTERPRETER_LOCK = threading.RLock()
@@ -182,21 +184,14 @@ class _Serialised:
             return launcher
 
         @functools.wraps(launcher)
-        def serialised(*args, **kwargs):
+        def locked(*args, **kwargs):
             with INTERPRETER_LOCK:
                 return launcher(*args, **kwargs)
 
-        return serialised
+        return locked
 
 
-def kernels(backend: str, triton_module: str):
-    """The module holding an op's kernel launchers for ``backend`` ("triton" or "cuda").
-
-    Both expose the same launcher names, so one custom op serves both backends. Under the CPU interpreter
-    the Triton launchers come wrapped so that they run one at a time (see ``INTERPRETER_LOCK``)."""
-    import importlib
-
-    if backend == "cuda":
-        return importlib.import_module("lpa_kernels.cuda_kernels")
-    module = importlib.import_module(triton_module)
-    return _Serialised(module) if interpreting() else module
+def serialised(launchers):
+    """``launchers`` (an op's launcher module) as the op calls them: under the CPU interpreter each runs
+    holding ``INTERPRETER_LOCK``; otherwise the module itself."""
+    return _Serialised(launchers) if interpreting() else launchers

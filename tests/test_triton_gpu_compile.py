@@ -63,10 +63,10 @@ def record(recorder) -> None:
                 # 16 classes of one sample each: direct
                 call(f"{dt} {mode} grad_h={need_grad_h} split", perturb.perturb_backward,
                      rand(64, 256, dtype=dt), rand(64, 256, dtype=dt), labels, rand(2, 4, dtype=dt),
-                     2, 4, 1, mode, need_grad_h, True, acc)
+                     2, 4, 1, mode, need_grad_h, acc)
                 call(f"{dt} {mode} grad_h={need_grad_h} direct", perturb.perturb_backward,
                      rand(16, 16, dtype=dt), rand(16, 16, dtype=dt), torch.arange(16), rand(16, 16, dtype=dt),
-                     16, 16, 1, mode, need_grad_h, True, acc)
+                     16, 16, 1, mode, need_grad_h, acc)
             for norm in ("linf", "l2"):
                 step = [torch.rand(2, dtype=acc) for _ in range(3)]
                 call(f"{dt} {norm}", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm)

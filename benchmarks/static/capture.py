@@ -72,8 +72,7 @@ def recording(model_h100: bool = True):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    from lpa_kernels import backend
-    from lpa_kernels.perturb import triton_kernels as perturb
+    from lpa_kernels import _triton_common, backend
 
     recorder = Recorder()
 
@@ -85,11 +84,11 @@ def recording(model_h100: bool = True):
 
     saved = [(JITFunction, "run"), (Autotuner, "run")]
     if model_h100:
-        saved += [(perturb, "parallel_programs"), (backend, "_triton_reason")]
+        saved += [(_triton_common, "parallel_programs"), (backend, "_triton_reason")]
     originals = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run, Autotuner.run = record_jit, record_autotuned
     if model_h100:
-        perturb.parallel_programs = lambda device: 4 * H100_SMS
+        _triton_common.parallel_programs = lambda device: 4 * H100_SMS
         backend._triton_reason = lambda device: ""
     try:
         yield recorder

@@ -71,7 +71,7 @@ def class_sum_from(perturb_backward: Callable[..., tuple]) -> Callable[..., torc
     reduction, without ``grad_h``)."""
 
     def class_sum(rows, h, labels, num_classes, mode, dtype):
-        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, True, dtype)[1]
+        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, dtype)[1]
 
     return class_sum
 

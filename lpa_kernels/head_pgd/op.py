@@ -1,8 +1,8 @@
 """Public ``head_pgd_``: T PGD steps on delta when the upper network is a linear classifier.
 
 The fast backends run the whole loop without autograd through the in-place custom op
-``lpa_kernels::head_pgd_``, whose launcher ``head_pgd`` lives in ``triton_kernels.py`` (and, with the
-same signature, in ``lpa_kernels.cuda_kernels``). It is a no-grad optimisation loop, so the op has no
+``lpa_kernels::head_pgd_``, whose launcher ``head_pgd`` (``backends.HeadPGDLaunchers``) lives in
+``triton_kernels.py`` and ``cuda_kernels.py``. It is a no-grad optimisation loop, so the op has no
 autograd formula.
 """
 
@@ -13,10 +13,9 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
+from lpa_kernels._common import update_in_place
 from lpa_kernels.head_pgd import naive
-from lpa_kernels.pgd.op import _check_pgd_args, _update_in_place
-
-_TRITON = "lpa_kernels.head_pgd.triton_kernels"
+from lpa_kernels.head_pgd.backends import launchers
 
 
 @torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta",))
@@ -27,8 +26,7 @@ def _head_pgd_op(
 ) -> None:
     """``direction`` None means LPL's confidence rule. (An argument named ``mode`` would clash with
     torch's dispatch-mode redirection under AOT dispatch.)"""
-    launch = _backend.kernels(backend, _TRITON).head_pgd
-    launch(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode)
+    launchers(backend).head_pgd(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode)
 
 
 @_head_pgd_op.register_fake
@@ -64,7 +62,7 @@ def head_pgd_(
     confidence = isinstance(direction, str)
     if confidence:
         _checks.check_choice("direction", direction, ("confidence",))
-    step, radius, sign = _check_pgd_args(delta, step_size, eps, 1.0 if confidence else direction, norm)
+    step, radius, sign = _checks.check_pgd_hyperparameters(delta, step_size, eps, 1.0 if confidence else direction, norm)
     if h.dim() != 2:
         raise ValueError(f"h must have shape (B, D), got {tuple(h.shape)}")
     k, d = delta.shape[0], h.shape[1]
@@ -85,6 +83,6 @@ def head_pgd_(
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if confidence else sign  # None: the launcher applies the confidence rule
-    return _update_in_place(
+    return update_in_place(
         delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend)
     )

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from lpa_kernels.head_pgd.loop import HeadKernels, class_sum_from, run_head_pgd
-from lpa_kernels.perturb.triton_kernels import accumulator, kernel_dtype_view, perturb_backward, perturb_forward
+from lpa_kernels._triton_common import accumulator, kernel_dtype_view
+from lpa_kernels.perturb.triton_kernels import perturb_backward, perturb_forward
 from lpa_kernels.pgd.triton_kernels import pgd_step
 
 # Elements of one (BLOCK_B, BLOCK_K) tile: 16 float32 registers per thread at 4 warps.
@@ -114,5 +115,5 @@ KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
-    """``steps`` PGD steps on ``delta (K, D)`` in place: ``loop.run_head_pgd`` on this backend's kernels."""
+    """``HeadPGDLaunchers.head_pgd``: ``loop.run_head_pgd`` on this backend's kernels."""
     run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)

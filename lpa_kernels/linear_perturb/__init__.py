@@ -1,1 +1,2 @@
-"""linear_perturb: reference (naive.py), Triton kernels (triton_kernels.py), public op and custom ops (op.py)."""
+"""linear_perturb: reference (naive.py), launcher contract (backends.py), Triton and CUDA C++
+launchers (triton_kernels.py, cuda_kernels.py), public op and custom ops (op.py)."""

@@ -11,8 +11,8 @@ The fast backends run two custom ops on flattened, contiguous tensors (``x (M, i
   ``grad_out``. ``grad_x = grad_preact @ weight`` and ``grad_weight = grad_preact.T @ x`` are then plain
   ``torch.matmul`` calls (cuBLAS on a GPU), the same for both backends.
 
-The launchers (``linear_perturb_forward``, ``linear_perturb_backward_epilogue``) live in
-``triton_kernels.py`` and in ``lpa_kernels.cuda_kernels``.
+The launchers (``linear_perturb_forward``, ``linear_perturb_backward_epilogue``) provide
+``backends.LinearPerturbLaunchers`` (``triton_kernels.py``, ``cuda_kernels.py``).
 
 Autocast: under ``torch.autocast`` x, weight and bias are cast to the autocast dtype in
 ``linear_perturb`` itself, as ``F.linear`` casts them, and the result has that dtype. This is done in
@@ -28,8 +28,8 @@ import torch
 
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels.linear_perturb import naive
+from lpa_kernels.linear_perturb.backends import launchers
 
-_TRITON = "lpa_kernels.linear_perturb.triton_kernels"
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -52,8 +52,7 @@ def _linear_perturb_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (M, N), preact (M, N) or empty)`` in ``x.dtype``, for ``x (M, in)``, ``weight (N, in)``."""
-    launch = _backend.kernels(backend, _TRITON).linear_perturb_forward
-    return launch(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact)
+    return launchers(backend).linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact)
 
 
 @_linear_perturb_op.register_fake
@@ -75,8 +74,7 @@ def _linear_perturb_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_preact (M, N) in grad_out.dtype, grad_bias (N,), grad_delta (K, N))``, the last two in
     float32 (float64 for float64 ``grad_out``)."""
-    launch = _backend.kernels(backend, _TRITON).linear_perturb_backward_epilogue
-    return launch(grad_out, preact, labels, rows_per_label, delta, activation, mode)
+    return launchers(backend).linear_perturb_backward_epilogue(grad_out, preact, labels, rows_per_label, delta, activation, mode)
 
 
 @_linear_perturb_backward_op.register_fake

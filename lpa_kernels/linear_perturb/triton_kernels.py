@@ -12,7 +12,7 @@ written once, ``z`` too when the backward needs it (``save_preact``).
 Backward epilogue: one pass over ``grad_out`` gives ``grad_preact = dL/dz``, ``grad_bias`` and the
 per-class ``grad_delta``. The weight and input gradients are two plain GEMMs on ``grad_preact``, done by
 the caller (``op.py``), shared with the CUDA backend. The launchers ``linear_perturb_forward`` and
-``linear_perturb_backward_epilogue`` have the same names and signatures in ``lpa_kernels.cuda_kernels``.
+``linear_perturb_backward_epilogue`` provide ``backends.LinearPerturbLaunchers``, as ``cuda_kernels.py`` does.
 
 Determinism: the backward never uses atomics. Rows are visited in class order (a stable sort of the
 labels) and cut into *pieces*: runs of at most ``rows_per_piece`` rows of one class. One program sums
@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lpa_kernels._common import compute_dtype, new_output
+from lpa_kernels._common import class_order, compute_dtype, new_output
+from lpa_kernels._triton_common import accumulator, kernel_dtype_view
 from lpa_kernels.backend import interpreting
-from lpa_kernels.perturb.triton_kernels import accumulator, class_order, kernel_dtype_view
+from lpa_kernels.linear_perturb.backends import forward_outputs
 
 # constexpr: a compiled (GPU) kernel may read only constexpr globals (the interpreter reads any). A
 # constexpr times a tensor stays a constexpr under the interpreter, so the kernels write tensor * constant.
@@ -250,29 +251,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
 
 
-def linear_perturb_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    rows_per_label: int,
-    delta: torch.Tensor,
-    activation: str,
-    mode: str,
-    save_preact: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (M, N), preact (M, N))`` in ``x.dtype``; ``preact`` is an empty tensor unless ``save_preact``.
-
-    ``x (M, IN)`` and ``weight (N, IN)`` contiguous, of one dtype; ``bias (N,)`` or None; ``labels (B,)``
-    int32/int64 with ``M == B * rows_per_label``; ``delta (K, N)`` contiguous (any float dtype).
-    """
+def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact):
+    """``LinearPerturbLaunchers.linear_perturb_forward``."""
     M, IN = x.shape
     N = weight.shape[0]
-    out = new_output((M, N), x.dtype, x.device)
-    preact = new_output((M, N), x.dtype, x.device) if save_preact else x.new_empty(0)
+    kx, kweight, kbias, kdelta = (kernel_dtype_view(t) for t in (x, weight, bias, delta))
+    out, preact = forward_outputs(x, N, save_preact)
     if M == 0 or N == 0:
         return out, preact
-    kx, kweight, kbias, kdelta = (kernel_dtype_view(t) for t in (x, weight, bias, delta))
     upcast = kx.dtype != x.dtype  # bfloat16 under the interpreter: kernel outputs in float32, rounded after
     kout = new_output((M, N), kx.dtype, x.device) if upcast else out
     kpreact = new_output((M, N), kx.dtype, x.device) if upcast and save_preact else preact
@@ -307,22 +293,8 @@ def _epilogue_config(M: int, N: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, rows_per_piece=rows_per_piece)
 
 
-def linear_perturb_backward_epilogue(
-    grad_out: torch.Tensor,
-    preact: torch.Tensor,
-    labels: torch.Tensor,
-    rows_per_label: int,
-    delta: torch.Tensor,
-    activation: str,
-    mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_preact (M, N) in grad_out.dtype, grad_bias (N,), grad_delta (K, N))``.
-
-    ``grad_out (M, N)`` contiguous; ``preact (M, N)`` (the forward's saved pre-activation; may be empty
-    for activation "none" with mode "add", which never reads it); ``labels (B,)`` with
-    ``M == B * rows_per_label``; ``delta (K, N)``. ``grad_bias`` and ``grad_delta`` are float32 (float64
-    for float64 ``grad_out``), reduced without atomics in a fixed order (deterministic).
-    """
+def linear_perturb_backward_epilogue(grad_out, preact, labels, rows_per_label, delta, activation, mode):
+    """``LinearPerturbLaunchers.linear_perturb_backward_epilogue``."""
     M, N = grad_out.shape
     K = delta.shape[0]
     acc_dtype = compute_dtype(grad_out.dtype)

@@ -42,7 +42,7 @@ from lpa_kernels import backend as _backend, head_pgd_
 from lpa_kernels._common import compute_dtype, per_class
 from lpa_kernels.lpa.policy import Policy, all_reduce_sum, class_stats, class_stats_from_log_probs, world_size
 from lpa_kernels.nn.perturbation import ClassPerturbation
-from lpa_kernels.perturb.op import perturb_checked_labels
+from lpa_kernels.perturb.op import run_perturb
 from lpa_kernels.pgd.op import run_pgd_step_
 
 
@@ -134,7 +134,7 @@ class ClassSite:
 
     def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring)."""
-        return perturb_checked_labels(h, labels, delta, self.mode, self.backend)
+        return run_perturb(h, labels, delta, self.mode, self.backend)
 
     def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction), in which a

@@ -2,8 +2,7 @@
 
 The fast backends see flattened, contiguous tensors: ``h (B, F)``, ``delta (K, D)`` and the stride
 ``inner`` such that feature ``f`` reads ``delta[y, (f // inner) % D]`` (see ``_common.delta_layout``).
-Their launchers (``perturb_forward``, ``perturb_backward``) live in ``triton_kernels.py`` and in
-``lpa_kernels.cuda_kernels``.
+Their launchers provide ``backends.PerturbLaunchers`` (``triton_kernels.py``, ``cuda_kernels.py``).
 """
 
 from __future__ import annotations
@@ -14,21 +13,14 @@ from typing import Optional, Sequence
 import torch
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import compute_dtype, delta_layout, padded_delta_shape
+from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape
 from lpa_kernels.perturb import naive
-
-_TRITON = "lpa_kernels.perturb.triton_kernels"
-
-
-def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t (N, *S)`` viewed as ``(N, prod(S))`` (also when N == 0, where ``reshape(N, -1)`` fails)."""
-    return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+from lpa_kernels.perturb.backends import launchers
 
 
 @torch.library.custom_op("lpa_kernels::perturb", mutates_args=())
 def _perturb_op(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str, backend: str) -> torch.Tensor:
-    launch = _backend.kernels(backend, _TRITON).perturb_forward
-    out = launch(_flat(h), labels, _flat(delta), inner, mode)
+    out = launchers(backend).perturb_forward(flat(h), labels, flat(delta), inner, mode)
     return out.view(h.shape)
 
 
@@ -49,21 +41,20 @@ def _perturb_backward_op(
     mode: str,
     backend: str,
     need_grad_h: bool,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
-    when ``need_grad_h`` is False (``class_grad``)."""
+    when ``need_grad_h`` is False (``class_grad``). Deterministic on every backend (fixed-order
+    reductions), so it takes no ``deterministic`` flag."""
     k, per_class = delta_shape[0], math.prod(delta_shape[1:])
-    launch = _backend.kernels(backend, _TRITON).perturb_backward
-    grad_h, grad_delta = launch(
-        _flat(grad_out), _flat(h), labels, _flat(delta), k, per_class, inner, mode, need_grad_h, deterministic, delta_dtype
+    grad_h, grad_delta = launchers(backend).perturb_backward(
+        flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, delta_dtype
     )
     grad_h = grad_h.view(grad_out.shape) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_delta.view(tuple(delta_shape))
 
 
 @_perturb_backward_op.register_fake
-def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend, need_grad_h, deterministic):
+def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend, need_grad_h):
     grad_h = torch.empty_like(grad_out) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_out.new_empty(tuple(delta_shape), dtype=delta_dtype)
 
@@ -86,7 +77,7 @@ def _backward(ctx, grad_out):
     if need_grad_delta:
         kernel_h, grad_delta = _perturb_backward_op(
             grad_out, h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
-            ctx.backend, kernel_grad_h, torch.are_deterministic_algorithms_enabled(),
+            ctx.backend, kernel_grad_h,
         )
         grad_h = kernel_h if kernel_grad_h else grad_h
     elif kernel_grad_h:
@@ -125,16 +116,17 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
     ``F``. ``mode="add"``: ``h + delta[y]``; ``mode="scale"``: ``h * (1 + delta[y])``. Differentiable in
     ``h`` and ``delta`` (the fast backends compute both gradients in one pass over ``grad_out``).
     """
-    return _run_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend))
+    return _dispatch_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend))
 
 
-def perturb_checked_labels(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
-    """``perturb`` for a caller that has range-checked ``labels`` itself (``_checks.check_labels``, once per
-    training step): every other check runs, the label range check (a device sync on a GPU) does not."""
-    return _run_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend, label_values=False))
+def run_perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
+    """``perturb`` without its device-syncing check, for the LPA training machinery (the ``run_*`` entry
+    style, as ``pgd.op.run_pgd_step_``): the caller has range-checked ``labels`` itself
+    (``_checks.check_labels``, once per training step); every host-side check still runs."""
+    return _dispatch_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend, label_values=False))
 
 
-def _run_perturb(h, labels, delta, mode, backend: str) -> torch.Tensor:
+def _dispatch_perturb(h, labels, delta, mode, backend: str) -> torch.Tensor:
     """``perturb`` on validated arguments, ``backend`` resolved."""
     if backend == "reference":
         return naive.perturb(h, labels, delta, mode)
@@ -183,6 +175,6 @@ def class_grad(
         return naive.class_grad(full, torch.arange(num_classes, device=device), num_classes, delta_shape, out_dtype=out_dtype)
     _, grad_delta = _perturb_backward_op(
         grad_out.contiguous(), None if h is None else h.contiguous(), labels.contiguous(), None,
-        list(delta_shape), out_dtype, layout[1], mode, backend, False, True,
+        list(delta_shape), out_dtype, layout[1], mode, backend, False,
     )
     return grad_delta

@@ -1,1 +1,2 @@
-"""pgd: reference (naive.py), Triton kernels (triton_kernels.py), public op and custom ops (op.py)."""
+"""pgd: reference (naive.py), launcher contract (backends.py), Triton and CUDA C++
+launchers (triton_kernels.py, cuda_kernels.py), public op and custom ops (op.py)."""

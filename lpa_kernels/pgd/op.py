@@ -1,7 +1,7 @@
 """Public ``pgd_step_`` and ``class_grad_pgd_step_``: validation, dispatch and the custom ops.
 
-Launchers (``pgd_step``, ``class_grad_pgd_step``) live in ``triton_kernels.py`` and in
-``lpa_kernels.cuda_kernels``; they update a contiguous ``delta (K, D)`` in place.
+The launchers provide ``backends.PGDLaunchers`` (``triton_kernels.py``, ``cuda_kernels.py``); they update
+a contiguous ``delta (K, D)`` in place.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import delta_layout, per_class
-from lpa_kernels.perturb.op import _flat, class_grad
+from lpa_kernels._common import delta_layout, flat, update_in_place
+from lpa_kernels.perturb.op import class_grad
 from lpa_kernels.pgd import naive
-
-_TRITON = "lpa_kernels.pgd.triton_kernels"
+from lpa_kernels.pgd.backends import launchers
 
 
 @torch.library.custom_op("lpa_kernels::pgd_step_", mutates_args=("delta",))
@@ -23,8 +22,7 @@ def _pgd_step_op(
     delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
     direction: torch.Tensor, norm: str, backend: str,
 ) -> None:
-    launch = _backend.kernels(backend, _TRITON).pgd_step
-    launch(_flat(delta), _flat(grad), step_size, eps, direction, norm)
+    launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm)
 
 
 @_pgd_step_op.register_fake
@@ -39,42 +37,13 @@ def _class_grad_pgd_step_op(
     norm: str, backend: str,
 ) -> None:
     # (An argument named ``mode`` would clash with torch's functionalization of mutating ops.)
-    launch = _backend.kernels(backend, _TRITON).class_grad_pgd_step
-    launch(_flat(delta), _flat(grad_out), labels, _flat(h), step_size, eps, direction, inner, perturb_mode, norm)
+    launchers(backend).class_grad_pgd_step(flat(delta), flat(grad_out), labels, flat(h), step_size, eps, direction,
+                                           inner, perturb_mode, norm)
 
 
 @_class_grad_pgd_step_op.register_fake
 def _(delta, grad_out, labels, h, step_size, eps, direction, inner, perturb_mode, norm, backend):
     return None
-
-
-# ``direction`` is a per-class multiplier of the step: the sign chooses ascent (+) or descent (-) of the
-# class's loss, the magnitude scales the step (the confidence policy's |thr - p_c| / max), never beyond it.
-DIRECTION_BOUNDS = (-1.0, 1.0)
-
-
-def _check_pgd_args(delta, step_size, eps, direction, norm):
-    """Validate delta and the hyperparameters (finite; step_size >= 0, eps > 0, direction in [-1, 1];
-    tensors on delta's device); returns them as ``(K,)`` tensors in delta's compute dtype."""
-    _checks.check_float("delta", delta)
-    if delta.dim() < 1 or delta.shape[0] < 1:
-        raise ValueError(f"delta must have shape (K, *P) with K >= 1, got {tuple(delta.shape)}")
-    _checks.check_choice("norm", norm, _checks.NORMS)
-    k, device = delta.shape[0], delta.device
-    _checks.check_per_class("step_size", step_size, k, positive=False, nonnegative=True, device=device)
-    _checks.check_per_class("eps", eps, k, positive=True, device=device)
-    _checks.check_per_class("direction", direction, k, positive=False, bounds=DIRECTION_BOUNDS, device=device)
-    return [per_class(v, k, delta) for v in (step_size, eps, direction)]
-
-
-def _update_in_place(delta: torch.Tensor, run) -> torch.Tensor:
-    """Run ``run(contiguous_delta)`` and make sure ``delta`` itself holds the result."""
-    with torch.no_grad():
-        target = delta if delta.is_contiguous() else delta.contiguous()
-        run(target)
-        if target is not delta:
-            delta.copy_(target)
-    return delta
 
 
 def pgd_step_(
@@ -110,7 +79,7 @@ def pgd_step_(
     In place: ``delta`` must not share memory with ``grad`` or a hyperparameter tensor, nor require
     grad in grad mode (call under ``torch.no_grad()``); both raise ``ValueError``.
     """
-    step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
+    step, radius, sign = _checks.check_pgd_hyperparameters(delta, step_size, eps, direction, norm)
     _checks.check_float("grad", grad)
     if grad.shape != delta.shape:
         raise ValueError(f"grad must have the shape of delta {tuple(delta.shape)}, got {tuple(grad.shape)}")
@@ -120,13 +89,14 @@ def pgd_step_(
 
 
 def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str) -> torch.Tensor:
-    """``pgd_step_`` without validation (no device sync), for callers whose arguments are valid by
-    construction (the LPA training machinery): ``grad`` of ``delta``'s shape and device; ``step``,
-    ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class`` makes them; ``backend`` resolved."""
+    """``pgd_step_`` without validation (no device sync), for the LPA training machinery (the ``run_*`` entry
+    style, as ``perturb.op.run_perturb``), whose arguments are valid by construction: ``grad`` of ``delta``'s
+    shape and device; ``step``, ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class``
+    makes them; ``backend`` resolved."""
     if backend == "reference":
         return naive.pgd_step_(delta, grad, step, radius, sign, norm)
     grad = grad.detach().contiguous()
-    return _update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend))
+    return update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend))
 
 
 def class_grad_pgd_step_(
@@ -147,7 +117,7 @@ def class_grad_pgd_step_(
     ``mode="scale"``. Returns ``delta``, updated in place. Validation, dtypes, non-finite gradients and
     the in-place rules are ``pgd_step_``'s (``grad_out``, ``h`` and ``labels`` may not overlap delta).
     """
-    step, radius, sign = _check_pgd_args(delta, step_size, eps, direction, norm)
+    step, radius, sign = _checks.check_pgd_hyperparameters(delta, step_size, eps, direction, norm)
     _checks.check_grad_out(grad_out, h, mode, delta.shape)
     device = _checks.check_same_device(delta=delta, grad_out=grad_out, labels=labels, h=h)
     _checks.check_labels(labels, grad_out.shape[0], delta.shape[0])
@@ -162,6 +132,6 @@ def class_grad_pgd_step_(
         grad = class_grad(grad_out, labels, delta.shape[0], delta.shape, h=h, mode=mode, backend=backend)
         return run_pgd_step_(delta, grad, step, radius, sign, norm, backend)
     args = (grad_out.detach().contiguous(), labels.contiguous(), None if h is None else h.detach().contiguous())
-    return _update_in_place(
+    return update_in_place(
         delta, lambda d: _class_grad_pgd_step_op(d, *args, step, radius, sign, layout[1], mode, norm, backend)
     )

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin
-from lpa_kernels.perturb.triton_kernels import (
+from lpa_kernels._triton_common import (
     accumulator, accumulator_dtype, class_block_sum, class_segments, kernel_dtype_view, reduction_blocks, segment_span,
 )
 
@@ -153,11 +153,8 @@ def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
         delta.copy_(kdelta)
 
 
-def pgd_step(
-    delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, norm: str
-) -> None:
-    """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``; ``step``, ``eps``,
-    ``direction`` are ``(K,)``."""
+def pgd_step(delta, grad, step, eps, direction, norm):
+    """``PGDLaunchers.pgd_step``."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
@@ -169,20 +166,8 @@ def pgd_step(
     ))
 
 
-def class_grad_pgd_step(
-    delta: torch.Tensor,
-    grad_out: torch.Tensor,
-    labels: torch.Tensor,
-    h: torch.Tensor | None,
-    step: torch.Tensor,
-    eps: torch.Tensor,
-    direction: torch.Tensor,
-    inner: int,
-    mode: str,
-    norm: str,
-) -> None:
-    """``pgd_step(delta, class_grad(grad_out (B, F), labels, h), ...)`` in one launch, ``delta (K, D)``
-    contiguous and updated in place."""
+def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm):
+    """``PGDLaunchers.class_grad_pgd_step``."""
     K, D = delta.shape
     B, F = grad_out.shape
     if delta.numel() == 0 or B == 0:  # an empty batch leaves every class's delta as it is

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpa_kernels import class_grad, class_grad_pgd_step_, cuda_kernels, linear_perturb, perturb
+from lpa_kernels import class_grad, class_grad_pgd_step_, linear_perturb, perturb
+from lpa_kernels.perturb import cuda_kernels as perturb_cuda
 from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
@@ -99,5 +100,5 @@ def test_linear_perturb_gemm_paths(dtype, in_features, activation, mode):
 def test_reduction_launchers_refuse_too_many_classes():
     grad_out = torch.randn(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="65535 classes"):
-        cuda_kernels.perturb_backward(grad_out, None, torch.tensor([0, 1], device=DEVICE), None, 70000, 3, 1,
-                                      "add", False, True, torch.float32)
+        perturb_cuda.perturb_backward(grad_out, None, torch.tensor([0, 1], device=DEVICE), None, 70000, 3, 1,
+                                      "add", False, torch.float32)

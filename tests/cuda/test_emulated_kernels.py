@@ -1,6 +1,6 @@
 """The CUDA kernels' own code, run on the CPU: ``csrc/`` compiled by g++ against a host emulation of
 CUDA (``emulation/``: blocks one after another, each thread a real thread, __syncthreads a real
-barrier, wmma as plain loops) and driven through the real launchers of ``lpa_kernels.cuda_kernels``
+barrier, wmma as plain loops) and driven through the real launchers of ``lpa_kernels/<op>/cuda_kernels.py``
 on CPU tensors. This checks the indexing, the vector/scalar paths, the class reductions (split
 across blocks: the emulated GPU has 3 SMs) and the epilogues against the float64 reference on a
 machine without a GPU. It cannot check what only hardware shows (tensor-core numerics, timing,
@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lpa_kernels import _cuda_build, cuda_kernels
+from lpa_kernels import _cuda_build, _cuda_launch
+from lpa_kernels.head_pgd import cuda_kernels as head_pgd_cuda
+from lpa_kernels.linear_perturb import cuda_kernels as linear_perturb_cuda
+from lpa_kernels.perturb import cuda_kernels as perturb_cuda
+from lpa_kernels.pgd import cuda_kernels as pgd_cuda
 from lpa_kernels._common import delta_layout
 from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
@@ -45,10 +50,12 @@ def emulated(tmp_path_factory):
 
 @pytest.fixture()
 def launchers(emulated, monkeypatch):
-    """``cuda_kernels`` calling the emulated module on CPU tensors (stream 0, a 3-SM device)."""
-    monkeypatch.setattr(cuda_kernels, "_launch", lambda name, device, *args: getattr(emulated, name)(*args, 0))
-    monkeypatch.setattr(cuda_kernels, "_multiprocessors", lambda device: 3)
-    return cuda_kernels
+    """The ops' CUDA launchers calling the emulated module on CPU tensors (stream 0, a 3-SM device)."""
+    monkeypatch.setattr(_cuda_launch, "launch", lambda name, device, *args: getattr(emulated, name)(*args, 0))
+    monkeypatch.setattr(_cuda_launch, "_multiprocessors", lambda device: 3)
+    modules = (perturb_cuda, pgd_cuda, linear_perturb_cuda, head_pgd_cuda, _cuda_launch)
+    return SimpleNamespace(**{name: value for module in modules for name, value in vars(module).items()
+                              if callable(value) and not name.startswith("_")})
 
 
 def _flat(t):
@@ -95,7 +102,7 @@ def test_perturb_backward(launchers, dtype, layout, mode, need_grad_h):
     delta = (0.5 * torch.randn(LAYOUTS[layout])).to(dtype)
     D, inner = delta_layout(shape, delta.shape)
     grad_h, grad_delta = launchers.perturb_backward(
-        _flat(grad_out), _flat(h), labels, _flat(delta), 3, D, inner, mode, need_grad_h, True, dtype)
+        _flat(grad_out), _flat(h), labels, _flat(delta), 3, D, inner, mode, need_grad_h, dtype)
     h64, d64 = h.double().requires_grad_(), delta.double().requires_grad_()
     ref_h, ref_d = torch.autograd.grad(naive.perturb(h64, labels, d64, mode), (h64, d64), grad_out.double())
     lowp = naive.class_grad(grad_out, labels, 3, delta.shape, h=h, mode=mode, out_dtype=dtype)
@@ -117,7 +124,7 @@ def test_perturb_backward_last_dim_vector_path(launchers, dtype, mode, aligned):
     grad_out = torch.randn(shape).to(dtype) if aligned else _misaligned(shape, dtype)
     h, labels = torch.randn(shape).to(dtype), make_labels(37, 3)
     delta = torch.randn(3, 16).to(dtype)
-    grad_h, grad_delta = launchers.perturb_backward(_flat(grad_out), _flat(h), labels, delta, 3, 16, 1, mode, True, True, dtype)
+    grad_h, grad_delta = launchers.perturb_backward(_flat(grad_out), _flat(h), labels, delta, 3, 16, 1, mode, True, dtype)
     h64, d64 = h.double().requires_grad_(), delta.double().requires_grad_()
     ref_h, ref_d = torch.autograd.grad(naive.perturb(h64, labels, d64, mode), (h64, d64), grad_out.double())
     assert_close_to_reference(grad_delta, ref_d, naive.class_grad(grad_out, labels, 3, (3, 16), h=h, mode=mode, out_dtype=dtype),
@@ -129,7 +136,7 @@ def test_perturb_backward_last_dim_vector_path(launchers, dtype, mode, aligned):
 def test_perturb_backward_many_samples_split_across_blocks_is_reproducible(launchers):
     grad_out, labels = torch.randn(300, 6), torch.zeros(300, dtype=torch.int64)
     assert launchers.reduce_splits(torch.device("cpu"), 1, 6, 1, 300, 4) > 1, "the emulated device must split here"
-    runs = [launchers.perturb_backward(grad_out, None, labels, None, 1, 6, 1, "add", False, True, torch.float16)[1]
+    runs = [launchers.perturb_backward(grad_out, None, labels, None, 1, 6, 1, "add", False, torch.float16)[1]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1]), "two identical class reductions differ"
     assert_close_to_reference(runs[0], grad_out.double().sum(0, keepdim=True), what="single-class grad_delta")

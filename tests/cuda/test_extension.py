@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lpa_kernels
-from lpa_kernels import _cuda_build, _cuda_ext, backend_info, cuda_kernels
+from lpa_kernels import _cuda_build, _cuda_ext, backend_info
+from lpa_kernels.perturb import cuda_kernels as perturb_cuda
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
 
@@ -59,7 +60,7 @@ def test_cuda_backend_on_cpu_tensors_raises_a_clear_value_error(op):
 
 def test_launchers_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        cuda_kernels.perturb_forward(torch.randn(3, 4), torch.tensor([0, 1, 0]), torch.randn(2, 4), 1, "add")
+        perturb_cuda.perturb_forward(torch.randn(3, 4), torch.tensor([0, 1, 0]), torch.randn(2, 4), 1, "add")
 
 
 @pytest.mark.skipif(_cuda_build.find_nvcc() is None, reason="no nvcc on this machine")

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-import lpa_kernels.cuda_kernels as cuda_kernels
+import lpa_kernels.head_pgd.cuda_kernels as cuda_kernels
 import lpa_kernels.head_pgd.loop as head_loop
 import lpa_kernels.head_pgd.triton_kernels as head_triton
 import lpa_kernels.pgd.naive as pgd_naive

@@ -147,7 +147,7 @@ def test_launcher_preact_is_the_linear_output(target, activation, mode):
     the launcher returns an empty tensor instead."""
     backend, device = target
     x, weight, bias, labels, delta = make_inputs(torch.float32, device, (3, 4, 19), 23, 5)
-    launchers = triton_kernels if backend == "triton" else pytest.importorskip("lpa_kernels.cuda_kernels")
+    launchers = triton_kernels if backend == "triton" else pytest.importorskip("lpa_kernels.linear_perturb.cuda_kernels")
     _, preact = launchers.linear_perturb_forward(x.reshape(12, 19), weight, bias, labels, 4, delta, activation, mode, True)
     reference = F.linear(x.reshape(12, 19).double(), weight.double(), bias.double())
     assert_close_to_reference(preact, reference, what="saved pre-activation")

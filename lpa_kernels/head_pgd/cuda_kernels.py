@@ -1,0 +1,30 @@
+"""CUDA C++ launchers of ``head_pgd_`` (``csrc/head_pgd.cu``): :class:`~lpa_kernels.head_pgd.backends.HeadPGDLaunchers`,
+``loop.run_head_pgd`` on the CUDA C++ ``perturb`` and ``pgd`` launchers plus the row-wise softmax kernel
+(GEMMs by cuBLAS)."""
+
+from __future__ import annotations
+
+import torch
+
+from lpa_kernels import _cuda_launch as cuda
+from lpa_kernels.head_pgd.loop import HeadKernels, class_sum_from, run_head_pgd
+from lpa_kernels.perturb.cuda_kernels import perturb_backward, perturb_forward
+from lpa_kernels.pgd.cuda_kernels import pgd_step
+
+
+def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
+    """``HeadKernels.softmax_xent_grad``: ``out = softmax(logits + shift[y]) - onehot(y)`` row by row,
+    ``p_true`` the true class's probability (``out`` may be ``logits``)."""
+    batch, num_classes = logits.shape
+    klabels = cuda.as_dtype(labels, torch.int64)
+    cuda.launch("softmax_xent_grad", logits.device, out.data_ptr(), cuda.ptr(p_true), logits.data_ptr(),
+                cuda.ptr(shift), klabels.data_ptr(), batch, num_classes, cuda.code(logits.dtype))
+
+
+KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward),
+                      softmax_xent_grad=softmax_xent_grad, pgd_step=pgd_step)
+
+
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
+    """``HeadPGDLaunchers.head_pgd``."""
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)

@@ -1,0 +1,34 @@
+"""The launcher contract of ``pgd_step_`` and ``class_grad_pgd_step_``'s fast backends, and the choice
+between them (see ``perturb/backends.py`` for the pattern). Both launchers update a contiguous
+``delta (K, D)`` in place; ``step``, ``eps`` and ``direction`` are ``(K,)`` tensors in delta's compute
+dtype (``_common.per_class``), validated by the op.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from lpa_kernels.backend import serialised
+
+
+class PGDLaunchers(Protocol):
+    def pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, eps: torch.Tensor,
+                 direction: torch.Tensor, norm: str) -> None:
+        """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``."""
+
+    def class_grad_pgd_step(self, delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor,
+                            h: torch.Tensor | None, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor,
+                            inner: int, mode: str, norm: str) -> None:
+        """``pgd_step(delta, class_grad(grad_out (B, F), labels, h), ...)`` in one launch, ``delta (K, D)``
+        contiguous and updated in place; ``h (B, F)`` for ``scale``, else None."""
+
+
+def launchers(backend: str) -> PGDLaunchers:
+    """The launchers of a resolved fast ``backend`` ("triton" or "cuda")."""
+    if backend == "cuda":
+        from lpa_kernels.pgd import cuda_kernels as chosen
+    else:
+        from lpa_kernels.pgd import triton_kernels as chosen
+    return serialised(chosen)

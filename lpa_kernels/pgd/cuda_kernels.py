@@ -1,0 +1,49 @@
+"""CUDA C++ launchers of ``pgd_step_`` and ``class_grad_pgd_step_`` (``csrc/pgd.cu``):
+:class:`~lpa_kernels.pgd.backends.PGDLaunchers` on the extension (plumbing in ``lpa_kernels._cuda_launch``)."""
+
+from __future__ import annotations
+
+import torch
+
+from lpa_kernels import _cuda_launch as cuda
+from lpa_kernels._common import class_order, compute_dtype
+
+
+def pgd_step(delta, grad, step, eps, direction, norm):
+    """``PGDLaunchers.pgd_step``."""
+    K, D = delta.shape
+    if delta.numel() == 0:
+        return
+    acc = compute_dtype(delta.dtype, grad.dtype)  # float64 when either is (pgd_step_'s rule)
+    # The kernel computes in delta's accumulation dtype: a float64 gradient updates a float64 copy.
+    kdelta = delta if compute_dtype(delta.dtype) == acc else cuda.as_dtype(delta, acc)
+    kgrad = grad.contiguous() if grad.dtype in (kdelta.dtype, acc) else cuda.as_dtype(grad, acc)
+    step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+    cuda.launch("pgd_step", delta.device, kdelta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
+                direction.data_ptr(), K, D, cuda.NORM_CODES[norm], cuda.code(kdelta.dtype), cuda.code(kgrad.dtype))
+    if kdelta is not delta:
+        delta.copy_(kdelta)
+
+
+def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm):
+    """``PGDLaunchers.class_grad_pgd_step``."""
+    K, D = delta.shape
+    F = grad_out.shape[1]
+    if delta.numel() == 0:
+        return
+    scale = mode == "scale"
+    kdtype = torch.promote_types(grad_out.dtype, h.dtype) if scale else grad_out.dtype
+    acc = compute_dtype(kdtype)
+    kgrad_out, kh = cuda.as_dtype(grad_out, kdtype), cuda.as_dtype(h, kdtype) if scale else None
+    # The kernel updates delta in grad_out's dtype or in the accumulation dtype; other dtypes go
+    # through an accumulation-dtype copy, written back (rounded once).
+    kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
+    step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+    workspace = torch.empty((K, D), dtype=acc, device=delta.device)
+    order, offsets = class_order(labels, K)
+    cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
+                order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K, F, D,
+                inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype), cuda.code(kdelta.dtype),
+                workspace.data_ptr())
+    if kdelta is not delta:
+        delta.copy_(kdelta)
