@@ -1,6 +1,6 @@
 // pybind11 module lpa_kernels._lpa_cuda: the launchers of kernels.h, taking device pointers, the
 // stream handle and dtype codes as Python ints. It does not include or link torch (no C++ ABI tie);
-// lpa_kernels/cuda_kernels.py turns tensors into these arguments. A failed launch raises
+// lpa_kernels/<op>/cuda_kernels.py (through lpa_kernels/_cuda_launch.py) turns tensors into these arguments. A failed launch raises
 // RuntimeError naming the kernel; a bad argument raises ValueError.
 #include <pybind11/pybind11.h>
 
@@ -33,7 +33,7 @@ py::dict runtime_info() {
 }  // namespace
 
 PYBIND11_MODULE(_lpa_cuda, m) {
-  m.doc() = "lpa_kernels CUDA kernels (raw-pointer launchers; see lpa_kernels/cuda_kernels.py)";
+  m.doc() = "lpa_kernels CUDA kernels (raw-pointer launchers; see lpa_kernels/<op>/cuda_kernels.py)";
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

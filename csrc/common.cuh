@@ -14,10 +14,10 @@
 
 namespace lpa {
 
-// Dtype codes shared with lpa_kernels/cuda_kernels.py (DTYPE_CODES there).
+// Dtype codes shared with lpa_kernels/_cuda_launch.py (DTYPE_CODES there).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// Activation codes (ACTIVATION_CODES in cuda_kernels.py) and modes.
+// Activation codes (ACTIVATION_CODES in _cuda_launch.py) and modes.
 enum Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
 enum Mode : int { kAdd = 0, kScale = 1 };
 enum Norm : int { kLinf = 0, kL2 = 1 };
