@@ -105,6 +105,7 @@ def chunk_plan(segment_start: torch.Tensor, R: int, rows: int, block_q: int, num
     programs = torch.arange(segments + triton.cdiv(rows, chunk), device=segment_start.device)
     return chunk, torch.searchsorted(first_chunk[1:], programs, right=True), first_chunk
 
+
 @triton.jit
 def segment_span(segment_class_ptr, segment_start_ptr, s, R):
     """``(c, start, rows)``: segment s holds class c, whose samples begin at ``order[start]`` and span

@@ -10,7 +10,6 @@ from typing import Protocol
 
 import torch
 
-from lpa_kernels._common import new_output
 from lpa_kernels.backend import serialised
 
 
@@ -30,13 +29,6 @@ class LinearPerturbLaunchers(Protocol):
         and ``grad_delta`` are float32 (float64 for float64 ``grad_out``), reduced in a fixed order
         (deterministic, no atomics).
         """
-
-
-def forward_outputs(x: torch.Tensor, out_features: int, save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward launchers' ``(out (M, N), preact (M, N) or empty)`` buffers, in ``x.dtype``."""
-    shape = (x.shape[0], out_features)
-    out = new_output(shape, x.dtype, x.device)
-    return out, (new_output(shape, x.dtype, x.device) if save_preact else x.new_empty(0))
 
 
 def launchers(backend: str) -> LinearPerturbLaunchers:

@@ -13,14 +13,14 @@ import torch
 
 from lpa_kernels import _cuda_launch as cuda
 from lpa_kernels._common import class_order, compute_dtype, new_output
-from lpa_kernels.linear_perturb.backends import forward_outputs
 
 
 def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact):
     """``LinearPerturbLaunchers.linear_perturb_forward``."""
     M, IN = x.shape
     N = weight.shape[0]
-    out, preact = forward_outputs(x, N, save_preact)
+    out = new_output((M, N), x.dtype, x.device)
+    preact = new_output((M, N), x.dtype, x.device) if save_preact else x.new_empty(0)
     if M == 0 or N == 0:
         return out, preact
     acc = compute_dtype(x.dtype)

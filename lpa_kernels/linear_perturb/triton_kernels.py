@@ -30,7 +30,6 @@ import triton.language as tl
 from lpa_kernels._common import class_order, compute_dtype, new_output
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
 from lpa_kernels.backend import interpreting
-from lpa_kernels.linear_perturb.backends import forward_outputs
 
 # constexpr: a compiled (GPU) kernel may read only constexpr globals (the interpreter reads any). A
 # constexpr times a tensor stays a constexpr under the interpreter, so the kernels write tensor * constant.
@@ -256,7 +255,8 @@ def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activ
     M, IN = x.shape
     N = weight.shape[0]
     kx, kweight, kbias, kdelta = (kernel_dtype_view(t) for t in (x, weight, bias, delta))
-    out, preact = forward_outputs(x, N, save_preact)
+    out = new_output((M, N), x.dtype, x.device)
+    preact = new_output((M, N), x.dtype, x.device) if save_preact else x.new_empty(0)
     if M == 0 or N == 0:
         return out, preact
     upcast = kx.dtype != x.dtype  # bfloat16 under the interpreter: kernel outputs in float32, rounded after
