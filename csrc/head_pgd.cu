@@ -12,6 +12,7 @@
 // the maximum grows (online softmax); the lanes' maxima, then their rescaled sums, are combined in a
 // fixed tree order in shared memory (deterministic). Pass 2 writes the probabilities minus the one-hot
 // term. out may alias logits: every element is read before it is written, by the thread that writes it.
+// Rows whose length is a multiple of 16 bytes go through 16-byte vector loads and stores.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -38,32 +39,47 @@ __device__ A row_combine(A value, A* scratch, Op op) {
   return total;
 }
 
-template <typename T>
+// V = kVec<T> (16-byte loads and stores) when K is a multiple of it and the rows are 16-byte aligned,
+// else 1. A lane then owns the V consecutive columns k0..k0+V-1 of each vector it visits.
+template <typename T, int V>
 __global__ void __launch_bounds__(kBlockThreads)
 softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shift, const int64_t* labels,
                          int64_t B, int64_t K) {
   using A = acc_t<T>;
+  using Vector = Vec<T, V>;
   __shared__ A scratch[kBlockThreads];
   const int lane = threadIdx.x, lanes = blockDim.x;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = b < B;
   const int64_t y = live ? labels[b] : 0;
-  const T* z_row = logits + (live ? b : 0) * K;
-  const T* shift_row = shift != nullptr ? shift + y * K : nullptr;
-  auto z = [&](int64_t k) { return load_as_acc(z_row[k]) + (shift_row != nullptr ? load_as_acc(shift_row[k]) : A(0)); };
+  const Vector* z_row = reinterpret_cast<const Vector*>(logits + (live ? b : 0) * K);
+  const Vector* shift_row = shift != nullptr ? reinterpret_cast<const Vector*>(shift + y * K) : nullptr;
+  const int64_t vectors = K / V;
+  // The V logits of vector j, shifted, in A.
+  auto z = [&](int64_t j, A (&v)[V]) {
+    const Vector raw = z_row[j];
+    for (int i = 0; i < V; ++i) v[i] = load_as_acc(raw.v[i]);
+    if (shift_row != nullptr) {
+      const Vector add = shift_row[j];
+      for (int i = 0; i < V; ++i) v[i] += load_as_acc(add.v[i]);
+    }
+  };
 
   // Pass 1: per-lane online maximum and sum. A lane with no finite logit yet has max -inf and sum 0;
   // a NaN logit makes the sum NaN, and so the whole row (as torch's softmax does).
   A lane_max = -INFINITY, lane_sum = 0, true_logit = 0;
   if (live) {
-    for (int64_t k = lane; k < K; k += lanes) {
-      const A v = z(k);
-      if (k == y) true_logit = v;  // kept by the lane that owns column y, read before anything is written
-      if (v > lane_max) {
-        lane_sum = lane_sum * exp(lane_max - v) + A(1);
-        lane_max = v;
-      } else if (v != -INFINITY) {
-        lane_sum += exp(v - lane_max);
+    for (int64_t j = lane; j < vectors; j += lanes) {
+      A v[V];
+      z(j, v);
+      for (int i = 0; i < V; ++i) {
+        if (j * V + i == y) true_logit = v[i];  // kept by the lane that owns column y
+        if (v[i] > lane_max) {
+          lane_sum = lane_sum * exp(lane_max - v[i]) + A(1);
+          lane_max = v[i];
+        } else if (v[i] != -INFINITY) {
+          lane_sum += exp(v[i] - lane_max);
+        }
       }
     }
   }
@@ -73,13 +89,28 @@ softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shi
   const A row_sum = row_combine(rescaled, scratch, [](A a, A c) { return a + c; });
   if (!live) return;  // after the last __syncthreads
 
+  // Pass 2: every element is read (pass 1 and here) before this thread writes it, so out may be logits.
   const A inv_sum = A(1) / row_sum;
-  T* out_row = out + b * K;
-  for (int64_t k = lane; k < K; k += lanes) {
-    const A p = exp(z(k) - pivot) * inv_sum;
-    out_row[k] = store_from<T>(k == y ? p - A(1) : p);
+  Vector* out_row = reinterpret_cast<Vector*>(out + b * K);
+  for (int64_t j = lane; j < vectors; j += lanes) {
+    A v[V];
+    z(j, v);
+    Vector result;
+    for (int i = 0; i < V; ++i) {
+      const A p = exp(v[i] - pivot) * inv_sum;
+      result.v[i] = store_from<T>(j * V + i == y ? p - A(1) : p);
+    }
+    out_row[j] = result;
   }
-  if (p_true != nullptr && y % lanes == lane) p_true[b] = exp(true_logit - pivot) * inv_sum;
+  if (p_true != nullptr && (y / V) % lanes == lane) p_true[b] = exp(true_logit - pivot) * inv_sum;
+}
+
+template <typename T, int V>
+void launch_softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels,
+                              int64_t B, int64_t K, unsigned blocks, dim3 block, cudaStream_t stream) {
+  softmax_xent_grad_kernel<T, V><<<blocks, block, 0, stream>>>(
+      static_cast<T*>(out), static_cast<acc_t<T>*>(p_true), static_cast<const T*>(logits),
+      static_cast<const T*>(shift), labels, B, K);
 }
 
 void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
@@ -88,10 +119,16 @@ void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* 
   const int64_t blocks = (B + rows - 1) / rows;
   if (blocks > 2147483647LL) throw std::invalid_argument("softmax_xent_grad: too many rows");
   if (blocks == 0) return;
+  const bool aligned = aligned16(out) && aligned16(logits) && (shift == nullptr || aligned16(shift));
   LPA_DISPATCH(dtype, "softmax_xent_grad", {
-    softmax_xent_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), dim3(lanes, rows), 0, stream>>>(
-        static_cast<scalar_t*>(out), static_cast<acc_t<scalar_t>*>(p_true), static_cast<const scalar_t*>(logits),
-        static_cast<const scalar_t*>(shift), labels, B, K);
+    constexpr int V = kVec<scalar_t>;
+    if (aligned && K % V == 0) {
+      launch_softmax_xent_grad<scalar_t, V>(out, p_true, logits, shift, labels, B, K, static_cast<unsigned>(blocks),
+                                            dim3(lanes, rows), stream);
+    } else {
+      launch_softmax_xent_grad<scalar_t, 1>(out, p_true, logits, shift, labels, B, K, static_cast<unsigned>(blocks),
+                                            dim3(lanes, rows), stream);
+    }
   })
   check_launch("softmax_xent_grad_kernel");
 }

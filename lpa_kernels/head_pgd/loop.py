@@ -96,6 +96,27 @@ def use_class_space(batch: int, num_classes: int, steps: int, mode: str) -> bool
     return 2 * batch + 4 * steps * num_classes < 4 * steps * batch
 
 
+def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: str, norm: str,
+                    dtype: torch.dtype, acc: torch.dtype) -> int:
+    """Upper bound on the extra device memory of one call (every buffer counted as if alive at once),
+    for ``h``, ``weight`` and ``delta`` in ``dtype``: the form's buffers in the GEMM dtype, the class
+    gradient ``(K, D)`` and, for 16-bit ``delta``, the iterate ``(K, D)`` in ``acc``; GEMM-dtype copies of
+    ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)`` vectors are left out."""
+    gd = gemm_dtype(dtype, acc, norm)
+    g, a = gd.itemsize, acc.itemsize
+    total = classes * features * a  # the class gradient
+    if dtype != acc:
+        total += classes * features * a  # the iterate, kept in acc between steps
+    if gd != dtype:
+        total += (batch * features + classes * features) * g
+    if use_class_space(batch, classes, steps, mode):
+        # base logits and probabilities (B, K); shift and class probabilities (K, K); S @ W (K, D)
+        return total + 2 * batch * classes * g + classes * classes * (2 * g + a) + classes * features * g
+    rows = chunk_rows(batch, classes)
+    # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D)
+    return total + rows * classes * g + batch * features * g + rows * features * g
+
+
 def run_head_pgd(
     h: torch.Tensor,
     labels: torch.Tensor,
