@@ -20,6 +20,8 @@ from torch import fx, nn
 
 from lpa_kernels import _checks
 from lpa_kernels._common import compute_dtype
+from lpa_kernels.lpa import state as _state
+from lpa_kernels.lpa.collectives import begin_training_call
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.policy import Policy
 from lpa_kernels.lpa.site import ClassSite, frozen_batchnorm_stats
@@ -87,6 +89,7 @@ class Method:
 
         A call that raises changes no counter; the class-perturbation methods check the labels before the
         lower network runs, so a batch with bad labels changes no delta or BatchNorm statistic either."""
+        begin_training_call()  # every call, failed ones too: the distributed order guard counts them
         self._check_labels(x, y)
         counts = dict(self._counts)
         try:
@@ -118,12 +121,16 @@ class Method:
         """Call between ``loss.backward()`` and ``optimizer.step()`` (single-pass delta updates)."""
 
     def state_dict(self) -> dict:
-        """The method's learned state beyond the model's weights, for checkpoints (none for the baselines)."""
-        return {}
+        """The method's state beyond the model's weights, for checkpoints: copies of its counters and, for
+        LPA/LPL, delta, the finiteness guard's counts and the policy's running state (keys and shapes:
+        ``lpa_kernels.lpa.state``). ``as_module().state_dict()`` holds the same under ``lpa_state.``."""
+        return {k: v.detach().clone() for k, v in _state.state_tensors(self).items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Take over ``state`` from ``state_dict()``. Every key is checked first: an unknown key, a wrong
+        shape (named with the shape expected) or, with ``strict``, a missing key raises ``ValueError``
+        and changes nothing."""
+        _state.load_state(self, state, strict)
 
     def stats(self) -> dict:
         """Call counts: ``lower_forwards``, ``upper_forwards`` (autograd forwards of the upper network:
@@ -167,12 +174,38 @@ class Method:
 
 
 class _TrainingLoss(nn.Module):
+    """``forward(x, y)`` is ``method.training_loss``; ``state_dict()`` holds the model's entries under
+    ``model.`` and the method's state (delta, policy state, counters) under ``lpa_state.``."""
+
     def __init__(self, method: Method):
         super().__init__()
+        # registered before the model: loading checks and takes the method's state first, so a mismatch
+        # there raises before any weight changes
+        self.lpa_state = _state.MethodState(method)
         self.model, self._method = method.model, method
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         return self._method.training_loss(x, y)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` after checking every key (unknown, missing with ``strict``, or of
+        the wrong shape: ``ValueError`` naming the key and the shape expected) before anything changes."""
+        prefix = "lpa_state."
+        unknown = [k for k in state_dict if not k.startswith(("model.", prefix))]
+        if unknown:
+            raise ValueError(f"unexpected key(s) {', '.join(map(repr, unknown[:10]))}: keys start with 'model.' or {prefix!r}")
+        _state.check_state(self._method, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
+                           strict, prefix)
+        weights = {k: v.shape for k, v in self.model.state_dict(prefix="model.").items()}
+        for key, value in state_dict.items():
+            if key.startswith("model.") and key not in weights:
+                raise ValueError(f"unexpected key {key!r}: the model has no such parameter or buffer")
+            if key in weights and isinstance(value, torch.Tensor) and value.shape != weights[key]:
+                raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(weights[key])}")
+        missing = [k for k in weights if k not in state_dict]
+        if strict and missing:
+            raise ValueError(f"missing key(s) {', '.join(map(repr, missing[:10]))} for the model")
+        return super().load_state_dict(state_dict, strict, assign)
 
 
 class Dropout(Method):
@@ -299,18 +332,6 @@ class ClassPerturbationMethod(Method):
         stats["skipped_class_updates"] = sum(site.skipped_updates for site in self._sites())
         stats["skipped_class_statistics"] = sum(site.policy.skipped_observations for site in self._sites())
         return stats
-
-    def state_dict(self) -> dict:
-        """The learned perturbations, for checkpoints: ``{"delta": ..., "logit_delta": ...}`` (those that exist)."""
-        state = {"delta": self.delta, "logit_delta": self.logit_delta}
-        return {k: v.detach().clone() for k, v in state.items() if v is not None}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, site in (("delta", self.lpa), ("logit_delta", self.lpl)):
-            if key in state:
-                if site is None:
-                    raise ValueError(f"{key!r} given, but method {self.name!r} has no such perturbation")
-                site.load(state[key])
 
     @property
     def delta(self) -> torch.Tensor | None:

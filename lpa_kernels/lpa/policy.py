@@ -7,26 +7,15 @@ before a policy reads them, so every rank derives the same direction and radius.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.confidence import direction_from_class_means
+from lpa_kernels.lpa.collectives import all_reduce_sum, world_size  # noqa: F401 (site.py imports them from here)
 from lpa_kernels.lpa.config import LPAConfig
 
 # A class whose radius policy gives 0 (absent, or exactly on the confidence threshold) gets this fraction
 # of eps instead, because the PGD ops require eps > 0; its direction is 0 there, so delta stays ~0.
 MIN_RADIUS_FRACTION = 1e-6
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` in place over the processes (a no-op in a single process)."""
-    if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,7 +30,7 @@ def class_stats_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, nu
     log_p_true = log_probs.detach().gather(1, labels[:, None].long())
     rows = torch.cat([torch.ones_like(log_p_true), log_p_true.exp(), -log_p_true], dim=1)
     stats = torch.zeros(num_classes, 3, dtype=rows.dtype, device=rows.device).index_add_(0, labels, rows).T.contiguous()
-    return all_reduce_sum(stats)
+    return all_reduce_sum(stats, "class statistics")
 
 
 def _named(direction, name: str) -> bool:
