@@ -43,6 +43,8 @@ from lpa_kernels.lpa import METHODS, LPAConfig, build_method
 from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_images, load, shot_groups
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
+from lpa_programs import checkpoint, distributed
+from lpa_programs.distributed import per_class_accuracy
 
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
 # CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. features.1 for the MLP's first hidden layer, features.stage2 for the ResNet")
     for name, kw in CONFIG_OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=CONFIG_DEFAULTS[name], **kw)
+    distributed.add_arguments(p)
+    checkpoint.add_arguments(p)
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write every figure to this JSON file (rewritten after each run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -130,16 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace) -> LPAConfig:
     return LPAConfig(backend=args.backend, **{name: getattr(args, name) for name in CONFIG_OPTIONS})
-
-
-@torch.no_grad()
-def per_class_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                       batch_size: int = 1024) -> list[float]:
-    model.eval()
-    pred = torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
-    correct = torch.bincount(y[pred == y], minlength=num_classes).double()
-    total = torch.bincount(y, minlength=num_classes).double().clamp_min(1)
-    return (100.0 * correct / total).tolist()
 
 
 def _sync(device: torch.device) -> None:
@@ -153,30 +147,29 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     torch.manual_seed(seed)
     model, method = build_run(data, method_name, args, device)
     config = method.config
+    ctx = distributed.context()
+    forward = distributed.wrap(method, ctx, args.fsdp, device)  # the training loss; DDP / FSDP2 under torchrun
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    n = len(y_train)
-    batch = min(args.batch_size, n)
-    steps_per_epoch = n // batch  # incomplete last batch dropped: no tiny batches for batch norm
-    total_steps = steps_per_epoch * args.epochs
+    batches = distributed.Batches(len(y_train), args.batch_size, seed, ctx)  # this rank's share of each global batch
+    total_steps = batches.steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(total_steps, 1))))
+    saver = checkpoint.Checkpointer(args, ctx, method_name, seed, model, method, optimizer, scheduler)
+    first_epoch, step_seconds = saver.restore()
 
-    step_seconds: list[float] = []
-    bar = tqdm(total=total_steps, desc=f"{method_name} seed {seed}", leave=False, dynamic_ncols=True,
-               disable=args.quiet or not sys.stderr.isatty())
-    for _ in range(args.epochs):
+    bar = tqdm(total=total_steps, initial=batches.steps_per_epoch * first_epoch, desc=f"{method_name} seed {seed}",
+               leave=False, dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty() or not ctx.is_main)
+    for epoch in range(first_epoch, args.epochs):
         model.train()
-        order = torch.randperm(n).to(device)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch:(b + 1) * batch]
+        for idx in batches.epoch(epoch, device):
             xb, yb = x_train[idx], y_train[idx]
             if data.is_image:
                 xb = augment_images(xb)
             _sync(device)
             start = time.perf_counter()
-            loss, _ = method.training_loss(xb, yb)
+            loss, _ = forward(xb, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward()
@@ -186,6 +179,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             scheduler.step()
             bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        saver.after_epoch(epoch + 1, step_seconds)
     bar.close()
 
     accuracy = per_class_accuracy(model, data.x_test.to(device), data.y_test.to(device), data.num_classes)
@@ -289,10 +283,16 @@ def _commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     parser = build_parser()
+    failed = True
     try:
-        return _main(parser, parser.parse_args(argv), argv)
+        args = parser.parse_args(argv)
+        with distributed.quiet_unless_main():
+            code = _main(parser, args, argv)
+        failed = False
+        return code
     finally:
         torch.set_num_threads(threads)  # main() may be called from other programs and tests
+        distributed.teardown(failed)
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -333,7 +333,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
 
 
 def write_report(args: argparse.Namespace, report: dict) -> None:
-    if args.json:
+    if args.json and distributed.context().is_main:
         write_json_atomically(args.json, report)
 
 
@@ -343,7 +343,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     """Check every option that argparse alone cannot, load the data and try one step of each method on a
     throwaway model, so that a mistake is reported now and not after hours of training."""
     args.method = list(dict.fromkeys(args.method))
-    device = check_device(parser, args.device)
+    device = distributed.setup(check_device(parser, args.device), args.dist_timeout)  # joins torchrun's group
+    problem = distributed.check_arguments(args) or distributed.agree(
+        checkpoint.check_arguments(args) if distributed.context().is_main else "")
+    if problem:
+        parser.error(problem)
     try:
         make_config(args)
     except ValueError as exc:

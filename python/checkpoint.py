@@ -1,0 +1,195 @@
+"""Checkpoints of ``lpa-train`` runs: ``--save-dir DIR --save-every N`` and ``--resume DIR|FILE``.
+
+A run (one method and seed) writes ``DIR/<method>-seed<seed>/epoch-NNNN.pt`` after every N-th epoch and
+after the last, keeps the newest ``--keep-last`` of them, and writes each through a temporary file in
+the same folder and a rename, so a job killed while saving leaves the previous checkpoints intact. One
+file holds everything the rest of the run depends on (``torch.load(path, weights_only=True)`` reads it):
+
+    format, run ({method, seed}), epoch (epochs completed), world_size, config (every lpa-train option
+    that shapes training), model (full state dict, also under FSDP2), method (``method.state_dict()``:
+    delta, policy state incl. loss_trend's running state, counters), optimizer (full, keyed by parameter
+    name), scheduler, sampler ({seed, epoch}: the next epoch's order), rng (each rank's torch generator
+    states), step_seconds (the step times so far, for the report)
+
+``--resume FILE`` continues the run that wrote FILE; ``--resume DIR`` continues every requested run
+from its newest checkpoint under DIR (a run without one starts from scratch). The options that shape
+training must equal the checkpoint's; the process count, device, backend, FSDP and output options may
+differ: the global batches do not depend on the number of processes, and the model, optimizer and
+method state are saved whole. Rank 0 reads the file and sends it to the other ranks, so the ranks need
+not share a file system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from lpa_programs.cli import check_writable, number
+from lpa_programs.distributed import Context
+
+FORMAT = "lpa-train checkpoint 1"
+# options that may differ between the run that wrote a checkpoint and the run that resumes it
+FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "json", "quiet", "save_dir", "save_every",
+                "keep_last", "resume", "fsdp", "dist_timeout")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-dir", default=None, metavar="DIR",
+                        help="write checkpoints to DIR/<method>-seed<seed>/epoch-NNNN.pt (with --save-every)")
+    parser.add_argument("--save-every", type=number(int, 1), default=None, metavar="N",
+                        help="checkpoint every N epochs and after the last")
+    parser.add_argument("--keep-last", type=number(int, 1), default=2, metavar="K", help="checkpoints kept per run")
+    parser.add_argument("--resume", default=None, metavar="DIR|FILE",
+                        help="continue from a checkpoint file, or each run from its newest checkpoint in DIR")
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def training_config(args: argparse.Namespace) -> dict:
+    """The options that shape a run's training: they must match on resume."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in FREE_OPTIONS}
+
+
+def read(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an lpa-train checkpoint")
+    return checkpoint
+
+
+def resume_file(resume: str | None, method: str, seed: int) -> Path | None:
+    """The checkpoint ``--resume`` names for the run ``(method, seed)``, if any."""
+    if resume is None:
+        return None
+    path = Path(resume).expanduser()
+    if path.is_file():
+        run = read(path)["run"]
+        return path if (run["method"], run["seed"]) == (method, seed) else None
+    found = sorted((path / run_name(method, seed)).glob("epoch-*.pt"))
+    return found[-1] if found else None
+
+
+def check_arguments(args: argparse.Namespace) -> str:
+    """Why the checkpoint options cannot be used ("" when they can); reads every checkpoint to resume
+    and compares its training options with this command's."""
+    if args.save_every is not None and args.save_dir is None:
+        return "argument --save-every: needs --save-dir"
+    if args.save_dir is not None:
+        if args.save_every is None:
+            return "argument --save-dir: needs --save-every N"
+        problem = check_writable(Path(args.save_dir) / "x.pt")
+        if problem:
+            return f"argument --save-dir: {problem}"
+    if args.resume is None:
+        return ""
+    path = Path(args.resume).expanduser()
+    if not path.exists():
+        return f"argument --resume: no such file or folder: {args.resume}"
+    runs = [(m, s) for m in args.method for s in args.seeds]
+    try:
+        if path.is_file() and tuple(read(path)["run"].values()) not in runs:
+            return f"argument --resume: {path} belongs to run {read(path)['run']}, not one of this command's"
+        for method, seed in runs:
+            found = resume_file(args.resume, method, seed)
+            if found is None:
+                continue
+            saved, mine = read(found)["config"], training_config(args)
+            differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+            if differ:
+                k = differ[0]
+                return (f"argument --resume: {found} was written with --{k.replace('_', '-')} {saved.get(k)}, "
+                        f"this command has {mine.get(k)} (the options that shape training must match)")
+            if read(found)["epoch"] > args.epochs:
+                return f"argument --resume: {found} is past epoch {args.epochs}"
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        return f"argument --resume: cannot read a checkpoint: {exc}"
+    return ""
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+class Checkpointer:
+    """Saves and restores one run's state (see the module docstring). Every rank calls every method:
+    gathering a sharded model or optimizer state is collective."""
+
+    def __init__(self, args: argparse.Namespace, ctx: Context, method_name: str, seed: int, model, method,
+                 optimizer, scheduler):
+        self.args, self.ctx, self.run = args, ctx, {"method": method_name, "seed": seed}
+        self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
+        self.folder = None if args.save_dir is None else Path(args.save_dir) / run_name(method_name, seed)
+
+    def restore(self) -> tuple[int, list[float]]:
+        """Load ``--resume``'s checkpoint of this run, if any: ``(epochs completed, step times so far)``."""
+        checkpoint = None
+        if self.ctx.is_main:
+            found = resume_file(self.args.resume, self.run["method"], self.run["seed"])
+            checkpoint = None if found is None else read(found)
+        if self.ctx.world > 1:
+            box = [checkpoint]
+            dist.broadcast_object_list(box, src=0)
+            checkpoint = box[0]
+        if checkpoint is None:
+            return 0, []
+        set_model_state_dict(self.model, checkpoint["model"], options=StateDictOptions(full_state_dict=True))
+        self.method.load_state_dict(checkpoint["method"])
+        set_optimizer_state_dict(self.model, self.optimizer, checkpoint["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if len(checkpoint["rng"]) == self.ctx.world:  # the same ranks: each takes its own generator back
+            rng = checkpoint["rng"][self.ctx.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return checkpoint["epoch"], list(checkpoint["step_seconds"])
+
+    def after_epoch(self, epoch: int, step_seconds: list[float]) -> None:
+        """Checkpoint after ``epoch`` completed epochs when ``--save-every`` says so, or at the last."""
+        if self.folder is None or not (epoch % self.args.save_every == 0 or epoch == self.args.epochs):
+            return
+        model = get_model_state_dict(self.model, options=_FULL)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        rng = [_rng_state()]
+        if self.ctx.world > 1:
+            rng = [None] * self.ctx.world
+            dist.all_gather_object(rng, _rng_state())
+        if not self.ctx.is_main:
+            return
+        checkpoint = {
+            "format": FORMAT, "run": self.run, "epoch": epoch, "world_size": self.ctx.world,
+            "config": training_config(self.args), "model": model,
+            "method": {k: v.cpu() for k, v in self.method.state_dict().items()}, "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(), "sampler": {"seed": self.run["seed"], "epoch": epoch},
+            "rng": rng, "step_seconds": list(step_seconds),
+        }
+        write_atomically(self.folder / f"epoch-{epoch:04d}.pt", checkpoint)
+        for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:
+            old.unlink()
+
+
+def write_atomically(path: Path, obj: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
