@@ -2,9 +2,11 @@
 
 Each of 3 training steps has a global batch of 8 samples; rank r trains on rows 4r..4r+3 and averages
 the weight gradients with an all-reduce (what DDP does). The controller all-reduces its class gradient
-(the gradient of the cross-entropy summed over the global batch) and the policy statistics.
+(the gradient of the cross-entropy summed over the global batch) and the policy statistics. A rank that
+catches an error and goes on with the next batch makes every rank raise ``CollectiveOrderError``.
 """
 
+import datetime
 import os
 import socket
 
@@ -14,6 +16,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.lpa.collectives import CollectiveOrderError
 from tests.lpa.models import NUM_CLASSES, mlp
 
 WORLD = 2
@@ -62,13 +65,36 @@ def _train(rows: slice, world: int) -> dict:
     return results
 
 
-def _worker(rank: int, port: int, out_dir: str):
+def _skip_a_step_on_rank_0(rank: int) -> str:
+    """Train 3 steps; rank 0's second call has a bad label, which it catches and goes on with the third
+    batch while rank 1 is still at the second. What the rank's training ended with."""
+    x, y = _data()
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=CONFIGS["single-pass"][1])
+    rows = slice(4 * rank, 4 * rank + 4)
+    for step in range(3):
+        labels = y[step, rows].clone()
+        if rank == 0 and step == 1:
+            labels[0] = NUM_CLASSES
+        try:
+            loss, _ = method.training_loss(x[step, rows], labels)
+        except ValueError:
+            continue
+        except CollectiveOrderError as error:
+            return f"CollectiveOrderError at step {step}: {error}"
+        loss.backward()
+        method.after_backward()
+    return "finished"
+
+
+def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a bound on every collective: a guard that failed to fire would end the test, not hang it
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         per_rank = 8 // WORLD
-        torch.save(_train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD), os.path.join(out_dir, f"{rank}.pt"))
+        result = _train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD) if task == "train" else _skip_a_step_on_rank_0(rank)
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
         # Neither rank tears its process group down while the other may still be in a collective: once
         # (CI, 2026-11-30) a rank aborted in gloo at exit ("terminate called without an active exception").
         dist.barrier()
@@ -91,3 +117,13 @@ def test_two_process_delta_is_identical_across_ranks_and_equals_one_process(tmp_
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key}: ranks hold different deltas"
         assert torch.allclose(ranks[0][key], expected, rtol=1e-9, atol=1e-12), \
             f"{key}: two processes differ from one process on the concatenated batch"
+
+
+def test_a_rank_that_skips_a_step_makes_every_rank_raise_collective_order_error(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "skip"), nprocs=WORLD, join=True)
+    outcomes = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    # rank 0 is at its 3rd training call (the 2nd raised) while rank 1 is at its 2nd
+    assert outcomes[0].startswith("CollectiveOrderError at step 2: "), outcomes[0]
+    assert outcomes[1].startswith("CollectiveOrderError at step 1: "), outcomes[1]
+    for outcome in outcomes:
+        assert "rank 0: call 3, all-reduce 1" in outcome and "rank 1: call 2, all-reduce 1" in outcome

@@ -1,0 +1,115 @@
+"""The method's state in state dicts: what standard checkpoint code saves, restores and refuses."""
+
+import io
+
+import pytest
+import torch
+
+from lpa_kernels.lpa import LPAConfig, build_method
+from tests.lpa.models import NUM_CLASSES, batch, mlp
+
+CONFIG = LPAConfig(steps=0, lpl_steps=0, direction="loss_trend")
+
+
+def trained(steps: int = 2, seed: int = 0):
+    """An lpa+lpl method (loss_trend policy) after ``steps`` training steps, with its optimizer."""
+    torch.manual_seed(seed)
+    method = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+    optimizer = torch.optim.SGD(method.model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        train_step(method, optimizer, step)
+    return method, optimizer
+
+
+def train_step(method, optimizer, step: int):
+    x, y = batch(seed=step)
+    loss, _ = method.as_module()(x, y)
+    optimizer.zero_grad()
+    loss.backward()
+    method.after_backward()
+    optimizer.step()
+
+
+def round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_module_state_dict_holds_delta_policy_state_and_counters():
+    method, _ = trained()
+    state = method.as_module().state_dict()
+    lpa_keys = {k for k in state if k.startswith("lpa_state.")}
+    assert lpa_keys == {"lpa_state.counters." + c for c in ("lower_forwards", "upper_forwards", "training_steps", "pgd_steps")} | {
+        f"lpa_state.{site}.{name}" for site in ("lpa", "lpl")
+        for name in ("delta", "skipped_updates", "loss_ema", "fall_ema", "skipped_statistics")}
+    assert torch.equal(state["lpa_state.lpa.delta"], method.delta)
+    assert torch.equal(state["lpa_state.lpl.fall_ema"], method.lpl.policy.fall_ema)
+    assert int(state["lpa_state.counters.training_steps"]) == 2
+    assert state["lpa_state.lpa.delta"].abs().sum() > 0
+    assert set(method.state_dict()) == {k.removeprefix("lpa_state.") for k in lpa_keys}
+
+
+def test_standard_checkpoint_code_restores_a_run_that_continues_bitwise():
+    original, optimizer = trained()
+    saved = round_trip({"module": original.as_module().state_dict(), "optimizer": optimizer.state_dict()})
+    restored = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)  # no delta yet
+    restored.as_module().load_state_dict(saved["module"])
+    restored_optimizer = torch.optim.SGD(restored.model.parameters(), lr=0.1, momentum=0.9)
+    restored_optimizer.load_state_dict(saved["optimizer"])
+    assert restored.stats() == original.stats()
+    for step in (2, 3):
+        train_step(original, optimizer, step)
+        train_step(restored, restored_optimizer, step)
+    for key, value in original.as_module().state_dict().items():
+        assert torch.equal(restored.as_module().state_dict()[key], value), key
+
+
+def _snapshot(method):
+    return {k: v.clone() for k, v in method.as_module().state_dict().items()}
+
+
+def _assert_unchanged(method, before):
+    after = method.as_module().state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=f"{key} changed")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update({"lpa_state.lpa.delta": torch.zeros(NUM_CLASSES, 9, dtype=torch.float64)}),
+     r"'lpa_state.lpa.delta' has shape \(4, 9\), expected \(4, 7\) \(K=4 classes x the per-class shape \(7,\)\)"),
+    (lambda s: s.update({"lpa_state.lpl.delta": torch.zeros(3, 4, dtype=torch.float64)}),
+     r"'lpa_state.lpl.delta' has shape \(3, 4\), expected \(4, 4\)"),
+    (lambda s: s.update({"lpa_state.lpa.loss_ema": torch.zeros(5, dtype=torch.float64)}),
+     r"'lpa_state.lpa.loss_ema' has shape \(5,\), expected \(4,\) \(one value per class, K=4\)"),
+    (lambda s: s.update({"lpa_state.lpa.skipped_updates": torch.tensor(1.0)}), "expected an integer dtype"),
+    (lambda s: s.pop("lpa_state.lpl.fall_ema"), "missing key.*'lpa_state.lpl.fall_ema'"),
+    (lambda s: s.update({"lpa_state.lpa.momentum": torch.zeros(4)}), "unexpected key 'lpa_state.lpa.momentum'"),
+    (lambda s: s.update({"model.0.weight": torch.zeros(9, 5, dtype=torch.float64)}),
+     r"'model.0.weight' has shape \(9, 5\), expected \(9, 6\)"),
+    (lambda s: s.update({"delta": torch.zeros(4, 7)}), "unexpected key.*'delta'"),
+])
+def test_a_mismatched_state_names_the_key_and_expected_shape_and_changes_nothing(edit, message):
+    target, _ = trained(seed=1)
+    before = _snapshot(target)
+    state = trained()[0].as_module().state_dict()
+    edit(state)
+    with pytest.raises(ValueError, match=message):
+        target.as_module().load_state_dict(state)
+    _assert_unchanged(target, before)
+
+
+def test_a_fresh_method_takes_a_saved_delta_on_the_models_device_and_a_baseline_only_counters():
+    source, _ = trained()
+    fresh = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+    with pytest.raises(ValueError, match=r"'lpa.delta' has shape \(3, 7\), expected \(4, \.\.\.\)"):
+        fresh.load_state_dict({**source.state_dict(), "lpa.delta": torch.zeros(3, 7, dtype=torch.float64)})
+    assert fresh.delta is None, "a rejected state created delta"
+    fresh.load_state_dict(source.state_dict())
+    assert torch.equal(fresh.delta, source.delta) and fresh.delta.device == next(fresh.model.parameters()).device
+    erm = build_method("erm", mlp(), NUM_CLASSES, layer="3")
+    assert set(erm.state_dict()) == {f"counters.{c}" for c in ("lower_forwards", "upper_forwards", "training_steps", "pgd_steps")}
+    with pytest.raises(ValueError, match="unexpected key 'lpa.delta' in the state of method 'erm'"):
+        erm.load_state_dict(source.state_dict())

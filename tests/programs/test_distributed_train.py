@@ -1,0 +1,96 @@
+"""``lpa-train`` under torchrun (2 gloo processes on the CPU), its checkpoints and resuming them.
+
+One module fixture trains the same LPA run (T = 3 autograd PGD, 4 epochs, checkpoints every epoch) four
+ways: one process from scratch (A), two DDP processes from scratch (B), one process resumed from B's
+epoch-2 checkpoint (C: 2 -> 1 processes), two FSDP2 processes resumed from A's epoch-2 checkpoint (D:
+1 -> 2 processes). A checkpoint left after epoch 2 is exactly what a run stopped there leaves.
+
+Tolerance: the ranks sum gradients in another order than one process does, so float32 results differ
+by rounding: weights and delta agree to ``TOLERANCE`` (largest difference measured on 2026-11-30:
+1.5e-7 after 2 epochs, 7e-7 after 4).
+On one process a resumed run is bitwise the uninterrupted one.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lpa_programs.train import main
+
+EPOCHS = 4
+TOLERANCE = 1e-5
+RUN = ["--dataset", "synthetic-lt", "--seeds", "0", "--epochs", str(EPOCHS), "--width", "16", "--head", "never",
+       "--quiet", "--save-every", "1", "--keep-last", "4"]
+TORCHRUN_TIMEOUT_S = 240
+
+
+def torchrun(*args: str, timeout: float = TORCHRUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint(folder, epoch: int, method: str = "lpa") -> dict:
+    return torch.load(folder / f"{method}-seed0" / f"epoch-{epoch:04d}.pt", weights_only=True)
+
+
+def assert_same_training(got: dict, expected: dict, tolerance: float) -> None:
+    for part in ("model", "method"):
+        assert sorted(got[part]) == sorted(expected[part])
+        for key, value in expected[part].items():
+            torch.testing.assert_close(got[part][key], value, rtol=0, atol=tolerance, msg=f"{part} {key}")
+    assert got["epoch"] == expected["epoch"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(root / "A")]) == 0
+    done = torchrun("-m", "lpa_programs.train", "--method", "lpa", "mixup", *RUN, "--save-dir", str(root / "B"),
+                    "--json", str(root / "B.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = root / "B-stopped" / "lpa-seed0"  # --resume DIR: the newest checkpoint of each run in DIR
+    stopped.mkdir(parents=True)
+    shutil.copy(root / "B" / "lpa-seed0" / "epoch-0002.pt", stopped)
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(root / "C"), "--resume", str(stopped.parent)]) == 0
+    done = torchrun("-m", "lpa_programs.train", "--method", "lpa", *RUN, "--fsdp", "--save-dir", str(root / "D"),
+                    "--resume", str(root / "A" / "lpa-seed0" / "epoch-0002.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_two_processes_train_like_one_on_the_same_global_batches(runs):
+    for epoch in (2, EPOCHS):
+        assert_same_training(checkpoint(runs / "B", epoch), checkpoint(runs / "A", epoch), TOLERANCE)
+    report = json.loads((runs / "B.json").read_text())
+    assert report["finished"] and [r["method"] for r in report["runs"]] == ["lpa", "mixup"]
+    assert checkpoint(runs / "B", EPOCHS)["world_size"] == 2
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one_and_of_one_on_two_with_fsdp(runs):
+    assert_same_training(checkpoint(runs / "C", EPOCHS), checkpoint(runs / "A", EPOCHS), TOLERANCE)
+    assert_same_training(checkpoint(runs / "D", EPOCHS), checkpoint(runs / "A", EPOCHS), TOLERANCE)
+    assert not (runs / "C" / "lpa-seed0" / "epoch-0002.pt").exists(), "a resumed run rewrote an epoch it did not train"
+
+
+def test_resumed_after_epoch_2_equals_the_uninterrupted_run_bitwise_on_one_process(runs, tmp_path):
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(tmp_path),
+                 "--resume", str(runs / "A" / "lpa-seed0" / "epoch-0002.pt")]) == 0
+    resumed, uninterrupted = checkpoint(tmp_path, EPOCHS), checkpoint(runs / "A", EPOCHS)
+    assert_same_training(resumed, uninterrupted, tolerance=0)
+    for key in ("optimizer", "scheduler"):
+        assert str(resumed[key]) == str(uninterrupted[key]), key
+
+
+def test_a_rank_that_raises_ends_every_rank_with_the_error(tmp_path):
+    start = time.monotonic()
+    # rank 1's 10th training call (the 1st is lpa-train's check step) gets a label out of range
+    done = torchrun("-m", "tests.programs.faulty_rank", "1", "10", "--method", "lpa", *RUN[:-4],
+                    timeout=TORCHRUN_TIMEOUT_S)
+    assert done.returncode != 0
+    assert time.monotonic() - start < TORCHRUN_TIMEOUT_S
+    assert "labels must lie in [0, 10)" in done.stderr
