@@ -22,7 +22,6 @@ not share a file system.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from lpa_programs.cli import check_writable, number
-from lpa_programs.distributed import Context
+from lpa_programs.cli import check_writable, number, write_atomically
+from lpa_programs.distributed import Context, sync_buffers
 
 FORMAT = "lpa-train checkpoint 1"
 # options that may differ between the run that wrote a checkpoint and the run that resumes it
@@ -157,7 +156,9 @@ class Checkpointer:
         return checkpoint["epoch"], list(checkpoint["step_seconds"])
 
     def after_epoch(self, epoch: int, step_seconds: list[float]) -> None:
-        """Checkpoint after ``epoch`` completed epochs when ``--save-every`` says so, or at the last."""
+        """At the end of every epoch: rank 0's buffers to every rank (``sync_buffers``), and a checkpoint
+        after ``epoch`` completed epochs when ``--save-every`` says so, or after the last."""
+        sync_buffers(self.model)
         if self.folder is None or not (epoch % self.args.save_every == 0 or epoch == self.args.epochs):
             return
         model = get_model_state_dict(self.model, options=_FULL)
@@ -175,21 +176,6 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(), "sampler": {"seed": self.run["seed"], "epoch": epoch},
             "rng": rng, "step_seconds": list(step_seconds),
         }
-        write_atomically(self.folder / f"epoch-{epoch:04d}.pt", checkpoint)
+        write_atomically(self.folder / f"epoch-{epoch:04d}.pt", lambda f: torch.save(checkpoint, f))
         for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:
             old.unlink()
-
-
-def write_atomically(path: Path, obj: dict) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, Callable, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,21 +34,28 @@ def number(kind: type, minimum: float, strict: bool = False):
     return parse
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a run cut
-    short leaves the last complete file, never half of one. The file gets the usual permissions
-    (0666 less the umask, 0644 by default): a temporary-file helper would leave it 0600."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` with ``write(file)`` through a temporary file in the same folder, flushed to disk,
+    and a rename, so a run cut short leaves the last complete file, never half of one. The file gets
+    the usual permissions (0666 less the umask, 0644 by default): a temporary-file helper would leave it 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """``write_atomically`` of ``text`` (UTF-8)."""
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json_atomically(path: str | Path, data: object) -> None:

@@ -15,6 +15,9 @@ What every rank does, so that N processes train like one on the same global batc
 - The model's gradients are averaged by ``DistributedDataParallel`` around ``method.as_module()`` (or
   reduce-scattered by FSDP2 with ``--fsdp``); LPA's class gradients and statistics are summed by the
   method itself, so every rank keeps the same delta and policy state.
+- BatchNorm statistics are each rank's own during an epoch (as under DDP; SyncBatchNorm is not
+  used) and rank 0's at its end (``sync_buffers``). So a model with BatchNorm does not train exactly like
+  one process on the global batch; a model without does, up to float rounding.
 - Evaluation: each rank scores every N-th test sample and the per-class counts are summed.
 - Rank 0 alone prints, writes ``--json`` and checkpoints; the other ranks' standard output is discarded.
 """
@@ -166,6 +169,16 @@ def wrap(method, ctx: Context, fsdp: bool, device: torch.device) -> nn.Module:
     if ctx.world == 1:
         return module
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank updates them from its
+    own batches (DDP copies rank 0's at the start of every forward, FSDP2 never): called at the end of
+    every epoch, so the evaluated and checkpointed model is the same on every rank."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()

@@ -78,8 +78,10 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_and_of_one_on_two_with_fsd
 
 
 def test_resumed_after_epoch_2_equals_the_uninterrupted_run_bitwise_on_one_process(runs, tmp_path):
-    assert main(["--method", "lpa", *RUN, "--save-dir", str(tmp_path),
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(tmp_path), "--keep-last", "1",
                  "--resume", str(runs / "A" / "lpa-seed0" / "epoch-0002.pt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "lpa-seed0").iterdir()) == [f"epoch-{EPOCHS:04d}.pt"], \
+        "--keep-last 1 kept more, or a temporary file was left"
     resumed, uninterrupted = checkpoint(tmp_path, EPOCHS), checkpoint(runs / "A", EPOCHS)
     assert_same_training(resumed, uninterrupted, tolerance=0)
     for key in ("optimizer", "scheduler"):
@@ -94,3 +96,21 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error(tmp_path):
     assert done.returncode != 0
     assert time.monotonic() - start < TORCHRUN_TIMEOUT_S
     assert "labels must lie in [0, 10)" in done.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--save-every", "1"], "argument --save-every: needs --save-dir"),
+    (["--save-dir", "{tmp}/out"], "argument --save-dir: needs --save-every N"),
+    (["--resume", "{tmp}/nowhere"], "argument --resume: no such file or folder"),
+    (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--lr", "0.1"],
+     "was written with --lr 0.05, this command has 0.1 (the options that shape training must match)"),
+    (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--method", "erm"], "belongs to run {'method': 'lpa', 'seed': 0}"),
+    (["--fsdp"], "argument --fsdp: needs several processes"),
+])
+def test_checkpoint_and_distributed_mistakes_exit_2_with_one_line(runs, tmp_path, capsys, options, message):
+    options = [o.format(tmp=tmp_path, A=runs / "A") for o in options]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "lpa", *RUN[:-4], *options])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
