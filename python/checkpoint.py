@@ -9,7 +9,8 @@ file holds everything the rest of the run depends on (``torch.load(path, weights
     that shapes training), model (full state dict, also under FSDP2), method (``method.state_dict()``:
     delta, policy state incl. loss_trend's running state, counters), optimizer (full, keyed by parameter
     name), scheduler, sampler ({seed, epoch}: the next epoch's order), rng (each rank's torch generator
-    states), step_seconds (the step times so far, for the report)
+    states; the next epoch reseeds them anyway), progress (what the report needs from the epochs done,
+    e.g. the step times)
 
 ``--resume FILE`` continues the run that wrote FILE; ``--resume DIR`` continues every requested run
 from its newest checkpoint under DIR (a run without one starts from scratch). The options that shape
@@ -131,8 +132,9 @@ class Checkpointer:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
         self.folder = None if args.save_dir is None else Path(args.save_dir) / run_name(method_name, seed)
 
-    def restore(self) -> tuple[int, list[float]]:
-        """Load ``--resume``'s checkpoint of this run, if any: ``(epochs completed, step times so far)``."""
+    def restore(self) -> tuple[int, dict]:
+        """Load ``--resume``'s checkpoint of this run, if any: ``(epochs completed, progress)`` (the
+        ``progress`` given to ``after_epoch``; ``(0, {})`` without a checkpoint)."""
         checkpoint = None
         if self.ctx.is_main:
             found = resume_file(self.args.resume, self.run["method"], self.run["seed"])
@@ -142,7 +144,7 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0)
             checkpoint = box[0]
         if checkpoint is None:
-            return 0, []
+            return 0, {}
         set_model_state_dict(self.model, checkpoint["model"], options=StateDictOptions(full_state_dict=True))
         self.method.load_state_dict(checkpoint["method"])
         set_optimizer_state_dict(self.model, self.optimizer, checkpoint["optimizer"],
@@ -153,11 +155,12 @@ class Checkpointer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        return checkpoint["epoch"], list(checkpoint["step_seconds"])
+        return checkpoint["epoch"], checkpoint["progress"]
 
-    def after_epoch(self, epoch: int, step_seconds: list[float]) -> None:
+    def after_epoch(self, epoch: int, progress: dict) -> None:
         """At the end of every epoch: rank 0's buffers to every rank (``sync_buffers``), and a checkpoint
-        after ``epoch`` completed epochs when ``--save-every`` says so, or after the last."""
+        after ``epoch`` completed epochs when ``--save-every`` says so, or after the last. ``progress``:
+        lists and numbers the run's report needs from the epochs so far (saved as they are)."""
         sync_buffers(self.model)
         if self.folder is None or not (epoch % self.args.save_every == 0 or epoch == self.args.epochs):
             return
@@ -174,7 +177,7 @@ class Checkpointer:
             "config": training_config(self.args), "model": model,
             "method": {k: v.cpu() for k, v in self.method.state_dict().items()}, "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(), "sampler": {"seed": self.run["seed"], "epoch": epoch},
-            "rng": rng, "step_seconds": list(step_seconds),
+            "rng": rng, "progress": progress,
         }
         write_atomically(self.folder / f"epoch-{epoch:04d}.pt", lambda f: torch.save(checkpoint, f))
         for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:

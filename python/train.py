@@ -157,7 +157,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(total_steps, 1))))
     saver = checkpoint.Checkpointer(args, ctx, method_name, seed, model, method, optimizer, scheduler)
-    first_epoch, step_seconds = saver.restore()
+    first_epoch, progress = saver.restore()
+    step_seconds: list[float] = progress.get("step_seconds", [])
 
     bar = tqdm(total=total_steps, initial=batches.steps_per_epoch * first_epoch, desc=f"{method_name} seed {seed}",
                leave=False, dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty() or not ctx.is_main)
@@ -179,7 +180,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             scheduler.step()
             bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        saver.after_epoch(epoch + 1, step_seconds)
+        saver.after_epoch(epoch + 1, {"step_seconds": step_seconds})
     bar.close()
 
     accuracy = per_class_accuracy(model, data.x_test.to(device), data.y_test.to(device), data.num_classes)
