@@ -35,8 +35,8 @@ from lpa_programs.distributed import Context, sync_buffers
 
 FORMAT = "lpa-train checkpoint 1"
 # options that may differ between the run that wrote a checkpoint and the run that resumes it
-FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "json", "quiet", "save_dir", "save_every",
-                "keep_last", "resume", "fsdp", "dist_timeout")
+FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "data_dir", "shot_rule", "json", "quiet",
+                "save_dir", "save_every", "keep_last", "resume", "fsdp", "dist_timeout")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -60,7 +60,13 @@ def training_config(args: argparse.Namespace) -> dict:
 
 
 def read(path: Path) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint in ``path``; ``ValueError`` if it is not one (``OSError`` if it cannot be read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch raises many kinds for a file it cannot parse (KeyError for text)
+        raise ValueError(f"{path} is not a file torch.save wrote ({type(exc).__name__})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not an lpa-train checkpoint")
     return checkpoint
@@ -96,8 +102,10 @@ def check_arguments(args: argparse.Namespace) -> str:
         return f"argument --resume: no such file or folder: {args.resume}"
     runs = [(m, s) for m in args.method for s in args.seeds]
     try:
-        if path.is_file() and tuple(read(path)["run"].values()) not in runs:
-            return f"argument --resume: {path} belongs to run {read(path)['run']}, not one of this command's"
+        if path.is_file():
+            run = read(path)["run"]
+            if (run["method"], run["seed"]) not in runs:
+                return f"argument --resume: {path} belongs to run {run}, not one of this command's"
         for method, seed in runs:
             found = resume_file(args.resume, method, seed)
             if found is None:
@@ -108,9 +116,7 @@ def check_arguments(args: argparse.Namespace) -> str:
                 k = differ[0]
                 return (f"argument --resume: {found} was written with --{k.replace('_', '-')} {saved.get(k)}, "
                         f"this command has {mine.get(k)} (the options that shape training must match)")
-            if read(found)["epoch"] > args.epochs:
-                return f"argument --resume: {found} is past epoch {args.epochs}"
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         return f"argument --resume: cannot read a checkpoint: {exc}"
     return ""
 

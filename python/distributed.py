@@ -40,6 +40,9 @@ from lpa_kernels.lpa.collectives import world_size
 from lpa_programs.cli import number
 
 
+_owned = {"group": False}  # whether the process group is one that ``setup`` created
+
+
 @dataclass(frozen=True)
 class Context:
     """This process's place in the job: ``rank`` of ``world`` processes (1 without torchrun)."""
@@ -66,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> str:
     """Why the distributed options cannot be used in this job ("" when they can)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if args.fsdp and world == 1:
         return "argument --fsdp: needs several processes (torchrun --nproc_per_node N ...)"
     if args.batch_size % world:
@@ -74,21 +77,22 @@ def check_arguments(args: argparse.Namespace) -> str:
     return ""
 
 
-def launched() -> bool:
-    """Whether torchrun (or another launcher that sets ``WORLD_SIZE``) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def launched_world() -> int:
+    """The number of processes torchrun (or another launcher that sets ``WORLD_SIZE``) started; 1 without."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def setup(device: torch.device, timeout_s: float) -> torch.device:
     """Join the process group described by the environment (see ``context()``); returns this rank's
     device: ``cuda:LOCAL_RANK`` for CUDA. ``timeout_s`` bounds every collective, so a rank that stops
     answering fails the others."""
-    if not launched():
+    if launched_world() == 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        _owned["group"] = True
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
@@ -107,8 +111,9 @@ def agree(message: str) -> str:
 def teardown(failed: bool) -> None:
     """Leave the process group: after a barrier when all went well (no rank tears down while another is
     still in a collective); at once after an error (the peers then fail instead of waiting)."""
-    if not dist.is_initialized():
-        return
+    if not (_owned["group"] and dist.is_initialized()):
+        return  # a process group lpa-train did not create (a caller's) is left to its owner
+    _owned["group"] = False
     if not failed:
         dist.barrier()
     dist.destroy_process_group()

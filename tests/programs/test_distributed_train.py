@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ TORCHRUN_TIMEOUT_S = 240
 
 def torchrun(*args: str, timeout: float = TORCHRUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    # from the repository root, where ``-m tests.programs.faulty_rank`` is found
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[2])
 
 
 def checkpoint(folder, epoch: int, method: str = "lpa") -> dict:
@@ -102,12 +104,14 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error(tmp_path):
     (["--save-every", "1"], "argument --save-every: needs --save-dir"),
     (["--save-dir", "{tmp}/out"], "argument --save-dir: needs --save-every N"),
     (["--resume", "{tmp}/nowhere"], "argument --resume: no such file or folder"),
+    (["--resume", "{tmp}/junk.pt"], "junk.pt is not a file torch.save wrote"),
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--lr", "0.1"],
      "was written with --lr 0.05, this command has 0.1 (the options that shape training must match)"),
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--method", "erm"], "belongs to run {'method': 'lpa', 'seed': 0}"),
     (["--fsdp"], "argument --fsdp: needs several processes"),
 ])
 def test_checkpoint_and_distributed_mistakes_exit_2_with_one_line(runs, tmp_path, capsys, options, message):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
     options = [o.format(tmp=tmp_path, A=runs / "A") for o in options]
     with pytest.raises(SystemExit) as exit_info:
         main(["--method", "lpa", *RUN[:-4], *options])
