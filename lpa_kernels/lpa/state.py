@@ -15,7 +15,9 @@ Delta is created at the first training batch (its shape ``P`` comes from the lay
 the "loss_trend" state at the first observed batch, so before then those entries are absent, and
 loading creates them. That is why these entries are written and read by this module's state-dict hooks
 (``_save_to_state_dict`` / ``_load_from_state_dict``, the extension points torch's own modules use)
-rather than held as registered buffers: a buffer cannot exist before its shape is known.
+rather than held as registered buffers: a buffer cannot exist before its shape is known, and the
+counters are the method's plain integers. Each entry is also an attribute along its key
+(``as_module().lpa_state.lpa.delta``), as tools that map keys to tensors through attributes expect.
 
 Loading is strict: every key is checked (unknown, missing, shape or dtype kind) before any state
 changes, and a mismatch raises ``ValueError`` naming the key and the shape expected (``K`` and the
@@ -124,12 +126,37 @@ def _model_device(method) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
+class _Group(nn.Module):
+    """The entries ``<group>.<name>`` as attributes (``lpa_state.lpa.delta``), so that tools which walk a
+    state-dict key through attributes (``torch.distributed.checkpoint.state_dict``) find them. It holds
+    nothing itself: ``MethodState`` writes and reads every entry."""
+
+    def __init__(self, method, group: str):
+        super().__init__()
+        self._method, self._group = method, group
+
+    def __getattr__(self, name: str):
+        if not name.startswith("_"):
+            value = state_tensors(self._method).get(f"{self._group}.{name}")
+            if value is not None:
+                return value
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        pass
+
+
 class MethodState(nn.Module):
     """The method's state as entries of an enclosing module's state dict (see the module docstring)."""
 
     def __init__(self, method):
         super().__init__()
         self._method = method  # not a module: stays out of children(), so the model is not listed twice
+        for group in ("counters",) + tuple(_sites(method)):
+            self.add_module(group, _Group(method, group))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for key, value in state_tensors(self._method).items():

@@ -113,3 +113,17 @@ def test_a_fresh_method_takes_a_saved_delta_on_the_models_device_and_a_baseline_
     assert set(erm.state_dict()) == {f"counters.{c}" for c in ("lower_forwards", "upper_forwards", "training_steps", "pgd_steps")}
     with pytest.raises(ValueError, match="unexpected key 'lpa.delta' in the state of method 'erm'"):
         erm.load_state_dict(source.state_dict())
+
+
+def test_torch_distributed_checkpoint_state_dict_functions_keep_it_too():
+    # the checkpoint code of FSDP2 users: keys are mapped to tensors through attributes
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    original, _ = trained()
+    state = get_model_state_dict(original.as_module(), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert torch.equal(state["lpa_state.lpl.delta"], original.logit_delta)
+    assert original.as_module().lpa_state.lpa.fall_ema is original.lpa.policy.fall_ema
+    restored = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+    set_model_state_dict(restored.as_module(), round_trip(state))
+    for key, value in original.as_module().state_dict().items():
+        assert torch.equal(restored.as_module().state_dict()[key], value), key
