@@ -5,8 +5,8 @@ after the last, keeps the newest ``--keep-last`` of them, and writes each throug
 the same folder and a rename, so a job killed while saving leaves the previous checkpoints intact. One
 file holds everything the rest of the run depends on (``torch.load(path, weights_only=True)`` reads it):
 
-    format, run ({method, seed}), epoch (epochs completed), world_size, config (every lpa-train option
-    that shapes training), model (full state dict, also under FSDP2), method (``method.state_dict()``:
+    format, run ({method, seed}), epoch (epochs completed), world_size, args (every lpa-train option),
+    config (the options that shape training), lpa_config (the method's LPAConfig as a dict), model (full state dict, also under FSDP2), method (``method.state_dict()``:
     delta, policy state incl. loss_trend's running state, counters), optimizer (full, keyed by parameter
     name), scheduler, sampler ({seed, epoch}: the next epoch's order), rng (each rank's torch generator
     states; the next epoch reseeds them anyway), progress (what the report needs from the epochs done,
@@ -23,6 +23,7 @@ not share a file system.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -180,7 +181,8 @@ class Checkpointer:
             return
         checkpoint = {
             "format": FORMAT, "run": self.run, "epoch": epoch, "world_size": self.ctx.world,
-            "config": training_config(self.args), "model": model,
+            "args": vars(self.args), "config": training_config(self.args),
+            "lpa_config": dataclasses.asdict(self.method.config), "model": model,
             "method": {k: v.cpu() for k, v in self.method.state_dict().items()}, "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(), "sampler": {"seed": self.run["seed"], "epoch": epoch},
             "rng": rng, "progress": progress,

@@ -70,7 +70,11 @@ def test_two_processes_train_like_one_on_the_same_global_batches(runs):
         assert_same_training(checkpoint(runs / "B", epoch), checkpoint(runs / "A", epoch), TOLERANCE)
     report = json.loads((runs / "B.json").read_text())
     assert report["finished"] and [r["method"] for r in report["runs"]] == ["lpa", "mixup"]
-    assert checkpoint(runs / "B", EPOCHS)["world_size"] == 2
+    saved = checkpoint(runs / "B", EPOCHS)
+    assert saved["world_size"] == 2 and len(saved["rng"]) == 2, "every rank's RNG state"
+    assert {"model", "method", "optimizer", "scheduler", "sampler", "args", "config", "lpa_config", "progress"} <= set(saved)
+    assert saved["sampler"] == {"seed": 0, "epoch": EPOCHS} and len(saved["progress"]["step_seconds"]) == saved["method"][
+        "counters.training_steps"], "the step times of every epoch"
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one_and_of_one_on_two_with_fsdp(runs):
