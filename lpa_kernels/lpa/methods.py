@@ -190,21 +190,7 @@ class _TrainingLoss(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` after checking every key (unknown, missing with ``strict``, or of
         the wrong shape: ``ValueError`` naming the key and the shape expected) before anything changes."""
-        prefix = "lpa_state."
-        unknown = [k for k in state_dict if not k.startswith(("model.", prefix))]
-        if unknown:
-            raise ValueError(f"unexpected key(s) {', '.join(map(repr, unknown[:10]))}: keys start with 'model.' or {prefix!r}")
-        _state.check_state(self._method, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
-                           strict, prefix)
-        weights = {k: v.shape for k, v in self.model.state_dict(prefix="model.").items()}
-        for key, value in state_dict.items():
-            if key.startswith("model.") and key not in weights:
-                raise ValueError(f"unexpected key {key!r}: the model has no such parameter or buffer")
-            if key in weights and isinstance(value, torch.Tensor) and value.shape != weights[key]:
-                raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(weights[key])}")
-        missing = [k for k in weights if k not in state_dict]
-        if strict and missing:
-            raise ValueError(f"missing key(s) {', '.join(map(repr, missing[:10]))} for the model")
+        _state.check_module_state(self._method, state_dict, strict)
         return super().load_state_dict(state_dict, strict, assign)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+PREFIX = "lpa_state."  # where ``method.as_module()`` keeps these entries
 SITES = ("lpa", "lpl")
 COUNTERS = ("lower_forwards", "upper_forwards", "training_steps", "pgd_steps")
 _TREND = ("loss_ema", "fall_ema")
@@ -98,6 +99,24 @@ def check_state(method, state: dict, strict: bool = True, prefix: str = "") -> N
         missing = [prefix + name for name in state_tensors(method) if name not in state]
         if missing:
             raise ValueError(f"missing key(s) {', '.join(map(repr, missing))} in the state of method {method.name!r}")
+
+
+def check_module_state(method, state_dict: dict, strict: bool = True) -> None:
+    """``check_state`` for the state dict of ``method.as_module()``: the method's entries under
+    ``lpa_state.``, the model's under ``model.`` (unknown keys, shapes, and with ``strict`` missing keys)."""
+    unknown = [k for k in state_dict if not k.startswith(("model.", PREFIX))]
+    if unknown:
+        raise ValueError(f"unexpected key(s) {', '.join(map(repr, unknown[:10]))}: keys start with 'model.' or {PREFIX!r}")
+    check_state(method, {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}, strict, PREFIX)
+    weights = {k: v.shape for k, v in method.model.state_dict(prefix="model.").items()}
+    for key, value in state_dict.items():
+        if key.startswith("model.") and key not in weights:
+            raise ValueError(f"unexpected key {key!r}: the model has no such parameter or buffer")
+        if key in weights and isinstance(value, torch.Tensor) and value.shape != weights[key]:
+            raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(weights[key])}")
+    missing = [k for k in weights if k not in state_dict]
+    if strict and missing:
+        raise ValueError(f"missing key(s) {', '.join(map(repr, missing[:10]))} for the model")
 
 
 def load_state(method, state: dict, strict: bool = True) -> None:
