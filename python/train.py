@@ -14,8 +14,8 @@ CPU time; LPA's settings are LPAConfig's defaults). Examples::
 Every option and setting is checked before any training: a mistake exits with status 2 and one
 ``lpa-train: error: ...`` line. ``--json PATH`` writes one object, rewritten after every run (so a
 failure late in a long job loses nothing): ``command``, ``date``, ``commit``, ``args`` (every option),
-``device``, ``dataset`` (``name``, ``num_classes``, ``train_counts``, ``test_counts``, ``shot_rule``,
-``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
+``device``, ``processes`` (1, or the number torchrun started), ``dataset`` (``name``, ``num_classes``,
+``train_counts``, ``test_counts``, ``shot_rule``, ``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
 ``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``sec_per_step``
 (median), ``train_seconds``, ``steps``, ``config``, ``stats`` (``method.stats()``), ``pgd_path``) and
 ``summary`` (per method: ``mean``/``std``/``n`` of each figure over the seeds, the mean of each
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="many/medium/few split: >100 / 20..100 / <20 training samples, or count terciles; "
                         "auto = thresholds when each group has at least max(2, K/10) classes")
     p.add_argument("--epochs", type=number(int, 1), default=60, help="passes over the training set")
-    p.add_argument("--batch-size", type=number(int, 1), default=64, help="training batch size")
+    p.add_argument("--batch-size", type=number(int, 1), default=64,
+                   help="training batch size (the global batch: split over the processes under torchrun)")
     p.add_argument("--lr", type=number(float, 0, strict=True), default=0.05,
                    help="SGD (Nesterov momentum 0.9) learning rate, cosine decay")
     p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay")
@@ -306,6 +307,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         "commit": _commit(),
         "args": vars(args),
         "device": str(device),
+        "processes": distributed.context().world,
         "dataset": {"name": data.name, "num_classes": data.num_classes, "train_counts": data.train_counts,
                     "test_counts": data.test_counts, "shot_rule": rule, "groups": groups},
         "finished": False,
