@@ -69,7 +69,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(runs):
     for epoch in (2, EPOCHS):
         assert_same_training(checkpoint(runs / "B", epoch), checkpoint(runs / "A", epoch), TOLERANCE)
     report = json.loads((runs / "B.json").read_text())
-    assert report["finished"] and [r["method"] for r in report["runs"]] == ["lpa", "mixup"]
+    assert report["finished"] and report["processes"] == 2 and [r["method"] for r in report["runs"]] == ["lpa", "mixup"]
     saved = checkpoint(runs / "B", EPOCHS)
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2, "every rank's RNG state"
     assert {"model", "method", "optimizer", "scheduler", "sampler", "args", "config", "lpa_config", "progress"} <= set(saved)
