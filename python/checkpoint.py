@@ -14,7 +14,7 @@ file holds everything the rest of the run depends on (``torch.load(path, weights
 
 ``--resume FILE`` continues the run that wrote FILE; ``--resume DIR`` continues every requested run
 from its newest checkpoint under DIR (a run without one starts from scratch). The options that shape
-training must equal the checkpoint's; the process count, device, backend, FSDP and output options may
+training must equal the checkpoint's (those both versions of lpa-train have); the process count, device, backend, FSDP and output options may
 differ: the global batches do not depend on the number of processes, and the model, optimizer and
 method state are saved whole. Rank 0 reads the file and sends it to the other ranks, so the ranks need
 not share a file system.
@@ -112,7 +112,8 @@ def check_arguments(args: argparse.Namespace) -> str:
             if found is None:
                 continue
             saved, mine = read(found)["config"], training_config(args)
-            differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+            # an option one of the two versions of lpa-train lacks is not compared
+            differ = [k for k in sorted(set(saved) & set(mine)) if saved[k] != mine[k]]
             if differ:
                 k = differ[0]
                 return (f"argument --resume: {found} was written with --{k.replace('_', '-')} {saved.get(k)}, "

@@ -3,7 +3,7 @@
 One module fixture trains the same LPA run (T = 3 autograd PGD, 4 epochs, checkpoints every epoch) four
 ways: one process from scratch (A), two DDP processes from scratch (B), one process resumed from B's
 epoch-2 checkpoint (C: 2 -> 1 processes), two FSDP2 processes resumed from A's epoch-2 checkpoint (D:
-1 -> 2 processes). A checkpoint left after epoch 2 is exactly what a run stopped there leaves.
+1 -> 2 processes), one process resumed from D's epoch-3 checkpoint (E: FSDP2 -> plain). A checkpoint left after epoch 2 is exactly what a run stopped there leaves.
 
 Tolerance: the ranks sum gradients in another order than one process does, so float32 results differ
 by rounding: weights and delta agree to ``TOLERANCE`` (largest difference measured on 2026-11-30:
@@ -62,6 +62,8 @@ def runs(tmp_path_factory):
     done = torchrun("-m", "lpa_programs.train", "--method", "lpa", *RUN, "--fsdp", "--save-dir", str(root / "D"),
                     "--resume", str(root / "A" / "lpa-seed0" / "epoch-0002.pt"))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(root / "E"),
+                 "--resume", str(root / "D" / "lpa-seed0" / "epoch-0003.pt")]) == 0
     return root
 
 
@@ -77,9 +79,10 @@ def test_two_processes_train_like_one_on_the_same_global_batches(runs):
         "counters.training_steps"], "the step times of every epoch"
 
 
-def test_a_checkpoint_of_two_processes_resumes_on_one_and_of_one_on_two_with_fsdp(runs):
+def test_a_checkpoint_of_two_processes_resumes_on_one_and_of_one_on_two_with_fsdp_and_back(runs):
     assert_same_training(checkpoint(runs / "C", EPOCHS), checkpoint(runs / "A", EPOCHS), TOLERANCE)
     assert_same_training(checkpoint(runs / "D", EPOCHS), checkpoint(runs / "A", EPOCHS), TOLERANCE)
+    assert_same_training(checkpoint(runs / "E", EPOCHS), checkpoint(runs / "A", EPOCHS), TOLERANCE)
     assert not (runs / "C" / "lpa-seed0" / "epoch-0002.pt").exists(), "a resumed run rewrote an epoch it did not train"
 
 
