@@ -1,15 +1,14 @@
 """``lpa-train`` under torchrun (2 gloo processes on the CPU), its checkpoints and resuming them.
 
-One module fixture trains the same LPA run (T = 3 autograd PGD, 4 epochs, checkpoints every epoch) four
+One module fixture trains the same LPA run (T = 3 autograd PGD, 4 epochs, checkpoints every epoch) five
 ways: one process from scratch (A), two DDP processes from scratch (B), one process resumed from B's
 epoch-2 checkpoint (C: 2 -> 1 processes), two FSDP2 processes resumed from A's epoch-2 checkpoint (D:
-1 -> 2 processes), one process resumed from D's epoch-3 checkpoint (E: FSDP2 -> plain). A checkpoint left after epoch 2 is exactly what a run stopped there leaves.
+1 -> 2 processes), one process resumed from D's epoch-3 checkpoint (E: FSDP2 -> plain). A checkpoint
+left after epoch 2 is exactly what a run stopped there leaves.
 
 Tolerance: the ranks sum gradients in another order than one process does, so float32 results differ
 by rounding: weights and delta agree to ``TOLERANCE`` (largest difference measured on 2026-11-30:
-1.5e-7 after 2 epochs, 7e-7 after 4).
-On one process a resumed run is bitwise the uninterrupted one.
-"""
+1.5e-7 after 2 epochs, 7e-7 after 4). On one process a resumed run is bitwise the uninterrupted one."""
 
 import json
 import shutil
