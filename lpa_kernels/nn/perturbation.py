@@ -23,10 +23,12 @@ class ClassPerturbation(nn.Module):
     """Holds ``delta (K, *shape)`` as a buffer and applies ``perturb(h, labels, delta, mode)`` in training.
 
     ``shape`` is broadcastable to one sample's features ``F`` (full ``F``, channel-wise ``(C, 1, 1)`` or
-    last-dim ``(1, .., D)``). In training the forward uses a fresh leaf view of delta that requires grad,
-    so the training backward leaves the class gradient on it (the fused backward computes it alongside
-    ``grad_h``); ``step()`` then applies one ``pgd_step_`` (single-pass LPA). In eval mode, or when no
-    labels are given, the forward is the identity.
+    last-dim ``(1, .., D)``). In training the forward perturbs with a leaf view of delta that requires
+    grad (made when delta is made or moved, never inside the forward, so the module compiles with
+    ``torch.compile(fullgraph=True)``); the training backward leaves the class gradient on it (the fused
+    backward computes it alongside ``grad_h``), the backwards of several forwards before one ``step`` sum
+    there (gradient accumulation), and ``step()`` applies one ``pgd_step_`` (single-pass LPA) and clears
+    it. In eval mode, or when no labels are given, the forward is the identity.
     """
 
     def __init__(
@@ -52,18 +54,24 @@ class ClassPerturbation(nn.Module):
         self.direction = _checks.check_per_class("direction", direction, num_classes, positive=False)
         self.backend = backend
         self.register_buffer("delta", torch.zeros((num_classes, *shape), dtype=dtype, device=device))
-        self._live: torch.Tensor | None = None
+        self._live = self._leaf()
+
+    def _leaf(self) -> torch.Tensor:
+        return self.delta.detach().requires_grad_(True)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.double() may give delta new storage: the leaf follows it
+        result = super()._apply(fn, recurse)
+        self._live = self._leaf()
+        return result
 
     @property
     def num_classes(self) -> int:
         return self.delta.shape[0]
 
     def live_delta(self) -> torch.Tensor:
-        """The delta a training forward should use: a leaf sharing delta's storage that collects the class
-        gradient when grad is enabled (kept for ``step``), else ``delta`` detached."""
-        if not torch.is_grad_enabled():
-            return self.delta.detach()
-        self._live = self.delta.detach().requires_grad_(True)
+        """The delta a training forward uses: the leaf sharing delta's storage that collects the class
+        gradient for ``step`` (a graph input under ``torch.compile``, not a tensor made in the graph)."""
         return self._live
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,12 +86,12 @@ class ClassPerturbation(nn.Module):
         eps: float | torch.Tensor | None = None,
         direction: float | torch.Tensor | None = None,
     ) -> bool:
-        """One PGD step on delta from ``grad (K, *shape)`` (default: the class gradient the last training
-        backward left). Arguments left None take the module's settings. Returns False (and changes
-        nothing) when there is no gradient, e.g. no backward ran since the last forward."""
+        """One PGD step on delta from ``grad (K, *shape)`` (default: the class gradient the training
+        backwards since the last step left). Arguments left None take the module's settings. Returns False
+        (and changes nothing) when there is no gradient, e.g. no backward ran since the last step."""
         if grad is None:
-            grad = None if self._live is None else self._live.grad
-        self._live = None
+            grad = self._live.grad
+        self._live.grad = None
         if grad is None:
             return False
         pgd_step_(
@@ -96,10 +104,10 @@ class ClassPerturbation(nn.Module):
         return True
 
     def reset(self) -> None:
-        """Set every class's perturbation back to zero."""
+        """Set every class's perturbation back to zero and drop a pending class gradient."""
         with torch.no_grad():
             self.delta.zero_()
-        self._live = None
+        self._live.grad = None
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, shape={tuple(self.delta.shape[1:])}, mode={self.mode}, norm={self.norm}"
