@@ -214,7 +214,10 @@ class Adversarial(Method):
     name = "adv"
 
     def _features(self, h, extras, y, preview=False):
-        probe = h.detach().requires_grad_(True)
+        # the probe is h itself when it is already in a graph (the training forward): differentiating only
+        # w.r.t. h leaves the lower network's graph alone, and no requires_grad_() tensor is made, which
+        # torch.compile(fullgraph=True) refuses to let flow into the returned loss
+        probe = h if h.requires_grad else h.detach().requires_grad_(True)
         detached = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
         with frozen_batchnorm_stats(self._norm_scope), torch.enable_grad():
             loss = F.cross_entropy(self._upper(probe, detached), y)
