@@ -2,6 +2,13 @@
 
 Each check raises ``ValueError`` (or ``TypeError`` for a wrong dtype) naming the argument and what was
 expected, before any kernel runs, so a rejected call changes nothing.
+
+Mixed dtypes (a documented cast, not an error; ``tests/test_dtype_rules.py``): ``delta`` may have any of
+the four float dtypes whatever dtype ``h``/``x`` has, and ``pgd_step_``'s ``grad`` any of them whatever
+``delta`` has. The ops compute in float32 (float64 when the activations, or for ``perturb`` and the PGD
+steps any operand, are float64); each result comes back in the dtype of what it stands for: ``h~`` and
+``out`` in the activations' dtype, ``grad_delta`` and the updated ``delta`` in delta's dtype. The fused
+head (``head_pgd_``) rounds the perturbed activations to ``h``'s dtype, as ``perturb`` + ``F.linear`` would.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def head_pgd_(
     """``steps`` PGD steps on ``delta (K, D)`` in place, for ``logits = perturb(h, y, delta) @ W.T + b``
     with summed cross-entropy. ``h (B, D)``, ``weight (K, D)``, ``bias (K,)`` or None. ``direction``
     is a float, a ``(K,)`` tensor or ``"confidence"`` (LPL's rule from the first step's softmax).
-    Returns ``delta``."""
+    ``delta`` may have another float dtype than ``h``; the perturbed activations are rounded to h's
+    dtype as ``perturb`` does, delta keeps its own (the rule in ``lpa_kernels._checks``). Returns ``delta``."""
     _checks.check_float("h", h)
     _checks.check_float("weight", weight)
     if bias is not None:

@@ -161,7 +161,8 @@ def linear_perturb(
     ``delta (K, out)``; returns ``(B, out)`` or ``(B, T, out)`` in ``x.dtype`` (the autocast dtype inside
     an autocast region). ``activation`` is one of ``none``, ``relu``, ``gelu``, ``gelu_tanh``, ``silu``.
     Differentiable in x, weight, bias and delta. With mixed x/weight dtypes the GEMM runs in their
-    promoted dtype.
+    promoted dtype. ``delta`` may have another float dtype than x: its gradient, accumulated in float32
+    (float64 for float64 x), comes back in delta's dtype (the rule in ``lpa_kernels._checks``).
     """
     backend = _check_linear_perturb_args(x, weight, bias, labels, delta, activation, mode, backend)
     x, weight, bias = _autocast(x, weight, bias)

@@ -115,6 +115,8 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
     ``h (B, *F)``, ``labels (B,)`` int32/int64 in ``[0, K)``, ``delta (K, *P)`` with ``P`` broadcastable to
     ``F``. ``mode="add"``: ``h + delta[y]``; ``mode="scale"``: ``h * (1 + delta[y])``. Differentiable in
     ``h`` and ``delta`` (the fast backends compute both gradients in one pass over ``grad_out``).
+    ``delta`` may have another float dtype than ``h`` (the rule in ``lpa_kernels._checks``): the result
+    and ``grad_h`` have h's dtype, ``grad_delta`` delta's.
     """
     return _dispatch_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend))
 
