@@ -141,8 +141,9 @@ def check_per_class(name: str, value: object, num_classes: int, positive: bool, 
 
 def _memory_span(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
     """``(device, first byte, end byte)`` of the memory ``t`` reads or writes, or None when it has none
-    (empty, on the meta device, or a tensor without storage such as torch.compile's fake tensors)."""
-    if t.numel() == 0 or t.device.type == "meta":
+    (empty, on the meta device, or a tensor without storage such as torch.compile's fake tensors, which
+    Dynamo traces without a data pointer: the check then happens at no point, as the value checks)."""
+    if t.numel() == 0 or t.device.type == "meta" or _compiling():
         return None
     try:
         start = t.data_ptr()
