@@ -49,20 +49,34 @@ def _triton_import_error() -> str:
     return ""
 
 
-# The CPU interpreter of triton 3.6 cannot run a loop whose bounds are loaded from memory (the per-class
-# reductions do that; compiled kernels on a GPU are fine with it). 3.9 is the interpreter the tests use.
+# The versions pyproject.toml asks for, checked again at first use because pip cannot tell which one a
+# machine needs (another package may also have swapped triton since). Compiled kernels (GPU): 3.6, the
+# oldest release they are compiled and tested with. The CPU interpreter of triton 3.6 cannot run a loop
+# whose bounds are loaded from memory (the per-class reductions do that): 3.9, the interpreter the tests use.
+MIN_COMPILED_VERSION = (3, 6)
 MIN_INTERPRETER_VERSION = (3, 9)
+
+
+def _too_old(minimum: tuple[int, int], use: str, why: str) -> str:
+    """Why the installed triton is older than ``minimum`` for ``use`` ("" when it is not)."""
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if version < minimum:
+        wanted = ".".join(map(str, minimum))
+        return f"triton {triton.__version__} is too old {use} ({why}); install triton>={wanted}"
+    return ""
 
 
 @_computed_once
 def _old_interpreter_reason() -> str:
-    import triton
+    return _too_old(MIN_INTERPRETER_VERSION, "for TRITON_INTERPRET=1",
+                    "its CPU interpreter cannot run the loops with loaded bounds these kernels use")
 
-    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    if version < MIN_INTERPRETER_VERSION:
-        wanted = ".".join(map(str, MIN_INTERPRETER_VERSION))
-        return f"the CPU interpreter of triton {triton.__version__} cannot run these kernels (loops with loaded bounds); use triton>={wanted} for TRITON_INTERPRET=1"
-    return ""
+
+@_computed_once
+def _old_compiler_reason() -> str:
+    return _too_old(MIN_COMPILED_VERSION, "for the GPU kernels", "they are compiled and tested with 3.6 and later")
 
 
 def _triton_reason(device: torch.device | None) -> str:
@@ -72,7 +86,7 @@ def _triton_reason(device: torch.device | None) -> str:
         return reason
     if device is None:
         if torch.cuda.is_available():
-            return ""
+            return _old_compiler_reason()
         return _old_interpreter_reason() if interpreting() else "no CUDA GPU and TRITON_INTERPRET is not 1"
     if device.type == "cpu":
         if not interpreting():
@@ -81,7 +95,7 @@ def _triton_reason(device: torch.device | None) -> str:
     if device.type == "cuda":
         if interpreting():
             return "TRITON_INTERPRET=1 runs kernels on CPU tensors only; unset it for CUDA tensors"
-        return ""
+        return _old_compiler_reason()
     return f"Triton kernels do not run on device type {device.type!r}"
 
 

@@ -123,11 +123,25 @@ def test_triton_interpreter_older_than_3_9_is_refused_with_the_reason(monkeypatc
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     backend._old_interpreter_reason.cache_clear()
     try:
-        with pytest.raises(ValueError, match=r"triton 3\.6\.0.*triton>=3\.9"):
+        with pytest.raises(ValueError, match=r"triton 3\.6\.0 is too old for TRITON_INTERPRET=1 .*; install triton>=3\.9"):
             backend.resolve("triton", CPU)
     finally:
         monkeypatch.undo()
         backend._old_interpreter_reason.cache_clear()
+
+
+def test_triton_older_than_3_6_is_refused_for_gpu_tensors_with_the_reason(monkeypatch):
+    import triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    backend._old_compiler_reason.cache_clear()
+    try:
+        reason = backend._triton_reason(torch.device("cuda"))
+    finally:
+        monkeypatch.undo()
+        backend._old_compiler_reason.cache_clear()
+    assert reason.startswith("triton 3.5.1 is too old for the GPU kernels") and reason.endswith("install triton>=3.6")
 
 
 @pytest.mark.skipif(not interpreting() or bool(_old_interpreter_reason()),
