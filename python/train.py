@@ -16,7 +16,8 @@ Every option and setting is checked before any training: a mistake exits with st
 failure late in a long job loses nothing): ``command``, ``date``, ``commit``, ``args`` (every option),
 ``device``, ``processes`` (1, or the number torchrun started), ``dataset`` (``name``, ``num_classes``,
 ``train_counts``, ``test_counts``, ``shot_rule``, ``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
-``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``sec_per_step``
+``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``epochs`` (with
+``--plot``: per epoch ``train_loss`` and ``test_accuracy``, else empty), ``sec_per_step``
 (median), ``train_seconds``, ``steps``, ``config``, ``stats`` (``method.stats()``), ``pgd_path``) and
 ``summary`` (per method: ``mean``/``std``/``n`` of each figure over the seeds, the mean of each
 ``stats`` count and ``pgd_path``).
@@ -45,6 +46,7 @@ from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
 from lpa_programs import checkpoint, distributed
 from lpa_programs.distributed import per_class_accuracy
+from lpa_programs.plot import EpochLog, check_option as check_plot_option, write as write_plot
 
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
 # CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_arguments(p)
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write every figure to this JSON file (rewritten after each run)")
+    p.add_argument("--plot", default=None, metavar="PATH", help="draw per-class accuracy by method (grouped many/"
+                   "medium/few) and per-epoch test accuracy and loss into this PNG (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -161,6 +165,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     first_epoch, progress = saver.restore()
     step_seconds: list[float] = progress.get("step_seconds", [])
 
+    epoch_log = EpochLog(data, device, progress.get("epochs", [])) if args.plot else None
     bar = tqdm(total=total_steps, initial=batches.steps_per_epoch * first_epoch, desc=f"{method_name} seed {seed}",
                leave=False, dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty() or not ctx.is_main)
     for epoch in range(first_epoch, args.epochs):
@@ -180,8 +185,13 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             step_seconds.append(time.perf_counter() - start)
             scheduler.step()
             bar.update()
+            if epoch_log:
+                epoch_log.add(loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        saver.after_epoch(epoch + 1, {"step_seconds": step_seconds})
+        if epoch_log:
+            epoch_log.end_epoch(model)
+        saver.after_epoch(epoch + 1, {"step_seconds": step_seconds,
+                                      "epochs": epoch_log.rows if epoch_log else []})
     bar.close()
 
     accuracy = per_class_accuracy(model, data.x_test.to(device), data.y_test.to(device), data.num_classes)
@@ -192,6 +202,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
         result[name] = statistics.fmean(accuracy[c] for c in classes) if classes else float("nan")
     result.update(
         per_class=accuracy,
+        epochs=epoch_log.rows if epoch_log else [],
         sec_per_step=statistics.median(step_seconds) if step_seconds else float("nan"),
         train_seconds=sum(step_seconds),
         steps=len(step_seconds),
@@ -332,6 +343,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     write_report(args, report)
     if args.json:
         print(f"wrote {args.json}")
+    if args.plot and distributed.context().is_main:
+        write_plot(args.plot, report)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -361,6 +375,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         parser.error(f"argument --backend: {exc}")
     if args.json and check_writable(args.json):
         parser.error(f"argument --json: {check_writable(args.json)}")
+    check_plot_option(parser, args)
     data = check_data(parser, args)
     if args.threads or not data.is_image:
         torch.set_num_threads(args.threads or 1)

@@ -1,0 +1,109 @@
+"""``lpa-train --plot PATH``: one PNG of a finished report (the ``--json`` object).
+
+Left: test accuracy per class for each method (mean over seeds), the classes ordered from the most to
+the fewest training samples and shaded by shot group (many / medium / few). Right: per epoch, the test
+accuracy and the mean training loss of each method (mean over seeds), from ``EpochLog``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+
+import torch
+
+from lpa_programs.cli import check_writable
+from lpa_programs.data import Dataset
+from lpa_programs.distributed import per_class_accuracy
+
+GROUP_SHADES = {"many": "#dbe9f6", "medium": "#fbe5c8", "few": "#f6d5d5"}
+
+
+def check_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any training: matplotlib is importable and PATH writable (one error line, exit 2)."""
+    if args.plot is None:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("argument --plot: needs matplotlib, which is not installed: pip install 'lpa_kernels[bench]' "
+                     "(or pip install matplotlib)")
+    if check_writable(args.plot):
+        parser.error(f"argument --plot: {check_writable(args.plot)}")
+
+
+class EpochLog:
+    """Per-epoch figures of one run: ``add(loss)`` after every training step (no host read), ``end_epoch
+    (model)`` after each epoch: the epoch's mean training loss (this process's batches) and the overall
+    test accuracy in % (the whole test set, summed over processes under torchrun). ``rows``: the epochs
+    so far, starting from those a resumed checkpoint carried."""
+
+    def __init__(self, data: Dataset, device: torch.device, rows: list[dict]):
+        self.data, self.x_test, self.y_test = data, data.x_test.to(device), data.y_test.to(device)
+        self.rows = list(rows)
+        self._loss_sum, self._steps = 0.0, 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._loss_sum = self._loss_sum + loss.detach()
+        self._steps += 1
+
+    @torch.no_grad()
+    def end_epoch(self, model: torch.nn.Module) -> None:
+        accuracy = per_class_accuracy(model, self.x_test, self.y_test, self.data.num_classes)  # leaves eval mode
+        model.train()
+        counts = self.data.test_counts
+        overall = sum(a * c for a, c in zip(accuracy, counts)) / max(sum(counts), 1)
+        loss = float(self._loss_sum) / self._steps if self._steps else float("nan")
+        self.rows.append({"train_loss": loss, "test_accuracy": overall})
+        self._loss_sum, self._steps = 0.0, 0
+
+
+def _mean_by_method(runs: list[dict], value) -> dict[str, list[float]]:
+    """Per method, the elementwise mean over its seeds of the list ``value(run)``."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        series = [value(r) for r in runs if r["method"] == method]
+        out[method] = [statistics.fmean(column) for column in zip(*series)]
+    return out
+
+
+def write(path: str, report: dict) -> None:
+    """Draw ``report`` (``lpa-train``'s JSON object, runs with ``per_class`` and ``epochs``) into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs, dataset = report["runs"], report["dataset"]
+    order = sorted(range(dataset["num_classes"]), key=lambda c: -dataset["train_counts"][c])
+    per_class = _mean_by_method(runs, lambda r: r["per_class"])
+    fig, (classes_ax, accuracy_ax, loss_ax) = plt.subplots(
+        1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]}, layout="constrained")
+
+    position = {c: i for i, c in enumerate(order)}
+    for group, members in dataset["groups"].items():
+        for c in members:
+            classes_ax.axvspan(position[c] - 0.5, position[c] + 0.5, color=GROUP_SHADES.get(group, "#eeeeee"), lw=0)
+        if members:
+            middle = statistics.fmean(position[c] for c in members)
+            classes_ax.text(middle, 1.01, group, ha="center", va="bottom", transform=classes_ax.get_xaxis_transform())
+    width = 0.8 / max(len(per_class), 1)
+    for i, (method, accuracy) in enumerate(per_class.items()):
+        classes_ax.bar([position[c] - 0.4 + (i + 0.5) * width for c in order], [accuracy[c] for c in order],
+                       width, label=method)
+    classes_ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+    classes_ax.set_xlim(-0.5, len(order) - 0.5)
+    classes_ax.set_xlabel("class (most to fewest training samples)")
+    classes_ax.set_ylabel("test accuracy (%)")
+    classes_ax.legend(fontsize=8, loc="lower left")
+
+    for ax, key, label in ((accuracy_ax, "test_accuracy", "test accuracy (%)"), (loss_ax, "train_loss", "training loss")):
+        for method, curve in _mean_by_method(runs, lambda r: [e[key] for e in r["epochs"]]).items():
+            ax.plot(range(1, len(curve) + 1), curve, label=method)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{dataset['name']}: mean over seeds {sorted({r['seed'] for r in runs})}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

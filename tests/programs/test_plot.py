@@ -1,0 +1,45 @@
+"""``lpa-train --plot PATH``: the PNG is written from a real run, the JSON carries the per-epoch curves it
+draws, and a missing matplotlib or an unwritable path is a one-line error before any training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lpa_programs.train import main
+
+TINY = ["--epochs", "2", "--batch-size", "64", "--quiet", "--width", "16", "--dataset", "digits-lt"]
+
+
+def test_plot_writes_a_png_with_per_class_bars_and_per_epoch_curves(tmp_path, capsys):
+    png, out = tmp_path / "runs.png", tmp_path / "out.json"
+    assert main([*TINY, "--method", "erm", "lpa", "--seeds", "0", "1", "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"wrote {png}" in capsys.readouterr().out
+    for run in json.loads(out.read_text())["runs"]:
+        assert len(run["epochs"]) == 2, "one point per epoch"
+        for point in run["epochs"]:
+            assert 0 <= point["test_accuracy"] <= 100 and point["train_loss"] > 0
+        # the last epoch's test accuracy is the run's overall accuracy (same model, same test set)
+        assert run["epochs"][-1]["test_accuracy"] == pytest.approx(run["overall"])
+
+
+def _no_training(*_args, **_kw):
+    raise AssertionError("training started before --plot was checked")
+
+
+@pytest.mark.parametrize("missing_matplotlib", [True, False], ids=["no-matplotlib", "unwritable"])
+def test_plot_problems_are_one_line_errors_before_training(monkeypatch, capsys, tmp_path, missing_matplotlib):
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    target = tmp_path / "out.png"
+    if missing_matplotlib:
+        real = __import__("importlib.util").util.find_spec
+        monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    else:
+        target = tmp_path  # a folder
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--plot", str(target)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert ("needs matplotlib" if missing_matplotlib else "is a folder") in err, err
