@@ -10,7 +10,7 @@ import torch
 from lpa_kernels.lpa import LPAConfig, build_method
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
-STEPS, INJECT_EVERY, BATCH = 200, 50, 32
+STEPS, INJECT_EVERY, BATCH = 500, 50, 32  # issue 17's run: 500 steps, an Inf input every 50
 # name -> (method, layer, config): single pass and T = 3 carried, at an inner layer ("1") and at the
 # layer feeding the classifier ("4", where T-step runs the fused head path), plus LPL and loss_trend
 CASES = {
@@ -30,6 +30,16 @@ def teacher_batch(step: int, size: int = BATCH):
     weights = torch.randn(6, NUM_CLASSES, generator=teacher, dtype=torch.float64)
     x = torch.randn(size, 6, generator=gen, dtype=torch.float64)
     return x, (x @ weights).argmax(dim=1)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny MLP's steps gain nothing from threads; on a loaded 2-core machine, torch's spinning worker
+    threads made the 500-step runs ~10x slower (5 min for the six cases vs ~20 s with one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(case: str, inject: bool):
@@ -57,7 +67,7 @@ def train(case: str, inject: bool):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_inf_inputs_every_50_steps_leave_delta_finite_and_accuracy_as_clean(case):
+def test_inf_inputs_every_50_steps_leave_delta_finite_and_accuracy_as_clean(case, one_thread):
     method, accuracy = train(case, inject=True)
     _, clean_accuracy = train(case, inject=False)
     for name, delta in (("delta", method.delta), ("logit_delta", method.logit_delta)):
@@ -72,7 +82,7 @@ def test_inf_inputs_every_50_steps_leave_delta_finite_and_accuracy_as_clean(case
     if policy.tracks_loss:
         assert torch.isfinite(policy.fall_ema).all() and torch.isfinite(policy.loss_ema[~policy.loss_ema.isnan()]).all()
         assert stats["skipped_class_statistics"] >= injections
-    # 4 of 200 optimizer steps skipped: the same accuracy up to noise
+    # 10 of 500 optimizer steps skipped: the same accuracy up to noise
     assert clean_accuracy > 0.5, f"{case}: the clean run did not learn ({clean_accuracy:.2f})"
     assert abs(accuracy - clean_accuracy) <= 0.05, f"{case}: accuracy {accuracy:.3f} vs clean {clean_accuracy:.3f}"
 
