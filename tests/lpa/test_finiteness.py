@@ -82,9 +82,11 @@ def test_inf_inputs_every_50_steps_leave_delta_finite_and_accuracy_as_clean(case
     if policy.tracks_loss:
         assert torch.isfinite(policy.fall_ema).all() and torch.isfinite(policy.loss_ema[~policy.loss_ema.isnan()]).all()
         assert stats["skipped_class_statistics"] >= injections
-    # 10 of 500 optimizer steps skipped: the same accuracy up to noise
+    # 10 of 500 optimizer steps skipped: the same accuracy up to noise. The noise, measured: clean runs of
+    # the inner-layer cases from init seeds 0-3 spread over 0.05-0.09 (e.g. T0-inner 0.880 .. 0.931), and
+    # the injected runs land inside it (T0-inner 0.929 vs 0.880 clean at seed 0); a ruined run is ~0.25
     assert clean_accuracy > 0.5, f"{case}: the clean run did not learn ({clean_accuracy:.2f})"
-    assert abs(accuracy - clean_accuracy) <= 0.05, f"{case}: accuracy {accuracy:.3f} vs clean {clean_accuracy:.3f}"
+    assert abs(accuracy - clean_accuracy) <= 0.08, f"{case}: accuracy {accuracy:.3f} vs clean {clean_accuracy:.3f}"
 
 
 @pytest.mark.parametrize("steps", [0, 2])
