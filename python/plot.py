@@ -33,7 +33,7 @@ def check_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 class EpochLog:
     """Per-epoch figures of one run: ``add(loss)`` after every training step (no host read), ``end_epoch
-    (model)`` after each epoch: the epoch's mean training loss (this process's batches) and the overall
+    (model, epoch)`` after each epoch (numbered from 1): the epoch's mean training loss (this process's batches) and the overall
     test accuracy in % (the whole test set, summed over processes under torchrun). ``rows``: the epochs
     so far, starting from those a resumed checkpoint carried."""
 
@@ -47,22 +47,36 @@ class EpochLog:
         self._steps += 1
 
     @torch.no_grad()
-    def end_epoch(self, model: torch.nn.Module) -> None:
+    def end_epoch(self, model: torch.nn.Module, epoch: int) -> None:
         accuracy = per_class_accuracy(model, self.x_test, self.y_test, self.data.num_classes)  # leaves eval mode
         model.train()
         counts = self.data.test_counts
         overall = sum(a * c for a, c in zip(accuracy, counts)) / max(sum(counts), 1)
         loss = float(self._loss_sum) / self._steps if self._steps else float("nan")
-        self.rows.append({"train_loss": loss, "test_accuracy": overall})
+        self.rows.append({"epoch": epoch, "train_loss": loss, "test_accuracy": overall})
         self._loss_sum, self._steps = 0.0, 0
 
 
-def _mean_by_method(runs: list[dict], value) -> dict[str, list[float]]:
-    """Per method, the elementwise mean over its seeds of the list ``value(run)``."""
+def _per_class_means(runs: list[dict]) -> dict[str, list[float]]:
+    """Per method, each class's test accuracy averaged over the method's seeds."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in runs):
-        series = [value(r) for r in runs if r["method"] == method]
+        series = [r["per_class"] for r in runs if r["method"] == method]
         out[method] = [statistics.fmean(column) for column in zip(*series)]
+    return out
+
+
+def _epoch_means(runs: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per method, ``(epochs, mean of key over the seeds that logged that epoch)`` (a run resumed from a
+    checkpoint written without ``--plot`` has no figures for its earlier epochs)."""
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        by_epoch: dict[int, list[float]] = {}
+        for run in (r for r in runs if r["method"] == method):
+            for row in run["epochs"]:
+                by_epoch.setdefault(row["epoch"], []).append(row[key])
+        epochs = sorted(by_epoch)
+        out[method] = (epochs, [statistics.fmean(by_epoch[e]) for e in epochs])
     return out
 
 
@@ -76,7 +90,7 @@ def write(path: str, report: dict) -> None:
 
     runs, dataset = report["runs"], report["dataset"]
     order = sorted(range(dataset["num_classes"]), key=lambda c: -dataset["train_counts"][c])
-    per_class = _mean_by_method(runs, lambda r: r["per_class"])
+    per_class = _per_class_means(runs)
     fig, (classes_ax, accuracy_ax, loss_ax) = plt.subplots(
         1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]}, layout="constrained")
 
@@ -98,8 +112,8 @@ def write(path: str, report: dict) -> None:
     classes_ax.legend(fontsize=8, loc="lower left")
 
     for ax, key, label in ((accuracy_ax, "test_accuracy", "test accuracy (%)"), (loss_ax, "train_loss", "training loss")):
-        for method, curve in _mean_by_method(runs, lambda r: [e[key] for e in r["epochs"]]).items():
-            ax.plot(range(1, len(curve) + 1), curve, label=method)
+        for method, (epochs, curve) in _epoch_means(runs, key).items():
+            ax.plot(epochs, curve, marker="." if len(epochs) < 30 else None, label=method)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

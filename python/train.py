@@ -17,7 +17,7 @@ failure late in a long job loses nothing): ``command``, ``date``, ``commit``, ``
 ``device``, ``processes`` (1, or the number torchrun started), ``dataset`` (``name``, ``num_classes``,
 ``train_counts``, ``test_counts``, ``shot_rule``, ``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
 ``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``epochs`` (with
-``--plot``: per epoch ``train_loss`` and ``test_accuracy``, else empty), ``sec_per_step``
+``--plot``: per epoch ``epoch``, ``train_loss``, ``test_accuracy``, else empty), ``sec_per_step``
 (median), ``train_seconds``, ``steps``, ``config``, ``stats`` (``method.stats()``), ``pgd_path``) and
 ``summary`` (per method: ``mean``/``std``/``n`` of each figure over the seeds, the mean of each
 ``stats`` count and ``pgd_path``).
@@ -189,7 +189,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
                 epoch_log.add(loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if epoch_log:
-            epoch_log.end_epoch(model)
+            epoch_log.end_epoch(model, epoch + 1)
         saver.after_epoch(epoch + 1, {"step_seconds": step_seconds,
                                       "epochs": epoch_log.rows if epoch_log else []})
     bar.close()

@@ -18,7 +18,7 @@ def test_plot_writes_a_png_with_per_class_bars_and_per_epoch_curves(tmp_path, ca
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert f"wrote {png}" in capsys.readouterr().out
     for run in json.loads(out.read_text())["runs"]:
-        assert len(run["epochs"]) == 2, "one point per epoch"
+        assert [point["epoch"] for point in run["epochs"]] == [1, 2], "one point per epoch"
         for point in run["epochs"]:
             assert 0 <= point["test_accuracy"] <= 100 and point["train_loss"] > 0
         # the last epoch's test accuracy is the run's overall accuracy (same model, same test set)
@@ -43,3 +43,18 @@ def test_plot_problems_are_one_line_errors_before_training(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert ("needs matplotlib" if missing_matplotlib else "is a folder") in err, err
+
+
+def test_a_resumed_run_keeps_the_epochs_its_checkpoint_saw(tmp_path):
+    """The per-epoch curve travels in the checkpoint: a run resumed after epoch 1 plots epochs 1 and 2, and
+    epoch 1 is the one the first run measured."""
+    run = [*TINY, "--method", "lpa", "--seeds", "0", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "1"]
+    first, resumed = tmp_path / "first.json", tmp_path / "resumed.json"
+    assert main([*run, "--json", str(first), "--plot", str(tmp_path / "first.png")]) == 0
+    checkpoint = tmp_path / "ckpt" / "lpa-seed0" / "epoch-0001.pt"
+    assert checkpoint.is_file()
+    assert main([*run, "--save-dir", str(tmp_path / "again"), "--resume", str(checkpoint), "--json", str(resumed),
+                 "--plot", str(tmp_path / "resumed.png")]) == 0
+    full, continued = (json.loads(p.read_text())["runs"][0]["epochs"] for p in (first, resumed))
+    assert len(continued) == 2 and continued[0] == full[0]
+    assert continued[1]["test_accuracy"] == pytest.approx(full[1]["test_accuracy"])
