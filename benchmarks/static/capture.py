@@ -73,6 +73,7 @@ def recording(model_h100: bool = True):
     from triton.runtime.jit import JITFunction
 
     from lpa_kernels import _triton_common, backend
+    from lpa_kernels.linear_perturb import triton_kernels as linear
 
     recorder = Recorder()
 
@@ -84,12 +85,13 @@ def recording(model_h100: bool = True):
 
     saved = [(JITFunction, "run"), (Autotuner, "run")]
     if model_h100:
-        saved += [(_triton_common, "parallel_programs"), (backend, "_triton_reason")]
+        saved += [(_triton_common, "parallel_programs"), (backend, "_triton_reason"), (linear, "tma_capable")]
     originals = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run, Autotuner.run = record_jit, record_autotuned
     if model_h100:
         _triton_common.parallel_programs = lambda device: 4 * H100_SMS
         backend._triton_reason = lambda device: ""
+        linear.tma_capable = lambda device: True
     try:
         yield recorder
     finally:
@@ -130,6 +132,8 @@ class Compiler:
 
         fn = launch.fn
         options = {"debug": False, **launch.kwargs, **(config.all_kwargs() if config else {})}
+        if config is not None and config.pre_hook is not None:  # e.g. tensor descriptors' block shapes
+            config.pre_hook({**dict(zip(fn.arg_names, launch.args)), **options})
         if fn not in self.binders:
             self.binders[fn] = jit.create_function_from_signature(fn.signature, fn.params, self.backend)
         bound, specialization, opts = self.binders[fn](*launch.args, **options)

@@ -67,6 +67,7 @@ def sass_facts(opcodes: Counter) -> dict:
     facts["tensor_core"] = {t: opcodes_n for t in TENSOR_CORE_SASS
                             if (opcodes_n := count(lambda op, t=t: base(op) == t))}
     facts["async_copies"] = count(lambda op: base(op) in ("LDGSTS", "UTMALDG", "UBLKCP", "UTMASTG"))
+    facts["tma_loads"] = count(lambda op: base(op) == "UTMALDG")
     facts["atomics"] = count(lambda op: base(op) in GLOBAL_ATOMIC_SASS)
     facts["shared_atomics"] = count(lambda op: base(op) == "ATOMS")
     facts["local_accesses"] = count(lambda op: base(op) in ("LDL", "STL"))

@@ -15,6 +15,11 @@ INSPECT = True  # resource usage and PTX/SASS facts for every kernel
 SETUP = "setup"  # the variant of launches that only prepare a case (e.g. the forward before a backward)
 
 
+def without_tma(case_id: str) -> str:
+    """The variant of a ``linear_perturb`` forward case's launches on a GPU without TMA (sm_80)."""
+    return f"{case_id} without TMA"
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -80,8 +85,15 @@ def _call_case(case: Case, recorder) -> None:
         x, w, b = empty(s["B"], s["IN"]), empty(s["OUT"], s["IN"]), empty(s["OUT"])
         delta, y = empty(s["K"], s["OUT"], dt=torch.float32), labels(s["B"])
         if case.pass_ == "fwd":
-            linear.linear_perturb_forward(x, w, b, y, 1, delta.to(dtype), case.variant["activation"],
-                                          case.variant["mode"], True)
+            forward = lambda: linear.linear_perturb_forward(  # noqa: E731
+                x, w, b, y, 1, delta.to(dtype), case.variant["activation"], case.variant["mode"], True)
+            forward()  # an H100: the tensor-descriptor (TMA) kernel
+            recorder.variant = without_tma(case.id)  # pre-Hopper GPUs, and unaligned operands on any
+            tma_capable, linear.tma_capable = linear.tma_capable, lambda device: False
+            try:
+                forward()
+            finally:
+                linear.tma_capable = tma_capable
         else:
             linear.linear_perturb_backward_epilogue(empty(s["B"], s["OUT"]), empty(s["B"], s["OUT"]), y, 1,
                                                     delta, case.variant["activation"], case.variant["mode"])
@@ -107,4 +119,6 @@ def record(recorder) -> None:
 # Which archs to compile is the caller's choice (``compile_worker.run(..., archs)``); every autotune
 # config is compiled everywhere, since any of them may win on the GPU.
 def configs_to_compile(arch, archs, launch):
-    return [] if launch.variant == SETUP else launch.configs or [None]
+    if launch.variant == SETUP or (arch < 90 and "_tma_" in launch.name):  # no TMA before sm_90
+        return []
+    return launch.configs or [None]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lpa_kernels._common import class_order, compute_dtype, new_output
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
@@ -78,44 +79,28 @@ def _activation_derivative(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _linear_perturb_forward_kernel(
-    x_ptr, weight_ptr, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr,
-    M, N, IN, rows_per_label,
-    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Programs walk the (M, N) tiles in groups of GROUP_M row tiles, so consecutive programs reuse the
-    # same weight columns and x rows while they are in L2 (the Triton matmul tutorial's ordering).
-    pid = tl.program_id(0)
+def _tile_of_program(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid``: programs walk the (M, N) tiles in groups of GROUP_M row tiles, so consecutive
+    programs reuse the same weight columns and x rows while they are in L2 (the Triton matmul
+    tutorial's ordering)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     first_m = (pid // tiles_per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    return first_m + (pid % tiles_per_group) % group_rows, (pid % tiles_per_group) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+
+@triton.jit
+def _epilogue_columns(
+    acc, rows, cols, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr, rows_per_label,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Everything after the product for the tile ``acc (len(rows), len(cols))``, in registers: bias,
+    (saved) pre-activation, activation, class perturbation; ``out`` (and ``preact``) stored once."""
     row_ok = rows < M
     col_ok = cols < N
-    # Out-of-range rows/columns read a valid row/column (wrapped) instead of being masked: their
-    # results are never stored, and the loads in the K loop stay unmasked along M and N.
-    x_ptrs = x_ptr + (rows % M).to(tl.int64)[:, None] * IN + ks[None, :]
-    w_ptrs = weight_ptr + (cols % N).to(tl.int64)[None, :] * IN + ks[:, None]  # (BLOCK_K, BLOCK_N) of weight.T
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, IN, BLOCK_K):
-        k_ok = (k + ks) < IN
-        x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-
-    # Epilogue, in registers: bias, (saved) pre-activation, activation, class perturbation.
     z = acc
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -131,6 +116,83 @@ def _linear_perturb_forward_kernel(
     else:
         out = a * (1.0 + d)
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _epilogue(
+    acc, rows, first_col, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr, rows_per_label,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_HALVES: tl.constexpr,
+):
+    """The epilogue of one ``(BLOCK_M, BLOCK_N)`` accumulator tile whose columns start at ``first_col``.
+    With ``EPILOGUE_HALVES`` it runs on the left and then the right half of the columns, so the bias,
+    gathered delta and activation temporaries of only half a tile are live at once (large tiles)."""
+    if EPILOGUE_HALVES:
+        HALF: tl.constexpr = BLOCK_N // 2
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        cols = first_col + tl.arange(0, HALF)
+        _epilogue_columns(left, rows, cols, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr,
+                          rows_per_label, HAS_BIAS, SAVE_PREACT, ACTIVATION, MODE, ACC_DTYPE)
+        _epilogue_columns(right, rows, cols + HALF, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr,
+                          rows_per_label, HAS_BIAS, SAVE_PREACT, ACTIVATION, MODE, ACC_DTYPE)
+    else:
+        _epilogue_columns(acc, rows, first_col + tl.arange(0, BLOCK_N), M, N, bias_ptr, labels_ptr, delta_ptr,
+                          out_ptr, preact_ptr, rows_per_label, HAS_BIAS, SAVE_PREACT, ACTIVATION, MODE, ACC_DTYPE)
+
+
+@triton.jit
+def _linear_perturb_forward_kernel(
+    x_ptr, weight_ptr, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr,
+    M, N, IN, rows_per_label,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_HALVES: tl.constexpr,
+):
+    pid_m, pid_n = _tile_of_program(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns read a valid row/column (wrapped) instead of being masked: their
+    # results are never stored, and the loads in the K loop stay unmasked along M and N.
+    x_ptrs = x_ptr + (rows % M).to(tl.int64)[:, None] * IN + ks[None, :]
+    w_ptrs = weight_ptr + (cols % N).to(tl.int64)[None, :] * IN + ks[:, None]  # (BLOCK_K, BLOCK_N) of weight.T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, IN, BLOCK_K):
+        k_ok = (k + ks) < IN
+        x_tile = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    _epilogue(acc, rows, pid_n * BLOCK_N, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr, rows_per_label,
+              HAS_BIAS, SAVE_PREACT, ACTIVATION, MODE, ACC_DTYPE, BLOCK_M, BLOCK_N, EPILOGUE_HALVES)
+
+
+@triton.jit
+def _linear_perturb_forward_tma_kernel(
+    x_desc, weight_desc, bias_ptr, labels_ptr, delta_ptr, out_ptr, preact_ptr,
+    M, N, IN, rows_per_label,
+    HAS_BIAS: tl.constexpr, SAVE_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_HALVES: tl.constexpr,
+):
+    """The same GEMM with x and weight tiles fetched by tensor descriptors (TMA on sm_90+): the copy
+    engine fills shared memory and zero-fills whatever lies past M, N or IN, so no address or mask
+    math is left in the loop and its registers go to the accumulator."""
+    pid_m, pid_n = _tile_of_program(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first_row = pid_m * BLOCK_M
+    first_col = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, IN, BLOCK_K):
+        x_tile = x_desc.load([first_row, k])
+        w_tile = weight_desc.load([first_col, k])
+        acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    _epilogue(acc, first_row + tl.arange(0, BLOCK_M), first_col, M, N, bias_ptr, labels_ptr, delta_ptr, out_ptr,
+              preact_ptr, rows_per_label, HAS_BIAS, SAVE_PREACT, ACTIVATION, MODE, ACC_DTYPE, BLOCK_M, BLOCK_N,
+              EPILOGUE_HALVES)
 
 
 @triton.jit
@@ -204,12 +266,12 @@ def _gemm_config(M: int, N: int, IN: int) -> dict:
     """Block sizes for the interpreter, where each program costs Python time: tiles that cover the
     (small) test shapes in few programs. tl.dot needs every block dimension >= 16."""
     return dict(BLOCK_M=_block(M, 16, 64), BLOCK_N=_block(N, 16, 64), BLOCK_K=_block(IN, 16, 64), GROUP_M=8,
-                num_warps=4, num_stages=1)
+                EPILOGUE_HALVES=False, num_warps=4, num_stages=1)
 
 
-def _gpu_config(block_m, block_n, block_k, num_warps, num_stages):
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def _gpu_config(block_m, block_n, block_k, num_warps, num_stages, halves=False, pre_hook=None):
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, EPILOGUE_HALVES=halves)
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -217,7 +279,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     small shapes and 4-byte dtypes compile and time only the configs that can win."""
     largest_m = max(32, triton.next_power_of_2(named_args["M"]))
     largest_n = max(64, triton.next_power_of_2(named_args["N"]))
-    itemsize = named_args["x_ptr"].element_size()
+    itemsize = named_args["out_ptr"].element_size()
 
     def fits(c):
         block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -228,14 +290,17 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 
 
 # On a GPU the forward GEMM is autotuned per (M, N, IN) and dtype, never per class count (the epilogue's
-# cost does not depend on it). No config may spill registers on sm_90 (checked by
-# tests/benchmarks/test_static_budgets.py; issue 10): 128x256 and 256x128 tiles with 8 warps, and
-# 128x128 with 4 warps, spilled 170-280 bytes per thread at 255 registers (fp32 accumulator plus the
-# epilogue), so they are not offered; 128x128 with 8 warps holds the same tile in 160 registers.
+# cost does not depend on it). No config may spill registers on sm_90 or sm_80 (checked by
+# tests/benchmarks/test_static_budgets.py). The epilogue is what drives register use: with the fp32
+# accumulator live, the bias, gathered delta and activation temporaries of a whole tile pushed 128x64
+# with 4 warps to 248 registers on sm_80, and 128x256 / 128x128 tiles with 8 / 4 warps to 255 with
+# 170-280 B of spills per thread; running the epilogue on half the columns at a time
+# (EPILOGUE_HALVES) brings them to 160, 228 and 224 registers without spills (triton 3.9).
+# With pointer loads 128x128 on 4 warps still spills 16 B on sm_80 even so; it is offered only with TMA.
 _forward_kernel_autotuned = triton.autotune(
     configs=[
         _gpu_config(128, 128, 64, 8, 3),
-        _gpu_config(128, 64, 64, 4, 4),
+        _gpu_config(128, 64, 64, 4, 4, halves=True),
         _gpu_config(64, 128, 64, 4, 4),
         _gpu_config(64, 64, 32, 4, 4),
         _gpu_config(32, 64, 32, 4, 4),
@@ -243,6 +308,45 @@ _forward_kernel_autotuned = triton.autotune(
     key=["M", "N", "IN"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )(_linear_perturb_forward_kernel)
+
+
+def _set_tma_blocks(meta: dict) -> None:
+    """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
+    meta["x_desc"].block_shape = [meta["BLOCK_M"], meta["BLOCK_K"]]
+    meta["weight_desc"].block_shape = [meta["BLOCK_N"], meta["BLOCK_K"]]
+
+
+def _tma_config(block_m, block_n, num_warps, num_stages, halves=False):
+    return _gpu_config(block_m, block_n, 64, num_warps, num_stages, halves, pre_hook=_set_tma_blocks)
+
+
+# Hopper configs of the tensor-descriptor kernel (host-side descriptors: triton >= 3.4, so 3.6 and
+# 3.9), under the same no-spill budget; the large tiles need EPILOGUE_HALVES to fit (see above).
+_forward_tma_kernel_autotuned = triton.autotune(
+    configs=[
+        _tma_config(128, 256, 8, 3, halves=True),
+        _tma_config(256, 128, 8, 3, halves=True),
+        _tma_config(128, 128, 8, 4),
+        _tma_config(128, 128, 4, 4, halves=True),
+        _tma_config(128, 64, 4, 4),
+        _tma_config(64, 128, 4, 4),
+        _tma_config(64, 64, 4, 4),
+    ],
+    key=["M", "N", "IN"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)(_linear_perturb_forward_tma_kernel)
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether the device has the tensor memory accelerator (sm_90 and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The descriptor kernel serves 2-byte GEMMs on TMA devices when TMA can address the operands:
+    16-byte aligned bases and row strides (IN a multiple of 8). The pointer kernel does the rest."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and tma_capable(x.device)
+            and (x.shape[1] * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -262,13 +366,18 @@ def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activ
     upcast = kx.dtype != x.dtype  # bfloat16 under the interpreter: kernel outputs in float32, rounded after
     kout = new_output((M, N), kx.dtype, x.device) if upcast else out
     kpreact = new_output((M, N), kx.dtype, x.device) if upcast and save_preact else preact
+    operands = (kx, kweight)
     if interpreting():
         kernel, config = _linear_perturb_forward_kernel, _gemm_config(M, N, IN)
+    elif _use_tma(x, weight):
+        # Block shapes are placeholders until the autotuner's pre-hook sets the chosen config's.
+        kernel, config = _forward_tma_kernel_autotuned, {}
+        operands = (TensorDescriptor.from_tensor(kx, [1, 1]), TensorDescriptor.from_tensor(kweight, [1, 1]))
     else:
         kernel, config = _forward_kernel_autotuned, {}
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
-        kx, kweight, kbias if kbias is not None else kx, labels, kdelta, kout, kpreact,
+        *operands, kbias if kbias is not None else kx, labels, kdelta, kout, kpreact,
         M, N, IN, rows_per_label,
         HAS_BIAS=kbias is not None, SAVE_PREACT=save_preact, ACTIVATION=activation, MODE=mode,
         ACC_DTYPE=accumulator(kx), INPUT_PRECISION=_input_precision(kx.dtype),

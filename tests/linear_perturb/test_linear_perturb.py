@@ -202,6 +202,36 @@ def test_gpu_autotuned_forward_wiring(target, monkeypatch):
     check_against_reference(target, torch.float32, (13, 19), 23, 5, "gelu", "scale")
 
 
+@pytest.mark.parametrize("target", [KERNEL_TARGETS[0]])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_gpu_epilogue_in_column_halves(target, tma, monkeypatch):
+    """EPILOGUE_HALVES (the large GPU tiles' epilogue, run on half the columns at a time) on ragged
+    tiles, in both GEMM kernels; the autotuners are left one config each, so nothing needs timing."""
+    monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_kernels, "tma_capable", lambda device: tma)
+    if tma:
+        config = triton_kernels._tma_config(32, 32, 4, 1, halves=True)
+        monkeypatch.setattr(triton_kernels._forward_tma_kernel_autotuned, "configs", [config])
+        monkeypatch.setattr(triton_kernels, "_forward_kernel_autotuned", None)  # must not be reached
+    else:
+        config = triton_kernels._gpu_config(32, 32, 32, 4, 1, halves=True)
+        monkeypatch.setattr(triton_kernels._forward_kernel_autotuned, "configs", [config])
+    check_against_reference(target, torch.bfloat16, (3, 5, 24), 45, 4, "silu", "scale")
+
+
+@pytest.mark.parametrize("target", [KERNEL_TARGETS[0]])
+@pytest.mark.parametrize("in_features,tma_used", [(24, True), (19, False)], ids=["aligned", "unaligned"])
+def test_gpu_tensor_descriptor_forward_wiring(target, in_features, tma_used, monkeypatch):
+    """On a TMA device 2-byte GEMMs go through the tensor-descriptor kernel when TMA can address the
+    operands (row stride a multiple of 16 bytes), else through the pointer kernel; both against the
+    reference, the one not expected made unreachable."""
+    monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_kernels, "tma_capable", lambda device: True)
+    unused = "_forward_kernel_autotuned" if tma_used else "_forward_tma_kernel_autotuned"
+    monkeypatch.setattr(triton_kernels, unused, None)
+    check_against_reference(target, torch.float16, (13, in_features), 23, 5, "relu", "add")
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_grads_when_only_weight_and_delta_need_them(target):
     """x without requires_grad (network input): the op keeps x but not weight for the backward."""
