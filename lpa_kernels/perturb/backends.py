@@ -27,8 +27,8 @@ class PerturbLaunchers(Protocol):
 
         ``h`` is needed for ``scale``; ``delta`` only when ``need_grad_h`` in ``scale``. ``grad_h`` has
         ``grad_out.dtype``, ``grad_delta`` has ``grad_delta_dtype``; classes absent from the batch get
-        zero. Deterministic on every backend (a fixed-order reduction, no atomics), so the result is the
-        same from run to run with or without ``torch.use_deterministic_algorithms``.
+        zero. Deterministic on every backend (a fixed-order reduction; no value is added atomically), so
+        the result is the same from run to run with or without ``torch.use_deterministic_algorithms``.
         """
 
 

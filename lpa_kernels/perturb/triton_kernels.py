@@ -10,12 +10,18 @@ the order is fixed) into at most ``min(B, K)`` segments, one per class present (
 and program ``(segment, d-block)`` walks the ``n_c * R`` rows ``(sample, r)`` of its class in tiles,
 accumulating ``grad_delta`` in float32 (float64 for float64 inputs) and writing
 ``grad_h`` for the same tile: every element of ``grad_out`` is read once and ``grad_h`` written once.
-When that gives too few programs to fill the device (few classes, or one dominant class, with
-small ``D``), each class's rows are cut into chunks of CHUNK rows, one program each; programs write
-partial sums and a second small kernel adds each class's partials in chunk order (``chunk_plan``).
+A class with more rows than one program's fair share of the work (few classes, or a dominant class
+in a long-tailed batch) is cut into chunks of CHUNK rows, one program each (``chunk_plan``): its
+chunks write partial sums and count their arrival, and the last to arrive adds the partials in chunk
+order, in the same launch; a class of one chunk writes its sums directly.
 The grids cover segments, not classes, so K >> B launches no empty programs; classes absent from the
 batch get their zero gradient from the zero-filled output instead.
-No atomics anywhere, so the result is bitwise reproducible from run to run.
+Channel-wise layouts (``inner > 1``) are reduced in *slabs* (``slab_blocks``): a program owns a few
+whole groups, i.e. one contiguous run of ``groups * inner`` features per (sample, o) row whose start is
+a multiple of 16 elements, so the bulk loads are 128-bit vectors and no index is divided per element;
+each group's sum is taken over its positions once, at the end.
+No value is ever accumulated atomically (atomics only count arrivals), so the result is bitwise
+reproducible from run to run.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import triton.language as tl
 
 from lpa_kernels._common import new_output
 from lpa_kernels._triton_common import (
-    TILE, accumulator, accumulator_dtype, chunk_plan, class_block_sum, class_segments, kernel_dtype_view, reduction_blocks,
-    segment_span,
+    TILE, accumulator, accumulator_dtype, chunk_plan, chunked_class_sums, class_segments, kernel_dtype_view,
+    reduction_tiling,
 )
 
 
@@ -54,51 +60,19 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, sums_ptr, order_ptr, segment_class_ptr, segment_start_ptr,
-    chunk_segment_ptr, first_chunk_ptr, K, S, F, D, inner, R, num_d_blocks, CHUNK,
+    grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, grad_delta_ptr, partial_ptr, arrivals_ptr, order_ptr,
+    segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr,
+    K, S, F, D, inner, R, num_d_blocks, CHUNK, DI, SLAB,
     SPLIT: tl.constexpr, SCALE: tl.constexpr, WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, SLABS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # Without SPLIT, program (segment g, d-block) writes row c of grad_delta (K, D) for the class c of
-    # its segment; padding segments (c == K) write nothing. With SPLIT, g is a chunk of CHUNK rows of
-    # segment chunk_segment[g] and writes row g of the per-chunk partial sums; padding programs past
-    # the last chunk (chunk_segment == S) fall on an empty row range. The grid is 1-D: no grid limit.
-    pid = tl.program_id(0)
-    g, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
-    if SPLIT:
-        s = tl.minimum(tl.load(chunk_segment_ptr + g), S - 1)
-        c, start, rows = segment_span(segment_class_ptr, segment_start_ptr, s, R)
-        row_lo = (g - tl.load(first_chunk_ptr + s)) * CHUNK
-        row_hi = tl.minimum(row_lo + CHUNK, rows)
-        out_row, written = g, D
-    else:
-        c, start, row_hi = segment_span(segment_class_ptr, segment_start_ptr, g, R)
-        row_lo = 0
-        out_row, written = c, tl.where(c < K, D, 0)
-    # Clamped so that a padding segment's (unused) load of delta[c] stays in bounds.
-    total = class_block_sum(
-        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr, tl.minimum(c, K - 1), start, row_lo, row_hi,
-        d0, F, D, inner, R, SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q,
+    # Row c of grad_delta (K, D) for each class c present; the 1-D grid has no grid limit.
+    chunked_class_sums(
+        grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, grad_delta_ptr, partial_ptr, arrivals_ptr, order_ptr,
+        segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr, tl.program_id(0),
+        K, S, F, D, inner, R, num_d_blocks, CHUNK, DI, SLAB,
+        SPLIT, False, SCALE, WRITE_GRAD_H, ACC, BLOCK_D, BLOCK_Q, SLABS, BLOCK_P,
     )
-    d = d0 + tl.arange(0, BLOCK_D)
-    tl.store(sums_ptr + out_row.to(tl.int64) * D + d, total.to(sums_ptr.dtype.element_ty), mask=d < written)
-
-
-@triton.jit
-def _sum_chunks_kernel(
-    partial_ptr, segment_class_ptr, first_chunk_ptr, grad_delta_ptr, K, D, num_d_blocks,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # grad_delta[c] = the partial sums of the chunks of c's segment, added in chunk order
-    # (deterministic); padding segments (c == K) write nothing.
-    pid = tl.program_id(0)
-    s, d0 = pid // num_d_blocks, (pid % num_d_blocks) * BLOCK_D
-    c = tl.load(segment_class_ptr + s)
-    d = d0 + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    for j in range(tl.load(first_chunk_ptr + s), tl.load(first_chunk_ptr + s + 1)):
-        acc += tl.load(partial_ptr + j * D + d, mask=d < D, other=0)
-    tl.store(grad_delta_ptr + c.to(tl.int64) * D + d, acc.to(grad_delta_ptr.dtype.element_ty), mask=d < tl.where(c < K, D, 0))
 
 
 def perturb_forward(h, labels, delta, inner, mode):
@@ -137,29 +111,27 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
     kgrad_delta = kernel_dtype_view(grad_delta)
     order, segment_class, segment_start = class_segments(labels, num_classes)
     segments = segment_class.numel()
-    R = F // per_class
-    block_d, block_q = reduction_blocks(per_class, inner, B * R)
+    block_d, block_q, block_p, R = reduction_tiling(B, F, per_class, inner)
     num_d_blocks = triton.cdiv(per_class, block_d)
     plan = chunk_plan(segment_start, R, B * R, block_q, num_d_blocks)
     acc = accumulator(grad_out, h, delta)
     if plan is None:  # one program per (segment, d-block) sums straight into grad_delta
-        chunk, chunk_segment, first_chunk, sums, programs = 0, segment_start, segment_start, kgrad_delta, segments
+        chunk, chunk_segment, first_chunk, programs = 0, segment_start, segment_start, segments
+        partial, arrivals = kgrad_delta, segment_start  # unread stand-ins
     else:
         chunk, chunk_segment, first_chunk = plan
         programs = chunk_segment.numel()
-        sums = torch.empty((programs, per_class), dtype=accumulator_dtype(grad_out, h, delta), device=grad_out.device)
+        partial = new_output((programs, per_class), accumulator_dtype(grad_out, h, delta), grad_out.device)
+        arrivals = torch.zeros(segments * num_d_blocks, dtype=torch.int32, device=grad_out.device)
     # Unused pointer arguments get grad_out as a stand-in; the constexpr flags keep them unread.
     _backward_kernel[(programs * num_d_blocks,)](
         kgrad_out, kgrad_out if kh is None else kh, kgrad_out if kdelta is None else kdelta,
-        kgrad_out if kgrad_h is None else kgrad_h, sums, order, segment_class, segment_start, chunk_segment, first_chunk,
-        num_classes, segments, F, per_class, inner, R, num_d_blocks, chunk,
+        kgrad_out if kgrad_h is None else kgrad_h, kgrad_delta, partial, arrivals, order, segment_class, segment_start,
+        chunk_segment, first_chunk,
+        num_classes, segments, F, per_class, inner, R, num_d_blocks, chunk, per_class * inner, block_d * inner,
         SPLIT=plan is not None, SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
+        SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
     )
-    if plan is not None:
-        block = min(triton.next_power_of_2(per_class), 1024)
-        num_blocks = triton.cdiv(per_class, block)
-        _sum_chunks_kernel[(segments * num_blocks,)](
-            sums, segment_class, first_chunk, kgrad_delta, num_classes, per_class, num_blocks, ACC=acc, BLOCK_D=block)
     if kgrad_h is not grad_h:
         grad_h.copy_(kgrad_h)
     if kgrad_delta is not grad_delta:

@@ -7,12 +7,16 @@ One program per class c updates ``delta[c] (D,)`` in place, looping over D in bl
    ``l2``: compute ``||g / largest||`` (no overflow; a row with Inf entries uses their sign pattern, see
    ``naive.py``), ``new = delta + step * dir * g / (||g|| + 1e-12)`` and ``||new||``, then write
    ``new`` scaled back onto the ball of radius ``eps - eps * l2_radius_margin`` when outside it.
-The fused kernel runs one program per segment of the class-sorted batch (``class_segments``: at most
-``min(B, K)``, one per class present), reduces ``g_c`` from ``grad_out`` (the same segmented reduction
-as ``perturb``'s backward) into a float32 (float64) scratch row, then runs the same update. Classes
-absent from the batch have a zero gradient, so they keep their delta: no program touches them.
+The fused kernel reduces ``g_c`` from ``grad_out`` with ``perturb``'s backward reduction
+(``chunked_class_sums``: programs over (row chunk, feature block), long classes cut into chunks, so
+K = 10 or a long-tailed batch still fills the device) into a float32 (float64) scratch row per segment
+of the class-sorted batch; the program that completes a segment's last feature block (an arrival
+count per segment) then runs the same update on it, in the same launch. Classes absent from the batch
+have a zero gradient, so they keep their delta: no program touches them.
 NaN propagates as in the reference: a NaN gradient counts as non-zero, and no min/max drops it.
-Known limit: one program per class present, so few classes with large D use few of a GPU's cores.
+Known limit: ``pgd_step_`` runs one program per class (its L2 norm and projection need the whole row):
+with few classes it uses few of a GPU's multiprocessors; its rows are small (K x D x 12 bytes), so a
+launch per phase of a split update would cost more than it saves (see issue 13's report).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin
 from lpa_kernels._triton_common import (
-    accumulator, accumulator_dtype, class_block_sum, class_segments, kernel_dtype_view, reduction_blocks, segment_span,
+    accumulator, accumulator_dtype, arrive, chunk_plan, chunked_class_sums, class_segments, kernel_dtype_view,
+    reduction_tiling,
 )
 
 # Block of D one update pass handles at a time (one class row per program).
@@ -119,29 +124,29 @@ def _pgd_step_kernel(
 
 @triton.jit
 def _class_grad_pgd_step_kernel(
-    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, order_ptr, segment_class_ptr, segment_start_ptr,
-    step_ptr, eps_ptr, direction_ptr, K, F, D, inner, R, radius_margin,
-    SCALE: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, partial_ptr, arrivals_ptr, finished_ptr, order_ptr,
+    segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr,
+    step_ptr, eps_ptr, direction_ptr, K, S, F, D, inner, R, num_d_blocks, CHUNK, DI, SLAB, radius_margin,
+    SPLIT: tl.constexpr, SCALE: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SLABS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_UPDATE: tl.constexpr,
 ):
-    # Program s updates the class c of segment s, reducing into scratch row s. A padding segment
-    # (c == K) has no rows, hence a zero gradient, so _update_class writes nothing; clamping c keeps
-    # its reads of delta, step, eps and direction in bounds.
-    s = tl.program_id(0)
-    c, start, rows = segment_span(segment_class_ptr, segment_start_ptr, s, R)
-    c = tl.minimum(c, K - 1)
-    row, scratch_row = c.to(tl.int64) * D, s.to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
-        g = class_block_sum(
-            grad_out_ptr, h_ptr, delta_ptr, grad_out_ptr, order_ptr, c, start, 0, rows, d0, F, D, inner, R,
-            SCALE, False, ACC, BLOCK_D, BLOCK_Q,
-        )
-        d = d0 + tl.arange(0, BLOCK_D)
-        tl.store(scratch_ptr + scratch_row + d, g, mask=d < D)
-    # The scratch row is read back by other threads of this program than those that wrote it.
-    tl.debug_barrier()
-    active, largest = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_D)
-    _update_class(delta_ptr + row, scratch_ptr + scratch_row, c, D, step_ptr, eps_ptr, direction_ptr, active, largest,
-                  radius_margin, L2, ACC, BLOCK_D)
+    # Phase 1, over the whole (chunk, d-block) grid: the class sums of each segment s into scratch row
+    # s (perturb's chunked reduction). Phase 2: the program completing the last d-block of segment s
+    # (counted in finished[s]) runs the PGD update of its class c from that row. A padding segment has
+    # no rows: nothing completes it, so no program touches its (clamped) class.
+    s, c, completed = chunked_class_sums(
+        grad_out_ptr, h_ptr, grad_out_ptr, grad_out_ptr, scratch_ptr, partial_ptr, arrivals_ptr, order_ptr,
+        segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr, tl.program_id(0),
+        K, S, F, D, inner, R, num_d_blocks, CHUNK, DI, SLAB,
+        SPLIT, True, SCALE, False, ACC, BLOCK_D, BLOCK_Q, SLABS, BLOCK_P,
+    )
+    if completed:
+        finished = arrive(finished_ptr + s, completed)
+        if finished == num_d_blocks - 1:
+            row, scratch_row = c.to(tl.int64) * D, s.to(tl.int64) * D
+            active, largest = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_UPDATE)
+            _update_class(delta_ptr + row, scratch_ptr + scratch_row, c, D, step_ptr, eps_ptr, direction_ptr, active,
+                          largest, radius_margin, L2, ACC, BLOCK_UPDATE)
 
 
 def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
@@ -175,10 +180,24 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
     kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
     order, segment_class, segment_start = class_segments(labels, K)
     segments = segment_class.numel()
-    scratch = torch.empty((segments, D), dtype=accumulator_dtype(delta, grad_out, h), device=delta.device)
-    R = F // D
-    block_d, block_q = reduction_blocks(D, inner, B * R)
-    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(segments,)](
-        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, order, segment_class, segment_start,
-        step, eps, direction, K, F, D, inner, R, l2_radius_margin(accumulator_dtype(delta, grad_out, h)), SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h), BLOCK_D=block_d, BLOCK_Q=block_q,
+    acc_dtype = accumulator_dtype(delta, grad_out, h)
+    block_d, block_q, block_p, R = reduction_tiling(B, F, D, inner)
+    num_d_blocks = triton.cdiv(D, block_d)
+    plan = chunk_plan(segment_start, R, B * R, block_q, num_d_blocks)
+    scratch = torch.empty((segments, D), dtype=acc_dtype, device=delta.device)
+    counters = torch.zeros(segments * (num_d_blocks + 1), dtype=torch.int32, device=delta.device)
+    finished, arrivals = counters[:segments], counters[segments:]
+    if plan is None:  # one program per (segment, d-block)
+        chunk, chunk_segment, first_chunk, programs, partial = 0, segment_start, segment_start, segments, scratch
+    else:
+        chunk, chunk_segment, first_chunk = plan
+        programs = chunk_segment.numel()
+        partial = torch.empty((programs, D), dtype=acc_dtype, device=delta.device)
+    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(programs * num_d_blocks,)](
+        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, order,
+        segment_class, segment_start, chunk_segment, first_chunk, step, eps, direction,
+        K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(acc_dtype),
+        SPLIT=plan is not None, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h),
+        BLOCK_D=block_d, BLOCK_Q=block_q, SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
+        BLOCK_UPDATE=min(triton.next_power_of_2(D), BLOCK_UPDATE),
     ))

@@ -164,13 +164,38 @@ def test_backward_with_a_dominant_class_split_across_programs(target, layout, mo
     h, labels, delta, grad_out = random_inputs(53, 3, features, per_class, device=device, labels=labels)
     if backend == "triton":
         from lpa_kernels._common import class_order
-        from lpa_kernels._triton_common import chunk_plan, reduction_blocks
+        from lpa_kernels._triton_common import chunk_plan, reduction_tiling
 
         D, inner = math.prod(per_class), (5 * 7 if layout == "channel" else 1)
-        rows = 53 * math.prod(features) // D
-        block_d, block_q = reduction_blocks(D, inner, rows)
-        plan = chunk_plan(class_order(labels, 3)[1], rows // 53, rows, block_q, triton.cdiv(D, block_d))
+        block_d, block_q, _, R = reduction_tiling(53, math.prod(features), D, inner)
+        plan = chunk_plan(class_order(labels, 3)[1], R, 53 * R, block_q, triton.cdiv(D, block_d))
         assert plan is not None, "test setup: this problem should take the chunked path"
+    check_perturb(backend, h, labels, delta, grad_out, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["full", "channel", "last_dim"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_backward_with_long_tailed_labels_splits_the_long_classes(target, layout, mode):
+    """Enough classes to fill the device, but a long-tailed batch (class 0 holds most samples): the
+    long classes are cut into chunks (partials, added by the last chunk to arrive) while the short
+    ones write their sums directly, in one launch; the result must not change."""
+    backend, device = target
+    features, per_class = LAYOUTS[layout]
+    counts = [120, 12, 4, 2, 1, 1, 1, 1, 1, 1]  # class 10 absent
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor(counts))[torch.randperm(144)].to(device)
+    h, labels, delta, grad_out = random_inputs(144, 11, features, per_class, device=device, labels=labels)
+    if backend == "triton":
+        from lpa_kernels._common import class_order
+        from lpa_kernels._triton_common import chunk_plan, reduction_tiling
+
+        D, inner = math.prod(per_class), (5 * 7 if layout == "channel" else 1)
+        block_d, block_q, _, R = reduction_tiling(144, math.prod(features), D, inner)
+        starts = class_order(labels, 11)[1]
+        plan = chunk_plan(starts, R, 144 * R, block_q, triton.cdiv(D, block_d))
+        assert plan is not None, "test setup: the long classes should be split"
+        chunks = plan[2].diff()
+        assert chunks[0] > 1 and (chunks == 1).any(), f"test setup: long and short classes, got chunks {chunks.tolist()}"
     check_perturb(backend, h, labels, delta, grad_out, mode)
 
 
@@ -291,6 +316,27 @@ def test_perturb_and_class_grad_under_torch_compile(backend):
     compiled_grad = results[1][1]
     ref = naive.class_grad(torch.ones(5, 3, 4, dtype=torch.float64), labels, 3, delta.shape, h=h.double(), mode="scale")
     assert_close_to_reference(compiled_grad, ref, what=f"compiled class_grad ({backend})")
+
+
+def long_tailed_labels(num_classes: int, imbalance: float, largest: int, device) -> torch.Tensor:
+    """Shuffled labels with ``largest * imbalance ** (-c / (K - 1))`` samples of class c (at least 1)."""
+    counts = [max(1, round(largest * imbalance ** (-c / (num_classes - 1)))) for c in range(num_classes)]
+    labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+    return labels[torch.randperm(labels.numel())].to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channel", "last_dim"])
+def test_long_tailed_backward_is_bitwise_reproducible_on_gpu(layout):
+    """Imbalance 100 over K = 100 classes: the long classes' chunks finish in any order on a GPU and
+    the last to arrive adds their partials; five runs must agree bit for bit, and with the reference."""
+    features, per_class = ((64, 14, 14), (64, 1, 1)) if layout == "channel" else ((4096,), (4096,))
+    labels = long_tailed_labels(100, 100.0, 200, "cuda")
+    h, labels, delta, grad_out = random_inputs(labels.numel(), 100, features, per_class, device="cuda", labels=labels)
+    runs = [class_grad(grad_out, labels, 100, delta.shape, h=h, mode="scale", backend="triton") for _ in range(5)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), "class_grad differs between identical runs"
+    ref = naive.class_grad(grad_out.double(), labels, 100, delta.shape, h=h.double(), mode="scale")
+    assert_close_to_reference(runs[0], ref, what=f"long-tailed class_grad ({layout})")
 
 
 @pytest.mark.gpu

@@ -119,6 +119,23 @@ def test_class_grad_pgd_step_low_precision_and_edge_batches(target, dtype, norm)
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("features,per_class", [((2, 600), (600,)), ((40, 7, 7), (40, 1, 1))], ids=["last_dim", "channel"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_class_grad_pgd_step_long_tailed_batch_over_many_feature_blocks(target, features, per_class, norm):
+    """Class 0 holds most of the batch and a class row spans several feature blocks: the reduction runs
+    over (chunk, feature block) programs, and the update of a class waits for its last block."""
+    backend, device = target
+    labels = torch.repeat_interleave(torch.arange(4), torch.tensor([60, 6, 2, 1]))[torch.randperm(69)].to(device)
+    delta = 2 * torch.randn(K, *per_class, device=device)  # class 4 absent
+    grad_out, h = torch.randn(2, 69, *features, device=device)
+    kw = dict(step_size=0.2, eps=0.8, direction=-1.0)
+    ref = reference_step(naive.class_grad_pgd_step_, delta, grad_out, labels, **kw, norm=norm, h=h, mode="scale")
+    got = class_grad_pgd_step_(delta.clone(), grad_out, labels, 0.2, 0.8, -1.0, norm, h=h, mode="scale", backend=backend)
+    assert_close_to_reference(got, ref, what=f"class_grad_pgd_step_ long-tailed {norm} ({backend})")
+    assert torch.equal(got[4], delta[4]), "a class absent from the batch must keep its delta"
+
+
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_class_grad_pgd_step_with_far_more_classes_than_samples(target, norm):
     """K = 10,000 classes and 7 samples of 4 of them: only the classes present move; the others keep
