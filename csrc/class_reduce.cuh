@@ -27,12 +27,17 @@ struct GroupShape {
   int64_t outer;  // runs per group per sample: F / (D * inner)
 };
 
-// (TX, TY) for a shape whose threads own V consecutive groups each: TX neighbouring threads on
-// neighbouring groups when their features are adjacent (inner == 1), else TX = 1.
+// (TX, TY) for a shape whose threads read V elements at a time. inner == 1: each thread owns V
+// consecutive groups, TX neighbouring threads on neighbouring groups. inner > 1: the V elements are
+// consecutive features of one group's run, and TY threads (a warp at least) walk a group's runs,
+// about one thread per V features of a run, so that a block covers several groups of a short run
+// (14 x 14 channels) instead of leaving most threads one or two elements each.
 inline dim3 reduce_block(const GroupShape& s, int V = 1) {
   int tx = 1;
   if (s.inner == 1) {
     while (tx < 32 && int64_t(tx) * V < s.D) tx *= 2;
+  } else {
+    while (tx < kReduceThreads / 32 && int64_t(kReduceThreads / (2 * tx)) * V >= s.inner) tx *= 2;
   }
   return dim3(tx, kReduceThreads / tx);
 }
@@ -43,26 +48,29 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* p, int64_t idx) { return 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* p, int64_t idx, const Vec<T, V>& v) { *reinterpret_cast<Vec<T, V>*>(p + idx) = v; }
 
-// Per-thread sums over the elements of groups k .. k + V - 1 for the samples order[row_begin..row_end),
-// calling `op.element<V>(index, class_state, sum1, sum2)` on each element index of the (B, F) tensors
-// (V > 1 only when inner == 1, so the V groups' elements are adjacent).
-template <int V, typename A, class Op>
+// Per-thread sums for the samples order[row_begin..row_end), calling
+// `op.element<V>(index, class_state, sum1, sum2)` on each V-element index of the (B, F) tensors.
+// RUN == false: the V lanes are the groups k .. k + V - 1 (inner == 1, so their elements are adjacent).
+// RUN == true: the V lanes are V consecutive features of group k's runs (inner % V == 0), each lane
+// summed on its own; the caller adds the lanes.
+template <int V, bool RUN, typename A, class Op>
 __device__ void group_partial_sums(const Op& op, int64_t c, int64_t k, const int64_t* order, int64_t row_begin,
                                    int64_t row_end, const GroupShape& s, A (&sum1)[V], A (&sum2)[V]) {
-  const int64_t per_sample = s.outer * s.inner;
+  const int64_t run = RUN ? s.inner / V : s.inner;  // steps per run
+  const int64_t per_sample = s.outer * run;
   const int64_t ty = threadIdx.y, ny = blockDim.y;
-  // Position (r, o, i) of this thread's first element and the mixed-radix stride of ny elements.
+  // Position (r, o, i) of this thread's first step and the mixed-radix stride of ny steps.
   int64_t r = row_begin + ty / per_sample;
-  int64_t o = (ty % per_sample) / s.inner, i = ty % s.inner;
-  const int64_t dr = ny / per_sample, d_o = (ny % per_sample) / s.inner, di = ny % s.inner;
+  int64_t o = (ty % per_sample) / run, i = ty % run;
+  const int64_t dr = ny / per_sample, d_o = (ny % per_sample) / run, di = ny % run;
   A state[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) state[j] = op.class_state(c, k + j);
+  for (int j = 0; j < V; ++j) state[j] = op.class_state(c, RUN ? k : k + j);
   while (r < row_end) {
     const int64_t sample = order[r];
-    op.template element<V>(sample * s.F + (o * s.D + k) * s.inner + i, state, sum1, sum2);
+    op.template element<V>(sample * s.F + (o * s.D + k) * s.inner + (RUN ? i * V : i), state, sum1, sum2);
     i += di;
-    if (i >= s.inner) { i -= s.inner; ++o; }
+    if (i >= run) { i -= run; ++o; }
     o += d_o;
     if (o >= s.outer) { o -= s.outer; ++r; }
     r += dr;
@@ -91,25 +99,34 @@ __device__ void reduce_over_y(A (&value)[V], A* scratch) {
 
 // Block (group tile blockIdx.x, class blockIdx.y, sample split blockIdx.z): the partial sums of
 // class c over its split-th share of samples, written to part1/part2[(split, c, k)] (part2 may be
-// null). Each thread owns V consecutive groups (V > 1: 16-byte loads; D % V == 0).
-template <int V, typename A, class Op>
+// null). Each thread reads V elements at a time (V > 1: 16-byte loads): V consecutive groups
+// (RUN == false, D % V == 0) or V consecutive features of one group (RUN == true, inner % V == 0).
+template <int V, bool RUN, typename A, class Op>
 __global__ void __launch_bounds__(kReduceThreads)
 class_reduce_kernel(Op op, const int64_t* order, const int64_t* offsets, GroupShape s, int64_t num_classes,
                     A* part1, A* part2) {
-  __shared__ A scratch[kReduceThreads * V];
+  constexpr int G = RUN ? 1 : V;  // groups per thread
+  __shared__ A scratch[kReduceThreads * G];
   const int64_t c = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-  const int64_t k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const int64_t k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * G;
   const int64_t first = offsets[c], count = offsets[c + 1] - first;
   const int64_t share = (count + splits - 1) / splits;
   const int64_t row_begin = first + min64(count, split * share), row_end = first + min64(count, (split + 1) * share);
-  A sum1[V] = {}, sum2[V] = {};
-  if (k < s.D) group_partial_sums<V>(op, c, k, order, row_begin, row_end, s, sum1, sum2);
+  A lanes1[V] = {}, lanes2[V] = {};
+  if (k < s.D) group_partial_sums<V, RUN>(op, c, k, order, row_begin, row_end, s, lanes1, lanes2);
+  A sum1[G], sum2[G];
+#pragma unroll
+  for (int j = 0; j < G; ++j) sum1[j] = lanes1[j], sum2[j] = lanes2[j];
+  if constexpr (RUN) {  // the lanes of one group, added in lane order
+#pragma unroll
+    for (int j = 1; j < V; ++j) sum1[0] += lanes1[j], sum2[0] += lanes2[j];
+  }
   reduce_over_y(sum1, scratch);
   if (part2 != nullptr) reduce_over_y(sum2, scratch);
   if (threadIdx.y == 0 && k < s.D) {
     const int64_t at = (split * num_classes + c) * s.D + k;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
+    for (int j = 0; j < G; ++j) {
       part1[at + j] = sum1[j];
       if (part2 != nullptr) part2[at + j] = sum2[j];
     }
@@ -122,13 +139,15 @@ void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const
                          const GroupShape& s, int64_t num_classes, int64_t splits, A* part1, A* part2,
                          cudaStream_t stream) {
   constexpr int V = kVec<T>;
-  const bool vec = aligned && s.inner == 1 && s.D % V == 0;
-  const dim3 block = reduce_block(s, vec ? V : 1);
-  const int64_t per_block = int64_t(block.x) * (vec ? V : 1);
+  const bool groups_vec = aligned && s.inner == 1 && s.D % V == 0;
+  const bool runs_vec = aligned && s.inner > 1 && s.inner % V == 0;
+  const dim3 block = reduce_block(s, groups_vec || runs_vec ? V : 1);
+  const int64_t per_block = int64_t(block.x) * (groups_vec ? V : 1);
   const dim3 grid(static_cast<unsigned>((s.D + per_block - 1) / per_block), static_cast<unsigned>(num_classes),
                   static_cast<unsigned>(splits));
-  if (vec) class_reduce_kernel<V><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
-  else class_reduce_kernel<1><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  if (groups_vec) class_reduce_kernel<V, false><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  else if (runs_vec) class_reduce_kernel<V, true><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  else class_reduce_kernel<1, false><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
 }
 
 // out[j] = sum over i < n_outer of part[i * n_inner + j], in order of i (rounded once to T).

@@ -104,7 +104,7 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
   for (int64_t k0 = 0; k0 < s.D; k0 += blockDim.x) {
     const int64_t k = k0 + threadIdx.x;
     A sum[1] = {}, unused[1] = {};
-    if (k < s.D) group_partial_sums<1>(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
+    if (k < s.D) group_partial_sums<1, false>(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
     reduce_over_y(sum, scratch);
     if (threadIdx.y == 0 && k < s.D) grad_row[k] = sum[0];
   }

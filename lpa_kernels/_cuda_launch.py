@@ -70,9 +70,16 @@ def _multiprocessors_of(index: int) -> int:
 
 def reduce_splits(device: torch.device, num_classes: int, groups: int, inner: int, samples: int, itemsize: int) -> int:
     """Sample shares per class so that the class-reduction grid has about 4 blocks per SM (a block
-    covers up to 32 groups, each thread 16 bytes of them when inner == 1; see reduce_block in csrc)."""
-    vector = 16 // itemsize if inner == 1 and groups % (16 // itemsize) == 0 else 1
-    group_tile = 1 if inner > 1 else min(32, 1 << max(math.ceil(groups / vector) - 1, 0).bit_length()) * vector
+    covers up to 32 groups, each thread 16 bytes of them when inner == 1, and up to 8 groups of short
+    runs when inner > 1; mirrors reduce_block in csrc/class_reduce.cuh)."""
+    vector = 16 // itemsize if groups % (16 // itemsize) == 0 else 1
+    if inner == 1:
+        group_tile = min(32, 1 << max(math.ceil(groups / vector) - 1, 0).bit_length()) * vector
+    else:
+        run_vector = 16 // itemsize if inner % (16 // itemsize) == 0 else 1
+        group_tile = 1
+        while group_tile < 8 and (256 // (2 * group_tile)) * run_vector >= inner:
+            group_tile *= 2
     blocks = num_classes * math.ceil(groups / group_tile)
     wanted = 4 * _multiprocessors(device)
     return max(1, min(math.ceil(wanted / blocks), samples, 65535))
