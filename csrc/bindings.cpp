@@ -69,10 +69,10 @@ PYBIND11_MODULE(_lpa_cuda, m) {
   m.def("class_grad_pgd_step", [](uintptr_t delta, uintptr_t grad_out, uintptr_t h, uintptr_t order,
                                   uintptr_t offsets, uintptr_t step, uintptr_t eps, uintptr_t direction, int64_t K,
                                   int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
-                                  uintptr_t workspace, uintptr_t stream) {
+                                  int64_t splits, uintptr_t workspace, uintptr_t arrivals, uintptr_t stream) {
     lpa::class_grad_pgd_step(vptr(delta), vptr(grad_out), vptr(h), ptr<const int64_t>(order),
                              ptr<const int64_t>(offsets), vptr(step), vptr(eps), vptr(direction), K, F, D, inner, mode,
-                             norm, dtype, delta_dtype, vptr(workspace), stream_of(stream));
+                             norm, dtype, delta_dtype, splits, vptr(workspace), ptr<int>(arrivals), stream_of(stream));
   });
   m.def("softmax_xent_grad", [](uintptr_t out, uintptr_t p_true, uintptr_t logits, uintptr_t shift, uintptr_t labels,
                                 int64_t B, int64_t K, int dtype, uintptr_t stream) {

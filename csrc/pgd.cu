@@ -1,4 +1,5 @@
-// pgd_step and the fused class_grad + pgd_step: one block per class.
+// pgd_step (one block per class) and the fused class_grad + pgd_step (blocks over group tiles x classes x
+// sample splits; the block completing a class updates it).
 #include "class_reduce.cuh"
 #include "kernels.h"
 
@@ -90,23 +91,42 @@ struct ClassGradTerm {
   }
 };
 
-// Block c: class c's gradient, group tile by group tile, into workspace row c (fp32/fp64, never
-// rounded), then the PGD update of delta row c from it. Blocks never share data, so one launch does both.
+// Block (group tile blockIdx.x, class c = blockIdx.y, sample split blockIdx.z): class c's gradient over
+// its split-th share of samples for the tile's groups, into part[(split, c, k)] (fp32/fp64, never
+// rounded). The block that completes class c (the last of its tiles x splits to arrive, counted in
+// arrivals[c]) adds the splits in order into grad row c and runs the PGD update of delta row c, in
+// the same launch. The other blocks of the class never wait: they have finished when they arrive.
 template <typename T, typename TD>
 __global__ void __launch_bounds__(kReduceThreads)
 class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* order, const int64_t* offsets,
                            const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction, GroupShape s,
-                           int norm, acc_t<T>* workspace) {
+                           int norm, acc_t<T>* part, acc_t<T>* grad, int* arrivals) {
   using A = acc_t<T>;
   __shared__ A scratch[kReduceThreads];
-  const int64_t c = blockIdx.x;
-  A* grad_row = workspace + c * s.D;
-  for (int64_t k0 = 0; k0 < s.D; k0 += blockDim.x) {
-    const int64_t k = k0 + threadIdx.x;
-    A sum[1] = {}, unused[1] = {};
-    if (k < s.D) group_partial_sums<1, false>(term, c, k, order, offsets[c], offsets[c + 1], s, sum, unused);
-    reduce_over_y(sum, scratch);
-    if (threadIdx.y == 0 && k < s.D) grad_row[k] = sum[0];
+  __shared__ int completes;
+  const int64_t c = blockIdx.y, K = gridDim.y, split = blockIdx.z, splits = gridDim.z;
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first = offsets[c], count = offsets[c + 1] - first;
+  const int64_t share = (count + splits - 1) / splits;
+  const int64_t row_begin = first + min64(count, split * share), row_end = first + min64(count, (split + 1) * share);
+  A sum[1] = {}, unused[1] = {};
+  if (k < s.D) group_partial_sums<1, false>(term, c, k, order, row_begin, row_end, s, sum, unused);
+  reduce_over_y(sum, scratch);
+  if (threadIdx.y == 0 && k < s.D) part[(split * K + c) * s.D + k] = sum[0];
+  __threadfence();  // this thread's partials are visible device-wide before the block's arrival counts
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    completes = atomicAdd(arrivals + c, 1) == int(gridDim.x * gridDim.z) - 1;
+  }
+  __syncthreads();
+  if (!completes) return;  // uniform across the block
+  __threadfence();
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  A* grad_row = grad + c * s.D;
+  for (int64_t j = t; j < s.D; j += nt) {
+    A total = 0;
+    for (int64_t i = 0; i < splits; ++i) total += __ldcg(part + (i * K + c) * s.D + j);  // L2: other SMs wrote them
+    grad_row[j] = total;
   }
   __syncthreads();  // the row written above is read by other threads of this block below
   pgd_update_row(delta + c * s.D, grad_row, s.D, step[c], eps[c], direction[c], norm, scratch);
@@ -133,27 +153,32 @@ void pgd_step(void* delta, const void* grad, const void* step, const void* eps, 
 template <typename T, typename TD>
 void launch_class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
                                 const int64_t* offsets, const void* step, const void* eps, const void* direction,
-                                int64_t K, const GroupShape& s, int mode, int norm, void* workspace,
-                                cudaStream_t stream) {
+                                int64_t K, const GroupShape& s, int mode, int norm, int64_t splits, void* workspace,
+                                int* arrivals, cudaStream_t stream) {
   using A = acc_t<T>;
   const ClassGradTerm<T> term{static_cast<const T*>(grad_out), static_cast<const T*>(h), mode};
-  class_grad_pgd_step_kernel<T, TD><<<K, reduce_block(s), 0, stream>>>(
+  const dim3 block = reduce_block(s);
+  const dim3 grid(static_cast<unsigned>((s.D + block.x - 1) / block.x), static_cast<unsigned>(K),
+                  static_cast<unsigned>(splits));
+  A* part = static_cast<A*>(workspace);
+  class_grad_pgd_step_kernel<T, TD><<<grid, block, 0, stream>>>(
       static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
-      static_cast<const A*>(direction), s, norm, static_cast<A*>(workspace));
+      static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, arrivals);
 }
 
 void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
                          const int64_t* offsets, const void* step, const void* eps, const void* direction, int64_t K,
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
-                         void* workspace, cudaStream_t stream) {
+                         int64_t splits, void* workspace, int* arrivals, cudaStream_t stream) {
   const GroupShape s{F, D, inner, F / (D * inner)};
+  check_class_grid(s, K, splits, "class_grad_pgd_step");
   // The per-class step/eps/direction and the workspace are in the gradient's acc type; delta may be
   // any dtype whose acc type matches it (float32 delta with half gradients, or the gradient's own).
   LPA_DISPATCH(dtype, "class_grad_pgd_step", {
     if (delta_dtype == dtype) {
-      launch_class_grad_pgd_step<scalar_t, scalar_t>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, workspace, stream);
+      launch_class_grad_pgd_step<scalar_t, scalar_t>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, workspace, arrivals, stream);
     } else if (delta_dtype == (std::is_same_v<acc_t<scalar_t>, double> ? kFloat64 : kFloat32)) {
-      launch_class_grad_pgd_step<scalar_t, acc_t<scalar_t>>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, workspace, stream);
+      launch_class_grad_pgd_step<scalar_t, acc_t<scalar_t>>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, workspace, arrivals, stream);
     } else {
       throw std::invalid_argument("class_grad_pgd_step: delta must have grad_out's dtype or its accumulation dtype");
     }

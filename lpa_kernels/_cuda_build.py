@@ -120,6 +120,8 @@ def build(output: Path, build_dir: Path, sources: Path | None = None, log=print)
     sources = sources or csrc_dir()
     if sources is None:
         raise RuntimeError("the CUDA sources (csrc/) are not available; build from a source checkout")
+    # Absolute: ninja runs in build_dir, where relative paths (setup.py's build_temp) would nest.
+    output, build_dir = Path(output).resolve(), Path(build_dir).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     compile_cmds, link = compile_commands(nvcc, Path(sources), Path(build_dir), Path(output))

@@ -39,11 +39,14 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
     # through an accumulation-dtype copy, written back (rounded once).
     kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
     step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
-    workspace = torch.empty((K, D), dtype=acc, device=delta.device)
+    # Blocks over (group tile, class, sample split): per-split partial sums, then the class gradient.
+    splits = cuda.reduce_splits(delta.device, K, D, inner, grad_out.shape[0], kdtype.itemsize)
+    workspace = torch.empty((splits + 1, K, D), dtype=acc, device=delta.device)
+    arrivals = torch.zeros(K, dtype=torch.int32, device=delta.device)
     order, offsets = class_order(labels, K)
     cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
                 order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K, F, D,
                 inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype), cuda.code(kdelta.dtype),
-                workspace.data_ptr())
+                splits, workspace.data_ptr(), arrivals.data_ptr())
     if kdelta is not delta:
         delta.copy_(kdelta)

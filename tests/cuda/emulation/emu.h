@@ -73,3 +73,8 @@ inline int syncthreads_or(int predicate) {
 #define gridDim (::lpa_emu::grid_dim)
 #define __syncthreads() ::lpa_emu::syncthreads()
 #define __syncthreads_or(p) ::lpa_emu::syncthreads_or(p)
+// Blocks run one after another, so a fence has nothing to order across blocks; atomics may still meet
+// the threads of one block.
+#define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
+template <typename T> T __ldcg(const T* p) { return *p; }
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
