@@ -155,6 +155,22 @@ def segment_span(segment_class_ptr, segment_start_ptr, s, R):
 
 
 @triton.jit
+def _add_tile(acc, grad_out_ptr, h_ptr, grad_h_ptr, offs, mask, factor, SCALE: tl.constexpr,
+              WRITE_GRAD_H: tl.constexpr, ACC: tl.constexpr):
+    """``acc`` plus the tile ``grad_out[offs]`` (times ``h[offs]`` when SCALE); with WRITE_GRAD_H also
+    writes ``grad_h[offs]``: ``grad_out``, times ``factor`` (``1 + delta``, broadcast to the tile) when SCALE."""
+    g = tl.load(grad_out_ptr + offs, mask=mask, other=0).to(ACC)
+    if SCALE:
+        acc += g * tl.load(h_ptr + offs, mask=mask, other=0).to(ACC)
+    else:
+        acc += g
+    if WRITE_GRAD_H:
+        grad_h = g * factor if SCALE else g
+        tl.store(grad_h_ptr + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
+    return acc
+
+
+@triton.jit
 def class_block_sum(
     grad_out_ptr, h_ptr, delta_ptr, grad_h_ptr, order_ptr,
     c, start, row_lo, row_hi, d0, F, D, inner, R,
@@ -166,8 +182,9 @@ def class_block_sum(
     ``grad_h`` on those elements when WRITE_GRAD_H (``grad_out``, times ``1 + delta[c, d]`` when SCALE)."""
     d = d0 + tl.arange(0, BLOCK_D)
     d_mask = d < D
+    factor = 1.0
     if WRITE_GRAD_H and SCALE:
-        factor = 1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=d_mask, other=0).to(ACC)
+        factor = (1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=d_mask, other=0).to(ACC))[:, None]
     # Row q of the class is (its q // R-th sample, feature r = q % R of the group); feature
     # f = (o * D + d) * inner + i with o = r // inner and i = r % inner. Only the tile start q0 is
     # divided in 64 bits; the per-element divisions stay in 32 bits (R < 2**31).
@@ -181,14 +198,7 @@ def class_block_sum(
         row_offs = sample * F + (r // inner) * D * inner + r % inner
         offs = group_offs[:, None] + row_offs[None, :]
         mask = d_mask[:, None] & q_mask[None, :]
-        g = tl.load(grad_out_ptr + offs, mask=mask, other=0).to(ACC)
-        if SCALE:
-            acc += g * tl.load(h_ptr + offs, mask=mask, other=0).to(ACC)
-        else:
-            acc += g
-        if WRITE_GRAD_H:
-            grad_h = g * factor[:, None] if SCALE else g
-            tl.store(grad_h_ptr + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
+        acc = _add_tile(acc, grad_out_ptr, h_ptr, grad_h_ptr, offs, mask, factor, SCALE, WRITE_GRAD_H, ACC)
     return tl.sum(acc, axis=1)
 
 
@@ -207,9 +217,10 @@ def class_slab_sum(
     group's ``inner`` positions. No index arithmetic per element: only per row and per program."""
     p = tl.arange(0, BLOCK_P)
     p_mask = p < slab_valid
+    factor = 1.0
     if WRITE_GRAD_H and SCALE:
         d = d0 + p // inner  # once per program, not per loaded element
-        factor = 1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=p_mask, other=0).to(ACC)
+        factor = (1 + tl.load(delta_ptr + c.to(tl.int64) * D + d, mask=p_mask, other=0).to(ACC))[None, :]
     acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=ACC)
     for q0 in range(row_lo, row_hi, BLOCK_Q):
         q = q0 + tl.arange(0, BLOCK_Q)
@@ -218,14 +229,7 @@ def class_slab_sum(
         row_offs = sample * F + (q % R) * DI + slab_start
         offs = row_offs[:, None] + p[None, :]
         mask = q_mask[:, None] & p_mask[None, :]
-        g = tl.load(grad_out_ptr + offs, mask=mask, other=0).to(ACC)
-        if SCALE:
-            acc += g * tl.load(h_ptr + offs, mask=mask, other=0).to(ACC)
-        else:
-            acc += g
-        if WRITE_GRAD_H:
-            grad_h = g * factor[None, :] if SCALE else g
-            tl.store(grad_h_ptr + offs, grad_h.to(grad_h_ptr.dtype.element_ty), mask=mask)
+        acc = _add_tile(acc, grad_out_ptr, h_ptr, grad_h_ptr, offs, mask, factor, SCALE, WRITE_GRAD_H, ACC)
     return tl.sum(acc, axis=0)
 
 
