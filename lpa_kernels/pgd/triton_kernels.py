@@ -200,4 +200,5 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
         SPLIT=plan is not None, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h),
         BLOCK_D=block_d, BLOCK_Q=block_q, SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
         BLOCK_UPDATE=min(triton.next_power_of_2(D), BLOCK_UPDATE),
+        num_warps=8,  # with 4, ptxas spilled 8 B per thread on sm_80 (at 56 registers)
     ))
