@@ -131,6 +131,7 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
         num_classes, segments, F, per_class, inner, R, num_d_blocks, chunk, per_class * inner, block_d * inner,
         SPLIT=plan is not None, SCALE=scale, WRITE_GRAD_H=need_grad_h, ACC=acc, BLOCK_D=block_d, BLOCK_Q=block_q,
         SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
+        num_warps=8,  # with 4, ptxas spilled 8 B per thread on sm_80 (bf16, last-dim layout)
     )
     if kgrad_h is not grad_h:
         grad_h.copy_(kgrad_h)
