@@ -219,6 +219,18 @@ def test_gpu_epilogue_in_column_halves(target, tma, monkeypatch):
     check_against_reference(target, torch.bfloat16, (3, 5, 24), 45, 4, "silu", "scale")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tensor_descriptor_forward_on_gpu(dtype):
+    """On an sm_90+ GPU the autotuned TMA kernel (every config is timed, so every config runs) on
+    ragged tiles: M, N not multiples of any block, IN a multiple of 8 (TMA-addressable)."""
+    if not triton_kernels.tma_capable(torch.device("cuda")):
+        pytest.skip("needs an sm_90+ GPU")
+    assert triton_kernels._use_tma(torch.empty(1, 264, device="cuda", dtype=dtype),
+                                   torch.empty(1, 264, device="cuda", dtype=dtype))
+    check_against_reference(("triton", "cuda"), dtype, (300, 264), 333, 7, "gelu", "scale")
+
+
 @pytest.mark.parametrize("target", [KERNEL_TARGETS[0]])
 @pytest.mark.parametrize("in_features,tma_used", [(24, True), (19, False)], ids=["aligned", "unaligned"])
 def test_gpu_tensor_descriptor_forward_wiring(target, in_features, tma_used, monkeypatch):
