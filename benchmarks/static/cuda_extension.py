@@ -27,6 +27,25 @@ def _demangle(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
 
 
+def template_arguments(kernel: str) -> tuple[str, list[str]]:
+    """``("lpa::perturb_forward_kernel", ["float", "float", "4"])`` from a demangled kernel signature
+    (``void lpa::perturb_forward_kernel<float, float, 4>(float*, ...)``): its name and top-level
+    template arguments."""
+    head = kernel.removeprefix("void ").split("(", 1)[0]
+    name, _, rest = head.partition("<")
+    arguments, depth, current = [], 0, ""
+    for char in rest.rstrip().removesuffix(">"):
+        if char == "," and depth == 0:
+            arguments.append(current.strip())
+            current = ""
+            continue
+        depth += (char == "<") - (char == ">")
+        current += char
+    if current.strip():
+        arguments.append(current.strip())
+    return name, arguments
+
+
 def cuda_kernel_rows(archs=("sm_90a", "sm_80")) -> tuple[list[dict], str]:
     """``(rows, note)``: one row per kernel and arch; ``note`` says why there are none."""
     path = extension_path()

@@ -30,7 +30,8 @@ def nvidia_tool(name: str) -> str:
 # SASS
 # --------------------------------------------------------------------------------------------------
 
-_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+# An opcode with its modifiers, which may hold lower case: HGMMA.64x64x8.F32.TF32.
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
 TENSOR_CORE_SASS = ("HGMMA", "HMMA", "IMMA", "DMMA", "QGMMA", "IGMMA", "BGMMA")
 # REDUX is a warp-wide reduction, not an atomic; ATOMS works on shared memory.
 GLOBAL_ATOMIC_SASS = ("ATOM", "ATOMG", "RED", "REDG")
@@ -66,6 +67,10 @@ def sass_facts(opcodes: Counter) -> dict:
         facts[f"global_{kind}s_narrower"] = count(lambda op: base(op) == opcode and _sass_width(op) < 128)
     facts["tensor_core"] = {t: opcodes_n for t in TENSOR_CORE_SASS
                             if (opcodes_n := count(lambda op, t=t: base(op) == t))}
+    # TF32 tensor-core instructions (e.g. HGMMA.64x64x8.F32.TF32) and FP32 CUDA-core FMAs: which one a
+    # float32 GEMM runs on.
+    facts["tensor_core_tf32"] = count(lambda op: base(op) in TENSOR_CORE_SASS and ".TF32" in op)
+    facts["ffma"] = count(lambda op: base(op) == "FFMA")
     facts["async_copies"] = count(lambda op: base(op) in ("LDGSTS", "UTMALDG", "UBLKCP", "UTMASTG"))
     facts["tma_loads"] = count(lambda op: base(op) == "UTMALDG")
     facts["atomics"] = count(lambda op: base(op) in GLOBAL_ATOMIC_SASS)

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import pytest
 
-from lpa_bench.static import compile_worker, cuda_extension, roofline, shapes, steps
+from lpa_bench.static import compile_worker, cuda_extension, roofline, shapes, steps, tf32
 
 ARCHS = (90, 80)  # sm_90a (H100): every budget; sm_80 (A100): no spills
 
 # Memory-bound cases on the last-dim and channel-wise layouts: their main kernel (the one issuing the
 # most global loads) must move the bulk tensor with 128-bit accesses (gathers of delta may stay narrow).
 WIDE_ACCESS_CASES = [c.id for c in shapes.CASES if c.op in ("perturb", "class_grad_pgd_step_")]
+
+# CUDA C++ kernels with a 16-byte vector path: name -> (index of V among the template arguments,
+# whether the bulk output is stored by it too). The instances with V > 1 must issue LDG(/STG).E.128.
+CUDA_VECTOR_KERNELS = {
+    "lpa::perturb_forward_kernel": (2, True),  # <T, TD, V>: reads h, writes h~
+    "lpa::class_reduce_kernel": (0, False),  # <V, RUN, A, Op>: perturb and linear_perturb backward reductions
+    "lpa::softmax_xent_grad_kernel": (1, True),  # <T, V>: reads the logits, writes the gradient rows
+}
 
 # Host reads per training step today (issue 12's goal is zero). (layer, method, T) -> reads.
 HOST_READ_BUDGET = {
@@ -93,13 +101,53 @@ def test_no_triton_kernel_spills_registers(compiled, arch):
     assert not spilling, f"kernels spilling registers on sm_{arch} (case, kernel, config, store B, load B): {spilling}"
 
 
-def test_no_cuda_kernel_uses_local_memory():
-    """Spills of the CUDA C++ kernels land in local memory (cuobjdump's LOCAL per thread)."""
+@pytest.fixture(scope="module")
+def cuda_sm90():
+    """The built extension's kernels for sm_90a (the .so present is read, not rebuilt)."""
     rows, note = cuda_extension.cuda_kernel_rows(("sm_90a",))
     if note:
         pytest.skip(note)
-    spilling = [(r["kernel"], r["local_bytes"]) for r in rows if r["local_bytes"]]
-    assert rows and not spilling, spilling
+    return rows
+
+
+def _cuda_instances(rows, name):
+    """``[(template arguments, row)]`` of every instance of the CUDA kernel ``name``."""
+    found = [(arguments, r) for r in rows for kernel, arguments in [cuda_extension.template_arguments(r["kernel"])]
+             if kernel == name]
+    assert found, f"{name}: not in the extension"
+    return found
+
+
+def test_no_cuda_kernel_uses_local_memory(cuda_sm90):
+    """Spills of the CUDA C++ kernels land in local memory (cuobjdump's LOCAL per thread)."""
+    spilling = [(r["kernel"], r["local_bytes"]) for r in cuda_sm90 if r["local_bytes"]]
+    assert cuda_sm90 and not spilling, spilling
+
+
+@pytest.mark.parametrize("name", CUDA_VECTOR_KERNELS)
+def test_cuda_memory_bound_kernels_vector_paths_use_128_bit_accesses(cuda_sm90, name):
+    v_at, stores_too = CUDA_VECTOR_KERNELS[name]
+    vector = [(args, r) for args, r in _cuda_instances(cuda_sm90, name) if int(args[v_at]) > 1]
+    assert vector, f"{name}: no instance with a vector width V > 1"
+    narrow = [(r["kernel"], r["global_loads_128"], r["global_stores_128"]) for _, r in vector
+              if not r["global_loads_128"] or (stores_too and not r["global_stores_128"])]
+    assert not narrow, f"vector instances without 128-bit global loads (or stores) (kernel, LDG.128, STG.128): {narrow}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the CUDA class_grad_pgd_step_kernel reads grad_out (and h) one "
+                                       "element per thread (ClassGradTerm static_asserts V == 1); Triton's reads 128 bits")
+def test_cuda_class_grad_pgd_step_uses_128_bit_loads(cuda_sm90):
+    narrow = [r["kernel"] for _, r in _cuda_instances(cuda_sm90, "lpa::class_grad_pgd_step_kernel")
+              if not r["global_loads_128"]]
+    assert not narrow, f"without 128-bit global loads: {narrow}"
+
+
+def test_cuda_linear_gemm_uses_tensor_cores(cuda_sm90):
+    """The CUDA linear_perturb GEMM (wmma, float16 and bfloat16, vector and scalar tile loads) runs on HMMA."""
+    instances = _cuda_instances(cuda_sm90, "lpa::linear_wmma_kernel")
+    assert {args[0] for args, _ in instances} == {"__half", "__nv_bfloat16"}
+    without = [r["kernel"] for _, r in instances if not r["tensor_core"].get("HMMA")]
+    assert not without, f"without HMMA: {without}"
 
 
 @pytest.mark.parametrize("case_id", WIDE_ACCESS_CASES)
@@ -125,6 +173,29 @@ def test_linear_perturb_gemm_on_hopper_loads_by_tma(sm90, dtype):
     assert configs
     without = [e["autotune_config"] for e in configs if not e["tma_loads"] or "HGMMA" not in e["tensor_core"]]
     assert not without, f"autotune configs without TMA loads or HGMMA: {without}"
+
+
+@pytest.fixture(scope="module")
+def tf32_compiled():
+    summary = compile_worker.run("lpa_bench.static.tf32", [90], timeout=600)
+    if "unavailable" in summary:
+        pytest.skip(f"Triton's CUDA compiler is unavailable here: {summary['unavailable']}")
+    return summary
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
+def test_float32_linear_perturb_gemm_follows_torch_tf32_switch(tf32_compiled, allow_tf32):
+    """float32 GEMM: TF32 tensor cores (HGMMA/HMMA .TF32) exactly when torch.backends.cuda.matmul.allow_tf32
+    allows them, else IEEE fp32 on CUDA cores (FFMA, no tensor-core instruction); every autotune config."""
+    assert not tf32_compiled["failed"], [(e["autotune_config"], e["error"][:300]) for e in tf32_compiled["failed"]]
+    configs = [e for e in tf32_compiled["compiled"] if e["variant"] == tf32.variant(allow_tf32)]
+    assert configs
+    if allow_tf32:
+        wrong = [(e["autotune_config"], e["tensor_core"], e["ffma"]) for e in configs if not e["tensor_core_tf32"]]
+    else:
+        wrong = [(e["autotune_config"], e["tensor_core"], e["ffma"]) for e in configs
+                 if e["tensor_core"] or not e["ffma"]]
+    assert not wrong, f"allow_tf32={allow_tf32}: configs on the wrong units (config, tensor core, FFMA): {wrong}"
 
 
 def test_host_reads_per_step_within_budget(step_counts):
