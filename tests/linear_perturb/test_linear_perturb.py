@@ -285,3 +285,30 @@ def test_saves_no_more_than_the_eager_chain(target, activation, mode):
     fused = _saved_bytes(lambda *a: linear_perturb(*a, activation, mode, backend=backend), x, weight, bias, labels, delta)
     eager = _saved_bytes(lambda *a: eager_chain(*a, activation, mode), x, weight, bias, labels, delta)
     assert fused <= eager, f"fused op saves {fused} new bytes for the backward, the eager chain {eager}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_float32_forward_follows_torch_tf32_switch(backend, allow_tf32, monkeypatch):
+    """float32 forward GEMM: IEEE fp32 when ``torch.backends.cuda.matmul.allow_tf32`` is off (error within
+    the tolerance rule against torch's IEEE matmul); TF32 when it is on (error within twice torch's own
+    TF32 matmul's, and well above the IEEE error, so TF32 did run). IN = 1024: TF32's 10-bit mantissa
+    shows."""
+    x, weight, bias, labels, delta = make_inputs(torch.float32, "cuda", (300, 1024), 333, 7)
+    reference = naive.linear_perturb(*(t.cpu().double() if t.is_floating_point() else t.cpu()
+                                       for t in (x, weight, bias, labels, delta)), "none", "add")
+
+    def eager_error(tf32: bool) -> float:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+        return (eager_chain(x, weight, bias, labels, delta, "none", "add").double().cpu() - reference).abs().max().item()
+
+    ieee_error, tf32_error = eager_error(False), eager_error(True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    out = linear_perturb(x, weight, bias, labels, delta, "none", "add", backend=backend)
+    error = (out.double().cpu() - reference).abs().max().item()
+    if allow_tf32:
+        assert 10 * ieee_error < error <= 2 * tf32_error, \
+            f"{backend}: error {error:.3e} (torch's IEEE {ieee_error:.3e}, TF32 {tf32_error:.3e})"
+    else:
+        assert error <= 2 * ieee_error, f"{backend}: error {error:.3e} above twice torch's IEEE error {ieee_error:.3e}"
