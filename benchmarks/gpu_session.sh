@@ -4,8 +4,9 @@
 # 1. builds the package with its CUDA extension, 2. runs `pytest -m gpu`, 3. runs compute-sanitizer
 # memcheck and racecheck over benchmarks/sanitize_cuda.py, 4. runs the lpa-bench sweep with --json and
 # --plot. Every part has its own timeout (seconds, overridable by the variables below) and the whole
-# fits in about 10 minutes; a part that fails or times out is recorded and the next one still runs.
-# 5. profiles the training step (benchmarks/profile_step.py), 6. runs `lpa-bench static` for sm_90a.
+# fits in about 11 minutes; a part that fails or times out is recorded and the next one still runs.
+# 5. profiles the training step (benchmarks/profile_step.py), 6. runs `lpa-bench static --measure` for sm_90a
+# (compiled-code facts and modelled times, with each case's measured time and measured/modelled ratio).
 # Through a tool that returns few files, pack them: `OUT=/tmp/s bash benchmarks/gpu_session.sh; tar czf ...`.
 # Everything goes to $OUT, or to benchmarks/results/<device-name>/ when OUT is unset:
 #   session.json (device, date, commit, each part's exit code and seconds), nvidia-smi.txt,
@@ -19,7 +20,7 @@ T_SANITIZER=${T_SANITIZER:-45}      # each of memcheck and racecheck
 T_BENCH=${T_BENCH:-150}
 BENCH_BUDGET=${BENCH_BUDGET:-$((T_BENCH - 40))}  # lpa-bench stops starting new cases after this
 T_PROFILE=${T_PROFILE:-45}
-T_STATIC=${T_STATIC:-90}
+T_STATIC=${T_STATIC:-150}  # compiling for sm_90a, then timing each case (autotuning included)
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -85,7 +86,7 @@ step bench "$T_BENCH" "$OUT/bench.log" python -m lpa_bench.cli \
 # Where a training step's device time goes (kernels and launches per step), and the compiled-code report
 # whose modelled times the measured ones above check.
 step profile_step "$T_PROFILE" "$OUT/profile_step.log" python -m lpa_bench.profile_step --json "$OUT/profile_step.json"
-step static "$T_STATIC" "$OUT/static.log" python -m lpa_bench.cli static --arch 90a --json "$OUT/static.json"
+step static "$T_STATIC" "$OUT/static.log" python -m lpa_bench.cli static --arch 90a --measure --json "$OUT/static.json"
 
 python - "$OUT" "$DEVICE" "$DATE" "$COMMIT" <<'EOF'
 import json, sys

@@ -4,7 +4,8 @@
    memory, 128-bit vs narrower global accesses, tensor-core instructions, atomics, grid vs 132 SMs;
    and the built CUDA C++ extension's kernels (``cuda_extension``);
 2. the roofline model per case (``roofline``), every time labelled modelled;
-3. launches and host reads per LPA training step (``steps``).
+3. launches and host reads per LPA training step (``steps``);
+4. with ``--measure``, on a GPU: each case's measured time next to its modelled one (``measure``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import datetime
 import json
 import platform
 import subprocess
+import sys
 import time
 
-from lpa_bench.static import compile_worker, cuda_extension, roofline, shapes, steps
+from lpa_bench.static import compile_worker, cuda_extension, measure, roofline, shapes, steps
 
 SHAPES_PLAN = "lpa_bench.static.shapes"
 
@@ -49,7 +51,8 @@ def metadata(argv, archs) -> dict:
             "note": "compiled-code facts and MODELLED times; nothing here ran on a GPU"}
 
 
-def build_report(archs, argv=()) -> dict:
+def build_report(archs, argv=(), measured: bool = False) -> dict:
+    """The report; with ``measured`` (a CUDA GPU needed) each roofline row also gets its measured time."""
     start = time.perf_counter()
     triton_summary = compile_worker.run(SHAPES_PLAN, archs)
     if "unavailable" in triton_summary:
@@ -64,6 +67,13 @@ def build_report(archs, argv=()) -> dict:
         "roofline": roofline.roofline_rows(shapes.CASES, first_arch, triton_summary["recorded"]),
         "steps": steps.run(),
     }
+    if measured:
+        import torch
+
+        measure.add_measured(report["roofline"], measure.measure_cases(shapes.CASES))
+        report["meta"]["measured_on"] = torch.cuda.get_device_name()
+        report["meta"]["note"] = (f"compiled-code facts and MODELLED times (H100 SXM); measured_ms timed on "
+                                  f"{report['meta']['measured_on']} (triton.testing.do_bench, median)")
     report["meta"]["seconds"] = round(time.perf_counter() - start, 1)
     return report
 
@@ -95,12 +105,19 @@ def print_report(report: dict) -> None:
         print(f"  {r['arch']} {r['kernel'][:100]:<100} regs {r['registers']} local {r['local_bytes']} "
               f"ld {r['global_loads_128']}/{r['global_loads_narrower']} tc {r['tensor_core'] or '-'} "
               f"cp.async {r['async_copies']}")
-    print("\nRoofline (MODELLED H100 SXM times, ms; not measured):")
-    print(f"  {'case':<42} {'roofline':>9} {'kernels':>9} {'eager':>9} {'frac':>5} {'vs eager':>8}")
+    measured_on = report["meta"].get("measured_on")
+    print("\nRoofline (MODELLED H100 SXM times, ms" + (f"; measured on {measured_on}" if measured_on else "; not measured")
+          + "):")
+    print(f"  {'case':<42} {'roofline':>9} {'kernels':>9} {'eager':>9} {'frac':>5} {'vs eager':>8}"
+          + (f" {'measured':>9} {'meas/model':>10}" if measured_on else ""))
     for r in report["roofline"]:
+        measured = ""
+        if measured_on:
+            measured = (f" {r['measured_ms']:9.4f} {r['measured_over_modelled']:10.2f}" if r["measured_ms"] is not None
+                        else f" not measured: {r.get('measured_error', '')[:80]}")
         print(f"  {r['case']:<42} {r['modelled_roofline_ms']:9.4f} {r['modelled_kernel_ms']:9.4f} "
               f"{r['modelled_eager_ms']:9.4f} {r['modelled_fraction_of_roofline']:5.2f} "
-              f"{r['modelled_speedup_vs_eager']:7.2f}x")
+              f"{r['modelled_speedup_vs_eager']:7.2f}x{measured}")
     print("\nPer training step (MLP; aten launches, Triton launches, host reads):")
     for r in report["steps"]:
         method = r["method"] + ("" if r["steps"] is None else f" T={r['steps']}")
@@ -113,9 +130,14 @@ def main(argv) -> int:
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--arch", nargs="+", default=["90a", "80"], metavar="ARCH",
                    help="CUDA archs to compile the Triton kernels for (default: 90a 80)")
+    p.add_argument("--measure", action="store_true",
+                   help="also time each case on the GPU (triton.testing.do_bench) next to its modelled time")
     args = p.parse_args(argv)
+    if args.measure and (reason := measure.unavailable_reason()):
+        print(f"lpa-bench static: error: argument --measure: {reason}", file=sys.stderr)
+        return 2
     archs = list(dict.fromkeys(parse_arch(a) for a in args.arch))
-    report = build_report(archs, ["static", *argv])
+    report = build_report(archs, ["static", *argv], measured=args.measure)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -9,6 +9,7 @@ epilogue, whose launcher is called directly (the op's backward would also run tw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 INSPECT = True  # resource usage and PTX/SASS facts for every kernel
@@ -59,56 +60,79 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-def _call_case(case: Case, recorder) -> None:
+def case_calls(case: Case, device: str = "cpu") -> list[tuple[str, Callable[[], object]]]:
+    """The calls that make up ``case``, in order, each with the variant its launches belong to: ``SETUP``
+    (what only prepares the case, e.g. the forward before a backward), ``case.id`` (what the roofline
+    models) and, for a ``linear_perturb`` forward, ``without_tma(case.id)``. On the CPU the inputs are
+    ``torch.empty`` (the calls are recorded, not run); on a GPU they are random, so the calls can be
+    timed (each may run again: backward calls keep the graph, in-place steps stay within eps)."""
     import torch
 
     import lpa_kernels as lpa
     from lpa_kernels.linear_perturb import triton_kernels as linear
 
-    dtype, s = getattr(torch, case.dtype), case.sizes
-    empty = lambda *shape, dt=dtype, grad=False: torch.empty(shape, dtype=dt, requires_grad=grad)  # noqa: E731
-    labels = lambda B: torch.randint(0, s["K"], (B,))  # noqa: E731
+    dtype, s, gpu = getattr(torch, case.dtype), case.sizes, device != "cpu"
+
+    def empty(*shape, dt=dtype, grad=False):
+        t = torch.randn(shape, dtype=dt, device=device) if gpu else torch.empty(shape, dtype=dt)
+        return t.requires_grad_(grad)
+
+    labels = lambda B: torch.randint(0, s["K"], (B,), device=device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(shape, device=device)  # noqa: E731
     if case.op == "perturb":
         feature_shape, delta_shape = (((s["C"], s["H"], s["W"]), (s["C"], 1, 1)) if case.layout == "channel"
                                       else ((s["D"],), (s["D"],)))
         h, delta = empty(s["B"], *feature_shape, grad=True), empty(s["K"], *delta_shape, dt=torch.float32, grad=True)
         y = labels(s["B"])
         if case.pass_ == "fwd":
-            with torch.no_grad():
-                lpa.perturb(h, y, delta, backend="triton")
-        else:
-            recorder.variant = SETUP  # the forward's launches belong to the fwd case
-            out = lpa.perturb(h, y, delta, backend="triton")
-            recorder.variant = case.id
-            torch.autograd.grad(out, (h, delta), torch.empty_like(out))
-    elif case.op == "linear_perturb":
+            def forward():
+                with torch.no_grad():
+                    return lpa.perturb(h, y, delta, backend="triton")
+            return [(case.id, forward)]
+        state = {}
+        def setup():
+            state["out"] = lpa.perturb(h, y, delta, backend="triton")
+            state["grad"] = torch.empty_like(state["out"])
+        backward = lambda: torch.autograd.grad(state["out"], (h, delta), state["grad"], retain_graph=True)  # noqa: E731
+        return [(SETUP, setup), (case.id, backward)]
+    if case.op == "linear_perturb":
         x, w, b = empty(s["B"], s["IN"]), empty(s["OUT"], s["IN"]), empty(s["OUT"])
         delta, y = empty(s["K"], s["OUT"], dt=torch.float32), labels(s["B"])
-        if case.pass_ == "fwd":
-            forward = lambda: linear.linear_perturb_forward(  # noqa: E731
-                x, w, b, y, 1, delta.to(dtype), case.variant["activation"], case.variant["mode"], True)
-            forward()  # an H100: the tensor-descriptor (TMA) kernel
-            recorder.variant = without_tma(case.id)  # pre-Hopper GPUs, and unaligned operands on any
+        if case.pass_ == "bwd":
+            grad_out, preact = empty(s["B"], s["OUT"]), empty(s["B"], s["OUT"])
+            return [(case.id, lambda: linear.linear_perturb_backward_epilogue(
+                grad_out, preact, y, 1, delta, case.variant["activation"], case.variant["mode"]))]
+        delta_x = delta.to(dtype)
+        forward = lambda: linear.linear_perturb_forward(  # noqa: E731
+            x, w, b, y, 1, delta_x, case.variant["activation"], case.variant["mode"], True)
+
+        def forward_without_tma():  # pre-Hopper GPUs, and unaligned operands on any
             tma_capable, linear.tma_capable = linear.tma_capable, lambda device: False
             try:
-                forward()
+                return forward()
             finally:
                 linear.tma_capable = tma_capable
-        else:
-            linear.linear_perturb_backward_epilogue(empty(s["B"], s["OUT"]), empty(s["B"], s["OUT"]), y, 1,
-                                                    delta, case.variant["activation"], case.variant["mode"])
-    elif case.op == "head_pgd_":
-        lpa.head_pgd_(empty(s["B"], s["D"]), labels(s["B"]), empty(s["K"], s["D"]), empty(s["K"]),
-                      torch.zeros(s["K"], s["D"]), steps=s["T"], step_size=0.1, eps=1.0, norm=case.variant["norm"],
-                      backend="triton")
-    elif case.op == "pgd_step_":
-        lpa.pgd_step_(torch.zeros(s["K"], s["D"]), empty(s["K"], s["D"]), step_size=0.1, eps=1.0,
-                      norm=case.variant["norm"], backend="triton")
-    elif case.op == "class_grad_pgd_step_":
-        lpa.class_grad_pgd_step_(torch.zeros(s["K"], s["D"]), empty(s["B"], s["D"]), labels(s["B"]), step_size=0.1,
-                                 eps=1.0, norm=case.variant["norm"], backend="triton")
-    else:
-        raise ValueError(case.op)
+        return [(case.id, forward), (without_tma(case.id), forward_without_tma)]  # an H100: the TMA kernel
+    if case.op == "head_pgd_":
+        h, y, weight, bias, delta = empty(s["B"], s["D"]), labels(s["B"]), empty(s["K"], s["D"]), empty(s["K"]), \
+            zeros(s["K"], s["D"])
+        return [(case.id, lambda: lpa.head_pgd_(h, y, weight, bias, delta, steps=s["T"], step_size=0.1, eps=1.0,
+                                                norm=case.variant["norm"], backend="triton"))]
+    if case.op == "pgd_step_":
+        delta, grad = zeros(s["K"], s["D"]), empty(s["K"], s["D"])
+        return [(case.id, lambda: lpa.pgd_step_(delta, grad, step_size=0.1, eps=1.0, norm=case.variant["norm"],
+                                                backend="triton"))]
+    if case.op == "class_grad_pgd_step_":
+        delta, grad_out, y = zeros(s["K"], s["D"]), empty(s["B"], s["D"]), labels(s["B"])
+        return [(case.id, lambda: lpa.class_grad_pgd_step_(delta, grad_out, y, step_size=0.1, eps=1.0,
+                                                           norm=case.variant["norm"], backend="triton"))]
+    raise ValueError(case.op)
+
+
+def _call_case(case: Case, recorder) -> None:
+    for variant, call in case_calls(case):
+        recorder.variant = variant
+        call()
 
 
 def record(recorder) -> None:

@@ -165,6 +165,36 @@ def test_unavailable_device_or_named_backend_is_refused_before_running(monkeypat
     assert message in _refused(monkeypatch, capsys, argv)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_static_measure_without_a_gpu_is_refused_before_running(monkeypatch, capsys):
+    from lpa_bench.static import report
+
+    monkeypatch.setattr(report, "build_report", _no_benchmark)
+    assert cli.main(["static", "--measure"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("lpa-bench static: error: argument --measure: "), err
+    assert "needs a CUDA GPU" in err
+
+
+def test_static_measured_times_sit_next_to_the_modelled_ones():
+    from lpa_bench.static import measure
+
+    rows = [{"case": "a", "modelled_kernel_ms": 0.5}, {"case": "b", "modelled_kernel_ms": 1.0},
+            {"case": "c", "modelled_kernel_ms": 2.0}]
+    measure.add_measured(rows, {"a": {"measured_ms": 0.75}, "b": {"measured_error": "OutOfMemoryError: ..."}})
+    assert [(r["measured_ms"], r["measured_over_modelled"]) for r in rows] == [(0.75, 1.5), (None, None), (None, None)]
+    assert rows[1]["measured_error"].startswith("OutOfMemoryError") and "measured_error" not in rows[2]
+
+
+@pytest.mark.gpu
+def test_static_measure_times_a_case_on_the_gpu():
+    from lpa_bench.static import measure, shapes
+
+    case = next(c for c in shapes.CASES if c.id == "perturb bwd channel float32")
+    result = measure.measure_cases([case])[case.id]
+    assert result.get("measured_ms", 0) > 0, result
+
+
 def test_plot_without_matplotlib_is_refused_before_running_and_names_the_extra(monkeypatch, capsys, tmp_path):
     import importlib.util
 
