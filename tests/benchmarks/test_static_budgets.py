@@ -2,7 +2,9 @@
 
 The Triton kernels of ``lpa-bench static``'s shape set are compiled once for sm_90a and sm_80 (module
 fixture, about two minutes on two cores) and read back: registers and spills from ptxas, access widths and
-tensor-core instructions from the SASS. The training step's launches and host reads come from
+tensor-core instructions from the SASS; the float32 GEMM is compiled again with torch's TF32 switch on
+and off (``lpa_bench.static.tf32``), and the built CUDA C++ extension's sm_90a SASS is read with
+cuobjdump (``lpa_bench.static.cuda_extension``). The training step's launches and host reads come from
 ``lpa_bench.static.counting.LaunchCounter`` under the Triton interpreter. A budget missed today is an
 expected failure (``strict``: it must start failing the day the gap is closed) naming its issue;
 no budget is loosened to pass.
