@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from lpa_kernels._common import compute_dtype
+
 
 def class_mean_true_prob(p_true: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """``(p_c (K,), present (K,) bool)`` from the per-sample true-class probabilities ``p_true (B,)``."""
-    p_true = p_true.detach().float()
-    counts = torch.bincount(labels, minlength=num_classes).float()
-    sums = torch.zeros(num_classes, device=p_true.device).index_add_(0, labels, p_true)
+    """``(p_c (K,), present (K,) bool)`` from the per-sample true-class probabilities ``p_true (B,)``;
+    ``p_c`` in ``p_true``'s compute dtype (float32, or float64 for float64 input), whatever the default
+    dtype. Sums by ``index_add_`` (``bincount`` would sync the device)."""
+    dtype = compute_dtype(p_true.dtype)
+    p_true = p_true.detach().to(dtype)
+    counts = torch.zeros(num_classes, dtype=dtype, device=p_true.device).index_add_(0, labels, torch.ones_like(p_true))
+    sums = torch.zeros(num_classes, dtype=dtype, device=p_true.device).index_add_(0, labels, p_true)
     present = counts > 0
     return torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums)), present
 
@@ -30,9 +35,15 @@ def direction_from_class_means(p_c: torch.Tensor, present: torch.Tensor):
     """``(direction (K,), magnitude (K,))`` from the per-class mean true-class probabilities ``p_c`` and
     the mask of classes present; used where ``p_c`` is reduced over several processes first."""
     # Written without a device sync (no data-dependent Python branch): it runs once per training step.
-    weight = present.to(p_c.dtype)
-    thr = (p_c * weight).sum() / weight.sum().clamp_min(1)
-    gap = torch.where(present, thr - p_c, torch.zeros_like(p_c))
+    gap = confidence_gap(p_c, present)
     size = gap.abs()
     largest = size.amax() if gap.numel() else gap.new_zeros(())
     return torch.sign(gap), size / largest.clamp_min(torch.finfo(size.dtype).tiny)
+
+
+def confidence_gap(p_c: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` ``thr - p_c`` for the classes present (0 for the others), ``thr`` the mean of ``p_c`` over
+    the classes present; no device sync."""
+    weight = present.to(p_c.dtype)
+    thr = (p_c * weight).sum() / weight.sum().clamp_min(1)
+    return torch.where(present, thr - p_c, torch.zeros_like(p_c))

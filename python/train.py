@@ -40,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 from lpa_kernels.backend import BACKENDS, resolve
-from lpa_kernels.lpa import METHODS, LPAConfig, build_method
+from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig, build_method
+from lpa_kernels.lpa.config import LOSSES
 from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_images, load, shot_groups
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
@@ -51,15 +52,25 @@ from lpa_programs.plot import EpochLog, check_option as check_plot_option, write
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
 # CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
 CONFIG_OPTIONS = {
+    "loss": dict(choices=LOSSES, help="ce, or la: logit-adjusted cross-entropy CE(f(x) + tau log prior); the la* "
+                                      "methods force la"),
+    "tau": dict(type=float, help="logit-adjustment temperature"),
     "mode": dict(choices=("add", "scale"), help="perturbation: h + delta[y] or h * (1 + delta[y])"),
     "norm": dict(choices=("linf", "l2"), help="PGD norm ball"),
     "eps": dict(type=float, help="perturbation radius"),
-    "step_size": dict(type=float, help="PGD step size"),
+    "step_size": dict(type=float, help="PGD step size (default: 2.5 x the largest radius / steps, so the radius "
+                                       "binds; a quarter of the radius in single pass)"),
     "steps": dict(type=int, help="PGD steps per batch; 0 = single pass (delta carried, one update per step)"),
-    "direction": dict(choices=("confidence", "frequency", "ascent", "descent", "loss_trend"),
-                      help="per-class direction policy (+1 ascend / -1 descend the class loss)"),
-    "radius": dict(choices=("constant", "confidence", "frequency"), help="per-class radius policy"),
-    "gamma": dict(type=float, help="exponent of the frequency radius eps * (n_max / n_c) ** gamma"),
+    "direction": dict(choices=DIRECTIONS, help="per-class direction policy (+1 ascend / -1 descend the class "
+                                               "loss): " + DIRECTIONS.help_text()),
+    "radius": dict(choices=RADII, help="per-class radius policy: " + RADII.help_text()),
+    "gamma": dict(type=float, help="exponent of the frequency radius eps * (n_min / n_c) ** gamma"),
+    "delta_eps": dict(type=float, help="confidence radius bonus, a fraction of eps"),
+    "head_classes": dict(type=int, help="head classes of the split direction and budget radius (default: "
+                                        "LPL's 4 of 10, 27 of 100, else 30%%)"),
+    "head_fraction": dict(type=float, help="the head as a fraction of the classes (instead of --head-classes)"),
+    "head_budget": dict(type=float, help="budget radius: LPL step count of the most frequent class"),
+    "tail_budget": dict(type=float, help="budget radius: LPL step count of the rarest class"),
     "init": dict(choices=("fresh", "carried"),
                  help="delta starts at 0 every batch, or is carried across batches (default: carried with "
                       "--steps 0, fresh otherwise)"),
@@ -67,7 +78,7 @@ CONFIG_OPTIONS = {
                         help="delta per class: the full activation shape, per channel (NCHW) or per last dim"),
     "head": dict(choices=("auto", "always", "never"), help="use the fused linear-head PGD fast path"),
     "lpl_eps": dict(type=float, help="LPL logit-offset radius"),
-    "lpl_step_size": dict(type=float, help="LPL step size"),
+    "lpl_step_size": dict(type=float, help="LPL step size (default: as --step-size, for LPL's radius and steps)"),
     "lpl_steps": dict(type=int, help="LPL PGD steps"),
     "noise_std": dict(type=float, help="std of the Gaussian-noise baseline"),
     "dropout_p": dict(type=float, help="drop probability of the dropout baseline"),
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary, examples = __doc__.replace("``", "").split("\n\n")[:2]
     p = Parser(prog="lpa-train", description=summary, epilog=examples, formatter_class=_HelpFormatter)
     p.add_argument("--method", nargs="+", default=["erm", "lpa"], choices=METHODS, metavar="METHOD",
-                   help=f"one or more of {', '.join(METHODS)}")
+                   help="one or more of: " + METHODS.help_text())
     p.add_argument("--dataset", default="digits-lt", choices=DATASETS, metavar="NAME",
                    help="one of " + ", ".join(DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py / cifar-100-python (CIFAR only)")

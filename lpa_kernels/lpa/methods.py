@@ -1,4 +1,5 @@
-"""Training methods that perturb a model at a named layer: LPA, LPL, LPA+LPL and the baselines.
+"""Training methods that perturb a model at a named layer: LPA, LPL, LPA+LPL, their logit-adjusted
+variants (LA, LA+LPA, LA+LPL, LA+LPA+LPL) and the baselines, registered in ``METHODS``.
 
 Every method follows one protocol::
 
@@ -8,6 +9,11 @@ Every method follows one protocol::
 
 ``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never
 modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
+
+Logit adjustment (``LPAConfig.loss == "la"``, forced by the "la" methods): every training cross-entropy,
+the PGD steps' included, is taken on ``logits + tau * log(prior)`` with ``prior = class_counts / sum``
+(Menon et al. 2021); the model's own logits, which evaluation uses, are not shifted. LPL's offset is
+learned on the adjusted logits, as in LPL's long-tail code.
 """
 
 from __future__ import annotations
@@ -24,14 +30,41 @@ from lpa_kernels.lpa import state as _state
 from lpa_kernels.lpa.collectives import begin_training_call
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.policy import Policy
+from lpa_kernels.lpa.registry import METHODS
 from lpa_kernels.lpa.site import ClassSite, frozen_batchnorm_stats
 from lpa_kernels.lpa.split import explicit_split, trace_split
-
-METHODS = ("erm", "lpa", "lpl", "lpa+lpl", "dropout", "noise", "mixup", "adv")
 
 
 def _identity_upper(z, extras):
     return z
+
+
+def logit_adjustment(class_counts, tau: float) -> torch.Tensor:
+    """``(K,)`` float64 ``tau * log(n_c / sum n)``, the shift of the logit-adjusted loss."""
+    if class_counts is None:
+        raise ValueError("loss='la' (logit adjustment) needs class_counts, the (K,) training samples per class")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if not (counts > 0).all():
+        raise ValueError(f"loss='la' needs every class_counts entry > 0 (log prior), got {counts.tolist()}")
+    return tau * (counts / counts.sum()).log()
+
+
+class AdjustedLinear:
+    """The classifier ``linear`` with ``shift (K,)`` added to its bias, for the fused ``head_pgd_`` path
+    under logit adjustment: it reads ``weight``, ``bias``, ``in_features``, ``out_features``."""
+
+    def __init__(self, linear: nn.Linear, shift: Callable[[torch.Tensor], torch.Tensor]):
+        self.linear, self.shift = linear, shift
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        shift = self.shift(self.linear.weight)
+        return shift if self.linear.bias is None else self.linear.bias + shift
 
 
 class Method:
@@ -63,6 +96,19 @@ class Method:
         # where BatchNorm statistics must not move during extra upper forwards
         self._norm_scope = self.split.upper if isinstance(self.split.upper, nn.Module) else model
         self._counts = dict(lower_forwards=0, upper_forwards=0, training_steps=0, pgd_steps=0)
+        self._shift = logit_adjustment(class_counts, self.config.tau) if self.config.loss == "la" else None
+        self._shifts = {}  # (device, dtype) -> the logit-adjustment shift there
+
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the training loss reads: ``logits + tau * log(prior)`` under logit adjustment."""
+        return logits if self._shift is None else logits + self._shift_like(logits)
+
+    def _shift_like(self, like: torch.Tensor) -> torch.Tensor:
+        """The logit-adjustment shift on ``like``'s device and dtype, copied there once."""
+        key = (like.device, like.dtype)
+        if key not in self._shifts:
+            self._shifts[key] = self._shift.to(like.device, like.dtype)
+        return self._shifts[key]
 
     def __repr__(self) -> str:
         delta = getattr(self, "delta", None)  # the class-perturbation methods' learned state
@@ -105,7 +151,7 @@ class Method:
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
-        return F.cross_entropy(logits, y), logits
+        return F.cross_entropy(self._adjusted(logits), y), logits
 
     def _features(self, h, extras, y, preview=False):
         """The activations the training forward continues from (identity for ERM). ``preview``: for
@@ -220,7 +266,7 @@ class Adversarial(Method):
         probe = h if h.requires_grad else h.detach().requires_grad_(True)
         detached = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
         with frozen_batchnorm_stats(self._norm_scope), torch.enable_grad():
-            loss = F.cross_entropy(self._upper(probe, detached), y)
+            loss = F.cross_entropy(self._adjusted(self._upper(probe, detached)), y)
             (grad,) = torch.autograd.grad(loss, probe)
         return h + self.config.adv_eps * grad.sign()
 
@@ -241,7 +287,8 @@ class ManifoldMixup(Method):
     def _forward_loss(self, h, extras, y):
         lam, order, h, extras = self._mix(h, extras)
         logits = self._upper(h, extras)
-        return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[order]), logits
+        adjusted = self._adjusted(logits)
+        return lam * F.cross_entropy(adjusted, y) + (1 - lam) * F.cross_entropy(adjusted, y[order]), logits
 
     def _features(self, h, extras, y, preview=False):
         return self._mix(h, extras)[2]
@@ -275,14 +322,23 @@ class ClassPerturbationMethod(Method):
     def _sites(self):
         return [s for s in (self.lpa, self.lpl) if s is not None]
 
+    def _pgd_upper(self, h, extras):
+        """What LPA's PGD steps differentiate: the upper network's logits as the training loss reads them."""
+        return self._adjusted(self._upper(h, extras))
+
+    def _pgd_head(self):
+        """The classifier for LPA's fused head path, its bias shifted under logit adjustment."""
+        head = self.split.head
+        return head if head is None or self._shift is None else AdjustedLinear(head, self._shift_like)
+
     def _features(self, h, extras, y, preview=False):
         if self.lpa is None:
             return h
         if preview:
             _checks.check_labels(y, h.shape[0], self.num_classes)
-            delta = self.lpa.preview_delta(h, extras, y, self._upper, self.split.head)
+            delta = self.lpa.preview_delta(h, extras, y, self._pgd_upper, self._pgd_head())
         else:
-            delta = self.lpa.training_delta(h, extras, y, self._upper, self.split.head)
+            delta = self.lpa.training_delta(h, extras, y, self._pgd_upper, self._pgd_head())
             self._counts["pgd_steps"] += self.lpa.steps
         return self.lpa.apply(h, y, delta)
 
@@ -293,11 +349,11 @@ class ClassPerturbationMethod(Method):
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
-        trained = logits
+        trained = self._adjusted(logits)
         if self.lpl is not None:
-            delta = self.lpl.training_delta(logits.detach(), (), y, _identity_upper)
+            delta = self.lpl.training_delta(trained.detach(), (), y, _identity_upper)
             self._counts["pgd_steps"] += self.lpl.steps
-            trained = self.lpl.apply(logits, y, delta)
+            trained = self.lpl.apply(trained, y, delta)
         log_probs = None
         if trained.dtype == compute_dtype(trained.dtype):
             # F.cross_entropy is nll_loss(log_softmax): one log-softmax serves the loss and the class
@@ -333,16 +389,31 @@ class ClassPerturbationMethod(Method):
         return None if self.lpl is None else self.lpl.delta
 
 
-_BUILDERS = {
-    "erm": Method,
-    "dropout": Dropout,
-    "noise": Noise,
-    "mixup": ManifoldMixup,
-    "adv": Adversarial,
-    "lpa": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=True, use_lpl=False),
-    "lpl": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=False, use_lpl=True),
-    "lpa+lpl": lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=True, use_lpl=True),
-}
+def _perturbation(use_lpa: bool, use_lpl: bool) -> Callable[..., ClassPerturbationMethod]:
+    return lambda *a, **k: ClassPerturbationMethod(*a, **k, use_lpa=use_lpa, use_lpl=use_lpl)
+
+
+_LPA_SETTINGS = ("mode", "norm", "eps", "step_size", "steps", "init", "delta_shape", "head")
+_LPL_SETTINGS = ("lpl_eps", "lpl_step_size", "lpl_steps")
+_LA = {"loss": "la"}
+METHODS.add("erm", Method, "plain cross-entropy training", settings=())
+METHODS.add("lpa", _perturbation(True, False), "LPA: per-class PGD perturbation at the layer",
+            settings=_LPA_SETTINGS, policies=True)
+METHODS.add("lpl", _perturbation(False, True), "LPL: per-class PGD offset on the logits",
+            settings=_LPL_SETTINGS, policies=True)
+METHODS.add("lpa+lpl", _perturbation(True, True), "LPA and LPL together", settings=_LPA_SETTINGS + _LPL_SETTINGS,
+            policies=True)
+METHODS.add("la", Method, "logit-adjusted cross-entropy (tau)", settings=(), overrides=_LA)
+METHODS.add("la+lpa", _perturbation(True, False), "LPA with the logit-adjusted loss", settings=_LPA_SETTINGS,
+            policies=True, overrides=_LA)
+METHODS.add("la+lpl", _perturbation(False, True), "LPL on the logit-adjusted logits (LPL's long-tail method)",
+            settings=_LPL_SETTINGS, policies=True, overrides=_LA)
+METHODS.add("la+lpa+lpl", _perturbation(True, True), "LPA and LPL with the logit-adjusted loss",
+            settings=_LPA_SETTINGS + _LPL_SETTINGS, policies=True, overrides=_LA)
+METHODS.add("dropout", Dropout, "dropout on the layer's output (dropout_p)", settings=("dropout_p",))
+METHODS.add("noise", Noise, "Gaussian noise on the layer's output (noise_std)", settings=("noise_std",))
+METHODS.add("mixup", ManifoldMixup, "manifold mixup at the layer (mixup_alpha)", settings=("mixup_alpha",))
+METHODS.add("adv", Adversarial, "one FGSM step on the layer's output per sample (adv_eps)", settings=("adv_eps",))
 
 
 def build_method(name: str, model: nn.Module, num_classes: int, layer: str | None = None,
@@ -352,9 +423,11 @@ def build_method(name: str, model: nn.Module, num_classes: int, layer: str | Non
     ``layer`` (dotted name). The model is split there with torch.fx; where it cannot be traced, pass
     ``lower(x) -> h`` and ``upper(h) -> logits`` instead. ``class_counts (K,)``: training samples per
     class, for the "frequency" direction and radius policies."""
-    if name not in _BUILDERS:
+    if name not in METHODS:
         raise ValueError(f"name must be one of {', '.join(map(repr, METHODS))}; got {name!r}")
-    method = _BUILDERS[name](model, num_classes, layer, config, class_counts, lower, upper)
+    config = (config if config is not None else LPAConfig()).for_method(name)
+    method = METHODS[name].value(model, num_classes, layer, config, class_counts, lower, upper)
+    method.name = name
     classifier = _output_linear(method.split.upper)
     if classifier is not None and classifier.out_features != num_classes:
         # caught here, not at the first batch holding a label >= num_classes (or never, for LPA's deltas)

@@ -6,15 +6,18 @@ before a policy reads them, so every rank derives the same direction and radius.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lpa_kernels._common import compute_dtype
-from lpa_kernels.confidence import direction_from_class_means
 from lpa_kernels.lpa.collectives import all_reduce_sum, world_size  # noqa: F401 (site.py imports them from here)
 from lpa_kernels.lpa.config import LPAConfig
+from lpa_kernels.lpa.policies import DIRECTIONS, RADII, ClassInputs
+from lpa_kernels.lpa.registry import Entry
 
-# A class whose radius policy gives 0 (absent, or exactly on the confidence threshold) gets this fraction
-# of eps instead, because the PGD ops require eps > 0; its direction is 0 there, so delta stays ~0.
+# A class whose batch radius policy gives 0 (e.g. "confidence_linear" for a class absent or exactly on the
+# confidence threshold) gets this fraction of eps instead, because the PGD ops require eps > 0; its direction is 0 there, so delta stays ~0.
 MIN_RADIUS_FRACTION = 1e-6
 
 
@@ -31,10 +34,6 @@ def class_stats_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, nu
     rows = torch.cat([torch.ones_like(log_p_true), log_p_true.exp(), -log_p_true], dim=1)
     stats = torch.zeros(num_classes, 3, dtype=rows.dtype, device=rows.device).index_add_(0, labels, rows).T.contiguous()
     return all_reduce_sum(stats, "class statistics")
-
-
-def _named(direction, name: str) -> bool:
-    return isinstance(direction, str) and direction == name
 
 
 def _means(stats: torch.Tensor):
@@ -55,14 +54,29 @@ def _rejected(stats: torch.Tensor) -> torch.Tensor:
     return (counts > 0) & ~(torch.isfinite(p_sum) & torch.isfinite(ce_sum))
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """A policy chosen for one role ("direction" or "radius")."""
+
+    kind: str
+    entry: Entry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def meta(self) -> dict:
+        return self.entry.meta
+
+
 class Policy:
     """Turns the config's direction/radius choice into ``(direction (K,), eps (K,))`` for one PGD run.
 
-    Directions: "confidence" (``sign(thr - p_c)``), "frequency" (+1 for classes with fewer training samples
-    than the median count, else -1), "ascent" (+1), "descent" (-1), "loss_trend" (see ``observe``), or the
-    user's ``(K,)`` tensor. Radii: "constant" (``eps``), "confidence" (``eps * |thr - p_c| / max |thr -
-    p_c|``), "frequency" (``eps * (n_max / n_c) ** gamma`` normalised so the largest is ``eps``, i.e.
-    ``eps * (n_min / n_c) ** gamma``). The step size is the same for every class.
+    ``config.direction`` names a registered direction policy (``policies.DIRECTIONS``) or is the user's
+    ``(K,)`` tensor; ``config.radius`` names a registered radius policy (``policies.RADII``). ``eps`` is the
+    site's base radius. Batch-independent policies are evaluated once (float64, host) and cached per device
+    and dtype; batch policies run on the device without a sync. The step size is the same for every class.
     """
 
     def __init__(self, config: LPAConfig, num_classes: int, eps: float, class_counts: torch.Tensor | None):
@@ -70,43 +84,44 @@ class Policy:
         direction = config.direction
         if isinstance(direction, torch.Tensor) and tuple(direction.shape) != (num_classes,):
             raise ValueError(f"direction must be a policy name or a ({num_classes},) tensor, got shape {tuple(direction.shape)}")
-        if (_named(direction, "frequency") or config.radius == "frequency") and class_counts is None:
-            raise ValueError("direction='frequency' and radius='frequency' need class_counts, the (K,) "
-                             "number of training samples per class")
+        self.direction_rule = None if isinstance(direction, torch.Tensor) else DIRECTIONS[direction]
+        self.radius_rule = RADII[config.radius]
+        counted = [f"{rule.kind}={rule.name!r}" for rule in self._rules() if rule.meta.get("needs_counts")]
+        if counted and class_counts is None:
+            raise ValueError(f"{' and '.join(counted)} need class_counts, the (K,) number of training samples per class")
         self.counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float64)
         if self.counts is not None and tuple(self.counts.shape) != (num_classes,):
             raise ValueError(f"class_counts must have shape ({num_classes},), got {tuple(self.counts.shape)}")
         self.loss_ema = self.fall_ema = None  # loss_trend state, (K,) once observed; NaN = class not seen yet
         self._skipped = None  # loss_trend: class statistics left out for being non-finite (a device counter)
-        self._fixed = {}  # (device, dtype) -> the policy tensors that do not depend on the batch
+        self._fixed = {}  # (kind, device, dtype) -> a batch-independent policy's tensor
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
+
+    def _rules(self):
+        rules = [] if self.direction_rule is None else [_Rule("direction", self.direction_rule)]
+        return rules + [_Rule("radius", self.radius_rule)]
 
     @property
     def needs_stats(self) -> bool:
         """Whether ``resolve`` reads the batch's class statistics (from the first PGD step's logits)."""
-        return _named(self.config.direction, "confidence") or self.config.radius == "confidence"
+        return any(rule.meta.get("batch") for rule in self._rules())
 
     @property
     def tracks_loss(self) -> bool:
-        """Whether ``observe`` keeps per-class loss history ("loss_trend")."""
-        return _named(self.config.direction, "loss_trend")
+        """Whether ``observe`` keeps per-class loss history (a direction that reads the loss trend)."""
+        return self.direction_rule is not None and bool(self.direction_rule.meta.get("trend"))
 
-    def _constant(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A batch-independent ``(K,)`` tensor, computed once in float64 and kept on ``like``'s device."""
-        key = (name, like.device, compute_dtype(like.dtype))
+    def _inputs(self, **batch) -> ClassInputs:
+        return ClassInputs(self.config, self.eps, self.num_classes, self.counts, **batch)
+
+    def _constant(self, rule: _Rule, like: torch.Tensor) -> torch.Tensor:
+        """A batch-independent policy's ``(K,)`` tensor, computed once in float64 and kept on ``like``'s device."""
+        key = (rule.kind, like.device, compute_dtype(like.dtype))
         if key not in self._fixed:
-            k, counts = self.num_classes, self.counts
-            value = {
-                "ascent": lambda: torch.ones(k, dtype=torch.float64),
-                "descent": lambda: -torch.ones(k, dtype=torch.float64),
-                "frequency": lambda: torch.where(counts < torch.quantile(counts, 0.5), 1.0, -1.0).double(),
-                "eps": lambda: torch.full((k,), float(self.eps), dtype=torch.float64),
-                "frequency_eps": lambda: self.eps * (counts.min() / counts.clamp_min(1)) ** self.config.gamma,
-            }[name]()
-            value = value.to(dtype=key[2])
-            if name.endswith("eps") and not (value > 0).all():  # once (on the host): the PGD ops skip this check
-                raise ValueError(f"the {self.config.radius!r} radius policy gives eps <= 0 for some class: {value}")
-            self._fixed[key] = value.to(like.device)
+            value = rule.entry.value(self._inputs()).double()
+            if rule.kind == "radius" and not (value > 0).all():  # once (on the host): the PGD ops skip this check
+                raise ValueError(f"the {rule.name!r} radius policy gives eps <= 0 for some class: {value}")
+            self._fixed[key] = value.to(like.device, key[2])
         return self._fixed[key]
 
     def _user_direction(self, direction: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -119,24 +134,26 @@ class Policy:
 
     def resolve(self, stats: torch.Tensor | None, like: torch.Tensor):
         """``(direction, eps)`` as ``(K,)`` tensors on ``like``'s device, in its compute dtype."""
-        direction, radius, dtype = self.config.direction, self.config.radius, compute_dtype(like.dtype)
-        conf_sign = conf_magnitude = None
+        dtype = compute_dtype(like.dtype)
+        batch = {}
         if self.needs_stats:
             present, p_c, _ = _means(stats)
-            conf_sign, conf_magnitude = (t.to(dtype) for t in direction_from_class_means(p_c, present))
-        if isinstance(direction, torch.Tensor):
-            sign = self._user_direction(direction, like.device, dtype)
-        elif direction == "confidence":
-            sign = conf_sign
-        elif direction == "loss_trend":
-            sign = self._trend_direction().to(like.device, dtype)
-        else:
-            sign = self._constant(direction, like)
-        if radius == "confidence":
-            eps = self.eps * conf_magnitude.clamp_min(MIN_RADIUS_FRACTION)
-        else:
-            eps = self._constant("frequency_eps" if radius == "frequency" else "eps", like)
-        return sign, eps
+            batch = dict(present=present, p_true=p_c.to(dtype))
+        if self.tracks_loss:
+            batch["trend"] = self._trend_direction().to(like.device, dtype)
+        inputs = self._inputs(**batch)
+        values = []
+        for rule in self._rules():
+            if rule.meta.get("batch") or rule.meta.get("trend"):
+                value = rule.entry.value(inputs).to(like.device, dtype)
+                if rule.kind == "radius":  # the PGD ops need eps > 0 (a class on thr may get 0)
+                    value = value.clamp_min(self.eps * MIN_RADIUS_FRACTION)
+            else:
+                value = self._constant(rule, like)
+            values.append(value)
+        if self.direction_rule is None:
+            values.insert(0, self._user_direction(self.config.direction, like.device, dtype))
+        return tuple(values)
 
     def observe(self, stats: torch.Tensor) -> None:
         """Feed one training batch's class statistics to the "loss_trend" policy.
@@ -170,7 +187,7 @@ class Policy:
 
     def _trend_direction(self) -> torch.Tensor:
         if self.loss_ema is None:
-            return torch.zeros(self.num_classes)
+            return torch.zeros(self.num_classes, dtype=torch.float64)
         seen = ~self.loss_ema.isnan()
         # the mean over the seen classes, without selecting them (a device sync); unseen falls are 0
         mean_fall = self.fall_ema.sum() / seen.sum()

@@ -45,15 +45,92 @@ def _logits_with_true_probs(pairs, k=4):
     return torch.stack(rows), torch.tensor([label for label, _ in pairs])
 
 
-def test_confidence_direction_and_radius_from_a_hand_table():
+def _hand_table_stats():
     # class means p_c: 0 -> (0.9 + 0.7) / 2 = 0.8, 1 -> 0.2, 2 -> 0.6, 3 absent; thr = 1.6 / 3
     logits, labels = _logits_with_true_probs([(0, 0.9), (0, 0.7), (1, 0.2), (2, 0.6)])
-    stats = class_stats(logits, labels, 4)
-    direction, eps = resolve(stats, direction="confidence", radius="confidence", eps=2.0)
+    return class_stats(logits, labels, 4)
+
+
+def test_confidence_direction_and_linear_radius_from_a_hand_table():
+    direction, eps = resolve(_hand_table_stats(), direction="confidence", radius="confidence_linear", eps=2.0)
     assert direction.tolist() == [-1.0, 1.0, -1.0, 0.0], "less confident than average -> +1, more -> -1, absent -> 0"
     # gaps |thr - p_c| = 0.2667, 0.3333, 0.0667 -> divided by the largest (1/3): 0.8, 1.0, 0.2
     assert torch.allclose(eps[:3], torch.tensor([1.6, 2.0, 0.4], dtype=torch.float64), rtol=1e-9)
     assert 0 < eps[3] < 1e-5, "an absent class gets a (positive) vanishing radius"
+
+
+def test_confidence_radius_is_a_base_plus_a_bonus_normalised_on_each_side_of_the_threshold():
+    # thr - p_c = -0.2667 (class 0), +0.3333 (1), -0.0667 (2), absent (3). Above thr (0, 2) the largest gap is
+    # 0.2667: scaled 1 and 0.25; below thr class 1 alone: 1. eps * (1 + 0.1 * scaled), absent: the base eps.
+    _, eps = resolve(_hand_table_stats(), direction="ascent", radius="confidence", eps=2.0, delta_eps=0.1)
+    assert torch.allclose(eps, torch.tensor([2.2, 2.2, 2.05, 2.0], dtype=torch.float64), rtol=1e-9)
+
+
+# CIFAR-100-LT at 100:1 (n_c = 500 * 0.01 ** (c / 99), floored, as LPL's and LDAM's data code build it)
+CIFAR100_LT = [int(500 * 0.01 ** (c / 99)) for c in range(100)]
+
+
+def _lpl_step_counts(counts, split, head_scale, tail_scale):
+    """LPL's get_step (lpl-longtail-100/la_lpl_cifar100.py): an index into its list of PGD steps, i.e. the
+    number of steps taken minus one, for classes sorted by decreasing count."""
+    return [round(counts[i] / counts[0] * head_scale - 1) if i < split else round(counts[-1] / counts[i] * tail_scale - 1)
+            for i in range(len(counts))]
+
+
+def test_split_direction_and_budget_radius_follow_lpl_on_cifar100_lt():
+    config = LPAConfig(direction="split", radius="budget", eps=5.0)  # LPL's defaults: 27 head classes, 10 / 50
+    direction, eps = Policy(config, 100, 5.0, torch.tensor(CIFAR100_LT)).resolve(None, LIKE)
+    assert direction.tolist() == [-1.0] * 27 + [1.0] * 73, "LPL: the first 27 of 100 classes descend"
+    steps = [index + 1 for index in _lpl_step_counts(CIFAR100_LT, 27, 10, 50)]
+    assert max(steps) == 50 and steps[0] == 10
+    assert torch.allclose(eps, 5.0 * torch.tensor(steps, dtype=torch.float64) / 50, rtol=1e-12)
+
+
+def test_split_follows_the_class_counts_not_the_index_and_takes_a_fraction_or_an_index():
+    counts = torch.tensor([5, 100, 20, 50])  # frequency order: 1, 3, 2, 0
+    assert resolve(counts=counts, direction="split", head_classes=2)[0].tolist() == [1.0, -1.0, 1.0, -1.0]
+    assert resolve(counts=counts, direction="split", head_fraction=0.25)[0].tolist() == [1.0, -1.0, 1.0, 1.0]
+    assert resolve(direction="split", head_classes=1)[0].tolist() == [-1.0, 1.0, 1.0, 1.0], "no counts: by index"
+    direction, _ = Policy(LPAConfig(direction="split"), 10, 1.0, None).resolve(None, LIKE)
+    assert direction.tolist() == [-1.0] * 4 + [1.0] * 6, "LPL's CIFAR-10-LT split: 4 of 10 descend"
+    with pytest.raises(ValueError, match="not both"):
+        LPAConfig(head_classes=2, head_fraction=0.5)
+
+
+def test_budget_radius_with_lpl_cifar10_scales():
+    counts = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]
+    config = LPAConfig(direction="split", radius="budget", head_budget=6, tail_budget=10)
+    _, eps = Policy(config, 10, 1.0, torch.tensor(counts)).resolve(None, LIKE)
+    steps = torch.tensor([index + 1 for index in _lpl_step_counts(counts, 4, 6, 10)], dtype=torch.float64)
+    assert torch.allclose(eps, steps / steps.max(), rtol=1e-12)
+
+
+def test_default_step_size_makes_the_radius_bind():
+    assert LPAConfig(eps=2.0, steps=4).step_size == pytest.approx(2.5 * 2.0 / 4)
+    assert LPAConfig(eps=2.0, steps=4, radius="confidence", delta_eps=0.2).step_size == pytest.approx(2.5 * 2.4 / 4)
+    assert LPAConfig(eps=2.0, steps=0).step_size == pytest.approx(0.5)
+    assert LPAConfig(lpl_eps=3.0, lpl_steps=5).lpl_step_size == pytest.approx(1.5)
+    assert LPAConfig(step_size=0.1).step_size == 0.1, "an explicit step size is kept"
+
+
+def test_a_registered_policy_is_usable_by_name():
+    from lpa_kernels.lpa.policies import DIRECTIONS
+    from lpa_kernels.lpa.registry import Registry
+
+    registry = Registry("direction")
+    registry.add("odd_up", lambda inputs: torch.arange(inputs.num_classes) % 2 * 2.0 - 1, "odd classes ascend")
+    with pytest.raises(ValueError, match="registered already"):
+        registry.add("odd_up", print, "again")
+    assert "odd_up" in registry and list(registry) == ["odd_up"] and "odd classes" in registry.help_text()
+    with pytest.raises(ValueError, match="direction must be one of 'odd_up'"):
+        registry["nope"]
+    entry = registry["odd_up"]
+    DIRECTIONS.add(entry.name, entry.value, entry.help)
+    try:
+        assert resolve(direction="odd_up")[0].tolist() == [-1.0, 1.0, -1.0, 1.0]
+    finally:
+        DIRECTIONS.remove("odd_up")
+    assert "odd_up" not in DIRECTIONS
 
 
 def test_ascent_descent_and_user_tensor_directions():

@@ -14,7 +14,7 @@ import pytest
 
 import torch
 
-from lpa_kernels.lpa import METHODS, LPAConfig
+from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig
 from lpa_programs.data import long_tail_counts
 from lpa_programs.train import FIGURES, build_parser, main, make_config
 from tests.helpers import KERNEL_TARGETS
@@ -114,9 +114,11 @@ def test_console_script_help_shows_each_real_default_once():
     assert "(default: None)" not in text
     defaults = LPAConfig()
     for option, value in (("eps", defaults.eps), ("steps", defaults.steps), ("direction", defaults.direction),
-                          ("step-size", defaults.step_size), ("lpl-steps", defaults.lpl_steps)):
+                          ("step-size", "2.5 x the largest radius / steps"), ("lpl-steps", defaults.lpl_steps)):
         entry = text.split(f"--{option} ", 2)[2].split(" --")[0]  # usage line, then the option's help
-        assert entry.count("(default:") == 1 and f"(default: {value})" in entry, f"--{option}: {entry}"
+        assert entry.count("(default:") == 1 and f"(default: {value}" in entry, f"--{option}: {entry}"
+    for name in list(METHODS) + list(DIRECTIONS) + list(RADII):  # choices and help from the registries
+        assert f"{name}:" in text, f"--help explains {name}"
     for option in ("--dataset", "--epochs", "--batch-size"):
         assert "(default:" in text.split(f"{option} ", 2)[2].split(" --")[0], f"{option} shows its default"
 
