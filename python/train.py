@@ -15,10 +15,13 @@ Every option and setting is checked before any training: a mistake exits with st
 ``lpa-train: error: ...`` line. ``--json PATH`` writes one object, rewritten after every run (so a
 failure late in a long job loses nothing): ``command``, ``date``, ``commit``, ``args`` (every option),
 ``device``, ``processes`` (1, or the number torchrun started), ``dataset`` (``name``, ``num_classes``,
-``train_counts``, ``test_counts``, ``shot_rule``, ``groups``), ``finished`` (false until the last run), ``runs`` (one per method and seed: ``method``,
-``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``epochs`` (with
-``--plot``: per epoch ``epoch``, ``train_loss``, ``test_accuracy``, else empty), ``sec_per_step``
-(median), ``train_seconds``, ``steps``, ``config``, ``stats`` (``method.stats()``), ``pgd_path``) and
+``train_counts``, ``test_counts``, ``shot_rule``, ``groups``), ``recipe`` (``--recipe``: ``name`` and
+``settings``, else empty), ``finished`` (false until the last run), ``runs`` (one per method and seed:
+``method``, ``seed``, ``overall``, ``many``, ``medium``, ``few``, ``per_class`` (accuracies in %), ``epochs``
+(with ``--plot`` or ``--eval-every``: per evaluated epoch ``epoch``, ``train_loss``, ``test_accuracy``, else
+empty), ``best`` (the best evaluated test accuracy, or ``overall`` without evaluations) and ``last`` (the
+final ``overall``), ``sec_per_step`` (median), ``train_seconds``, ``steps``, ``config``, ``stats``
+(``method.stats()``), ``pgd_path``) and
 ``summary`` (per method: ``mean``/``std``/``n`` of each figure over the seeds, the mean of each
 ``stats`` count and ``pgd_path``).
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import math
 import shlex
 import statistics
 import subprocess
@@ -44,6 +46,8 @@ from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig, build_method
 from lpa_kernels.lpa.config import LOSSES
 from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_images, load, shot_groups
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
+from lpa_programs import recipes, schedules
+from lpa_programs.cifar_models import CIFAR_MODELS
 from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
 from lpa_programs import checkpoint, distributed
 from lpa_programs.distributed import per_class_accuracy
@@ -102,8 +106,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     mlp, resnet = MODEL_SIZES["mlp"], MODEL_SIZES["resnet"]
-    summary, examples = __doc__.replace("``", "").split("\n\n")[:2]
-    p = Parser(prog="lpa-train", description=summary, epilog=examples, formatter_class=_HelpFormatter)
+    summary, examples, commands = __doc__.replace("``", "").split("\n\n")[:3]
+    p = Parser(prog="lpa-train", description=summary, epilog="\n\n".join((examples, commands, recipes.describe())),
+               formatter_class=_HelpFormatter)
     p.add_argument("--method", nargs="+", default=["erm", "lpa"], choices=METHODS, metavar="METHOD",
                    help="one or more of: " + METHODS.help_text())
     p.add_argument("--dataset", default="digits-lt", choices=DATASETS, metavar="NAME",
@@ -119,8 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="training batch size (the global batch: split over the processes under torchrun)")
     p.add_argument("--lr", type=number(float, 0, strict=True), default=0.05,
-                   help="SGD (Nesterov momentum 0.9) learning rate, cosine decay")
+                   help="SGD learning rate (the peak, after any warm-up)")
     p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay")
+    schedules.add_options(p)
+    p.add_argument("--model", default="auto", choices=("auto",) + tuple(CIFAR_MODELS),
+                   help="auto: an MLP for vectors, lpa-train's ResNet (--width, --depth) for images; or a CIFAR "
+                        "network: " + ", ".join(CIFAR_MODELS))
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the training forward on a GPU (no effect on the CPU)")
+    p.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N",
+                   help="evaluate every N epochs and report the best and last accuracy (0: at the end only)")
+    recipes.add_option(p)
     p.add_argument("--width", type=number(int, 1), default=None,
                    help=f"MLP width / ResNet base channels (default: {mlp['width']} / {resnet['width']})")
     p.add_argument("--depth", type=number(int, 1), default=None,
@@ -152,6 +165,11 @@ def make_config(args: argparse.Namespace) -> LPAConfig:
     return LPAConfig(backend=args.backend, **{name: getattr(args, name) for name in CONFIG_OPTIONS})
 
 
+def bf16_autocast(args: argparse.Namespace, device: torch.device):
+    """``--amp``: bf16 autocast of the training forward on a GPU (off on the CPU)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,18 +183,17 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     config = method.config
     ctx = distributed.context()
     forward = distributed.wrap(method, ctx, args.fsdp, device)  # the training loss; DDP / FSDP2 under torchrun
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     batches = distributed.Batches(len(y_train), args.batch_size, seed, ctx)  # this rank's share of each global batch
     total_steps = batches.steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(total_steps, 1))))
+    optimizer, scheduler = schedules.build(model.parameters(), args, batches.steps_per_epoch)
+    autocast = bf16_autocast(args, device)
     saver = checkpoint.Checkpointer(args, ctx, method_name, seed, model, method, optimizer, scheduler)
     first_epoch, progress = saver.restore()
     step_seconds: list[float] = progress.get("step_seconds", [])
 
-    epoch_log = EpochLog(data, device, progress.get("epochs", [])) if args.plot else None
+    evaluated = args.plot or args.eval_every  # per-epoch figures: every epoch for --plot, else every N
+    epoch_log = EpochLog(data, device, progress.get("epochs", [])) if evaluated else None
     bar = tqdm(total=total_steps, initial=batches.steps_per_epoch * first_epoch, desc=f"{method_name} seed {seed}",
                leave=False, dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty() or not ctx.is_main)
     for epoch in range(first_epoch, args.epochs):
@@ -187,7 +204,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
                 xb = augment_images(xb)
             _sync(device)
             start = time.perf_counter()
-            loss, _ = forward(xb, yb)
+            with autocast:
+                loss, _ = forward(xb, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward()
@@ -199,7 +217,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             if epoch_log:
                 epoch_log.add(loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if epoch_log:
+        if epoch_log and (args.plot or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             epoch_log.end_epoch(model, epoch + 1)
         saver.after_epoch(epoch + 1, {"step_seconds": step_seconds,
                                       "epochs": epoch_log.rows if epoch_log else []})
@@ -211,14 +229,17 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     result = {"method": method_name, "seed": seed, "overall": correct / max(sum(test_counts), 1)}
     for name, classes in groups.items():
         result[name] = statistics.fmean(accuracy[c] for c in classes) if classes else float("nan")
+    epochs = epoch_log.rows if epoch_log else []
     result.update(
         per_class=accuracy,
-        epochs=epoch_log.rows if epoch_log else [],
+        epochs=epochs,
         sec_per_step=statistics.median(step_seconds) if step_seconds else float("nan"),
         train_seconds=sum(step_seconds),
         steps=len(step_seconds),
         config=dataclasses.asdict(config),
         stats={k: v for k, v in method.stats().items() if isinstance(v, (int, float))},
+        best=max((row["test_accuracy"] for row in epochs), default=result["overall"]),
+        last=result["overall"],
     )
     result["pgd_path"] = pgd_path(method_name, config, result["stats"])
     return result
@@ -226,10 +247,17 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
 
 def build_run(data: Dataset, method_name: str, args: argparse.Namespace, device: torch.device):
     """A fresh model and the training method ``method_name`` on it."""
-    model = build_model(data, args.width, args.depth).to(device)
+    model = make_model(data, args).to(device)
     method = build_method(method_name, model, data.num_classes, layer=args.layer, config=make_config(args),
                           class_counts=data.train_counts)
     return model, method
+
+
+def make_model(data: Dataset, args: argparse.Namespace) -> torch.nn.Module:
+    """``--model``: lpa-train's default model for the data, or one of the CIFAR networks."""
+    if args.model == "auto":
+        return build_model(data, args.width, args.depth)
+    return CIFAR_MODELS[args.model](data.num_classes, data.x_train.shape[1])
 
 
 def pgd_path(method_name: str, config: LPAConfig, stats: dict) -> str:
@@ -309,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     failed = True
     try:
+        recipe = recipes.apply(parser, argv)
         args = parser.parse_args(argv)
         with distributed.quiet_unless_main():
-            code = _main(parser, args, argv)
+            code = _main(parser, args, argv, recipe)
         failed = False
         return code
     finally:
@@ -319,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown(failed)
 
 
-def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None, recipe: dict) -> int:
     device, data = check_args(parser, args)
     groups, rule = shot_groups(data.train_counts, args.shot_rule)
     print_banner(args, device, data, groups, rule)
@@ -328,6 +357,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
         "args": vars(args),
+        "recipe": recipe,
         "device": str(device),
         "processes": distributed.context().world,
         "dataset": {"name": data.name, "num_classes": data.num_classes, "train_counts": data.train_counts,
@@ -372,7 +402,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     throwaway model, so that a mistake is reported now and not after hours of training."""
     args.method = list(dict.fromkeys(args.method))
     device = distributed.setup(check_device(parser, args.device), args.dist_timeout)  # joins torchrun's group
-    problem = distributed.check_arguments(args) or distributed.agree(
+    problem = schedules.check(args) or distributed.check_arguments(args) or distributed.agree(
         checkpoint.check_arguments(args) if distributed.context().is_main else "")
     if problem:
         parser.error(problem)
@@ -388,6 +418,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         parser.error(f"argument --json: {check_writable(args.json)}")
     check_plot_option(parser, args)
     data = check_data(parser, args)
+    if args.model != "auto" and not data.is_image:
+        parser.error(f"argument --model: {args.model} is a CIFAR network; {data.name} is not an image dataset")
     if args.threads or not data.is_image:
         torch.set_num_threads(args.threads or 1)
     for method in args.method:
@@ -446,10 +478,10 @@ def print_banner(args: argparse.Namespace, device: torch.device, data: Dataset, 
     print(f"{data.name}: {len(data.y_train)} train / {len(data.y_test)} test, {data.num_classes} classes, "
           f"train counts {min(data.train_counts)}..{max(data.train_counts)}; shot groups by {rule}: "
           + ", ".join(f"{k} {len(v)}" for k, v in groups.items()), flush=True)
-    model = build_model(data, args.width, args.depth)
+    model = make_model(data, args)
     print(f"model {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters), layer "
-          f"{args.layer!r}; {args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr:g} (Nesterov 0.9, "
-          f"cosine), weight decay {args.weight_decay:g}; seeds {' '.join(map(str, args.seeds))}; device {device}"
+          f"{args.layer!r}; {args.epochs} epochs, batch {args.batch_size}, {schedules.describe(args)}"
+          f"{'; bf16 autocast' if args.amp and device.type == 'cuda' else ''}; seeds {' '.join(map(str, args.seeds))}; device {device}"
           + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""), flush=True)
     config = make_config(args)
     for method in args.method:
