@@ -22,6 +22,7 @@ from lpa_bench.runner import Budget, run_op
 from lpa_bench.timing import device_peaks
 from lpa_bench.training import train_rows
 from lpa_kernels.backend import BACKENDS, resolve
+from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig
 from lpa_programs.cli import Parser, check_writable, number
 
 PEERS = ("eager", "compile", "matmul")
@@ -52,6 +53,11 @@ def build_parser() -> Parser:
                    help="auto (cuda when available), cpu or cuda (default: auto)")
     p.add_argument("--threads", type=number(int, 1), default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 steadies CPU timings on a shared machine")
+    p.add_argument("--train-methods", nargs="+", choices=METHODS, default=["lpa"], metavar="METHOD",
+                   help="methods timed against the plain step in train_step, with T = 0, 1, 3: " + METHODS.help_text())
+    p.add_argument("--direction", choices=DIRECTIONS, default=LPAConfig.direction,
+                   help="train_step's direction policy: " + DIRECTIONS.help_text())
+    p.add_argument("--radius", choices=RADII, default=LPAConfig.radius, help="train_step's radius policy: " + RADII.help_text())
     p.add_argument("--budget-s", type=number(float, 0), default=None,
                    help="wall-clock allowance for the sweep; later cases are reported as skipped")
     return p
@@ -187,7 +193,8 @@ def main(argv=None) -> int:
     rows: list = []
     for section in dict.fromkeys(args.ops):
         if section == "train_step":
-            new = train_rows(tier, device, budget, args.quick)
+            new = train_rows(tier, device, budget, args.quick, [m for m in args.train_methods if m != "erm"],
+                             dict(direction=args.direction, radius=args.radius))
         elif section == "memory":
             new = memory_rows(tier, dtypes, impls, device, budget)
         else:

@@ -1,4 +1,5 @@
-"""One training step of the same MLP, plain (``erm``) vs LPA with T = 0, 1, 3 PGD steps.
+"""One training step of the same MLP, plain (``erm``) vs LPA (or the methods ``--train-methods`` names,
+with the ``--direction`` / ``--radius`` policies) with T = 0, 1, 3 PGD steps.
 
 The methods come from ``lpa_kernels.lpa.build_method``; each step is what a training loop does:
 ``loss, logits = method.training_loss(x, y)``, zero_grad, backward, ``method.after_backward()``,
@@ -46,20 +47,25 @@ class _CallCounter:
         self.calls += 1
 
 
-def _method(name: str, steps: int | None, model: nn.Module, num_classes: int, layer: str, backend: str):
+def class_counts(num_classes: int) -> torch.Tensor:
+    """Training counts 10 K, 10 (K - 1), ..., 10 for the policies and losses that read them (a long tail)."""
+    return torch.arange(num_classes, 0, -1) * 10
+
+
+def _method(name: str, steps: int | None, model: nn.Module, num_classes: int, layer: str, backend: str, policies: dict):
     from lpa_kernels.lpa import LPAConfig, build_method
 
     # plain training goes through the same split model, so the ratio measures LPA's extra work only
-    config = None if steps is None else LPAConfig(steps=steps, backend=backend)
-    return build_method(name, model, num_classes, layer=layer, config=config)
+    config = None if steps is None else LPAConfig(steps=steps, backend=backend, **policies)
+    return build_method(name, model, num_classes, layer=layer, config=config, class_counts=class_counts(num_classes))
 
 
 def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int, layer: str = LAYER,
-                  backend: str = "auto"):
-    """``(step, method)``: ``step()`` runs one training step of ``model`` with the method
-    ``name`` ("erm" or "lpa" with ``steps`` PGD steps, perturbing ``layer`` on ``backend``) on the
-    batch ``(x, y)``."""
-    method = _method(name, steps, model, num_classes, layer, backend)
+                  backend: str = "auto", policies: dict | None = None):
+    """``(step, method)``: ``step()`` runs one training step of ``model`` with the method ``name`` (a
+    ``METHODS`` name; ``steps`` PGD steps, perturbing ``layer`` on ``backend``, ``policies`` the
+    ``direction`` / ``radius`` settings) on the batch ``(x, y)``."""
+    method = _method(name, steps, model, num_classes, layer, backend, policies or {})
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
@@ -73,10 +79,10 @@ def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_clas
     return step, method
 
 
-def _measure(name, steps, base, x, y, num_classes, device, quick):
+def _measure(name, steps, base, x, y, num_classes, device, quick, policies):
     """(median step ms, lower forwards per step, upper forwards per step, method.stats())."""
     model = copy.deepcopy(base)
-    step, method = training_step(name, steps, model, x, y, num_classes)
+    step, method = training_step(name, steps, model, x, y, num_classes, policies=policies)
     ms = median_ms(step, device, quick)
     lower, upper = _CallCounter(model.get_submodule(LOWER_ENTRY)), _CallCounter(model.get_submodule(UPPER_ENTRY))
     for _ in range(COUNTED_STEPS):
@@ -87,17 +93,20 @@ def _measure(name, steps, base, x, y, num_classes, device, quick):
     return ms, lower.calls / COUNTED_STEPS, upper.calls / COUNTED_STEPS, stats
 
 
-def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool) -> list:
+def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool, methods=("lpa",),
+               policies: dict | None = None) -> list:
+    """The plain step, then each of ``methods`` with T = 0, 1, 3 (``policies``: direction and radius)."""
     shape = SHAPES[tier]
     torch.manual_seed(0)
     base = mlp(shape["IN"], shape["HIDDEN"], shape["K"]).to(device)
     x = torch.randn(shape["B"], shape["IN"], device=device)
     y = torch.randint(0, shape["K"], (shape["B"],), device=device)
     rows, erm_ms = [], None
-    for name, steps in [("erm", None)] + [("lpa", t) for t in STEPS]:
+    policies = policies or {}
+    for name, steps in [("erm", None)] + [(m, t) for m in methods for t in STEPS]:
         row = new_row(bench="train_step", op="mlp_step", **{"pass": "step"}, impl=name, dtype="float32",
-                      shape=dict(shape), variant={"layer": LAYER, "steps": steps}, timer=timer_name(device))
-        measured = attempt(row, budget, lambda: _measure(name, steps, base, x, y, shape["K"], device, quick))
+                      shape=dict(shape), variant={"layer": LAYER, "steps": steps, **policies}, timer=timer_name(device))
+        measured = attempt(row, budget, lambda: _measure(name, steps, base, x, y, shape["K"], device, quick, policies))
         row["time_ms"], row["lower_forwards_per_step"], row["upper_forwards_per_step"], row["stats"] = measured or (None,) * 4
         if name == "erm":
             erm_ms = row["time_ms"]

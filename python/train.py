@@ -37,12 +37,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from lpa_kernels.backend import BACKENDS, resolve
-from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig, build_method
+from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig, Method, build_method
 from lpa_kernels.lpa.config import LOSSES
 from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_images, load, shot_groups
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
@@ -176,8 +177,9 @@ def _sync(device: torch.device) -> None:
 
 
 def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespace, device: torch.device,
-              groups: dict[str, list[int]]) -> dict:
-    """Train one model with one method and seed; return its figures (see the module docstring)."""
+              groups: dict[str, list[int]], inspect: Callable[[torch.nn.Module, Method], dict] | None = None) -> dict:
+    """Train one model with one method and seed; return its figures (see the module docstring), plus
+    what ``inspect(model, method)`` returns after training (e.g. ``method.diagnostics`` in experiments)."""
     torch.manual_seed(seed)
     model, method = build_run(data, method_name, args, device)
     config = method.config
@@ -242,6 +244,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
         last=result["overall"],
     )
     result["pgd_path"] = pgd_path(method_name, config, result["stats"])
+    if inspect is not None:
+        result.update(inspect(model, method))
     return result
 
 

@@ -57,7 +57,7 @@ class LPAConfig:
     direction: Union[str, torch.Tensor] = "confidence"
     radius: str = "constant"
     gamma: float = 1.0
-    delta_eps: float = 0.1
+    delta_eps: float = 0.075  # LPL balanced: 81..87 updates, the nearest class at 0.93 of the largest
     head_classes: Optional[int] = None
     head_fraction: Optional[float] = None
     head_budget: float = 10.0

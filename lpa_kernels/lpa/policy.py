@@ -86,7 +86,10 @@ class Policy:
             raise ValueError(f"direction must be a policy name or a ({num_classes},) tensor, got shape {tuple(direction.shape)}")
         self.direction_rule = None if isinstance(direction, torch.Tensor) else DIRECTIONS[direction]
         self.radius_rule = RADII[config.radius]
-        counted = [f"{rule.kind}={rule.name!r}" for rule in self._rules() if rule.meta.get("needs_counts")]
+        # the named policies in the order resolve returns them (a user's direction tensor is not a rule)
+        self.rules = ([] if self.direction_rule is None else [_Rule("direction", self.direction_rule)]) + [
+            _Rule("radius", self.radius_rule)]
+        counted = [f"{rule.kind}={rule.name!r}" for rule in self.rules if rule.meta.get("needs_counts")]
         if counted and class_counts is None:
             raise ValueError(f"{' and '.join(counted)} need class_counts, the (K,) number of training samples per class")
         self.counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float64)
@@ -97,14 +100,10 @@ class Policy:
         self._fixed = {}  # (kind, device, dtype) -> a batch-independent policy's tensor
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
 
-    def _rules(self):
-        rules = [] if self.direction_rule is None else [_Rule("direction", self.direction_rule)]
-        return rules + [_Rule("radius", self.radius_rule)]
-
     @property
     def needs_stats(self) -> bool:
         """Whether ``resolve`` reads the batch's class statistics (from the first PGD step's logits)."""
-        return any(rule.meta.get("batch") for rule in self._rules())
+        return any(rule.meta.get("batch") for rule in self.rules)
 
     @property
     def tracks_loss(self) -> bool:
@@ -143,7 +142,7 @@ class Policy:
             batch["trend"] = self._trend_direction().to(like.device, dtype)
         inputs = self._inputs(**batch)
         values = []
-        for rule in self._rules():
+        for rule in self.rules:
             if rule.meta.get("batch") or rule.meta.get("trend"):
                 value = rule.entry.value(inputs).to(like.device, dtype)
                 if rule.kind == "radius":  # the PGD ops need eps > 0 (a class on thr may get 0)

@@ -111,6 +111,20 @@ def test_training_step_rows_have_ratio_and_lower_forward_count(quick_run):
         assert row["ratio"] == pytest.approx(row["time_ms"] / rows[0]["time_ms"])
 
 
+def test_training_step_methods_and_policies_come_from_the_registries(tmp_path):
+    from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII
+
+    text = " ".join(cli.build_parser().format_help().split())
+    for name in list(METHODS) + list(DIRECTIONS) + list(RADII):
+        assert f"{name}:" in text, f"lpa-bench --help explains {name}"
+    path = tmp_path / "steps.json"
+    assert cli.main(["--quick", "--device", "cpu", "--ops", "train_step", "--train-methods", "la+lpa",
+                     "--direction", "split", "--radius", "budget", "--json", str(path)]) == 0
+    rows = _rows(json.loads(path.read_text()), bench="train_step")
+    assert [(r["impl"], r["variant"]["steps"]) for r in rows] == [("erm", None), ("la+lpa", 0), ("la+lpa", 1), ("la+lpa", 3)]
+    assert all(r["error"] is None for r in rows) and rows[1]["variant"]["radius"] == "budget"
+
+
 def test_plot_is_a_png(quick_run):
     _, png = quick_run
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
