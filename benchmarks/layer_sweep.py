@@ -20,7 +20,6 @@ writes ``layer_sweep.json`` and ``layer_sweep.png`` there.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
@@ -119,11 +118,13 @@ def plot(results: dict, path: Path) -> None:
                 axes[1].scatter(rows[label]["expansive_fraction"], rows[label]["class_gain"], s=12,
                                 label=f"{name} {label}")
     axes[0].axhline(0, color="grey", lw=0.5)
-    axes[0].set_ylabel("overall accuracy gain over ERM (points, mean ± std over seeds)")
+    axes[0].set_ylabel("overall accuracy gain over ERM (points)")
+    axes[0].set_title("gain by layer, mean ± std over seeds", fontsize=10)
     axes[0].legend()
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set_xlabel("expansive fraction of the class (test set)")
     axes[1].set_ylabel("class accuracy gain over ERM (points)")
+    axes[1].set_title("per class, mean over seeds", fontsize=10)
     axes[1].legend(fontsize=6)
     fig.savefig(path, dpi=120)
 

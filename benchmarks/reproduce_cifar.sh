@@ -23,8 +23,12 @@ if [[ $# -lt 2 ]]; then
 fi
 smoke=0
 if [[ $1 == --smoke ]]; then smoke=1; fi
-out=$2; shift 2
-mkdir -p "$out"
+mkdir -p "$2"
+out=$(cd "$2" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # the fake-CIFAR writer lives in tests/
+data=$1
+shift 2
 extra=("$@")
 
 if (( smoke )); then
@@ -41,7 +45,6 @@ PY
     extra=(--epochs 2 --milestones 1 --model resnet32a --seeds 0 --batch-size 32 --device cpu --quiet "${extra[@]}")
     imbalance=(--imbalance 4)
 else
-    data=$1
     imbalance=(--imbalance 100)
 fi
 

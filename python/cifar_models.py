@@ -4,9 +4,9 @@ the penultimate features at ``features``, stages at ``features.stage1..3``):
 - ``WideResNet`` (Zagoruyko & Komodakis 2016; LPL's balanced CIFAR tables use WRN-28-10 and WRN-16-8):
   pre-activation basic blocks, ``(depth - 4) / 6`` per stage, widths 16k, 32k, 64k, dropout between the
   two convolutions;
-- ``ResNet`` with option-A shortcuts (He et al. 2016, section 4.2; ResNet-32 in the long-tail work of
-  LDAM-DRW, logit adjustment and LPL): a shape change is a stride-2 subsample zero-padded in channels,
-  with no parameters.
+- ``OptionABlock`` for ``models.ResNet``: option-A shortcuts (He et al. 2016, section 4.2; ResNet-32 in
+  the long-tail work of LDAM-DRW, logit adjustment and LPL): a shape change is a stride-2 subsample
+  zero-padded in channels, with no parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lpa_programs.models import BasicBlock, ResNet
 
 
 class PreActBlock(nn.Module):
@@ -73,47 +75,18 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra - half))
 
 
-class OptionABlock(nn.Module):
-    """Post-activation basic block (conv-BN-ReLU, conv-BN, add, ReLU) with an option-A shortcut."""
+class OptionABlock(BasicBlock):
+    """lpa-train's basic block (conv-BN-ReLU, conv-BN, add, ReLU) with an option-A shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        changed = stride != 1 or in_channels != out_channels
-        self.shortcut = PadShortcut(out_channels - in_channels) if changed else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNetA(nn.Module):
-    """CIFAR ResNet-``6 n + 2`` with option-A shortcuts (``blocks = n``; 5: ResNet-32), widths 16, 32, 64."""
-
-    def __init__(self, num_classes: int, blocks: int = 5, in_channels: int = 3, width: int = 16):
-        super().__init__()
-        stages: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()))]
-        channels = width
-        for s in range(3):
-            out = width * 2 ** s
-            stage = [OptionABlock(channels if b == 0 else out, out, 2 if (s > 0 and b == 0) else 1) for b in range(blocks)]
-            stages.append((f"stage{s + 1}", nn.Sequential(*stage)))
-            channels = out
-        stages.append(("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())))
-        self.features = nn.Sequential(OrderedDict(stages))
-        self.classifier = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        super().__init__(in_channels, out_channels, stride)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = PadShortcut(out_channels - in_channels)
 
 
 # --model choices of lpa-train beyond its default models: name -> builder(num_classes, in_channels)
 CIFAR_MODELS = {
     "wrn28-10": lambda k, c: WideResNet(k, 28, 10, dropout=0.3, in_channels=c),  # dropout: LPL's train_lpl.py
     "wrn16-8": lambda k, c: WideResNet(k, 16, 8, dropout=0.3, in_channels=c),
-    "resnet32a": lambda k, c: ResNetA(k, blocks=5, in_channels=c),
+    "resnet32a": lambda k, c: ResNet(k, c, width=16, blocks=5, block=OptionABlock),  # 6 x 5 + 2 layers
 }

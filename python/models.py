@@ -55,16 +55,18 @@ class ResNet(nn.Module):
     """A CIFAR ResNet (He et al. 2016, section 4.2): a 3x3 stem and three stages of ``blocks`` basic
     blocks with ``width``, 2x and 4x channels (``blocks=3``: ResNet-20; ``blocks=5``: ResNet-32). Named
     layers: ``features.stem``, ``features.stage1..3`` (NCHW), ``features.pool`` (the penultimate
-    features, ``(B, 4 * width)``), ``classifier``."""
+    features, ``(B, 4 * width)``), ``classifier``. ``block(in_channels, out_channels, stride)``: the
+    residual block (``BasicBlock``, 1x1-projection shortcuts; ``cifar_models.OptionABlock``, option A)."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, blocks: int = 3):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, blocks: int = 3,
+                 block: type[nn.Module] = BasicBlock):
         super().__init__()
         stages: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()))]
         channels = width
         for s in range(3):
             out = width * 2 ** s
-            stage = [BasicBlock(channels if b == 0 else out, out, 2 if (s > 0 and b == 0) else 1) for b in range(blocks)]
+            stage = [block(channels if b == 0 else out, out, 2 if (s > 0 and b == 0) else 1) for b in range(blocks)]
             stages.append((f"stage{s + 1}", nn.Sequential(*stage)))
             channels = out
         stages.append(("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lpa_programs import recipes, schedules
-from lpa_programs.cifar_models import CIFAR_MODELS, ResNetA
+from lpa_programs.cifar_models import CIFAR_MODELS, OptionABlock
+from lpa_programs.models import ResNet
 from lpa_programs.train import build_parser, main
 from tests.programs.fake_cifar import write_cifar
 
@@ -54,7 +55,7 @@ def test_cifar_networks_have_the_published_sizes(name, millions):
 
 
 def test_option_a_shortcut_pads_channels_and_subsamples_without_parameters():
-    model = ResNetA(10, blocks=1)
+    model = ResNet(10, blocks=1, block=OptionABlock)
     shortcut = model.features.stage2[0].shortcut
     assert not list(shortcut.parameters())
     x = torch.randn(2, 16, 8, 8)

@@ -1,0 +1,33 @@
+"""The layer-sweep experiment and the CIFAR results-table writer, on tiny runs."""
+
+import json
+
+import pytest
+
+from lpa_bench import cifar_table, layer_sweep
+
+
+def test_layer_sweep_writes_gains_diagnostics_and_a_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert layer_sweep.main(["--datasets", "digits-lt", "--seeds", "0", "1", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "layer_sweep.json").read_text())["results"]["digits-lt"]
+    assert list(rows) == ["erm"] + [f"lpa@{layer}" for layer in layer_sweep.LAYERS] + ["lpl@logits"]
+    assert rows["erm"]["gain"]["values"] == [0.0, 0.0]
+    for layer in layer_sweep.LAYERS:
+        row = rows[f"lpa@{layer}"]
+        assert len(row["expansive_fraction"]) == len(row["class_gain"]) == 10
+        assert all(0 <= f <= 1 for f in row["expansive_fraction"]) and set(row["direction"]) <= {-1.0, 0.0, 1.0}
+        assert row["amplification"]["mean"] > 0 and len(row["gain"]["values"]) == 2
+    assert (tmp_path / "layer_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "lpa@features.0" in capsys.readouterr().out
+
+
+def test_cifar_table_reports_error_of_last_and_best_epoch(tmp_path):
+    run = dict(many=90.0, medium=80.0, few=50.0)
+    report = {"dataset": {"name": "cifar10-lt"}, "recipe": {"name": "la-resnet32"}, "finished": True, "runs": [
+        dict(run, method="la", seed=0, overall=70.0, last=70.0, best=72.0),
+        dict(run, method="la", seed=1, overall=74.0, last=74.0, best=74.0)]}
+    text = cifar_table.table(report)
+    # errors: last 30 and 26 -> 28.00 ± 2.83; best 28 and 26 -> 27.00 ± 1.41
+    assert "| la | 2 | 28.00 ± 2.83 | 27.00 ± 1.41 | 10.00 ± 0.00 | 20.00 ± 0.00 | 50.00 ± 0.00 |" in text
+    assert "la-resnet32" in text and "UNFINISHED" not in text
