@@ -238,7 +238,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
         sec_per_step=statistics.median(step_seconds) if step_seconds else float("nan"),
         train_seconds=sum(step_seconds),
         steps=len(step_seconds),
-        config=dataclasses.asdict(config),
+        config=config.resolved(),
         stats={k: v for k, v in method.stats().items() if isinstance(v, (int, float))},
         best=max((row["test_accuracy"] for row in epochs), default=result["overall"]),
         last=result["overall"],

@@ -104,10 +104,9 @@ class LPAConfig:
             raise ValueError(f"head_classes must be an int >= 0 or None, got {self.head_classes!r}")
         if self.head_fraction is not None:
             _check_number(self, "head_fraction", "in [0, 1]", lambda v: 0 <= v <= 1)
-        for name, eps, steps in (("step_size", self.eps, self.steps), ("lpl_step_size", self.lpl_eps, self.lpl_steps)):
-            if getattr(self, name) is None:
-                setattr(self, name, self.default_step_size(eps, steps))
-            _check_number(self, name, ">= 0", lambda v: v >= 0)
+        for name in ("step_size", "lpl_step_size"):
+            if getattr(self, name) is not None:
+                _check_number(self, name, ">= 0", lambda v: v >= 0)
         for name in ("dropout_p", "trend_momentum"):
             _check_number(self, name, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.init is None:
@@ -118,10 +117,28 @@ class LPAConfig:
                              "training step and must be kept across batches")
 
 
-    def default_step_size(self, eps: float, steps: int) -> float:
-        """The step size that makes the radius bind (see ``STEP_OVER_RADIUS``) for base radius ``eps``."""
+    # The defaults are resolved when read, not stored, so dataclasses.replace(config, eps=...) keeps
+    # the step tied to the new radius.
+    @property
+    def resolved_step_size(self) -> float:
+        """LPA's step: ``step_size``, or when None the step that makes the radius bind."""
+        return self._binding_step(self.eps, self.steps) if self.step_size is None else self.step_size
+
+    @property
+    def resolved_lpl_step_size(self) -> float:
+        """LPL's step: ``lpl_step_size``, or when None the step that makes ``lpl_eps`` bind."""
+        return self._binding_step(self.lpl_eps, self.lpl_steps) if self.lpl_step_size is None else self.lpl_step_size
+
+    def _binding_step(self, eps: float, steps: int) -> float:
+        """``STEP_OVER_RADIUS * eps_max / steps`` (``SINGLE_PASS_STEP_FRACTION * eps_max`` for steps = 0),
+        ``eps_max`` the largest radius the radius policy gives for base radius ``eps``."""
         largest = eps * (1 + self.delta_eps) if self.radius == "confidence" else eps
         return STEP_OVER_RADIUS * largest / steps if steps else SINGLE_PASS_STEP_FRACTION * largest
+
+    def resolved(self) -> dict:
+        """Every field, the step sizes as in force (for reports)."""
+        return dict(dataclasses.asdict(self), step_size=self.resolved_step_size,
+                    lpl_step_size=self.resolved_lpl_step_size)
 
     def for_method(self, method: str) -> "LPAConfig":
         """The config the method ``method`` (a ``METHODS`` name) trains with: this one with the method's
@@ -140,7 +157,8 @@ class LPAConfig:
             names += [name for rule in rules for name in rule.meta.get("settings", ())]
         names += ["loss", "tau"] if config.loss == "la" else []
         names += ["backend"] if entry.meta.get("policies") else []
-        return {name: getattr(config, name) for name in dict.fromkeys(names)}
+        values = config.resolved()
+        return {name: values[name] for name in dict.fromkeys(names)}
 
 
 def _check_number(config: LPAConfig, name: str, rule: str, holds: Callable[[float], bool]) -> None:

@@ -311,12 +311,12 @@ class ClassPerturbationMethod(Method):
         if use_lpa:
             self.lpa = ClassSite(
                 num_classes, Policy(c, num_classes, c.eps, class_counts), mode=c.mode, norm=c.norm,
-                step_size=c.step_size, steps=c.steps, init=c.init, layout=c.delta_shape, head=c.head,
+                step_size=c.resolved_step_size, steps=c.steps, init=c.init, layout=c.delta_shape, head=c.head,
                 backend=c.backend, norm_scope=self._norm_scope)
         if use_lpl:
             self.lpl = ClassSite(
                 num_classes, Policy(c, num_classes, c.lpl_eps, class_counts), mode="add", norm="l2",
-                step_size=c.lpl_step_size, steps=c.lpl_steps, init="fresh" if c.lpl_steps else "carried",
+                step_size=c.resolved_lpl_step_size, steps=c.lpl_steps, init="fresh" if c.lpl_steps else "carried",
                 layout="full", head="never", backend=c.backend, norm_scope=self._norm_scope)
 
     def _sites(self):

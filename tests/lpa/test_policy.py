@@ -1,5 +1,6 @@
 """Direction and radius policies against hand-computed tables (SPEC section 1)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -106,11 +107,14 @@ def test_budget_radius_with_lpl_cifar10_scales():
 
 
 def test_default_step_size_makes_the_radius_bind():
-    assert LPAConfig(eps=2.0, steps=4).step_size == pytest.approx(2.5 * 2.0 / 4)
-    assert LPAConfig(eps=2.0, steps=4, radius="confidence", delta_eps=0.2).step_size == pytest.approx(2.5 * 2.4 / 4)
-    assert LPAConfig(eps=2.0, steps=0).step_size == pytest.approx(0.5)
-    assert LPAConfig(lpl_eps=3.0, lpl_steps=5).lpl_step_size == pytest.approx(1.5)
-    assert LPAConfig(step_size=0.1).step_size == 0.1, "an explicit step size is kept"
+    assert LPAConfig(eps=2.0, steps=4).resolved_step_size == pytest.approx(2.5 * 2.0 / 4)
+    config = LPAConfig(eps=2.0, steps=4, radius="confidence", delta_eps=0.2)
+    assert config.resolved_step_size == pytest.approx(2.5 * 2.4 / 4)
+    assert dataclasses.replace(config, eps=4.0).resolved_step_size == pytest.approx(2.5 * 4.8 / 4), "follows eps"
+    assert LPAConfig(eps=2.0, steps=0).resolved_step_size == pytest.approx(0.5)
+    assert LPAConfig(lpl_eps=3.0, lpl_steps=5).resolved_lpl_step_size == pytest.approx(1.5)
+    assert LPAConfig(step_size=0.1).resolved_step_size == 0.1, "an explicit step size is kept"
+    assert LPAConfig().settings_for("lpa")["step_size"] == pytest.approx(2.5 / 3), "settings show the step in force"
 
 
 def test_a_registered_policy_is_usable_by_name():
