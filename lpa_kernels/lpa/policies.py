@@ -24,15 +24,12 @@ bonus growing with the class's distance to the confidence threshold, normalised 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from lpa_kernels.confidence import confidence_gap
 from lpa_kernels.lpa.registry import Registry
-
-if TYPE_CHECKING:
-    from lpa_kernels.lpa.config import LPAConfig
 
 DIRECTIONS = Registry("direction")
 RADII = Registry("radius")
@@ -52,7 +49,7 @@ class ClassInputs:
     true-class probability, 0 where absent): the batch's class statistics, None for batch-independent
     policies; ``trend``: the "loss_trend" direction, None unless the policy asks for it."""
 
-    config: "LPAConfig"
+    config: Any  # the LPAConfig (not imported: config.py imports this module for the policy names)
     eps: float
     num_classes: int
     counts: torch.Tensor | None = None
@@ -61,7 +58,7 @@ class ClassInputs:
     trend: torch.Tensor | None = None
 
 
-def head_count(config: "LPAConfig", num_classes: int) -> int:
+def head_count(config: Any, num_classes: int) -> int:
     """How many classes are "head" for the split policies: ``head_classes``, else ``round(head_fraction
     * K)``, else LPL's split (``LPL_HEAD_CLASSES``) or ``round(DEFAULT_HEAD_FRACTION * K)``."""
     if config.head_classes is not None:
