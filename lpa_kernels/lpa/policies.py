@@ -150,9 +150,9 @@ def frequency_radius(inputs: ClassInputs) -> torch.Tensor:
     return inputs.eps * (counts.min() / counts.clamp_min(1)) ** inputs.config.gamma
 
 
-@RADII.register("budget", "LPL long-tail step counts as radii: N_c = round(head_budget * n_c / n_max) for "
-                "head classes, round(tail_budget * n_min / n_c) for tail ones (at least 1); eps * N_c / "
-                "max N", needs_counts=True,
+@RADII.register("budget", "LPL long-tail step counts as radii: N_c = round(head_budget * n_c / n_max - 1) + 1 "
+                "for head classes, round(tail_budget * n_min / n_c - 1) + 1 for tail ones (at least 1); eps * "
+                "N_c / max N", needs_counts=True,
                 settings=("head_classes", "head_fraction", "head_budget", "tail_budget"))
 def budget_radius(inputs: ClassInputs) -> torch.Tensor:
     counts, config = inputs.counts.clamp_min(1), inputs.config

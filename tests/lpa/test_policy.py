@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from lpa_kernels.lpa import LPAConfig
+from lpa_kernels.lpa import LPAConfig, build_method
 from lpa_kernels.lpa.policy import Policy, class_stats
+from tests.lpa.models import batch, mlp
 
 LIKE = torch.zeros((), dtype=torch.float64)
 
@@ -170,3 +171,17 @@ def test_config_rejects_single_pass_with_fresh_init_and_picks_carried_by_default
         LPAConfig(steps=0, init="fresh")
     with pytest.raises(ValueError, match="direction"):
         LPAConfig(direction="sideways")
+
+
+@pytest.mark.parametrize("radius, expected", [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    # counts 40, 30, 20, 10, one head class (round(0.3 * 4)): steps 10 (head), round(50 * 10 / n_c - 1) + 1 =
+    # 17, 25, 50 (tail); radii eps * steps / 50
+    ("budget", [0.2, 0.34, 0.5, 1.0]),
+])
+def test_with_the_default_step_every_class_ends_on_its_radius(radius, expected):
+    config = LPAConfig(direction="ascent", radius=radius, head="never")  # eps 1, T = 3, default step
+    method = build_method("lpa", mlp(), 4, layer="3", config=config, class_counts=torch.tensor([40, 30, 20, 10]))
+    method.training_loss(*batch())
+    norms = torch.linalg.vector_norm(method.delta.flatten(1), dim=1)
+    assert torch.allclose(norms, torch.tensor(expected, dtype=norms.dtype), rtol=1e-9), "the radius binds"

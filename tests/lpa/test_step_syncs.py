@@ -13,6 +13,7 @@ import torch
 from lpa_kernels.lpa import LPAConfig, build_method
 from tests.lpa.models import NUM_CLASSES, batch, mlp
 
+COUNTS = torch.tensor([40, 30, 20, 10])  # training samples per class: the la prior, split and budget
 HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu")
 
 # single pass with the policies that read batch statistics or history, and the T-step autograd path
@@ -22,6 +23,9 @@ CASES = {
     "single-pass-user-direction": ("lpa", dict(steps=0, direction=torch.tensor([1.0, -1.0, 1.0, -1.0]))),
     "single-pass-loss-trend": ("lpa", dict(steps=0, direction="loss_trend")),
     "single-pass-lpa+lpl": ("lpa+lpl", dict(steps=0, lpl_steps=0)),
+    "single-pass-confidence-linear-radius": ("lpa", dict(steps=0, radius="confidence_linear")),
+    "single-pass-la-split-budget": ("la+lpa", dict(steps=0, direction="split", radius="budget")),
+    "single-pass-la-lpa+lpl": ("la+lpa+lpl", dict(steps=0, lpl_steps=0)),
     "t-step-autograd": ("lpa", dict(steps=2, head="never", init="carried")),
 }
 
@@ -57,7 +61,7 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_step_checks_labels_once_and_reads_no_other_tensor_value(case, host_reads):
     name, config = CASES[case]
-    method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config))
+    method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config), class_counts=COUNTS)
     training_step(method, *batch(seed=0))  # the first step creates delta and the policy's constant tensors
     before = method.delta.clone()
     host_reads["aminmax"], host_reads["reads"] = 0, []
@@ -103,7 +107,7 @@ def test_frequency_radius_that_is_zero_for_a_class_is_rejected():
 def test_training_step_synchronises_the_gpu_only_for_the_label_check(case):
     name, config = CASES[case]
     model = mlp(torch.float32).cuda()
-    method = build_method(name, model, NUM_CLASSES, layer="3", config=LPAConfig(**config))
+    method = build_method(name, model, NUM_CLASSES, layer="3", config=LPAConfig(**config), class_counts=COUNTS)
     x, y = (t.cuda() for t in batch(dtype=torch.float32))
     training_step(method, x, y)
     torch.cuda.synchronize()
