@@ -13,7 +13,7 @@
 #
 # usage: benchmarks/reproduce_cifar.sh DATA_DIR OUT_DIR [extra lpa-train options, e.g. --seeds 0 1 2]
 #        benchmarks/reproduce_cifar.sh --smoke OUT_DIR    (CPU: two epochs on a generated CIFAR-format
-#                                                          folder, ResNet-32 for every row; minutes)
+#                                                          folder, ResNet-32 for every row; ~5 min of CPU)
 # DATA_DIR holds cifar-10-batches-py and cifar-100-python. Each table row writes OUT_DIR/<table>.json;
 # the tables are then written to OUT_DIR/tables.md by python -m lpa_bench.cifar_table.
 set -euo pipefail
@@ -38,12 +38,12 @@ if (( smoke )); then
 import sys
 from pathlib import Path
 from tests.programs.fake_cifar import write_cifar
-write_cifar(Path(sys.argv[1]), 10, per_class_per_file=4)
-write_cifar(Path(sys.argv[1]), 100, per_class_per_file=4)
+write_cifar(Path(sys.argv[1]), 10, per_class_per_file=2)
+write_cifar(Path(sys.argv[1]), 100, per_class_per_file=2)
 PY
     # two epochs, one milestone, ResNet-32 instead of WRN-28-10, no warm-up, CPU
     extra=(--epochs 2 --milestones 1 --model resnet32a --seeds 0 --batch-size 32 --device cpu --quiet "${extra[@]}")
-    imbalance=(--imbalance 4)
+    imbalance=(--imbalance 2)
 else
     imbalance=(--imbalance 100)
 fi
