@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "network: " + ", ".join(CIFAR_MODELS))
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the training forward on a GPU (no effect on the CPU)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N",
-                   help="evaluate every N epochs and report the best and last accuracy (0: at the end only)")
+                   help="evaluate every N epochs (and the last) into the JSON's epochs, with the best and last "
+                        "accuracy (0: at the end only, or every epoch with --plot)")
     recipes.add_option(p)
     p.add_argument("--width", type=number(int, 1), default=None,
                    help=f"MLP width / ResNet base channels (default: {mlp['width']} / {resnet['width']})")
