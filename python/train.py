@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import shlex
 import statistics
 import subprocess
@@ -497,5 +498,21 @@ def print_banner(args: argparse.Namespace, device: torch.device, data: Dataset, 
         print(f"  {method}: {shown}", flush=True)
 
 
+def run_as_program(argv: list[str] | None = None) -> None:
+    """The program's entry (``lpa-train``, ``python -m lpa_programs.train``): :func:`main`, then exit.
+
+    A process that is one of several torchrun ranks leaves with ``os._exit`` once its output is flushed,
+    skipping the interpreter's shutdown: there gloo's worker threads can abort the process ("terminate
+    called without an active exception", seen on 2-core CI machines after a complete, correct run),
+    which torchrun reports as a failed job. Nothing is lost: results and checkpoints are written and
+    closed as they are made, and the process group is already destroyed."""
+    code = main(argv)
+    if distributed.launched_world() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_program()

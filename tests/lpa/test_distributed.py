@@ -100,6 +100,9 @@ def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A finished rank skips the interpreter's shutdown, where gloo's threads once aborted a rank whose
+    # work was done and saved (lpa_programs.train.run_as_program does the same, and says why).
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from lpa_kernels.lpa.methods import Method
-from lpa_programs.train import main
+from lpa_programs.train import run_as_program
 
 
 def _corrupt_on(rank: int, call: int) -> None:
@@ -29,4 +29,4 @@ def _corrupt_on(rank: int, call: int) -> None:
 
 if __name__ == "__main__":
     _corrupt_on(int(sys.argv[1]), int(sys.argv[2]))
-    sys.exit(main(sys.argv[3:]))
+    run_as_program(sys.argv[3:])
