@@ -65,12 +65,24 @@ __device__ void pgd_update_row(T* delta_row, const G* grad_row, int64_t D, A ste
   }
 }
 
+// With `ok` (not null): the training step's guarded step (lpa_kernels/pgd/naive.py, guarded_pgd_step_):
+// a class whose gradient has a non-finite entry, or every class when *ok is false, keeps its delta, and
+// the non-finite classes of an ok batch are counted into *skipped.
 template <typename T, typename G>
 __global__ void __launch_bounds__(kReduceThreads)
 pgd_step_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
-                int64_t D, int norm) {
+                int64_t D, int norm, const bool* ok, unsigned long long* skipped) {
   __shared__ acc_t<T> scratch[kReduceThreads];
   const int64_t c = blockIdx.x;
+  if (ok != nullptr) {
+    const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+    int nonfinite = 0;
+    for (int64_t j = t; j < D; j += nt) nonfinite |= !isfinite(load_as_acc(grad[c * D + j]));
+    const bool skip = __syncthreads_or(nonfinite);  // uniform across the block
+    const bool batch_ok = *ok;
+    if (skip && batch_ok && t == 0) atomicAdd(skipped, 1ULL);
+    if (skip || !batch_ok) return;
+  }
   pgd_update_row(delta + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
 }
 
@@ -133,7 +145,8 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
 }
 
 void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
-              int64_t D, int norm, int dtype, int grad_dtype, cudaStream_t stream) {
+              int64_t D, int norm, int dtype, int grad_dtype, const bool* ok, int64_t* skipped, cudaStream_t stream) {
+  auto counter = reinterpret_cast<unsigned long long*>(skipped);
   if (K > 2147483647LL) throw std::invalid_argument("pgd_step: too many classes");
   LPA_DISPATCH(dtype, "pgd_step", {
     using A = acc_t<scalar_t>;
@@ -142,9 +155,9 @@ void pgd_step(void* delta, const void* grad, const void* step, const void* eps, 
     auto ep = static_cast<const A*>(eps);
     auto dir = static_cast<const A*>(direction);
     if (grad_dtype == dtype) {
-      pgd_step_kernel<scalar_t, scalar_t><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const scalar_t*>(grad), st, ep, dir, D, norm);
+      pgd_step_kernel<scalar_t, scalar_t><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const scalar_t*>(grad), st, ep, dir, D, norm, ok, counter);
     } else {
-      pgd_step_kernel<scalar_t, A><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const A*>(grad), st, ep, dir, D, norm);
+      pgd_step_kernel<scalar_t, A><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const A*>(grad), st, ep, dir, D, norm, ok, counter);
     }
   })
   check_launch("pgd_step_kernel");

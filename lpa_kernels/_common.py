@@ -43,13 +43,64 @@ def flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
-def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def label_plan(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The class order of one batch's labels, built once (one sort) and shared by every kernel call on
+    those labels (the steps of a PGD loop, the ops of a training step): ``class_order``'s ``(order,
+    starts)`` and ``class_segments``' ``(segment_class, segment_start)``, packed into one int64 tensor
+    of ``B + (K + 1) + S + (S + 1)`` entries (``S = min(B, K)``) so a custom op can take it as one
+    argument. Device-side, no host read. ``unpack_label_plan`` gives the four parts back (views)."""
+    order, segment_class, segment_start, sorted_labels = _sorted_segments(labels, num_classes)
+    starts = torch.searchsorted(sorted_labels, torch.arange(num_classes + 1, device=labels.device))
+    return torch.cat([order, starts, segment_class, segment_start])
+
+
+def unpack_label_plan(plan: torch.Tensor, batch: int, num_classes: int):
+    """``(order (B,), starts (K + 1,), segment_class (S,), segment_start (S + 1,))`` of a ``label_plan``."""
+    segments = min(batch, num_classes)
+    return torch.split(plan, [batch, num_classes + 1, segments, segments + 1])
+
+
+def class_order(labels: torch.Tensor, num_classes: int, plan: torch.Tensor | None = None):
     """``(order, starts)`` int64: sample indices sorted by class (stable, hence a fixed order) and
-    ``starts (K + 1,)`` with class c's samples at ``order[starts[c]:starts[c + 1]]``."""
+    ``starts (K + 1,)`` with class c's samples at ``order[starts[c]:starts[c + 1]]``; from ``plan``
+    (a ``label_plan`` of these labels) when given."""
+    if plan is not None:
+        return unpack_label_plan(plan, labels.numel(), num_classes)[:2]
     order = torch.argsort(labels, stable=True)
-    starts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    torch.cumsum(torch.bincount(labels, minlength=num_classes), 0, out=starts[1:])
-    return order, starts
+    # A binary search of the sorted labels, not a cumsum of bincount: bincount's output size depends on
+    # the labels, so on a GPU it reads their min and max back to the host (a sync per call).
+    classes = torch.arange(num_classes + 1, dtype=labels.dtype, device=labels.device)
+    return order, torch.searchsorted(labels[order], classes)
+
+
+def class_segments(labels: torch.Tensor, num_classes: int, plan: torch.Tensor | None = None):
+    """``(order, segment_class, segment_start)``: sample indices sorted by class (stable), and the
+    ``S = min(B, K)`` segments of that order, one per class present: segment s holds the samples
+    ``order[segment_start[s]:segment_start[s + 1]]``, all of class ``segment_class[s]``. Segments past
+    the classes present are padding: class ``K`` (no class) and no samples. ``S`` is known on the host,
+    so the grids built on it need no device-to-host read; everything here stays on the device. From
+    ``plan`` (a ``label_plan`` of these labels) when given."""
+    if plan is not None:
+        order, _, segment_class, segment_start = unpack_label_plan(plan, labels.numel(), num_classes)
+        return order, segment_class, segment_start
+    return _sorted_segments(labels, num_classes)[:3]
+
+
+def _sorted_segments(labels: torch.Tensor, num_classes: int):
+    """``class_segments`` plus the sorted labels (int64)."""
+    B = labels.numel()
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order].to(torch.int64)
+    first = torch.ones(B, dtype=torch.bool, device=labels.device)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    segment = torch.cumsum(first, 0) - 1  # the segment of each sorted sample, non-decreasing
+    segments = min(B, num_classes)
+    # Gathers and a binary search rather than scatters: deterministic, and allowed under
+    # torch.use_deterministic_algorithms on every device.
+    segment_start = torch.searchsorted(segment, torch.arange(segments + 1, device=labels.device))
+    first_labels = sorted_labels[segment_start[:-1].clamp_max(B - 1)]
+    segment_class = torch.where(segment_start[:-1] < B, first_labels, num_classes)
+    return order, segment_class, segment_start, sorted_labels
 
 
 def update_in_place(delta: torch.Tensor, run) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lpa_kernels._common import compute_dtype
+from lpa_kernels._common import class_segments, compute_dtype  # noqa: F401 (class_segments: the launchers import it from here)
 from lpa_kernels.backend import interpreting
 
 # Elements per program tile: large enough to keep a GPU's memory system busy, small enough for
@@ -52,27 +52,6 @@ def accumulator_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 def accumulator(*tensors: torch.Tensor | None) -> tl.dtype:
     """:func:`accumulator_dtype` as the Triton dtype the kernels take."""
     return tl.float64 if accumulator_dtype(*tensors) == torch.float64 else tl.float32
-
-
-def class_segments(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(order, segment_class, segment_start)``: sample indices sorted by class (stable), and the
-    ``S = min(B, K)`` segments of that order, one per class present: segment s holds the samples
-    ``order[segment_start[s]:segment_start[s + 1]]``, all of class ``segment_class[s]``. Segments past
-    the classes present are padding: class ``K`` (no class) and no samples. ``S`` is known on the host,
-    so the grids built on it need no device-to-host read; everything here stays on the device."""
-    B = labels.numel()
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order].to(torch.int64)
-    first = torch.ones(B, dtype=torch.bool, device=labels.device)
-    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    segment = torch.cumsum(first, 0) - 1  # the segment of each sorted sample, non-decreasing
-    segments = min(B, num_classes)
-    # Gathers and a binary search rather than scatters: deterministic, and allowed under
-    # torch.use_deterministic_algorithms on every device.
-    segment_start = torch.searchsorted(segment, torch.arange(segments + 1, device=labels.device))
-    first_labels = sorted_labels[segment_start[:-1].clamp_max(B - 1)]
-    segment_class = torch.where(segment_start[:-1] < B, first_labels, num_classes)
-    return order, segment_class, segment_start
 
 
 def reduction_blocks(D: int, inner: int, rows: int) -> tuple[int, int]:

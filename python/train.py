@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PATH", help="draw per-class accuracy by method (grouped many/"
                    "medium/few) and per-epoch test accuracy and loss into this PNG (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training forward under torch.compile after the first step (fullgraph=True in "
+                        "one process)")
     return p
 
 
@@ -187,6 +190,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     config = method.config
     ctx = distributed.context()
     forward = distributed.wrap(method, ctx, args.fsdp, device)  # the training loss; DDP / FSDP2 under torchrun
+    if args.compile:  # one process: the training forward as one graph; DDP's and FSDP2's hooks split it
+        forward = torch.compile(forward) if ctx.world > 1 or args.fsdp else method.compiled_training_loss()
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     batches = distributed.Batches(len(y_train), args.batch_size, seed, ctx)  # this rank's share of each global batch
     total_steps = batches.steps_per_epoch * args.epochs
@@ -221,6 +226,7 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             if epoch_log:
                 epoch_log.add(loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        method.sync()  # the step reads nothing back: a bad label found on the device is raised here
         if epoch_log and (args.plot or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             epoch_log.end_epoch(model, epoch + 1)
         saver.after_epoch(epoch + 1, {"step_seconds": step_seconds,

@@ -7,6 +7,8 @@ training step to a budget without a GPU. What is counted, and why it stands for 
 - ``aten``: every ATen op reaching the dispatcher (a ``TorchDispatchMode``) except those that launch
   no kernel on a GPU (views, ``empty*``, ``detach``, and the host reads below). An eager op is one
   kernel launch, give or take (a few ops launch two).
+- Our own custom ops (``lpa_kernels::``) are not kernels themselves: their Python bodies run with the
+  counter on, so the ATen ops and Triton kernels inside them count.
 - ``triton``: every ``kernel[grid](...)`` launch (``KernelInterface.__getitem__``); an autotuned or
   heuristics-wrapped kernel counts once per call, as it launches once per call on a GPU once tuned.
 - ``host_reads``: calls that make the host wait for the device: ``.item()``, ``bool()``/``int()``/
@@ -45,7 +47,15 @@ class _AtenCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.counts.in_triton_launch:
+            return func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        definition = _custom_op(func)
+        if definition is not None:
+            # one of our custom ops: its launches are the ATen ops and Triton kernels its Python body runs
+            # (the mode is off while this handler runs, so re-enter it for the body)
+            with self:
+                return definition._init_fn(*args, **kwargs)
         reads = HOST_READ_OPS.get(name, 0)
         if reads and args and isinstance(args[0], torch.Tensor) and self.counts.is_on_host(args[0]):
             reads = 0
@@ -65,6 +75,7 @@ class LaunchCounter:
     def __init__(self):
         self.aten, self.triton, self.host_reads = Counter(), Counter(), Counter()
         self._undo = []
+        self.in_triton_launch = 0  # > 0 while a Triton kernel runs (under the interpreter: its own ATen ops)
         self.on_host = weakref.WeakValueDictionary()  # id -> tensor: what a counted .cpu() returned: later reads of it are free
 
     def __enter__(self):
@@ -75,7 +86,18 @@ class LaunchCounter:
 
         def counting_getitem(kernel, grid):
             counts.triton[_kernel_name(kernel)] += 1
-            return getitem(kernel, grid)
+            launch = getitem(kernel, grid)
+
+            def launching(*args, **kwargs):
+                # under TRITON_INTERPRET=1 the launch itself runs ATen ops (copies to and from the
+                # interpreter's buffers); on a GPU it is one kernel, counted above
+                counts.in_triton_launch += 1
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    counts.in_triton_launch -= 1
+
+            return launching
 
         KernelInterface.__getitem__ = counting_getitem
         self._undo.append(lambda: setattr(KernelInterface, "__getitem__", getitem))
@@ -110,6 +132,15 @@ class LaunchCounter:
         return {"aten_launches": sum(self.aten.values()), "triton_launches": sum(self.triton.values()),
                 "host_reads": sum(self.host_reads.values()), "aten": dict(self.aten.most_common()),
                 "triton": dict(self.triton.most_common()), "host_read_kinds": dict(self.host_reads)}
+
+
+def _custom_op(func):
+    """The ``torch.library.custom_op`` definition of a ``lpa_kernels::`` op, else None."""
+    if func.namespace != "lpa_kernels":
+        return None
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    return _maybe_get_opdef(func._name)
 
 
 def _kernel_name(kernel) -> str:

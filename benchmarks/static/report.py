@@ -118,10 +118,10 @@ def print_report(report: dict) -> None:
         print(f"  {r['case']:<42} {r['modelled_roofline_ms']:9.4f} {r['modelled_kernel_ms']:9.4f} "
               f"{r['modelled_eager_ms']:9.4f} {r['modelled_fraction_of_roofline']:5.2f} "
               f"{r['modelled_speedup_vs_eager']:7.2f}x{measured}")
-    print("\nPer training step (MLP; aten launches, Triton launches, host reads):")
+    print("\nPer training step (aten launches, Triton launches, host reads):")
     for r in report["steps"]:
         method = r["method"] + ("" if r["steps"] is None else f" T={r['steps']}")
-        print(f"  {r['layer']:<6} {r['backend']:<10} {method:<9} aten {r['aten_launches']:4d}  triton "
+        print(f"  {r['model']:<6} {r['layer']:<6} {r['backend']:<10} {method:<9} aten {r['aten_launches']:4d}  triton "
               f"{r['triton_launches']:3d}  host reads {r['host_reads']} {r['host_read_kinds']}")
 
 

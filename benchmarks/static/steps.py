@@ -1,6 +1,6 @@
 """Kernel launches and host reads per LPA training step (``counting.LaunchCounter``), for ERM and LPA
-with T = 0, 1, 3 PGD steps, at the head and at an inner layer of an MLP, for ``backend="reference"``
-and ``backend="triton"``.
+with T = 0, 1, 3 PGD steps, at the head and at an inner layer of an MLP and of a small CIFAR ResNet,
+for ``backend="reference"`` and ``backend="triton"``.
 
 The Triton backend runs on the CPU under Triton's interpreter, so the counts come from a subprocess
 with ``TRITON_INTERPRET=1`` (set before the kernel modules are imported): :func:`run`. One warm-up
@@ -20,31 +20,51 @@ from lpa_bench.static.compile_worker import REPO
 
 # The MLP of lpa-bench's training-step rows; "3" is the penultimate features (the upper network is
 # the classifier: the fused head path), "1" the first hidden layer (an inner layer: perturb path).
-LAYERS = {"head": "3", "inner": "1"}
+# The ResNet is lpa-train's CIFAR ResNet (one block per stage): its pooled features feed the classifier
+# (head path), its second stage is NCHW (inner layer).
+MODELS = ("mlp", "resnet")
+LAYERS = {"mlp": {"head": "3", "inner": "1"}, "resnet": {"head": "features.pool", "inner": "features.stage2"}}
 SIZES = dict(B=64, IN=32, HIDDEN=64, K=10)
+RESNET_SIZES = dict(B=16, CHANNELS=3, SIDE=8, WIDTH=4, K=10)
 METHODS = (("erm", None), ("lpa", 0), ("lpa", 1), ("lpa", 3))
 BACKENDS = ("reference", "triton")
 
 
-def count_step(method_name: str, steps: int | None, layer: str, backend: str) -> dict:
+def _model_and_batch(model_name: str):
+    import torch
+
+    from lpa_bench.training import mlp
+    from lpa_programs.models import ResNet
+
+    if model_name == "mlp":
+        model = mlp(SIZES["IN"], SIZES["HIDDEN"], SIZES["K"])
+        return model, torch.randn(SIZES["B"], SIZES["IN"]), torch.randint(0, SIZES["K"], (SIZES["B"],)), SIZES["K"]
+    r = RESNET_SIZES
+    model = ResNet(r["K"], in_channels=r["CHANNELS"], width=r["WIDTH"], blocks=1)
+    x = torch.randn(r["B"], r["CHANNELS"], r["SIDE"], r["SIDE"])
+    return model, x, torch.randint(0, r["K"], (r["B"],)), r["K"]
+
+
+def count_step(method_name: str, steps: int | None, layer: str, backend: str, model_name: str = "mlp") -> dict:
     import torch
 
     from lpa_bench.static.counting import LaunchCounter
-    from lpa_bench.training import mlp, training_step
+    from lpa_bench.training import training_step
 
     torch.manual_seed(0)
-    model = mlp(SIZES["IN"], SIZES["HIDDEN"], SIZES["K"])
-    x, y = torch.randn(SIZES["B"], SIZES["IN"]), torch.randint(0, SIZES["K"], (SIZES["B"],))
-    step, _ = training_step(method_name, steps, model, x, y, SIZES["K"], layer=LAYERS[layer], backend=backend)
+    model, x, y, num_classes = _model_and_batch(model_name)
+    step, _ = training_step(method_name, steps, model, x, y, num_classes, layer=LAYERS[model_name][layer],
+                            backend=backend)
     step()  # warm-up: lazily built state (momentum buffers, deltas) is not a per-step cost
     with LaunchCounter() as counts:
         step()
-    return {"method": method_name, "steps": steps, "layer": layer, "backend": backend, **counts.summary()}
+    return {"model": model_name, "method": method_name, "steps": steps, "layer": layer, "backend": backend,
+            **counts.summary()}
 
 
 def all_rows() -> list[dict]:
-    return [count_step(name, steps, layer, backend) for layer in LAYERS for backend in BACKENDS
-            for name, steps in METHODS]
+    return [count_step(name, steps, layer, backend, model) for model in MODELS for layer in LAYERS[model]
+            for backend in BACKENDS for name, steps in METHODS]
 
 
 def run(timeout: float = 600) -> list[dict]:

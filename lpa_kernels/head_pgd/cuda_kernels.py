@@ -25,6 +25,6 @@ KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_
                       softmax_xent_grad=softmax_xent_grad, pgd_step=pgd_step)
 
 
-def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:
     """``HeadPGDLaunchers.head_pgd``."""
-    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan)

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lpa_kernels._common import compute_dtype, new_output
+from lpa_kernels._common import compute_dtype, label_plan, new_output
 from lpa_kernels.confidence import confidence_direction
 
 # Logits elements per chunk of rows (256 MiB in float32): bounds the rows form's (chunk, K) buffer, so
@@ -52,7 +52,7 @@ class HeadKernels:
     """What a backend supplies (the launchers of its ``perturb`` and ``pgd`` kernels, plus one kernel).
 
     - ``perturb(h (n, D), labels (n,), delta (K, D), inner, mode) -> h~ (n, D)`` in ``h.dtype``;
-    - ``class_sum(rows (n, R), h (n, R) or None, labels (n,), num_classes, mode, dtype) -> (K, R)``:
+    - ``class_sum(rows (n, R), h (n, R) or None, labels (n,), num_classes, mode, dtype, plan) -> (K, R)``:
       ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``), deterministic, in ``dtype``;
     - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), shift (K, K) or None, p_true (n,) or None)``:
       ``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``out`` may be ``logits``), and the
@@ -70,8 +70,8 @@ def class_sum_from(perturb_backward: Callable[..., tuple]) -> Callable[..., torc
     """``HeadKernels.class_sum`` from a backend's ``perturb_backward`` launcher (its deterministic class
     reduction, without ``grad_h``)."""
 
-    def class_sum(rows, h, labels, num_classes, mode, dtype):
-        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, dtype)[1]
+    def class_sum(rows, h, labels, num_classes, mode, dtype, plan=None):
+        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, dtype, plan)[1]
 
     return class_sum
 
@@ -130,29 +130,34 @@ def run_head_pgd(
     norm: str,
     mode: str,
     kernels: HeadKernels,
+    plan: torch.Tensor | None = None,
 ) -> None:
     """``steps`` PGD steps on ``delta (K, D)`` in place (validated, contiguous tensors on one device).
 
     ``h (B, D)``, ``labels (B,)``, ``weight (K, D)``, ``bias (K,)`` or None; ``step``, ``eps`` (K,);
-    ``direction`` (K,) or None for LPL's confidence rule, fixed from the first step's softmax."""
+    ``direction`` (K,) or None for LPL's confidence rule, fixed from the first step's softmax.
+    ``plan``: ``_common.label_plan(labels, K)`` if the caller has it; else it is built here once for
+    all the steps (the class sums of every step share one sort of the labels)."""
     batch, num_classes = h.shape[0], weight.shape[0]
     if batch == 0 or steps == 0:
         return
+    if plan is None and steps > 1:
+        plan = label_plan(labels, num_classes)
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
     h, weight = h.to(gd), weight.to(gd)
     bias = None if bias is None else bias.to(gd)
     if use_class_space(batch, num_classes, steps, mode):
-        class_grad = _class_space_grad(h, labels, weight, bias, acc, kernels)
+        class_grad = _class_space_grad(h, labels, weight, bias, acc, kernels, plan)
     else:
-        class_grad = _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels)
+        class_grad = _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels, plan)
     _pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad, kernels.pgd_step)
 
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels) -> GradFn:
+def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels, plan) -> GradFn:
     """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
     num_classes = weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
@@ -161,13 +166,13 @@ def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels) -> Gra
     def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
         shift = torch.mm(current.to(weight.dtype), weight.t())  # (K, K): class c's samples' logit offset
         kernels.softmax_xent_grad(probs, base_logits, labels, shift, p_true)
-        class_probs = kernels.class_sum(probs, None, labels, num_classes, "add", acc)  # (K, K)
+        class_probs = kernels.class_sum(probs, None, labels, num_classes, "add", acc, plan)  # (K, K)
         return torch.mm(class_probs.to(weight.dtype), weight).to(acc)
 
     return class_grad
 
 
-def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels) -> GradFn:
+def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels, plan) -> GradFn:
     """The rows form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     rows = chunk_rows(batch, num_classes)
@@ -186,7 +191,7 @@ def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels) -
                 torch.addmm(bias, h_tilde, weight.t(), out=z)
             kernels.softmax_xent_grad(z, z, part_labels, None, None if p_true is None else p_true[part])
             torch.mm(z, weight, out=sample_grad[part])
-        return kernels.class_sum(sample_grad, h if mode == "scale" else None, labels, num_classes, mode, acc)
+        return kernels.class_sum(sample_grad, h if mode == "scale" else None, labels, num_classes, mode, acc, plan)
 
     return class_grad
 

@@ -22,15 +22,16 @@ from lpa_kernels.head_pgd.backends import launchers
 def _head_pgd_op(
     h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
     steps: int, step_size: torch.Tensor, eps: torch.Tensor, direction: Optional[torch.Tensor], norm: str,
-    perturb_mode: str, backend: str,
+    perturb_mode: str, backend: str, plan: Optional[torch.Tensor] = None,
 ) -> None:
-    """``direction`` None means LPL's confidence rule. (An argument named ``mode`` would clash with
-    torch's dispatch-mode redirection under AOT dispatch.)"""
-    launchers(backend).head_pgd(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode)
+    """``direction`` None means LPL's confidence rule; ``plan`` the labels' ``_common.label_plan`` or None.
+    (An argument named ``mode`` would clash with torch's dispatch-mode redirection under AOT dispatch.)"""
+    launchers(backend).head_pgd(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode,
+                                plan)
 
 
 @_head_pgd_op.register_fake
-def _(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode, backend):
+def _(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode, backend, plan=None):
     return None
 
 
@@ -78,12 +79,21 @@ def head_pgd_(
     _checks.check_in_place_target(delta, h=h, labels=labels, weight=weight, bias=bias, step_size=step_size, eps=eps,
                                   direction=direction)
     backend = _backend.resolve(backend, device)
+    return run_head_pgd_(h, labels, weight, bias, delta, steps, step, radius, "confidence" if confidence else sign,
+                         norm, mode, backend)
+
+
+def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, direction, norm: str, mode: str,
+                  backend: str, plan: torch.Tensor | None = None) -> torch.Tensor:
+    """``head_pgd_`` without validation (no device sync), for callers whose arguments are valid by
+    construction (the LPA training machinery, whose labels are clamped into range): ``step``, ``radius``
+    (> 0) and ``direction`` ``(K,)`` tensors as ``_common.per_class`` makes them (or ``"confidence"``);
+    ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None."""
     if backend == "reference":
-        direction = "confidence" if confidence else sign
         return naive.head_pgd_(h, labels, weight, bias, delta, steps, step, radius, direction, norm, mode)
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
-    direction = None if confidence else sign  # None: the launcher applies the confidence rule
+    direction = None if isinstance(direction, str) else direction  # None: the launcher applies the confidence rule
     return update_in_place(
-        delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend)
+        delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend, plan)
     )

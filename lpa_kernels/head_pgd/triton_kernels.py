@@ -114,6 +114,6 @@ KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_
                       pgd_step=pgd_step)
 
 
-def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:
     """``HeadPGDLaunchers.head_pgd``: ``loop.run_head_pgd`` on this backend's kernels."""
-    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan)

@@ -6,8 +6,11 @@ Every method follows one protocol::
     method = build_method("lpa", model, num_classes, layer="layer3", config=LPAConfig(steps=0))
     loss, logits = method.training_loss(x, y)
     optimizer.zero_grad(); loss.backward(); method.after_backward(); optimizer.step()
+    ...
+    method.sync()  # where the loop reads the device anyway (logging), once per epoch at the latest
 
-``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never
+The step reads nothing back from the device; ``sync`` raises the errors it could only find there (a
+label outside ``[0, K)``). ``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never
 modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
 
 Logit adjustment (``LPAConfig.loss == "la"``, forced by the "la" methods): every training cross-entropy,
@@ -18,17 +21,19 @@ learned on the adjusted logits, as in LPL's long-tail code.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lpa_kernels import _checks
-from lpa_kernels._common import compute_dtype
+from lpa_kernels import _checks, backend as _backend
+from lpa_kernels._common import compute_dtype, label_plan
 from lpa_kernels.lpa import state as _state
 from lpa_kernels.lpa.collectives import begin_training_call
 from lpa_kernels.lpa.config import LPAConfig
+from lpa_kernels.lpa.labels import LabelGuard
 from lpa_kernels.lpa.policy import Policy
 from lpa_kernels.lpa.registry import METHODS
 from lpa_kernels.lpa.site import ClassSite, frozen_batchnorm_stats
@@ -98,6 +103,7 @@ class Method:
         self._counts = dict(lower_forwards=0, upper_forwards=0, training_steps=0, pgd_steps=0)
         self._shift = logit_adjustment(class_counts, self.config.tau) if self.config.loss == "la" else None
         self._shifts = {}  # (device, dtype) -> the logit-adjustment shift there
+        self._counting = True  # False inside a compiled training call (see compiled_training_loss)
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits the training loss reads: ``logits + tau * log(prior)`` under logit adjustment."""
@@ -117,8 +123,12 @@ class Method:
         return (f"{type(self).__name__}({self.name!r}, layer={self.layer!r}, num_classes={self.num_classes}"
                 f"{shown}{settings})")
 
+    def _count(self, name: str, n: int = 1) -> None:
+        if self._counting:
+            self._counts[name] += n
+
     def _lower(self, x):
-        self._counts["lower_forwards"] += 1
+        self._count("lower_forwards")
         h, extras = self.split.lower(x)
         if not isinstance(h, torch.Tensor):
             raise ValueError(f"the layer {self.layer!r} must output one tensor (B, *F), got {type(h).__name__}; "
@@ -126,28 +136,68 @@ class Method:
         return h, extras
 
     def _upper(self, h, extras):
-        self._counts["upper_forwards"] += 1
+        self._count("upper_forwards")
         return self.split.upper(h, *extras)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor):
         """``(loss, logits)`` for one training batch: mean cross-entropy of the perturbed forward (mixed
         cross-entropy for mixup); ``logits`` are the upper network's output for that forward.
 
-        A call that raises changes no counter; the class-perturbation methods check the labels before the
-        lower network runs, so a batch with bad labels changes no delta or BatchNorm statistic either."""
-        begin_training_call()  # every call, failed ones too: the distributed order guard counts them
-        self._check_labels(x, y)
-        counts = dict(self._counts)
+        A call that raises changes no counter. The class-perturbation methods check the labels' dtype and
+        shape before the lower network runs, and their values on the device: a batch with a label outside
+        ``[0, K)`` changes no delta, class statistic or policy state, its loss is NaN with a zero
+        gradient, and the next ``sync`` raises the ``ValueError``."""
+        if self._counting:
+            begin_training_call()  # every call, failed ones too: the distributed order guard counts them
+        y = self._check_labels(x, y)
+        counts = dict(self._counts) if self._counting else None
         try:
-            self._counts["training_steps"] += 1
+            self._count("training_steps")
             h, extras = self._lower(x)
             return self._forward_loss(h, tuple(extras), y)
         except Exception:
-            self._counts = counts
+            if counts is not None:
+                self._counts = counts
             raise
 
-    def _check_labels(self, x, y) -> None:
-        """Validate the batch's labels before anything runs (the baselines leave it to cross-entropy)."""
+    def compiled_training_loss(self, **options) -> Callable:
+        """``training_loss`` under ``torch.compile(fullgraph=True, **options)`` (e.g. ``mode="reduce-overhead"``
+        for CUDA graphs). The first call runs eagerly: it creates the state sized from the first batch
+        (deltas, the policies' constant tensors), which a compiled graph must find in place. The T-step
+        autograd path differentiates the upper network inside the step, so autograd ops are traced.
+        The call counters (``stats()``) are plain ints, which a graph would bake in and recompile for at
+        every step: the compiled calls leave them alone and add what the eager first call counted."""
+        compiled = torch.compile(self.training_loss, fullgraph=True, **options)
+        per_call = {}
+
+        def training_loss(x: torch.Tensor, y: torch.Tensor):
+            if not per_call:
+                before = dict(self._counts)
+                result = self.training_loss(x, y)
+                per_call.update({name: self._counts[name] - before[name] for name in before})
+                return result
+            begin_training_call()
+            self._counting = False
+            try:
+                with tracing_autograd():
+                    result = compiled(x, y)
+            finally:
+                self._counting = True
+            for name, n in per_call.items():
+                self._counts[name] += n
+            return result
+
+        return training_loss
+
+    def _check_labels(self, x, y) -> torch.Tensor:
+        """Validate the batch's labels before anything runs; returns the labels the step uses (the
+        baselines leave the check to cross-entropy)."""
+        return y
+
+    def sync(self) -> None:
+        """Raise what the training steps since the last call could only find by reading the device (a
+        label outside ``[0, K)``: ``ValueError``). One host read; call it where the training loop reads
+        the device anyway (the loss, for logging), and once per epoch at the latest."""
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
@@ -169,7 +219,9 @@ class Method:
     def state_dict(self) -> dict:
         """The method's state beyond the model's weights, for checkpoints: copies of its counters and, for
         LPA/LPL, delta, the finiteness guard's counts and the policy's running state (keys and shapes:
-        ``lpa_kernels.lpa.state``). ``as_module().state_dict()`` holds the same under ``lpa_state.``."""
+        ``lpa_kernels.lpa.state``). ``as_module().state_dict()`` holds the same under ``lpa_state.``.
+        Runs ``sync`` first: a checkpoint is not written over a bad batch unnoticed."""
+        self.sync()
         return {k: v.detach().clone() for k, v in _state.state_tensors(self).items()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -217,6 +269,13 @@ class Method:
             "norm_ratio": mean(3, sums[:, 2]).cpu(),
             "amplification": float(ratio.mean()) if ratio.numel() else float("nan"),
         }
+
+
+def tracing_autograd():
+    """Dynamo's switch to trace ``torch.autograd.grad`` (the T-step autograd path) where this torch has it
+    (2.13 does); elsewhere that path breaks the graph, which ``fullgraph=True`` reports."""
+    config = torch._dynamo.config
+    return config.patch(trace_autograd_ops=True) if hasattr(config, "trace_autograd_ops") else contextlib.nullcontext()
 
 
 class _TrainingLoss(nn.Module):
@@ -298,8 +357,9 @@ class ClassPerturbationMethod(Method):
     """LPA (per-class PGD perturbation at the layer), LPL (per-class PGD offset on the logits, delta
     ``(K, K)``, L2 norm) or both. The returned logits are the upper network's output before LPL's offset.
 
-    The labels are range-checked once per training step (``_checks.check_labels``); the sites then run
-    the ops without that check. In single-pass mode this is the step's only device sync.
+    The labels are range-checked once per training step on the device (``lpa.labels.LabelGuard``); the
+    sites then run the ops on the labels clamped into range, without the ops' host-side check, and gate
+    their updates on the check's verdict. The step makes no device sync; ``sync`` raises a bad label.
     """
 
     def __init__(self, model, num_classes, layer=None, config=None, class_counts=None, lower=None, upper=None,
@@ -308,6 +368,10 @@ class ClassPerturbationMethod(Method):
         c = self.config
         self.name = "+".join(n for n, used in (("lpa", use_lpa), ("lpl", use_lpl)) if used)
         self.lpa = self.lpl = None
+        self._labels = LabelGuard(num_classes)
+        self._batch_ok = None  # the current batch's label check (0-d bool on the device)
+        self._plan = None  # the current batch's label_plan, when its kernels share one
+        self._kernel_backend = {}  # device -> whether config.backend resolves to a kernel backend there
         if use_lpa:
             self.lpa = ClassSite(
                 num_classes, Policy(c, num_classes, c.eps, class_counts), mode=c.mode, norm=c.norm,
@@ -338,31 +402,46 @@ class ClassPerturbationMethod(Method):
             _checks.check_labels(y, h.shape[0], self.num_classes)
             delta = self.lpa.preview_delta(h, extras, y, self._pgd_upper, self._pgd_head())
         else:
-            delta = self.lpa.training_delta(h, extras, y, self._pgd_upper, self._pgd_head())
-            self._counts["pgd_steps"] += self.lpa.steps
-        return self.lpa.apply(h, y, delta)
+            delta = self.lpa.training_delta(h, extras, y, self._batch_ok, self._pgd_upper, self._pgd_head(), self._plan)
+            self._count("pgd_steps", self.lpa.steps)
+        return self.lpa.apply(h, y, delta, None if preview else self._plan)
 
-    def _check_labels(self, x, y) -> None:
-        # the step's one device sync; x's first dimension is the batch (y's own length for non-tensor x)
+    def _check_labels(self, x, y) -> torch.Tensor:
+        # on the device (no sync); x's first dimension is the batch (y's own length for non-tensor x)
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else getattr(y, "shape", (-1,))[0]
-        _checks.check_labels(y, batch, self.num_classes)
+        y, self._batch_ok = self._labels.check(y, batch)
+        self._plan = label_plan(y, self.num_classes) if self._shares_plan(y.device) else None
+        return y
+
+    def _shares_plan(self, device: torch.device) -> bool:
+        """Whether this step's kernels sort the same labels more than once, so one ``label_plan`` built up
+        front saves the others (never on the reference backend). A T-step site sorts once per PGD step (its
+        training backward computes no class gradient), a single-pass site once, in the training backward."""
+        if device not in self._kernel_backend:
+            self._kernel_backend[device] = _backend.resolve(self.config.backend, device) != "reference"
+        sorts = sum(site.steps or 1 for site in self._sites())
+        return self._kernel_backend[device] and sorts > 1
+
+    def sync(self) -> None:
+        self._labels.raise_if_bad()
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
         trained = self._adjusted(logits)
         if self.lpl is not None:
-            delta = self.lpl.training_delta(trained.detach(), (), y, _identity_upper)
-            self._counts["pgd_steps"] += self.lpl.steps
-            trained = self.lpl.apply(trained, y, delta)
+            delta = self.lpl.training_delta(trained.detach(), (), y, self._batch_ok, _identity_upper, plan=self._plan)
+            self._count("pgd_steps", self.lpl.steps)
+            trained = self.lpl.apply(trained, y, delta, self._plan)
         log_probs = None
         if trained.dtype == compute_dtype(trained.dtype):
             # F.cross_entropy is nll_loss(log_softmax): one log-softmax serves the loss and the class
             # statistics. (For half logits F.cross_entropy upcasts under autocast, else not: left to it.)
             log_probs = F.log_softmax(trained, dim=1)
         for site in self._sites():
-            site.observe(trained, y, log_probs)
+            site.observe(trained, y, self._batch_ok, log_probs)
         loss = F.cross_entropy(trained, y) if log_probs is None else F.nll_loss(log_probs, y)
-        return loss, logits
+        # a batch with a label out of range: NaN to whoever reads it, no gradient to the weights or delta
+        return torch.where(self._batch_ok, loss, float("nan")), logits
 
     def after_backward(self) -> None:
         for site in self._sites():
@@ -370,9 +449,10 @@ class ClassPerturbationMethod(Method):
 
     def stats(self) -> dict:
         """``Method.stats()`` plus the finiteness guard's counts (LPA and LPL together; reading them syncs
-        the device): ``skipped_class_updates``, class delta updates skipped because the class's gradient
-        was not finite, and ``skipped_class_statistics``, non-finite class statistics the "loss_trend"
-        policy left out of its running state."""
+        the device, so ``sync`` runs first): ``skipped_class_updates``, class delta updates skipped because
+        the class's gradient was not finite, and ``skipped_class_statistics``, non-finite class statistics
+        the "loss_trend" policy left out of its running state."""
+        self.sync()
         stats = super().stats()
         stats["skipped_class_updates"] = sum(site.skipped_updates for site in self._sites())
         stats["skipped_class_statistics"] = sum(site.policy.skipped_observations for site in self._sites())

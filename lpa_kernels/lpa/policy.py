@@ -176,8 +176,9 @@ class Policy:
         first = present & self.loss_ema.isnan()
         seen = present & ~first
         updated = m * self.loss_ema + (1 - m) * loss
-        self.fall_ema = torch.where(seen, m * self.fall_ema + (1 - m) * (self.loss_ema - updated), self.fall_ema)
-        self.loss_ema = torch.where(seen, updated, torch.where(first, loss, self.loss_ema))
+        # in place, so that a CUDA graph replaying the training step carries the state across replays
+        self.fall_ema.copy_(torch.where(seen, m * self.fall_ema + (1 - m) * (self.loss_ema - updated), self.fall_ema))
+        self.loss_ema.copy_(torch.where(seen, updated, torch.where(first, loss, self.loss_ema)))
 
     @property
     def skipped_observations(self) -> int:

@@ -5,13 +5,16 @@ T-step mode (``steps >= 1``): the lower network's output ``h`` is given once; ea
 cross-entropy and applies ``pgd_step_``; the training forward then uses ``delta.detach()``. When
 ``upper`` is exactly the final ``nn.Linear`` the whole loop is one ``head_pgd_`` call (no autograd).
 
-Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with a leaf view of
-delta; its backward leaves ``grad_delta`` there and ``after_backward`` applies one ``pgd_step_``.
+Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with a persistent leaf
+sharing delta's storage; each training backward adds the batch's class gradient to that leaf's ``.grad``
+(so several micro-batches before one ``after_backward`` sum, as one large batch would), and
+``after_backward`` applies one ``pgd_step_`` from the sum.
 
-Validation: the caller range-checks the batch's labels once per training step (``_checks.check_labels``:
-the step's one device sync, reading the labels' min and max); the site then calls the ops' internal entry
-points, which skip that check and the radius check (the policy's radii are positive by construction), so
-no other sync happens (except in the fused ``head_pgd_`` path of T-step mode, which validates its arguments).
+Validation, without a host read: the method checks each batch's labels on the device
+(``lpa.labels.LabelGuard``) and hands the site the labels clamped into range plus ``ok``, a 0-d bool
+tensor; the site gates every update on ``ok`` (a bad batch changes no delta, statistic or policy state).
+The site calls the ops' internal entry points, which skip the host-side label and radius checks (the
+policy's radii are positive by construction), so the training step reads nothing back from the device.
 
 Finiteness guard (one bad sample never ends training): on every path that updates delta (T-step fresh
 and carried, autograd and head, single pass; the LPL site alike), a class whose gradient, or whose new
@@ -38,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpa_kernels import backend as _backend, head_pgd_
+from lpa_kernels import backend as _backend
 from lpa_kernels._common import compute_dtype, per_class
 from lpa_kernels.lpa.policy import Policy, all_reduce_sum, class_stats, class_stats_from_log_probs, world_size
+from lpa_kernels.head_pgd.op import run_head_pgd_
 from lpa_kernels.nn.perturbation import ClassPerturbation
 from lpa_kernels.perturb.op import run_perturb
-from lpa_kernels.pgd.op import run_pgd_step_
+from lpa_kernels.pgd.op import run_guarded_pgd_step_
 
 
 @contextlib.contextmanager
@@ -79,6 +83,23 @@ def per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+class _SummedLossGrad(torch.autograd.Function):
+    """The identity on delta whose backward multiplies the gradient by the local batch size: the mean
+    loss's class gradient becomes the summed loss's, so micro-batches of any sizes add up exactly."""
+
+    @staticmethod
+    def forward(delta: torch.Tensor, batch: int) -> torch.Tensor:
+        return delta.view_as(delta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.batch = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.batch, None
+
+
 def delta_shape_for(feature_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """Per-class perturbation shape ``P`` for features ``F``: full, channel ``(F[0], 1, ..)`` or last ``(1, .., F[-1])``."""
     if layout == "full" or len(feature_shape) <= 1:
@@ -98,7 +119,9 @@ class ClassSite:
         self.perturbation: ClassPerturbation | None = None
         self._step_sizes = self._resolved_backend = None  # for delta's device and dtype, set with delta
         self._skipped = None  # class updates skipped for a non-finite gradient: a device counter, set with delta
-        self._pending = None  # single pass: (live delta, local batch size, class stats or None)
+        self._leaf = None  # single pass: a leaf sharing delta's storage; training backwards sum into its .grad
+        self._pending = False  # single pass: a training forward ran since the last after_backward
+        self._stats = None  # single pass: the class statistics summed over those forwards (or None)
 
     @property
     def delta(self) -> torch.Tensor | None:
@@ -117,6 +140,8 @@ class ClassSite:
         # what every PGD step passes to the op, made once
         self._step_sizes = per_class(self.step_size, self.num_classes, self.perturbation.delta)
         self._resolved_backend = _backend.resolve(self.backend, device)
+        self._leaf = self.perturbation.delta.detach().requires_grad_(True)
+        self._all_ok = torch.ones((), dtype=torch.bool, device=device)  # the label verdict where none applies
         # the count survives a reload of delta onto another device
         self._skipped = torch.zeros((), dtype=torch.int64, device=device) if self._skipped is None else self._skipped.to(device)
 
@@ -132,18 +157,20 @@ class ClassSite:
         with torch.no_grad():
             self.perturbation.delta.copy_(delta)
 
-    def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring)."""
-        return run_perturb(h, labels, delta, self.mode, self.backend)
+    def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor,
+              plan: torch.Tensor | None = None) -> torch.Tensor:
+        """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring),
+        ``plan`` their ``_common.label_plan`` (built once per training step) or None."""
+        return run_perturb(h, labels, delta, self.mode, self.backend, plan)
 
-    def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction), in which a
-        class whose gradient is not finite keeps its delta (a zero gradient leaves a class untouched).
-        Returns the number of such classes, as a device tensor (no sync)."""
-        finite = finite_rows(grad)
-        grad = torch.where(per_row(finite, grad), grad, 0.0)
-        run_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm, self._resolved_backend)
-        return (~finite).sum()
+    def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor,
+                  ok: torch.Tensor | None, skipped: torch.Tensor) -> None:
+        """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction), guarded
+        (``pgd.naive.guarded_pgd_step_``, one launch on the Triton backend): a class whose gradient is not
+        finite keeps its delta and is counted into ``skipped`` (0-d int64, in place), and every class
+        keeps its delta when ``ok`` (0-d bool, the batch's label check) is False."""
+        run_guarded_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm,
+                              self._all_ok if ok is None else ok, skipped, self._resolved_backend)
 
     # ----- T-step PGD -----------------------------------------------------------------------------
     def _head(self, head: nn.Linear | None, h: torch.Tensor, delta: torch.Tensor) -> nn.Linear | None:
@@ -158,59 +185,66 @@ class ClassSite:
         return head if fits else None
 
     def run_pgd(self, delta: torch.Tensor, h: torch.Tensor, extras: tuple, labels: torch.Tensor,
-                upper: Callable, head: nn.Linear | None = None) -> torch.Tensor:
-        """``self.steps`` PGD steps on ``delta`` in place, from the detached lower output. Returns the
-        number of class updates skipped for a non-finite gradient (a device tensor)."""
+                upper: Callable, skipped: torch.Tensor, head: nn.Linear | None = None,
+                ok: torch.Tensor | None = None, plan: torch.Tensor | None = None) -> None:
+        """``self.steps`` PGD steps on ``delta`` in place, from the detached lower output; none takes effect
+        when ``ok`` (0-d bool) is False. Class updates skipped for a non-finite gradient are added to
+        ``skipped`` (0-d int64 device tensor). ``plan``: the labels' ``_common.label_plan``, or None."""
         h = h.detach()
         extras = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
         head = self._head(head, h, delta)
         if head is not None:
-            return self._head_pgd(delta, h, labels, head)
-        skipped = torch.zeros((), dtype=torch.int64, device=delta.device)
+            return self._head_pgd(delta, h, labels, head, ok, skipped, plan)
         with frozen_batchnorm_stats(self.norm_scope), torch.enable_grad():
             for t in range(self.steps):
                 live = delta.detach().requires_grad_(True)
-                logits = upper(self.apply(h, labels, live), extras)
+                logits = upper(self.apply(h, labels, live, plan), extras)
                 if t == 0:
                     direction, eps = self._resolve(logits, labels, delta)
                 loss = F.cross_entropy(logits.to(compute_dtype(logits.dtype)), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, live)
-                skipped += self._pgd_step(delta, all_reduce_sum(grad), direction, eps)
-        return skipped
+                self._pgd_step(delta, all_reduce_sum(grad), direction, eps, ok, skipped)
 
-    def _head_pgd(self, delta, h, labels, head: nn.Linear) -> torch.Tensor:
-        """The fused head path; its loop has no hook between steps, so the guard applies to its result: a
-        class whose new delta is not finite gets its previous delta back (counted once for the T steps)."""
+    def _head_pgd(self, delta, h, labels, head: nn.Linear, ok: torch.Tensor | None, skipped: torch.Tensor,
+                  plan: torch.Tensor | None) -> None:
+        """The fused head path; its loop has no hook between steps, so the guards apply to its result: a
+        class whose new delta is not finite (counted once for the T steps), or every class when ``ok`` is
+        False, gets its previous delta back."""
         flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
         logits = None
         if self.policy.needs_stats:
-            logits = F.linear(self.apply(flat, labels, flat_delta), weight, bias)
+            logits = F.linear(self.apply(flat, labels, flat_delta, plan), weight, bias)
         direction, eps = self._resolve(logits, labels, delta)
         previous = flat_delta.clone()
-        head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self.step_size, eps, direction,
-                  self.norm, self.mode, backend=self.backend)
+        run_head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self._step_sizes, eps, direction,
+                      self.norm, self.mode, self._resolved_backend, plan)
         finite = finite_rows(flat_delta)
-        flat_delta.copy_(torch.where(per_row(finite, flat_delta), flat_delta, previous))
-        return (~finite).sum()
+        keep = finite if ok is None else finite & ok
+        flat_delta.copy_(torch.where(per_row(keep, flat_delta), flat_delta, previous))
+        skipped += (~finite if ok is None else ~finite & ok).sum()
 
     def _resolve(self, logits, labels, delta):
         stats = class_stats(logits, labels, self.num_classes) if self.policy.needs_stats else None
         return self.policy.resolve(stats, delta)
 
     # ----- one training step -----------------------------------------------------------------------
-    def training_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
+    def training_delta(self, h, extras, labels, ok, upper, head=None, plan=None) -> torch.Tensor:
         """The delta the training forward uses: after T PGD steps (detached), or in single-pass mode
-        the carried delta as a leaf that collects the class gradient."""
+        the carried delta through the leaf that collects the class gradient of the summed loss.
+        ``labels`` are in range; ``ok`` (0-d bool) is False for a batch whose labels were not, and then
+        delta keeps its value. ``plan``: the step's ``_common.label_plan`` of ``labels``, or None."""
         perturbation = self._ensure(h)
-        if self.steps == 0:  # a leaf sharing delta's storage, which the training backward gives a gradient
-            live = perturbation.delta.detach().requires_grad_(torch.is_grad_enabled())
-            self._pending = (live, h.shape[0], None)
-            return live
+        if self.steps == 0:
+            if not torch.is_grad_enabled():
+                return perturbation.delta.detach()
+            self._pending = True
+            return _SummedLossGrad.apply(self._leaf, h.shape[0])
         if self.init == "fresh":
-            perturbation.reset()
-        self._skipped += self.run_pgd(perturbation.delta, h, extras, labels, upper, head)
+            with torch.no_grad():
+                perturbation.delta.masked_fill_(ok, 0.0)
+        self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
         return perturbation.delta.detach()
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
@@ -220,34 +254,40 @@ class ClassSite:
             return delta
         if self.init == "fresh":
             delta.zero_()
-        self.run_pgd(delta, h, extras, labels, upper, head)
+        self.run_pgd(delta, h, extras, labels, upper, torch.zeros_like(self._skipped), head)
         return delta
 
-    def observe(self, logits: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> None:
+    def observe(self, logits: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+                log_probs: torch.Tensor | None = None) -> None:
         """Read the training forward's (perturbed) logits: class statistics for the single-pass step and
-        the "loss_trend" policy. ``log_probs``: their log-softmax in compute precision, if already known."""
-        single_pass = self.steps == 0 and self.policy.needs_stats and self._pending is not None
-        if not (single_pass or self.policy.tracks_loss):
+        the "loss_trend" policy (zero for a batch whose ``ok`` is False, so it changes neither).
+        ``log_probs``: their log-softmax in compute precision, if already known. In single-pass mode
+        the statistics of the forwards before one ``after_backward`` are summed and used there."""
+        single_pass = self.steps == 0 and self._pending
+        if not (single_pass and self.policy.needs_stats or self.policy.tracks_loss):
             return
         if log_probs is None:
             stats = class_stats(logits, labels, self.num_classes)
         else:
             stats = class_stats_from_log_probs(log_probs, labels, self.num_classes)
-        self.policy.observe(stats)
+        stats = torch.where(ok, stats, 0.0)
         if single_pass:
-            self._pending = self._pending[:2] + (stats,)
+            self._stats = stats if self._stats is None else self._stats + stats
+        else:
+            self.policy.observe(stats)
 
     def after_backward(self) -> int:
-        """Single pass: one PGD step from the gradient the training backward left on delta. Returns the
-        number of PGD steps taken (0 or 1)."""
-        if self._pending is None:
+        """Single pass: one PGD step from the class gradient the training backwards since the last call
+        summed on the leaf. Returns the number of PGD steps taken (0 or 1)."""
+        if not self._pending:
             return 0
-        live, batch, stats = self._pending
-        self._pending = None
-        if live.grad is None:
+        grad, stats = self._leaf.grad, self._stats
+        self._pending, self._stats, self._leaf.grad = False, None, None
+        if grad is None:
             return 0
-        grad = all_reduce_sum(live.grad * batch)  # gradient of the summed CE (see the module docstring)
+        grad = all_reduce_sum(grad)  # gradient of the summed CE over the global batch (module docstring)
+        self.policy.observe(stats)
         direction, eps = self.policy.resolve(stats, grad)
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
-        self._skipped += self._pgd_step(self.perturbation.delta, grad, direction, eps)
+        self._pgd_step(self.perturbation.delta, grad, direction, eps, None, self._skipped)
         return 1

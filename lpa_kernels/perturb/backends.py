@@ -22,8 +22,12 @@ class PerturbLaunchers(Protocol):
 
     def perturb_backward(self, grad_out: torch.Tensor, h: torch.Tensor | None, labels: torch.Tensor,
                          delta: torch.Tensor | None, num_classes: int, per_class: int, inner: int, mode: str,
-                         need_grad_h: bool, grad_delta_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+                         need_grad_h: bool, grad_delta_dtype: torch.dtype,
+                         plan: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(grad_h (B, F) or None, grad_delta (K, D))`` in one pass over ``grad_out (B, F)``.
+
+        ``plan``: ``_common.label_plan(labels, num_classes)`` when the caller built it (once for several
+        calls on the same labels); otherwise the launcher sorts the labels itself.
 
         ``h`` is needed for ``scale``; ``delta`` only when ``need_grad_h`` in ``scale``. ``grad_h`` has
         ``grad_out.dtype``, ``grad_delta`` has ``grad_delta_dtype``; classes absent from the batch get

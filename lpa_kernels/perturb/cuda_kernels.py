@@ -23,7 +23,8 @@ def perturb_forward(h, labels, delta, inner, mode):
     return out
 
 
-def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, mode, need_grad_h, grad_delta_dtype):
+def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, mode, need_grad_h, grad_delta_dtype,
+                     plan=None):
     """``PerturbLaunchers.perturb_backward``."""
     B, F = grad_out.shape
     scale = mode == "scale"
@@ -37,7 +38,7 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
     kgrad_out, kh = cuda.as_dtype(grad_out, kdtype), cuda.as_dtype(h, kdtype) if scale else None
     kdelta = cuda.delta_for(delta, kdtype) if scale and need_grad_h else None
     kgrad_h = grad_h if grad_h is None or kdtype == grad_out.dtype else new_output((B, F), kdtype, grad_out.device)
-    order, offsets = class_order(labels, num_classes)
+    order, offsets = class_order(labels, num_classes, plan)
     splits = cuda.reduce_splits(grad_out.device, num_classes, per_class, inner, B, kdtype.itemsize)
     direct = splits == 1 and grad_delta_dtype == acc
     part = grad_delta if direct else new_output((splits, num_classes, per_class), acc, grad_out.device)

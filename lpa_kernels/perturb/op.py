@@ -19,13 +19,15 @@ from lpa_kernels.perturb.backends import launchers
 
 
 @torch.library.custom_op("lpa_kernels::perturb", mutates_args=())
-def _perturb_op(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str, backend: str) -> torch.Tensor:
+def _perturb_op(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str, backend: str,
+                plan: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``plan``: the labels' ``_common.label_plan``, kept for the backward's class reduction (or None)."""
     out = launchers(backend).perturb_forward(flat(h), labels, flat(delta), inner, mode)
     return out.view(h.shape)
 
 
 @_perturb_op.register_fake
-def _(h, labels, delta, inner, mode, backend):
+def _(h, labels, delta, inner, mode, backend, plan=None):
     return torch.empty_like(h)
 
 
@@ -41,32 +43,33 @@ def _perturb_backward_op(
     mode: str,
     backend: str,
     need_grad_h: bool,
+    plan: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
     when ``need_grad_h`` is False (``class_grad``). Deterministic on every backend (fixed-order
     reductions), so it takes no ``deterministic`` flag."""
     k, per_class = delta_shape[0], math.prod(delta_shape[1:])
     grad_h, grad_delta = launchers(backend).perturb_backward(
-        flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, delta_dtype
+        flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, delta_dtype, plan
     )
     grad_h = grad_h.view(grad_out.shape) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_delta.view(tuple(delta_shape))
 
 
 @_perturb_backward_op.register_fake
-def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend, need_grad_h):
+def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend, need_grad_h, plan=None):
     grad_h = torch.empty_like(grad_out) if need_grad_h else grad_out.new_empty(0)
     return grad_h, grad_out.new_empty(tuple(delta_shape), dtype=delta_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    h, labels, delta, inner, mode, backend = inputs
-    ctx.save_for_backward(h if mode == "scale" else None, labels, delta)
+    h, labels, delta, inner, mode, backend, plan = inputs
+    ctx.save_for_backward(h if mode == "scale" else None, labels, delta, plan)
     ctx.inner, ctx.mode, ctx.backend = inner, mode, backend
 
 
 def _backward(ctx, grad_out):
-    h, labels, delta = ctx.saved_tensors
+    h, labels, delta, plan = ctx.saved_tensors
     need_grad_h, need_grad_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_out = grad_out.contiguous()
     # add: grad_h is grad_out itself, so no kernel copies it. scale: grad_h = grad_out * (1 + delta[y])
@@ -77,12 +80,12 @@ def _backward(ctx, grad_out):
     if need_grad_delta:
         kernel_h, grad_delta = _perturb_backward_op(
             grad_out, h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
-            ctx.backend, kernel_grad_h,
+            ctx.backend, kernel_grad_h, plan,
         )
         grad_h = kernel_h if kernel_grad_h else grad_h
     elif kernel_grad_h:
         grad_h = _perturb_op(grad_out, labels, delta, ctx.inner, "scale", ctx.backend)
-    return grad_h, None, grad_delta, None, None, None
+    return grad_h, None, grad_delta, None, None, None, None
 
 
 _perturb_op.register_autograd(_backward, setup_context=_setup_context)
@@ -121,19 +124,22 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
     return _dispatch_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend))
 
 
-def run_perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
+def run_perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str,
+                plan: torch.Tensor | None = None) -> torch.Tensor:
     """``perturb`` without its device-syncing check, for the LPA training machinery (the ``run_*`` entry
-    style, as ``pgd.op.run_pgd_step_``): the caller has range-checked ``labels`` itself
-    (``_checks.check_labels``, once per training step); every host-side check still runs."""
-    return _dispatch_perturb(h, labels, delta, mode, _check_perturb_args(h, labels, delta, mode, backend, label_values=False))
+    style, as ``pgd.op.run_pgd_step_``): the caller has checked ``labels``' range itself (on the device,
+    once per training step, clamping them into range); every host-side check still runs. ``plan``: the
+    step's ``_common.label_plan`` of ``labels``, which the backward's class reduction then reuses."""
+    backend = _check_perturb_args(h, labels, delta, mode, backend, label_values=False)
+    return _dispatch_perturb(h, labels, delta, mode, backend, plan)
 
 
-def _dispatch_perturb(h, labels, delta, mode, backend: str) -> torch.Tensor:
+def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None) -> torch.Tensor:
     """``perturb`` on validated arguments, ``backend`` resolved."""
     if backend == "reference":
         return naive.perturb(h, labels, delta, mode)
     kernel_delta, inner = _kernel_layout(h.shape[1:], delta)
-    return _perturb_op(h.contiguous(), labels.contiguous(), kernel_delta.contiguous(), inner, mode, backend)
+    return _perturb_op(h.contiguous(), labels.contiguous(), kernel_delta.contiguous(), inner, mode, backend, plan)
 
 
 def class_grad(

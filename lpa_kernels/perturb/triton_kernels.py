@@ -96,7 +96,8 @@ def perturb_forward(h, labels, delta, inner, mode):
     return out
 
 
-def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, mode, need_grad_h, grad_delta_dtype):
+def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, mode, need_grad_h, grad_delta_dtype,
+                     plan=None):
     """``PerturbLaunchers.perturb_backward``."""
     B, F = grad_out.shape
     scale = mode == "scale"
@@ -109,7 +110,7 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
     kgrad_out, kh, kdelta = (kernel_dtype_view(t) for t in (grad_out, h, delta))
     kgrad_h = grad_h if grad_h is None or kgrad_out.dtype == grad_h.dtype else new_output((B, F), kgrad_out.dtype, grad_out.device)
     kgrad_delta = kernel_dtype_view(grad_delta)
-    order, segment_class, segment_start = class_segments(labels, num_classes)
+    order, segment_class, segment_start = class_segments(labels, num_classes, plan)
     segments = segment_class.numel()
     block_d, block_q, block_p, R = reduction_tiling(B, F, per_class, inner)
     num_d_blocks = triton.cdiv(per_class, block_d)

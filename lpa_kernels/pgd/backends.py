@@ -15,8 +15,12 @@ from lpa_kernels.backend import serialised
 
 class PGDLaunchers(Protocol):
     def pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, eps: torch.Tensor,
-                 direction: torch.Tensor, norm: str) -> None:
-        """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``."""
+                 direction: torch.Tensor, norm: str, ok: torch.Tensor | None = None,
+                 skipped: torch.Tensor | None = None) -> None:
+        """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``. With ``ok`` (0-d
+        bool) and ``skipped`` (0-d int64): the training step's guarded step (``naive.guarded_pgd_step_``:
+        a class with a non-finite gradient, or every class when ``ok`` is False, keeps its delta; the
+        former are counted into ``skipped`` in place)."""
 
     def class_grad_pgd_step(self, delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor,
                             h: torch.Tensor | None, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor,

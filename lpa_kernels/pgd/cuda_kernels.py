@@ -9,8 +9,8 @@ from lpa_kernels import _cuda_launch as cuda
 from lpa_kernels._common import class_order, compute_dtype
 
 
-def pgd_step(delta, grad, step, eps, direction, norm):
-    """``PGDLaunchers.pgd_step``."""
+def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
+    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped`` the guarded step, in the same launch."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
@@ -20,7 +20,8 @@ def pgd_step(delta, grad, step, eps, direction, norm):
     kgrad = grad.contiguous() if grad.dtype in (kdelta.dtype, acc) else cuda.as_dtype(grad, acc)
     step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
     cuda.launch("pgd_step", delta.device, kdelta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
-                direction.data_ptr(), K, D, cuda.NORM_CODES[norm], cuda.code(kdelta.dtype), cuda.code(kgrad.dtype))
+                direction.data_ptr(), K, D, cuda.NORM_CODES[norm], cuda.code(kdelta.dtype), cuda.code(kgrad.dtype),
+                cuda.ptr(ok), cuda.ptr(skipped))
     if kdelta is not delta:
         delta.copy_(kdelta)
 

@@ -50,6 +50,31 @@ def pgd_step_(
     return delta
 
 
+def guarded_pgd_step_(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    step_size: torch.Tensor,
+    eps: torch.Tensor,
+    direction: torch.Tensor,
+    norm: str,
+    ok: torch.Tensor,
+    skipped: torch.Tensor,
+) -> torch.Tensor:
+    """``pgd_step_`` for the training step, with its guards: a class whose gradient has a non-finite entry
+    keeps its delta (instead of taking the NaN), and so does every class when ``ok`` (0-d bool: the
+    batch's labels were in range) is False; when ``ok``, the number of non-finite classes is added to the
+    0-d int64 counter ``skipped`` in place."""
+    return pgd_step_(delta, guarded_gradient(grad, ok, skipped), step_size, eps, direction, norm)
+
+
+def guarded_gradient(grad: torch.Tensor, ok: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+    """``grad (K, *P)`` with the rows ``guarded_pgd_step_`` leaves out set to zero (a zero gradient keeps
+    the class's delta); counts the non-finite rows of an ok batch into ``skipped``."""
+    finite = torch.isfinite(grad.detach().reshape(grad.shape[0], -1)).all(dim=1)
+    skipped += (~finite & ok).sum()
+    return torch.where((finite & ok).view(-1, *([1] * (grad.dim() - 1))), grad.detach(), 0.0)
+
+
 def l2_unit(g: torch.Tensor) -> torch.Tensor:
     """``g / (||g|| + 1e-12)`` per row of ``g (K, D)``, computed on ``g`` scaled by its largest entry;
     a row with Inf entries gives the normalised sign pattern of those entries. NaN propagates."""

@@ -30,6 +30,19 @@ def _(delta, grad, step_size, eps, direction, norm, backend):
     return None
 
 
+@torch.library.custom_op("lpa_kernels::guarded_pgd_step_", mutates_args=("delta", "skipped"))
+def _guarded_pgd_step_op(
+    delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
+    direction: torch.Tensor, norm: str, ok: torch.Tensor, skipped: torch.Tensor, backend: str,
+) -> None:
+    launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm, ok, skipped)
+
+
+@_guarded_pgd_step_op.register_fake
+def _(delta, grad, step_size, eps, direction, norm, ok, skipped, backend):
+    return None
+
+
 @torch.library.custom_op("lpa_kernels::class_grad_pgd_step_", mutates_args=("delta",))
 def _class_grad_pgd_step_op(
     delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor, h: Optional[torch.Tensor],
@@ -97,6 +110,18 @@ def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str) -> t
         return naive.pgd_step_(delta, grad, step, radius, sign, norm)
     grad = grad.detach().contiguous()
     return update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend))
+
+
+def run_guarded_pgd_step_(delta, grad, step, radius, sign, norm: str, ok: torch.Tensor, skipped: torch.Tensor,
+                          backend: str) -> torch.Tensor:
+    """The training step's PGD update (``naive.guarded_pgd_step_``: a class with a non-finite gradient,
+    or every class when ``ok`` is False, keeps its delta; ``skipped`` counts the former, in place),
+    without validation, like ``run_pgd_step_``. One launch on the Triton backend."""
+    if backend == "reference":
+        return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
+    grad = grad.detach().contiguous()
+    return update_in_place(
+        delta, lambda d: _guarded_pgd_step_op(d, grad, step, radius, sign, norm, ok, skipped, backend))
 
 
 def class_grad_pgd_step_(

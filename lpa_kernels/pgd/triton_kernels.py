@@ -37,15 +37,17 @@ BLOCK_UPDATE = 1024
 
 @triton.jit
 def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``(any entry of grad[:D] is non-zero, largest |entry|)``."""
+    """``(any entry of grad[:D] is non-zero, largest |entry|, every entry is finite)``."""
     largest = tl.zeros((BLOCK,), dtype=ACC)
     nonzero = tl.zeros((BLOCK,), dtype=tl.int32)
+    nonfinite = tl.zeros((BLOCK,), dtype=tl.int32)
     for d0 in range(0, D, BLOCK):
         d = d0 + tl.arange(0, BLOCK)
         g = tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC)
         largest = tl.maximum(largest, tl.abs(g))
         nonzero = tl.maximum(nonzero, (g != 0).to(tl.int32))
-    return tl.max(nonzero, axis=0) > 0, tl.max(largest, axis=0)
+        nonfinite = tl.maximum(nonfinite, _not_finite(g).to(tl.int32))
+    return tl.max(nonzero, axis=0) > 0, tl.max(largest, axis=0), tl.max(nonfinite, axis=0) == 0
 
 
 @triton.jit
@@ -112,12 +114,19 @@ def _update_class(
 
 @triton.jit
 def _pgd_step_kernel(
-    delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D, radius_margin,
-    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, ok_ptr, skipped_ptr, D, radius_margin,
+    GUARD: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # GUARD (the training step's update, ``naive.guarded_pgd_step_``): a class whose gradient is not
+    # finite, or every class when *ok_ptr is False, keeps its delta; non-finite classes of an ok batch
+    # are counted into *skipped_ptr.
     c = tl.program_id(0)
     row = c.to(tl.int64) * D
-    active, largest = _gradient_stats(grad_ptr + row, D, ACC, BLOCK)
+    active, largest, finite = _gradient_stats(grad_ptr + row, D, ACC, BLOCK)
+    if GUARD:
+        ok = tl.load(ok_ptr) != 0
+        active = active & finite & ok
+        tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64))
     _update_class(delta_ptr + row, grad_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, largest,
                   radius_margin, L2, ACC, BLOCK)
 
@@ -144,7 +153,7 @@ def _class_grad_pgd_step_kernel(
         finished = arrive(finished_ptr + s, completed)
         if finished == num_d_blocks - 1:
             row, scratch_row = c.to(tl.int64) * D, s.to(tl.int64) * D
-            active, largest = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_UPDATE)
+            active, largest, _ = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_UPDATE)
             _update_class(delta_ptr + row, scratch_ptr + scratch_row, c, D, step_ptr, eps_ptr, direction_ptr, active,
                           largest, radius_margin, L2, ACC, BLOCK_UPDATE)
 
@@ -158,16 +167,18 @@ def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
         delta.copy_(kdelta)
 
 
-def pgd_step(delta, grad, step, eps, direction, norm):
-    """``PGDLaunchers.pgd_step``."""
+def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
+    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped``, the guarded step in the same single launch."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
     kgrad = kernel_dtype_view(grad.contiguous())
     block = min(triton.next_power_of_2(D), BLOCK_UPDATE)
+    guard = ok is not None
     _in_kernel_dtype(delta, lambda kdelta: _pgd_step_kernel[(K,)](
-        kdelta, kgrad, step, eps, direction, D, l2_radius_margin(accumulator_dtype(delta, grad)),
-        L2=norm == "l2", ACC=accumulator(delta, grad), BLOCK=block,
+        kdelta, kgrad, step, eps, direction, ok if guard else step, skipped if guard else step, D,
+        l2_radius_margin(accumulator_dtype(delta, grad)),
+        GUARD=guard, L2=norm == "l2", ACC=accumulator(delta, grad), BLOCK=block,
     ))
 
 

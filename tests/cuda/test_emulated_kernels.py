@@ -157,6 +157,26 @@ def test_pgd_step(launchers, dtype, norm, grad_dtype):
     assert_close_to_reference(delta, ref, what=f"delta after pgd_step ({norm})")
 
 
+@pytest.mark.parametrize("ok", [True, False], ids=["ok", "bad-labels"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_guarded_pgd_step(launchers, norm, ok):
+    K, D = 5, 301
+    delta = 0.3 * torch.randn(K, D)
+    grad = torch.randn(K, D)
+    grad[1] = 0  # absent class
+    grad[2, 5], grad[3, 7] = float("nan"), float("inf")  # the guard keeps these classes
+    step, eps, direction = torch.rand(K) * 0.2, torch.rand(K) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
+    verdict, ref_skipped = torch.tensor(ok), torch.zeros((), dtype=torch.int64)
+    ref = pgd_naive.guarded_pgd_step_(delta.double(), grad.double(), step.double(), eps.double(), direction.double(),
+                                      norm, verdict, ref_skipped)
+    before, skipped = delta.clone(), torch.full((), 4, dtype=torch.int64)
+    launchers.pgd_step(delta, grad, step, eps, direction, norm, verdict, skipped)
+    assert int(skipped) == 4 + int(ref_skipped) == 4 + (2 if ok else 0)
+    kept = [1, 2, 3] if ok else list(range(K))
+    assert torch.equal(delta[kept], before[kept]), "guarded classes must keep their delta bit for bit"
+    assert_close_to_reference(delta, ref, what=f"delta after the guarded pgd_step ({norm})")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["add", "scale"])

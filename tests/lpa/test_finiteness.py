@@ -112,7 +112,9 @@ def test_a_class_with_a_non_finite_gradient_keeps_its_delta_and_the_others_move(
 
 
 @pytest.mark.parametrize("steps", [0, 2])
-def test_a_training_call_with_bad_labels_changes_no_counter_delta_or_batchnorm_statistic(steps):
+def test_a_batch_with_bad_labels_updates_nothing_and_the_next_sync_names_the_label(steps):
+    """The label check runs on the device: the step completes on clamped labels, gated so that nothing
+    learns from it (NaN loss with a zero gradient; deltas and policy state unchanged), and ``sync`` raises."""
     model = TinyResNet()
     method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
                           config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
@@ -121,16 +123,28 @@ def test_a_training_call_with_bad_labels_changes_no_counter_delta_or_batchnorm_s
     loss, _ = method.training_loss(x, y)
     loss.backward()
     method.after_backward()
-    stats, buffers = method.stats(), {k: v.clone() for k, v in model.state_dict().items()}
-    deltas = {k: v.clone() for k, v in method.state_dict().items()}
+    deltas = {k: getattr(method, k).clone() for k in ("delta", "logit_delta")}
+    skipped = method.stats()["skipped_class_updates"]
     policy = method.lpa.policy
     trend = (policy.loss_ema.clone(), policy.fall_ema.clone())
     bad = y.clone()
-    bad[2] = NUM_CLASSES
-    with pytest.raises(ValueError, match="labels must lie in"):
-        method.training_loss(x, bad)
-    assert method.stats() == stats, "a failed call changed the counters"
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items()), "a failed call changed BatchNorm statistics"
-    assert all(torch.equal(method.state_dict()[k], v) for k, v in deltas.items()), "a failed call changed a delta"
+    bad[2] = NUM_CLASSES + 3
+    model.zero_grad(set_to_none=True)
+    loss, _ = method.training_loss(x, bad)
+    loss.backward()
+    method.after_backward()
+    assert loss.isnan(), "the loss of a bad batch must not look like a number"
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters()), "a bad batch gave the weights a gradient"
     for now, then in zip((policy.loss_ema, policy.fall_ema), trend):
-        torch.testing.assert_close(now, then, rtol=0, atol=0, equal_nan=True, msg="a failed call changed the policy state")
+        torch.testing.assert_close(now, then, rtol=0, atol=0, equal_nan=True, msg="a bad batch changed the policy state")
+    assert all(torch.equal(getattr(method, k), v) for k, v in deltas.items()), "a bad batch changed a delta"
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {NUM_CLASSES}\).*values in \[0, {NUM_CLASSES + 3}\]"):
+        method.sync()
+    method.sync()  # reported once
+    assert method.stats()["skipped_class_updates"] == skipped
+    loss, _ = method.training_loss(torch.randn(6, 3, 8, 8), y)  # training goes on from where it was
+    loss.backward()
+    method.after_backward()
+    assert loss.isfinite() and not torch.equal(policy.loss_ema, trend[0]), "a good batch after a bad one must train"
+    with pytest.raises(TypeError, match="labels must be an int32 or int64"):  # metadata: raised at once
+        method.training_loss(x, y.double())

@@ -1,8 +1,9 @@
 """``lpa-train`` in which one rank meets a bad label: ``torchrun ... -m tests.programs.faulty_rank RANK CALL ARGS``.
 
 On rank ``RANK`` the ``CALL``-th training call (counting from 1) gets a label equal to the number of
-classes, so the method raises its ``ValueError`` there, in the middle of training, while the other ranks
-carry on into the next collective. The tests check that every rank then exits within a timeout.
+classes; the label check runs on the device, so the method raises its ``ValueError`` at the epoch's end
+(``method.sync``), on that rank only, while the other ranks carry on into the next collective. The
+tests check that every rank then exits within a timeout.
 """
 
 import os

@@ -238,3 +238,22 @@ def test_pgd_path_on_the_autograd_path_and_in_single_pass(tmp_path):
     assert autograd["pgd_path"] == "autograd" and autograd["stats"]["upper_forwards"] == 4 * autograd["steps"]
     single = _run(tmp_path, "--method", "lpa", "--seeds", "0", "--steps", "0")["runs"][0]
     assert single["pgd_path"] == "single pass"
+
+
+def test_compile_runs_each_method_through_its_compiled_training_loss(tmp_path, monkeypatch):
+    """``--compile`` trains through ``Method.compiled_training_loss`` (tested against eager in
+    tests/lpa/test_compile.py); here with dynamo's eager backend, to keep the run short."""
+    from lpa_kernels.lpa import Method
+
+    compiled = Method.compiled_training_loss
+    calls = []
+
+    def eager_backend(self, **options):
+        calls.append(self.name)
+        return compiled(self, backend="eager", **options)
+
+    monkeypatch.setattr(Method, "compiled_training_loss", eager_backend)
+    report = _run(tmp_path, "--method", "erm", "lpa", "--dataset", "synthetic", "--seeds", "0", "--steps", "0",
+                  "--compile")
+    assert calls == ["erm", "lpa"]
+    assert all(run["stats"]["training_steps"] == run["steps"] for run in report["runs"])

@@ -78,3 +78,6 @@ inline int syncthreads_or(int predicate) {
 #define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
 template <typename T> T __ldcg(const T* p) { return *p; }
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  return std::atomic_ref<unsigned long long>(*address).fetch_add(value);
+}

@@ -1,0 +1,53 @@
+"""Gradient accumulation: the class gradients of several micro-batches before one ``after_backward`` sum,
+so single-pass LPA takes the step one batch of all their samples would."""
+
+import copy
+
+import pytest
+import torch
+
+from lpa_kernels import perturb
+from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.nn import ClassPerturbation
+from tests.lpa.models import NUM_CLASSES, batch, mlp
+
+
+@pytest.mark.parametrize("config", [
+    dict(steps=0),  # confidence direction: the class statistics sum too
+    dict(steps=0, norm="linf", mode="scale", radius="confidence"),
+    dict(steps=0, direction="ascent", layer="1"),  # an inner layer
+])
+def test_micro_batches_of_unequal_sizes_step_like_one_batch(config):
+    config = dict(config)
+    layer = config.pop("layer", "3")
+    model = mlp()
+    whole = build_method("lpa", model, NUM_CLASSES, layer=layer, config=LPAConfig(**config))
+    parts = build_method("lpa", copy.deepcopy(model), NUM_CLASSES, layer=layer, config=LPAConfig(**config))
+    for seed in range(3):  # delta moves away from 0, so later steps depend on it
+        x, y = batch(size=11, seed=seed)
+        loss, _ = whole.training_loss(x, y)
+        loss.backward()
+        whole.after_backward()
+        for part in (slice(0, 7), slice(7, 11)):
+            loss, _ = parts.training_loss(x[part], y[part])
+            loss.backward()
+        parts.after_backward()
+        torch.testing.assert_close(parts.delta, whole.delta, rtol=1e-9, atol=1e-12)
+    assert whole.delta.abs().sum() > 0, "delta never moved: the comparison shows nothing"
+
+
+def test_class_perturbation_module_sums_micro_batch_gradients():
+    delta = torch.randn(NUM_CLASSES, 6, dtype=torch.float64)
+    module = ClassPerturbation(NUM_CLASSES, (6,), dtype=torch.float64)
+    module.delta.copy_(delta)
+    h, y = batch(size=9)
+    expected = torch.zeros_like(delta)
+    for part in (slice(0, 5), slice(5, 9)):
+        out = module(h[part], y[part])
+        out.pow(2).sum().backward()
+        leaf = delta.clone().requires_grad_(True)
+        perturb(h[part], y[part], leaf).pow(2).sum().backward()
+        expected += leaf.grad
+    torch.testing.assert_close(module._live.grad, expected)
+    assert module.step()
+    assert module._live is None or module._live.grad is None
