@@ -50,13 +50,14 @@ def count_step(method_name: str, steps: int | None, layer: str, backend: str, mo
 
     from lpa_bench.static.counting import LaunchCounter
     from lpa_bench.training import training_step
+    from lpa_kernels.lpa.labels import device_label_check_only
 
     torch.manual_seed(0)
     model, x, y, num_classes = _model_and_batch(model_name)
     step, _ = training_step(method_name, steps, model, x, y, num_classes, layer=LAYERS[model_name][layer],
                             backend=backend)
     step()  # warm-up: lazily built state (momentum buffers, deltas) is not a per-step cost
-    with LaunchCounter() as counts:
+    with device_label_check_only(), LaunchCounter() as counts:  # CPU labels standing in for GPU ones
         step()
     return {"model": model_name, "method": method_name, "steps": steps, "layer": layer, "backend": backend,
             **counts.summary()}

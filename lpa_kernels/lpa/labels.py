@@ -13,13 +13,34 @@ and remembers the label range of the last bad batch. ``LabelGuard.raise_if_bad``
 (one host read) and raises the ``ValueError`` naming the bad labels; the method calls it where it
 synchronises anyway (``Method.sync``, ``stats``, ``state_dict``), and a training loop calls
 ``Method.sync`` where it reads the loss for logging, or once per epoch at the latest.
+
+Labels that live in CPU memory cost nothing to read, so they are range-checked on the host at once, as
+the public ops do: the call raises before anything changes (BatchNorm statistics and the optimiser
+included). The exceptions: while ``torch.compile`` traces (a data-dependent raise would break the
+graph), and inside :func:`device_label_check_only`, for tools whose CPU tensors stand in for GPU ones
+(the launch and host-read counters) and for tests of the device path.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lpa_kernels import _checks
+
+_host_check_cpu_labels = [True]
+
+
+@contextlib.contextmanager
+def device_label_check_only():
+    """Within the block, CPU labels are checked on the device only, like GPU labels (module docstring)."""
+    previous = _host_check_cpu_labels[0]
+    _host_check_cpu_labels[0] = False
+    try:
+        yield
+    finally:
+        _host_check_cpu_labels[0] = previous
 
 
 class LabelGuard:
@@ -31,8 +52,10 @@ class LabelGuard:
 
     def check(self, labels: object, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(safe (B,) labels, ok 0-d bool)`` for one training batch of ``batch`` samples. The dtype and
-        shape are checked on the host (metadata, no sync) and raise at once, like the public ops."""
-        labels = _checks.check_labels(labels, batch, self.num_classes, values=False)
+        shape are checked on the host (metadata, no sync) and raise at once, like the public ops; so do
+        the values of CPU labels (module docstring)."""
+        on_host = isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and _host_check_cpu_labels[0]
+        labels = _checks.check_labels(labels, batch, self.num_classes, values=on_host)  # values: skipped while compiling
         if self._bad_range is None or self._bad_range.device != labels.device:
             self._bad_range = torch.zeros(2, dtype=torch.int64, device=labels.device)
         safe = labels.clamp(0, self.num_classes - 1)

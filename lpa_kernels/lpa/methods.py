@@ -144,9 +144,10 @@ class Method:
         cross-entropy for mixup); ``logits`` are the upper network's output for that forward.
 
         A call that raises changes no counter. The class-perturbation methods check the labels' dtype and
-        shape before the lower network runs, and their values on the device: a batch with a label outside
-        ``[0, K)`` changes no delta, class statistic or policy state, its loss is NaN with a zero
-        gradient, and the next ``sync`` raises the ``ValueError``."""
+        shape before the lower network runs; CPU labels' values too (a ``ValueError`` before anything
+        changes). GPU labels' values are checked on the device, without a sync: a batch with a label
+        outside ``[0, K)`` changes no delta, class statistic or policy state, its loss is NaN with a zero
+        gradient, and the next ``sync`` raises the ``ValueError`` (``lpa.labels``)."""
         if self._counting:
             begin_training_call()  # every call, failed ones too: the distributed order guard counts them
         y = self._check_labels(x, y)

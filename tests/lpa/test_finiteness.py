@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.lpa.labels import device_label_check_only
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
 STEPS, INJECT_EVERY, BATCH = 500, 50, 32  # issue 17's run: 500 steps, an Inf input every 50
@@ -113,8 +114,14 @@ def test_a_class_with_a_non_finite_gradient_keeps_its_delta_and_the_others_move(
 
 @pytest.mark.parametrize("steps", [0, 2])
 def test_a_batch_with_bad_labels_updates_nothing_and_the_next_sync_names_the_label(steps):
-    """The label check runs on the device: the step completes on clamped labels, gated so that nothing
-    learns from it (NaN loss with a zero gradient; deltas and policy state unchanged), and ``sync`` raises."""
+    """The label check on the device (GPU labels; here CPU labels standing in for them): the step
+    completes on clamped labels, gated so that nothing learns from it (NaN loss with a zero gradient;
+    deltas and policy state unchanged), and ``sync`` raises."""
+    with device_label_check_only():
+        _bad_batch_on_the_device_path(steps)
+
+
+def _bad_batch_on_the_device_path(steps):
     model = TinyResNet()
     method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
                           config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
@@ -148,3 +155,25 @@ def test_a_batch_with_bad_labels_updates_nothing_and_the_next_sync_names_the_lab
     assert loss.isfinite() and not torch.equal(policy.loss_ema, trend[0]), "a good batch after a bad one must train"
     with pytest.raises(TypeError, match="labels must be an int32 or int64"):  # metadata: raised at once
         method.training_loss(x, y.double())
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_cpu_labels_out_of_range_raise_before_anything_changes(steps):
+    """CPU labels are read on the host for free: the call raises at once, and no counter, delta, policy
+    state or BatchNorm statistic has moved."""
+    model = TinyResNet()
+    method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
+                          config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss, _ = method.training_loss(x, y)
+    loss.backward()
+    method.after_backward()
+    before = {k: v.clone() for k, v in [*model.state_dict().items(), *method.state_dict().items()]}
+    stats = method.stats()
+    bad = y.clone()
+    bad[4] = -1
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {NUM_CLASSES}\).*values in \[-1, 3\]"):
+        method.training_loss(x, bad)
+    after = {**model.state_dict(), **method.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "a rejected call changed the model or method"
+    assert method.stats() == stats

@@ -9,6 +9,8 @@ reported by ``Method.sync`` (tests/lpa/test_finiteness.py).
 import pytest
 import torch
 
+import lpa_kernels.lpa.labels as labels_module
+
 from lpa_kernels.lpa import LPAConfig, build_method
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
@@ -41,7 +43,9 @@ def training_step(method, x, y):
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """The names of the tensor methods that read a value on the host, one entry per call."""
+    """The names of the tensor methods that read a value on the host, one entry per call. The CPU labels
+    stand in for GPU ones, so they take the device-side check (``lpa.labels.device_label_check_only``)."""
+    monkeypatch.setattr(labels_module, "_host_check_cpu_labels", [False])
     reads = []
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
