@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="auto", choices=("auto",) + tuple(CIFAR_MODELS),
                    help="auto: an MLP for vectors, lpa-train's ResNet (--width, --depth) for images; or a CIFAR "
                         "network: " + ", ".join(CIFAR_MODELS))
-    p.add_argument("--amp", action="store_true", help="bf16 autocast of the training forward on a GPU (no effect on the CPU)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the training forward (GPU or CPU)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N",
                    help="evaluate every N epochs (and the last) into the JSON's epochs, with the best and last "
                         "accuracy (0: at the end only, or every epoch with --plot)")
@@ -172,8 +172,9 @@ def make_config(args: argparse.Namespace) -> LPAConfig:
 
 
 def bf16_autocast(args: argparse.Namespace, device: torch.device):
-    """``--amp``: bf16 autocast of the training forward on a GPU (off on the CPU)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    """``--amp``: bf16 autocast of the training forward (GEMMs in bf16, weights and delta in float32), on
+    the GPU or the CPU alike."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
 def _sync(device: torch.device) -> None:
@@ -493,7 +494,7 @@ def print_banner(args: argparse.Namespace, device: torch.device, data: Dataset, 
     model = make_model(data, args)
     print(f"model {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters), layer "
           f"{args.layer!r}; {args.epochs} epochs, batch {args.batch_size}, {schedules.describe(args)}"
-          f"{'; bf16 autocast' if args.amp and device.type == 'cuda' else ''}; seeds {' '.join(map(str, args.seeds))}; device {device}"
+          f"{'; bf16 autocast' if args.amp else ''}; seeds {' '.join(map(str, args.seeds))}; device {device}"
           + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""), flush=True)
     config = make_config(args)
     for method in args.method:
