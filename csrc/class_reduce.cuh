@@ -101,12 +101,11 @@ __device__ void reduce_over_y(A (&value)[V], A* scratch) {
 // class c over its split-th share of samples, written to part1/part2[(split, c, k)] (part2 may be
 // null). Each thread reads V elements at a time (V > 1: 16-byte loads): V consecutive groups
 // (RUN == false, D % V == 0) or V consecutive features of one group (RUN == true, inner % V == 0).
+// `scratch` holds kReduceThreads * (RUN ? 1 : V) accumulators in shared memory.
 template <int V, bool RUN, typename A, class Op>
-__global__ void __launch_bounds__(kReduceThreads)
-class_reduce_kernel(Op op, const int64_t* order, const int64_t* offsets, GroupShape s, int64_t num_classes,
-                    A* part1, A* part2) {
+__device__ void block_class_partials(const Op& op, const int64_t* order, const int64_t* offsets, const GroupShape& s,
+                                     int64_t num_classes, A* part1, A* part2, A* scratch) {
   constexpr int G = RUN ? 1 : V;  // groups per thread
-  __shared__ A scratch[kReduceThreads * G];
   const int64_t c = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
   const int64_t k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * G;
   const int64_t first = offsets[c], count = offsets[c + 1] - first;
@@ -133,11 +132,26 @@ class_reduce_kernel(Op op, const int64_t* order, const int64_t* offsets, GroupSh
   }
 }
 
-// Launches class_reduce_kernel for `op` with V-wide loads when the shape and every pointer allow it.
-template <typename T, typename A, class Op>
-void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const int64_t* offsets,
-                         const GroupShape& s, int64_t num_classes, int64_t splits, A* part1, A* part2,
-                         cudaStream_t stream) {
+template <int V, bool RUN, typename A, class Op>
+__global__ void __launch_bounds__(kReduceThreads)
+class_reduce_kernel(Op op, const int64_t* order, const int64_t* offsets, GroupShape s, int64_t num_classes,
+                    A* part1, A* part2) {
+  __shared__ A scratch[kReduceThreads * (RUN ? 1 : V)];
+  block_class_partials<V, RUN>(op, order, offsets, s, num_classes, part1, part2, scratch);
+}
+
+// The load width a block_class_partials launch was compiled for (its V and RUN template arguments).
+template <int V_, bool RUN_>
+struct ReduceWidth {
+  static constexpr int V = V_;
+  static constexpr bool RUN = RUN_;
+};
+
+// Calls launch(ReduceWidth<V, RUN>{}, grid, block) for the (group tile, class, sample split) grid of
+// block_class_partials over a T tensor: V = kVec<T> (16-byte loads) when the shape and every pointer
+// (`aligned`) allow it, else V = 1, one element per thread.
+template <typename T, class Launch>
+void dispatch_class_reduce(bool aligned, const GroupShape& s, int64_t num_classes, int64_t splits, const Launch& launch) {
   constexpr int V = kVec<T>;
   const bool groups_vec = aligned && s.inner == 1 && s.D % V == 0;
   const bool runs_vec = aligned && s.inner > 1 && s.inner % V == 0;
@@ -145,9 +159,20 @@ void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const
   const int64_t per_block = int64_t(block.x) * (groups_vec ? V : 1);
   const dim3 grid(static_cast<unsigned>((s.D + per_block - 1) / per_block), static_cast<unsigned>(num_classes),
                   static_cast<unsigned>(splits));
-  if (groups_vec) class_reduce_kernel<V, false><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
-  else if (runs_vec) class_reduce_kernel<V, true><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
-  else class_reduce_kernel<1, false><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  if (groups_vec) launch(ReduceWidth<V, false>{}, grid, block);
+  else if (runs_vec) launch(ReduceWidth<V, true>{}, grid, block);
+  else launch(ReduceWidth<1, false>{}, grid, block);
+}
+
+// Launches class_reduce_kernel for `op` with V-wide loads when the shape and every pointer allow it.
+template <typename T, typename A, class Op>
+void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const int64_t* offsets,
+                         const GroupShape& s, int64_t num_classes, int64_t splits, A* part1, A* part2,
+                         cudaStream_t stream) {
+  dispatch_class_reduce<T>(aligned, s, num_classes, splits, [&](auto width, dim3 grid, dim3 block) {
+    using W = decltype(width);
+    class_reduce_kernel<W::V, W::RUN><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
+  });
 }
 
 // out[j] = sum over i < n_outer of part[i * n_inner + j], in order of i (rounded once to T).

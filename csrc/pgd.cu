@@ -97,34 +97,33 @@ struct ClassGradTerm {
   __device__ A class_state(int64_t, int64_t) const { return A(0); }
   template <int V>
   __device__ void element(int64_t idx, const A (&)[V], A (&sum)[V], A (&)[V]) const {
-    static_assert(V == 1, "the fused kernel reads one group per thread");
-    const A g = load_as_acc(grad_out[idx]);
-    sum[0] += mode == kAdd ? g : g * load_as_acc(h[idx]);
+    const Vec<T, V> g = load_vec<V>(grad_out, idx);
+    Vec<T, V> x;
+    if (mode == kScale) x = load_vec<V>(h, idx);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A gj = load_as_acc(g.v[j]);
+      sum[j] += mode == kAdd ? gj : gj * load_as_acc(x.v[j]);
+    }
   }
 };
 
 // Block (group tile blockIdx.x, class c = blockIdx.y, sample split blockIdx.z): class c's gradient over
 // its split-th share of samples for the tile's groups, into part[(split, c, k)] (fp32/fp64, never
-// rounded). The block that completes class c (the last of its tiles x splits to arrive, counted in
+// rounded), read V elements at a time as in class_reduce_kernel (V > 1: 16-byte loads of grad_out and
+// h). The block that completes class c (the last of its tiles x splits to arrive, counted in
 // arrivals[c]) adds the splits in order into grad row c and runs the PGD update of delta row c, in
 // the same launch. The other blocks of the class never wait: they have finished when they arrive.
-template <typename T, typename TD>
+template <int V, bool RUN, typename T, typename TD>
 __global__ void __launch_bounds__(kReduceThreads)
 class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* order, const int64_t* offsets,
                            const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction, GroupShape s,
                            int norm, acc_t<T>* part, acc_t<T>* grad, int* arrivals) {
   using A = acc_t<T>;
-  __shared__ A scratch[kReduceThreads];
+  __shared__ A scratch[kReduceThreads * (RUN ? 1 : V)];  // pgd_update_row uses the first kReduceThreads
   __shared__ int completes;
-  const int64_t c = blockIdx.y, K = gridDim.y, split = blockIdx.z, splits = gridDim.z;
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t first = offsets[c], count = offsets[c + 1] - first;
-  const int64_t share = (count + splits - 1) / splits;
-  const int64_t row_begin = first + min64(count, split * share), row_end = first + min64(count, (split + 1) * share);
-  A sum[1] = {}, unused[1] = {};
-  if (k < s.D) group_partial_sums<1, false>(term, c, k, order, row_begin, row_end, s, sum, unused);
-  reduce_over_y(sum, scratch);
-  if (threadIdx.y == 0 && k < s.D) part[(split * K + c) * s.D + k] = sum[0];
+  const int64_t c = blockIdx.y, K = gridDim.y, splits = gridDim.z;
+  block_class_partials<V, RUN>(term, order, offsets, s, K, part, static_cast<A*>(nullptr), scratch);
   __threadfence();  // this thread's partials are visible device-wide before the block's arrival counts
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -170,13 +169,14 @@ void launch_class_grad_pgd_step(void* delta, const void* grad_out, const void* h
                                 int* arrivals, cudaStream_t stream) {
   using A = acc_t<T>;
   const ClassGradTerm<T> term{static_cast<const T*>(grad_out), static_cast<const T*>(h), mode};
-  const dim3 block = reduce_block(s);
-  const dim3 grid(static_cast<unsigned>((s.D + block.x - 1) / block.x), static_cast<unsigned>(K),
-                  static_cast<unsigned>(splits));
+  const bool aligned = aligned16(grad_out) && (mode != kScale || aligned16(h));
   A* part = static_cast<A*>(workspace);
-  class_grad_pgd_step_kernel<T, TD><<<grid, block, 0, stream>>>(
-      static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
-      static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, arrivals);
+  dispatch_class_reduce<T>(aligned, s, K, splits, [&](auto width, dim3 grid, dim3 block) {
+    using W = decltype(width);
+    class_grad_pgd_step_kernel<W::V, W::RUN, T, TD><<<grid, block, 0, stream>>>(
+        static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
+        static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, arrivals);
+  });
 }
 
 void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,

@@ -177,21 +177,56 @@ def test_guarded_pgd_step(launchers, norm, ok):
     assert_close_to_reference(delta, ref, what=f"delta after the guarded pgd_step ({norm})")
 
 
+# (features per sample, delta shape) for the fused kernel: FEATURES' layouts (full D = 216 and channel-wise
+# runs of 72 take the 16-byte path when aligned, last-dim D = 9 never) and a last-dim delta of 16 groups
+# (a multiple of every vector width) over 5 rows per sample.
+CLASS_GRAD_PGD_CASES = {**{layout: (FEATURES, shape) for layout, shape in LAYOUTS.items()}, "last_dim_16": ((5, 16), (3, 16))}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CLASS_GRAD_PGD_CASES)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_class_grad_pgd_step(launchers, dtype, layout, mode, norm):
-    shape, batch = FEATURES, 41
-    grad_out, h = torch.randn(batch, *shape).to(dtype), torch.randn(batch, *shape).to(dtype)
-    labels = make_labels(batch, 2)  # class 2 absent
-    delta = (0.2 * torch.randn(LAYOUTS[layout])).to(dtype)
-    D, inner = delta_layout(shape, delta.shape)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_class_grad_pgd_step(launchers, dtype, case, mode, norm, aligned):
+    """41 samples; a misaligned grad_out (add) or h (scale) forces one element per thread (the emulation
+    does not trap a misaligned vector load; the next test checks which path ran)."""
+    features, delta_shape = CLASS_GRAD_PGD_CASES[case]
+    shape = (41, *features)
+    grad_out = torch.randn(shape).to(dtype) if aligned or mode == "scale" else _misaligned(shape, dtype)
+    h = torch.randn(shape).to(dtype) if aligned or mode == "add" else _misaligned(shape, dtype)
+    labels = make_labels(41, 2)  # class 2 absent
+    delta = (0.2 * torch.randn(delta_shape)).to(dtype)
+    D, inner = delta_layout(features, delta.shape)
     step, eps, direction = torch.tensor([0.05, 0.1, 0.2]), torch.tensor([0.3, 0.2, 0.4]), torch.tensor([1.0, -1.0, 1.0])
     ref = pgd_naive.class_grad_pgd_step_(delta.double(), grad_out.double(), labels, step.double(), eps.double(),
                                          direction.double(), norm, h=h.double(), mode=mode)
     launchers.class_grad_pgd_step(_flat(delta), _flat(grad_out), labels, _flat(h), step, eps, direction, inner, mode, norm)
-    assert_close_to_reference(delta, ref, what=f"delta after class_grad_pgd_step ({layout}, {mode}, {norm})")
+    assert_close_to_reference(delta, ref, what=f"delta after class_grad_pgd_step ({case}, {mode}, {norm})")
+
+
+@pytest.mark.parametrize("case", CLASS_GRAD_PGD_CASES)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
+def test_class_grad_pgd_step_sums_in_the_class_reductions_order(launchers, case, mode, aligned):
+    """float32, 300 samples (split across blocks): the fused kernel's update equals, bit for bit, the class
+    reduction (perturb backward) followed by pgd_step. The two paths sum in different orders, so this
+    also checks that both kernels take the same one (a misaligned grad_out (add) or h (scale): scalar)."""
+    features, delta_shape = CLASS_GRAD_PGD_CASES[case]
+    shape = (300, *features)
+    grad_out = torch.randn(shape) if aligned or mode == "scale" else _misaligned(shape, torch.float32)
+    h = torch.randn(shape) if aligned or mode == "add" else _misaligned(shape, torch.float32)
+    labels = make_labels(300, 3)
+    delta = 0.2 * torch.randn(delta_shape)
+    D, inner = delta_layout(features, delta.shape)
+    assert launchers.reduce_splits(torch.device("cpu"), 3, D, inner, 300, 4) > 1, "the emulated device must split here"
+    step, eps, direction = torch.tensor([0.05, 0.1, 0.2]), torch.tensor([0.3, 0.2, 0.4]), torch.tensor([1.0, -1.0, 1.0])
+    fused = delta.clone()
+    launchers.class_grad_pgd_step(_flat(fused), _flat(grad_out), labels, _flat(h), step, eps, direction, inner, mode, "l2")
+    grad = launchers.perturb_backward(_flat(grad_out), _flat(h), labels, None, 3, D, inner, mode, False, torch.float32)[1]
+    unfused = _flat(delta).clone()
+    launchers.pgd_step(unfused, grad, step, eps, direction, "l2")
+    assert torch.equal(_flat(fused), unfused), "the fused class gradient is summed in another order"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
