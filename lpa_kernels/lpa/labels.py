@@ -29,18 +29,18 @@ import torch
 
 from lpa_kernels import _checks
 
-_host_check_cpu_labels = [True]
+_host_check_cpu_labels = True
 
 
 @contextlib.contextmanager
 def device_label_check_only():
     """Within the block, CPU labels are checked on the device only, like GPU labels (module docstring)."""
-    previous = _host_check_cpu_labels[0]
-    _host_check_cpu_labels[0] = False
+    global _host_check_cpu_labels
+    previous, _host_check_cpu_labels = _host_check_cpu_labels, False
     try:
         yield
     finally:
-        _host_check_cpu_labels[0] = previous
+        _host_check_cpu_labels = previous
 
 
 class LabelGuard:
@@ -49,15 +49,20 @@ class LabelGuard:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self._bad_range = None  # (2,) int64 on the labels' device: (min, max) of the last bad batch, or (0, 0)
+        self._passed = None  # 0-d bool True on the labels' device: the verdict on labels checked on the host
 
     def check(self, labels: object, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(safe (B,) labels, ok 0-d bool)`` for one training batch of ``batch`` samples. The dtype and
         shape are checked on the host (metadata, no sync) and raise at once, like the public ops; so do
-        the values of CPU labels (module docstring)."""
-        on_host = isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and _host_check_cpu_labels[0]
-        labels = _checks.check_labels(labels, batch, self.num_classes, values=on_host)  # values: skipped while compiling
+        the values of CPU labels (module docstring), which then need no device-side check."""
+        on_host = (isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and _host_check_cpu_labels
+                   and not torch.compiler.is_compiling())
+        labels = _checks.check_labels(labels, batch, self.num_classes, values=on_host)
         if self._bad_range is None or self._bad_range.device != labels.device:
             self._bad_range = torch.zeros(2, dtype=torch.int64, device=labels.device)
+            self._passed = torch.ones((), dtype=torch.bool, device=labels.device)
+        if on_host:
+            return labels, self._passed
         safe = labels.clamp(0, self.num_classes - 1)
         ok = (safe == labels).all()  # True for an empty batch
         if labels.numel():

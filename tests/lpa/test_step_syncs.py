@@ -9,9 +9,8 @@ reported by ``Method.sync`` (tests/lpa/test_finiteness.py).
 import pytest
 import torch
 
-import lpa_kernels.lpa.labels as labels_module
-
 from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.lpa.labels import device_label_check_only
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
 COUNTS = torch.tensor([40, 30, 20, 10])  # training samples per class: the la prior, split and budget
@@ -45,7 +44,6 @@ def training_step(method, x, y):
 def host_reads(monkeypatch):
     """The names of the tensor methods that read a value on the host, one entry per call. The CPU labels
     stand in for GPU ones, so they take the device-side check (``lpa.labels.device_label_check_only``)."""
-    monkeypatch.setattr(labels_module, "_host_check_cpu_labels", [False])
     reads = []
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -55,7 +53,8 @@ def host_reads(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    return reads
+    with device_label_check_only():
+        yield reads
 
 
 def _assert_no_reads(method, batches, host_reads, case):
