@@ -1,0 +1,85 @@
+"""Entry points of the fused per-step ops for the LPA training step, and their custom ops (so that
+``torch.compile`` sees one opaque op per kernel). Internal, like the ``run_*`` entries of the public ops:
+the arguments are valid by construction (``lpa.labels``, ``lpa.policy``, ``lpa.site`` make them), and
+``backend`` is resolved. On the reference backend they are ``naive.py`` itself."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lpa_kernels.step_update import naive
+from lpa_kernels.step_update.backends import launchers
+
+
+@torch.library.custom_op("lpa_kernels::checked_label_plan_", mutates_args=("bad_range",))
+def _checked_label_plan_op(labels: torch.Tensor, num_classes: int, bad_range: torch.Tensor,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launchers(backend).checked_label_plan(labels, num_classes, bad_range)
+
+
+@_checked_label_plan_op.register_fake
+def _(labels, num_classes, bad_range, backend):
+    B = labels.shape[0]
+    segments = min(B, num_classes)
+    int64 = dict(dtype=torch.int64)
+    return (labels.new_empty((B,), **int64), labels.new_empty((B,), **int64),
+            labels.new_empty((), dtype=torch.bool), labels.new_empty((B + num_classes + 2 * segments + 2,), **int64))
+
+
+@torch.library.custom_op("lpa_kernels::class_stats_", mutates_args=("stats",))
+def _class_stats_op(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+                    accumulate: bool, backend: str) -> None:
+    launchers(backend).class_stats(stats, log_probs, labels, ok, accumulate)
+
+
+@_class_stats_op.register_fake
+def _(stats, log_probs, labels, ok, accumulate, backend):
+    return None
+
+
+@torch.library.custom_op("lpa_kernels::policy_", mutates_args=("stats", "loss_ema", "fall_ema", "skipped"))
+def _policy_op(stats: torch.Tensor, fixed_direction: Optional[torch.Tensor], fixed_eps: Optional[torch.Tensor],
+               loss_ema: Optional[torch.Tensor], fall_ema: Optional[torch.Tensor], skipped: Optional[torch.Tensor],
+               params: torch.Tensor, direction: str, radius: str, observe: bool, clear: bool, dtype: torch.dtype,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers(backend).policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params,
+                                     direction, radius, observe, clear, dtype)
+
+
+@_policy_op.register_fake
+def _(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction, radius, observe, clear,
+      dtype, backend):
+    K = stats.shape[1]
+    return stats.new_empty((K,), dtype=dtype), stats.new_empty((K,), dtype=dtype)
+
+
+def checked_labels(labels: torch.Tensor, num_classes: int, bad_range: torch.Tensor, backend: str):
+    """``(safe, loss_labels, ok, plan)`` of one training batch (``naive.checked_label_plan_``); the kernel
+    backends build the step's label plan in the same launch, the reference backend none (None)."""
+    if backend == "reference":
+        return naive.checked_label_plan_(labels, num_classes, bad_range, with_plan=False)
+    return _checked_label_plan_op(labels.contiguous(), num_classes, bad_range, backend)
+
+
+def class_stats_(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None,
+                 accumulate: bool, backend: str) -> torch.Tensor:
+    """``naive.class_stats_``: ``stats (3, K)`` set to or increased by the batch's class statistics.
+    ``ok`` None: the labels are known good (checked on the host)."""
+    if backend == "reference":
+        return naive.class_stats_(stats, log_probs, labels, ok, accumulate)
+    if ok is None:
+        ok = torch.ones((), dtype=torch.bool, device=stats.device)
+    _class_stats_op(stats, log_probs.contiguous(), labels.contiguous(), ok, accumulate, backend)
+    return stats
+
+
+def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
+            observe: bool, clear: bool, dtype: torch.dtype, backend: str):
+    """``naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype``, the trend state updated in place."""
+    if backend == "reference":
+        return naive.policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction,
+                             radius, observe, clear, dtype)
+    return _policy_op(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction, radius,
+                      observe, clear, dtype, backend)

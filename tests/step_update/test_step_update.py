@@ -1,0 +1,128 @@
+"""The fused per-step ops (``lpa_kernels.step_update``) against their reference (``naive.py``) at odd
+sizes: K = 1, 3, 10, 1000; empty and single-sample batches; absent classes, non-finite rows, labels out
+of range; every direction/radius kind, with and without the trend update, float32 and float64."""
+
+import pytest
+import torch
+
+from lpa_kernels._common import label_plan
+from lpa_kernels.step_update import naive, op
+from tests.helpers import KERNEL_TARGETS, assert_close_to_reference
+
+SIZES = [(0, 3), (1, 1), (7, 3), (33, 10), (70, 1000), (300, 10)]
+
+
+def _labels(batch, num_classes, bad, dtype, device):
+    labels = torch.randint(0, num_classes, (batch,), dtype=dtype)
+    if batch and bad == "high":
+        labels[batch // 2] = num_classes + 2
+    if batch and bad == "negative":
+        labels[-1] = -5
+    return labels.to(device)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("batch,num_classes", SIZES)
+@pytest.mark.parametrize("bad", ["none", "high", "negative"])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+def test_checked_label_plan_equals_reference(target, batch, num_classes, bad, label_dtype):
+    backend, device = target
+    torch.manual_seed(batch + num_classes)
+    labels = _labels(batch, num_classes, bad, label_dtype, device)
+    previous = torch.tensor([3, 4], device=device)  # an earlier bad batch's record
+    expected_range, got_range = previous.clone(), previous.clone()
+    safe, loss_labels, ok, plan = naive.checked_label_plan_(labels, num_classes, expected_range)
+    got = op.checked_labels(labels, num_classes, got_range, backend)
+    for name, want, have in zip(("safe", "loss_labels", "ok", "plan"), (safe, loss_labels, ok, plan), got):
+        assert have.dtype == want.dtype and torch.equal(have.cpu(), want.cpu()), name
+    assert torch.equal(got_range.cpu(), expected_range.cpu())
+    assert bool(ok) == (bad == "none" or batch == 0)
+    assert torch.equal(plan.cpu(), label_plan(labels.clamp(0, num_classes - 1), num_classes).cpu())
+
+
+def _log_probs(batch, num_classes, dtype, device, nonfinite):
+    log_probs = torch.randn(batch, num_classes, dtype=torch.float64).log_softmax(dim=1)
+    if nonfinite and batch > 2:
+        log_probs[1] = float("nan")
+        log_probs[2] = float("-inf")
+    return log_probs.to(device, dtype)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("batch,num_classes", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("accumulate,ok,nonfinite", [(False, True, False), (True, True, True), (True, False, True),
+                                                     (False, False, False)])
+def test_class_stats_equal_reference(target, batch, num_classes, dtype, accumulate, ok, nonfinite):
+    backend, device = target
+    torch.manual_seed(batch * 7 + num_classes)
+    log_probs = _log_probs(batch, num_classes, dtype, device, nonfinite)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    start = torch.rand(3, num_classes, dtype=dtype, device=device)
+    verdict = torch.tensor(ok, device=device)
+    expected = naive.class_stats_(start.double().clone(), log_probs.double(), labels, verdict, accumulate)
+    lowp = naive.class_stats_(start.clone(), log_probs, labels, verdict, accumulate)
+    got = op.class_stats_(start.clone(), log_probs, labels, verdict, accumulate, backend)
+    assert_close_to_reference(got, expected, lowp, "class statistics")
+
+
+def _stats(num_classes, dtype, device):
+    """Class statistics with absent classes and (for K > 2) a class of non-finite sums."""
+    counts = torch.randint(0, 4, (num_classes,)).to(dtype)
+    p_sum = counts * torch.rand(num_classes, dtype=dtype)
+    ce_sum = counts * torch.rand(num_classes, dtype=dtype) * 3
+    if num_classes > 2:
+        counts[1], p_sum[1], ce_sum[1] = 2, float("nan"), float("inf")
+    return torch.stack([counts, p_sum, ce_sum]).to(device)
+
+
+def _trend_state(num_classes, device):
+    loss_ema = torch.rand(num_classes, dtype=torch.float64) * 2
+    loss_ema[::3] = float("nan")  # not seen yet
+    fall_ema = torch.where(loss_ema.isnan(), 0.0, torch.randn(num_classes, dtype=torch.float64) * 0.1)
+    return loss_ema.to(device), fall_ema.to(device), torch.tensor(2, device=device)
+
+
+POLICIES = [("fixed", "fixed"), ("confidence", "fixed"), ("confidence", "confidence"), ("fixed", "confidence_linear"),
+            ("loss_trend", "confidence"), ("loss_trend", "fixed")]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("num_classes", [1, 3, 10, 1000])
+@pytest.mark.parametrize("direction,radius", POLICIES)
+@pytest.mark.parametrize("observe,clear", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_policy_equals_reference(target, num_classes, direction, radius, observe, clear, dtype):
+    backend, device = target
+    torch.manual_seed(num_classes)
+    stats = _stats(num_classes, dtype, device)
+    fixed_direction = torch.randint(-1, 2, (num_classes,)).to(device, dtype)
+    fixed_eps = (torch.rand(num_classes) + 0.5).to(device, dtype)
+    params = torch.tensor([0.3, 0.7, 0.3e-6, 0.9], dtype=torch.float64, device=device)
+    states = [_trend_state(num_classes, device) for _ in range(2)]
+    expected_state, got_state = ([t.clone() for t in s] for s in states[:1] * 2)
+    expected_stats, got_stats = stats.clone(), stats.clone()
+    expected = naive.policy_(expected_stats, fixed_direction, fixed_eps, *expected_state, params, direction, radius,
+                             observe, clear, dtype)
+    got = op.policy_(got_stats, fixed_direction, fixed_eps, *got_state, params, direction, radius, observe, clear,
+                     dtype, backend)
+    assert got[0].dtype == got[1].dtype == dtype
+    assert torch.equal(got[0].cpu(), expected[0].cpu()), "direction"
+    assert_close_to_reference(got[1], naive.policy_(stats.double(), fixed_direction.double(), fixed_eps.double(),
+                                                    *[t.clone() for t in states[0]], params, direction, radius,
+                                                    observe, False, torch.float64)[1], expected[1], "eps")
+    for name, want, have in zip(("loss_ema", "fall_ema", "skipped"), expected_state, got_state):
+        assert torch.allclose(have.cpu(), want.cpu(), rtol=1e-12, atol=0, equal_nan=True), name
+    assert torch.equal(got_stats.cpu().nan_to_num(7.0), expected_stats.cpu().nan_to_num(7.0)), "statistics"
+
+
+def test_reference_cases_are_not_vacuous():
+    """The policy cases above see absent classes, a rejected class, classes on both sides of thr."""
+    stats = _stats(10, torch.float64, "cpu")
+    present, finite, p_c, _ = naive.class_means(stats)
+    assert (~present).any() and (~finite).any() and present.sum() > 2
+    loss_ema, fall_ema, skipped = _trend_state(10, "cpu")
+    direction, _ = naive.policy_(stats.clone(), None, None, loss_ema, fall_ema, skipped,
+                                 torch.tensor([0.3, 0.7, 1e-7, 0.9], dtype=torch.float64), "loss_trend", "confidence",
+                                 True, False, torch.float64)
+    assert set(direction.tolist()) >= {-1.0, 1.0} and skipped == 3
