@@ -74,6 +74,24 @@ PYBIND11_MODULE(_lpa_cuda, m) {
                              ptr<const int64_t>(offsets), vptr(step), vptr(eps), vptr(direction), K, F, D, inner, mode,
                              norm, dtype, delta_dtype, splits, vptr(workspace), ptr<int>(arrivals), stream_of(stream));
   });
+  m.def("checked_label_plan", [](uintptr_t labels, int label_bytes, uintptr_t safe, uintptr_t loss_labels, uintptr_t ok,
+                                 uintptr_t bad_range, uintptr_t plan, uintptr_t cursor, int64_t B, int64_t K,
+                                 uintptr_t stream) {
+    lpa::checked_label_plan(vptr(labels), label_bytes, ptr<int64_t>(safe), ptr<int64_t>(loss_labels), ptr<bool>(ok),
+                            ptr<int64_t>(bad_range), ptr<int64_t>(plan), ptr<int64_t>(cursor), B, K, stream_of(stream));
+  });
+  m.def("class_stats", [](uintptr_t stats, uintptr_t log_probs, uintptr_t labels, uintptr_t ok, int64_t B, int64_t K,
+                          bool accumulate, int dtype, uintptr_t stream) {
+    lpa::class_stats(vptr(stats), vptr(log_probs), ptr<const int64_t>(labels), ptr<const bool>(ok), B, K, accumulate,
+                     dtype, stream_of(stream));
+  });
+  m.def("policy", [](uintptr_t stats, uintptr_t fixed_direction, uintptr_t fixed_eps, uintptr_t loss_ema,
+                     uintptr_t fall_ema, uintptr_t skipped, uintptr_t params, uintptr_t direction_out, uintptr_t eps_out,
+                     int64_t K, int direction, int radius, bool observe, bool clear, int dtype, uintptr_t stream) {
+    lpa::policy(vptr(stats), vptr(fixed_direction), vptr(fixed_eps), ptr<double>(loss_ema), ptr<double>(fall_ema),
+                ptr<int64_t>(skipped), ptr<const double>(params), vptr(direction_out), vptr(eps_out), K, direction,
+                radius, observe, clear, dtype, stream_of(stream));
+  });
   m.def("softmax_xent_grad", [](uintptr_t out, uintptr_t p_true, uintptr_t logits, uintptr_t shift, uintptr_t labels,
                                 int64_t B, int64_t K, int dtype, uintptr_t stream) {
     lpa::softmax_xent_grad(vptr(out), vptr(p_true), vptr(logits), vptr(shift), ptr<const int64_t>(labels), B, K, dtype,

@@ -75,4 +75,25 @@ void linear_backward_epilogue(void* grad_preact, const void* grad_out, const voi
                               int64_t rows_per_label, int64_t N, int activation, int mode, int dtype,
                               int64_t splits, void* part_delta, void* part_bias, cudaStream_t stream);
 
+// The LPA training step's fused per-step ops (lpa_kernels/step_update/naive.py), one block each but
+// class_stats (one per class). checked_label_plan: labels (B, int32 or int64, `label_bytes` wide) ->
+// clamped `safe`, `loss_labels` (-100 everywhere for a bad batch), *ok, the (min, max) of a bad batch into
+// bad_range, and the label plan (B + K + 1 + 2 * min(B, K) + 1 int64); `cursor` is K int64 of scratch.
+void checked_label_plan(const void* labels, int label_bytes, int64_t* safe, int64_t* loss_labels, bool* ok,
+                        int64_t* bad_range, int64_t* plan, int64_t* cursor, int64_t B, int64_t K,
+                        cudaStream_t stream);
+
+// stats (3, K) set to (or, with `accumulate`, increased by) the class statistics of log_probs (B, K) at
+// the in-range labels, zero when *ok is false; stats and log_probs float32 or float64 (`dtype`).
+void class_stats(void* stats, const void* log_probs, const int64_t* labels, const bool* ok, int64_t B, int64_t K,
+                 bool accumulate, int dtype, cudaStream_t stream);
+
+// The built-in policies from stats (3, K) (`dtype`, float32 or float64; so are the fixed tensors and the
+// outputs): direction 0 fixed / 1 confidence / 2 loss trend, radius 0 fixed / 1 confidence / 2
+// confidence_linear; `observe` updates loss_ema, fall_ema (K float64) and *skipped first; `clear` zeroes
+// stats. params: float64 (eps, delta_eps, min_radius, momentum).
+void policy(void* stats, const void* fixed_direction, const void* fixed_eps, double* loss_ema, double* fall_ema,
+            int64_t* skipped, const double* params, void* direction_out, void* eps_out, int64_t K, int direction,
+            int radius, bool observe, bool clear, int dtype, cudaStream_t stream);
+
 }  // namespace lpa

@@ -26,7 +26,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "class_reduce.cu", "bindings.cpp")
+SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "class_reduce.cu", "step_update.cu",
+           "bindings.cpp")
 HEADERS = ("common.cuh", "class_reduce.cuh", "kernels.h")
 DEFAULT_ARCHS = ("80", "90", "90a")
 MEMORY_PER_JOB = 1.5 * 2**30

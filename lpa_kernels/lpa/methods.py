@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import compute_dtype, label_plan
+from lpa_kernels._common import compute_dtype
 from lpa_kernels.lpa import state as _state
 from lpa_kernels.lpa.collectives import begin_training_call
 from lpa_kernels.lpa.config import LPAConfig
@@ -370,9 +370,8 @@ class ClassPerturbationMethod(Method):
         self.name = "+".join(n for n, used in (("lpa", use_lpa), ("lpl", use_lpl)) if used)
         self.lpa = self.lpl = None
         self._labels = LabelGuard(num_classes)
-        self._batch_ok = None  # the current batch's label check (0-d bool on the device)
-        self._plan = None  # the current batch's label_plan, when its kernels share one
-        self._kernel_backend = {}  # device -> whether config.backend resolves to a kernel backend there
+        self._batch = None  # the current batch's lpa.labels.CheckedLabels
+        self._backends = {}  # device -> config.backend resolved there
         if use_lpa:
             self.lpa = ClassSite(
                 num_classes, Policy(c, num_classes, c.eps, class_counts), mode=c.mode, norm=c.norm,
@@ -403,25 +402,19 @@ class ClassPerturbationMethod(Method):
             _checks.check_labels(y, h.shape[0], self.num_classes)
             delta = self.lpa.preview_delta(h, extras, y, self._pgd_upper, self._pgd_head())
         else:
-            delta = self.lpa.training_delta(h, extras, y, self._batch_ok, self._pgd_upper, self._pgd_head(), self._plan)
+            delta = self.lpa.training_delta(h, extras, y, self._batch.ok, self._pgd_upper, self._pgd_head(),
+                                            self._batch.plan)
             self._count("pgd_steps", self.lpa.steps)
-        return self.lpa.apply(h, y, delta, None if preview else self._plan)
+        return self.lpa.apply(h, y, delta, None if preview else self._batch.plan)
 
     def _check_labels(self, x, y) -> torch.Tensor:
         # on the device (no sync); x's first dimension is the batch (y's own length for non-tensor x)
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else getattr(y, "shape", (-1,))[0]
-        y, self._batch_ok = self._labels.check(y, batch)
-        self._plan = label_plan(y, self.num_classes) if self._shares_plan(y.device) else None
-        return y
-
-    def _shares_plan(self, device: torch.device) -> bool:
-        """Whether this step's kernels sort the same labels more than once, so one ``label_plan`` built up
-        front saves the others (never on the reference backend). A T-step site sorts once per PGD step (its
-        training backward computes no class gradient), a single-pass site once, in the training backward."""
-        if device not in self._kernel_backend:
-            self._kernel_backend[device] = _backend.resolve(self.config.backend, device) != "reference"
-        sorts = sum(site.steps or 1 for site in self._sites())
-        return self._kernel_backend[device] and sorts > 1
+        device = y.device if isinstance(y, torch.Tensor) else None
+        if device not in self._backends:
+            self._backends[device] = _backend.resolve(self.config.backend, device or torch.device("cpu"))
+        self._batch = self._labels.check(y, batch, self._backends[device])
+        return self._batch.safe
 
     def sync(self) -> None:
         self._labels.raise_if_bad()
@@ -429,20 +422,23 @@ class ClassPerturbationMethod(Method):
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
         trained = self._adjusted(logits)
+        checked = self._batch
         if self.lpl is not None:
-            delta = self.lpl.training_delta(trained.detach(), (), y, self._batch_ok, _identity_upper, plan=self._plan)
+            delta = self.lpl.training_delta(trained.detach(), (), y, checked.ok, _identity_upper, plan=checked.plan)
             self._count("pgd_steps", self.lpl.steps)
-            trained = self.lpl.apply(trained, y, delta, self._plan)
+            trained = self.lpl.apply(trained, y, delta, checked.plan)
         log_probs = None
         if trained.dtype == compute_dtype(trained.dtype):
             # F.cross_entropy is nll_loss(log_softmax): one log-softmax serves the loss and the class
             # statistics. (For half logits F.cross_entropy upcasts under autocast, else not: left to it.)
             log_probs = F.log_softmax(trained, dim=1)
         for site in self._sites():
-            site.observe(trained, y, self._batch_ok, log_probs)
-        loss = F.cross_entropy(trained, y) if log_probs is None else F.nll_loss(log_probs, y)
-        # a batch with a label out of range: NaN to whoever reads it, no gradient to the weights or delta
-        return torch.where(self._batch_ok, loss, float("nan")), logits
+            site.observe(trained, y, None if checked.verified else checked.ok, log_probs)
+        # a batch with a label out of range has loss labels that are all ignore_index: its loss is NaN to
+        # whoever reads it, with no gradient to the weights or delta
+        labels = checked.loss_labels
+        loss = F.cross_entropy(trained, labels) if log_probs is None else F.nll_loss(log_probs, labels)
+        return loss, logits
 
     def after_backward(self) -> None:
         for site in self._sites():

@@ -13,8 +13,11 @@ import torch
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.lpa.collectives import all_reduce_sum, world_size  # noqa: F401 (site.py imports them from here)
 from lpa_kernels.lpa.config import LPAConfig
+from lpa_kernels.lpa import policies
 from lpa_kernels.lpa.policies import DIRECTIONS, RADII, ClassInputs
 from lpa_kernels.lpa.registry import Entry
+from lpa_kernels.step_update import naive as step_naive
+from lpa_kernels.step_update import op as step_op
 
 # A class whose batch radius policy gives 0 (e.g. "confidence_linear" for a class absent or exactly on the
 # confidence threshold) gets this fraction of eps instead, because the PGD ops require eps > 0; its direction is 0 there, so delta stays ~0.
@@ -24,34 +27,25 @@ MIN_RADIUS_FRACTION = 1e-6
 def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(3, K)`` float32 (float64 for float64 logits), summed over the (global) batch: sample counts,
     sums of the true-class softmax probability, sums of the cross-entropy."""
-    return class_stats_from_log_probs(logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1), labels, num_classes)
-
-
-def class_stats_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``class_stats`` from the log-softmax ``(B, K)`` of the logits in their compute dtype (the training
-    cross-entropy computes it anyway, so the single-pass step reuses it)."""
-    log_p_true = log_probs.detach().gather(1, labels[:, None].long())
-    rows = torch.cat([torch.ones_like(log_p_true), log_p_true.exp(), -log_p_true], dim=1)
-    stats = torch.zeros(num_classes, 3, dtype=rows.dtype, device=rows.device).index_add_(0, labels, rows).T.contiguous()
-    return all_reduce_sum(stats, "class statistics")
+    log_probs = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1)
+    stats = log_probs.new_empty((3, num_classes))
+    return all_reduce_sum(step_naive.class_stats_(stats, log_probs, labels, None, False), "class statistics")
 
 
 def _means(stats: torch.Tensor):
-    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats``.
-
-    A class whose sums are not finite (a non-finite sample, e.g. an Inf input) counts as absent from the
-    batch, so its NaN cannot reach the other classes through the confidence threshold or the loss trend;
-    its means are 0. Done with ``torch.where`` on the device (no sync)."""
-    counts, p_sum, ce_sum = stats
-    finite = torch.isfinite(p_sum) & torch.isfinite(ce_sum)
-    samples = counts.clamp_min(1)
-    return (counts > 0) & finite, torch.where(finite, p_sum / samples, 0.0), torch.where(finite, ce_sum / samples, 0.0)
+    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats`` (``step_update.naive.
+    class_means``): a class whose sums are not finite (a non-finite sample, e.g. an Inf input) counts as
+    absent from the batch, so its NaN cannot reach the other classes through the confidence threshold or
+    the loss trend; its means are 0."""
+    present, _, p_c, loss = step_naive.class_means(stats)
+    return present, p_c, loss
 
 
-def _rejected(stats: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` bool: classes in the batch whose statistics are not finite (``_means`` drops them)."""
-    counts, p_sum, ce_sum = stats
-    return (counts > 0) & ~(torch.isfinite(p_sum) & torch.isfinite(ce_sum))
+# The built-in batch and trend policies the fused policy kernel computes (``step_update.naive.policy_``),
+# by function: a batch-independent policy is a fixed tensor there; any other batch policy (one a user
+# registered) makes the site fall back to the rule-by-rule path below.
+_FUSED_DIRECTIONS = {policies.confidence_direction: "confidence", policies.loss_trend: "loss_trend"}
+_FUSED_RADII = {policies.confidence_radius: "confidence", policies.confidence_linear_radius: "confidence_linear"}
 
 
 @dataclass(frozen=True)
@@ -165,20 +159,8 @@ class Policy:
         """
         if not self.tracks_loss:
             return
-        present, _, loss = _means(stats)
-        loss = loss.double()
-        if self.loss_ema is None:  # kept on the statistics' device: no host copy per step
-            self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=loss.device)
-            self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64, device=loss.device)
-            self._skipped = torch.zeros((), dtype=torch.int64, device=loss.device)
-        self._skipped += _rejected(stats).sum()
-        m = self.config.trend_momentum
-        first = present & self.loss_ema.isnan()
-        seen = present & ~first
-        updated = m * self.loss_ema + (1 - m) * loss
-        # in place, so that a CUDA graph replaying the training step carries the state across replays
-        self.fall_ema.copy_(torch.where(seen, m * self.fall_ema + (1 - m) * (self.loss_ema - updated), self.fall_ema))
-        self.loss_ema.copy_(torch.where(seen, updated, torch.where(first, loss, self.loss_ema)))
+        self._ensure_trend(stats.device)
+        step_naive.observe_trend_(stats, self.loss_ema, self.fall_ema, self._skipped, self.config.trend_momentum)
 
     @property
     def skipped_observations(self) -> int:
@@ -188,7 +170,67 @@ class Policy:
     def _trend_direction(self) -> torch.Tensor:
         if self.loss_ema is None:
             return torch.zeros(self.num_classes, dtype=torch.float64)
-        seen = ~self.loss_ema.isnan()
-        # the mean over the seen classes, without selecting them (a device sync); unseen falls are 0
-        mean_fall = self.fall_ema.sum() / seen.sum()
-        return torch.where(seen, torch.sign(mean_fall - self.fall_ema), 0.0)
+        return step_naive.trend_direction(self.loss_ema, self.fall_ema)
+
+    def _ensure_trend(self, device: torch.device) -> None:
+        """Create the "loss_trend" state at its first observation (NaN = class not seen yet)."""
+        if self.loss_ema is None:  # kept on the statistics' device: no host copy per step
+            self.loss_ema = torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=device)
+            self.fall_ema = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    # ----- the fused path ------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """Whether every batch or trend rule is a built-in one, so ``step`` runs the fused policy kernel."""
+        rules = [(rule, _FUSED_DIRECTIONS if rule.kind == "direction" else _FUSED_RADII) for rule in self.rules]
+        return all(rule.entry.value in known for rule, known in rules
+                   if rule.meta.get("batch") or rule.meta.get("trend"))
+
+    @staticmethod
+    def _kind(entry: Entry | None, known: dict) -> str:
+        """The fused kernel's name for a policy: a built-in batch or trend one, else "fixed"."""
+        return known.get(None if entry is None else entry.value, "fixed")
+
+    def _params(self, device: torch.device) -> torch.Tensor:
+        """``step_update.naive.PARAMS`` on ``device`` (float64), made once."""
+        key = ("params", device, torch.float64)
+        if key not in self._fixed:
+            values = [self.eps, self.config.delta_eps, self.eps * MIN_RADIUS_FRACTION, self.config.trend_momentum]
+            self._fixed[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        return self._fixed[key]
+
+    def step(self, stats: torch.Tensor | None, like: torch.Tensor, observe: bool, clear: bool, backend: str):
+        """``(direction, eps)`` (``resolve``), after feeding ``stats`` to the trend state when ``observe``
+        (``observe``); ``clear`` zeroes ``stats`` afterwards. Built-in policies (``fused``) take one
+        fused kernel (``step_update``) on a kernel backend, a few ops on the reference backend; others
+        run ``observe`` and ``resolve``. ``stats`` None: no batch statistics (``needs_stats`` False)."""
+        if not self.fused:
+            if observe:
+                self.observe(stats)
+            direction_eps = self.resolve(stats, like)
+            if clear:
+                stats.zero_()
+            return direction_eps
+        dtype = compute_dtype(like.dtype)
+        direction_kind = self._kind(self.direction_rule, _FUSED_DIRECTIONS)
+        radius_kind = self._kind(self.radius_rule, _FUSED_RADII)
+        fixed_direction = fixed_eps = None
+        if direction_kind == "fixed":
+            fixed_direction = (self._user_direction(self.config.direction, like.device, dtype)
+                               if self.direction_rule is None else self._constant(self.rules[0], like))
+        if radius_kind == "fixed":
+            fixed_eps = self._constant(self.rules[-1], like)
+        if stats is None and not self.tracks_loss:  # nothing batch-dependent: the constant tensors themselves
+            return fixed_direction, fixed_eps
+        if stats is None:  # the trend direction alone (a T-step run): no statistics to read
+            stats = torch.zeros((3, self.num_classes), dtype=dtype, device=like.device)
+        trend = (None, None, None)
+        if self.tracks_loss:
+            if observe:
+                self._ensure_trend(stats.device)
+            trend = (self.loss_ema, self.fall_ema, self._skipped) if self.loss_ema is not None else (
+                torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=stats.device),
+                torch.zeros(self.num_classes, dtype=torch.float64, device=stats.device), None)
+        return step_op.policy_(stats, fixed_direction, fixed_eps, *trend, self._params(stats.device), direction_kind,
+                               radius_kind, observe and self.tracks_loss, clear, dtype, backend)

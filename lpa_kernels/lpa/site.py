@@ -43,11 +43,12 @@ from torch import nn
 
 from lpa_kernels import backend as _backend
 from lpa_kernels._common import compute_dtype, per_class
-from lpa_kernels.lpa.policy import Policy, all_reduce_sum, class_stats, class_stats_from_log_probs, world_size
+from lpa_kernels.lpa.policy import Policy, all_reduce_sum, world_size
 from lpa_kernels.head_pgd.op import run_head_pgd_
 from lpa_kernels.nn.perturbation import ClassPerturbation
 from lpa_kernels.perturb.op import run_perturb
 from lpa_kernels.pgd.op import run_guarded_pgd_step_
+from lpa_kernels.step_update.op import class_stats_
 
 
 @contextlib.contextmanager
@@ -121,7 +122,7 @@ class ClassSite:
         self._skipped = None  # class updates skipped for a non-finite gradient: a device counter, set with delta
         self._leaf = None  # single pass: a leaf sharing delta's storage; training backwards sum into its .grad
         self._pending = False  # single pass: a training forward ran since the last after_backward
-        self._stats = None  # single pass: the class statistics summed over those forwards (or None)
+        self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
 
     @property
     def delta(self) -> torch.Tensor | None:
@@ -226,8 +227,22 @@ class ClassSite:
         skipped += (~finite if ok is None else ~finite & ok).sum()
 
     def _resolve(self, logits, labels, delta):
-        stats = class_stats(logits, labels, self.num_classes) if self.policy.needs_stats else None
-        return self.policy.resolve(stats, delta)
+        """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits."""
+        stats = self._batch_stats(logits, labels, None) if self.policy.needs_stats else None
+        return self.policy.step(stats, delta, observe=False, clear=False, backend=self._resolved_backend)
+
+    def _batch_stats(self, logits, labels, ok, log_probs=None, into=None) -> torch.Tensor:
+        """The ``(3, K)`` class statistics of ``logits`` (``log_probs``: their log-softmax in compute
+        precision, if known) summed over the processes, zero when ``ok`` is False (None: known True);
+        added to ``into`` if given (one kernel in a single process)."""
+        if log_probs is None:
+            log_probs = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1)
+        if into is not None and world_size() == 1:
+            return class_stats_(into, log_probs.detach(), labels, ok, True, self._resolved_backend)
+        stats = class_stats_(log_probs.new_empty((3, self.num_classes)), log_probs.detach(), labels, ok, False,
+                             self._resolved_backend)
+        all_reduce_sum(stats, "class statistics")
+        return stats if into is None else into.add_(stats)
 
     # ----- one training step -----------------------------------------------------------------------
     def training_delta(self, h, extras, labels, ok, upper, head=None, plan=None) -> torch.Tensor:
@@ -257,37 +272,40 @@ class ClassSite:
         self.run_pgd(delta, h, extras, labels, upper, torch.zeros_like(self._skipped), head)
         return delta
 
-    def observe(self, logits: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
+    def observe(self, logits: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None,
                 log_probs: torch.Tensor | None = None) -> None:
         """Read the training forward's (perturbed) logits: class statistics for the single-pass step and
-        the "loss_trend" policy (zero for a batch whose ``ok`` is False, so it changes neither).
-        ``log_probs``: their log-softmax in compute precision, if already known. In single-pass mode
-        the statistics of the forwards before one ``after_backward`` are summed and used there."""
+        the "loss_trend" policy (zero for a batch whose ``ok`` is False, so it changes neither; ``ok``
+        None: labels known good). ``log_probs``: their log-softmax in compute precision, if already
+        known. In single-pass mode the statistics of the forwards before one ``after_backward`` are
+        summed (in place, one kernel) and used there."""
         single_pass = self.steps == 0 and self._pending
         if not (single_pass and self.policy.needs_stats or self.policy.tracks_loss):
             return
-        if log_probs is None:
-            stats = class_stats(logits, labels, self.num_classes)
-        else:
-            stats = class_stats_from_log_probs(log_probs, labels, self.num_classes)
-        stats = torch.where(ok, stats, 0.0)
-        if single_pass:
-            self._stats = stats if self._stats is None else self._stats + stats
-        else:
-            self.policy.observe(stats)
+        if not single_pass:  # T-step mode: the trend state takes this batch's statistics now
+            stats = self._batch_stats(logits, labels, ok, log_probs)
+            self.policy.step(stats, stats, observe=True, clear=False, backend=self._resolved_backend)
+            return
+        dtype = compute_dtype(logits.dtype)
+        if self._stats is None or self._stats.dtype != dtype or self._stats.device != logits.device:
+            self._stats = torch.zeros((3, self.num_classes), dtype=dtype, device=logits.device)
+        self._batch_stats(logits, labels, ok, log_probs, into=self._stats)
 
     def after_backward(self) -> int:
         """Single pass: one PGD step from the class gradient the training backwards since the last call
-        summed on the leaf. Returns the number of PGD steps taken (0 or 1)."""
+        summed on the leaf, with the policy's direction and radius from the statistics they summed (the
+        policy clears them). Returns the number of PGD steps taken (0 or 1)."""
         if not self._pending:
             return 0
-        grad, stats = self._leaf.grad, self._stats
-        self._pending, self._stats, self._leaf.grad = False, None, None
+        grad, reads_stats = self._leaf.grad, self.policy.needs_stats or self.policy.tracks_loss
+        self._pending, self._leaf.grad = False, None
+        stats = self._stats if reads_stats else None  # summed over the processes already
         if grad is None:
+            if stats is not None:
+                stats.zero_()
             return 0
         grad = all_reduce_sum(grad)  # gradient of the summed CE over the global batch (module docstring)
-        self.policy.observe(stats)
-        direction, eps = self.policy.resolve(stats, grad)
+        direction, eps = self.policy.step(stats, grad, observe=True, clear=True, backend=self._resolved_backend)
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
         self._pgd_step(self.perturbation.delta, grad, direction, eps, None, self._skipped)
         return 1

@@ -227,7 +227,7 @@ def _policy_kernel(
             above, below = tl.maximum(gap, 0) / above_max, tl.maximum(-gap, 0) / below_max
             radius = tl.maximum(eps * (1 + delta_eps * (above + below)), min_radius)
         else:
-            radius = tl.maximum(eps * tl.abs(gap) / largest, min_radius)
+            radius = tl.maximum(eps * (tl.abs(gap) / largest), min_radius)
         tl.store(direction_ptr + k, direction, mask=mask)
         tl.store(eps_ptr + k, radius, mask=mask)
         if CLEAR:

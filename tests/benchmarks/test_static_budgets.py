@@ -258,9 +258,9 @@ def test_each_extra_pgd_step_on_the_head_path_launches_at_most_4_kernels(step_co
     assert all(per_step <= 4 for _, per_step in over), f"launches per extra head PGD step: {over}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the label plan and the fused per-step update (one kernel "
-                                       "instead of ~40 small ops) are not built yet")
 def test_single_pass_step_launches_at_most_8_more_than_plain_training(step_counts):
+    """SPEC section 4 via issue 12: the T = 0 step on the Triton backend (label check and plan, the class
+    statistics, the policy and the guarded PGD step fused, one kernel each), MLP and ResNet, both layers."""
     by_key = {_key(r): _launches(r) for r in step_counts}
     over = [(k, n - by_key[k[:3] + ("erm", None)]) for k, n in by_key.items()
             if k[2] == "triton" and k[3:] == ("lpa", 0) and n > by_key[k[:3] + ("erm", None)] + 8]

@@ -27,6 +27,7 @@ from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
+from tests.step_update import test_step_update as step_update_tests
 from tests.helpers import DTYPES, assert_close_to_reference, make_labels
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None or _cuda_build.find_nvcc() is None,
@@ -419,3 +420,30 @@ def test_softmax_xent_grad_vector_and_scalar_rows(launchers, dtype, aligned, num
     lowp, lowp_p = reference(logits.float() if dtype != torch.float64 else logits, shift.float() if dtype != torch.float64 else shift)
     assert_close_to_reference(out, expected, lowp.to(dtype), what="softmax - onehot")
     assert_close_to_reference(p_true, expected_p, lowp_p, what="true-class probability")
+
+
+# The fused per-step ops of the training step (csrc/step_update.cu) against their reference, through the
+# same checks as the Triton kernels (tests/step_update); K = 300 spans two class blocks of the policy and
+# a batch of 300 two sample tiles of the label plan.
+@pytest.mark.parametrize("batch,num_classes", [(0, 3), (1, 1), (33, 10), (300, 7), (70, 1000)])
+@pytest.mark.parametrize("bad", ["none", "high", "negative"])
+def test_checked_label_plan(launchers, batch, num_classes, bad):
+    for label_dtype in (torch.int64, torch.int32):
+        step_update_tests.test_checked_label_plan_equals_reference(("cuda", "cpu"), batch, num_classes, bad, label_dtype)
+
+
+@pytest.mark.parametrize("batch,num_classes", [(0, 3), (7, 3), (33, 10), (70, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_stats(launchers, batch, num_classes, dtype):
+    for accumulate, ok, nonfinite in [(False, True, False), (True, True, True), (True, False, True)]:
+        step_update_tests.test_class_stats_equal_reference(("cuda", "cpu"), batch, num_classes, dtype, accumulate, ok,
+                                                           nonfinite)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 300])
+@pytest.mark.parametrize("direction,radius", step_update_tests.POLICIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_policy(launchers, num_classes, direction, radius, dtype):
+    for observe, clear in [(False, False), (True, True)]:
+        step_update_tests.test_policy_equals_reference(("cuda", "cpu"), num_classes, direction, radius, observe, clear,
+                                                       dtype)
