@@ -93,6 +93,7 @@ class Policy:
         self._skipped = None  # loss_trend: class statistics left out for being non-finite (a device counter)
         self._fixed = {}  # (kind, device, dtype) -> a batch-independent policy's tensor
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
+        self._kinds = self._fused_kinds()  # the fused policy kernel's choices, None: the rule-by-rule path
 
     @property
     def needs_stats(self) -> bool:
@@ -183,20 +184,27 @@ class Policy:
     @property
     def fused(self) -> bool:
         """Whether every batch or trend rule is a built-in one, so ``step`` runs the fused policy kernel."""
-        rules = [(rule, _FUSED_DIRECTIONS if rule.kind == "direction" else _FUSED_RADII) for rule in self.rules]
-        return all(rule.entry.value in known for rule, known in rules
-                   if rule.meta.get("batch") or rule.meta.get("trend"))
+        return self._kinds is not None
 
-    @staticmethod
-    def _kind(entry: Entry | None, known: dict) -> str:
-        """The fused kernel's name for a policy: a built-in batch or trend one, else "fixed"."""
-        return known.get(None if entry is None else entry.value, "fixed")
+    def _fused_kinds(self) -> tuple[str, str] | None:
+        """The fused kernel's ``(direction, radius)`` kinds: a built-in batch or trend policy by name, any
+        other "fixed" (batch-independent); None when a batch or trend policy is not a built-in one."""
+        kinds = []
+        for entry, known in ((self.direction_rule, _FUSED_DIRECTIONS), (self.radius_rule, _FUSED_RADII)):
+            kind = known.get(None if entry is None else entry.value, "fixed")
+            if kind == "fixed" and entry is not None and (entry.meta.get("batch") or entry.meta.get("trend")):
+                return None
+            kinds.append(kind)
+        return tuple(kinds)
 
-    def _params(self, device: torch.device) -> torch.Tensor:
-        """``step_update.naive.PARAMS`` on ``device`` (float64), made once."""
+    def _params(self, device: torch.device, backend: str):
+        """``step_update.naive.PARAMS``: floats for the reference backend, a float64 tensor on ``device``
+        for the kernels (made once)."""
+        values = (self.eps, self.config.delta_eps, self.eps * MIN_RADIUS_FRACTION, self.config.trend_momentum)
+        if backend == "reference":
+            return values
         key = ("params", device, torch.float64)
         if key not in self._fixed:
-            values = [self.eps, self.config.delta_eps, self.eps * MIN_RADIUS_FRACTION, self.config.trend_momentum]
             self._fixed[key] = torch.tensor(values, dtype=torch.float64, device=device)
         return self._fixed[key]
 
@@ -205,7 +213,7 @@ class Policy:
         (``observe``); ``clear`` zeroes ``stats`` afterwards. Built-in policies (``fused``) take one
         fused kernel (``step_update``) on a kernel backend, a few ops on the reference backend; others
         run ``observe`` and ``resolve``. ``stats`` None: no batch statistics (``needs_stats`` False)."""
-        if not self.fused:
+        if self._kinds is None:
             if observe:
                 self.observe(stats)
             direction_eps = self.resolve(stats, like)
@@ -213,8 +221,7 @@ class Policy:
                 stats.zero_()
             return direction_eps
         dtype = compute_dtype(like.dtype)
-        direction_kind = self._kind(self.direction_rule, _FUSED_DIRECTIONS)
-        radius_kind = self._kind(self.radius_rule, _FUSED_RADII)
+        direction_kind, radius_kind = self._kinds
         fixed_direction = fixed_eps = None
         if direction_kind == "fixed":
             fixed_direction = (self._user_direction(self.config.direction, like.device, dtype)
@@ -232,5 +239,6 @@ class Policy:
             trend = (self.loss_ema, self.fall_ema, self._skipped) if self.loss_ema is not None else (
                 torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=stats.device),
                 torch.zeros(self.num_classes, dtype=torch.float64, device=stats.device), None)
-        return step_op.policy_(stats, fixed_direction, fixed_eps, *trend, self._params(stats.device), direction_kind,
-                               radius_kind, observe and self.tracks_loss, clear, dtype, backend)
+        params = self._params(stats.device, backend)
+        return step_op.policy_(stats, fixed_direction, fixed_eps, *trend, params, direction_kind, radius_kind,
+                               observe and self.tracks_loss, clear, dtype, backend)

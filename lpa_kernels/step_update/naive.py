@@ -28,7 +28,7 @@ IGNORE_LABEL = -100  # F.cross_entropy's and F.nll_loss's default ignore_index
 # policy_'s choices (also the kernels' codes)
 DIRECTIONS = {"fixed": 0, "confidence": 1, "loss_trend": 2}
 RADII = {"fixed": 0, "confidence": 1, "confidence_linear": 2}
-# policy_'s scalar parameters, a float64 (4,) tensor: what each entry is
+# policy_'s scalar parameters (the kernels take them as a float64 (4,) tensor)
 PARAMS = ("eps", "delta_eps", "min_radius", "momentum")
 
 
@@ -96,16 +96,20 @@ def _scaled(size: torch.Tensor) -> torch.Tensor:
 
 def policy_(stats: torch.Tensor, fixed_direction: torch.Tensor | None, fixed_eps: torch.Tensor | None,
             loss_ema: torch.Tensor | None, fall_ema: torch.Tensor | None, skipped: torch.Tensor | None,
-            params: torch.Tensor, direction: str, radius: str, observe: bool, clear: bool, dtype: torch.dtype):
-    """``(direction (K,), eps (K,))`` in ``dtype`` from ``stats (3, K)`` (module docstring). ``params``:
-    ``PARAMS`` (float64). With ``observe`` the trend state (``loss_ema``, ``fall_ema``, ``skipped``) is
+            params: tuple[float, float, float, float], direction: str, radius: str, observe: bool, clear: bool,
+            dtype: torch.dtype):
+    """``(direction (K,), eps (K,))`` in ``dtype`` from ``stats (3, K)`` (module docstring), ``params``
+    the ``PARAMS`` values. With ``observe`` the trend state (``loss_ema``, ``fall_ema``, ``skipped``) is
     updated first, in place; ``clear`` zeroes ``stats`` at the end."""
-    eps, delta_eps, min_radius, momentum = params.to(dtype).unbind()
+    eps, delta_eps, min_radius, momentum = params
     if observe:
-        observe_trend_(stats, loss_ema, fall_ema, skipped, params[3])
+        observe_trend_(stats, loss_ema, fall_ema, skipped, momentum)
     if direction == "confidence" or radius != "fixed":  # the confidence gap thr - p_c
-        present, _, p_c, _ = class_means(stats.to(dtype))
-        thr = torch.where(present, p_c, 0.0).sum() / present.sum().clamp_min(1)
+        counts, p_sum = stats[0].to(dtype), stats[1].to(dtype)
+        # classes present with finite sums (naive.class_means); p_c is 0 for the others
+        present = (counts > 0) & stats[1:].isfinite().all(dim=0)
+        p_c = torch.where(present, p_sum / counts.clamp_min(1), 0.0)
+        thr = p_c.sum() / present.sum().clamp_min(1)
         gap = torch.where(present, thr - p_c, 0.0)
     if direction == "fixed":
         chosen = fixed_direction

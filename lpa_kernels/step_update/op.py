@@ -77,7 +77,8 @@ def class_stats_(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Ten
 
 def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
             observe: bool, clear: bool, dtype: torch.dtype, backend: str):
-    """``naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype``, the trend state updated in place."""
+    """``naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype``, the trend state updated in place.
+    ``params``: ``naive.PARAMS``, floats on the reference backend, a float64 tensor on the others."""
     if backend == "reference":
         return naive.policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction,
                              radius, observe, clear, dtype)

@@ -98,14 +98,15 @@ def test_policy_equals_reference(target, num_classes, direction, radius, observe
     stats = _stats(num_classes, dtype, device)
     fixed_direction = torch.randint(-1, 2, (num_classes,)).to(device, dtype)
     fixed_eps = (torch.rand(num_classes) + 0.5).to(device, dtype)
-    params = torch.tensor([0.3, 0.7, 0.3e-6, 0.9], dtype=torch.float64, device=device)
+    params = (0.3, 0.7, 0.3e-6, 0.9)
+    kernel_params = torch.tensor(params, dtype=torch.float64, device=device)
     states = [_trend_state(num_classes, device) for _ in range(2)]
     expected_state, got_state = ([t.clone() for t in s] for s in states[:1] * 2)
     expected_stats, got_stats = stats.clone(), stats.clone()
     expected = naive.policy_(expected_stats, fixed_direction, fixed_eps, *expected_state, params, direction, radius,
                              observe, clear, dtype)
-    got = op.policy_(got_stats, fixed_direction, fixed_eps, *got_state, params, direction, radius, observe, clear,
-                     dtype, backend)
+    got = op.policy_(got_stats, fixed_direction, fixed_eps, *got_state, kernel_params, direction, radius, observe,
+                     clear, dtype, backend)
     assert got[0].dtype == got[1].dtype == dtype
     assert torch.equal(got[0].cpu(), expected[0].cpu()), "direction"
     assert_close_to_reference(got[1], naive.policy_(stats.double(), fixed_direction.double(), fixed_eps.double(),
@@ -123,6 +124,6 @@ def test_reference_cases_are_not_vacuous():
     assert (~present).any() and (~finite).any() and present.sum() > 2
     loss_ema, fall_ema, skipped = _trend_state(10, "cpu")
     direction, _ = naive.policy_(stats.clone(), None, None, loss_ema, fall_ema, skipped,
-                                 torch.tensor([0.3, 0.7, 1e-7, 0.9], dtype=torch.float64), "loss_trend", "confidence",
+                                 (0.3, 0.7, 1e-7, 0.9), "loss_trend", "confidence",
                                  True, False, torch.float64)
     assert set(direction.tolist()) >= {-1.0, 1.0} and skipped == 3
