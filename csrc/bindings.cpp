@@ -86,8 +86,8 @@ PYBIND11_MODULE(_lpa_cuda, m) {
                      dtype, stream_of(stream));
   });
   m.def("policy", [](uintptr_t stats, uintptr_t fixed_direction, uintptr_t fixed_eps, uintptr_t loss_ema,
-                     uintptr_t fall_ema, uintptr_t skipped, uintptr_t params, uintptr_t direction_out, uintptr_t eps_out,
-                     int64_t K, int direction, int radius, bool observe, bool clear, int dtype, uintptr_t stream) {
+                     uintptr_t fall_ema, uintptr_t skipped, uintptr_t params, uintptr_t direction_out,
+                     uintptr_t eps_out, int64_t K, int direction, int radius, bool observe, bool clear, int dtype, uintptr_t stream) {
     lpa::policy(vptr(stats), vptr(fixed_direction), vptr(fixed_eps), ptr<double>(loss_ema), ptr<double>(fall_ema),
                 ptr<int64_t>(skipped), ptr<const double>(params), vptr(direction_out), vptr(eps_out), K, direction,
                 radius, observe, clear, dtype, stream_of(stream));

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lpa_kernels"
 OPS = {"perturb": "PerturbLaunchers", "pgd": "PGDLaunchers", "linear_perturb": "LinearPerturbLaunchers",
-       "head_pgd": "HeadPGDLaunchers"}
+       "head_pgd": "HeadPGDLaunchers", "step_update": "StepLaunchers"}
 
 
 def _module_name(path: Path) -> str:

@@ -97,19 +97,19 @@ def record(recorder) -> None:
                      rand(2, 24, dtype=dt), activation, mode)
         # the training step's fused ops: statistics, policy and trend state in the compute dtype (float32
         # for the half dtypes); the label plan for int64 and int32 labels
-        stats_dtype = acc
         for label_dtype in (torch.int64, torch.int32):
             call(f"{dt} labels={label_dtype}", step_update.checked_label_plan, labels.to(label_dtype), 2,
                  torch.zeros(2, dtype=torch.int64))
         for accumulate in (False, True):
-            call(f"{dt} accumulate={accumulate}", step_update.class_stats, torch.zeros(3, 2, dtype=stats_dtype),
-                 rand(64, 2, dtype=dt).to(stats_dtype), labels, torch.tensor(True), accumulate)
-        trend = (torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.zeros((), dtype=torch.int64))
+            call(f"{dt} accumulate={accumulate}", step_update.class_stats, torch.zeros(3, 2, dtype=acc),
+                 rand(64, 2, dtype=dt).to(acc), labels, torch.tensor(True), accumulate)
+        trend = (torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.zeros((), dtype=torch.int64))
         for direction, radius, observe in (("fixed", "fixed", False), ("confidence", "confidence", False),
                                            ("loss_trend", "confidence_linear", True)):
-            call(f"{dt} {direction} {radius} observe={observe}", step_update.policy, torch.rand(3, 2, dtype=stats_dtype),
-                 torch.ones(2, dtype=stats_dtype), torch.ones(2, dtype=stats_dtype), *trend,
-                 torch.rand(4, dtype=torch.float64), direction, radius, observe, observe, stats_dtype)
+            call(f"{dt} {direction} {radius} observe={observe}", step_update.policy, torch.rand(3, 2, dtype=acc),
+                 torch.ones(2, dtype=acc), torch.ones(2, dtype=acc), *trend, torch.rand(4, dtype=torch.float64),
+                 direction, radius, observe, observe, acc)
         if dt in TMA_DTYPES:  # the tensor-descriptor GEMM of sm_90+ (row stride 80 B: TMA can address it)
             tma_capable, linear.tma_capable = linear.tma_capable, lambda device: True
             for activation, mode, bias in (("gelu", "scale", True), ("relu", "add", False)):

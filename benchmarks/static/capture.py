@@ -100,7 +100,8 @@ def recording(model_h100: bool = True):
 
 
 def launched_kernels(module_names) -> list[str]:
-    """Names of the kernels the modules define to be launched (JIT functions that read a program id)."""
+    """Names of the kernels the modules define to be launched: JIT functions that read a program id, and
+    those a module lists in ``SINGLE_PROGRAM_KERNELS`` (launched on a grid of one program)."""
     import importlib
 
     from triton.runtime.jit import JITFunction
@@ -109,7 +110,8 @@ def launched_kernels(module_names) -> list[str]:
     for module_name in module_names:
         module = importlib.import_module(module_name)
         for obj in vars(module).values():
-            if isinstance(obj, JITFunction) and obj.__module__ == module_name and "program_id" in obj.src:
+            single = obj in getattr(module, "SINGLE_PROGRAM_KERNELS", ())
+            if isinstance(obj, JITFunction) and obj.__module__ == module_name and ("program_id" in obj.src or single):
                 names.append(f"{module_name.split('.')[1]}.{obj.__name__}")
     return names
 

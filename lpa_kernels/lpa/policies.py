@@ -8,7 +8,8 @@ statistics. Register it with ``DIRECTIONS.register`` / ``RADII.register`` and th
 else needs to change (``LPAConfig`` and the programs read the registries):
 
 - ``batch=True``: it reads the batch's class statistics (``present``, ``p_true``), so it is evaluated
-  every PGD run, on the device, in the compute dtype;
+  every PGD run, on the device, in the compute dtype (the built-in ones by the fused policy kernel of
+  ``lpa_kernels.step_update``, a registered one by calling it: correct, with a few more launches);
 - otherwise it is batch-independent: evaluated once, in float64 on the host, and cached on the device;
 - ``needs_counts=True``: it reads ``counts`` (training samples per class), which must then be given;
 - ``trend=True``: it reads ``trend``, the "loss_trend" direction of the ``Policy``'s running state;

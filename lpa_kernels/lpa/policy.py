@@ -32,15 +32,6 @@ def class_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return all_reduce_sum(step_naive.class_stats_(stats, log_probs, labels, None, False), "class statistics")
 
 
-def _means(stats: torch.Tensor):
-    """``(present (K,) bool, mean p_true (K,), mean CE (K,))`` from ``class_stats`` (``step_update.naive.
-    class_means``): a class whose sums are not finite (a non-finite sample, e.g. an Inf input) counts as
-    absent from the batch, so its NaN cannot reach the other classes through the confidence threshold or
-    the loss trend; its means are 0."""
-    present, _, p_c, loss = step_naive.class_means(stats)
-    return present, p_c, loss
-
-
 # The built-in batch and trend policies the fused policy kernel computes (``step_update.naive.policy_``),
 # by function: a batch-independent policy is a fixed tensor there; any other batch policy (one a user
 # registered) makes the site fall back to the rule-by-rule path below.
@@ -131,7 +122,8 @@ class Policy:
         dtype = compute_dtype(like.dtype)
         batch = {}
         if self.needs_stats:
-            present, p_c, _ = _means(stats)
+            # a class whose sums are not finite counts as absent: its NaN reaches no other class
+            present, _, p_c, _ = step_naive.class_means(stats)
             batch = dict(present=present, p_true=p_c.to(dtype))
         if self.tracks_loss:
             batch["trend"] = self._trend_direction().to(like.device, dtype)

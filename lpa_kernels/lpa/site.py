@@ -10,6 +10,14 @@ sharing delta's storage; each training backward adds the batch's class gradient 
 (so several micro-batches before one ``after_backward`` sum, as one large batch would), and
 ``after_backward`` applies one ``pgd_step_`` from the sum.
 
+The per-step update is a few fused ops (``lpa_kernels.step_update``, one kernel each on the Triton and
+CUDA backends, a few torch ops on the reference backend): each training forward adds its class
+statistics (counts, sums of the true-class probability and of the cross-entropy) into a persistent
+``(3, K)`` buffer; ``after_backward`` runs the policy (means, finiteness, confidence threshold and gaps,
+the loss-trend update, direction and radius; the buffer cleared) and the guarded PGD step. Only the
+built-in batch policies have a fused form; a policy a user registered with ``batch=True`` or
+``trend=True`` runs rule by rule in PyTorch (``Policy.step``), as correct, with more launches.
+
 Validation, without a host read: the method checks each batch's labels on the device
 (``lpa.labels.LabelGuard``) and hands the site the labels clamped into range plus ``ok``, a 0-d bool
 tensor; the site gates every update on ``ok`` (a bad batch changes no delta, statistic or policy state).
@@ -21,8 +29,8 @@ and carried, autograd and head, single pass; the LPL site alike), a class whose 
 delta on the fused head path, is not finite keeps its previous delta for that step. It is done on the
 device (``torch.where``, no host sync), and the skipped class updates are counted (``skipped_updates``,
 reported by ``Method.stats()``). The policies treat a class with non-finite statistics as absent from the
-batch (``policy._means``). The training loss of such a batch is still non-finite: skip that optimizer
-step, as ``GradScaler`` does.
+batch (``step_update.naive.class_means``). The training loss of such a batch is still non-finite: skip
+that optimizer step, as ``GradScaler`` does.
 
 Class gradient, defined so that data-parallel training equals one process on the whole batch: the
 gradient of the cross-entropy SUMMED over the global batch. T-step mode differentiates the summed loss

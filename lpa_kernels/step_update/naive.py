@@ -120,7 +120,8 @@ def policy_(stats: torch.Tensor, fixed_direction: torch.Tensor | None, fixed_eps
     if radius == "fixed":
         radii = fixed_eps
     elif radius == "confidence":
-        radii = (eps * (1 + delta_eps * (_scaled(gap.clamp_min(0)) + _scaled((-gap).clamp_min(0))))).clamp_min(min_radius)
+        bonus = _scaled(gap.clamp_min(0)) + _scaled((-gap).clamp_min(0))  # each class on one side of thr
+        radii = (eps * (1 + delta_eps * bonus)).clamp_min(min_radius)
     else:
         radii = (eps * _scaled(gap.abs())).clamp_min(min_radius)
     if clear:

@@ -237,6 +237,10 @@ def _policy_kernel(
             tl.store(stats_ptr + 2 * K + k, zero, mask=mask)
 
 
+# launched on a grid of one program (the GPU compile check finds kernels by their program id otherwise)
+SINGLE_PROGRAM_KERNELS = (_checked_label_plan_kernel, _policy_kernel)
+
+
 def _index_output(size: int, device: torch.device) -> torch.Tensor:
     """An int64 output the kernel fully overwrites (filled with -7, no valid index, when poisoning)."""
     return torch.full((size,), -7, dtype=torch.int64, device=device) if poisoning() else torch.empty(
