@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lpa_kernels import perturb
+from lpa_kernels.backend import interpreting
 from lpa_kernels.lpa import LPAConfig, build_method
 from lpa_kernels.nn import ClassPerturbation
 from tests.lpa.models import NUM_CLASSES, batch, mlp
@@ -16,6 +17,11 @@ from tests.lpa.models import NUM_CLASSES, batch, mlp
     dict(steps=0),  # confidence direction: the class statistics sum too
     dict(steps=0, norm="linf", mode="scale", radius="confidence"),
     dict(steps=0, direction="ascent", layer="1"),  # an inner layer
+    # the fused kernels: the class statistics summed in place by the Triton kernel, the policy kernel
+    pytest.param(dict(steps=0, radius="confidence", backend="triton"), marks=pytest.mark.skipif(
+        not interpreting(), reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")),
+    pytest.param(dict(steps=0, direction="loss_trend", backend="triton"), marks=pytest.mark.skipif(
+        not interpreting(), reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")),
 ])
 def test_micro_batches_of_unequal_sizes_step_like_one_batch(config):
     config = dict(config)

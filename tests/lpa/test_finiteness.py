@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.backend import interpreting
 from lpa_kernels.lpa.labels import device_label_check_only
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
@@ -113,18 +114,22 @@ def test_a_class_with_a_non_finite_gradient_keeps_its_delta_and_the_others_move(
 
 
 @pytest.mark.parametrize("steps", [0, 2])
-def test_a_batch_with_bad_labels_updates_nothing_and_the_next_sync_names_the_label(steps):
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not interpreting(), reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1"))])
+def test_a_batch_with_bad_labels_updates_nothing_and_the_next_sync_names_the_label(steps, backend):
     """The label check on the device (GPU labels; here CPU labels standing in for them): the step
     completes on clamped labels, gated so that nothing learns from it (NaN loss with a zero gradient;
-    deltas and policy state unchanged), and ``sync`` raises."""
+    deltas and policy state unchanged), and ``sync`` raises. The Triton backend checks the labels in
+    its label-plan kernel, the reference backend in a few torch ops."""
     with device_label_check_only():
-        _bad_batch_on_the_device_path(steps)
+        _bad_batch_on_the_device_path(steps, backend)
 
 
-def _bad_batch_on_the_device_path(steps):
+def _bad_batch_on_the_device_path(steps, backend="reference"):
     model = TinyResNet()
     method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
-                          config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
+                          config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never",
+                                           backend=backend))
     x = torch.randn(6, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     loss, _ = method.training_loss(x, y)
