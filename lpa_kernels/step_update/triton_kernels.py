@@ -22,8 +22,8 @@ import triton.language as tl
 from lpa_kernels._common import new_output, poisoning
 from lpa_kernels.step_update.naive import DIRECTIONS, IGNORE_LABEL, RADII
 
-BLOCK_B = 32  # samples per tile (label plan, class statistics)
-BLOCK_K = 128  # classes per tile
+BLOCK_K = 128  # classes per tile at most (label plan, class statistics)
+TILE = 2048  # (samples x classes) per one-hot tile: with few classes a tile takes more samples
 BLOCK_POLICY = 256  # classes per block of the policy's walk
 LABEL_BOUND = 2**62  # above every label: the neutral element of the range's min (and, negated, max)
 
@@ -247,6 +247,12 @@ def _index_output(size: int, device: torch.device) -> torch.Tensor:
         (size,), dtype=torch.int64, device=device)
 
 
+def _tiling(num_classes: int) -> tuple[int, int]:
+    """``(BLOCK_B, BLOCK_K)`` of the one-hot tiles for ``num_classes`` classes."""
+    block_k = min(triton.next_power_of_2(num_classes), BLOCK_K)
+    return TILE // block_k, block_k
+
+
 def _acc(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -258,9 +264,10 @@ def checked_label_plan(labels, num_classes, bad_range):
     safe, loss_labels = _index_output(B, labels.device), _index_output(B, labels.device)
     ok = torch.empty((), dtype=torch.bool, device=labels.device)
     plan = _index_output(B + num_classes + 2 * segments + 2, labels.device)
+    block_b, block_k = _tiling(num_classes)
     _checked_label_plan_kernel[(1,)](
         labels, safe, loss_labels, ok, bad_range, plan, B, num_classes, segments,
-        IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+        IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK_B=block_b, BLOCK_K=block_k,
     )
     return safe, loss_labels, ok, plan
 
@@ -268,9 +275,10 @@ def checked_label_plan(labels, num_classes, bad_range):
 def class_stats(stats, log_probs, labels, ok, accumulate):
     """``StepLaunchers.class_stats``."""
     B, K = log_probs.shape
-    _class_stats_kernel[(triton.cdiv(K, BLOCK_K),)](
+    block_b, block_k = _tiling(K)
+    _class_stats_kernel[(triton.cdiv(K, block_k),)](
         stats, log_probs, labels, ok, B, K, log_probs.stride(0),
-        ACCUMULATE=accumulate, ACC=_acc(stats.dtype), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
+        ACCUMULATE=accumulate, ACC=_acc(stats.dtype), BLOCK_B=block_b, BLOCK_K=block_k,
     )
 
 
