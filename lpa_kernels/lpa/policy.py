@@ -209,7 +209,7 @@ class Policy:
             if observe:
                 self.observe(stats)
             direction_eps = self.resolve(stats, like)
-            if clear:
+            if clear and stats is not None:
                 stats.zero_()
             return direction_eps
         dtype = compute_dtype(like.dtype)
