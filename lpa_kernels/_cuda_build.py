@@ -12,13 +12,22 @@ Switches (environment):
 - ``CUDA_HOME`` / ``CUDA_PATH``: where to look for ``bin/nvcc`` before ``PATH``.
 - ``LPA_BUILD_NINJA=0``: compile with a thread pool instead of ninja (ninja, when found, rebuilds
   only what changed, following header dependencies).
+- ``LPA_CUTLASS_INCLUDE``: a CUTLASS ``include/`` folder to use instead of the installed
+  ``nvidia-cutlass`` wheel's (the build requirement pinned in pyproject.toml).
+
+``linear_perturb_sm90.cu`` (the CUTLASS 3 WGMMA GEMM) is compiled for sm_90a alone, when the CUTLASS
+headers of version ``CUTLASS_VERSION`` are found and sm_90 or sm_90a is among the archs; otherwise it
+compiles to a stub whose ``linear_sm90_missing()`` gives the reason code (``SM90_GEMM_REASONS``), and
+``linear_perturb`` runs the wmma GEMM of ``linear_perturb.cu`` on every GPU.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,11 +35,21 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "class_reduce.cu", "step_update.cu",
-           "bindings.cpp")
-HEADERS = ("common.cuh", "class_reduce.cuh", "kernels.h")
+SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "linear_perturb_sm90.cu", "class_reduce.cu",
+           "step_update.cu", "bindings.cpp")
+HEADERS = ("common.cuh", "class_reduce.cuh", "linear_epilogue.cuh", "kernels.h")
 DEFAULT_ARCHS = ("80", "90", "90a")
 MEMORY_PER_JOB = 1.5 * 2**30
+SM90_GEMM_SOURCE = "linear_perturb_sm90.cu"
+CUTLASS_VERSION = (4, 2)  # major, minor of the nvidia-cutlass wheel pinned in pyproject.toml (4.2.0.0)
+# Why the extension has no CUTLASS sm_90a GEMM: the code compiled into linear_perturb_sm90.cu's stub.
+SM90_GEMM_REASONS = {
+    1: "the CUTLASS headers were not found at build time (pip install nvidia-cutlass==4.2.0.0, or set "
+       "LPA_CUTLASS_INCLUDE, and rebuild)",
+    2: "the extension was built without sm_90 (LPA_CUDA_ARCH)",
+    3: "the nvcc that built the extension cannot compile for sm_90",
+    4: "the CUTLASS headers found at build time are not version 4.2 (pip install nvidia-cutlass==4.2.0.0)",
+}
 
 
 def find_nvcc() -> str | None:
@@ -56,9 +75,7 @@ def _supported_archs(nvcc: str) -> set[str]:
 
 
 def gencode_flags(nvcc: str) -> list[str]:
-    requested = os.environ.get("LPA_CUDA_ARCH", "").replace(",", ";").split(";")
-    requested = [a.strip().removeprefix("sm_").replace(".", "") for a in requested if a.strip()]
-    archs = requested or list(DEFAULT_ARCHS)
+    archs = _requested_archs()
     supported = _supported_archs(nvcc)
     usable = [a for a in archs if not supported or a.rstrip("af") in supported]
     if not usable:
@@ -68,6 +85,49 @@ def gencode_flags(nvcc: str) -> list[str]:
     if ptx:  # PTX of the newest plain arch, so newer GPUs can still run the module
         flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
     return flags
+
+
+def _requested_archs() -> list[str]:
+    requested = os.environ.get("LPA_CUDA_ARCH", "").replace(",", ";").split(";")
+    requested = [a.strip().removeprefix("sm_").replace(".", "") for a in requested if a.strip()]
+    return requested or list(DEFAULT_ARCHS)
+
+
+def cutlass_include() -> Path | None:
+    """The CUTLASS ``include/`` folder: ``LPA_CUTLASS_INCLUDE``, else the installed ``nvidia-cutlass``
+    wheel's (``cutlass_library/source/include``, located without importing the package)."""
+    if os.environ.get("LPA_CUTLASS_INCLUDE"):
+        folder = Path(os.environ["LPA_CUTLASS_INCLUDE"])
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(next(iter(spec.submodule_search_locations))) / "source" / "include"
+    return folder if (folder / "cutlass" / "version.h").is_file() else None
+
+
+def cutlass_version(include: Path) -> tuple[int, int]:
+    text = (include / "cutlass" / "version.h").read_text()
+    major, minor = (re.search(rf"#define CUTLASS_{part} (\d+)", text) for part in ("MAJOR", "MINOR"))
+    return (int(major.group(1)), int(minor.group(1))) if major and minor else (0, 0)
+
+
+def sm90_gemm_flags(nvcc: str) -> tuple[list[str], int]:
+    """(nvcc flags for ``linear_perturb_sm90.cu``, 0) when the CUTLASS GEMM can be built, else
+    ([], reason code of ``SM90_GEMM_REASONS``)."""
+    if not any(a.rstrip("af") == "90" for a in _requested_archs()):
+        return [], 2
+    supported = _supported_archs(nvcc)
+    if supported and "90" not in supported:  # nvcc lists compute_90, not the arch-specific 90a
+        return [], 3
+    include = cutlass_include()
+    if include is None:
+        return [], 1
+    if cutlass_version(include) != CUTLASS_VERSION:
+        return [], 4
+    # sm_90a only: wgmma and TMA exist nowhere else, and one arch keeps CUTLASS's compile time down.
+    return ["-gencode=arch=compute_90a,code=sm_90a", f"-I{include}", "--expt-relaxed-constexpr", "-DNDEBUG",
+            "-DLPA_WITH_CUTLASS"], 0
 
 
 def parallel_jobs() -> int:
@@ -94,9 +154,12 @@ def compile_commands(nvcc: str, sources: Path, build_dir: Path, output: Path) ->
     """(one nvcc command per source, the link command)."""
     common = [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler=-fPIC,-fvisibility=hidden", f"-I{sources}"]
     compile_cmds, objects = [], []
+    sm90_flags, sm90_missing = sm90_gemm_flags(nvcc)
     for name in SOURCES:
         obj = build_dir / (name + ".o")
         extra = gencode_flags(nvcc) if name.endswith(".cu") else _include_flags()
+        if name == SM90_GEMM_SOURCE:
+            extra = sm90_flags or extra + [f"-DLPA_SM90_GEMM_MISSING={sm90_missing}"]
         compile_cmds.append(common + extra + ["-c", str(sources / name), "-o", str(obj)])
         objects.append(str(obj))
     link = [nvcc, "-shared", "-cudart=static", "-o", str(output)] + objects
@@ -110,6 +173,7 @@ def build_key(nvcc: str, sources: Path) -> str:
         digest.update(name.encode() + (sources / name).read_bytes())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
     digest.update(version.encode() + " ".join(gencode_flags(nvcc)).encode() + sys.version.encode())
+    digest.update(" ".join(map(str, sm90_gemm_flags(nvcc))).encode())
     return digest.hexdigest()[:16]
 
 
@@ -128,6 +192,9 @@ def build(output: Path, build_dir: Path, sources: Path | None = None, log=print)
     compile_cmds, link = compile_commands(nvcc, Path(sources), Path(build_dir), Path(output))
     jobs = parallel_jobs()
     log(f"lpa_kernels: compiling the CUDA extension with {nvcc} ({jobs} parallel jobs): {' '.join(gencode_flags(nvcc))}")
+    sm90_missing = sm90_gemm_flags(nvcc)[1]
+    log("lpa_kernels: linear_perturb's CUTLASS sm_90a GEMM: " +
+        (f"built (CUTLASS headers {cutlass_include()})" if not sm90_missing else f"NOT built: {SM90_GEMM_REASONS[sm90_missing]}"))
 
     ninja = find_ninja()
     if ninja is not None:  # incremental: ninja rebuilds only what changed (header dependencies from nvcc -MD)

@@ -155,6 +155,9 @@ def backend_info() -> dict:
         reason = _reason(name, device)
         info[name] = {"available": not reason, "reason": reason}
     info["cuda_extension_built"] = _cuda_ext.is_built()
+    from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
+
+    info["cuda_linear_gemm"] = linear_cuda.gemm_info()
     try:
         import triton
 

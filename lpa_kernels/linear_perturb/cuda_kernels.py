@@ -2,17 +2,62 @@
 :class:`~lpa_kernels.linear_perturb.backends.LinearPerturbLaunchers` on the extension (plumbing in
 ``lpa_kernels._cuda_launch``).
 
-float16/bfloat16 run the tensor-core GEMM with the fused epilogue; float32/float64 (where tensor cores
-would lower the precision) take the product from ``torch.matmul`` and run the same epilogue as one
-elementwise kernel. The backward epilogue reduces ``grad_bias`` and ``grad_delta`` in a fixed order.
+float16/bfloat16 run a tensor-core GEMM with the fused epilogue: the ``wmma`` kernel
+(``csrc/linear_perturb.cu``, any GPU from sm_80, any shape) or, with ``LPA_CUDA_LINEAR_GEMM=cutlass``,
+CUTLASS 3's sm_90a TMA + WGMMA kernel (``csrc/linear_perturb_sm90.cu``) on sm_90 GPUs where TMA can
+read the operands (``in_features % 8 == 0``, 16-byte aligned), the wmma kernel elsewhere. The wmma
+kernel stays the default until the CUTLASS kernel has passed the GPU tests on an H100/H200.
+float32/float64 (where tensor cores would lower the precision) take the product from ``torch.matmul``
+and run the same epilogue as one elementwise kernel. The backward epilogue reduces ``grad_bias`` and
+``grad_delta`` in a fixed order.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from lpa_kernels import _cuda_launch as cuda
+from lpa_kernels import _cuda_build, _cuda_ext, _cuda_launch as cuda
 from lpa_kernels._common import class_order, compute_dtype, new_output
+
+GEMM_CHOICES = ("wmma", "cutlass")
+
+
+def chosen_gemm() -> str:
+    """``LPA_CUDA_LINEAR_GEMM`` ("wmma", the default, or "cutlass"), checked."""
+    choice = os.environ.get("LPA_CUDA_LINEAR_GEMM", "").strip() or "wmma"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"LPA_CUDA_LINEAR_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    return choice
+
+
+def sm90_gemm_missing() -> str:
+    """Why the extension has no CUTLASS sm_90a GEMM ("" when it has it, or when it is not built at all)."""
+    if not _cuda_ext.is_built():
+        return ""
+    return _cuda_build.SM90_GEMM_REASONS.get(_cuda_ext.module().linear_sm90_missing(), "")
+
+
+def gemm_info() -> dict:
+    """For ``backend_info()``: whether the CUTLASS sm_90a GEMM is in the extension (and why not), and
+    which GEMM ``LPA_CUDA_LINEAR_GEMM`` selects."""
+    missing = sm90_gemm_missing() if _cuda_ext.is_built() else "the CUDA extension is not built"
+    return {"sm90_cutlass_built": not missing, "reason": missing, "selected": chosen_gemm()}
+
+
+def _use_sm90_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this 16-bit product runs on the CUTLASS kernel (``LPA_CUDA_LINEAR_GEMM=cutlass``, an
+    sm_90 GPU, TMA-readable operands); asking for it where the extension or the GPU lacks it raises."""
+    if chosen_gemm() != "cutlass":
+        return False
+    missing = sm90_gemm_missing()
+    if missing:
+        raise ValueError(f"LPA_CUDA_LINEAR_GEMM=cutlass, but {missing}")
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        raise ValueError(f"LPA_CUDA_LINEAR_GEMM=cutlass needs an sm_90 GPU (H100/H200), not {torch.cuda.get_device_name(x.device)}")
+    fits = max(x.shape[0], weight.shape[0], x.shape[1]) < 2**31  # CUTLASS's problem shape is int32
+    return fits and x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
 def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact):
@@ -29,7 +74,8 @@ def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activ
     codes = (rows_per_label, cuda.ACTIVATION_CODES[activation], cuda.MODE_CODES[mode], cuda.code(x.dtype))
     preact_ptr = preact.data_ptr() if save_preact else 0
     if x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype:
-        cuda.launch("linear_forward", x.device, out.data_ptr(), preact_ptr, x.data_ptr(), weight.data_ptr(),
+        gemm = "linear_forward_sm90" if _use_sm90_gemm(x, weight) else "linear_forward"
+        cuda.launch(gemm, x.device, out.data_ptr(), preact_ptr, x.data_ptr(), weight.data_ptr(),
                     *epilogue, M, N, IN, *codes)
     else:
         product = torch.matmul(x, weight.to(x.dtype).t())
