@@ -10,6 +10,7 @@ Exits non-zero when a result differs from the float64 reference or the backend i
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -90,6 +91,26 @@ def run(dtype: torch.dtype, device: str = "cuda") -> None:
                 check(f"{tag} grad_{what}", a, r, dtype)
 
 
+def run_linear_sm90(dtype: torch.dtype, device: str = "cuda") -> None:
+    """The CUTLASS sm_90a GEMM (LPA_CUDA_LINEAR_GEMM=cutlass): M = 15, N = 21, in = 24 (TMA-readable rows,
+    every tile ragged), with the preact store."""
+    name = str(dtype).removeprefix("torch.")
+    labels = torch.randint(0, 3, (3,), device=device)
+    x = torch.randn(3, 5, 24, device=device).to(dtype).requires_grad_()  # a grad is wanted: preact is stored
+    w = (torch.randn(21, 24, device=device) / 24**0.5).to(dtype)
+    b = torch.randn(21, device=device).to(dtype)
+    delta = (0.1 * torch.randn(3, 21, device=device)).to(dtype)
+    os.environ["LPA_CUDA_LINEAR_GEMM"] = "cutlass"
+    try:
+        for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
+            for mode in ("add", "scale"):
+                out = linear_perturb(x, w, b, labels, delta, activation, mode, backend="cuda")
+                ref = linear_naive.linear_perturb(x.double(), w.double(), b.double(), labels, delta.double(), activation, mode)
+                check(f"linear_perturb cutlass sm90 {name} {activation} {mode} forward", out, ref, dtype)
+    finally:
+        del os.environ["LPA_CUDA_LINEAR_GEMM"]
+
+
 def run_head_pgd(dtype: torch.dtype, device: str = "cuda") -> None:
     """11 classes (a full chunk of 8 and a ragged one), 13 samples, 37 features; class 10 absent."""
     name = str(dtype).removeprefix("torch.")
@@ -115,6 +136,9 @@ def main() -> int:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run(dtype)
         run_head_pgd(dtype)
+        if dtype != torch.float32 and backend_info()["cuda_linear_gemm"]["sm90_cutlass_built"] \
+                and torch.cuda.get_device_capability() == (9, 0):
+            run_linear_sm90(dtype)
     torch.cuda.synchronize()
     print(f"{len(failures)} mismatches" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0

@@ -49,16 +49,23 @@ struct Epilogue {
   // Row m's class row of delta: one label read and one division per row, not per element.
   __device__ const A* delta_row(int64_t m) const { return delta + labels[m / rows_per_label] * N; }
 
+  // z = product + bias[n], what preact holds.
+  __device__ A preact_of(A product, int64_t n) const { return product + (bias != nullptr ? bias[n] : A(0)); }
+
+  // The output from z and the cell's delta d.
+  __device__ A out_of(A z, A d) const {
+    A slope;
+    const A a = activate(z, activation, &slope);
+    return mode == kAdd ? a + d : a * (A(1) + d);
+  }
+
   // Output cell (m, n) from its product, with row m's delta_row.
   template <typename T>
   __device__ void apply_in_row(A product, const A* row_delta, int64_t m, int64_t n, T* out, T* preact) const {
-    const A z = product + (bias != nullptr ? bias[n] : A(0));
+    const A z = preact_of(product, n);
     const int64_t idx = m * N + n;
     if (preact != nullptr) preact[idx] = store_from<T>(z);
-    A slope;
-    const A a = activate(z, activation, &slope);
-    const A d = row_delta[n];
-    out[idx] = store_from<T>(mode == kAdd ? a + d : a * (A(1) + d));
+    out[idx] = store_from<T>(out_of(z, row_delta[n]));
   }
 
   template <typename T>

@@ -1,6 +1,7 @@
 // linear_perturb forward on Hopper (sm_90a): CUTLASS 3's warp-specialised GEMM (a producer warp loads
-// x and W tiles by TMA into a multistage shared-memory pipeline, two consumer warpgroups multiply them
-// with WGMMA into fp32 registers, persistent CTAs over 128x128 output tiles), whose epilogue is ours:
+// x and W tiles by TMA into a multistage shared-memory pipeline; two consumer warpgroups take turns
+// ("ping-pong"), each multiplying its own 128x128 output tile with WGMMA into fp32 registers while the
+// other runs its epilogue; persistent CTAs), whose epilogue is ours:
 // from the accumulator registers, + bias, the activation, the class-indexed add or scale (delta[y, n],
 // y = labels[m / rows_per_label]) and the optional preact store, written straight to global memory.
 // Activation and mode are runtime arguments, so there are two instantiations (float16, bfloat16).
@@ -29,7 +30,7 @@
 #include "linear_epilogue.cuh"
 
 namespace lpa {
-namespace {
+namespace sm90 {  // named, not anonymous: the kernel's demangled name must parse (lpa_bench.static)
 
 // Row-major (rows, cols, batch) strides: cols contiguous. x is (M, K); W (N, K) is the B operand
 // K-major (CUTLASS's "column-major B"), so both operands feed WGMMA without a transpose.
@@ -104,24 +105,45 @@ class LinearPerturbEpilogue {
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
     CUTE_STATIC_ASSERT_V(size(thread_cells) == size(accumulators));
 
+    // In the WGMMA accumulator layout, accumulators 2j and 2j + 1 are adjacent columns of one row: when
+    // both are in range and N is even, preact and out get one 32-bit store each (checked per pair, on
+    // coordinates the compiler knows up to the thread's offset).
+    static_assert(decltype(size(accumulators))::value % 2 == 0, "accumulators come in pairs");
     const Epilogue<float>& epi = params_.epilogue;
-    int64_t row = -1;
+    int row = -1;
     const float* row_delta = nullptr;
+    auto delta_of_row = [&](int m) {  // a thread's accumulators span few rows: look each label up once
+      if (m != row) {
+        row = m;
+        row_delta = epi.delta_row(m);
+      }
+      return row_delta;
+    };
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); ++i) {
-      const auto cell = thread_cells(i);
-      const int m = get<0>(cell), n = get<1>(cell);
-      if (m < M && n < N) {
-        if (m != row) {  // a thread's accumulators span few rows: look each label up once
-          row = m;
-          row_delta = epi.delta_row(m);
+    for (int i = 0; i < size(accumulators); i += 2) {
+      const int m = get<0>(thread_cells(i)), n = get<1>(thread_cells(i));
+      const int m1 = get<0>(thread_cells(i + 1)), n1 = get<1>(thread_cells(i + 1));
+      if (m1 == m && n1 == n + 1 && N % 2 == 0 && n % 2 == 0 && m < M && n1 < N) {
+        const float* d = delta_of_row(m);
+        const float z0 = epi.preact_of(accumulators(i), n), z1 = epi.preact_of(accumulators(i + 1), n1);
+        const int64_t idx = int64_t(m) * N + n;
+        if (params_.preact != nullptr) store_pair(params_.preact + idx, z0, z1);
+        store_pair(params_.out + idx, epi.out_of(z0, d[n]), epi.out_of(z1, d[n1]));
+      } else {
+        if (m < M && n < N) epi.apply_in_row(float(accumulators(i)), delta_of_row(m), m, n, params_.out, params_.preact);
+        if (m1 < M && n1 < N) {
+          epi.apply_in_row(float(accumulators(i + 1)), delta_of_row(m1), m1, n1, params_.out, params_.preact);
         }
-        epi.apply_in_row(float(accumulators(i)), row_delta, m, n, params_.out, params_.preact);
       }
     }
   }
 
  private:
+  // Two adjacent 16-bit cells in one 32-bit store (dst 4-byte aligned: even offset into an aligned tensor).
+  CUTLASS_DEVICE static void store_pair(T* dst, float v0, float v1) {
+    *reinterpret_cast<Vec<T, 2>*>(dst) = Vec<T, 2>{{store_from<T>(v0), store_from<T>(v1)}};
+  }
+
   Params params_;
 };
 
@@ -129,8 +151,9 @@ template <typename T> struct CutlassElement;
 template <> struct CutlassElement<__half> { using type = cutlass::half_t; };
 template <> struct CutlassElement<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
 
-// 128x128x64 CTA tiles, no cluster (no multicast: any M, N), as many pipeline stages as fit in
-// shared memory, the cooperative schedule (both consumer warpgroups on one tile) over a persistent grid.
+// 128x128x64 tiles, no cluster (no multicast: any M, N), as many pipeline stages as fit in shared
+// memory, the ping-pong schedule: the epilogue (gathers, erf/tanh/exp, two outputs) is heavy enough
+// that overlapping it with the other warpgroup's mainloop matters more than cooperative's larger tile.
 template <typename T>
 struct Sm90LinearGemm {
   using Element = typename CutlassElement<T>::type;
@@ -141,19 +164,19 @@ struct Sm90LinearGemm {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8, Element,
       cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-int multiprocessors() {
+inline int multiprocessors() {
   int device = 0;
   cudaGetDevice(&device);
   return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
 }
 
 template <typename T>
-void run_sm90(T* out, T* preact, const T* x, const T* weight, const Epilogue<float>& epi, int M, int N, int Kin,
+void run(T* out, T* preact, const T* x, const T* weight, const Epilogue<float>& epi, int M, int N, int Kin,
               cudaStream_t stream) {
   using Gemm = Sm90LinearGemm<T>;
   using Element = typename Gemm::Element;
@@ -179,7 +202,7 @@ void run_sm90(T* out, T* preact, const T* x, const T* weight, const Epilogue<flo
   }
 }
 
-}  // namespace
+}  // namespace sm90
 
 int linear_sm90_missing() { return 0; }
 
@@ -194,10 +217,10 @@ void linear_forward_sm90(void* out, void* preact, const void* x, const void* wei
                             rows_per_label, activation, mode};
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(Kin);
   if (dtype == kFloat16) {
-    run_sm90(static_cast<__half*>(out), static_cast<__half*>(preact), static_cast<const __half*>(x),
+    sm90::run(static_cast<__half*>(out), static_cast<__half*>(preact), static_cast<const __half*>(x),
              static_cast<const __half*>(weight), epi, m, n, k, stream);
   } else if (dtype == kBFloat16) {
-    run_sm90(static_cast<__nv_bfloat16*>(out), static_cast<__nv_bfloat16*>(preact),
+    sm90::run(static_cast<__nv_bfloat16*>(out), static_cast<__nv_bfloat16*>(preact),
              static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(weight), epi, m, n, k, stream);
   } else {
     throw std::invalid_argument("linear_forward_sm90: the CUTLASS GEMM takes float16 or bfloat16");

@@ -176,6 +176,20 @@ def test_cuda_linear_gemm_uses_tensor_cores(cuda_sm90):
     assert not without, f"without HMMA: {without}"
 
 
+def test_cuda_linear_sm90_gemm_runs_on_hgmma_fed_by_tma(cuda_sm90):
+    """The CUTLASS linear_perturb GEMM (csrc/linear_perturb_sm90.cu, float16 and bfloat16): WGMMA (HGMMA)
+    instructions fed by TMA loads, no local memory (spills)."""
+    from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
+
+    # cutlass::device_kernel<GemmUniversal<..., Sm90TmaWarpSpecializedAdapter<lpa::sm90::LinearPerturbEpilogue<T> >, ...>>
+    instances = {r["kernel"].split("LinearPerturbEpilogue<")[1].split(">")[0]: r for r in cuda_sm90
+                 if r["kernel"].startswith("void cutlass::device_kernel<") and "LinearPerturbEpilogue<" in r["kernel"]}
+    assert instances, f"no CUTLASS linear_perturb GEMM in the extension: {linear_cuda.gemm_info()['reason']}"
+    assert set(instances) == {"__half", "__nv_bfloat16"}, sorted(instances)
+    facts = {dtype: (r["tensor_core"].get("HGMMA", 0), r["tma_loads"], r["local_bytes"]) for dtype, r in instances.items()}
+    assert all(hgmma and tma and not local for hgmma, tma, local in facts.values()), f"(HGMMA, TMA loads, local bytes): {facts}"
+
+
 @pytest.mark.parametrize("case_id", WIDE_ACCESS_CASES)
 def test_memory_bound_kernels_use_128_bit_accesses(sm90, case_id):
     main = max(_kernels(sm90, case_id), key=lambda e: e["global_loads_128"] + e["global_loads_narrower"])

@@ -29,7 +29,8 @@ def test_extension_imports_and_reports_its_runtime_without_a_driver():
     info = module.runtime_info()
     assert info["runtime_version"] >= 11000, f"unexpected CUDA runtime version {info}"
     for name in ("perturb_forward", "perturb_backward", "sum_partials", "pgd_step", "class_grad_pgd_step",
-                 "linear_forward", "linear_epilogue", "linear_backward_epilogue"):
+                 "linear_forward", "linear_forward_sm90", "linear_sm90_missing", "linear_epilogue",
+                 "linear_backward_epilogue"):
         assert callable(getattr(module, name, None)), f"the extension does not export {name}"
     if not torch.cuda.is_available():
         assert info["device_count"] == 0 and info["error"], f"no GPU here, yet the runtime reports {info}"
@@ -98,3 +99,47 @@ def test_jit_build_with_ninja_loads_the_module_and_rebuilds_nothing_when_unchang
     output = folder / _cuda_build.extension_filename()
     _cuda_build.build(output, folder / "obj")
     assert [o.stat().st_mtime_ns for o in objects] == stamps, "ninja recompiled objects whose sources did not change"
+
+
+def _fake_cutlass(folder, minor):
+    (folder / "cutlass").mkdir(parents=True)
+    (folder / "cutlass" / "version.h").write_text(f"#define CUTLASS_MAJOR 4\n#define CUTLASS_MINOR {minor}\n")
+    return folder
+
+
+@pytest.mark.skipif(_cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize(("arch", "headers", "reason"), [
+    ("80", "4.2", 2),     # no sm_90 target: nothing to run wgmma on
+    ("90", None, 1),      # LPA_CUTLASS_INCLUDE without headers
+    ("90a", "4.1", 4),    # headers of another CUTLASS version
+    ("80;90", "4.2", 0),  # built, for sm_90a alone
+])
+def test_sm90_gemm_is_built_only_with_cutlass_4_2_and_an_sm90_target(monkeypatch, tmp_path, arch, headers, reason):
+    monkeypatch.setenv("LPA_CUDA_ARCH", arch)
+    include = _fake_cutlass(tmp_path, headers.split(".")[1]) if headers else tmp_path
+    monkeypatch.setenv("LPA_CUTLASS_INCLUDE", str(include))
+    flags, missing = _cuda_build.sm90_gemm_flags(_cuda_build.find_nvcc())
+    assert missing == reason, f"{arch=} {headers=}: reason {missing} ({_cuda_build.SM90_GEMM_REASONS.get(missing)})"
+    if reason == 0:
+        assert flags[0] == "-gencode=arch=compute_90a,code=sm_90a" and f"-I{include}" in flags
+        assert "-DLPA_WITH_CUTLASS" in flags and not any("sm_80" in f for f in flags)
+    else:
+        assert flags == [] and _cuda_build.SM90_GEMM_REASONS[reason]
+
+
+@pytest.mark.skipif(not _cuda_ext.is_built(), reason="extension not built")
+def test_backend_info_says_whether_the_cutlass_gemm_is_built_and_why_not(monkeypatch):
+    monkeypatch.delenv("LPA_CUDA_LINEAR_GEMM", raising=False)
+    info = backend_info()["cuda_linear_gemm"]
+    missing = _cuda_ext.module().linear_sm90_missing()
+    assert info["sm90_cutlass_built"] is (missing == 0)
+    assert info["reason"] == ("" if missing == 0 else _cuda_build.SM90_GEMM_REASONS[missing])
+    assert info["selected"] == "wmma"
+
+
+def test_linear_gemm_switch_is_checked(monkeypatch):
+    from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
+
+    monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", "cublas")
+    with pytest.raises(ValueError, match="LPA_CUDA_LINEAR_GEMM must be one of"):
+        linear_cuda.chosen_gemm()
