@@ -92,21 +92,23 @@ def run(dtype: torch.dtype, device: str = "cuda") -> None:
 
 
 def run_linear_sm90(dtype: torch.dtype, device: str = "cuda") -> None:
-    """The CUTLASS sm_90a GEMM (LPA_CUDA_LINEAR_GEMM=cutlass): M = 15, N = 21, in = 24 (TMA-readable rows,
-    every tile ragged), with the preact store."""
+    """The CUTLASS sm_90a GEMM (LPA_CUDA_LINEAR_GEMM=cutlass): M = 15, in = 24 (TMA-readable rows, every
+    tile ragged), N = 21 (one-element stores) and 22 (paired stores), with the preact store."""
     name = str(dtype).removeprefix("torch.")
     labels = torch.randint(0, 3, (3,), device=device)
     x = torch.randn(3, 5, 24, device=device).to(dtype).requires_grad_()  # a grad is wanted: preact is stored
-    w = (torch.randn(21, 24, device=device) / 24**0.5).to(dtype)
-    b = torch.randn(21, device=device).to(dtype)
-    delta = (0.1 * torch.randn(3, 21, device=device)).to(dtype)
     os.environ["LPA_CUDA_LINEAR_GEMM"] = "cutlass"
     try:
-        for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
-            for mode in ("add", "scale"):
-                out = linear_perturb(x, w, b, labels, delta, activation, mode, backend="cuda")
-                ref = linear_naive.linear_perturb(x.double(), w.double(), b.double(), labels, delta.double(), activation, mode)
-                check(f"linear_perturb cutlass sm90 {name} {activation} {mode} forward", out, ref, dtype)
+        for n in (21, 22):
+            w = (torch.randn(n, 24, device=device) / 24**0.5).to(dtype)
+            b = torch.randn(n, device=device).to(dtype)
+            delta = (0.1 * torch.randn(3, n, device=device)).to(dtype)
+            for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
+                for mode in ("add", "scale"):
+                    out = linear_perturb(x, w, b, labels, delta, activation, mode, backend="cuda")
+                    ref = linear_naive.linear_perturb(x.double(), w.double(), b.double(), labels, delta.double(),
+                                                      activation, mode)
+                    check(f"linear_perturb cutlass sm90 {name} N={n} {activation} {mode} forward", out, ref, dtype)
     finally:
         del os.environ["LPA_CUDA_LINEAR_GEMM"]
 

@@ -210,8 +210,8 @@ void linear_forward_sm90(void* out, void* preact, const void* x, const void* wei
                          const int64_t* labels, const void* delta, int64_t M, int64_t N, int64_t Kin,
                          int64_t rows_per_label, int activation, int mode, int dtype, cudaStream_t stream) {
   if (M == 0 || N == 0) return;
-  if (M > INT32_MAX || N > INT32_MAX || Kin > INT32_MAX) {
-    throw std::invalid_argument("linear_forward_sm90: a dimension exceeds 2^31 - 1");
+  if (Kin == 0 || M > INT32_MAX || N > INT32_MAX || Kin > INT32_MAX) {  // the mainloop runs >= 1 K step
+    throw std::invalid_argument("linear_forward_sm90: in_features must be in [1, 2^31), M and N below 2^31");
   }
   const Epilogue<float> epi{static_cast<const float*>(bias), labels, static_cast<const float*>(delta), N,
                             rows_per_label, activation, mode};

@@ -48,15 +48,15 @@ def gemm_info() -> dict:
 
 def _use_sm90_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this 16-bit product runs on the CUTLASS kernel (``LPA_CUDA_LINEAR_GEMM=cutlass``, an
-    sm_90 GPU, TMA-readable operands); asking for it where the extension or the GPU lacks it raises."""
+    sm_90 GPU, TMA-readable operands); asking for it from an extension built without it raises."""
     if chosen_gemm() != "cutlass":
         return False
     missing = sm90_gemm_missing()
     if missing:
         raise ValueError(f"LPA_CUDA_LINEAR_GEMM=cutlass, but {missing}")
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
-        raise ValueError(f"LPA_CUDA_LINEAR_GEMM=cutlass needs an sm_90 GPU (H100/H200), not {torch.cuda.get_device_name(x.device)}")
-    fits = max(x.shape[0], weight.shape[0], x.shape[1]) < 2**31  # CUTLASS's problem shape is int32
+    if torch.cuda.get_device_capability(x.device) != (9, 0):  # sm_90a code: H100/H200 only
+        return False
+    fits = 0 < x.shape[1] and max(x.shape[0], weight.shape[0], x.shape[1]) < 2**31  # int32 shapes, >= 1 K step
     return fits and x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
 
 

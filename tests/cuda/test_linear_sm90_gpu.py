@@ -1,7 +1,7 @@
 """linear_perturb's CUTLASS sm_90a GEMM (``csrc/linear_perturb_sm90.cu``, selected by
 ``LPA_CUDA_LINEAR_GEMM=cutlass``) against the float64 reference on an H100/H200: every dtype x
 activation x mode, the preact the backward reads, ragged tiles in M, N and K (no size a multiple of
-the 128 x 128 x 64 tile), more tiles than SMs (the persistent CTAs take several), the fallback to the
+the 128 x 128 x 64 tile), paired and single stores, more tiles than warpgroups, the fallback to the
 wmma kernel where TMA cannot read the operands, and autograd through the op. A profiler check makes
 sure the CUTLASS kernel is what ran. GPU only (``pytest -m gpu``); skipped on GPUs other than sm_90."""
 
@@ -57,14 +57,16 @@ def check_forward(dtype, batch, rows_per_label, in_features, out_features, activ
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 def test_every_activation_and_mode_with_ragged_tiles(dtype, activation, mode):
-    """M = 3 * 67 = 201, N = 203, K = 72: one full and one ragged tile in M and N, a ragged K step."""
-    check_forward(dtype, 3, 67, 72, 203, activation, mode)
+    """M = 3 * 67 = 201, N = 202 (even: paired stores), K = 72: one full and one ragged tile in M and N,
+    a ragged K step."""
+    check_forward(dtype, 3, 67, 72, 202, activation, mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_more_tiles_than_multiprocessors_and_no_bias(dtype):
-    """17 x 9 = 153 output tiles on 132 SMs: the persistent CTAs run more than one tile each."""
-    check_forward(dtype, 2053, 1, 264, 1031, "gelu", "scale", bias=False)
+def test_more_tiles_than_warpgroups_odd_width_and_no_bias(dtype):
+    """17 x 17 = 289 output tiles for 132 SMs x 2 consumer warpgroups: the persistent warpgroups take
+    several tiles each; N = 2063 is odd, so every cell goes through the one-element stores."""
+    check_forward(dtype, 2053, 1, 264, 2063, "gelu", "scale", bias=False)
 
 
 def test_cutlass_kernel_is_what_runs():
