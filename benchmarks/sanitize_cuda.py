@@ -91,13 +91,14 @@ def run(dtype: torch.dtype, device: str = "cuda") -> None:
                 check(f"{tag} grad_{what}", a, r, dtype)
 
 
-def run_linear_sm90(dtype: torch.dtype, device: str = "cuda") -> None:
-    """The CUTLASS sm_90a GEMM (LPA_CUDA_LINEAR_GEMM=cutlass): M = 15, in = 24 (TMA-readable rows, every
-    tile ragged), N = 21 (one-element stores) and 22 (paired stores), with the preact store."""
+def run_linear_cutlass(dtype: torch.dtype, gemm: str, device: str = "cuda") -> None:
+    """A CUTLASS GEMM (LPA_CUDA_LINEAR_GEMM=gemm: "cutlass" is the sm_90a kernel on sm_90, "cutlass_sm80"
+    the multistage one): M = 15, in = 24 (16-byte loadable rows, every tile ragged), N = 21 (one-element
+    stores) and 22 (paired stores), with the preact store."""
     name = str(dtype).removeprefix("torch.")
     labels = torch.randint(0, 3, (3,), device=device)
     x = torch.randn(3, 5, 24, device=device).to(dtype).requires_grad_()  # a grad is wanted: preact is stored
-    os.environ["LPA_CUDA_LINEAR_GEMM"] = "cutlass"
+    os.environ["LPA_CUDA_LINEAR_GEMM"] = gemm
     try:
         for n in (21, 22):
             w = (torch.randn(n, 24, device=device) / 24**0.5).to(dtype)
@@ -108,7 +109,7 @@ def run_linear_sm90(dtype: torch.dtype, device: str = "cuda") -> None:
                     out = linear_perturb(x, w, b, labels, delta, activation, mode, backend="cuda")
                     ref = linear_naive.linear_perturb(x.double(), w.double(), b.double(), labels, delta.double(),
                                                       activation, mode)
-                    check(f"linear_perturb cutlass sm90 {name} N={n} {activation} {mode} forward", out, ref, dtype)
+                    check(f"linear_perturb {gemm} {name} N={n} {activation} {mode} forward", out, ref, dtype)
     finally:
         del os.environ["LPA_CUDA_LINEAR_GEMM"]
 
@@ -129,6 +130,16 @@ def run_head_pgd(dtype: torch.dtype, device: str = "cuda") -> None:
             check(f"head_pgd_ {name} {mode} {norm}", d, ref_d, dtype)
 
 
+def cutlass_gemms() -> list[str]:
+    """The LPA_CUDA_LINEAR_GEMM values whose CUTLASS kernel is built and runs on this GPU."""
+    built = backend_info()["cuda_linear_gemm"]
+    capability = torch.cuda.get_device_capability()
+    gemms = ["cutlass"] if built["cutlass_sm90"]["built"] and capability == (9, 0) else []
+    if built["cutlass_sm80"]["built"] and (capability[0] == 8 or capability == (9, 0)):
+        gemms.append("cutlass_sm80")
+    return gemms
+
+
 def main() -> int:
     info = backend_info()["cuda"]
     if not info["available"]:
@@ -138,9 +149,9 @@ def main() -> int:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run(dtype)
         run_head_pgd(dtype)
-        if dtype != torch.float32 and backend_info()["cuda_linear_gemm"]["sm90_cutlass_built"] \
-                and torch.cuda.get_device_capability() == (9, 0):
-            run_linear_sm90(dtype)
+        if dtype != torch.float32:
+            for gemm in cutlass_gemms():
+                run_linear_cutlass(dtype, gemm)
     torch.cuda.synchronize()
     print(f"{len(failures)} mismatches" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0

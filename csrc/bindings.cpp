@@ -4,6 +4,8 @@
 // RuntimeError naming the kernel; a bad argument raises ValueError.
 #include <pybind11/pybind11.h>
 
+#include <utility>
+
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -103,13 +105,19 @@ PYBIND11_MODULE(_lpa_cuda, m) {
     lpa::linear_forward(vptr(out), vptr(preact), vptr(x), vptr(weight), vptr(bias), ptr<const int64_t>(labels),
                         vptr(delta), M, N, Kin, rows_per_label, activation, mode, dtype, stream_of(stream));
   });
-  m.def("linear_forward_sm90", [](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
+  // The CUTLASS GEMMs take linear_forward's arguments.
+  for (const auto& entry : {std::pair{"linear_forward_sm90", &lpa::linear_forward_sm90},
+                             std::pair{"linear_forward_sm80", &lpa::linear_forward_sm80}}) {
+    const auto launcher = entry.second;
+    m.def(entry.first, [launcher](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
                                   uintptr_t labels, uintptr_t delta, int64_t M, int64_t N, int64_t Kin,
                                   int64_t rows_per_label, int activation, int mode, int dtype, uintptr_t stream) {
-    lpa::linear_forward_sm90(vptr(out), vptr(preact), vptr(x), vptr(weight), vptr(bias), ptr<const int64_t>(labels),
-                             vptr(delta), M, N, Kin, rows_per_label, activation, mode, dtype, stream_of(stream));
-  });
+      launcher(vptr(out), vptr(preact), vptr(x), vptr(weight), vptr(bias), ptr<const int64_t>(labels), vptr(delta),
+               M, N, Kin, rows_per_label, activation, mode, dtype, stream_of(stream));
+    });
+  }
   m.def("linear_sm90_missing", &lpa::linear_sm90_missing);
+  m.def("linear_sm80_missing", &lpa::linear_sm80_missing);
   m.def("linear_epilogue", [](uintptr_t out, uintptr_t preact, uintptr_t z, uintptr_t bias, uintptr_t labels,
                               uintptr_t delta, int64_t M, int64_t N, int64_t rows_per_label, int activation, int mode,
                               int dtype, uintptr_t stream) {

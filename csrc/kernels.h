@@ -63,15 +63,20 @@ void linear_forward(void* out, void* preact, const void* x, const void* weight, 
                     const int64_t* labels, const void* delta, int64_t M, int64_t N, int64_t Kin,
                     int64_t rows_per_label, int activation, int mode, int dtype, cudaStream_t stream);
 
-// linear_forward on CUTLASS 3's sm_90a TMA + WGMMA warp-specialised GEMM (linear_perturb_sm90.cu; same
-// arguments; in_features % 8 == 0 and 16-byte aligned x and weight, as TMA needs). Throws
-// std::invalid_argument when the extension was built without it.
+// linear_forward on CUTLASS 3 GEMMs (same arguments; in_features % 8 == 0 and 16-byte aligned x and
+// weight, as their 16-byte operand loads need): the sm_90a TMA + WGMMA warp-specialised kernel
+// (linear_perturb_sm90.cu) and the cp.async + mma.sync multistage kernel for sm_80 and sm_90
+// (linear_perturb_sm80.cu). Each throws std::invalid_argument when the extension was built without it.
 void linear_forward_sm90(void* out, void* preact, const void* x, const void* weight, const void* bias,
                          const int64_t* labels, const void* delta, int64_t M, int64_t N, int64_t Kin,
                          int64_t rows_per_label, int activation, int mode, int dtype, cudaStream_t stream);
+void linear_forward_sm80(void* out, void* preact, const void* x, const void* weight, const void* bias,
+                         const int64_t* labels, const void* delta, int64_t M, int64_t N, int64_t Kin,
+                         int64_t rows_per_label, int activation, int mode, int dtype, cudaStream_t stream);
 
-// 0 when linear_forward_sm90 was built, else why not (SM90_GEMM_REASONS in lpa_kernels/_cuda_build.py).
+// 0 when that CUTLASS GEMM was built, else why not (CUTLASS_GEMM_REASONS in lpa_kernels/_cuda_build.py).
 int linear_sm90_missing();
+int linear_sm80_missing();
 
 // The same epilogue applied to a precomputed z = x @ weight^T (M, N) (every dtype).
 void linear_epilogue(void* out, void* preact, const void* z, const void* bias, const int64_t* labels,

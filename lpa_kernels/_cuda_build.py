@@ -15,10 +15,12 @@ Switches (environment):
 - ``LPA_CUTLASS_INCLUDE``: a CUTLASS ``include/`` folder to use instead of the installed
   ``nvidia-cutlass`` wheel's (the build requirement pinned in pyproject.toml).
 
-``linear_perturb_sm90.cu`` (the CUTLASS 3 WGMMA GEMM) is compiled for sm_90a alone, when the CUTLASS
-headers of version ``CUTLASS_VERSION`` are found and sm_90 or sm_90a is among the archs; otherwise it
-compiles to a stub whose ``linear_sm90_missing()`` gives the reason code (``SM90_GEMM_REASONS``), and
-``linear_perturb`` runs the wmma GEMM of ``linear_perturb.cu`` on every GPU.
+The CUTLASS GEMMs of ``linear_perturb`` need the CUTLASS headers of version ``CUTLASS_VERSION``:
+``linear_perturb_sm90.cu`` (TMA + WGMMA) is compiled for sm_90a alone when sm_90 or sm_90a is among the
+archs, ``linear_perturb_sm80.cu`` (cp.async + mma.sync) for sm_80 when an sm_8x arch is, and for sm_90
+when sm_90 is (where the GPU tests can reach it). Otherwise a file compiles to a stub whose
+``linear_sm90_missing()`` / ``linear_sm80_missing()`` gives the reason code (``CUTLASS_GEMM_REASONS``),
+and ``linear_perturb`` runs the wmma GEMM of ``linear_perturb.cu`` there.
 """
 
 from __future__ import annotations
@@ -35,19 +37,19 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "linear_perturb_sm90.cu", "class_reduce.cu",
-           "step_update.cu", "bindings.cpp")
-HEADERS = ("common.cuh", "class_reduce.cuh", "linear_epilogue.cuh", "kernels.h")
+SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "linear_perturb_sm90.cu", "linear_perturb_sm80.cu",
+           "class_reduce.cu", "step_update.cu", "bindings.cpp")
+HEADERS = ("common.cuh", "class_reduce.cuh", "linear_epilogue.cuh", "linear_cutlass.cuh", "kernels.h")
 DEFAULT_ARCHS = ("80", "90", "90a")
 MEMORY_PER_JOB = 1.5 * 2**30
-SM90_GEMM_SOURCE = "linear_perturb_sm90.cu"
+CUTLASS_SOURCES = ("linear_perturb_sm90.cu", "linear_perturb_sm80.cu")
 CUTLASS_VERSION = (4, 2)  # major, minor of the nvidia-cutlass wheel pinned in pyproject.toml (4.2.0.0)
-# Why the extension has no CUTLASS sm_90a GEMM: the code compiled into linear_perturb_sm90.cu's stub.
-SM90_GEMM_REASONS = {
+# Why the extension lacks a CUTLASS GEMM: the code compiled into that file's stub.
+CUTLASS_GEMM_REASONS = {
     1: "the CUTLASS headers were not found at build time (pip install nvidia-cutlass==4.2.0.0, or set "
        "LPA_CUTLASS_INCLUDE, and rebuild)",
-    2: "the extension was built without sm_90 (LPA_CUDA_ARCH)",
-    3: "the nvcc that built the extension cannot compile for sm_90",
+    2: "the extension was built without an arch this kernel is for (LPA_CUDA_ARCH)",
+    3: "the nvcc that built the extension cannot compile for this kernel's arch",
     4: "the CUTLASS headers found at build time are not version 4.2 (pip install nvidia-cutlass==4.2.0.0)",
 }
 
@@ -112,22 +114,26 @@ def cutlass_version(include: Path) -> tuple[int, int]:
     return (int(major.group(1)), int(minor.group(1))) if major and minor else (0, 0)
 
 
-def sm90_gemm_flags(nvcc: str) -> tuple[list[str], int]:
-    """(nvcc flags for ``linear_perturb_sm90.cu``, 0) when the CUTLASS GEMM can be built, else
-    ([], reason code of ``SM90_GEMM_REASONS``)."""
-    if not any(a.rstrip("af") == "90" for a in _requested_archs()):
+def cutlass_gemm_flags(nvcc: str, source: str) -> tuple[list[str], int]:
+    """(nvcc flags for the CUTLASS GEMM file ``source``, 0) when it can be built, else ([], reason code of
+    ``CUTLASS_GEMM_REASONS``)."""
+    archs = {a.rstrip("af") for a in _requested_archs()}
+    if source == "linear_perturb_sm90.cu":  # wgmma and TMA exist on sm_90a alone
+        targets = ["90a"] if "90" in archs else []
+    else:  # sm_80 SASS also runs on sm_86/sm_89
+        targets = (["80"] if any(a.startswith("8") for a in archs) else []) + (["90"] if "90" in archs else [])
+    if not targets:
         return [], 2
     supported = _supported_archs(nvcc)
-    if supported and "90" not in supported:  # nvcc lists compute_90, not the arch-specific 90a
+    if supported and any(t.rstrip("a") not in supported for t in targets):  # nvcc lists compute_90, not 90a
         return [], 3
     include = cutlass_include()
     if include is None:
         return [], 1
     if cutlass_version(include) != CUTLASS_VERSION:
         return [], 4
-    # sm_90a only: wgmma and TMA exist nowhere else, and one arch keeps CUTLASS's compile time down.
-    return ["-gencode=arch=compute_90a,code=sm_90a", f"-I{include}", "--expt-relaxed-constexpr", "-DNDEBUG",
-            "-DLPA_WITH_CUTLASS"], 0
+    gencode = [f"-gencode=arch=compute_{t},code=sm_{t}" for t in targets]
+    return gencode + [f"-I{include}", "--expt-relaxed-constexpr", "-DNDEBUG", "-DLPA_WITH_CUTLASS"], 0
 
 
 def parallel_jobs() -> int:
@@ -154,12 +160,12 @@ def compile_commands(nvcc: str, sources: Path, build_dir: Path, output: Path) ->
     """(one nvcc command per source, the link command)."""
     common = [nvcc, "-std=c++17", "-O3", "-lineinfo", "-Xcompiler=-fPIC,-fvisibility=hidden", f"-I{sources}"]
     compile_cmds, objects = [], []
-    sm90_flags, sm90_missing = sm90_gemm_flags(nvcc)
     for name in SOURCES:
         obj = build_dir / (name + ".o")
         extra = gencode_flags(nvcc) if name.endswith(".cu") else _include_flags()
-        if name == SM90_GEMM_SOURCE:
-            extra = sm90_flags or extra + [f"-DLPA_SM90_GEMM_MISSING={sm90_missing}"]
+        if name in CUTLASS_SOURCES:
+            flags, missing = cutlass_gemm_flags(nvcc, name)
+            extra = flags or extra + [f"-DLPA_CUTLASS_MISSING={missing}"]
         compile_cmds.append(common + extra + ["-c", str(sources / name), "-o", str(obj)])
         objects.append(str(obj))
     link = [nvcc, "-shared", "-cudart=static", "-o", str(output)] + objects
@@ -173,7 +179,7 @@ def build_key(nvcc: str, sources: Path) -> str:
         digest.update(name.encode() + (sources / name).read_bytes())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
     digest.update(version.encode() + " ".join(gencode_flags(nvcc)).encode() + sys.version.encode())
-    digest.update(" ".join(map(str, sm90_gemm_flags(nvcc))).encode())
+    digest.update(" ".join(str(cutlass_gemm_flags(nvcc, name)) for name in CUTLASS_SOURCES).encode())
     return digest.hexdigest()[:16]
 
 
@@ -192,9 +198,10 @@ def build(output: Path, build_dir: Path, sources: Path | None = None, log=print)
     compile_cmds, link = compile_commands(nvcc, Path(sources), Path(build_dir), Path(output))
     jobs = parallel_jobs()
     log(f"lpa_kernels: compiling the CUDA extension with {nvcc} ({jobs} parallel jobs): {' '.join(gencode_flags(nvcc))}")
-    sm90_missing = sm90_gemm_flags(nvcc)[1]
-    log("lpa_kernels: linear_perturb's CUTLASS sm_90a GEMM: " +
-        (f"built (CUTLASS headers {cutlass_include()})" if not sm90_missing else f"NOT built: {SM90_GEMM_REASONS[sm90_missing]}"))
+    for name in CUTLASS_SOURCES:
+        missing = cutlass_gemm_flags(nvcc, name)[1]
+        log(f"lpa_kernels: linear_perturb's CUTLASS GEMM {name}: " +
+            (f"built (CUTLASS headers {cutlass_include()})" if not missing else f"NOT built: {CUTLASS_GEMM_REASONS[missing]}"))
 
     ninja = find_ninja()
     if ninja is not None:  # incremental: ninja rebuilds only what changed (header dependencies from nvcc -MD)

@@ -2,11 +2,14 @@
 :class:`~lpa_kernels.linear_perturb.backends.LinearPerturbLaunchers` on the extension (plumbing in
 ``lpa_kernels._cuda_launch``).
 
-float16/bfloat16 run a tensor-core GEMM with the fused epilogue: the ``wmma`` kernel
-(``csrc/linear_perturb.cu``, any GPU from sm_80, any shape) or, with ``LPA_CUDA_LINEAR_GEMM=cutlass``,
-CUTLASS 3's sm_90a TMA + WGMMA kernel (``csrc/linear_perturb_sm90.cu``) on sm_90 GPUs where TMA can
-read the operands (``in_features % 8 == 0``, 16-byte aligned), the wmma kernel elsewhere. The wmma
-kernel stays the default until the CUTLASS kernel has passed the GPU tests on an H100/H200.
+float16/bfloat16 run a tensor-core GEMM with the fused epilogue, chosen by ``LPA_CUDA_LINEAR_GEMM``:
+- ``wmma`` (the default): the ``wmma`` kernel of ``csrc/linear_perturb.cu``, any GPU from sm_80, any shape;
+- ``cutlass``: CUTLASS 3's sm_90a TMA + WGMMA kernel (``csrc/linear_perturb_sm90.cu``) on sm_90 GPUs
+  and its cp.async + mma.sync multistage kernel (``csrc/linear_perturb_sm80.cu``) on sm_8x GPUs, for
+  operands their 16-byte loads can read (``in_features`` a positive multiple of 8, 16-byte aligned x and
+  weight); the wmma kernel for other shapes and GPUs;
+- ``cutlass_sm80``: the multistage kernel on sm_8x and sm_90 alike (how a Hopper GPU tests it).
+The wmma kernel stays the default until the CUTLASS kernels have passed the GPU tests.
 float32/float64 (where tensor cores would lower the precision) take the product from ``torch.matmul``
 and run the same epilogue as one elementwise kernel. The backward epilogue reduces ``grad_bias`` and
 ``grad_delta`` in a fixed order.
@@ -21,43 +24,51 @@ import torch
 from lpa_kernels import _cuda_build, _cuda_ext, _cuda_launch as cuda
 from lpa_kernels._common import class_order, compute_dtype, new_output
 
-GEMM_CHOICES = ("wmma", "cutlass")
+GEMM_CHOICES = ("wmma", "cutlass", "cutlass_sm80")
+CUTLASS_GEMMS = ("sm90", "sm80")  # linear_forward_<name> in the extension
 
 
 def chosen_gemm() -> str:
-    """``LPA_CUDA_LINEAR_GEMM`` ("wmma", the default, or "cutlass"), checked."""
+    """``LPA_CUDA_LINEAR_GEMM`` (one of ``GEMM_CHOICES``, "wmma" when unset), checked."""
     choice = os.environ.get("LPA_CUDA_LINEAR_GEMM", "").strip() or "wmma"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"LPA_CUDA_LINEAR_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
     return choice
 
 
-def sm90_gemm_missing() -> str:
-    """Why the extension has no CUTLASS sm_90a GEMM ("" when it has it, or when it is not built at all)."""
+def cutlass_gemm_missing(name: str) -> str:
+    """Why the extension has no CUTLASS GEMM ``name`` ("sm90" or "sm80"): "" when it has it."""
     if not _cuda_ext.is_built():
-        return ""
-    return _cuda_build.SM90_GEMM_REASONS.get(_cuda_ext.module().linear_sm90_missing(), "")
+        return "the CUDA extension is not built"
+    return _cuda_build.CUTLASS_GEMM_REASONS.get(getattr(_cuda_ext.module(), f"linear_{name}_missing")(), "")
 
 
 def gemm_info() -> dict:
-    """For ``backend_info()``: whether the CUTLASS sm_90a GEMM is in the extension (and why not), and
-    which GEMM ``LPA_CUDA_LINEAR_GEMM`` selects."""
-    missing = sm90_gemm_missing() if _cuda_ext.is_built() else "the CUDA extension is not built"
-    return {"sm90_cutlass_built": not missing, "reason": missing, "selected": chosen_gemm()}
+    """For ``backend_info()``: for each CUTLASS GEMM, whether the extension has it and why not; and
+    which GEMM family ``LPA_CUDA_LINEAR_GEMM`` selects."""
+    info = {f"cutlass_{name}": {"built": not (why := cutlass_gemm_missing(name)), "reason": why} for name in CUTLASS_GEMMS}
+    return {**info, "selected": chosen_gemm()}
 
 
-def _use_sm90_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this 16-bit product runs on the CUTLASS kernel (``LPA_CUDA_LINEAR_GEMM=cutlass``, an
-    sm_90 GPU, TMA-readable operands); asking for it from an extension built without it raises."""
-    if chosen_gemm() != "cutlass":
-        return False
-    missing = sm90_gemm_missing()
+def _gemm_launcher(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The extension function that runs this 16-bit product (see the module doc); asking for a CUTLASS
+    GEMM the extension lacks, on a GPU it is for, raises."""
+    choice = chosen_gemm()
+    if choice == "wmma":
+        return "linear_forward"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if choice == "cutlass" and (major, minor) == (9, 0):
+        name = "sm90"
+    elif major == 8 or (choice == "cutlass_sm80" and (major, minor) == (9, 0)):
+        name = "sm80"
+    else:
+        return "linear_forward"
+    missing = cutlass_gemm_missing(name)
     if missing:
-        raise ValueError(f"LPA_CUDA_LINEAR_GEMM=cutlass, but {missing}")
-    if torch.cuda.get_device_capability(x.device) != (9, 0):  # sm_90a code: H100/H200 only
-        return False
-    fits = 0 < x.shape[1] and max(x.shape[0], weight.shape[0], x.shape[1]) < 2**31  # int32 shapes, >= 1 K step
-    return fits and x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+        raise ValueError(f"LPA_CUDA_LINEAR_GEMM={choice}: no CUTLASS {name} GEMM in the extension: {missing}")
+    # 16-byte operand loads along K, at least one K step, int32 problem shapes.
+    loadable = x.shape[1] > 0 and x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    return f"linear_forward_{name}" if loadable and max(*x.shape, weight.shape[0]) < 2**31 else "linear_forward"
 
 
 def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activation, mode, save_preact):
@@ -74,8 +85,7 @@ def linear_perturb_forward(x, weight, bias, labels, rows_per_label, delta, activ
     codes = (rows_per_label, cuda.ACTIVATION_CODES[activation], cuda.MODE_CODES[mode], cuda.code(x.dtype))
     preact_ptr = preact.data_ptr() if save_preact else 0
     if x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype:
-        gemm = "linear_forward_sm90" if _use_sm90_gemm(x, weight) else "linear_forward"
-        cuda.launch(gemm, x.device, out.data_ptr(), preact_ptr, x.data_ptr(), weight.data_ptr(),
+        cuda.launch(_gemm_launcher(x, weight), x.device, out.data_ptr(), preact_ptr, x.data_ptr(), weight.data_ptr(),
                     *epilogue, M, N, IN, *codes)
     else:
         product = torch.matmul(x, weight.to(x.dtype).t())

@@ -176,18 +176,37 @@ def test_cuda_linear_gemm_uses_tensor_cores(cuda_sm90):
     assert not without, f"without HMMA: {without}"
 
 
-def test_cuda_linear_sm90_gemm_runs_on_hgmma_fed_by_tma(cuda_sm90):
-    """The CUTLASS linear_perturb GEMM (csrc/linear_perturb_sm90.cu, float16 and bfloat16): WGMMA (HGMMA)
-    instructions fed by TMA loads, no local memory (spills)."""
+def _cutlass_linear_gemms(rows, mainloop):
+    """``{element type: row}`` of the CUTLASS linear_perturb GEMMs with ``mainloop`` (the dispatch policy's
+    name) among ``rows``; their demangled names are ``void cutlass::device_kernel<GemmUniversal<...,
+    CollectiveMma<mainloop<...>, ...>, ... lpa::cutlass_gemm::LinearPerturbEpilogue<T> ...>>(...)``."""
     from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
 
-    # cutlass::device_kernel<GemmUniversal<..., Sm90TmaWarpSpecializedAdapter<lpa::sm90::LinearPerturbEpilogue<T> >, ...>>
-    instances = {r["kernel"].split("LinearPerturbEpilogue<")[1].split(">")[0]: r for r in cuda_sm90
-                 if r["kernel"].startswith("void cutlass::device_kernel<") and "LinearPerturbEpilogue<" in r["kernel"]}
-    assert instances, f"no CUTLASS linear_perturb GEMM in the extension: {linear_cuda.gemm_info()['reason']}"
-    assert set(instances) == {"__half", "__nv_bfloat16"}, sorted(instances)
-    facts = {dtype: (r["tensor_core"].get("HGMMA", 0), r["tma_loads"], r["local_bytes"]) for dtype, r in instances.items()}
+    found = {r["kernel"].split("LinearPerturbEpilogue<")[1].split(">")[0]: r for r in rows
+             if r["kernel"].startswith("void cutlass::device_kernel<") and "LinearPerturbEpilogue<" in r["kernel"]
+             and f"::{mainloop}<" in r["kernel"]}
+    assert found, f"no CUTLASS linear_perturb GEMM in the extension: {linear_cuda.gemm_info()}"
+    assert set(found) == {"__half", "__nv_bfloat16"}, sorted(found)
+    return found
+
+
+def test_cuda_linear_sm90_gemm_runs_on_hgmma_fed_by_tma(cuda_sm90):
+    """The CUTLASS sm_90a linear_perturb GEMM (csrc/linear_perturb_sm90.cu, float16 and bfloat16): WGMMA
+    (HGMMA) instructions fed by TMA loads, no local memory (spills)."""
+    facts = {dtype: (r["tensor_core"].get("HGMMA", 0), r["tma_loads"], r["local_bytes"])
+             for dtype, r in _cutlass_linear_gemms(cuda_sm90, "MainloopSm90TmaGmmaWarpSpecialized").items()}
     assert all(hgmma and tma and not local for hgmma, tma, local in facts.values()), f"(HGMMA, TMA loads, local bytes): {facts}"
+
+
+def test_cuda_linear_sm80_gemm_runs_on_hmma_fed_by_cp_async():
+    """The CUTLASS sm_80 linear_perturb GEMM (csrc/linear_perturb_sm80.cu, float16 and bfloat16): HMMA
+    (mma.sync) fed by 16-byte cp.async copies (LDGSTS), no local memory (spills)."""
+    rows, note = cuda_extension.cuda_kernel_rows(("sm_80",))
+    if note:
+        pytest.skip(note)
+    facts = {dtype: (r["tensor_core"].get("HMMA", 0), r["async_copies"], r["local_bytes"])
+             for dtype, r in _cutlass_linear_gemms(rows, "MainloopSm80CpAsync").items()}
+    assert all(hmma and copies and not local for hmma, copies, local in facts.values()), f"(HMMA, LDGSTS, local bytes): {facts}"
 
 
 @pytest.mark.parametrize("case_id", WIDE_ACCESS_CASES)

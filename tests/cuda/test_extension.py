@@ -29,8 +29,8 @@ def test_extension_imports_and_reports_its_runtime_without_a_driver():
     info = module.runtime_info()
     assert info["runtime_version"] >= 11000, f"unexpected CUDA runtime version {info}"
     for name in ("perturb_forward", "perturb_backward", "sum_partials", "pgd_step", "class_grad_pgd_step",
-                 "linear_forward", "linear_forward_sm90", "linear_sm90_missing", "linear_epilogue",
-                 "linear_backward_epilogue"):
+                 "linear_forward", "linear_forward_sm90", "linear_forward_sm80", "linear_sm90_missing",
+                 "linear_sm80_missing", "linear_epilogue", "linear_backward_epilogue"):
         assert callable(getattr(module, name, None)), f"the extension does not export {name}"
     if not torch.cuda.is_available():
         assert info["device_count"] == 0 and info["error"], f"no GPU here, yet the runtime reports {info}"
@@ -108,32 +108,39 @@ def _fake_cutlass(folder, minor):
 
 
 @pytest.mark.skipif(_cuda_build.find_nvcc() is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize(("arch", "headers", "reason"), [
-    ("80", "4.2", 2),     # no sm_90 target: nothing to run wgmma on
-    ("90", None, 1),      # LPA_CUTLASS_INCLUDE without headers
-    ("90a", "4.1", 4),    # headers of another CUTLASS version
-    ("80;90", "4.2", 0),  # built, for sm_90a alone
+@pytest.mark.parametrize(("source", "arch", "headers", "reason", "targets"), [
+    ("linear_perturb_sm90.cu", "80", "4.2", 2, []),              # no sm_90 target: nothing to run wgmma on
+    ("linear_perturb_sm90.cu", "90", None, 1, []),               # LPA_CUTLASS_INCLUDE without headers
+    ("linear_perturb_sm90.cu", "90a", "4.1", 4, []),             # headers of another CUTLASS version
+    ("linear_perturb_sm90.cu", "80;90", "4.2", 0, ["sm_90a"]),   # built, for sm_90a alone
+    ("linear_perturb_sm80.cu", "75", "4.2", 2, []),              # no sm_8x or sm_90 target
+    ("linear_perturb_sm80.cu", "90a", "4.2", 0, ["sm_90"]),      # an sm_90 cubin runs on sm_90a GPUs
+    ("linear_perturb_sm80.cu", "86", "4.2", 0, ["sm_80"]),       # sm_80 SASS runs on sm_86
+    ("linear_perturb_sm80.cu", "", "4.2", 0, ["sm_80", "sm_90"]),  # default archs: Hopper can test it too
 ])
-def test_sm90_gemm_is_built_only_with_cutlass_4_2_and_an_sm90_target(monkeypatch, tmp_path, arch, headers, reason):
+def test_cutlass_gemms_are_built_only_with_cutlass_4_2_and_their_archs(monkeypatch, tmp_path, source, arch, headers,
+                                                                       reason, targets):
     monkeypatch.setenv("LPA_CUDA_ARCH", arch)
     include = _fake_cutlass(tmp_path, headers.split(".")[1]) if headers else tmp_path
     monkeypatch.setenv("LPA_CUTLASS_INCLUDE", str(include))
-    flags, missing = _cuda_build.sm90_gemm_flags(_cuda_build.find_nvcc())
-    assert missing == reason, f"{arch=} {headers=}: reason {missing} ({_cuda_build.SM90_GEMM_REASONS.get(missing)})"
+    flags, missing = _cuda_build.cutlass_gemm_flags(_cuda_build.find_nvcc(), source)
+    assert missing == reason, f"{source} {arch=} {headers=}: reason {missing} ({_cuda_build.CUTLASS_GEMM_REASONS.get(missing)})"
+    gencode = [f.split("code=")[-1] for f in flags if f.startswith("-gencode")]
+    assert gencode == targets, f"{source} {arch=}: {flags}"
     if reason == 0:
-        assert flags[0] == "-gencode=arch=compute_90a,code=sm_90a" and f"-I{include}" in flags
-        assert "-DLPA_WITH_CUTLASS" in flags and not any("sm_80" in f for f in flags)
+        assert f"-I{include}" in flags and "-DLPA_WITH_CUTLASS" in flags
     else:
-        assert flags == [] and _cuda_build.SM90_GEMM_REASONS[reason]
+        assert flags == [] and _cuda_build.CUTLASS_GEMM_REASONS[reason]
 
 
 @pytest.mark.skipif(not _cuda_ext.is_built(), reason="extension not built")
 def test_backend_info_says_whether_the_cutlass_gemm_is_built_and_why_not(monkeypatch):
     monkeypatch.delenv("LPA_CUDA_LINEAR_GEMM", raising=False)
     info = backend_info()["cuda_linear_gemm"]
-    missing = _cuda_ext.module().linear_sm90_missing()
-    assert info["sm90_cutlass_built"] is (missing == 0)
-    assert info["reason"] == ("" if missing == 0 else _cuda_build.SM90_GEMM_REASONS[missing])
+    for name in ("sm90", "sm80"):
+        missing = getattr(_cuda_ext.module(), f"linear_{name}_missing")()
+        assert info[f"cutlass_{name}"] == {"built": missing == 0,
+                                           "reason": "" if missing == 0 else _cuda_build.CUTLASS_GEMM_REASONS[missing]}
     assert info["selected"] == "wmma"
 
 
@@ -143,3 +150,34 @@ def test_linear_gemm_switch_is_checked(monkeypatch):
     monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", "cublas")
     with pytest.raises(ValueError, match="LPA_CUDA_LINEAR_GEMM must be one of"):
         linear_cuda.chosen_gemm()
+
+
+@pytest.mark.parametrize(("choice", "capability", "in_features", "expected"), [
+    ("wmma", (9, 0), 64, "linear_forward"),
+    ("cutlass", (9, 0), 64, "linear_forward_sm90"),
+    ("cutlass", (8, 6), 64, "linear_forward_sm80"),
+    ("cutlass", (10, 0), 64, "linear_forward"),           # no CUTLASS code for it: wmma (its PTX)
+    ("cutlass_sm80", (9, 0), 64, "linear_forward_sm80"),
+    ("cutlass", (9, 0), 45, "linear_forward"),            # rows not 16-byte aligned
+    ("cutlass", (9, 0), 0, "linear_forward"),             # no K step for the CUTLASS mainloop
+])
+def test_linear_gemm_routing(monkeypatch, choice, capability, in_features, expected):
+    """Which extension function runs a 16-bit linear_perturb product (the GPU is faked: only the routing)."""
+    from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
+
+    monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", choice)
+    monkeypatch.setattr(linear_cuda.torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(linear_cuda, "cutlass_gemm_missing", lambda name: "")
+    x, weight = torch.zeros(5, in_features, dtype=torch.float16), torch.zeros(3, in_features, dtype=torch.float16)
+    assert linear_cuda._gemm_launcher(x, weight) == expected
+
+
+def test_asking_for_a_cutlass_gemm_the_extension_lacks_raises(monkeypatch):
+    from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
+
+    monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", "cutlass")
+    monkeypatch.setattr(linear_cuda.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(linear_cuda, "cutlass_gemm_missing", lambda name: _cuda_build.CUTLASS_GEMM_REASONS[1])
+    x = torch.zeros(5, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="no CUTLASS sm90 GEMM in the extension: the CUTLASS headers were not found"):
+        linear_cuda._gemm_launcher(x, x)

@@ -1,9 +1,11 @@
-"""linear_perturb's CUTLASS sm_90a GEMM (``csrc/linear_perturb_sm90.cu``, selected by
-``LPA_CUDA_LINEAR_GEMM=cutlass``) against the float64 reference on an H100/H200: every dtype x
-activation x mode, the preact the backward reads, ragged tiles in M, N and K (no size a multiple of
-the 128 x 128 x 64 tile), paired and single stores, more tiles than warpgroups, the fallback to the
-wmma kernel where TMA cannot read the operands, and autograd through the op. A profiler check makes
-sure the CUTLASS kernel is what ran. GPU only (``pytest -m gpu``); skipped on GPUs other than sm_90."""
+"""linear_perturb's CUTLASS GEMMs against the float64 reference: the sm_90a TMA + WGMMA kernel
+(``csrc/linear_perturb_sm90.cu``, ``LPA_CUDA_LINEAR_GEMM=cutlass`` on an H100/H200) and the cp.async +
+mma.sync kernel (``csrc/linear_perturb_sm80.cu``, ``LPA_CUDA_LINEAR_GEMM=cutlass_sm80``, on sm_8x and
+sm_90): every dtype x activation x mode, the preact the backward reads, ragged tiles in M, N and K (no
+size a multiple of the 128 x 128 x 64 tiles), paired and single stores, more tiles than the GPU runs at
+once, the fallback to the wmma kernel where 16-byte loads cannot read the operands, and autograd
+through the op. A profiler check makes sure the CUTLASS kernel is what ran. GPU only (``pytest -m
+gpu``); a GEMM is skipped on GPUs it has no code for."""
 
 from __future__ import annotations
 
@@ -16,17 +18,22 @@ from lpa_kernels.linear_perturb import cuda_kernels, naive
 from tests.helpers import assert_close_to_reference, make_labels
 
 DEVICE = "cuda"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="the CUTLASS GEMM is sm_90a code (H100/H200)"),
-]
+pytestmark = pytest.mark.gpu
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# LPA_CUDA_LINEAR_GEMM value -> (the mainloop's name in the kernel's name, the GPUs it runs on).
+GEMMS = {
+    "cutlass": ("MainloopSm90TmaGmmaWarpSpecialized", lambda cc: cc == (9, 0)),
+    "cutlass_sm80": ("MainloopSm80CpAsync", lambda cc: cc[0] == 8 or cc == (9, 0)),
+}
 
 
-@pytest.fixture(autouse=True)
-def cutlass_gemm(monkeypatch):
-    monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", "cutlass")
+@pytest.fixture(autouse=True, params=list(GEMMS))
+def gemm(request, monkeypatch):
+    """Runs each test once per CUTLASS GEMM, on the GPUs it has code for."""
+    if not torch.cuda.is_available() or not GEMMS[request.param][1](torch.cuda.get_device_capability()):
+        pytest.skip(f"LPA_CUDA_LINEAR_GEMM={request.param}: no code for this GPU")
+    monkeypatch.setenv("LPA_CUDA_LINEAR_GEMM", request.param)
+    return request.param
 
 
 def make_case(dtype, batch, rows_per_label, in_features, out_features, classes=5, bias=True):
@@ -63,30 +70,31 @@ def test_every_activation_and_mode_with_ragged_tiles(dtype, activation, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_more_tiles_than_warpgroups_odd_width_and_no_bias(dtype):
-    """17 x 17 = 289 output tiles for 132 SMs x 2 consumer warpgroups: the persistent warpgroups take
-    several tiles each; N = 2063 is odd, so every cell goes through the one-element stores."""
+def test_more_tiles_than_run_at_once_odd_width_and_no_bias(dtype):
+    """17 x 17 = 289 output tiles: more than 132 SMs x 2 consumer warpgroups (sm_90a: the persistent
+    warpgroups take several tiles each) or one wave of CTAs; N = 2063 is odd, so every cell goes through
+    the one-element stores."""
     check_forward(dtype, 2053, 1, 264, 2063, "gelu", "scale", bias=False)
 
 
-def test_cutlass_kernel_is_what_runs():
+def test_the_chosen_cutlass_kernel_is_what_runs(gemm):
     x, weight, b, labels, delta = make_case(torch.bfloat16, 4, 3, 64, 40)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         cuda_kernels.linear_perturb_forward(x, weight, b, labels, 3, delta, "relu", "add", False)
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
-    assert any("cutlass" in name for name in names), f"no CUTLASS kernel among {names}"
+    assert any(GEMMS[gemm][0] in name for name in names), f"no {GEMMS[gemm][0]} kernel among {names}"
     assert not any("linear_wmma_kernel" in name for name in names), names
 
 
-def test_operands_tma_cannot_read_fall_back_to_wmma():
+def test_operands_16_byte_loads_cannot_read_fall_back_to_wmma():
     """in_features = 45 (rows not 16-byte aligned): the wmma kernel runs, with the same results."""
     check_forward(torch.float16, 3, 7, 45, 33, "silu", "add")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autograd_through_the_op(dtype):
-    """(B, T, in) input through linear_perturb: the CUTLASS forward with the shared backward."""
+    """(B, T, in) input through linear_perturb: a CUTLASS forward with the shared backward."""
     x = torch.randn(3, 29, 40, device=DEVICE).to(dtype).requires_grad_()
     weight = (torch.randn(50, 40, device=DEVICE) / 40**0.5).to(dtype).requires_grad_()
     b = torch.randn(50, device=DEVICE).to(dtype).requires_grad_()
