@@ -21,14 +21,14 @@ namespace lpa {
 namespace cutlass_gemm {  // named, not anonymous: the kernels' demangled names must parse (lpa_bench.static)
 
 // Row-major (rows, cols, batch) strides: cols contiguous. x is (M, K); W (N, K) is the B operand
-// K-major (CUTLASS's "column-major B"), so both operands feed WGMMA without a transpose.
+// K-major (CUTLASS's "column-major B"), so both operands reach the tensor cores without a transpose.
 using RowStride = cute::Stride<int64_t, cute::Int<1>, int64_t>;
 
 // The collective epilogue (the interface of cutlass::epilogue::collective::DefaultEpilogue, run by the
 // threads that hold the accumulators after each tile's mainloop): every accumulator element goes through
 // Epilogue::apply_in_row at its (m, n), found by partitioning the tile's coordinates like the
-// accumulators. Cells outside (M, N) (ragged last tiles; TMA filled their operands with zeros) are
-// skipped. No shared memory, so the mainloop keeps all of it for its stages.
+// accumulators. Cells outside (M, N) (ragged last tiles, whose operands the mainloops read as zeros)
+// are skipped. No shared memory, so the mainloop keeps all of it for its stages.
 template <typename T>
 class LinearPerturbEpilogue {
  public:
@@ -93,9 +93,9 @@ class LinearPerturbEpilogue {
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
     CUTE_STATIC_ASSERT_V(size(thread_cells) == size(accumulators));
 
-    // In the WGMMA accumulator layout, accumulators 2j and 2j + 1 are adjacent columns of one row: when
-    // both are in range and N is even, preact and out get one 32-bit store each (checked per pair, on
-    // coordinates the compiler knows up to the thread's offset).
+    // In the WGMMA and mma.sync accumulator layouts, accumulators 2j and 2j + 1 are adjacent columns of
+    // one row: when both are in range and N is even, preact and out get one 32-bit store each (checked
+    // per pair, on coordinates the compiler knows up to the thread's offset).
     static_assert(decltype(size(accumulators))::value % 2 == 0, "accumulators come in pairs");
     const Epilogue<float>& epi = params_.epilogue;
     int row = -1;
