@@ -90,6 +90,7 @@ def test_jit_build_with_ninja_loads_the_module_and_rebuilds_nothing_when_unchang
     second build with unchanged sources recompiles no object."""
     monkeypatch.setenv("LPA_CUDA_CACHE", str(tmp_path))
     monkeypatch.setenv("LPA_CUDA_ARCH", "80")  # one arch keeps the test short
+    monkeypatch.setenv("LPA_CUTLASS_INCLUDE", str(tmp_path / "no-cutlass"))  # and so do the CUTLASS stubs
     module = _cuda_ext._jit_build()
     assert hasattr(module, "perturb_forward") and module.runtime_info()["runtime_version"] >= 11000
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
