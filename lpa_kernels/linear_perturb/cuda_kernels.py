@@ -1,4 +1,4 @@
-"""CUDA C++ launchers of ``linear_perturb`` (``csrc/linear_perturb.cu``):
+"""CUDA C++ launchers of ``linear_perturb`` (``csrc/linear_perturb*.cu``):
 :class:`~lpa_kernels.linear_perturb.backends.LinearPerturbLaunchers` on the extension (plumbing in
 ``lpa_kernels._cuda_launch``).
 
