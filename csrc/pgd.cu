@@ -1,5 +1,6 @@
-// pgd_step (one block per class) and the fused class_grad + pgd_step (blocks over group tiles x classes x
-// sample splits; the block completing a class updates it).
+// pgd_step (one block per class, or blocks over (feature tile, class) for few classes with long rows) and
+// the fused class_grad + pgd_step (blocks over group tiles x classes x sample splits; the block completing a
+// class updates it).
 #include "class_reduce.cuh"
 #include "kernels.h"
 
@@ -143,23 +144,180 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
   pgd_update_row(delta + c * s.D, grad_row, s.D, step[c], eps[c], direction[c], norm, scratch);
 }
 
+// ---- The split grid: blocks over (feature tile blockIdx.x, class blockIdx.y), for few classes with long
+// rows (lpa_kernels/pgd/backends.py, split_block; the scheme is lpa_kernels/pgd/triton_kernels.py's). ----
+
+// The first phase's partials per (class, tile), stats[i][c][tile] for i < 6 (lpa_kernels/pgd/backends.py,
+// N_STATS): largest |g|, sum (g / largest)^2, sum delta * g / largest, sum delta^2, any g != 0, any g
+// non-finite.
+// Threads per block of the split grid: its tiles are short (64 to 1024 entries).
+constexpr int kSplitThreads = 128;
+
+// Unguarded linf in one launch: an entry's step needs no norm. Whether the class's gradient is non-zero
+// somewhere matters only to a tile whose own gradient is zero and whose delta lies outside the ball
+// (clamped if the class moves, kept if not): that tile alone scans its row.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_linf_tile_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                     int64_t D, int64_t tile) {
+  using A = acc_t<T>;
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
+  const int t = threadIdx.x, nt = blockDim.x;
+  T* delta_row = delta + c * D;
+  const G* grad_row = grad + c * D;
+  const A e = eps[c];
+  int nonzero = 0, outside = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    nonzero |= A(load_as_acc(grad_row[j])) != A(0);
+    outside |= A(fabs(A(load_as_acc(delta_row[j])))) > e;
+  }
+  bool active = __syncthreads_or(nonzero);  // uniform across the block, as every vote below
+  if (!active && __syncthreads_or(outside)) {
+    int any = 0;
+    for (int64_t j = t; j < D; j += nt) any |= A(load_as_acc(grad_row[j])) != A(0);
+    active = __syncthreads_or(any);
+  }
+  if (!active) return;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A moved = A(load_as_acc(delta_row[j])) + step[c] * direction[c] * sign_of(A(load_as_acc(grad_row[j])));
+    delta_row[j] = store_from<T>(nan_max(nan_min(moved, e), -e));
+  }
+}
+
+// Phase 1: block (tile, class) writes its stats (the flags always, the sums for l2).
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_tile_stats_kernel(const T* delta, const G* grad, int64_t D, int64_t tile, int norm, acc_t<T>* stats) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kReduceThreads];
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
+  const int64_t plane = int64_t(gridDim.x) * gridDim.y, at = c * gridDim.x + blockIdx.x;
+  const int t = threadIdx.x, nt = blockDim.x;
+  A largest = 0;
+  int nonzero = 0, nonfinite = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A g = load_as_acc(grad[c * D + j]);
+    largest = nan_max(largest, A(fabs(g)));
+    nonzero |= g != A(0);
+    nonfinite |= !isfinite(g);
+  }
+  nonzero = __syncthreads_or(nonzero);
+  nonfinite = __syncthreads_or(nonfinite);
+  if (t == 0) stats[4 * plane + at] = A(nonzero), stats[5 * plane + at] = A(nonfinite);
+  if (norm != kL2) return;
+  largest = block_max(largest, scratch);
+  const A by = largest > A(0) ? largest : A(1);  // an all-zero tile: sums of 0, no 0 / 0
+  A squares = 0, dot = 0, delta_squares = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A s = l2_scaled(A(load_as_acc(grad[c * D + j])), by), d = load_as_acc(delta[c * D + j]);
+    squares += s * s, dot += d * s, delta_squares += d * d;
+  }
+  squares = block_sum(squares, scratch);
+  dot = block_sum(dot, scratch);
+  delta_squares = block_sum(delta_squares, scratch);
+  if (t == 0) stats[at] = largest, stats[plane + at] = squares, stats[2 * plane + at] = dot, stats[3 * plane + at] = delta_squares;
+}
+
+// Phase 2: block (tile, class) combines its row's stats and updates its tile; the guard (`ok` not null)
+// as in pgd_step_kernel, the class counted into *skipped by its tile 0. For l2, with M = max_b m_b:
+// ||g / M||^2 = sum_b s_b (m_b / M)^2 (tiles holding Inf: factor 1, the others 0, as l2_scaled) and
+// ||delta + a g / M||^2 = ||delta||^2 + 2 a <delta, g / M> + a^2 ||g / M||^2.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_tile_update_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                       int64_t D, int64_t tile, int norm, const acc_t<T>* stats, const bool* ok,
+                       unsigned long long* skipped) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kReduceThreads];
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
+  const int64_t tiles = gridDim.x, plane = tiles * gridDim.y;
+  const A* row = stats + c * tiles;
+  const int t = threadIdx.x, nt = blockDim.x;
+  A largest = 0;
+  int nonzero = 0, nonfinite = 0;
+  for (int64_t i = t; i < tiles; i += nt) {
+    largest = nan_max(largest, row[i]);
+    nonzero |= row[4 * plane + i] != A(0);
+    nonfinite |= row[5 * plane + i] != A(0);
+  }
+  nonzero = __syncthreads_or(nonzero);  // uniform across the block, as the returns below
+  nonfinite = __syncthreads_or(nonfinite);
+  if (ok != nullptr) {
+    const bool batch_ok = *ok;
+    if (nonfinite && batch_ok && blockIdx.x == 0 && t == 0) atomicAdd(skipped, 1ULL);
+    if (nonfinite || !batch_ok) return;
+  }
+  if (!nonzero) return;
+  T* delta_row = delta + c * D;
+  const G* grad_row = grad + c * D;
+  if (norm == kLinf) {
+    for (int64_t j = begin + t; j < end; j += nt) {
+      const A moved = A(load_as_acc(delta_row[j])) + step[c] * direction[c] * sign_of(A(load_as_acc(grad_row[j])));
+      delta_row[j] = store_from<T>(nan_max(nan_min(moved, eps[c]), -eps[c]));
+    }
+    return;
+  }
+  largest = block_max(largest, scratch);
+  const bool infinite = isinf(largest);
+  A squares = 0, dot = 0, delta_squares = 0;
+  for (int64_t i = t; i < tiles; i += nt) {
+    const A factor = infinite ? A(isinf(row[i]) ? 1 : 0) : row[i] / largest;
+    squares += row[plane + i] * factor * factor, dot += row[2 * plane + i] * factor, delta_squares += row[3 * plane + i];
+  }
+  squares = block_sum(squares, scratch);
+  dot = block_sum(dot, scratch);
+  delta_squares = block_sum(delta_squares, scratch);
+  const A tiny = infinite ? A(0) : A(1e-12) / largest;  // the definition's 1e-12, scaled alike
+  const A along = step[c] * direction[c] / (sqrt(squares) + tiny);
+  // rounding may take the expansion a hair below 0 where the moved row is 0
+  const A moved_squares = delta_squares + A(2) * along * dot + along * along * squares;
+  const A length = sqrt(moved_squares > A(0) ? moved_squares : A(0));
+  const A radius = eps[c] - eps[c] * l2_radius_margin<A>();
+  const bool outside = length > radius;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A moved = A(load_as_acc(delta_row[j])) + along * l2_scaled(A(load_as_acc(grad_row[j])), largest);
+    delta_row[j] = store_from<T>(outside ? moved * (radius / length) : moved);
+  }
+}
+
+template <typename T, typename G>
+void launch_pgd_step(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                     int64_t K, int64_t D, int norm, const bool* ok, unsigned long long* skipped, int64_t tile,
+                     acc_t<T>* stats, cudaStream_t stream) {
+  if (tile <= 0) {
+    pgd_step_kernel<T, G><<<K, kReduceThreads, 0, stream>>>(delta, grad, step, eps, direction, D, norm, ok, skipped);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>((D + tile - 1) / tile), static_cast<unsigned>(K));
+  if (norm == kLinf && ok == nullptr) {
+    pgd_linf_tile_kernel<T, G><<<grid, kSplitThreads, 0, stream>>>(delta, grad, step, eps, direction, D, tile);
+    return;
+  }
+  pgd_tile_stats_kernel<T, G><<<grid, kSplitThreads, 0, stream>>>(delta, grad, D, tile, norm, stats);
+  pgd_tile_update_kernel<T, G><<<grid, kSplitThreads, 0, stream>>>(delta, grad, step, eps, direction, D, tile, norm, stats,
+                                                                    ok, skipped);
+}
+
 void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
-              int64_t D, int norm, int dtype, int grad_dtype, const bool* ok, int64_t* skipped, cudaStream_t stream) {
+              int64_t D, int norm, int dtype, int grad_dtype, const bool* ok, int64_t* skipped, int64_t tile,
+              void* stats, cudaStream_t stream) {
   auto counter = reinterpret_cast<unsigned long long*>(skipped);
-  if (K > 2147483647LL) throw std::invalid_argument("pgd_step: too many classes");
+  if (K > (tile > 0 ? 65535LL : 2147483647LL)) throw std::invalid_argument("pgd_step: too many classes");
+  if (tile > 0 && (D + tile - 1) / tile > 2147483647LL) throw std::invalid_argument("pgd_step: too many tiles");
   LPA_DISPATCH(dtype, "pgd_step", {
     using A = acc_t<scalar_t>;
     auto d = static_cast<scalar_t*>(delta);
     auto st = static_cast<const A*>(step);
     auto ep = static_cast<const A*>(eps);
     auto dir = static_cast<const A*>(direction);
+    auto sums = static_cast<A*>(stats);
     if (grad_dtype == dtype) {
-      pgd_step_kernel<scalar_t, scalar_t><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const scalar_t*>(grad), st, ep, dir, D, norm, ok, counter);
+      launch_pgd_step(d, static_cast<const scalar_t*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums, stream);
     } else {
-      pgd_step_kernel<scalar_t, A><<<K, kReduceThreads, 0, stream>>>(d, static_cast<const A*>(grad), st, ep, dir, D, norm, ok, counter);
+      launch_pgd_step(d, static_cast<const A*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums, stream);
     }
   })
-  check_launch("pgd_step_kernel");
+  check_launch("pgd_step");
 }
 
 template <typename T, typename TD>

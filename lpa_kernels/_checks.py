@@ -13,6 +13,7 @@ head (``head_pgd_``) rounds the perturbed activations to ``h``'s dtype, as ``per
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -104,39 +105,69 @@ def check_per_class(name: str, value: object, num_classes: int, positive: bool, 
     """A finite Python number or a finite ``(K,)`` float tensor (on ``device``, when given).
 
     ``positive`` demands > 0, ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi. NaN and
-    +-Inf are always refused: one such hyperparameter would write NaN or Inf into delta. A tensor's
-    values are read on the host (a device sync), as the public ops validate before any kernel runs.
+    +-Inf are always refused: one such hyperparameter would write NaN or Inf into delta. A number is
+    checked as a number; a tensor's values are read on the host (one device sync), as the public ops
+    validate before any kernel runs (:func:`check_per_class_values` checks several in one read).
     """
+    return check_per_class_values([(name, value, positive, nonnegative, bounds)], num_classes, device)[0]
+
+
+def check_per_class_values(specs: Sequence[tuple], num_classes: int, device: torch.device | None = None) -> list:
+    """:func:`check_per_class` of each ``(name, value, positive, nonnegative, bounds)`` in ``specs``,
+    reading the values of all the tensors among them on the host at once (no read when all are numbers).
+    Types, shapes and devices are checked first, in order; then the values. Returns the values."""
+    pending = []  # (name, value, rules, one 0-d bool tensor per rule)
+    for name, value, positive, nonnegative, bounds in specs:
+        values = _per_class_tensor(name, value, num_classes, device)
+        rules = _value_rules(positive, nonnegative, bounds)
+        if values is None:  # a Python number
+            _raise_unless_held(name, value, rules, [bool(holds(float(value))) for _, holds in rules])
+        elif not (_compiling() or values.device.type == "meta"):  # else there are no values to read
+            pending.append((name, value, rules, [holds(values).all() for _, holds in rules]))
+    if pending:
+        held = iter(torch.stack([ok for *_, oks in pending for ok in oks]).cpu().tolist())  # the one host read
+        for name, value, rules, oks in pending:
+            _raise_unless_held(name, value, rules, [next(held) for _ in oks])
+    return [spec[1] for spec in specs]
+
+
+def _per_class_tensor(name: str, value: object, num_classes: int, device: torch.device | None) -> torch.Tensor | None:
+    """The detached values of a per-class tensor ``value`` (type, shape and device checked), or None for
+    a Python number."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a ({num_classes},) tensor, got a bool")
     if isinstance(value, (int, float)):
-        values = torch.tensor([float(value)], dtype=torch.float64)
-    elif isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a float ({num_classes},) tensor, got dtype {value.dtype}")
-        if value.shape != (num_classes,):
-            raise ValueError(f"{name} must be a float or a tensor of shape ({num_classes},), got {tuple(value.shape)}")
-        if device is not None and value.device != device:
-            raise ValueError(f"{name} must be on delta's device {device}, got a tensor on {value.device}")
-        values = value.detach()
-    else:
+        return None
+    if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a ({num_classes},) tensor, got {type(value).__name__}")
-    if _compiling() or values.device.type == "meta":  # no values to read
-        return value
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a float or a float ({num_classes},) tensor, got dtype {value.dtype}")
+    if value.shape != (num_classes,):
+        raise ValueError(f"{name} must be a float or a tensor of shape ({num_classes},), got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on delta's device {device}, got a tensor on {value.device}")
+    return value.detach()
+
+
+def _value_rules(positive: bool, nonnegative: bool, bounds: tuple[float, float] | None) -> list:
+    """``[(text, holds)]``: each ``holds`` maps a float or a tensor to whether (elementwise) the rule holds."""
     rules = []
     if positive:
-        rules.append(("> 0", values > 0))
+        rules.append(("> 0", lambda v: v > 0))
     if nonnegative:
-        rules.append((">= 0", values >= 0))
+        rules.append((">= 0", lambda v: v >= 0))
     if bounds is not None:
-        rules.append((f"in [{bounds[0]}, {bounds[1]}]", (values >= bounds[0]) & (values <= bounds[1])))
-    rules.append(("finite", torch.isfinite(values)))
-    # one host read for all the rules
-    held = torch.stack([ok.all() for _, ok in rules]).cpu().tolist()
-    failed = [rule for (rule, _), ok in zip(rules, held) if not ok]
+        lo, hi = bounds
+        rules.append((f"in [{lo}, {hi}]", lambda v: (v >= lo) & (v <= hi)))
+    rules.append(("finite", lambda v: torch.isfinite(v) if isinstance(v, torch.Tensor) else math.isfinite(v)))
+    return rules
+
+
+def _raise_unless_held(name: str, value: object, rules: list, held: list[bool]) -> None:
+    failed = [text for (text, _), ok in zip(rules, held) if not ok]
     if failed:
-        raise ValueError(f"{name} must be {' and '.join(r for r, _ in rules)} for every class ({failed[0]} fails), got {value}")
-    return value
+        raise ValueError(f"{name} must be {' and '.join(text for text, _ in rules)} for every class "
+                         f"({failed[0]} fails), got {value}")
 
 
 def _memory_span(t: torch.Tensor) -> tuple[torch.device, int, int] | None:
@@ -193,13 +224,13 @@ def check_grad_out(grad_out: object, h: object, mode: object, delta_shape: Seque
 
 def check_pgd_hyperparameters(delta: object, step_size: object, eps: object, direction: object, norm: object):
     """Validate delta and the PGD hyperparameters (finite; step_size >= 0, eps > 0, direction in [-1, 1];
-    tensors on delta's device); returns ``[step, radius, sign]`` as ``(K,)`` tensors in delta's compute dtype."""
+    tensors on delta's device; at most one host read for the three); returns ``[step, radius, sign]`` as
+    ``(K,)`` tensors in delta's compute dtype."""
     check_float("delta", delta)
     if delta.dim() < 1 or delta.shape[0] < 1:
         raise ValueError(f"delta must have shape (K, *P) with K >= 1, got {tuple(delta.shape)}")
     check_choice("norm", norm, NORMS)
-    k, device = delta.shape[0], delta.device
-    check_per_class("step_size", step_size, k, positive=False, nonnegative=True, device=device)
-    check_per_class("eps", eps, k, positive=True, device=device)
-    check_per_class("direction", direction, k, positive=False, bounds=DIRECTION_BOUNDS, device=device)
-    return [per_class(v, k, delta) for v in (step_size, eps, direction)]
+    k = delta.shape[0]
+    checked = check_per_class_values([("step_size", step_size, False, True, None), ("eps", eps, True, False, None),
+                                      ("direction", direction, False, False, DIRECTION_BOUNDS)], k, delta.device)
+    return [per_class(v, k, delta) for v in checked]

@@ -14,9 +14,27 @@ of the class-sorted batch; the program that completes a segment's last feature b
 count per segment) then runs the same update on it, in the same launch. Classes absent from the batch
 have a zero gradient, so they keep their delta: no program touches them.
 NaN propagates as in the reference: a NaN gradient counts as non-zero, and no min/max drops it.
-Known limit: ``pgd_step_`` runs one program per class (its L2 norm and projection need the whole row):
-with few classes it uses few of a GPU's multiprocessors; its rows are small (K x D x 12 bytes), so a
-launch per phase of a split update would cost more than it saves (see issue 13's report).
+
+Few classes with long rows (``backends.split_block``: fewer classes than 2 programs per multiprocessor,
+a row over several blocks; K = 10, D = 4096 on an H100) leave most of a GPU idle with one program per class,
+so ``pgd_step_`` then runs over a (feature block, class) grid instead:
+- ``linf`` unguarded: one launch (``_linf_split_kernel``). An entry's step needs no norm; the one
+  row-wide fact, whether the class's gradient is non-zero somewhere, matters only to a block whose own
+  gradient is zero everywhere and whose delta lies outside the ball (clamped if the class moves, kept
+  if not): that block, rare in practice, scans its row's gradient itself.
+- ``l2``, and the guarded step for both norms: two launches. Phase 1 (``_block_stats_kernel``) writes
+  per (class, block) ``m_b = max |g|``, ``s_b = sum (g / m_b)^2``, ``p_b = sum delta * g / m_b``,
+  ``q_b = sum delta^2`` and whether the block holds a non-zero / non-finite gradient entry. Phase 2
+  (``_block_update_kernel``) combines its row's partials into the scaled norm
+  ``||g / M||^2 = sum_b s_b (m_b / M)^2`` (``M = max_b m_b``; LAPACK's scaled sum of squares, so no
+  overflow) and, with ``a = step * dir / (||g / M|| + 1e-12 / M)``, the norm of the moved row
+  ``||delta + a g / M||^2 = q + 2 a <delta, g / M> + a^2 ||g / M||^2`` without having it; then it
+  writes its block. Rows holding Inf: a block with Inf scales by its sign pattern (``m_b = Inf``, factor 1),
+  the others count 0, as ``naive.l2_unit``. A per-class arrival counter could fold the two phases into
+  one launch only by making the last block of a class update the whole row, the serial tail the split
+  removes; two launches of K x D x 4-byte rows cost less.
+The expansion rounds differently from summing the moved row: a few ulps of ``||delta||^2 + a^2``
+relative to the norm, inside the projection's margin (``l2_radius_margin``), so no class ends above eps.
 """
 
 from __future__ import annotations
@@ -26,13 +44,22 @@ import triton
 import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin
+from lpa_kernels.pgd import backends
 from lpa_kernels._triton_common import (
     accumulator, accumulator_dtype, arrive, chunk_plan, chunked_class_sums, class_segments, kernel_dtype_view,
-    reduction_tiling,
+    parallel_programs, reduction_tiling,
 )
 
 # Block of D one update pass handles at a time (one class row per program).
 BLOCK_UPDATE = 1024
+# Partials a phase-2 program of the split grid combines at a time.
+STATS_BLOCK = 256
+
+
+def split_block(K: int, D: int, device: torch.device) -> int | None:
+    """``backends.split_block`` for this device: 2 programs per multiprocessor (``parallel_programs``
+    counts 4)."""
+    return backends.split_block(K, D, parallel_programs(device) // 2)
 
 
 @triton.jit
@@ -54,6 +81,12 @@ def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
 def _signum(x):
     """sign(x), but NaN stays NaN (``torch.sign`` gives 0 there, which would hide a NaN gradient)."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+
+
+@triton.jit
+def _clamp(x, eps):
+    """``x`` clamped to [-eps, eps]; NaN stays NaN."""
+    return tl.where(x > eps, eps, tl.where(x < -eps, -eps, x))
 
 
 @triton.jit
@@ -107,8 +140,7 @@ def _update_class(
             new = old + step * _scaled(g, largest, infinite)
             new = new * (radius / tl.maximum(length, radius))  # 1 inside the ball; no 0 / 0 for a zero row
         else:
-            new = old + step * _signum(g)
-            new = tl.where(new > eps, eps, tl.where(new < -eps, -eps, new))
+            new = _clamp(old + step * _signum(g), eps)
         tl.store(delta_ptr + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
 
 
@@ -158,6 +190,119 @@ def _class_grad_pgd_step_kernel(
                           largest, radius_margin, L2, ACC, BLOCK_UPDATE)
 
 
+@triton.jit
+def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    # Program (feature block b, class c) of the unguarded linf step (see the module doc).
+    b, c = tl.program_id(0), tl.program_id(1)
+    row = c.to(tl.int64) * D
+    d = b * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
+    old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
+    eps = tl.load(eps_ptr + c).to(ACC)
+    active = tl.max((g != 0).to(tl.int32), axis=0) > 0
+    outside = tl.max((tl.abs(old) > eps).to(tl.int32), axis=0) > 0
+    if outside & (active == 0):  # only the row can tell whether these entries are clamped or kept
+        active, _, _ = _gradient_stats(grad_ptr + row, D, ACC, BLOCK)
+    step = tl.load(step_ptr + c).to(ACC) * tl.load(direction_ptr + c).to(ACC)
+    new = _clamp(old + step * _signum(g), eps)
+    tl.store(delta_ptr + row + d, new.to(delta_ptr.dtype.element_ty), mask=d < tl.where(active, D, 0))
+
+
+@triton.jit
+def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b]
+    # (``backends.N_STATS``, in that order).
+    b, c = tl.program_id(0), tl.program_id(1)
+    row = c.to(tl.int64) * D
+    d = b * BLOCK + tl.arange(0, BLOCK)
+    mask = d < D
+    g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
+    at = stats_ptr + c * NB + b
+    plane = K * NB
+    tl.store(at + 4 * plane, tl.max((g != 0).to(ACC), axis=0))
+    tl.store(at + 5 * plane, tl.max(_not_finite(g).to(ACC), axis=0))
+    if L2:
+        old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
+        largest = tl.max(tl.abs(g), axis=0)
+        s = _scaled(g, tl.where(largest > 0, largest, 1.0), _not_finite(largest))
+        tl.store(at, largest)
+        tl.store(at + plane, tl.sum(s * s, axis=0))
+        tl.store(at + 2 * plane, tl.sum(old * s, axis=0))
+        tl.store(at + 3 * plane, tl.sum(old * old, axis=0))
+
+
+@triton.jit
+def _row_stats(stats_ptr, c, K, NB, L2: tl.constexpr, ACC: tl.constexpr, STATS_BLOCK: tl.constexpr):
+    """Class c's phase-1 partials combined: ``(any g != 0, every g finite, M = max |g|, ||g / M||^2,
+    <delta, g / M>, ||delta||^2)``; the last three are 0 unless L2."""
+    row = stats_ptr + c * NB
+    plane = K * NB
+    largest = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    nonzero = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    nonfinite = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    for j0 in range(0, NB, STATS_BLOCK):
+        j = j0 + tl.arange(0, STATS_BLOCK)
+        nonzero = tl.maximum(nonzero, tl.load(row + 4 * plane + j, mask=j < NB, other=0))
+        nonfinite = tl.maximum(nonfinite, tl.load(row + 5 * plane + j, mask=j < NB, other=0))
+        if L2:
+            largest = tl.maximum(largest, tl.load(row + j, mask=j < NB, other=0))
+    M = tl.max(largest, axis=0)
+    sumsq = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    dot = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    delta_sumsq = tl.zeros((STATS_BLOCK,), dtype=ACC)
+    if L2:
+        infinite = _not_finite(M)
+        safe = tl.where(M > 0, M, 1.0)
+        for j0 in range(0, NB, STATS_BLOCK):
+            j = j0 + tl.arange(0, STATS_BLOCK)
+            m = tl.load(row + j, mask=j < NB, other=0)
+            # Block b's partials were scaled by m_b: by M they take a factor m_b / M; in a row holding
+            # Inf, the blocks with Inf (their sign patterns) count 1, the others 0 (times NaN stays NaN).
+            factor = tl.where(infinite, tl.where(_not_finite(m), 1.0, 0.0), m / safe)
+            sumsq += tl.load(row + plane + j, mask=j < NB, other=0) * factor * factor
+            dot += tl.load(row + 2 * plane + j, mask=j < NB, other=0) * factor
+            delta_sumsq += tl.load(row + 3 * plane + j, mask=j < NB, other=0)
+    return (tl.max(nonzero, axis=0) > 0, tl.max(nonfinite, axis=0) == 0, M, tl.sum(sumsq, axis=0),
+            tl.sum(dot, axis=0), tl.sum(delta_sumsq, axis=0))
+
+
+@triton.jit
+def _block_update_kernel(
+    delta_ptr, grad_ptr, stats_ptr, step_ptr, eps_ptr, direction_ptr, ok_ptr, skipped_ptr, K, D, NB, radius_margin,
+    GUARD: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, STATS_BLOCK: tl.constexpr,
+):
+    # Phase 2 of the split step: program (feature block b, class c) updates delta[c, block b] from its
+    # row's partials (GUARD as in _pgd_step_kernel; the class's block 0 counts it into *skipped_ptr).
+    b, c = tl.program_id(0), tl.program_id(1)
+    active, finite, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, c, K, NB, L2, ACC, STATS_BLOCK)
+    if GUARD:
+        ok = tl.load(ok_ptr) != 0
+        tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64), mask=b == 0)
+        active = active & finite & ok
+    row = c.to(tl.int64) * D
+    d = b * BLOCK + tl.arange(0, BLOCK)
+    mask = d < tl.where(active, D, 0)  # an inactive class writes nothing: its delta stays exactly as it was
+    g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
+    old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
+    step = tl.load(step_ptr + c).to(ACC) * tl.load(direction_ptr + c).to(ACC)
+    eps = tl.load(eps_ptr + c).to(ACC)
+    if L2:
+        infinite = _not_finite(largest)
+        largest = tl.where(largest > 0, largest, 1.0)
+        along = step / (tl.sqrt(sumsq) + tl.where(infinite, 0.0, 1e-12 / largest))
+        # ||delta + along * g / M||^2 from the partials; rounding may take it a hair below 0 when it is 0
+        length = tl.sqrt(tl.maximum(delta_sumsq + 2 * along * dot + along * along * sumsq, 0.0))
+        radius = eps - eps * radius_margin
+        new = old + along * _scaled(g, largest, infinite)
+        new = new * (radius / tl.maximum(length, radius))
+    else:
+        new = _clamp(old + step * _signum(g), eps)
+    tl.store(delta_ptr + row + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
+
+
 def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
     """Run ``launch(kernel_delta)`` on ``delta`` itself, or on a float32 copy written back (bfloat16
     under the CPU interpreter)."""
@@ -168,18 +313,35 @@ def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
 
 
 def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
-    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped``, the guarded step in the same single launch."""
+    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped``, the guarded step in the same launches."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
     kgrad = kernel_dtype_view(grad.contiguous())
-    block = min(triton.next_power_of_2(D), BLOCK_UPDATE)
-    guard = ok is not None
-    _in_kernel_dtype(delta, lambda kdelta: _pgd_step_kernel[(K,)](
-        kdelta, kgrad, step, eps, direction, ok if guard else step, skipped if guard else step, D,
-        l2_radius_margin(accumulator_dtype(delta, grad)),
-        GUARD=guard, L2=norm == "l2", ACC=accumulator(delta, grad), BLOCK=block,
-    ))
+    guard, l2 = ok is not None, norm == "l2"
+    acc, acc_dtype = accumulator(delta, grad), accumulator_dtype(delta, grad)
+    margin = l2_radius_margin(acc_dtype)
+    ok, skipped = (ok, skipped) if guard else (step, step)  # unread placeholders
+    block = split_block(K, D, delta.device)
+    if block is None:
+        _in_kernel_dtype(delta, lambda kdelta: _pgd_step_kernel[(K,)](
+            kdelta, kgrad, step, eps, direction, ok, skipped, D, margin,
+            GUARD=guard, L2=l2, ACC=acc, BLOCK=min(triton.next_power_of_2(D), BLOCK_UPDATE),
+        ))
+        return
+    blocks = triton.cdiv(D, block)
+    if not (guard or l2):
+        _in_kernel_dtype(delta, lambda kdelta: _linf_split_kernel[(blocks, K)](
+            kdelta, kgrad, step, eps, direction, D, ACC=acc, BLOCK=block))
+        return
+    stats = torch.empty((backends.N_STATS, K, blocks), dtype=acc_dtype, device=delta.device)
+
+    def launch(kdelta):
+        _block_stats_kernel[(blocks, K)](kdelta, kgrad, stats, K, D, blocks, L2=l2, ACC=acc, BLOCK=block)
+        _block_update_kernel[(blocks, K)](
+            kdelta, kgrad, stats, step, eps, direction, ok, skipped, K, D, blocks, margin,
+            GUARD=guard, L2=l2, ACC=acc, BLOCK=block, STATS_BLOCK=min(triton.next_power_of_2(blocks), STATS_BLOCK))
+    _in_kernel_dtype(delta, launch)
 
 
 def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm):

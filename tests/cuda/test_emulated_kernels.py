@@ -63,6 +63,15 @@ def _flat(t):
     return t.reshape(t.shape[0], -1)
 
 
+@pytest.fixture(params=["per_class", "split"])
+def pgd_grid(request, monkeypatch):
+    """pgd_step's grid: one block per class, or (feature tile, class) blocks (64-entry tiles: the rows
+    of 301 entries span 5, the last ragged). Unforced, the 3-SM device picks the split for K < 6."""
+    tile = 64 if request.param == "split" else None
+    monkeypatch.setattr(pgd_cuda, "split_block", lambda K, D, device: tile)
+    return request.param
+
+
 def _misaligned(shape, dtype):
     numel = torch.Size(shape).numel()
     return torch.randn(numel + 8).to(dtype)[1:numel + 1].view(shape)
@@ -146,12 +155,13 @@ def test_perturb_backward_many_samples_split_across_blocks_is_reproducible(launc
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("grad_dtype", ["same", "float32"])
-def test_pgd_step(launchers, dtype, norm, grad_dtype):
+def test_pgd_step(launchers, pgd_grid, dtype, norm, grad_dtype):
     K, D = 4, 301
     delta = (0.3 * torch.randn(K, D)).to(dtype)
     grad = torch.randn(K, D).to(dtype if grad_dtype == "same" else torch.float32)
     grad[1] = 0  # absent class: keeps its delta
     grad[2, 5] = float("nan")  # NaN propagates
+    grad[3, :150] = 0  # a moving class whose first tiles have a zero gradient: their entries are still clamped
     step, eps, direction = torch.rand(K) * 0.2, torch.rand(K) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0])
     ref = pgd_naive.pgd_step_(delta.double(), grad.double(), step.double(), eps.double(), direction.double(), norm)
     launchers.pgd_step(delta, grad, step, eps, direction, norm)
@@ -160,7 +170,7 @@ def test_pgd_step(launchers, dtype, norm, grad_dtype):
 
 @pytest.mark.parametrize("ok", [True, False], ids=["ok", "bad-labels"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_guarded_pgd_step(launchers, norm, ok):
+def test_guarded_pgd_step(launchers, pgd_grid, norm, ok):
     K, D = 5, 301
     delta = 0.3 * torch.randn(K, D)
     grad = torch.randn(K, D)
@@ -360,7 +370,7 @@ def test_head_pgd_class_counts_widths_and_directions(cuda_backend_on_cpu, batch,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pgd_step_l2_with_inf_and_huge_gradients_stays_finite_and_inside_eps(launchers, dtype):
+def test_pgd_step_l2_with_inf_and_huge_gradients_stays_finite_and_inside_eps(launchers, pgd_grid, dtype):
     """Rows far outside the ball: one with an Inf entry, one with Inf entries of both signs, one whose
     squared norm overflows float32; every row ends finite with norm <= eps (float64, stored values)."""
     from tests.pgd.test_pgd import inf_sign_pattern_step

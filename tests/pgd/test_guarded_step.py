@@ -9,7 +9,7 @@ import torch
 from lpa_kernels.pgd import naive
 from lpa_kernels.pgd.op import run_guarded_pgd_step_
 from tests.helpers import DTYPES, assert_close_to_reference
-from tests.perturb.test_perturb import TARGETS
+from tests.pgd.test_pgd import GRID_TARGETS, use_grid
 
 NORMS = ("linf", "l2")
 
@@ -31,10 +31,10 @@ def problem(k, d, dtype, device):
 @pytest.mark.parametrize("ok", [True, False], ids=["ok", "bad-labels"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("target", TARGETS)
-def test_guarded_step_matches_reference(target, dtype, norm, ok):
-    backend, device = target
-    k, d = 7, 1100  # D over one block of the update kernel
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_guarded_step_matches_reference(target, dtype, norm, ok, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
+    k, d = 7, 1100  # D over one block of the one-program-per-class update
     delta, grad, step, eps, direction = problem(k, d, dtype, device)
     verdict = torch.tensor(ok, device=device)
     ref_skipped = torch.zeros((), dtype=torch.int64, device=device)

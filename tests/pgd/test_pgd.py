@@ -2,6 +2,11 @@
 
 Every problem includes a class with an exactly-zero gradient (absent from the batch for the fused
 op) whose delta starts outside the eps-ball: it must come back bit for bit, unprojected.
+
+``pgd_step_`` runs one program per class, or over (feature block, class) programs when few classes hold
+long rows (``split_block`` of the fast backends); ``GRID_TARGETS`` run each fast backend with both grids
+(``split`` forces it at every width over 16, with 5 to 8 blocks per row, the last ragged: few enough
+programs for the CPU interpreter).
 """
 
 from __future__ import annotations
@@ -10,13 +15,28 @@ import pytest
 import torch
 
 from lpa_kernels import class_grad_pgd_step_, pgd_step_
-from lpa_kernels.pgd import naive
+from lpa_kernels.pgd import cuda_kernels, naive, triton_kernels
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
 from tests.perturb.test_perturb import FEW_PRESENT, LAYOUTS, MANY_CLASSES, MODES, TARGETS, absent_classes
 
 NORMS = ("linf", "l2")
 K = 5
 IDLE = 3  # the class with a zero gradient
+GRID_KERNEL_TARGETS = [pytest.param((*p.values[0], grid), id=f"{p.id}-{grid}", marks=p.marks)
+                       for p in KERNEL_TARGETS for grid in ("per_class", "split")]
+GRID_TARGETS = [pytest.param(("reference", "cpu", None), id="reference"), *GRID_KERNEL_TARGETS]
+
+
+def use_grid(monkeypatch, target) -> tuple[str, str]:
+    """Makes the fast backends' ``pgd_step`` take ``target``'s grid; returns ``(backend, device)``."""
+    backend, device, grid = target
+    if grid is not None:
+        def split_block(k, d, dev):
+            block = 1 << max((d - 1).bit_length() - 3, 4)  # a power of two >= 16, about d / 8
+            return block if grid == "split" and d > block else None
+        for launchers in (triton_kernels, cuda_kernels):
+            monkeypatch.setattr(launchers, "split_block", split_block)
+    return backend, device
 
 
 def hyperparameters(per_class: bool, device):
@@ -47,12 +67,13 @@ def lowp_step(fn, delta, *tensors_and_rest, step_size, eps, direction, **kw):
 @pytest.mark.parametrize("per_class", [False, True], ids=["scalar", "per_class"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("target", TARGETS)
-def test_pgd_step_matches_reference(target, dtype, norm, per_class):
-    backend, device = target
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_pgd_step_matches_reference(target, dtype, norm, per_class, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
     delta = (2 * torch.randn(K, 3, 37, device=device)).to(dtype)  # most entries outside the ball
     grad = torch.randn(K, 3, 37, device=device).to(dtype)
     grad[IDLE] = 0
+    grad[1, 0] = 0  # the first blocks of a moving class have a zero gradient: their entries are still clamped
     step_size, eps, direction = hyperparameters(per_class, device)
     ref = reference_step(naive.pgd_step_, delta, grad, step_size=step_size, eps=eps, direction=direction, norm=norm)
     lowp = lowp_step(naive.pgd_step_, delta, grad, step_size=step_size, eps=eps, direction=direction, norm=norm)
@@ -64,9 +85,9 @@ def test_pgd_step_matches_reference(target, dtype, norm, per_class):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
-def test_pgd_step_odd_sizes_nan_and_strided_delta(target, norm):
-    backend, device = target
+@pytest.mark.parametrize("target", GRID_KERNEL_TARGETS)
+def test_pgd_step_odd_sizes_nan_and_strided_delta(target, norm, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
     sizes = [(1, 1), (1, 2500)] + ([(1000, 3)] if norm == "linf" else [])  # one class, D over a block, many
     for k, d in sizes:
         delta, grad = torch.randn(d, k, device=device).t(), torch.randn(k, d, device=device)  # strided delta
@@ -183,9 +204,9 @@ def inf_sign_pattern_step(delta, grad, step, eps):
 # through numpy, which warns; the compiled kernels compute the same values silently.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("target", TARGETS)
-def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(target, dtype):
-    backend, device = target
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(target, dtype, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
     delta = 0.1 * torch.randn(4, 300, device=device, dtype=dtype)
     grad = torch.randn(4, 300, device=device, dtype=dtype)
     grad[0, 7] = float("inf")                                # one Inf entry
@@ -200,10 +221,10 @@ def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(t
     assert_close_to_reference(got[3:], finite_row, what="the finite row next to them")
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target):
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target, monkeypatch):
     """float32 entries of 1e30: ||g||^2 = 1e62 overflows float32, yet g / ||g|| is an ordinary unit vector."""
-    backend, device = target
+    backend, device = use_grid(monkeypatch, target)
     delta, grad = torch.zeros(2, 50, device=device), torch.randn(2, 50, device=device)
     huge = grad * 1e30
     got = pgd_step_(delta.clone(), huge, 0.2, 10.0, 1.0, "l2", backend=backend)
@@ -212,11 +233,11 @@ def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("target", TARGETS)
-def test_l2_projection_never_leaves_a_class_above_eps(target, dtype):
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_l2_projection_never_leaves_a_class_above_eps(target, dtype, monkeypatch):
     """Rows far outside the ball, rows one step outside it and rows on its surface, for several widths:
     after the step, every row's norm (in float64, of the stored values) is at most eps."""
-    backend, device = target
+    backend, device = use_grid(monkeypatch, target)
     for width in (1, 7, 300, 2500):
         k = 64
         eps = (torch.rand(k, device=device, dtype=dtype) + 0.1) * torch.logspace(-3, 3, k, device=device, dtype=dtype)
@@ -231,9 +252,9 @@ def test_l2_projection_never_leaves_a_class_above_eps(target, dtype):
                 f"D={width}: {int((norms > eps.double()).sum())} classes above eps, worst by {(norms / eps.double()).max().item() - 1:.2e}"
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
-def test_float64_gradient_for_a_float32_delta_is_used_in_float64(target):
-    backend, device = target
+@pytest.mark.parametrize("target", GRID_KERNEL_TARGETS)
+def test_float64_gradient_for_a_float32_delta_is_used_in_float64(target, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
     delta, grad = torch.randn(K, 40, device=device), torch.randn(K, 40, device=device, dtype=torch.float64)
     grad[0] *= 1e300  # rounded to float32 first, it would become +-Inf and step along its sign pattern
     expected = reference_step(naive.pgd_step_, delta, grad, step_size=0.3, eps=1.0, direction=1.0, norm="l2")
