@@ -145,9 +145,9 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
 }
 
 // ---- The split grid: blocks over (feature tile blockIdx.x, class blockIdx.y), for few classes with long
-// rows (lpa_kernels/pgd/backends.py, split_block; the scheme is lpa_kernels/pgd/triton_kernels.py's). ----
+// rows (lpa_kernels/pgd/split.py, split_block; the scheme is lpa_kernels/pgd/triton_kernels.py's). ----
 
-// The first phase's partials per (class, tile), stats[i][c][tile] for i < 6 (lpa_kernels/pgd/backends.py,
+// The first phase's partials per (class, tile), stats[i][c][tile] for i < 6 (lpa_kernels/pgd/split.py,
 // N_STATS): largest |g|, sum (g / largest)^2, sum delta * g / largest, sum delta^2, any g != 0, any g
 // non-finite.
 // Threads per block of the split grid: its tiles are short (64 to 1024 entries).

@@ -77,8 +77,7 @@ def check_labels(labels: object, batch: int, num_classes: int, name: str = "labe
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
     if values and labels.numel() and not _compiling():
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host read
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")
     return labels

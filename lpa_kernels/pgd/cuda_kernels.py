@@ -7,12 +7,12 @@ import torch
 
 from lpa_kernels import _cuda_launch as cuda
 from lpa_kernels._common import class_order, compute_dtype
-from lpa_kernels.pgd import backends
+from lpa_kernels.pgd import split
 
 
 def split_block(K: int, D: int, device: torch.device) -> int | None:
-    """``backends.split_block`` for this device: 2 blocks per multiprocessor."""
-    return backends.split_block(K, D, 2 * cuda._multiprocessors(device))
+    """``split.split_block`` for this device: 2 blocks per multiprocessor."""
+    return split.split_block(K, D, 2 * cuda._multiprocessors(device))
 
 
 def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
@@ -27,7 +27,7 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
     step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
     tile = split_block(K, D, delta.device) or 0  # 0: one block per class
     # The split grid's per-(class, tile) partials, for l2 and the guard (unguarded linf needs none).
-    stats = torch.empty((backends.N_STATS, K, -(-D // tile)), dtype=acc, device=delta.device) \
+    stats = torch.empty((split.N_STATS, K, -(-D // tile)), dtype=acc, device=delta.device) \
         if tile and (norm == "l2" or ok is not None) else None
     cuda.launch("pgd_step", delta.device, kdelta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
                 direction.data_ptr(), K, D, cuda.NORM_CODES[norm], cuda.code(kdelta.dtype), cuda.code(kgrad.dtype),

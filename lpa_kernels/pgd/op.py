@@ -17,29 +17,17 @@ from lpa_kernels.pgd import naive
 from lpa_kernels.pgd.backends import launchers
 
 
-@torch.library.custom_op("lpa_kernels::pgd_step_", mutates_args=("delta",))
+@torch.library.custom_op("lpa_kernels::pgd_step_", mutates_args=("delta", "skipped"))
 def _pgd_step_op(
-    delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
-    direction: torch.Tensor, norm: str, backend: str,
+    delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor,
+    norm: str, backend: str, ok: Optional[torch.Tensor] = None, skipped: Optional[torch.Tensor] = None,
 ) -> None:
-    launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm)
-
-
-@_pgd_step_op.register_fake
-def _(delta, grad, step_size, eps, direction, norm, backend):
-    return None
-
-
-@torch.library.custom_op("lpa_kernels::guarded_pgd_step_", mutates_args=("delta", "skipped"))
-def _guarded_pgd_step_op(
-    delta: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, eps: torch.Tensor,
-    direction: torch.Tensor, norm: str, ok: torch.Tensor, skipped: torch.Tensor, backend: str,
-) -> None:
+    # With ``ok`` and ``skipped``: the training step's guarded step (``naive.guarded_pgd_step_``).
     launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm, ok, skipped)
 
 
-@_guarded_pgd_step_op.register_fake
-def _(delta, grad, step_size, eps, direction, norm, ok, skipped, backend):
+@_pgd_step_op.register_fake
+def _(delta, grad, step_size, eps, direction, norm, backend, ok=None, skipped=None):
     return None
 
 
@@ -101,27 +89,27 @@ def pgd_step_(
     return run_pgd_step_(delta, grad, step, radius, sign, norm, _backend.resolve(backend, device))
 
 
-def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str) -> torch.Tensor:
+def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str, ok: torch.Tensor | None = None,
+                  skipped: torch.Tensor | None = None) -> torch.Tensor:
     """``pgd_step_`` without validation (no device sync), for the LPA training machinery (the ``run_*`` entry
     style, as ``perturb.op.run_perturb``), whose arguments are valid by construction: ``grad`` of ``delta``'s
     shape and device; ``step``, ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class``
-    makes them; ``backend`` resolved."""
+    makes them; ``backend`` resolved. With ``ok`` and ``skipped``, the guarded step (``run_guarded_pgd_step_``)."""
     if backend == "reference":
-        return naive.pgd_step_(delta, grad, step, radius, sign, norm)
+        if ok is None:
+            return naive.pgd_step_(delta, grad, step, radius, sign, norm)
+        return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
     grad = grad.detach().contiguous()
-    return update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend))
+    return update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend, ok, skipped))
 
 
 def run_guarded_pgd_step_(delta, grad, step, radius, sign, norm: str, ok: torch.Tensor, skipped: torch.Tensor,
                           backend: str) -> torch.Tensor:
     """The training step's PGD update (``naive.guarded_pgd_step_``: a class with a non-finite gradient,
     or every class when ``ok`` is False, keeps its delta; ``skipped`` counts the former, in place),
-    without validation, like ``run_pgd_step_``. One launch on the Triton backend."""
-    if backend == "reference":
-        return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
-    grad = grad.detach().contiguous()
-    return update_in_place(
-        delta, lambda d: _guarded_pgd_step_op(d, grad, step, radius, sign, norm, ok, skipped, backend))
+    without validation, like ``run_pgd_step_``. On the Triton backend one launch, or two on the split
+    grid (few classes with long rows, ``split.split_block``)."""
+    return run_pgd_step_(delta, grad, step, radius, sign, norm, backend, ok, skipped)
 
 
 def class_grad_pgd_step_(

@@ -15,7 +15,7 @@ count per segment) then runs the same update on it, in the same launch. Classes 
 have a zero gradient, so they keep their delta: no program touches them.
 NaN propagates as in the reference: a NaN gradient counts as non-zero, and no min/max drops it.
 
-Few classes with long rows (``backends.split_block``: fewer classes than 2 programs per multiprocessor,
+Few classes with long rows (``split.split_block``: fewer classes than 2 programs per multiprocessor,
 a row over several blocks; K = 10, D = 4096 on an H100) leave most of a GPU idle with one program per class,
 so ``pgd_step_`` then runs over a (feature block, class) grid instead:
 - ``linf`` unguarded: one launch (``_linf_split_kernel``). An entry's step needs no norm; the one
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin
-from lpa_kernels.pgd import backends
+from lpa_kernels.pgd import split
 from lpa_kernels._triton_common import (
     accumulator, accumulator_dtype, arrive, chunk_plan, chunked_class_sums, class_segments, kernel_dtype_view,
     parallel_programs, reduction_tiling,
@@ -57,9 +57,9 @@ STATS_BLOCK = 256
 
 
 def split_block(K: int, D: int, device: torch.device) -> int | None:
-    """``backends.split_block`` for this device: 2 programs per multiprocessor (``parallel_programs``
+    """``split.split_block`` for this device: 2 programs per multiprocessor (``parallel_programs``
     counts 4)."""
-    return backends.split_block(K, D, parallel_programs(device) // 2)
+    return split.split_block(K, D, parallel_programs(device) // 2)
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D,
 def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr):
     # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b]
-    # (``backends.N_STATS``, in that order).
+    # (``split.N_STATS``, in that order).
     b, c = tl.program_id(0), tl.program_id(1)
     row = c.to(tl.int64) * D
     d = b * BLOCK + tl.arange(0, BLOCK)
@@ -334,7 +334,7 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
         _in_kernel_dtype(delta, lambda kdelta: _linf_split_kernel[(blocks, K)](
             kdelta, kgrad, step, eps, direction, D, ACC=acc, BLOCK=block))
         return
-    stats = torch.empty((backends.N_STATS, K, blocks), dtype=acc_dtype, device=delta.device)
+    stats = torch.empty((split.N_STATS, K, blocks), dtype=acc_dtype, device=delta.device)
 
     def launch(kdelta):
         _block_stats_kernel[(blocks, K)](kdelta, kgrad, stats, K, D, blocks, L2=l2, ACC=acc, BLOCK=block)

@@ -8,7 +8,7 @@ import torch
 
 from lpa_kernels.pgd import naive
 from lpa_kernels.pgd.op import run_guarded_pgd_step_
-from tests.helpers import DTYPES, assert_close_to_reference
+from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
 from tests.pgd.test_pgd import GRID_TARGETS, use_grid
 
 NORMS = ("linf", "l2")
@@ -52,3 +52,29 @@ def test_guarded_step_matches_reference(target, dtype, norm, ok, monkeypatch):
     if ok:
         assert not torch.equal(got[1], delta[1]), "a finite class of an ok batch must move"
     assert_close_to_reference(got, ref, lowp, what=f"guarded pgd step {norm} ({backend})")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # as above
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_guarded_step_is_the_pgd_step_custom_op_with_its_guard_arguments(target):
+    """One custom op serves both steps: opcheck with and without ``ok``/``skipped``, and the guarded
+    step under torch.compile(fullgraph=True) updates delta and the counter as in eager mode."""
+    backend, device = target
+    k, d = 5, 6
+    delta, grad, step, eps, direction = problem(k, d, torch.float32, device)
+    verdict = torch.tensor(True, device=device)
+    op = torch.ops.lpa_kernels.pgd_step_
+    torch.library.opcheck(op, (delta.clone(), grad, step, eps, direction, "l2", backend))
+    torch.library.opcheck(op, (delta.clone(), grad, step, eps, direction, "l2", backend, verdict,
+                               torch.zeros((), dtype=torch.int64, device=device)))
+
+    def guarded(delta, skipped):
+        return run_guarded_pgd_step_(delta, grad, step, eps, direction, "linf", verdict, skipped, backend)
+
+    expected, expected_skipped = delta.clone(), torch.zeros((), dtype=torch.int64, device=device)
+    guarded(expected, expected_skipped)
+    torch._dynamo.reset()
+    got, skipped = delta.clone(), torch.zeros((), dtype=torch.int64, device=device)
+    torch.compile(guarded, fullgraph=True, backend="aot_eager")(got, skipped)
+    assert int(skipped) == int(expected_skipped) == 2
+    torch.testing.assert_close(got, expected)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lpa_kernels import class_grad_pgd_step_, pgd_step_
-from lpa_kernels.pgd import cuda_kernels, naive, triton_kernels
+from lpa_kernels.pgd import cuda_kernels, naive, split, triton_kernels
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
 from tests.perturb.test_perturb import FEW_PRESENT, LAYOUTS, MANY_CLASSES, MODES, TARGETS, absent_classes
 
@@ -260,3 +260,31 @@ def test_float64_gradient_for_a_float32_delta_is_used_in_float64(target, monkeyp
     expected = reference_step(naive.pgd_step_, delta, grad, step_size=0.3, eps=1.0, direction=1.0, norm="l2")
     got = pgd_step_(delta.clone(), grad, 0.3, 1.0, 1.0, "l2", backend=backend)
     assert_close_to_reference(got, expected, what=f"float64 grad, float32 delta ({backend})")
+
+
+@pytest.mark.parametrize("hyperparameters", ["floats", "tensors"])
+def test_public_steps_read_the_device_back_at_most_once_per_check(hyperparameters):
+    """Validation reads the three per-class hyperparameters back in one host read, none when they are
+    Python floats; class_grad_pgd_step_ reads its labels' range in one more."""
+    from lpa_bench.static.counting import LaunchCounter
+
+    values = (0.3, 1.0, -1.0) if hyperparameters == "floats" else tuple(torch.full((K,), v) for v in (0.3, 1.0, -1.0))
+    expected = 0 if hyperparameters == "floats" else 1
+    delta, grad = torch.randn(K, 6), torch.randn(K, 6)
+    grad_out, labels = torch.randn(7, 6), torch.randint(0, K, (7,))
+    with LaunchCounter() as counts:
+        pgd_step_(delta, grad, *values, "l2", backend="reference")
+    assert counts.summary()["host_reads"] == expected, counts.summary()["host_read_kinds"]
+    with LaunchCounter() as counts:
+        class_grad_pgd_step_(delta, grad_out, labels, *values, "l2", backend="reference")
+    assert counts.summary()["host_reads"] == expected + 1, counts.summary()["host_read_kinds"]
+
+
+def test_split_grid_is_chosen_for_few_classes_with_long_rows():
+    """2 programs per multiprocessor of an H100 (264): K = 10, D = 4096 splits into 128-entry blocks,
+    320 programs; the training step's K = 10, D = 64 and K = 1000 rows keep one program per class."""
+    assert split.split_block(10, 4096, 264) == 128
+    assert 10 * -(-4096 // 128) >= 264
+    assert split.split_block(10, 64, 264) is None
+    assert split.split_block(1000, 2048, 264) is None
+    assert split.split_block(1, 10**6, 264) == split.SPLIT_BLOCKS[1]
