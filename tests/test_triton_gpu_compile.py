@@ -75,6 +75,10 @@ def record(recorder) -> None:
                 call(f"{dt} {norm}", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm)
                 call(f"{dt} {norm} guarded", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm,
                      torch.tensor(True), torch.zeros((), dtype=torch.int64))
+                # 2 classes of 300 entries: the (feature block, class) grid (pgd.split_block on the CPU)
+                call(f"{dt} {norm} split", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step, norm)
+                call(f"{dt} {norm} split guarded", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step,
+                     norm, torch.tensor(True), torch.zeros((), dtype=torch.int64))
                 call(f"{dt} {mode} {norm}", pgd.class_grad_pgd_step, rand(2, 4, dtype=dt), rand(64, 64, dtype=dt),
                      labels, rand(64, 64, dtype=dt), *step, 1, mode, norm)
                 for bias, direction in ((True, step[2]), (False, None)):

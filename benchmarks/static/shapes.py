@@ -50,7 +50,9 @@ def _cases() -> list[Case]:
                           sizes, variant={"norm": "l2", "mode": "add"}))
     for K in (10, 1000):
         for norm in ("linf", "l2"):
-            cases.append(Case(f"pgd_step_ K={K} {norm}", "pgd_step_", "fwd", "float32", dict(K=K, D=2048),
+            # K = 10, D = 4096: issue 13's few-class target (the grid fills the device)
+            D, named = (4096, " D=4096") if K == 10 else (2048, "")
+            cases.append(Case(f"pgd_step_ K={K}{named} {norm}", "pgd_step_", "fwd", "float32", dict(K=K, D=D),
                               variant={"norm": norm}))
             cases.append(Case(f"class_grad_pgd_step_ K={K} {norm} bfloat16", "class_grad_pgd_step_", "fwd",
                               "bfloat16", dict(B=1024, D=2048, K=K), variant={"norm": norm, "mode": "add"}))
