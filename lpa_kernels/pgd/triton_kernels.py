@@ -191,13 +191,19 @@ def _class_grad_pgd_step_kernel(
 
 
 @triton.jit
+def _split_program(D, BLOCK: tl.constexpr):
+    """Program (feature block b, class c) of the split grid: ``(b, c, row offset c * D, the entries d of
+    its block, d < D)``."""
+    b, c = tl.program_id(0), tl.program_id(1)
+    d = b * BLOCK + tl.arange(0, BLOCK)
+    return b, c, c.to(tl.int64) * D, d, d < D
+
+
+@triton.jit
 def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
     # Program (feature block b, class c) of the unguarded linf step (see the module doc).
-    b, c = tl.program_id(0), tl.program_id(1)
-    row = c.to(tl.int64) * D
-    d = b * BLOCK + tl.arange(0, BLOCK)
-    mask = d < D
+    b, c, row, d, mask = _split_program(D, BLOCK)
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
     old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
     eps = tl.load(eps_ptr + c).to(ACC)
@@ -215,10 +221,7 @@ def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constex
                         BLOCK: tl.constexpr):
     # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b]
     # (``split.N_STATS``, in that order).
-    b, c = tl.program_id(0), tl.program_id(1)
-    row = c.to(tl.int64) * D
-    d = b * BLOCK + tl.arange(0, BLOCK)
-    mask = d < D
+    b, c, row, d, mask = _split_program(D, BLOCK)
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
     at = stats_ptr + c * NB + b
     plane = K * NB
@@ -276,14 +279,12 @@ def _block_update_kernel(
 ):
     # Phase 2 of the split step: program (feature block b, class c) updates delta[c, block b] from its
     # row's partials (GUARD as in _pgd_step_kernel; the class's block 0 counts it into *skipped_ptr).
-    b, c = tl.program_id(0), tl.program_id(1)
+    b, c, row, d, _ = _split_program(D, BLOCK)
     active, finite, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, c, K, NB, L2, ACC, STATS_BLOCK)
     if GUARD:
         ok = tl.load(ok_ptr) != 0
         tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64), mask=b == 0)
         active = active & finite & ok
-    row = c.to(tl.int64) * D
-    d = b * BLOCK + tl.arange(0, BLOCK)
     mask = d < tl.where(active, D, 0)  # an inactive class writes nothing: its delta stays exactly as it was
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
     old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
