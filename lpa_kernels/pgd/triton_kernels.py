@@ -1,23 +1,17 @@
 """Triton kernels for ``pgd_step_`` and the fused ``class_grad_pgd_step_``.
 
-One program per class c updates ``delta[c] (D,)`` in place, looping over D in blocks:
+``pgd_step_`` with one program per class c updates ``delta[c] (D,)`` in place, looping over D in blocks:
 1. statistics of the class gradient ``g_c``: whether any entry is non-zero (a class with an all-zero
    gradient keeps its delta, projection included) and its largest ``|entry|``;
 2. ``linf``: write ``clamp(delta + step * dir * sign(g), -eps, eps)``;
    ``l2``: compute ``||g / largest||`` (no overflow; a row with Inf entries uses their sign pattern, see
    ``naive.py``), ``new = delta + step * dir * g / (||g|| + 1e-12)`` and ``||new||``, then write
    ``new`` scaled back onto the ball of radius ``eps - eps * l2_radius_margin`` when outside it.
-The fused kernel reduces ``g_c`` from ``grad_out`` with ``perturb``'s backward reduction
-(``chunked_class_sums``: programs over (row chunk, feature block), long classes cut into chunks, so
-K = 10 or a long-tailed batch still fills the device) into a float32 (float64) scratch row per segment
-of the class-sorted batch; the program that completes a segment's last feature block (an arrival
-count per segment) then runs the same update on it, in the same launch. Classes absent from the batch
-have a zero gradient, so they keep their delta: no program touches them.
 NaN propagates as in the reference: a NaN gradient counts as non-zero, and no min/max drops it.
 
 Few classes with long rows (``split.split_block``: fewer classes than 2 programs per multiprocessor,
-a row over several blocks; K = 10, D = 4096 on an H100) leave most of a GPU idle with one program per class,
-so ``pgd_step_`` then runs over a (feature block, class) grid instead:
+a row over several blocks; K = 10, D = 4096 on an H100) would leave most of a GPU idle that way, so
+``pgd_step_`` then runs over a (feature block, class) grid instead:
 - ``linf`` unguarded: one launch (``_linf_split_kernel``). An entry's step needs no norm; the one
   row-wide fact, whether the class's gradient is non-zero somewhere, matters only to a block whose own
   gradient is zero everywhere and whose delta lies outside the ball (clamped if the class moves, kept
@@ -29,12 +23,21 @@ so ``pgd_step_`` then runs over a (feature block, class) grid instead:
   ``||g / M||^2 = sum_b s_b (m_b / M)^2`` (``M = max_b m_b``; LAPACK's scaled sum of squares, so no
   overflow) and, with ``a = step * dir / (||g / M|| + 1e-12 / M)``, the norm of the moved row
   ``||delta + a g / M||^2 = q + 2 a <delta, g / M> + a^2 ||g / M||^2`` without having it; then it
-  writes its block. Rows holding Inf: a block with Inf scales by its sign pattern (``m_b = Inf``, factor 1),
-  the others count 0, as ``naive.l2_unit``. A per-class arrival counter could fold the two phases into
-  one launch only by making the last block of a class update the whole row, the serial tail the split
-  removes; two launches of K x D x 4-byte rows cost less.
+  writes its block. Rows holding Inf: a block with Inf scales by its sign pattern (``m_b = Inf``,
+  factor 1), the others count 0, as ``naive.l2_unit``. A per-class arrival counter could fold the two
+  phases into one launch only by making the last block of a class update the whole row, the serial
+  tail the split removes; a second launch over K x D x 4-byte rows costs less.
 The expansion rounds differently from summing the moved row: a few ulps of ``||delta||^2 + a^2``
 relative to the norm, inside the projection's margin (``l2_radius_margin``), so no class ends above eps.
+
+The fused kernel reduces ``g_c`` from ``grad_out`` with ``perturb``'s backward reduction
+(``chunked_class_sums``: programs over (row chunk, feature block), long classes cut into chunks, so
+K = 10 or a long-tailed batch fills the device) into a float32 (float64) scratch row per segment of
+the class-sorted batch. The program that completes a feature block of a segment's row also writes the
+block's phase-1 partials; the program that completes the row's last block (an arrival count per
+segment) combines them and writes the update in one pass over the row, in the same launch (the
+update's serial part per class is that one pass, not the four of the one-program-per-class step).
+Classes absent from the batch have a zero gradient, so they keep their delta: no program touches them.
 """
 
 from __future__ import annotations
@@ -165,16 +168,19 @@ def _pgd_step_kernel(
 
 @triton.jit
 def _class_grad_pgd_step_kernel(
-    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, partial_ptr, arrivals_ptr, finished_ptr, order_ptr,
+    delta_ptr, grad_out_ptr, h_ptr, scratch_ptr, partial_ptr, arrivals_ptr, finished_ptr, stats_ptr, order_ptr,
     segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr,
     step_ptr, eps_ptr, direction_ptr, K, S, F, D, inner, R, num_d_blocks, CHUNK, DI, SLAB, radius_margin,
     SPLIT: tl.constexpr, SCALE: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, SLABS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_UPDATE: tl.constexpr,
+    STATS_BLOCK: tl.constexpr,
 ):
     # Phase 1, over the whole (chunk, d-block) grid: the class sums of each segment s into scratch row
-    # s (perturb's chunked reduction). Phase 2: the program completing the last d-block of segment s
-    # (counted in finished[s]) runs the PGD update of its class c from that row. A padding segment has
-    # no rows: nothing completes it, so no program touches its (clamped) class.
+    # s (perturb's chunked reduction); the program completing a d-block of row s also writes that
+    # block's partials (the split step's, ``_store_partials``) into stats[:, s, d-block]. Phase 2: the
+    # program completing the last d-block of segment s (counted in finished[s]) combines the row's
+    # partials and writes the PGD update of its class c in one pass over the row. A padding segment
+    # has no rows: nothing completes it, so no program touches its (clamped) class.
     s, c, completed = chunked_class_sums(
         grad_out_ptr, h_ptr, grad_out_ptr, grad_out_ptr, scratch_ptr, partial_ptr, arrivals_ptr, order_ptr,
         segment_class_ptr, segment_start_ptr, chunk_segment_ptr, first_chunk_ptr, tl.program_id(0),
@@ -182,12 +188,23 @@ def _class_grad_pgd_step_kernel(
         SPLIT, True, SCALE, False, ACC, BLOCK_D, BLOCK_Q, SLABS, BLOCK_P,
     )
     if completed:
+        row, scratch_row, d_block = c.to(tl.int64) * D, s.to(tl.int64) * D, tl.program_id(0) % num_d_blocks
+        tl.debug_barrier()  # the d-block just stored, read back by other threads of the program
+        d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        g = tl.load(scratch_ptr + scratch_row + d, mask=d < D, other=0)
+        _store_partials(stats_ptr + s * num_d_blocks + d_block, S * num_d_blocks, g, delta_ptr + row + d, d < D,
+                        L2, ACC)
         finished = arrive(finished_ptr + s, completed)
         if finished == num_d_blocks - 1:
-            row, scratch_row = c.to(tl.int64) * D, s.to(tl.int64) * D
-            active, largest, _ = _gradient_stats(scratch_ptr + scratch_row, D, ACC, BLOCK_UPDATE)
-            _update_class(delta_ptr + row, scratch_ptr + scratch_row, c, D, step_ptr, eps_ptr, direction_ptr, active,
-                          largest, radius_margin, L2, ACC, BLOCK_UPDATE)
+            active, _, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, s, S, num_d_blocks, L2, ACC,
+                                                                     STATS_BLOCK)
+            step, eps, along, scale, largest, infinite = _step_coefficients(
+                step_ptr, eps_ptr, direction_ptr, c, largest, sumsq, dot, delta_sumsq, radius_margin, ACC)
+            written = tl.where(active, D, 0)  # an inactive class writes nothing
+            for d0 in range(0, D, BLOCK_UPDATE):
+                d = d0 + tl.arange(0, BLOCK_UPDATE)
+                _apply_step(delta_ptr + row, scratch_ptr + scratch_row, d, d < written, step, eps, along, scale,
+                            largest, infinite, L2, ACC)
 
 
 @triton.jit
@@ -219,16 +236,20 @@ def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D,
 @triton.jit
 def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr):
-    # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b]
-    # (``split.N_STATS``, in that order).
+    # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b].
     b, c, row, d, mask = _split_program(D, BLOCK)
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
-    at = stats_ptr + c * NB + b
-    plane = K * NB
+    _store_partials(stats_ptr + c * NB + b, K * NB, g, delta_ptr + row + d, mask, L2, ACC)
+
+
+@triton.jit
+def _store_partials(at, plane, g, delta_ptrs, mask, L2: tl.constexpr, ACC: tl.constexpr):
+    """The ``split.N_STATS`` partials of one block (gradient entries ``g``, delta at ``delta_ptrs``,
+    masked entries 0) at ``at + i * plane``, in that order (the sums for L2 only)."""
     tl.store(at + 4 * plane, tl.max((g != 0).to(ACC), axis=0))
     tl.store(at + 5 * plane, tl.max(_not_finite(g).to(ACC), axis=0))
     if L2:
-        old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
+        old = tl.load(delta_ptrs, mask=mask, other=0).to(ACC)
         largest = tl.max(tl.abs(g), axis=0)
         s = _scaled(g, tl.where(largest > 0, largest, 1.0), _not_finite(largest))
         tl.store(at, largest)
@@ -286,23 +307,39 @@ def _block_update_kernel(
         tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64), mask=b == 0)
         active = active & finite & ok
     mask = d < tl.where(active, D, 0)  # an inactive class writes nothing: its delta stays exactly as it was
-    g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
-    old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
+    step, eps, along, scale, largest, infinite = _step_coefficients(
+        step_ptr, eps_ptr, direction_ptr, c, largest, sumsq, dot, delta_sumsq, radius_margin, ACC)
+    _apply_step(delta_ptr + row, grad_ptr + row, d, mask, step, eps, along, scale, largest, infinite, L2, ACC)
+
+
+@triton.jit
+def _step_coefficients(step_ptr, eps_ptr, direction_ptr, c, largest, sumsq, dot, delta_sumsq, radius_margin,
+                       ACC: tl.constexpr):
+    """Class c's ``(step * dir, eps, along, scale, M, M is not finite)`` from its combined partials
+    (``_row_stats``): the L2 step moves delta by ``along * g / M`` (``_scaled``), then multiplies it by
+    ``scale`` (the projection: 1 inside the ball); ``M`` comes back as 1 for an all-zero row."""
     step = tl.load(step_ptr + c).to(ACC) * tl.load(direction_ptr + c).to(ACC)
     eps = tl.load(eps_ptr + c).to(ACC)
+    infinite = _not_finite(largest)
+    largest = tl.where(largest > 0, largest, 1.0)
+    along = step / (tl.sqrt(sumsq) + tl.where(infinite, 0.0, 1e-12 / largest))
+    # ||delta + along * g / M||^2 from the partials; rounding may take it a hair below 0 when it is 0
+    length = tl.sqrt(tl.maximum(delta_sumsq + 2 * along * dot + along * along * sumsq, 0.0))
+    radius = eps - eps * radius_margin
+    return step, eps, along, radius / tl.maximum(length, radius), largest, infinite
+
+
+@triton.jit
+def _apply_step(delta_row, grad_row, d, mask, step, eps, along, scale, largest, infinite, L2: tl.constexpr,
+                ACC: tl.constexpr):
+    """Writes the step (``_step_coefficients``) into the entries ``d`` (where ``mask``) of a delta row."""
+    g = tl.load(grad_row + d, mask=mask, other=0).to(ACC)
+    old = tl.load(delta_row + d, mask=mask, other=0).to(ACC)
     if L2:
-        infinite = _not_finite(largest)
-        largest = tl.where(largest > 0, largest, 1.0)
-        along = step / (tl.sqrt(sumsq) + tl.where(infinite, 0.0, 1e-12 / largest))
-        # ||delta + along * g / M||^2 from the partials; rounding may take it a hair below 0 when it is 0
-        length = tl.sqrt(tl.maximum(delta_sumsq + 2 * along * dot + along * along * sumsq, 0.0))
-        radius = eps - eps * radius_margin
-        new = old + along * _scaled(g, largest, infinite)
-        new = new * (radius / tl.maximum(length, radius))
+        new = (old + along * _scaled(g, largest, infinite)) * scale
     else:
         new = _clamp(old + step * _signum(g), eps)
-    tl.store(delta_ptr + row + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
-
+    tl.store(delta_row + d, new.to(delta_row.dtype.element_ty), mask=mask)
 
 def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
     """Run ``launch(kernel_delta)`` on ``delta`` itself, or on a float32 copy written back (bfloat16
@@ -359,6 +396,7 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
     num_d_blocks = triton.cdiv(D, block_d)
     plan = chunk_plan(segment_start, R, B * R, block_q, num_d_blocks)
     scratch = torch.empty((segments, D), dtype=acc_dtype, device=delta.device)
+    stats = torch.empty((split.N_STATS, segments, num_d_blocks), dtype=acc_dtype, device=delta.device)
     counters = torch.zeros(segments * (num_d_blocks + 1), dtype=torch.int32, device=delta.device)
     finished, arrivals = counters[:segments], counters[segments:]
     if plan is None:  # one program per (segment, d-block)
@@ -368,11 +406,12 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
         programs = chunk_segment.numel()
         partial = torch.empty((programs, D), dtype=acc_dtype, device=delta.device)
     _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(programs * num_d_blocks,)](
-        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, order,
+        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, stats, order,
         segment_class, segment_start, chunk_segment, first_chunk, step, eps, direction,
         K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(acc_dtype),
         SPLIT=plan is not None, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h),
         BLOCK_D=block_d, BLOCK_Q=block_q, SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
         BLOCK_UPDATE=min(triton.next_power_of_2(D), BLOCK_UPDATE),
+        STATS_BLOCK=min(triton.next_power_of_2(num_d_blocks), STATS_BLOCK),
         num_warps=8,  # with 4, ptxas spilled 8 B per thread on sm_80 (at 56 registers)
     ))
