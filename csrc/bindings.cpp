@@ -73,10 +73,12 @@ PYBIND11_MODULE(_lpa_cuda, m) {
   m.def("class_grad_pgd_step", [](uintptr_t delta, uintptr_t grad_out, uintptr_t h, uintptr_t order,
                                   uintptr_t offsets, uintptr_t step, uintptr_t eps, uintptr_t direction, int64_t K,
                                   int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
-                                  int64_t splits, uintptr_t workspace, uintptr_t arrivals, uintptr_t stream) {
+                                  int64_t splits, int64_t max_tiles, uintptr_t workspace, uintptr_t arrivals,
+                                  uintptr_t stream) {
     lpa::class_grad_pgd_step(vptr(delta), vptr(grad_out), vptr(h), ptr<const int64_t>(order),
                              ptr<const int64_t>(offsets), vptr(step), vptr(eps), vptr(direction), K, F, D, inner, mode,
-                             norm, dtype, delta_dtype, splits, vptr(workspace), ptr<int>(arrivals), stream_of(stream));
+                             norm, dtype, delta_dtype, splits, max_tiles, vptr(workspace), ptr<int>(arrivals),
+                             stream_of(stream));
   });
   m.def("checked_label_plan", [](uintptr_t labels, int label_bytes, uintptr_t safe, uintptr_t loss_labels, uintptr_t ok,
                                  uintptr_t bad_range, uintptr_t plan, uintptr_t cursor, int64_t B, int64_t K,

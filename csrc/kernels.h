@@ -47,12 +47,14 @@ void pgd_step(void* delta, const void* grad, const void* step, const void* eps, 
               void* stats, cudaStream_t stream);
 
 // The class reduction of grad_out (and h for scale) over (group tile, class, sample split) blocks and
-// pgd_step, one launch. `workspace` ((splits + 1) x K x D acc) holds the per-split partial sums and the
-// class gradient; `arrivals` (K int32, zero) counts the blocks of each class that are done.
+// pgd_step, one launch. `workspace` ((splits + 1) x K x D + 6 x K x max_tiles acc) holds the per-split
+// partial sums, the class gradient and the per-tile partials of the update; `arrivals` (K x (1 +
+// max_tiles) int32, zero) counts the tiles done per class and the splits done per (class, tile).
+// max_tiles bounds the group tiles (reduce_block); more throws.
 void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
                          const int64_t* offsets, const void* step, const void* eps, const void* direction, int64_t K,
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
-                         int64_t splits, void* workspace, int* arrivals, cudaStream_t stream);
+                         int64_t splits, int64_t max_tiles, void* workspace, int* arrivals, cudaStream_t stream);
 
 // Row by row, out[b] = softmax(logits[b] + shift[y_b]) - onehot(y_b) for (B, K) logits of dtype `dtype`
 // (shift (K, K) of that dtype, may be null; out may alias logits); p_true[b] (acc type, may be null) =

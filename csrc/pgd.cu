@@ -87,6 +87,168 @@ pgd_step_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* e
   pgd_update_row(delta + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
 }
 
+// ---- The split grid: blocks over (feature tile blockIdx.x, class blockIdx.y), for few classes with long
+// rows (lpa_kernels/pgd/split.py, split_block; the scheme is lpa_kernels/pgd/triton_kernels.py's). ----
+
+// The first phase's partials per (class, tile), stats[i * plane + c * tiles + tile] for i < 6 (plane =
+// K x tiles; lpa_kernels/pgd/split.py, N_STATS): largest |g|, sum (g / largest)^2, sum delta * g /
+// largest, sum delta^2, any g != 0, any g non-finite. Written by tile_partials, combined by
+// combine_row_stats.
+
+// Threads per block of the split grid: its tiles are short (64 to 1024 entries).
+constexpr int kSplitThreads = 128;
+
+// The partials of entries [begin, end) of one class row into at[i * plane], by the whole block. Each
+// thread reads back only entries it stored itself (its j = begin + t + n * nt), so a caller may pass a
+// row it has just written.
+template <typename T, typename G, typename A>
+__device__ void tile_partials(const T* delta_row, const G* grad_row, int64_t begin, int64_t end, int norm, A* at,
+                              int64_t plane, A* scratch) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  A largest = 0;
+  int nonzero = 0, nonfinite = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A g = load_as_acc(grad_row[j]);
+    largest = nan_max(largest, A(fabs(g)));
+    nonzero |= g != A(0);
+    nonfinite |= !isfinite(g);
+  }
+  nonzero = __syncthreads_or(nonzero);
+  nonfinite = __syncthreads_or(nonfinite);
+  if (t == 0) at[4 * plane] = A(nonzero), at[5 * plane] = A(nonfinite);
+  if (norm != kL2) return;
+  largest = block_max(largest, scratch);
+  const A by = largest > A(0) ? largest : A(1);  // an all-zero tile: sums of 0, no 0 / 0
+  A squares = 0, dot = 0, delta_squares = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A s = l2_scaled(A(load_as_acc(grad_row[j])), by), d = load_as_acc(delta_row[j]);
+    squares += s * s, dot += d * s, delta_squares += d * d;
+  }
+  squares = block_sum(squares, scratch);
+  dot = block_sum(dot, scratch);
+  delta_squares = block_sum(delta_squares, scratch);
+  if (t == 0) at[0] = largest, at[plane] = squares, at[2 * plane] = dot, at[3 * plane] = delta_squares;
+}
+
+// A class's partials combined (the sums only for l2 and a row with a non-zero entry).
+template <typename A>
+struct RowStats {
+  bool nonzero, nonfinite;
+  A largest, squares, dot, delta_squares;
+};
+
+// Class c's tile partials (row = stats + c * tiles), by the whole block; read through L2 (other blocks
+// wrote them). For l2, with M = max_b m_b: ||g / M||^2 = sum_b s_b (m_b / M)^2 (tiles holding Inf:
+// factor 1, the others 0, as l2_scaled) and <delta, g / M> = sum_b p_b m_b / M.
+template <typename A>
+__device__ RowStats<A> combine_row_stats(const A* row, int64_t tiles, int64_t plane, int norm, A* scratch) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  A largest = 0;
+  int nonzero = 0, nonfinite = 0;
+  for (int64_t i = t; i < tiles; i += nt) {
+    largest = nan_max(largest, __ldcg(row + i));
+    nonzero |= __ldcg(row + 4 * plane + i) != A(0);
+    nonfinite |= __ldcg(row + 5 * plane + i) != A(0);
+  }
+  RowStats<A> r{};
+  r.nonzero = __syncthreads_or(nonzero);  // uniform across the block, as the return below
+  r.nonfinite = __syncthreads_or(nonfinite);
+  if (norm != kL2 || !r.nonzero) return r;
+  r.largest = block_max(largest, scratch);
+  const bool infinite = isinf(r.largest);
+  A squares = 0, dot = 0, delta_squares = 0;
+  for (int64_t i = t; i < tiles; i += nt) {
+    const A m = __ldcg(row + i), factor = infinite ? A(isinf(m) ? 1 : 0) : m / r.largest;
+    squares += __ldcg(row + plane + i) * factor * factor, dot += __ldcg(row + 2 * plane + i) * factor;
+    delta_squares += __ldcg(row + 3 * plane + i);
+  }
+  r.squares = block_sum(squares, scratch);
+  r.dot = block_sum(dot, scratch);
+  r.delta_squares = block_sum(delta_squares, scratch);
+  return r;
+}
+
+// The step of a class whose gradient is non-zero (stats r) into delta_row[begin, end), by the whole
+// block; grad_row is read through L2 (other blocks may have written it). l2: the moved row's norm is
+// ||delta + a g / M||^2 = ||delta||^2 + 2 a <delta, g / M> + a^2 ||g / M||^2, never formed.
+template <typename T, typename G, typename A>
+__device__ void apply_step(T* delta_row, const G* grad_row, int64_t begin, int64_t end, A step, A eps, A direction,
+                           int norm, const RowStats<A>& r) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  if (norm == kLinf) {
+    for (int64_t j = begin + t; j < end; j += nt) {
+      const A moved = A(load_as_acc(delta_row[j])) + step * direction * sign_of(A(load_as_acc(__ldcg(grad_row + j))));
+      delta_row[j] = store_from<T>(nan_max(nan_min(moved, eps), -eps));
+    }
+    return;
+  }
+  const A tiny = isinf(r.largest) ? A(0) : A(1e-12) / r.largest;  // the definition's 1e-12, scaled alike
+  const A along = step * direction / (sqrt(r.squares) + tiny);
+  // rounding may take the expansion a hair below 0 where the moved row is 0
+  const A moved_squares = r.delta_squares + A(2) * along * r.dot + along * along * r.squares;
+  const A length = sqrt(moved_squares > A(0) ? moved_squares : A(0));
+  const A radius = eps - eps * l2_radius_margin<A>();
+  const bool outside = length > radius;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    const A moved = A(load_as_acc(delta_row[j])) + along * l2_scaled(A(load_as_acc(__ldcg(grad_row + j))), r.largest);
+    delta_row[j] = store_from<T>(outside ? moved * (radius / length) : moved);
+  }
+}
+
+// Unguarded linf in one launch: an entry's step needs no norm. Whether the class's gradient is non-zero
+// somewhere matters only to a tile whose own gradient is zero and whose delta lies outside the ball
+// (clamped if the class moves, kept if not): that tile alone scans its row.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_linf_tile_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                     int64_t D, int64_t tile) {
+  using A = acc_t<T>;
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
+  const int t = threadIdx.x, nt = blockDim.x;
+  T* delta_row = delta + c * D;
+  const G* grad_row = grad + c * D;
+  int nonzero = 0, outside = 0;
+  for (int64_t j = begin + t; j < end; j += nt) {
+    nonzero |= A(load_as_acc(grad_row[j])) != A(0);
+    outside |= A(fabs(A(load_as_acc(delta_row[j])))) > eps[c];
+  }
+  bool active = __syncthreads_or(nonzero);  // uniform across the block, as every vote below
+  if (!active && __syncthreads_or(outside)) {
+    int any = 0;
+    for (int64_t j = t; j < D; j += nt) any |= A(load_as_acc(grad_row[j])) != A(0);
+    active = __syncthreads_or(any);
+  }
+  if (active) apply_step(delta_row, grad_row, begin, end, step[c], eps[c], direction[c], kLinf, RowStats<A>{});
+}
+
+// Phase 1: block (tile, class) writes its partials (the flags always, the sums for l2).
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_tile_stats_kernel(const T* delta, const G* grad, int64_t D, int64_t tile, int norm, acc_t<T>* stats) {
+  __shared__ acc_t<T> scratch[kReduceThreads];
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile;
+  tile_partials(delta + c * D, grad + c * D, begin, min64(D, begin + tile), norm,
+                stats + c * gridDim.x + blockIdx.x, int64_t(gridDim.x) * gridDim.y, scratch);
+}
+
+// Phase 2: block (tile, class) combines its row's partials and updates its tile; the guard (`ok` not
+// null) as in pgd_step_kernel, the class counted into *skipped by its tile 0.
+template <typename T, typename G>
+__global__ void __launch_bounds__(kReduceThreads)
+pgd_tile_update_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
+                       int64_t D, int64_t tile, int norm, const acc_t<T>* stats, const bool* ok,
+                       unsigned long long* skipped) {
+  __shared__ acc_t<T> scratch[kReduceThreads];
+  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, tiles = gridDim.x;
+  const RowStats<acc_t<T>> r = combine_row_stats(stats + c * tiles, tiles, tiles * gridDim.y, norm, scratch);
+  if (ok != nullptr) {
+    const bool batch_ok = *ok;
+    if (r.nonfinite && batch_ok && blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(skipped, 1ULL);
+    if (r.nonfinite || !batch_ok) return;
+  }
+  if (r.nonzero) apply_step(delta + c * D, grad + c * D, begin, min64(D, begin + tile), step[c], eps[c], direction[c], norm, r);
+}
+
 // Class sum of grad_out (times h for scale) for the fused kernel: no grad_h is written.
 template <typename T>
 struct ClassGradTerm {
@@ -112,172 +274,48 @@ struct ClassGradTerm {
 // Block (group tile blockIdx.x, class c = blockIdx.y, sample split blockIdx.z): class c's gradient over
 // its split-th share of samples for the tile's groups, into part[(split, c, k)] (fp32/fp64, never
 // rounded), read V elements at a time as in class_reduce_kernel (V > 1: 16-byte loads of grad_out and
-// h). The block that completes class c (the last of its tiles x splits to arrive, counted in
-// arrivals[c]) adds the splits in order into grad row c and runs the PGD update of delta row c, in
-// the same launch. The other blocks of the class never wait: they have finished when they arrive.
+// h). The block completing a (tile, class) (the last of its splits to arrive, counted in
+// arrivals[K + c * tiles + tile]) adds the splits in order into grad row c's tile and writes the
+// tile's partials (tile_partials, as pgd_step's split grid); the block completing class c (the last
+// of its tiles, counted in arrivals[c]) combines them and writes the PGD update of delta row c in one
+// pass, all in the same launch. The other blocks never wait: they have finished when they arrive.
 template <int V, bool RUN, typename T, typename TD>
 __global__ void __launch_bounds__(kReduceThreads)
 class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* order, const int64_t* offsets,
                            const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction, GroupShape s,
-                           int norm, acc_t<T>* part, acc_t<T>* grad, int* arrivals) {
+                           int norm, acc_t<T>* part, acc_t<T>* grad, acc_t<T>* stats, int* arrivals) {
   using A = acc_t<T>;
-  __shared__ A scratch[kReduceThreads * (RUN ? 1 : V)];  // pgd_update_row uses the first kReduceThreads
+  __shared__ A scratch[kReduceThreads * (RUN ? 1 : V)];  // the row functions use the first kReduceThreads
   __shared__ int completes;
-  const int64_t c = blockIdx.y, K = gridDim.y, splits = gridDim.z;
+  const int64_t c = blockIdx.y, K = gridDim.y, tiles = gridDim.x, splits = gridDim.z;
   block_class_partials<V, RUN>(term, order, offsets, s, K, part, static_cast<A*>(nullptr), scratch);
-  __threadfence();  // this thread's partials are visible device-wide before the block's arrival counts
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    completes = atomicAdd(arrivals + c, 1) == int(gridDim.x * gridDim.z) - 1;
-  }
-  __syncthreads();
-  if (!completes) return;  // uniform across the block
-  __threadfence();
   const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  // Whether this block is the last to arrive at `counter`, out of `expected` (uniform across the block).
+  const auto last_to_arrive = [&](int* counter, int64_t expected) {
+    __threadfence();  // this thread's stores are visible device-wide before the block's arrival counts
+    __syncthreads();
+    if (t == 0) completes = atomicAdd(counter, 1) == int(expected) - 1;
+    __syncthreads();
+    const bool last = completes;
+    __syncthreads();  // `completes` is read by every thread before it can be written again
+    __threadfence();
+    return last;
+  };
+  if (!last_to_arrive(arrivals + K + c * tiles + blockIdx.x, splits)) return;
+  const int64_t groups = int64_t(blockDim.x) * (RUN ? 1 : V), begin = int64_t(blockIdx.x) * groups;
+  const int64_t end = min64(s.D, begin + groups);
   A* grad_row = grad + c * s.D;
-  for (int64_t j = t; j < s.D; j += nt) {
+  for (int64_t j = begin + t; j < end; j += nt) {
     A total = 0;
     for (int64_t i = 0; i < splits; ++i) total += __ldcg(part + (i * K + c) * s.D + j);  // L2: other SMs wrote them
     grad_row[j] = total;
   }
-  __syncthreads();  // the row written above is read by other threads of this block below
-  pgd_update_row(delta + c * s.D, grad_row, s.D, step[c], eps[c], direction[c], norm, scratch);
-}
-
-// ---- The split grid: blocks over (feature tile blockIdx.x, class blockIdx.y), for few classes with long
-// rows (lpa_kernels/pgd/split.py, split_block; the scheme is lpa_kernels/pgd/triton_kernels.py's). ----
-
-// The first phase's partials per (class, tile), stats[i][c][tile] for i < 6 (lpa_kernels/pgd/split.py,
-// N_STATS): largest |g|, sum (g / largest)^2, sum delta * g / largest, sum delta^2, any g != 0, any g
-// non-finite.
-// Threads per block of the split grid: its tiles are short (64 to 1024 entries).
-constexpr int kSplitThreads = 128;
-
-// Unguarded linf in one launch: an entry's step needs no norm. Whether the class's gradient is non-zero
-// somewhere matters only to a tile whose own gradient is zero and whose delta lies outside the ball
-// (clamped if the class moves, kept if not): that tile alone scans its row.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kReduceThreads)
-pgd_linf_tile_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
-                     int64_t D, int64_t tile) {
-  using A = acc_t<T>;
-  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
-  const int t = threadIdx.x, nt = blockDim.x;
-  T* delta_row = delta + c * D;
-  const G* grad_row = grad + c * D;
-  const A e = eps[c];
-  int nonzero = 0, outside = 0;
-  for (int64_t j = begin + t; j < end; j += nt) {
-    nonzero |= A(load_as_acc(grad_row[j])) != A(0);
-    outside |= A(fabs(A(load_as_acc(delta_row[j])))) > e;
-  }
-  bool active = __syncthreads_or(nonzero);  // uniform across the block, as every vote below
-  if (!active && __syncthreads_or(outside)) {
-    int any = 0;
-    for (int64_t j = t; j < D; j += nt) any |= A(load_as_acc(grad_row[j])) != A(0);
-    active = __syncthreads_or(any);
-  }
-  if (!active) return;
-  for (int64_t j = begin + t; j < end; j += nt) {
-    const A moved = A(load_as_acc(delta_row[j])) + step[c] * direction[c] * sign_of(A(load_as_acc(grad_row[j])));
-    delta_row[j] = store_from<T>(nan_max(nan_min(moved, e), -e));
-  }
-}
-
-// Phase 1: block (tile, class) writes its stats (the flags always, the sums for l2).
-template <typename T, typename G>
-__global__ void __launch_bounds__(kReduceThreads)
-pgd_tile_stats_kernel(const T* delta, const G* grad, int64_t D, int64_t tile, int norm, acc_t<T>* stats) {
-  using A = acc_t<T>;
-  __shared__ A scratch[kReduceThreads];
-  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
-  const int64_t plane = int64_t(gridDim.x) * gridDim.y, at = c * gridDim.x + blockIdx.x;
-  const int t = threadIdx.x, nt = blockDim.x;
-  A largest = 0;
-  int nonzero = 0, nonfinite = 0;
-  for (int64_t j = begin + t; j < end; j += nt) {
-    const A g = load_as_acc(grad[c * D + j]);
-    largest = nan_max(largest, A(fabs(g)));
-    nonzero |= g != A(0);
-    nonfinite |= !isfinite(g);
-  }
-  nonzero = __syncthreads_or(nonzero);
-  nonfinite = __syncthreads_or(nonfinite);
-  if (t == 0) stats[4 * plane + at] = A(nonzero), stats[5 * plane + at] = A(nonfinite);
-  if (norm != kL2) return;
-  largest = block_max(largest, scratch);
-  const A by = largest > A(0) ? largest : A(1);  // an all-zero tile: sums of 0, no 0 / 0
-  A squares = 0, dot = 0, delta_squares = 0;
-  for (int64_t j = begin + t; j < end; j += nt) {
-    const A s = l2_scaled(A(load_as_acc(grad[c * D + j])), by), d = load_as_acc(delta[c * D + j]);
-    squares += s * s, dot += d * s, delta_squares += d * d;
-  }
-  squares = block_sum(squares, scratch);
-  dot = block_sum(dot, scratch);
-  delta_squares = block_sum(delta_squares, scratch);
-  if (t == 0) stats[at] = largest, stats[plane + at] = squares, stats[2 * plane + at] = dot, stats[3 * plane + at] = delta_squares;
-}
-
-// Phase 2: block (tile, class) combines its row's stats and updates its tile; the guard (`ok` not null)
-// as in pgd_step_kernel, the class counted into *skipped by its tile 0. For l2, with M = max_b m_b:
-// ||g / M||^2 = sum_b s_b (m_b / M)^2 (tiles holding Inf: factor 1, the others 0, as l2_scaled) and
-// ||delta + a g / M||^2 = ||delta||^2 + 2 a <delta, g / M> + a^2 ||g / M||^2.
-template <typename T, typename G>
-__global__ void __launch_bounds__(kReduceThreads)
-pgd_tile_update_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
-                       int64_t D, int64_t tile, int norm, const acc_t<T>* stats, const bool* ok,
-                       unsigned long long* skipped) {
-  using A = acc_t<T>;
-  __shared__ A scratch[kReduceThreads];
-  const int64_t c = blockIdx.y, begin = int64_t(blockIdx.x) * tile, end = min64(D, begin + tile);
-  const int64_t tiles = gridDim.x, plane = tiles * gridDim.y;
-  const A* row = stats + c * tiles;
-  const int t = threadIdx.x, nt = blockDim.x;
-  A largest = 0;
-  int nonzero = 0, nonfinite = 0;
-  for (int64_t i = t; i < tiles; i += nt) {
-    largest = nan_max(largest, row[i]);
-    nonzero |= row[4 * plane + i] != A(0);
-    nonfinite |= row[5 * plane + i] != A(0);
-  }
-  nonzero = __syncthreads_or(nonzero);  // uniform across the block, as the returns below
-  nonfinite = __syncthreads_or(nonfinite);
-  if (ok != nullptr) {
-    const bool batch_ok = *ok;
-    if (nonfinite && batch_ok && blockIdx.x == 0 && t == 0) atomicAdd(skipped, 1ULL);
-    if (nonfinite || !batch_ok) return;
-  }
-  if (!nonzero) return;
-  T* delta_row = delta + c * D;
-  const G* grad_row = grad + c * D;
-  if (norm == kLinf) {
-    for (int64_t j = begin + t; j < end; j += nt) {
-      const A moved = A(load_as_acc(delta_row[j])) + step[c] * direction[c] * sign_of(A(load_as_acc(grad_row[j])));
-      delta_row[j] = store_from<T>(nan_max(nan_min(moved, eps[c]), -eps[c]));
-    }
-    return;
-  }
-  largest = block_max(largest, scratch);
-  const bool infinite = isinf(largest);
-  A squares = 0, dot = 0, delta_squares = 0;
-  for (int64_t i = t; i < tiles; i += nt) {
-    const A factor = infinite ? A(isinf(row[i]) ? 1 : 0) : row[i] / largest;
-    squares += row[plane + i] * factor * factor, dot += row[2 * plane + i] * factor, delta_squares += row[3 * plane + i];
-  }
-  squares = block_sum(squares, scratch);
-  dot = block_sum(dot, scratch);
-  delta_squares = block_sum(delta_squares, scratch);
-  const A tiny = infinite ? A(0) : A(1e-12) / largest;  // the definition's 1e-12, scaled alike
-  const A along = step[c] * direction[c] / (sqrt(squares) + tiny);
-  // rounding may take the expansion a hair below 0 where the moved row is 0
-  const A moved_squares = delta_squares + A(2) * along * dot + along * along * squares;
-  const A length = sqrt(moved_squares > A(0) ? moved_squares : A(0));
-  const A radius = eps[c] - eps[c] * l2_radius_margin<A>();
-  const bool outside = length > radius;
-  for (int64_t j = begin + t; j < end; j += nt) {
-    const A moved = A(load_as_acc(delta_row[j])) + along * l2_scaled(A(load_as_acc(grad_row[j])), largest);
-    delta_row[j] = store_from<T>(outside ? moved * (radius / length) : moved);
-  }
+  TD* delta_row = delta + c * s.D;
+  tile_partials(delta_row, static_cast<const A*>(grad_row), begin, end, norm, stats + c * tiles + blockIdx.x, K * tiles,
+                scratch);
+  if (!last_to_arrive(arrivals + c, tiles)) return;
+  const RowStats<A> r = combine_row_stats(stats + c * tiles, tiles, K * tiles, norm, scratch);
+  if (r.nonzero) apply_step(delta_row, static_cast<const A*>(grad_row), 0, s.D, step[c], eps[c], direction[c], norm, r);
 }
 
 template <typename T, typename G>
@@ -323,33 +361,35 @@ void pgd_step(void* delta, const void* grad, const void* step, const void* eps, 
 template <typename T, typename TD>
 void launch_class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
                                 const int64_t* offsets, const void* step, const void* eps, const void* direction,
-                                int64_t K, const GroupShape& s, int mode, int norm, int64_t splits, void* workspace,
-                                int* arrivals, cudaStream_t stream) {
+                                int64_t K, const GroupShape& s, int mode, int norm, int64_t splits, int64_t max_tiles,
+                                void* workspace, int* arrivals, cudaStream_t stream) {
   using A = acc_t<T>;
   const ClassGradTerm<T> term{static_cast<const T*>(grad_out), static_cast<const T*>(h), mode};
   const bool aligned = aligned16(grad_out) && (mode != kScale || aligned16(h));
   A* part = static_cast<A*>(workspace);
   dispatch_class_reduce<T>(aligned, s, K, splits, [&](auto width, dim3 grid, dim3 block) {
     using W = decltype(width);
+    if (grid.x > max_tiles) throw std::invalid_argument("class_grad_pgd_step: more group tiles than max_tiles");
     class_grad_pgd_step_kernel<W::V, W::RUN, T, TD><<<grid, block, 0, stream>>>(
         static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
-        static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, arrivals);
+        static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, part + (splits + 1) * K * s.D,
+        arrivals);
   });
 }
 
 void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const int64_t* order,
                          const int64_t* offsets, const void* step, const void* eps, const void* direction, int64_t K,
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
-                         int64_t splits, void* workspace, int* arrivals, cudaStream_t stream) {
+                         int64_t splits, int64_t max_tiles, void* workspace, int* arrivals, cudaStream_t stream) {
   const GroupShape s{F, D, inner, F / (D * inner)};
   check_class_grid(s, K, splits, "class_grad_pgd_step");
   // The per-class step/eps/direction and the workspace are in the gradient's acc type; delta may be
   // any dtype whose acc type matches it (float32 delta with half gradients, or the gradient's own).
   LPA_DISPATCH(dtype, "class_grad_pgd_step", {
     if (delta_dtype == dtype) {
-      launch_class_grad_pgd_step<scalar_t, scalar_t>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, workspace, arrivals, stream);
+      launch_class_grad_pgd_step<scalar_t, scalar_t>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, max_tiles, workspace, arrivals, stream);
     } else if (delta_dtype == (std::is_same_v<acc_t<scalar_t>, double> ? kFloat64 : kFloat32)) {
-      launch_class_grad_pgd_step<scalar_t, acc_t<scalar_t>>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, workspace, arrivals, stream);
+      launch_class_grad_pgd_step<scalar_t, acc_t<scalar_t>>(delta, grad_out, h, order, offsets, step, eps, direction, K, s, mode, norm, splits, max_tiles, workspace, arrivals, stream);
     } else {
       throw std::invalid_argument("class_grad_pgd_step: delta must have grad_out's dtype or its accumulation dtype");
     }

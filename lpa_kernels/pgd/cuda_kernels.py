@@ -50,14 +50,28 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
     # through an accumulation-dtype copy, written back (rounded once).
     kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
     step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
-    # Blocks over (group tile, class, sample split): per-split partial sums, then the class gradient.
+    # Blocks over (group tile, class, sample split).
     splits = cuda.reduce_splits(delta.device, K, D, inner, grad_out.shape[0], kdtype.itemsize)
-    workspace = torch.empty((splits + 1, K, D), dtype=acc, device=delta.device)
-    arrivals = torch.zeros(K, dtype=torch.int32, device=delta.device)
+    max_tiles = _max_group_tiles(D, inner)
+    workspace, arrivals = class_grad_workspace(K, D, splits, max_tiles, acc, delta.device)
     order, offsets = class_order(labels, K)
     cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
                 order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K, F, D,
                 inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype), cuda.code(kdelta.dtype),
-                splits, workspace.data_ptr(), arrivals.data_ptr())
+                splits, max_tiles, workspace.data_ptr(), arrivals.data_ptr())
     if kdelta is not delta:
         delta.copy_(kdelta)
+
+
+def _max_group_tiles(D: int, inner: int) -> int:
+    """An upper bound on the group tiles of the class reduction's grid (``reduce_block`` in
+    ``csrc/class_reduce.cuh``): a tile holds at least min(32, D) groups when ``inner == 1``, one otherwise."""
+    return D if inner > 1 else -(-D // min(32, D))
+
+
+def class_grad_workspace(K: int, D: int, splits: int, max_tiles: int, acc: torch.dtype, device: torch.device):
+    """``(workspace, arrivals)`` of the fused kernel: the per-split partial sums ``(splits, K, D)``, then
+    the class gradient ``(K, D)``, then the per-tile partials of the update ``(split.N_STATS, K,
+    max_tiles)``, flat, in ``acc``; arrival counts (zero) per class and per (class, tile)."""
+    workspace = torch.empty((splits + 1) * K * D + split.N_STATS * K * max_tiles, dtype=acc, device=device)
+    return workspace, torch.zeros(K * (1 + max_tiles), dtype=torch.int32, device=device)

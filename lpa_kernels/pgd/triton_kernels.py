@@ -208,19 +208,18 @@ def _class_grad_pgd_step_kernel(
 
 
 @triton.jit
-def _split_program(D, BLOCK: tl.constexpr):
-    """Program (feature block b, class c) of the split grid: ``(b, c, row offset c * D, the entries d of
-    its block, d < D)``."""
-    b, c = tl.program_id(0), tl.program_id(1)
+def _split_block(b, c, D, BLOCK: tl.constexpr):
+    """Feature block b of class c on the split grid: ``(row offset c * D, its entries d, d < D)``."""
     d = b * BLOCK + tl.arange(0, BLOCK)
-    return b, c, c.to(tl.int64) * D, d, d < D
+    return c.to(tl.int64) * D, d, d < D
 
 
 @triton.jit
 def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
     # Program (feature block b, class c) of the unguarded linf step (see the module doc).
-    b, c, row, d, mask = _split_program(D, BLOCK)
+    b, c = tl.program_id(0), tl.program_id(1)
+    row, d, mask = _split_block(b, c, D, BLOCK)
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
     old = tl.load(delta_ptr + row + d, mask=mask, other=0).to(ACC)
     eps = tl.load(eps_ptr + c).to(ACC)
@@ -237,7 +236,8 @@ def _linf_split_kernel(delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, D,
 def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr):
     # Phase 1 of the split step: program (feature block b, class c) writes stats[:, c, b].
-    b, c, row, d, mask = _split_program(D, BLOCK)
+    b, c = tl.program_id(0), tl.program_id(1)
+    row, d, mask = _split_block(b, c, D, BLOCK)
     g = tl.load(grad_ptr + row + d, mask=mask, other=0).to(ACC)
     _store_partials(stats_ptr + c * NB + b, K * NB, g, delta_ptr + row + d, mask, L2, ACC)
 
@@ -300,7 +300,8 @@ def _block_update_kernel(
 ):
     # Phase 2 of the split step: program (feature block b, class c) updates delta[c, block b] from its
     # row's partials (GUARD as in _pgd_step_kernel; the class's block 0 counts it into *skipped_ptr).
-    b, c, row, d, _ = _split_program(D, BLOCK)
+    b, c = tl.program_id(0), tl.program_id(1)
+    row, d, _ = _split_block(b, c, D, BLOCK)
     active, finite, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, c, K, NB, L2, ACC, STATS_BLOCK)
     if GUARD:
         ok = tl.load(ok_ptr) != 0

@@ -219,10 +219,12 @@ def test_class_grad_pgd_step(launchers, dtype, case, mode, norm, aligned):
 @pytest.mark.parametrize("case", CLASS_GRAD_PGD_CASES)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
-def test_class_grad_pgd_step_sums_in_the_class_reductions_order(launchers, case, mode, aligned):
-    """float32, 300 samples (split across blocks): the fused kernel's update equals, bit for bit, the class
-    reduction (perturb backward) followed by pgd_step. The two paths sum in different orders, so this
-    also checks that both kernels take the same one (a misaligned grad_out (add) or h (scale): scalar)."""
+def test_class_grad_pgd_step_sums_in_the_class_reductions_order(launchers, monkeypatch, case, mode, aligned):
+    """float32, 300 samples (split across blocks): the fused kernel's class gradient (its workspace row)
+    equals, bit for bit, the class reduction's (perturb backward). The two paths sum in different orders,
+    so this checks that both take the same one (a misaligned grad_out (add) or h (scale): scalar). Its
+    update then equals pgd_step on that gradient up to the rounding of the norms (the fused kernel
+    combines per-tile partials, as pgd_step's split grid does with other tiles)."""
     features, delta_shape = CLASS_GRAD_PGD_CASES[case]
     shape = (300, *features)
     grad_out = torch.randn(shape) if aligned or mode == "scale" else _misaligned(shape, torch.float32)
@@ -232,12 +234,20 @@ def test_class_grad_pgd_step_sums_in_the_class_reductions_order(launchers, case,
     D, inner = delta_layout(features, delta.shape)
     assert launchers.reduce_splits(torch.device("cpu"), 3, D, inner, 300, 4) > 1, "the emulated device must split here"
     step, eps, direction = torch.tensor([0.05, 0.1, 0.2]), torch.tensor([0.3, 0.2, 0.4]), torch.tensor([1.0, -1.0, 1.0])
+    workspaces, allocate = [], pgd_cuda.class_grad_workspace
+
+    def recording(K, D, splits, *rest):
+        workspaces.append((splits, allocate(K, D, splits, *rest)))
+        return workspaces[-1][1]
+    monkeypatch.setattr(pgd_cuda, "class_grad_workspace", recording)
     fused = delta.clone()
     launchers.class_grad_pgd_step(_flat(fused), _flat(grad_out), labels, _flat(h), step, eps, direction, inner, mode, "l2")
     grad = launchers.perturb_backward(_flat(grad_out), _flat(h), labels, None, 3, D, inner, mode, False, torch.float32)[1]
-    unfused = _flat(delta).clone()
-    launchers.pgd_step(unfused, grad, step, eps, direction, "l2")
-    assert torch.equal(_flat(fused), unfused), "the fused class gradient is summed in another order"
+    [(splits, (workspace, _))] = workspaces
+    assert torch.equal(workspace[splits * 3 * D:(splits + 1) * 3 * D].view(3, D), grad), \
+        "the fused class gradient is summed in another order"
+    ref = pgd_naive.pgd_step_(_flat(delta).double(), grad.double(), step.double(), eps.double(), direction.double(), "l2")
+    assert_close_to_reference(_flat(fused), ref, what="fused l2 step on the class gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
