@@ -201,9 +201,9 @@ def _class_grad_pgd_step_kernel(
             step, eps, along, scale, largest, infinite = _step_coefficients(
                 step_ptr, eps_ptr, direction_ptr, c, largest, sumsq, dot, delta_sumsq, radius_margin, ACC)
             written = tl.where(active, D, 0)  # an inactive class writes nothing
-            for d0 in range(0, D, BLOCK_UPDATE):
-                d = d0 + tl.arange(0, BLOCK_UPDATE)
-                _apply_step(delta_ptr + row, scratch_ptr + scratch_row, d, d < written, step, eps, along, scale,
+            for e0 in range(0, D, BLOCK_UPDATE):  # (not d: a loop may not change its shape)
+                e = e0 + tl.arange(0, BLOCK_UPDATE)
+                _apply_step(delta_ptr + row, scratch_ptr + scratch_row, e, e < written, step, eps, along, scale,
                             largest, infinite, L2, ACC)
 
 
