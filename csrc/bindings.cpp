@@ -103,6 +103,11 @@ PYBIND11_MODULE(_lpa_cuda, m) {
     lpa::softmax_xent_grad(vptr(out), vptr(p_true), vptr(logits), vptr(shift), ptr<const int64_t>(labels), B, K, dtype,
                            stream_of(stream));
   });
+  m.def("softmax_class_sum", [](uintptr_t sums, uintptr_t p_true, uintptr_t scratch, uintptr_t logits, uintptr_t shift,
+                                uintptr_t order, uintptr_t starts, int64_t B, int64_t K, int dtype, uintptr_t stream) {
+    lpa::softmax_class_sum(vptr(sums), vptr(p_true), vptr(scratch), vptr(logits), vptr(shift), ptr<const int64_t>(order),
+                           ptr<const int64_t>(starts), B, K, dtype, stream_of(stream));
+  });
   m.def("linear_forward", [](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
                              uintptr_t labels, uintptr_t delta, int64_t M, int64_t N, int64_t Kin,
                              int64_t rows_per_label, int activation, int mode, int dtype, uintptr_t stream) {

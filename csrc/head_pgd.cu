@@ -13,6 +13,15 @@
 // fixed tree order in shared memory (deterministic). Pass 2 writes the probabilities minus the one-hot
 // term. out may alias logits: every element is read before it is written, by the thread that writes it.
 // Rows whose length is a multiple of 16 bytes go through 16-byte vector loads and stores.
+//
+// softmax_class_sum: the class-space step of head_pgd fused (loop.py's HeadKernels.softmax_class_sum):
+// sums[c, k] = sum over class c's samples b of softmax(logits[b] + shift[c])[k] - [k == c] * n_c, and
+// p_true[b] when p_true is not null. One block per class c walks its samples in the label plan's order
+// (order[starts[c]:starts[c + 1]]): phase 1 gives each sample the softmax_xent_grad row layout above
+// (lanes x rows, fixed-order combinations) and writes its pivot and 1 / sum into scratch (2, B); after
+// a block barrier, phase 2 gives each thread columns k, k + 256, ... and sums exp(z - pivot) / sum over
+// the class's samples in order (deterministic). Every row of sums is written (absent classes: zeros),
+// so no zero fill, no (B, K) probabilities and no separate class reduction.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -131,6 +140,74 @@ void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* 
     }
   })
   check_launch("softmax_xent_grad_kernel");
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+softmax_class_sum_kernel(T* sums, acc_t<T>* p_true, acc_t<T>* scratch, const T* logits, const T* shift,
+                         const int64_t* order, const int64_t* starts, int64_t B, int64_t K) {
+  using A = acc_t<T>;
+  __shared__ A combine_scratch[kBlockThreads];
+  const int64_t c = blockIdx.x, start = starts[c], end = starts[c + 1];
+  const T* shift_row = shift + c * K;
+  const int lane = threadIdx.x, lanes = blockDim.x;
+
+  // Phase 1: blockDim.y samples at a time; every thread runs the same number of rounds (row_combine
+  // holds __syncthreads), rounds past the class's end contribute nothing.
+  for (int64_t first = start; first < end; first += blockDim.y) {
+    const int64_t i = first + threadIdx.y;
+    const bool live = i < end;
+    const T* z_row = logits + (live ? order[i] : 0) * K;
+    A lane_max = -INFINITY, lane_sum = 0;
+    if (live) {
+      for (int64_t k = lane; k < K; k += lanes) {
+        const A v = load_as_acc(z_row[k]) + load_as_acc(shift_row[k]);
+        if (v > lane_max) {
+          lane_sum = lane_sum * exp(lane_max - v) + A(1);
+          lane_max = v;
+        } else if (v != -INFINITY) {
+          lane_sum += exp(v - lane_max);
+        }
+      }
+    }
+    const A row_max = row_combine(lane_max, combine_scratch, [](A a, A b) { return nan_max(a, b); });
+    const A pivot = row_max == -INFINITY ? A(0) : row_max;
+    const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
+    const A row_sum = row_combine(rescaled, combine_scratch, [](A a, A b) { return a + b; });
+    if (live && lane == 0) {
+      const A inv_sum = A(1) / row_sum;
+      scratch[i] = pivot;
+      scratch[B + i] = inv_sum;
+      if (p_true != nullptr) {
+        p_true[order[i]] = exp(load_as_acc(z_row[c]) + load_as_acc(shift_row[c]) - pivot) * inv_sum;
+      }
+    }
+  }
+  __syncthreads();  // phase 2 reads the scratch other threads of the block wrote
+
+  // Phase 2: thread t sums its columns over the class's samples, in order.
+  for (int64_t k = threadIdx.y * lanes + lane; k < K; k += kBlockThreads) {
+    const A offset = load_as_acc(shift_row[k]);
+    A total = 0;
+    for (int64_t i = start; i < end; ++i) {
+      total += exp(load_as_acc(logits[order[i] * K + k]) + offset - scratch[i]) * scratch[B + i];
+    }
+    sums[c * K + k] = store_from<T>(k == c ? total - A(end - start) : total);
+  }
+}
+
+void softmax_class_sum(void* sums, void* p_true, void* scratch, const void* logits, const void* shift,
+                       const int64_t* order, const int64_t* starts, int64_t B, int64_t K, int dtype,
+                       cudaStream_t stream) {
+  if (K > 2147483647LL) throw std::invalid_argument("softmax_class_sum: too many classes");
+  if (K == 0) return;
+  const int lanes = K >= kWideRow ? kBlockThreads : 32, rows = kBlockThreads / lanes;
+  LPA_DISPATCH(dtype, "softmax_class_sum", {
+    softmax_class_sum_kernel<scalar_t><<<static_cast<unsigned>(K), dim3(lanes, rows), 0, stream>>>(
+        static_cast<scalar_t*>(sums), static_cast<acc_t<scalar_t>*>(p_true), static_cast<acc_t<scalar_t>*>(scratch),
+        static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(shift), order, starts, B, K);
+  })
+  check_launch("softmax_class_sum_kernel");
 }
 
 }  // namespace lpa

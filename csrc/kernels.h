@@ -62,6 +62,13 @@ void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const
 void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
                        int64_t K, int dtype, cudaStream_t stream);
 
+// Per class c, sums[c] = sum over its samples b of softmax(logits[b] + shift[c]) - onehot(c), for (B, K)
+// logits and (K, K) shift and sums of dtype `dtype`; class c's samples are order[starts[c]:starts[c + 1]]
+// (int64); scratch (2, B) acc type; p_true[b] (acc type, may be null) = the true class's probability.
+void softmax_class_sum(void* sums, void* p_true, void* scratch, const void* logits, const void* shift,
+                       const int64_t* order, const int64_t* starts, int64_t B, int64_t K, int dtype,
+                       cudaStream_t stream);
+
 // Tensor-core GEMM x (M, Kin) @ weight (N, Kin)^T with the bias/activation/perturb epilogue
 // (float16/bfloat16 only). Row m uses labels[m / rows_per_label]; preact (M, N) may be null.
 void linear_forward(void* out, void* preact, const void* x, const void* weight, const void* bias,

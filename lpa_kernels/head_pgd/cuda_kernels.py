@@ -1,6 +1,6 @@
 """CUDA C++ launchers of ``head_pgd_`` (``csrc/head_pgd.cu``): :class:`~lpa_kernels.head_pgd.backends.HeadPGDLaunchers`,
-``loop.run_head_pgd`` on the CUDA C++ ``perturb`` and ``pgd`` launchers plus the row-wise softmax kernel
-(GEMMs by cuBLAS)."""
+``loop.run_head_pgd`` on the CUDA C++ ``perturb`` and ``pgd`` launchers plus two kernels of its own: the
+row-wise softmax (rows form) and the softmax summed per class (class-space form); GEMMs by cuBLAS."""
 
 from __future__ import annotations
 
@@ -21,8 +21,16 @@ def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
                 cuda.ptr(shift), klabels.data_ptr(), batch, num_classes, cuda.code(logits.dtype))
 
 
+def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
+    """``HeadKernels.softmax_class_sum``: one block per class (``order``, ``starts`` int64, from the label plan)."""
+    batch, num_classes = logits.shape
+    cuda.launch("softmax_class_sum", logits.device, sums.data_ptr(), cuda.ptr(p_true), scratch.data_ptr(),
+                logits.data_ptr(), shift.data_ptr(), order.data_ptr(), starts.data_ptr(), batch, num_classes,
+                cuda.code(logits.dtype))
+
+
 KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward),
-                      softmax_xent_grad=softmax_xent_grad, pgd_step=pgd_step)
+                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:

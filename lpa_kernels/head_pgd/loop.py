@@ -12,7 +12,9 @@ PGD step needs no autograd: two GEMMs, a row-wise softmax and a per-class sum. T
 * **class space** (``add`` only): the logits are affine in delta, ``Z_t = (h @ W.T + b) + E_t[y]`` with
   ``E_t = delta_t @ W.T (K x K)``, and the class-summed gradient is ``S_t @ W`` with
   ``S_t[c] = sum_{y_b = c} (P_b - Y_b)`` (``K x K``). ``h @ W.T + b`` is computed once for all steps, so a
-  step costs ``4 K^2 D`` FLOPs plus passes over ``B x K``. Extra memory ``2 B x K + 2 K x K``.
+  step costs ``4 K^2 D`` FLOPs plus two passes over ``B x K``, in four launches: the GEMM ``E_t``, one
+  kernel for the softmax and its per-class sum (``softmax_class_sum``: no ``(B, K)`` probabilities),
+  the GEMM ``S_t @ W`` and the update. Extra memory ``B x K + 2 K x K`` (plus ``K x D``).
 
 Over T steps the rows form does ``4 T B K D`` FLOPs and the class-space form ``2 B K D + 4 T K^2 D``, so
 class space is chosen when ``2 B + 4 T K < 4 T B`` (many samples per class) and its ``B x K`` buffers fit
@@ -23,8 +25,10 @@ fp32 accumulation), the precision of an autograd PGD step on the same tensors. `
 of every gradient entry, and rounding ``h~`` or ``P`` to 16 bits flips the sign of entries near zero,
 moving them by ``2 * step_size``; so ``linf``, and float32/float64 data, run the GEMMs in the
 accumulation dtype (float32 GEMMs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` says so).
-The per-class sums are the deterministic segmented reductions of ``perturb``'s backward, and the
-iterate stays in the accumulation dtype between steps, rounded into ``delta`` once.
+The per-class sums are deterministic (the segmented reductions of ``perturb``'s backward for the rows
+form, a fixed per-class order for ``softmax_class_sum``), and the iterate stays in the accumulation
+dtype between steps, rounded into ``delta`` once. Everything that depends only on the call (the label
+plan, the buffers, ``h @ W.T + b``) is set up once before the steps.
 
 LPL's confidence rule is applied here, in PyTorch, once, from the first step's probabilities.
 """
@@ -37,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lpa_kernels._common import compute_dtype, label_plan, new_output
+from lpa_kernels._common import class_order, compute_dtype, label_plan, new_output
 from lpa_kernels.confidence import confidence_direction
 
 # Logits elements per chunk of rows (256 MiB in float32): bounds the rows form's (chunk, K) buffer, so
@@ -57,13 +61,24 @@ class HeadKernels:
     - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), shift (K, K) or None, p_true (n,) or None)``:
       ``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``out`` may be ``logits``), and the
       true class's probability into ``p_true`` when given;
-    - ``pgd_step(delta, grad, step, eps, direction, norm)``: the in-place projected update.
+    - ``softmax_class_sum(sums (K, K), logits (B, K), shift (K, K), labels (B,), order (B,), starts (K + 1,),
+      p_true (B,) or None, scratch (2, B))``: ``sums[c] = sum_{y_b = c} softmax(logits_b + shift[c]) - onehot(c)``
+      accumulated in ``scratch``'s dtype (the accumulation dtype) and rounded once into ``sums``, in a fixed
+      order; ``(order, starts)`` is ``_common.class_order`` of the labels; the true class's probability into
+      ``p_true`` when given; ``scratch`` is the kernel's to overwrite;
+    - ``pgd_step(delta, grad, step, eps, direction, norm)``: the in-place projected update (``grad`` in
+      ``delta``'s dtype or the GEMM dtype).
+
+    ``uses_label_plan``: whether the kernels take the labels' ``label_plan`` (built once per call when the
+    caller has none), or ignore it (the PyTorch kernels, which sum with ``index_add_``).
     """
 
     perturb: Callable[..., torch.Tensor]
     class_sum: Callable[..., torch.Tensor]
     softmax_xent_grad: Callable[..., None]
+    softmax_class_sum: Callable[..., None]
     pgd_step: Callable[..., None]
+    uses_label_plan: bool = True
 
 
 def class_sum_from(perturb_backward: Callable[..., tuple]) -> Callable[..., torch.Tensor]:
@@ -110,8 +125,8 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
     if gd != dtype:
         total += (batch * features + classes * features) * g
     if use_class_space(batch, classes, steps, mode):
-        # base logits and probabilities (B, K); shift and class probabilities (K, K); S @ W (K, D)
-        return total + 2 * batch * classes * g + classes * classes * (2 * g + a) + classes * features * g
+        # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch
+        return total + batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a
     rows = chunk_rows(batch, classes)
     # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D)
     return total + rows * classes * g + batch * features * g + rows * features * g
@@ -137,37 +152,45 @@ def run_head_pgd(
     ``h (B, D)``, ``labels (B,)``, ``weight (K, D)``, ``bias (K,)`` or None; ``step``, ``eps`` (K,);
     ``direction`` (K,) or None for LPL's confidence rule, fixed from the first step's softmax.
     ``plan``: ``_common.label_plan(labels, K)`` if the caller has it; else it is built here once for
-    all the steps (the class sums of every step share one sort of the labels)."""
+    all the steps (the class sums of every step share one sort of the labels), whatever ``steps``, so
+    that each step after the first costs only its own launches."""
     batch, num_classes = h.shape[0], weight.shape[0]
     if batch == 0 or steps == 0:
         return
-    if plan is None and steps > 1:
+    if plan is None and kernels.uses_label_plan:
         plan = label_plan(labels, num_classes)
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
     h, weight = h.to(gd), weight.to(gd)
     bias = None if bias is None else bias.to(gd)
+    # The kernels' softmax runs in the GEMM dtype's accumulation dtype: its scratch and the probabilities
+    # of the confidence rule are in that dtype.
+    softmax_acc = compute_dtype(gd)
     if use_class_space(batch, num_classes, steps, mode):
-        class_grad = _class_space_grad(h, labels, weight, bias, acc, kernels, plan)
+        class_grad = _class_space_grad(h, labels, weight, bias, softmax_acc, kernels, plan)
     else:
         class_grad = _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels, plan)
-    _pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad, kernels.pgd_step)
+    p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
+    _pgd_loop(delta, labels, steps, step, eps, direction, p_true, norm, acc, class_grad, kernels.pgd_step)
 
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _class_space_grad(h, labels, weight, bias, acc, kernels: HeadKernels, plan) -> GradFn:
-    """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
-    num_classes = weight.shape[0]
+def _class_space_grad(h, labels, weight, bias, softmax_acc, kernels: HeadKernels, plan) -> GradFn:
+    """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in the GEMM dtype."""
+    (batch, features), num_classes = h.shape, weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
-    probs = new_output(base_logits.shape, base_logits.dtype, h.device)
+    order, starts = class_order(labels, num_classes, plan) if kernels.uses_label_plan else (None, None)
+    shift = new_output((num_classes, num_classes), weight.dtype, h.device)  # class c's samples' logit offset
+    class_probs = new_output((num_classes, num_classes), weight.dtype, h.device)
+    grad = new_output((num_classes, features), weight.dtype, h.device)
+    scratch = new_output((2, batch), softmax_acc, h.device)
 
     def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
-        shift = torch.mm(current.to(weight.dtype), weight.t())  # (K, K): class c's samples' logit offset
-        kernels.softmax_xent_grad(probs, base_logits, labels, shift, p_true)
-        class_probs = kernels.class_sum(probs, None, labels, num_classes, "add", acc, plan)  # (K, K)
-        return torch.mm(class_probs.to(weight.dtype), weight).to(acc)
+        torch.mm(current.to(weight.dtype), weight.t(), out=shift)
+        kernels.softmax_class_sum(class_probs, base_logits, shift, labels, order, starts, p_true, scratch)
+        return torch.mm(class_probs, weight, out=grad)
 
     return class_grad
 
@@ -196,11 +219,11 @@ def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels, p
     return class_grad
 
 
-def _pgd_loop(delta, labels, steps, step, eps, direction, norm, acc, class_grad: GradFn, pgd_step) -> None:
-    """``steps`` PGD steps on ``delta`` in place; ``direction`` None means the confidence rule.
-    The iterate stays in ``acc`` between steps and is rounded into ``delta`` once."""
+def _pgd_loop(delta, labels, steps, step, eps, direction, p_true, norm, acc, class_grad: GradFn, pgd_step) -> None:
+    """``steps`` PGD steps on ``delta`` in place; ``direction`` None means the confidence rule, from the
+    first step's true-class probabilities written into ``p_true (B,)``. The iterate stays in ``acc``
+    between steps and is rounded into ``delta`` once."""
     current = delta if delta.dtype == acc else delta.to(acc)
-    p_true = new_output((labels.shape[0],), acc, delta.device) if direction is None else None
     for _ in range(steps):
         grad = class_grad(current, p_true)
         if direction is None:

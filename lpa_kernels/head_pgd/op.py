@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import update_in_place
+from lpa_kernels._common import label_plan, update_in_place
 from lpa_kernels.head_pgd import naive
 from lpa_kernels.head_pgd.backends import launchers
 
@@ -92,6 +92,8 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
     if backend == "reference":
         return naive.head_pgd_(h, labels, weight, bias, delta, steps, step, radius, direction, norm, mode)
     args = [t.detach().contiguous() for t in (h, labels, weight)]
+    if plan is None and steps > 0:  # one sort of the labels for all the steps (also when steps == 1, so
+        plan = label_plan(args[1], delta.shape[0])  # that a call's set-up is the same whatever its steps)
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if isinstance(direction, str) else direction  # None: the launcher applies the confidence rule
     return update_in_place(

@@ -10,6 +10,15 @@ row maximum and the sum of ``exp(z - max)`` rescaled whenever the maximum grows 
 the second writes the probabilities minus the one-hot term (``out`` may be ``logits``: each element
 is read before it is written, by the same program; so is the true class's logit, which pass 1 keeps). ``shift (K, K)`` is the class-space form's logit
 offset per class (absent for the rows form). Arithmetic in float32 (float64 for float64 data).
+
+``_softmax_class_sum_kernel`` (the class-space form's step, fused): ``sums[c] = sum_{y_b = c}
+softmax(logits[b] + shift[c]) - onehot(c)``, one program per class walking its samples in the label
+plan's order (``order[starts[c]:starts[c + 1]]``) in tiles of ``BLOCK_B``. Phase 1 computes each
+sample's softmax pivot and ``1 / sum`` (the online pass above) into a ``(2, B)`` scratch, and the true
+class's probability; phase 2, for each ``BLOCK_K`` columns, sums the probabilities over the class's
+samples (a ``(BLOCK_B, BLOCK_K)`` accumulator reduced once, so the order is fixed) and writes them
+minus the class's sample count on the diagonal. Every row of ``sums`` is written (absent classes: 0),
+so no zero fill, no ``(B, K)`` probabilities and no separate class reduction.
 """
 
 from __future__ import annotations
@@ -86,6 +95,87 @@ def _softmax_xent_grad_kernel(
         tl.store(p_true_ptr + rows, tl.exp(true_logit - pivot) * inv_sum, mask=row_ok)
 
 
+@triton.jit
+def _softmax_class_sum_kernel(
+    sums_ptr,  # (K, K) out
+    p_true_ptr,  # (B,) ACC, written when WRITE_P_TRUE
+    scratch_ptr,  # (2, B) ACC: pivot and 1 / sum per position of the class order
+    logits_ptr,  # (B, K)
+    shift_ptr,  # (K, K)
+    order_ptr,  # (B,) int64: sample indices sorted by class
+    starts_ptr,  # (K + 1,) int64: class c's samples at order[starts[c]:starts[c + 1]]
+    B,
+    K,
+    WRITE_P_TRUE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    c = tl.program_id(0)
+    start, end = tl.load(starts_ptr + c), tl.load(starts_ptr + c + 1)
+    shift_row = shift_ptr + c.to(tl.int64) * K
+    # Phase 1: each sample's pivot and 1 / sum (and its true-class probability) into the scratch.
+    for i0 in range(start, end, BLOCK_B):
+        pos = i0 + tl.arange(0, BLOCK_B)
+        row_ok = pos < end
+        rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        row_max = tl.full((BLOCK_B,), float("-inf"), ACC)
+        row_sum = tl.zeros((BLOCK_B,), ACC)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            z = _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC)
+            new_max = tl.maximum(row_max, tl.max(z, axis=1))
+            pivot = tl.where(new_max == float("-inf"), 0.0, new_max)  # as in _softmax_xent_grad_kernel
+            row_sum = row_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
+            row_max = new_max
+        pivot = tl.where(row_max == float("-inf"), 0.0, row_max)
+        inv_sum = 1.0 / tl.where(row_ok, row_sum, 1.0)
+        tl.store(scratch_ptr + pos, pivot, mask=row_ok)
+        tl.store(scratch_ptr + B + pos, inv_sum, mask=row_ok)
+        if WRITE_P_TRUE:
+            z_true = tl.load(logits_ptr + rows * K + c, mask=row_ok, other=0).to(ACC) + tl.load(shift_row + c).to(ACC)
+            tl.store(p_true_ptr + rows, tl.exp(z_true - pivot) * inv_sum, mask=row_ok)
+    tl.debug_barrier()  # phase 2 reads the scratch written by other threads of this program
+    # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal.
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        total = tl.zeros((BLOCK_B, BLOCK_K), ACC)
+        for i0 in range(start, end, BLOCK_B):
+            pos = i0 + tl.arange(0, BLOCK_B)
+            row_ok = pos < end
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            pivot = tl.load(scratch_ptr + pos, mask=row_ok, other=0.0)
+            inv_sum = tl.load(scratch_ptr + B + pos, mask=row_ok, other=0.0)  # 0: padded rows add nothing
+            z = _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC)
+            total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
+        sums = tl.sum(total, axis=0)
+        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
+        tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
+
+
+@triton.jit
+def _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC: tl.constexpr):
+    """The ``(BLOCK_B, BLOCK_K)`` tile ``logits[rows, cols] + shift_row[cols]`` in ACC; -inf outside."""
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    z = tl.load(logits_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
+    return z + tl.load(shift_row + cols, mask=cols < K, other=0.0).to(ACC)[None, :]
+
+
+def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
+    """``HeadKernels.softmax_class_sum``: one program per class."""
+    batch, num_classes = logits.shape
+    ksums, klogits, kshift = (kernel_dtype_view(t) for t in (sums, logits, shift))
+    block_k = min(triton.next_power_of_2(num_classes), TILE)
+    block_b = min(max(TILE // block_k, 1), triton.next_power_of_2(max(batch, 1)))
+    # The stand-in for an absent p_true is never written: WRITE_P_TRUE compiles that store out.
+    _softmax_class_sum_kernel[(num_classes,)](
+        ksums, scratch if p_true is None else p_true, scratch, klogits, kshift, order, starts, batch, num_classes,
+        WRITE_P_TRUE=p_true is not None, ACC=accumulator(logits, shift), BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    if ksums is not sums:
+        sums.copy_(ksums)
+
+
 def softmax_xent_grad(
     out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor | None,
     p_true: torch.Tensor | None,
@@ -111,7 +201,7 @@ def softmax_xent_grad(
 
 
 KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward), softmax_xent_grad=softmax_xent_grad,
-                      pgd_step=pgd_step)
+                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:
