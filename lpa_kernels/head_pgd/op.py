@@ -3,7 +3,8 @@
 The fast backends run the whole loop without autograd through the in-place custom op
 ``lpa_kernels::head_pgd_``, whose launcher ``head_pgd`` (``backends.HeadPGDLaunchers``) lives in
 ``triton_kernels.py`` and ``cuda_kernels.py``. It is a no-grad optimisation loop, so the op has no
-autograd formula.
+autograd formula. The reference backend runs the same loop on PyTorch ops (``torch_kernels.py``);
+``naive.py``, the autograd loop, is the definition every backend is tested against.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import label_plan, update_in_place
-from lpa_kernels.head_pgd import naive
+from lpa_kernels.head_pgd import torch_kernels
 from lpa_kernels.head_pgd.backends import launchers
 
 
@@ -89,13 +90,14 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
     construction (the LPA training machinery, whose labels are clamped into range): ``step``, ``radius``
     (> 0) and ``direction`` ``(K,)`` tensors as ``_common.per_class`` makes them (or ``"confidence"``);
     ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None."""
-    if backend == "reference":
-        return naive.head_pgd_(h, labels, weight, bias, delta, steps, step, radius, direction, norm, mode)
     args = [t.detach().contiguous() for t in (h, labels, weight)]
+    bias = None if bias is None else bias.detach().contiguous()
+    direction = None if isinstance(direction, str) else direction  # None: the loop applies the confidence rule
+    if backend == "reference":  # the loop's algebra in torch ops (naive.py, autograd per step, is the definition)
+        return update_in_place(delta, lambda d: torch_kernels.head_pgd(*args, bias, d, steps, step, radius, direction,
+                                                                       norm, mode))
     if plan is None and steps > 0:  # one sort of the labels for all the steps (also when steps == 1, so
         plan = label_plan(args[1], delta.shape[0])  # that a call's set-up is the same whatever its steps)
-    bias = None if bias is None else bias.detach().contiguous()
-    direction = None if isinstance(direction, str) else direction  # None: the launcher applies the confidence rule
     return update_in_place(
         delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend, plan)
     )

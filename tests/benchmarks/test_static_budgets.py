@@ -295,10 +295,10 @@ def test_launches_per_step_within_ceiling(step_counts):
     assert not over, f"launches per step above their ceiling (step, now, ceiling): {over}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a head PGD step is 2 GEMMs, 3 kernels and the class sum's "
-                                       "zero fill and chunk plan (8 launches measured); fuse the class sum and update")
 def test_each_extra_pgd_step_on_the_head_path_launches_at_most_4_kernels(step_counts):
-    """SPEC section 4 via issue 12: T = 3 minus T = 1 on the fused head path, Triton backend."""
+    """SPEC section 4 via issue 12: T = 3 minus T = 1 on the fused head path, Triton backend (the
+    class-space step: the GEMM of the logit shifts, the fused softmax + per-class sum, the GEMM of the
+    class gradient, the update)."""
     by_key = {_key(r): _launches(r) for r in step_counts}
     over = [(model, (by_key[(model, "head", "triton", "lpa", 3)] - by_key[(model, "head", "triton", "lpa", 1)]) / 2)
             for model in steps.MODELS]

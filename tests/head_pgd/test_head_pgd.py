@@ -1,9 +1,10 @@
-"""``head_pgd_`` fast path against the reference loop (``lpa_kernels.head_pgd.naive``).
+"""``head_pgd_``'s backends against its definition, the autograd loop ``lpa_kernels.head_pgd.naive``.
 
-Every comparison runs the same steps three ways: the kernel, the reference in float64 (the truth) and
-the reference in the kernel's dtype (PyTorch's own error, which sets the tolerance). The kernel targets
-are the Triton interpreter on the CPU and, on a GPU machine, both fast backends (Triton and the CUDA C++
-kernel, ``-m gpu``); tests/cuda/test_emulated_kernels.py runs the CUDA C++ kernel on the CPU as well.
+Every comparison runs the same steps three ways: the backend, the definition in float64 (the truth) and
+the definition in the backend's dtype (PyTorch's own error, which sets the tolerance). The targets are
+the reference backend (the loop on PyTorch ops, ``torch_kernels.py``), the Triton interpreter on the
+CPU and, on a GPU machine, both fast backends (Triton and the CUDA C++ kernel, ``-m gpu``);
+tests/cuda/test_emulated_kernels.py runs the CUDA C++ kernel on the CPU as well.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import torch
 
 import lpa_kernels.head_pgd.cuda_kernels as cuda_kernels
 import lpa_kernels.head_pgd.loop as head_loop
+import lpa_kernels.head_pgd.torch_kernels as head_torch
 import lpa_kernels.head_pgd.triton_kernels as head_triton
 import lpa_kernels.pgd.naive as pgd_naive
-from lpa_kernels import head_pgd_
+from lpa_kernels import _checks, head_pgd_
+from lpa_kernels.head_pgd import naive
 from lpa_kernels.backend import interpreting
 from lpa_kernels.confidence import confidence_direction
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
+
+# The reference backend (the PGD loop on PyTorch ops) and the fast backends.
+TARGETS = [pytest.param(("reference", "cpu"), id="torch-cpu"), *KERNEL_TARGETS]
+
 
 def make_problem(batch, num_classes, features, dtype=torch.float32, device="cpu", bias=True, labels=None):
     """Random ``(h, labels, weight, bias, delta)``; logits of order one so the softmax is not saturated."""
@@ -36,6 +43,15 @@ def _cpu64(t):
     return None if t is None else t.detach().cpu().double()
 
 
+def definition(h, y, weight, bias, delta, steps, step_size, eps, direction, norm, mode):
+    """``naive.head_pgd_`` (the autograd loop) with ``head_pgd_``'s argument forms; updates ``delta``."""
+    confidence = isinstance(direction, str)
+    step, radius, sign = _checks.check_pgd_hyperparameters(delta, step_size, eps, 1.0 if confidence else direction, norm)
+    # the definition's cross_entropy takes int64 labels only
+    return naive.head_pgd_(h, y.long(), weight, bias, delta, steps, step, radius, direction if confidence else sign,
+                           norm, mode)
+
+
 def check_against_reference(target, h, y, weight, bias, delta, steps, step_size, eps, direction, norm, mode,
                             in_place=False):
     """Run the kernel on a copy of ``delta`` (on ``delta`` itself when ``in_place``) and compare the
@@ -46,18 +62,18 @@ def check_against_reference(target, h, y, weight, bias, delta, steps, step_size,
     head_pgd_(h, y, weight, bias, actual, steps, step_size, eps, direction, norm, mode, backend=backend)
 
     cpu = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    y = y.cpu().long()  # the reference's cross_entropy takes int64 labels only
+    y = y.cpu()
     ref64 = start.to(torch.float64, copy=True)  # a copy also for float64: start seeds lowp below
-    head_pgd_(_cpu64(h), y, _cpu64(weight), _cpu64(bias), ref64, steps,
-              cpu(step_size), cpu(eps), cpu(direction), norm, mode, backend="reference")
+    definition(_cpu64(h), y, _cpu64(weight), _cpu64(bias), ref64, steps, cpu(step_size), cpu(eps), cpu(direction),
+               norm, mode)
     lowp = start.clone()
-    head_pgd_(h.cpu(), y, weight.cpu(), None if bias is None else bias.cpu(), lowp, steps,
-              cpu(step_size), cpu(eps), cpu(direction), norm, mode, backend="reference")
+    definition(h.cpu(), y, weight.cpu(), None if bias is None else bias.cpu(), lowp, steps,
+               cpu(step_size), cpu(eps), cpu(direction), norm, mode)
     assert_close_to_reference(actual, ref64, lowp, what=f"delta after {steps} {norm} steps ({mode}, direction {direction!r})")
     return actual
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -68,7 +84,7 @@ def test_matches_reference_every_mode_norm_dtype(target, dtype, mode, norm, dire
     check_against_reference(target, *problem, steps=3, step_size=0.1, eps=0.3, direction=direction, norm=norm, mode=mode)
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("num_classes, mode", [(1, "add"), (1, "scale"), (2, "add"), (2, "scale"), (1000, "scale")])
 def test_class_counts(target, num_classes, mode):
     """K = 1 (zero gradient: delta unchanged), K = 2, and K = 1000 (most classes absent, many K tiles).
@@ -84,7 +100,7 @@ def _reference_update_under_interpreter(monkeypatch):
         monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, pgd_step=pgd_naive.pgd_step_))
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("num_classes, mode", [(10_000, "add"), (32_000, "scale")])
 def test_large_class_counts(target, num_classes, mode, monkeypatch):
     """K = 10,000 and 32,000 (an LLM-vocabulary head) with 6 samples: the rows form, the softmax over
@@ -94,7 +110,7 @@ def test_large_class_counts(target, num_classes, mode, monkeypatch):
     check_against_reference(target, *problem, steps=2, step_size=0.05, eps=0.2, direction="confidence", norm="linf", mode=mode)
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_both_formulations_match_the_reference_and_each_other(target, dtype, direction, monkeypatch):
@@ -107,12 +123,12 @@ def test_both_formulations_match_the_reference_and_each_other(target, dtype, dir
     monkeypatch.setattr(head_loop, "use_class_space", lambda *a: False)
     rows = check_against_reference(target, *problem, **args)
     lowp = problem[-1].cpu().clone()
-    head_pgd_(*(t.cpu() if t is not None else None for t in problem[:4]), lowp, backend="reference", **args)
+    definition(*(t.cpu() if t is not None else None for t in problem[:4]), lowp, **args)
     assert_close_to_reference(class_space, rows.double(), None if dtype == torch.float32 else lowp,
                               what="class-space form against the rows form")
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 def test_rows_in_several_chunks(target, mode, monkeypatch):
     """A chunk budget of 4 classes x 16 rows: B = 37 runs as chunks of 16, 16 and 5 rows (ragged
@@ -145,7 +161,7 @@ def test_gemm_precision_policy():
     assert head_loop.gemm_dtype(torch.float64, torch.float64, "l2") == torch.float64
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_several_batch_and_feature_tiles(target, norm):
     """B = 70, D = 300, K = 70: two batch tiles, two output-feature chunks, five contraction tiles and
@@ -155,7 +171,7 @@ def test_several_batch_and_feature_tiles(target, norm):
                             direction=1.0, norm=norm, mode="scale")
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_per_class_tensors_and_no_bias(target, norm):
     """(K,) step sizes, radii and mixed-sign directions (one class 0: it must not move), bias None."""
@@ -169,7 +185,7 @@ def test_per_class_tensors_and_no_bias(target, norm):
     assert torch.equal(actual[2], delta[2]), "a class with direction 0 moved"
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_absent_classes_keep_their_delta(target, direction):
     """Only classes 1, 4 and 5 of 8 occur in the batch: the other rows of delta stay bit-identical."""
@@ -184,7 +200,7 @@ def test_absent_classes_keep_their_delta(target, direction):
     assert not torch.equal(actual[present], delta[present]), "no present class moved"
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("batch, steps", [(0, 3), (12, 0)])
 def test_nothing_to_do_leaves_delta_unchanged(target, batch, steps):
     """B == 0 (no launch) or steps == 0: delta is untouched (no NaN from a poisoned buffer either)."""
@@ -194,7 +210,7 @@ def test_nothing_to_do_leaves_delta_unchanged(target, batch, steps):
     assert torch.equal(delta, before), f"delta changed with B={batch}, steps={steps}"
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_confidence_signs_follow_lpl_rule(target):
     """One linf step from delta = 0 with a radius the step does not reach moves class c by exactly
     ``step * s_c * sign(g_c)``, where ``s_c`` is LPL's rule applied to the softmax and ``g_c`` the
@@ -215,7 +231,7 @@ def test_confidence_signs_follow_lpl_rule(target):
     assert_close_to_reference(delta, expected, what="delta after one confidence-directed linf step")
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 def test_non_contiguous_inputs(target):
     """h, weight and delta as strided views: the result lands in the caller's delta view."""
     h_full, y, w_full, bias, d_full = make_problem(23, 5, 40, device=target[1])
@@ -237,15 +253,15 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
 def test_bad_input_raises_before_any_kernel(target, case, monkeypatch):
     """ValueError naming the argument, no launch, delta untouched."""
     def no_launch(*args, **kwargs):
         raise AssertionError("the kernel launcher ran on invalid input")
 
-    monkeypatch.setattr(head_triton, "head_pgd", no_launch)
-    monkeypatch.setattr(cuda_kernels, "head_pgd", no_launch)
+    for launchers in (head_torch, head_triton, cuda_kernels):
+        monkeypatch.setattr(launchers, "head_pgd", no_launch)
     h, y, weight, bias, delta = make_problem(6, 4, 10, device=target[1])
     args = dict(h=h, labels=y, weight=weight, bias=bias, delta=delta, steps=2, step_size=0.1, eps=0.3,
                 direction="confidence")

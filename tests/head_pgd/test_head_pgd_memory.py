@@ -15,8 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lpa_kernels.head_pgd.loop as head_loop
 from lpa_kernels import head_pgd_
-from tests.head_pgd.test_head_pgd import make_problem
-from tests.helpers import KERNEL_TARGETS
+from tests.head_pgd.test_head_pgd import TARGETS, make_problem
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -34,7 +33,7 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 def test_rows_form_never_creates_a_batch_by_classes_tensor(target, mode, monkeypatch):
     """B = 96, K = 40, D = 12 with a 16 x 40 chunk budget: the rows form runs in chunks of 16 rows, and

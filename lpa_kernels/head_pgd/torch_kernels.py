@@ -1,0 +1,65 @@
+"""PyTorch :class:`~lpa_kernels.head_pgd.loop.HeadKernels`: ``loop.run_head_pgd``'s algebra in a few torch
+ops per step, for the reference backend (the CPU, and any device without a fast backend).
+
+``naive.head_pgd_`` (the definition the tests compare against) runs autograd through ``perturb``,
+``F.linear`` and ``cross_entropy`` in every step, about 60 ATen ops; here a class-space step is two
+GEMMs, a softmax, its per-class sum by ``index_add_`` and the reference ``pgd_step_``, and a rows step
+the same with the reference ``perturb`` and ``class_grad``. ``index_add_`` is sequential on the CPU
+(a fixed order); on a GPU it adds with atomics, as the autograd backward of ``naive.py`` does, so the
+reference backend is not bitwise reproducible there, as before. No label plan: nothing sorts the labels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lpa_kernels._common import compute_dtype
+from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
+from lpa_kernels.perturb import naive as perturb_naive
+from lpa_kernels.pgd.naive import pgd_step_
+
+
+def perturb(h, labels, delta, inner, mode):
+    """``HeadKernels.perturb`` (``inner`` is 1: delta is ``(K, D)`` over ``h (n, D)``)."""
+    return perturb_naive.perturb(h, labels, delta, mode)
+
+
+def class_sum(rows, h, labels, num_classes, mode, dtype, plan=None):
+    """``HeadKernels.class_sum``."""
+    return perturb_naive.class_grad(rows, labels, num_classes, (num_classes, rows.shape[1]), h=h, mode=mode,
+                                    out_dtype=dtype)
+
+
+def _probabilities_minus_onehot(logits, labels, shift, p_true, acc):
+    """``softmax(logits + shift[y]) - onehot(y)`` in ``acc`` (a new tensor), the true class's probability
+    into ``p_true`` when given."""
+    z = logits.to(acc) if shift is None else torch.index_select(shift, 0, labels).to(acc).add_(logits)
+    probs = torch.softmax(z, dim=1)
+    column = labels.long()[:, None]
+    true_prob = torch.gather(probs, 1, column)
+    if p_true is not None:
+        p_true.copy_(true_prob[:, 0])
+    return probs.scatter_(1, column, true_prob.sub_(1))
+
+
+def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
+    """``HeadKernels.softmax_xent_grad``."""
+    out.copy_(_probabilities_minus_onehot(logits, labels, shift, p_true, compute_dtype(logits.dtype)))
+
+
+def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
+    """``HeadKernels.softmax_class_sum`` (``order``, ``starts`` unused; ``scratch`` only gives the dtype)."""
+    grad = _probabilities_minus_onehot(logits, labels, shift, p_true, scratch.dtype)
+    if sums.dtype == grad.dtype:
+        sums.zero_().index_add_(0, labels, grad)
+    else:
+        sums.copy_(torch.zeros(sums.shape, dtype=grad.dtype, device=grad.device).index_add_(0, labels, grad))
+
+
+KERNELS = HeadKernels(perturb=perturb, class_sum=class_sum, softmax_xent_grad=softmax_xent_grad,
+                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_step_, uses_label_plan=False)
+
+
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
+    """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend."""
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)
