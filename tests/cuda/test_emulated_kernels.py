@@ -467,3 +467,32 @@ def test_policy(launchers, num_classes, direction, radius, dtype):
     for observe, clear in [(False, False), (True, True)]:
         step_update_tests.test_policy_equals_reference(("cuda", "cpu"), num_classes, direction, radius, observe, clear,
                                                        dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("num_classes", [24, 2048])
+def test_softmax_class_sum(launchers, dtype, num_classes):
+    """The class-space step's fused kernel on its own: K = 24 (32 lanes per sample, 8 samples per round)
+    and K = 2048 (a whole block per sample), 19 samples over classes 0-5 only (the other rows must be
+    written as zeros), with the true-class probabilities."""
+    from lpa_kernels._common import class_order
+
+    batch = 19
+    logits, shift = torch.randn(batch, num_classes).to(dtype), torch.randn(num_classes, num_classes).to(dtype)
+    labels = make_labels(batch, 6)
+    order, starts = class_order(labels, num_classes)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sums = torch.full((num_classes, num_classes), float("nan")).to(dtype)
+    p_true = torch.full((batch,), float("nan"), dtype=acc)
+    launchers.softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, torch.empty(2, batch, dtype=acc))
+
+    def reference(z, s):
+        probs = torch.softmax(z + s[labels], dim=1)
+        grad = probs - torch.nn.functional.one_hot(labels, num_classes).to(probs.dtype)
+        return torch.zeros_like(s).index_add_(0, labels, grad), probs[torch.arange(batch), labels]
+
+    expected, expected_p = reference(logits.double(), shift.double())
+    lowp, lowp_p = reference(logits.to(acc), shift.to(acc))
+    assert_close_to_reference(sums, expected, lowp.to(dtype), what="per-class softmax - onehot")
+    assert_close_to_reference(p_true, expected_p, lowp_p, what="true-class probability")
+    assert torch.equal(sums[6:], torch.zeros_like(sums[6:])), "absent classes' rows are not zero"
