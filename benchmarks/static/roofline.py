@@ -125,3 +125,121 @@ def roofline_rows(cases, compiled: list[dict], recorded: list) -> list[dict]:
         })
         rows[-1]["modelled_speedup_vs_eager"] = rows[-1]["modelled_eager_ms"] / rows[-1]["modelled_kernel_ms"]
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 11's targets for head_pgd_ (MODELLED H100 SXM times, as above; nothing measured).
+# Per (B, D, K) and dtype (norm l2, mode add, the training default): the formulation loop.py chooses
+# for T steps, its modelled time per PGD step against its two bare GEMMs (target: within 1.3x), and
+# head_pgd_ with T = 3 against ONE autograd PGD step (logits GEMM, softmax, two backward GEMMs, the
+# class reduction; target: faster). bfloat16 data: 16-bit GEMM operands on tensor cores; float32:
+# float32 GEMMs on CUDA cores (torch's default, TF32 off). The iterate is float32 (ACC) between steps.
+# --------------------------------------------------------------------------------------------------
+
+HEAD_TARGET_SHAPES = ((128, 640, 100), (1024, 2048, 1000), (4096, 4096, 32000))  # (B, D, K)
+HEAD_TARGET_STEPS = 3
+HEAD_TARGET_RATIO = 1.3
+# Launches counted on the CPU (lpa_bench.static.counting.LaunchCounter): _common.label_plan, built once
+# per call; the rows form's class sum split into chunks (its chunk plan and arrival counters, per step);
+# one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
+# backward, two GEMMs, zero fill and index_add of the class reduction).
+LABEL_PLAN_LAUNCHES = 17
+CHUNK_PLAN_LAUNCHES = 10
+AUTOGRAD_STEP_LAUNCHES = 12
+
+
+def _kernel_sequence_s(kernels, tensor_cores: bool) -> float:
+    """Modelled seconds of kernels run one after another: each ``(bytes, flops)`` costs
+    ``max(bytes / copy bandwidth, flops / peak)`` plus one launch."""
+    return sum(_model(b, f, 1, tensor_cores) for b, f in kernels)
+
+
+def _class_space_step(B, D, K, g):
+    """The class-space step's kernels ``[(bytes, flops)]``, its two GEMMs first."""
+    kernels = [((2 * K * D + K * K) * g, 2 * K * K * D),  # E = current @ W.T
+               ((K * K + 2 * K * D) * g, 2 * K * K * D),  # S @ W
+               (2 * B * K * g + 2 * K * K * g + 16 * B + 8 * B * ACC, 0),  # softmax summed per class
+               (2 * K * D * g + 2 * K * D * ACC, 0)]  # l2 update: gradient read twice, iterate read + write
+    if g != ACC:
+        kernels.append((K * D * (ACC + g), 0))  # the iterate rounded to the GEMM dtype for E
+    return kernels, 2
+
+
+def _rows_step(B, D, K, g, rows):
+    """The rows form's step kernels ``[(bytes, flops)]``, its GEMMs first (two per chunk of ``rows``)."""
+    chunks = [min(rows, B - start) for start in range(0, B, rows)]
+    gemms = [k for n in chunks for k in (((n * D + K * D + K + n * K) * g, 2 * n * K * D),  # logits
+                                         ((n * K + K * D + n * D) * g, 2 * n * K * D))]  # (P - Y) @ W
+    others = [k for n in chunks for k in ((2 * n * D * g + n * D * ACC, 0),  # perturb: h~ = h + delta[y]
+                                          (3 * n * K * g, 0))]  # softmax - onehot, in place
+    others += [(K * D * ACC, 0),  # zero fill of the class gradient
+               (B * D * g + min(B, K) * D * ACC, 0),  # class sum
+               (2 * K * D * g + 2 * K * D * ACC, 0)]  # l2 update
+    others += [(0, 0)] * CHUNK_PLAN_LAUNCHES
+    return gemms + others, len(gemms)
+
+
+def _autograd_step(B, D, K, g):
+    """ONE autograd PGD step without its update, as issue 11 counts it: ``[(bytes, flops)]``."""
+    gemm = ((B * D + K * D + B * K) * g, 2 * B * K * D)
+    kernels = [(2 * B * D * g + B * D * ACC, 0),  # perturb
+               gemm, (5 * B * K * g, 0),  # logits; cross-entropy forward and backward over B x K
+               gemm, gemm,  # two backward GEMMs
+               (K * D * ACC, 0), (B * D * g + 2 * K * D * ACC, 0)]  # class reduction: zeros, index_add
+    return kernels + [(0, 0)] * (AUTOGRAD_STEP_LAUNCHES - len(kernels))
+
+
+def head_pgd_target_rows() -> list[dict]:
+    """One row per (B, D, K) of issue 11 and dtype, every time MODELLED (see the section comment)."""
+    from lpa_kernels.head_pgd import loop
+
+    rows, T = [], HEAD_TARGET_STEPS
+    for dtype in ("bfloat16", "float32"):
+        g, tensor_cores = _SIZE[dtype], dtype != "float32"
+        for B, D, K in HEAD_TARGET_SHAPES:
+            class_space = loop.use_class_space(B, K, T, "add")
+            if class_space:
+                step, n_gemms = _class_space_step(B, D, K, g)
+                setup = [((B * D + K * D + K + B * K) * g, 2 * B * K * D)]  # h @ W.T + b, once
+            else:
+                step, n_gemms = _rows_step(B, D, K, g, loop.chunk_rows(B, K))
+                setup = []
+            setup += [(16 * B, 0)] * LABEL_PLAN_LAUNCHES
+            step_s = _kernel_sequence_s(step, tensor_cores)
+            gemms_s = _kernel_sequence_s(step[:n_gemms], tensor_cores)
+            call_s = _kernel_sequence_s(setup, tensor_cores) + T * step_s
+            autograd_s = _kernel_sequence_s(_autograd_step(B, D, K, g), tensor_cores)
+            extra = sorted(((_model(b, f, 1, tensor_cores), b) for b, f in step[n_gemms:]), reverse=True)[0]
+            rows.append({
+                "B": B, "D": D, "K": K, "dtype": dtype, "steps": T,
+                "formulation": "class space" if class_space else "rows",
+                "launches_per_step": len(step),
+                "modelled_step_ms": step_s * 1e3,
+                "modelled_two_gemms_ms": gemms_s * 1e3,
+                "step_over_gemms": step_s / gemms_s,
+                "meets_step_target": step_s <= HEAD_TARGET_RATIO * gemms_s,
+                "modelled_head_pgd_T3_ms": call_s * 1e3,
+                "modelled_one_autograd_step_ms": autograd_s * 1e3,
+                "T3_over_one_autograd_step": call_s / autograd_s,
+                "meets_T3_target": call_s < autograd_s,
+                "largest_non_gemm_kernel_bytes": extra[1],
+                "why": _head_gap(class_space, step_s, gemms_s, len(step), extra, call_s, autograd_s, n_gemms, T),
+            })
+    return rows
+
+
+def _head_gap(class_space, step_s, gemms_s, launches, extra, call_s, autograd_s, n_gemms, T) -> str:
+    """What the model says keeps a row from its targets (empty when both are met)."""
+    reasons = []
+    if step_s > HEAD_TARGET_RATIO * gemms_s:
+        launch_s = (launches - n_gemms) * H100["launch_s"]
+        if launch_s >= step_s - gemms_s - launch_s:
+            reasons.append(f"step: {launches - n_gemms} launches beside the GEMMs ({launch_s * 1e6:.0f} us) "
+                           f"against GEMMs of {gemms_s * 1e6:.0f} us")
+        else:
+            reasons.append(f"step: memory traffic beside the GEMMs (largest: {extra[1] / 2**20:.0f} MiB, the "
+                           f"K x D float32 iterate and class gradient)")
+    if call_s >= autograd_s:
+        reasons.append(f"T = {T}: " + (f"{2 * T} B x K x D GEMMs against autograd's 3" if not class_space else
+                                       "the label plan's and the steps' launches against autograd's"))
+    return "; ".join(reasons)
