@@ -1,5 +1,5 @@
 """CUDA C++ launchers of ``head_pgd_`` (``csrc/head_pgd.cu``): :class:`~lpa_kernels.head_pgd.backends.HeadPGDLaunchers`,
-``loop.run_head_pgd`` on the CUDA C++ ``perturb`` and ``pgd`` launchers plus two kernels of its own: the
+``loop.run_head_pgd`` on the CUDA C++ ``perturb`` forward and ``pgd`` launchers plus two kernels of its own: the
 row-wise softmax (rows form) and the softmax summed per class (class-space form); GEMMs by cuBLAS."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from lpa_kernels import _cuda_launch as cuda
-from lpa_kernels.head_pgd.loop import HeadKernels, class_sum_from, run_head_pgd
-from lpa_kernels.perturb.cuda_kernels import perturb_backward, perturb_forward
-from lpa_kernels.pgd.cuda_kernels import pgd_step
+from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
+from lpa_kernels.perturb.cuda_kernels import perturb_forward
+from lpa_kernels.pgd.cuda_kernels import class_grad_pgd_step, pgd_step
 
 
 def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
@@ -29,7 +29,12 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
                 cuda.code(logits.dtype))
 
 
-KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward),
+def _class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, mode, norm, plan) -> None:
+    """``HeadKernels.class_grad_pgd_step``: ``pgd``'s fused launcher on ``(K, D)`` rows (inner 1)."""
+    class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, 1, mode, norm, plan)
+
+
+KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=_class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
 
 

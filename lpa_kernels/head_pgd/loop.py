@@ -7,8 +7,9 @@ PGD step needs no autograd: two GEMMs, a row-wise softmax and a per-class sum. T
 
 * **rows** (any mode): for each chunk of at most ``chunk_rows`` samples, ``h~ = perturb(h, y, delta)``,
   ``Z = h~ @ W.T + b`` (``chunk x K``), ``Z <- softmax(Z) - Y`` in place, ``G = Z @ W`` into a
-  ``(B, D)`` buffer; then ``grad[c] = sum_{y_b = c} G_b`` (``* h_b`` for ``scale``). Per step
-  ``4 B K D`` FLOPs; extra memory ``chunk x K + B x D`` elements of the GEMM dtype.
+  ``(B, D)`` buffer; then ``pgd``'s fused ``class_grad_pgd_step`` sums ``G`` per class (``* h_b`` for
+  ``scale``) and updates the classes present, in one launch. Per step ``4 B K D`` FLOPs; extra memory
+  ``chunk x K + B x D`` elements of the GEMM dtype.
 * **class space** (``add`` only): the logits are affine in delta, ``Z_t = (h @ W.T + b) + E_t[y]`` with
   ``E_t = delta_t @ W.T (K x K)``, and the class-summed gradient is ``S_t @ W`` with
   ``S_t[c] = sum_{y_b = c} (P_b - Y_b)`` (``K x K``). ``h @ W.T + b`` is computed once for all steps, so a
@@ -25,8 +26,8 @@ fp32 accumulation), the precision of an autograd PGD step on the same tensors. `
 of every gradient entry, and rounding ``h~`` or ``P`` to 16 bits flips the sign of entries near zero,
 moving them by ``2 * step_size``; so ``linf``, and float32/float64 data, run the GEMMs in the
 accumulation dtype (float32 GEMMs use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` says so).
-The per-class sums are deterministic (the segmented reductions of ``perturb``'s backward for the rows
-form, a fixed per-class order for ``softmax_class_sum``), and the iterate stays in the accumulation
+The per-class sums are deterministic (the segmented reductions of ``class_grad_pgd_step`` for the
+rows form, a fixed per-class order for ``softmax_class_sum``), and the iterate stays in the accumulation
 dtype between steps, rounded into ``delta`` once. Everything that depends only on the call (the label
 plan, the buffers, ``h @ W.T + b``) is set up once before the steps.
 
@@ -36,7 +37,7 @@ LPL's confidence rule is applied here, in PyTorch, once, from the first step's p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +54,13 @@ ROW_ALIGN = 128
 
 @dataclass(frozen=True)
 class HeadKernels:
-    """What a backend supplies (the launchers of its ``perturb`` and ``pgd`` kernels, plus one kernel).
+    """What a backend supplies (the launchers of its ``perturb`` and ``pgd`` kernels, plus two kernels).
 
     - ``perturb(h (n, D), labels (n,), delta (K, D), inner, mode) -> h~ (n, D)`` in ``h.dtype``;
-    - ``class_sum(rows (n, R), h (n, R) or None, labels (n,), num_classes, mode, dtype, plan) -> (K, R)``:
-      ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``), deterministic, in ``dtype``;
+    - ``class_grad_pgd_step(delta (K, D), rows (B, D), labels (B,), h (B, D) or None, step, eps, direction,
+      mode, norm, plan)``: the in-place update of ``pgd_step`` with the gradient ``sum_{y_b = c} rows_b``
+      (``* h_b`` for ``scale``), summed deterministically in the accumulation dtype (``pgd``'s fused
+      ``class_grad_pgd_step_``: classes absent from the batch are not touched);
     - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), shift (K, K) or None, p_true (n,) or None)``:
       ``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``out`` may be ``logits``), and the
       true class's probability into ``p_true`` when given;
@@ -74,21 +77,11 @@ class HeadKernels:
     """
 
     perturb: Callable[..., torch.Tensor]
-    class_sum: Callable[..., torch.Tensor]
+    class_grad_pgd_step: Callable[..., None]
     softmax_xent_grad: Callable[..., None]
     softmax_class_sum: Callable[..., None]
     pgd_step: Callable[..., None]
     uses_label_plan: bool = True
-
-
-def class_sum_from(perturb_backward: Callable[..., tuple]) -> Callable[..., torch.Tensor]:
-    """``HeadKernels.class_sum`` from a backend's ``perturb_backward`` launcher (its deterministic class
-    reduction, without ``grad_h``)."""
-
-    def class_sum(rows, h, labels, num_classes, mode, dtype, plan=None):
-        return perturb_backward(rows, h, labels, None, num_classes, rows.shape[1], 1, mode, False, dtype, plan)[1]
-
-    return class_sum
 
 
 def gemm_dtype(data: torch.dtype, acc: torch.dtype, norm: str) -> torch.dtype:
@@ -119,7 +112,7 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
     ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)`` vectors are left out."""
     gd = gemm_dtype(dtype, acc, norm)
     g, a = gd.itemsize, acc.itemsize
-    total = classes * features * a  # the class gradient
+    total = classes * features * a  # the class gradient (class space: pgd_step's copy of a 16-bit one)
     if dtype != acc:
         total += classes * features * a  # the iterate, kept in acc between steps
     if gd != dtype:
@@ -128,8 +121,9 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
         # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch
         return total + batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a
     rows = chunk_rows(batch, classes)
-    # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D)
-    return total + rows * classes * g + batch * features * g + rows * features * g
+    # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
+    # partial sums, at most another (K, D) in acc (the CUDA kernel's; the Triton one's are per class present)
+    return total + rows * classes * g + batch * features * g + rows * features * g + classes * features * a
 
 
 def run_head_pgd(
@@ -167,18 +161,23 @@ def run_head_pgd(
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
     if use_class_space(batch, num_classes, steps, mode):
-        class_grad = _class_space_grad(h, labels, weight, bias, softmax_acc, kernels, plan)
+        form = _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
     else:
-        class_grad = _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels, plan)
+        form = _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
     p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
-    _pgd_loop(delta, labels, steps, step, eps, direction, p_true, norm, acc, class_grad, kernels.pgd_step)
+    _pgd_loop(delta, labels, steps, direction, p_true, acc, form)
 
 
-GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+class Form(NamedTuple):
+    """One formulation's step, in two parts (the confidence rule's direction is fixed between them):
+    ``gradient(current (K, D), p_true (B,) or None) -> g`` and ``update(current, g, direction)`` in place."""
+
+    gradient: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def _class_space_grad(h, labels, weight, bias, softmax_acc, kernels: HeadKernels, plan) -> GradFn:
-    """The class-space form: ``(current (K, D), p_true) -> grad (K, D)`` in the GEMM dtype."""
+def _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels: HeadKernels, plan) -> Form:
+    """The class-space form: ``g`` is the class gradient ``(K, D)`` in the GEMM dtype."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
     order, starts = class_order(labels, num_classes, plan) if kernels.uses_label_plan else (None, None)
@@ -187,22 +186,24 @@ def _class_space_grad(h, labels, weight, bias, softmax_acc, kernels: HeadKernels
     grad = new_output((num_classes, features), weight.dtype, h.device)
     scratch = new_output((2, batch), softmax_acc, h.device)
 
-    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+    def gradient(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
         torch.mm(current.to(weight.dtype), weight.t(), out=shift)
         kernels.softmax_class_sum(class_probs, base_logits, shift, labels, order, starts, p_true, scratch)
         return torch.mm(class_probs, weight, out=grad)
 
-    return class_grad
+    return Form(gradient, lambda current, g, direction: kernels.pgd_step(current, g, step, eps, direction, norm))
 
 
-def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels, plan) -> GradFn:
-    """The rows form: ``(current (K, D), p_true) -> grad (K, D)`` in ``acc``."""
+def _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels, plan) -> Form:
+    """The rows form: ``g`` is the per-sample gradient ``(B, D)`` in the GEMM dtype; the update sums it
+    per class (times ``h`` for ``scale``) and steps, in one launch."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     rows = chunk_rows(batch, num_classes)
     logits = new_output((rows, num_classes), weight.dtype, h.device)
     sample_grad = new_output((batch, features), weight.dtype, h.device)  # d loss / d h~, row by row
+    h_scale = h if mode == "scale" else None
 
-    def class_grad(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+    def gradient(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
         for start in range(0, batch, rows):
             part = slice(start, min(batch, start + rows))
             part_labels = labels[part]
@@ -214,21 +215,24 @@ def _row_chunks_grad(h, labels, weight, bias, mode, acc, kernels: HeadKernels, p
                 torch.addmm(bias, h_tilde, weight.t(), out=z)
             kernels.softmax_xent_grad(z, z, part_labels, None, None if p_true is None else p_true[part])
             torch.mm(z, weight, out=sample_grad[part])
-        return kernels.class_sum(sample_grad, h if mode == "scale" else None, labels, num_classes, mode, acc, plan)
+        return sample_grad
 
-    return class_grad
+    def update(current: torch.Tensor, g: torch.Tensor, direction: torch.Tensor) -> None:
+        kernels.class_grad_pgd_step(current, g, labels, h_scale, step, eps, direction, mode, norm, plan)
+
+    return Form(gradient, update)
 
 
-def _pgd_loop(delta, labels, steps, step, eps, direction, p_true, norm, acc, class_grad: GradFn, pgd_step) -> None:
+def _pgd_loop(delta, labels, steps, direction, p_true, acc, form: Form) -> None:
     """``steps`` PGD steps on ``delta`` in place; ``direction`` None means the confidence rule, from the
     first step's true-class probabilities written into ``p_true (B,)``. The iterate stays in ``acc``
     between steps and is rounded into ``delta`` once."""
     current = delta if delta.dtype == acc else delta.to(acc)
     for _ in range(steps):
-        grad = class_grad(current, p_true)
+        g = form.gradient(current, p_true)
         if direction is None:
             direction = confidence_direction(p_true, labels, delta.shape[0])[0].to(acc)
             p_true = None  # the rule is fixed from the first step
-        pgd_step(current, grad, step, eps, direction, norm)
+        form.update(current, g, direction)
     if current is not delta:
         delta.copy_(current)

@@ -4,7 +4,7 @@ ops per step, for the reference backend (the CPU, and any device without a fast 
 ``naive.head_pgd_`` (the definition the tests compare against) runs autograd through ``perturb``,
 ``F.linear`` and ``cross_entropy`` in every step, about 60 ATen ops; here a class-space step is two
 GEMMs, a softmax, its per-class sum by ``index_add_`` and the reference ``pgd_step_``, and a rows step
-the same with the reference ``perturb`` and ``class_grad``. ``index_add_`` is sequential on the CPU
+the same with the reference ``perturb`` and ``class_grad_pgd_step_``. ``index_add_`` is sequential on the CPU
 (a fixed order); on a GPU it adds with atomics, as the autograd backward of ``naive.py`` does, so the
 reference backend is not bitwise reproducible there, as before. No label plan: nothing sorts the labels.
 """
@@ -16,7 +16,7 @@ import torch
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
 from lpa_kernels.perturb import naive as perturb_naive
-from lpa_kernels.pgd.naive import pgd_step_
+from lpa_kernels.pgd import naive as pgd_naive
 
 
 def perturb(h, labels, delta, inner, mode):
@@ -24,10 +24,9 @@ def perturb(h, labels, delta, inner, mode):
     return perturb_naive.perturb(h, labels, delta, mode)
 
 
-def class_sum(rows, h, labels, num_classes, mode, dtype, plan=None):
-    """``HeadKernels.class_sum``."""
-    return perturb_naive.class_grad(rows, labels, num_classes, (num_classes, rows.shape[1]), h=h, mode=mode,
-                                    out_dtype=dtype)
+def class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, mode, norm, plan=None):
+    """``HeadKernels.class_grad_pgd_step`` (the reference's class sum, then its update)."""
+    pgd_naive.class_grad_pgd_step_(delta, rows, labels, step, eps, direction, norm, h, mode)
 
 
 def _probabilities_minus_onehot(logits, labels, shift, p_true, acc):
@@ -56,8 +55,8 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
         sums.copy_(torch.zeros(sums.shape, dtype=grad.dtype, device=grad.device).index_add_(0, labels, grad))
 
 
-KERNELS = HeadKernels(perturb=perturb, class_sum=class_sum, softmax_xent_grad=softmax_xent_grad,
-                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_step_, uses_label_plan=False)
+KERNELS = HeadKernels(perturb=perturb, class_grad_pgd_step=class_grad_pgd_step, softmax_xent_grad=softmax_xent_grad,
+                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_naive.pgd_step_, uses_label_plan=False)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:

@@ -1,8 +1,8 @@
 """Triton fast path of ``head_pgd_``: T PGD steps on delta for a linear classifier head, no autograd.
 
 The loop and its two formulations live in ``lpa_kernels/head_pgd/loop.py`` (shared with the CUDA C++
-backend); its GEMMs are cuBLAS's. This backend supplies ``perturb``'s forward and class reduction, the
-``pgd_step`` update, and one kernel of its own:
+backend); its GEMMs are cuBLAS's. This backend supplies ``perturb``'s forward, the ``pgd_step`` and
+fused ``class_grad_pgd_step`` updates, and two kernels of its own:
 
 ``_softmax_xent_grad_kernel``: ``out[b] = softmax(logits[b] + shift[y_b]) - onehot(y_b)`` for a tile of
 ``BLOCK_B`` rows per program, in two passes over K in tiles of ``BLOCK_K``: the first keeps a running
@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lpa_kernels.head_pgd.loop import HeadKernels, class_sum_from, run_head_pgd
+from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
-from lpa_kernels.perturb.triton_kernels import perturb_backward, perturb_forward
-from lpa_kernels.pgd.triton_kernels import pgd_step
+from lpa_kernels.perturb.triton_kernels import perturb_forward
+from lpa_kernels.pgd.triton_kernels import class_grad_pgd_step, pgd_step
 
 # Elements of one (BLOCK_B, BLOCK_K) tile: 16 float32 registers per thread at 4 warps.
 TILE = 2048
@@ -200,8 +200,13 @@ def softmax_xent_grad(
         out.copy_(kout)
 
 
-KERNELS = HeadKernels(perturb=perturb_forward, class_sum=class_sum_from(perturb_backward), softmax_xent_grad=softmax_xent_grad,
-                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
+def _class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, mode, norm, plan) -> None:
+    """``HeadKernels.class_grad_pgd_step``: ``pgd``'s fused launcher on ``(K, D)`` rows (inner 1)."""
+    class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, 1, mode, norm, plan)
+
+
+KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=_class_grad_pgd_step,
+                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:

@@ -24,9 +24,10 @@ class PGDLaunchers(Protocol):
 
     def class_grad_pgd_step(self, delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor,
                             h: torch.Tensor | None, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor,
-                            inner: int, mode: str, norm: str) -> None:
+                            inner: int, mode: str, norm: str, plan: torch.Tensor | None = None) -> None:
         """``pgd_step(delta, class_grad(grad_out (B, F), labels, h), ...)`` in one launch, ``delta (K, D)``
-        contiguous and updated in place; ``h (B, F)`` for ``scale``, else None."""
+        contiguous and updated in place; ``h (B, F)`` for ``scale``, else None; ``plan`` the labels'
+        ``_common.label_plan`` or None (head_pgd_'s rows form passes its own, built once per call)."""
 
 
 def launchers(backend: str) -> PGDLaunchers:

@@ -36,8 +36,8 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
         delta.copy_(kdelta)
 
 
-def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm):
-    """``PGDLaunchers.class_grad_pgd_step``."""
+def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):
+    """``PGDLaunchers.class_grad_pgd_step``; ``plan`` the labels' ``_common.label_plan`` or None."""
     K, D = delta.shape
     F = grad_out.shape[1]
     if delta.numel() == 0:
@@ -54,7 +54,7 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
     splits = cuda.reduce_splits(delta.device, K, D, inner, grad_out.shape[0], kdtype.itemsize)
     max_tiles = _max_group_tiles(D, inner)
     workspace, arrivals = class_grad_workspace(K, D, splits, max_tiles, acc, delta.device)
-    order, offsets = class_order(labels, K)
+    order, offsets = class_order(labels, K, plan)
     cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
                 order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K, F, D,
                 inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype), cuda.code(kdelta.dtype),

@@ -385,14 +385,14 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
     _in_kernel_dtype(delta, launch)
 
 
-def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm):
-    """``PGDLaunchers.class_grad_pgd_step``."""
+def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):
+    """``PGDLaunchers.class_grad_pgd_step``; ``plan`` the labels' ``_common.label_plan`` or None."""
     K, D = delta.shape
     B, F = grad_out.shape
     if delta.numel() == 0 or B == 0:  # an empty batch leaves every class's delta as it is
         return
     kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
-    order, segment_class, segment_start = class_segments(labels, K)
+    order, segment_class, segment_start = class_segments(labels, K, plan)
     segments = segment_class.numel()
     acc_dtype = accumulator_dtype(delta, grad_out, h)
     block_d, block_q, block_p, R = reduction_tiling(B, F, D, inner)
