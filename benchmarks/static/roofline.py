@@ -64,8 +64,9 @@ def _head(case, s, sd):
     B, D, K, T = z["B"], z["D"], z["K"], z["T"]
     minimum = (B * D + 3 * K * D + K) * s + 8 * B
     # Rows form, per step: perturb (read h, write h~), logits GEMM (read h~, W; write Z), softmax - onehot
-    # (read, write Z), G = Z @ W (read Z, W; write G), class sum (read G, write K x D), PGD update.
-    kernel = T * (s * (6 * B * D + 2 * K * D + 4 * B * K) + 4 * ACC * K * D)
+    # (read, write Z), G = Z @ W (read Z, W; write G), class sum and PGD update fused (read G; per class
+    # present: a scratch row written and read twice, the iterate read and written).
+    kernel = T * (s * (6 * B * D + 2 * K * D + 4 * B * K) + 5 * ACC * min(B, K) * D)
     # Autograd reference, per step: gather + add, logits, log_softmax + nll forward and backward (three
     # more passes over B x K), grad_h GEMM, index_add, ~10 elementwise passes of the PGD update.
     eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)
