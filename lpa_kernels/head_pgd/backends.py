@@ -1,6 +1,7 @@
 """The launcher contract of ``head_pgd_``'s fast backends, and the choice between them (see
 ``perturb/backends.py`` for the pattern). Both backends run ``loop.run_head_pgd`` on their own
-:class:`~lpa_kernels.head_pgd.loop.HeadKernels`.
+:class:`~lpa_kernels.head_pgd.loop.HeadKernels` (so does the reference backend, ``torch_kernels.py``,
+outside the custom op).
 """
 
 from __future__ import annotations

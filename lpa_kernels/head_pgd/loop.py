@@ -1,4 +1,4 @@
-"""The PGD loop of ``head_pgd_``, shared by the Triton and CUDA C++ launchers.
+"""The PGD loop of ``head_pgd_``, shared by every backend (Triton, CUDA C++ and, in PyTorch ops, the reference).
 
 For ``logits = perturb(h, y, delta) @ W.T + b`` and summed cross-entropy, the gradient with respect to
 the perturbed activations is ``(P - Y) @ W`` with ``P = softmax(logits)`` and ``Y = onehot(y)``, so one
