@@ -119,15 +119,17 @@ def print_report(report: dict) -> None:
         print(f"  {r['case']:<42} {r['modelled_roofline_ms']:9.4f} {r['modelled_kernel_ms']:9.4f} "
               f"{r['modelled_eager_ms']:9.4f} {r['modelled_fraction_of_roofline']:5.2f} "
               f"{r['modelled_speedup_vs_eager']:7.2f}x{measured}")
-    print(f"\nhead_pgd_ against issue 11's targets (MODELLED H100 SXM times, ms; l2, add, T = {roofline.HEAD_TARGET_STEPS}): "
-          f"step within {roofline.HEAD_TARGET_RATIO}x of its two GEMMs; T steps faster than ONE autograd PGD step")
-    print(f"  {'B':>5} {'D':>5} {'K':>6} {'dtype':<9} {'form':<12} {'launch':>6} {'step':>9} {'2 GEMMs':>9} {'ratio':>6} "
-          f"{'T steps':>9} {'autograd':>9} {'ratio':>6}  where the model misses")
+    print(f"\nhead_pgd_ against issue 11's targets (MODELLED H100 SXM times, ms; l2, add, "
+          f"T = {roofline.HEAD_TARGET_STEPS}): step within {roofline.HEAD_TARGET_RATIO}x of its two GEMMs; "
+          f"T steps faster than ONE autograd PGD step")
+    print(f"  {'B':>5} {'D':>5} {'K':>6} {'dtype':<9} {'form':<12} {'launch':>6} {'step':>9} {'2 GEMMs':>9} "
+          f"{'ratio':>6} {'T steps':>9} {'autograd':>9} {'ratio':>6}  where the model misses")
     for r in report.get("head_pgd_targets", []):
-        print(f"  {r['B']:5d} {r['D']:5d} {r['K']:6d} {r['dtype']:<9} {r['formulation']:<12} {r['launches_per_step']:6d} "
-              f"{r['modelled_step_ms']:9.4f} {r['modelled_two_gemms_ms']:9.4f} {r['step_over_gemms']:5.2f}x "
-              f"{r['modelled_head_pgd_T3_ms']:9.4f} {r['modelled_one_autograd_step_ms']:9.4f} "
-              f"{r['T3_over_one_autograd_step']:5.2f}x  {r['why'] or 'both targets met'}")
+        print(f"  {r['B']:5d} {r['D']:5d} {r['K']:6d} {r['dtype']:<9} {r['formulation']:<12} "
+              f"{r['launches_per_step']:6d} {r['modelled_step_ms']:9.4f} {r['modelled_two_gemms_ms']:9.4f} "
+              f"{r['step_over_gemms']:5.2f}x {r['modelled_head_pgd_T3_ms']:9.4f} "
+              f"{r['modelled_one_autograd_step_ms']:9.4f} {r['T3_over_one_autograd_step']:5.2f}x  "
+              f"{r['why'] or 'both targets met'}")
     print("\nPer training step (aten launches, Triton launches, host reads):")
     for r in report["steps"]:
         method = r["method"] + ("" if r["steps"] is None else f" T={r['steps']}")
