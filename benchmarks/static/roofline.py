@@ -59,10 +59,25 @@ def _linear(case, s, sd):
     return minimum, kernel, eager, 4 * M * IN * OUT, 5
 
 
+def _head_class_space(case) -> bool:
+    """Whether ``head_pgd_`` runs ``case`` in class space (``loop.use_class_space``)."""
+    from lpa_kernels.head_pgd.loop import use_class_space
+
+    z = case.sizes
+    return use_class_space(z["B"], z["K"], z["T"], case.variant["mode"])
+
+
 def _head(case, s, sd):
     z = case.sizes
     B, D, K, T = z["B"], z["D"], z["K"], z["T"]
     minimum = (B * D + 3 * K * D + K) * s + 8 * B
+    if _head_class_space(case):
+        # Class space: logits h @ W.T + b once; per step the GEMMs E = delta @ W.T and S @ W, the fused
+        # softmax + per-class sum (reads the logits twice), the update (the iterate rounded to s for E).
+        kernel = (B * D + K * D + K + B * K) * s + T * (s * (4 * K * D + 4 * K * K + 2 * B * K + 3 * K * D)
+                                                         + 3 * ACC * K * D)
+        eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)  # the autograd loop, as below
+        return minimum, kernel, eager, 2 * B * K * D + 4 * K * K * D * T, 25 * T
     # Rows form, per step: perturb (read h, write h~), logits GEMM (read h~, W; write Z), softmax - onehot
     # (read, write Z), G = Z @ W (read Z, W; write G), class sum and PGD update fused (read G; per class
     # present: a scratch row written and read twice, the iterate read and written).
@@ -105,7 +120,7 @@ def roofline_rows(cases, compiled: list[dict], recorded: list) -> list[dict]:
         if case.op == "linear_perturb" and case.pass_ == "bwd":
             launches += 3  # two cuBLAS GEMMs and the bias-gradient sum
         if case.op == "head_pgd_":
-            launches += 2 * case.sizes["T"]  # the two cuBLAS GEMMs per step
+            launches += 2 * case.sizes["T"] + _head_class_space(case)  # cuBLAS: two GEMMs per step (+ the logits)
         kernels = [e for e in compiled if e["variant"] == case.id]
         if case.op == "linear_perturb" and case.pass_ == "fwd":
             tensor_cores = any(e.get("tensor_core") for e in kernels)
