@@ -118,8 +118,11 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
     if gd != dtype:
         total += (batch * features + classes * features) * g
     if use_class_space(batch, classes, steps, mode):
-        # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch
-        return total + batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a
+        # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch; the
+        # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc
+        rounded = classes * features * g if gd != acc else 0
+        return total + batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a \
+            + rounded
     rows = chunk_rows(batch, classes)
     # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
     # partial sums, at most another (K, D) in acc (the CUDA kernel's; the Triton one's are per class present)
