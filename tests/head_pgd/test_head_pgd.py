@@ -293,3 +293,23 @@ def test_cuda_backend_on_cpu_tensors_says_why_it_is_unavailable():
     with pytest.raises(ValueError, match=r"backend='cuda' is not available for a cpu tensor: .*(CUDA|cuda)"):
         head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, backend="cuda")
     assert torch.equal(delta, before), "a refused call changed delta"
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (the counter does not see the CUDA C++ launches)
+@pytest.mark.parametrize("batch, classes, per_step", [(64, 4, 4), (40, 100, 6)], ids=["class-space", "rows"])
+def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, per_step, monkeypatch):
+    """What depends only on the call (label plan, buffers, the class-space logits) is set up once, so
+    T = 3 launches exactly 2 steps' kernels more than T = 1. Class space: GEMM, the fused softmax + per-
+    class sum, GEMM, update (4); rows, one chunk and an unsplit class sum: perturb, logits GEMM, softmax,
+    GEMM, the arrival counters' fill, the fused class sum + update (6)."""
+    from lpa_bench.static.counting import LaunchCounter
+
+    monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
+    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step == 4), "test setup: wrong formulation"
+    launches = {}
+    for steps in (1, 3):
+        h, y, weight, bias, delta = make_problem(batch, classes, 32, device=target[1])
+        with LaunchCounter() as counter:
+            head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend=target[0])
+        launches[steps] = counter.summary()["aten_launches"] + counter.summary()["triton_launches"]
+    assert launches[3] - launches[1] == 2 * per_step, launches
