@@ -98,9 +98,9 @@ PYBIND11_MODULE(_lpa_cuda, m) {
                 ptr<int64_t>(skipped), ptr<const double>(params), vptr(direction_out), vptr(eps_out), K, direction,
                 radius, observe, clear, dtype, stream_of(stream));
   });
-  m.def("softmax_xent_grad", [](uintptr_t out, uintptr_t p_true, uintptr_t logits, uintptr_t shift, uintptr_t labels,
-                                int64_t B, int64_t K, int dtype, uintptr_t stream) {
-    lpa::softmax_xent_grad(vptr(out), vptr(p_true), vptr(logits), vptr(shift), ptr<const int64_t>(labels), B, K, dtype,
+  m.def("softmax_xent_grad", [](uintptr_t out, uintptr_t p_true, uintptr_t logits, uintptr_t labels, int64_t B,
+                                int64_t K, int dtype, uintptr_t stream) {
+    lpa::softmax_xent_grad(vptr(out), vptr(p_true), vptr(logits), ptr<const int64_t>(labels), B, K, dtype,
                            stream_of(stream));
   });
   m.def("softmax_class_sum", [](uintptr_t sums, uintptr_t p_true, uintptr_t scratch, uintptr_t logits, uintptr_t shift,

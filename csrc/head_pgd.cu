@@ -1,8 +1,8 @@
-// softmax_xent_grad: the row-wise part of one head_pgd step (lpa_kernels/head_pgd/loop.py, which runs
-// the GEMMs through cuBLAS and the class sums through the class reduction of perturb's backward).
+// softmax_xent_grad: the row-wise part of one rows-form head_pgd step (lpa_kernels/head_pgd/loop.py, which
+// runs the GEMMs through cuBLAS and the class sums and update through pgd's class_grad_pgd_step).
 //
-// out[b, k] = softmax(z_b)[k] - [k == y_b], with z_b = logits[b] + shift[y_b] (shift (K, K) may be null),
-// and p_true[b] = softmax(z_b)[y_b] when p_true is not null.
+// out[b, k] = softmax(logits[b])[k] - [k == y_b], and p_true[b] = softmax(logits[b])[y_b] when p_true is
+// not null.
 //
 // Block layout (lanes x rows = kBlockThreads threads): row b = blockIdx.x * blockDim.y + threadIdx.y is
 // handled by the blockDim.x lanes of one threadIdx.y, each striding over the K columns (coalesced). The
@@ -48,12 +48,34 @@ __device__ A row_combine(A value, A* scratch, Op op) {
   return total;
 }
 
+// One logit into a lane's online softmax state (running maximum, sum of exp(z - maximum)). A lane with no
+// finite logit yet has max -inf and sum 0; a NaN logit makes the sum NaN, and so the whole row (as
+// torch's softmax does).
+template <typename A>
+__device__ __forceinline__ void online_add(A v, A& lane_max, A& lane_sum) {
+  if (v > lane_max) {
+    lane_sum = lane_sum * exp(lane_max - v) + A(1);
+    lane_max = v;
+  } else if (v != -INFINITY) {
+    lane_sum += exp(v - lane_max);
+  }
+}
+
+// The row's pivot and 1 / sum from its lanes' online states (row_combine: every thread of the block
+// calls it). softmax = exp(z - pivot) * inv_sum.
+template <typename A>
+__device__ void row_softmax_stats(A lane_max, A lane_sum, A* scratch, A& pivot, A& inv_sum) {
+  const A row_max = row_combine(lane_max, scratch, [](A a, A c) { return nan_max(a, c); });
+  pivot = row_max == -INFINITY ? A(0) : row_max;
+  const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
+  inv_sum = A(1) / row_combine(rescaled, scratch, [](A a, A c) { return a + c; });
+}
+
 // V = kVec<T> (16-byte loads and stores) when K is a multiple of it and the rows are 16-byte aligned,
 // else 1. A lane then owns the V consecutive columns k0..k0+V-1 of each vector it visits.
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlockThreads)
-softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shift, const int64_t* labels,
-                         int64_t B, int64_t K) {
+softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const int64_t* labels, int64_t B, int64_t K) {
   using A = acc_t<T>;
   using Vector = Vec<T, V>;
   __shared__ A scratch[kBlockThreads];
@@ -62,51 +84,31 @@ softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shi
   const bool live = b < B;
   const int64_t y = live ? labels[b] : 0;
   const Vector* z_row = reinterpret_cast<const Vector*>(logits + (live ? b : 0) * K);
-  const Vector* shift_row = shift != nullptr ? reinterpret_cast<const Vector*>(shift + y * K) : nullptr;
   const int64_t vectors = K / V;
-  // The V logits of vector j, shifted, in A.
-  auto z = [&](int64_t j, A (&v)[V]) {
-    const Vector raw = z_row[j];
-    for (int i = 0; i < V; ++i) v[i] = load_as_acc(raw.v[i]);
-    if (shift_row != nullptr) {
-      const Vector add = shift_row[j];
-      for (int i = 0; i < V; ++i) v[i] += load_as_acc(add.v[i]);
-    }
-  };
 
-  // Pass 1: per-lane online maximum and sum. A lane with no finite logit yet has max -inf and sum 0;
-  // a NaN logit makes the sum NaN, and so the whole row (as torch's softmax does).
+  // Pass 1: per-lane online maximum and sum; the true class's logit kept by the lane that owns it.
   A lane_max = -INFINITY, lane_sum = 0, true_logit = 0;
   if (live) {
     for (int64_t j = lane; j < vectors; j += lanes) {
-      A v[V];
-      z(j, v);
+      const Vector raw = z_row[j];
       for (int i = 0; i < V; ++i) {
-        if (j * V + i == y) true_logit = v[i];  // kept by the lane that owns column y
-        if (v[i] > lane_max) {
-          lane_sum = lane_sum * exp(lane_max - v[i]) + A(1);
-          lane_max = v[i];
-        } else if (v[i] != -INFINITY) {
-          lane_sum += exp(v[i] - lane_max);
-        }
+        const A v = load_as_acc(raw.v[i]);
+        if (j * V + i == y) true_logit = v;
+        online_add(v, lane_max, lane_sum);
       }
     }
   }
-  const A row_max = row_combine(lane_max, scratch, [](A a, A c) { return nan_max(a, c); });
-  const A pivot = row_max == -INFINITY ? A(0) : row_max;
-  const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
-  const A row_sum = row_combine(rescaled, scratch, [](A a, A c) { return a + c; });
+  A pivot, inv_sum;
+  row_softmax_stats(lane_max, lane_sum, scratch, pivot, inv_sum);
   if (!live) return;  // after the last __syncthreads
 
   // Pass 2: every element is read (pass 1 and here) before this thread writes it, so out may be logits.
-  const A inv_sum = A(1) / row_sum;
   Vector* out_row = reinterpret_cast<Vector*>(out + b * K);
   for (int64_t j = lane; j < vectors; j += lanes) {
-    A v[V];
-    z(j, v);
+    const Vector raw = z_row[j];
     Vector result;
     for (int i = 0; i < V; ++i) {
-      const A p = exp(v[i] - pivot) * inv_sum;
+      const A p = exp(load_as_acc(raw.v[i]) - pivot) * inv_sum;
       result.v[i] = store_from<T>(j * V + i == y ? p - A(1) : p);
     }
     out_row[j] = result;
@@ -115,27 +117,26 @@ softmax_xent_grad_kernel(T* out, acc_t<T>* p_true, const T* logits, const T* shi
 }
 
 template <typename T, int V>
-void launch_softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels,
-                              int64_t B, int64_t K, unsigned blocks, dim3 block, cudaStream_t stream) {
+void launch_softmax_xent_grad(void* out, void* p_true, const void* logits, const int64_t* labels, int64_t B, int64_t K,
+                              unsigned blocks, dim3 block, cudaStream_t stream) {
   softmax_xent_grad_kernel<T, V><<<blocks, block, 0, stream>>>(
-      static_cast<T*>(out), static_cast<acc_t<T>*>(p_true), static_cast<const T*>(logits),
-      static_cast<const T*>(shift), labels, B, K);
+      static_cast<T*>(out), static_cast<acc_t<T>*>(p_true), static_cast<const T*>(logits), labels, B, K);
 }
 
-void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
-                       int64_t K, int dtype, cudaStream_t stream) {
+void softmax_xent_grad(void* out, void* p_true, const void* logits, const int64_t* labels, int64_t B, int64_t K,
+                       int dtype, cudaStream_t stream) {
   const int lanes = K >= kWideRow ? kBlockThreads : 32, rows = kBlockThreads / lanes;
   const int64_t blocks = (B + rows - 1) / rows;
   if (blocks > 2147483647LL) throw std::invalid_argument("softmax_xent_grad: too many rows");
   if (blocks == 0) return;
-  const bool aligned = aligned16(out) && aligned16(logits) && (shift == nullptr || aligned16(shift));
+  const bool aligned = aligned16(out) && aligned16(logits);
   LPA_DISPATCH(dtype, "softmax_xent_grad", {
     constexpr int V = kVec<scalar_t>;
     if (aligned && K % V == 0) {
-      launch_softmax_xent_grad<scalar_t, V>(out, p_true, logits, shift, labels, B, K, static_cast<unsigned>(blocks),
+      launch_softmax_xent_grad<scalar_t, V>(out, p_true, logits, labels, B, K, static_cast<unsigned>(blocks),
                                             dim3(lanes, rows), stream);
     } else {
-      launch_softmax_xent_grad<scalar_t, 1>(out, p_true, logits, shift, labels, B, K, static_cast<unsigned>(blocks),
+      launch_softmax_xent_grad<scalar_t, 1>(out, p_true, logits, labels, B, K, static_cast<unsigned>(blocks),
                                             dim3(lanes, rows), stream);
     }
   })
@@ -161,21 +162,12 @@ softmax_class_sum_kernel(T* sums, acc_t<T>* p_true, acc_t<T>* scratch, const T* 
     A lane_max = -INFINITY, lane_sum = 0;
     if (live) {
       for (int64_t k = lane; k < K; k += lanes) {
-        const A v = load_as_acc(z_row[k]) + load_as_acc(shift_row[k]);
-        if (v > lane_max) {
-          lane_sum = lane_sum * exp(lane_max - v) + A(1);
-          lane_max = v;
-        } else if (v != -INFINITY) {
-          lane_sum += exp(v - lane_max);
-        }
+        online_add(load_as_acc(z_row[k]) + load_as_acc(shift_row[k]), lane_max, lane_sum);
       }
     }
-    const A row_max = row_combine(lane_max, combine_scratch, [](A a, A b) { return nan_max(a, b); });
-    const A pivot = row_max == -INFINITY ? A(0) : row_max;
-    const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
-    const A row_sum = row_combine(rescaled, combine_scratch, [](A a, A b) { return a + b; });
+    A pivot, inv_sum;
+    row_softmax_stats(lane_max, lane_sum, combine_scratch, pivot, inv_sum);
     if (live && lane == 0) {
-      const A inv_sum = A(1) / row_sum;
       scratch[i] = pivot;
       scratch[B + i] = inv_sum;
       if (p_true != nullptr) {

@@ -56,11 +56,10 @@ void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
                          int64_t splits, int64_t max_tiles, void* workspace, int* arrivals, cudaStream_t stream);
 
-// Row by row, out[b] = softmax(logits[b] + shift[y_b]) - onehot(y_b) for (B, K) logits of dtype `dtype`
-// (shift (K, K) of that dtype, may be null; out may alias logits); p_true[b] (acc type, may be null) =
-// the true class's probability.
-void softmax_xent_grad(void* out, void* p_true, const void* logits, const void* shift, const int64_t* labels, int64_t B,
-                       int64_t K, int dtype, cudaStream_t stream);
+// Row by row, out[b] = softmax(logits[b]) - onehot(y_b) for (B, K) logits of dtype `dtype` (out may alias
+// logits); p_true[b] (acc type, may be null) = the true class's probability.
+void softmax_xent_grad(void* out, void* p_true, const void* logits, const int64_t* labels, int64_t B, int64_t K,
+                       int dtype, cudaStream_t stream);
 
 // Per class c, sums[c] = sum over its samples b of softmax(logits[b] + shift[c]) - onehot(c), for (B, K)
 // logits and (K, K) shift and sums of dtype `dtype`; class c's samples are order[starts[c]:starts[c + 1]]

@@ -12,13 +12,13 @@ from lpa_kernels.perturb.cuda_kernels import perturb_forward
 from lpa_kernels.pgd.cuda_kernels import class_grad_pgd_step, pgd_step
 
 
-def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
-    """``HeadKernels.softmax_xent_grad``: ``out = softmax(logits + shift[y]) - onehot(y)`` row by row,
-    ``p_true`` the true class's probability (``out`` may be ``logits``)."""
+def softmax_xent_grad(out, logits, labels, p_true) -> None:
+    """``HeadKernels.softmax_xent_grad``: ``out = softmax(logits) - onehot(y)`` row by row, ``p_true`` the
+    true class's probability (``out`` may be ``logits``)."""
     batch, num_classes = logits.shape
     klabels = cuda.as_dtype(labels, torch.int64)
     cuda.launch("softmax_xent_grad", logits.device, out.data_ptr(), cuda.ptr(p_true), logits.data_ptr(),
-                cuda.ptr(shift), klabels.data_ptr(), batch, num_classes, cuda.code(logits.dtype))
+                klabels.data_ptr(), batch, num_classes, cuda.code(logits.dtype))
 
 
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:

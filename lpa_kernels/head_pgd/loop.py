@@ -61,9 +61,9 @@ class HeadKernels:
       mode, norm, plan)``: the in-place update of ``pgd_step`` with the gradient ``sum_{y_b = c} rows_b``
       (``* h_b`` for ``scale``), summed deterministically in the accumulation dtype (``pgd``'s fused
       ``class_grad_pgd_step_``: classes absent from the batch are not touched);
-    - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), shift (K, K) or None, p_true (n,) or None)``:
-      ``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``out`` may be ``logits``), and the
-      true class's probability into ``p_true`` when given;
+    - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), p_true (n,) or None)``:
+      ``out = softmax(logits) - onehot(y)`` row by row (``out`` may be ``logits``), and the true class's
+      probability into ``p_true`` when given;
     - ``softmax_class_sum(sums (K, K), logits (B, K), shift (K, K), labels (B,), order (B,), starts (K + 1,),
       p_true (B,) or None, scratch (2, B))``: ``sums[c] = sum_{y_b = c} softmax(logits_b + shift[c]) - onehot(c)``
       accumulated in ``scratch``'s dtype (the accumulation dtype) and rounded once into ``sums``, in a fixed
@@ -216,7 +216,7 @@ def _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKer
                 torch.mm(h_tilde, weight.t(), out=z)
             else:
                 torch.addmm(bias, h_tilde, weight.t(), out=z)
-            kernels.softmax_xent_grad(z, z, part_labels, None, None if p_true is None else p_true[part])
+            kernels.softmax_xent_grad(z, z, part_labels, None if p_true is None else p_true[part])
             torch.mm(z, weight, out=sample_grad[part])
         return sample_grad
 

@@ -41,9 +41,9 @@ def _probabilities_minus_onehot(logits, labels, shift, p_true, acc):
     return probs.scatter_(1, column, true_prob.sub_(1))
 
 
-def softmax_xent_grad(out, logits, labels, shift, p_true) -> None:
+def softmax_xent_grad(out, logits, labels, p_true) -> None:
     """``HeadKernels.softmax_xent_grad``."""
-    out.copy_(_probabilities_minus_onehot(logits, labels, shift, p_true, compute_dtype(logits.dtype)))
+    out.copy_(_probabilities_minus_onehot(logits, labels, None, p_true, compute_dtype(logits.dtype)))
 
 
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:

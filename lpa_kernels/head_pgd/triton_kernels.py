@@ -4,12 +4,12 @@ The loop and its two formulations live in ``lpa_kernels/head_pgd/loop.py`` (shar
 backend); its GEMMs are cuBLAS's. This backend supplies ``perturb``'s forward, the ``pgd_step`` and
 fused ``class_grad_pgd_step`` updates, and two kernels of its own:
 
-``_softmax_xent_grad_kernel``: ``out[b] = softmax(logits[b] + shift[y_b]) - onehot(y_b)`` for a tile of
-``BLOCK_B`` rows per program, in two passes over K in tiles of ``BLOCK_K``: the first keeps a running
-row maximum and the sum of ``exp(z - max)`` rescaled whenever the maximum grows (an online softmax),
-the second writes the probabilities minus the one-hot term (``out`` may be ``logits``: each element
-is read before it is written, by the same program; so is the true class's logit, which pass 1 keeps). ``shift (K, K)`` is the class-space form's logit
-offset per class (absent for the rows form). Arithmetic in float32 (float64 for float64 data).
+``_softmax_xent_grad_kernel`` (the rows form): ``out[b] = softmax(logits[b]) - onehot(y_b)`` for a tile
+of ``BLOCK_B`` rows per program, in two passes over K in tiles of ``BLOCK_K``: the first
+(``_softmax_stats``) keeps a running row maximum and the sum of ``exp(z - max)`` rescaled whenever the
+maximum grows (an online softmax), the second writes the probabilities minus the one-hot term and sums
+the true class's probability (``out`` may be ``logits``: each element is read before it is written, by
+the same program). Arithmetic in float32 (float64 for float64 data).
 
 ``_softmax_class_sum_kernel`` (the class-space form's step, fused): ``sums[c] = sum_{y_b = c}
 softmax(logits[b] + shift[c]) - onehot(c)``, one program per class walking its samples in the label
@@ -37,25 +37,42 @@ TILE = 2048
 
 
 @triton.jit
-def _shifted_logits(logits_ptr, shift_ptr, rows, y, cols, row_ok, K, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr):
-    """The ``(BLOCK_B, BLOCK_K)`` tile ``logits[rows, cols] + shift[y, cols]`` in ACC; -inf outside K."""
+def _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """The ``(BLOCK_B, BLOCK_K)`` tile ``logits[rows, cols]`` (``+ shift_row[cols]`` when HAS_SHIFT) in ACC;
+    -inf outside the rows and K."""
     mask = row_ok[:, None] & (cols < K)[None, :]
     z = tl.load(logits_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
     if HAS_SHIFT:
-        z += tl.load(shift_ptr + y[:, None] * K + cols[None, :], mask=mask, other=0.0).to(ACC)
+        z += tl.load(shift_row + cols, mask=cols < K, other=0.0).to(ACC)[None, :]
     return z
+
+
+@triton.jit
+def _softmax_stats(logits_ptr, shift_row, rows, row_ok, K, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(pivot, 1 / sum)`` of each row's softmax, ``softmax = exp(z - pivot) / sum``, in one online pass
+    over K; padded rows get ``1 / sum = 1`` (and a pivot of 0)."""
+    row_max = tl.full((BLOCK_B,), float("-inf"), ACC)
+    row_sum = tl.zeros((BLOCK_B,), ACC)
+    for k0 in range(0, K, BLOCK_K):
+        z = _logits_tile(logits_ptr, shift_row, rows, k0 + tl.arange(0, BLOCK_K), row_ok, K, HAS_SHIFT, ACC)
+        new_max = tl.maximum(row_max, tl.max(z, axis=1))
+        # A row with no finite logit yet keeps max -inf: subtract 0 instead (exp(-inf) = 0 either way),
+        # never -inf - -inf = NaN. A NaN logit makes the row's sum, and so the row, NaN.
+        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
+        row_max = new_max
+    return tl.where(row_max == float("-inf"), 0.0, row_max), 1.0 / tl.where(row_ok, row_sum, 1.0)
 
 
 @triton.jit
 def _softmax_xent_grad_kernel(
     out_ptr,  # (B, K): softmax - onehot; may be logits_ptr
     logits_ptr,  # (B, K)
-    shift_ptr,  # (K, K) or a stand-in when HAS_SHIFT is False
     labels_ptr,  # (B,) int32/int64
     p_true_ptr,  # (B,) ACC, written when WRITE_P_TRUE
     B,
     K,
-    HAS_SHIFT: tl.constexpr,
     WRITE_P_TRUE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -65,34 +82,20 @@ def _softmax_xent_grad_kernel(
     row_ok = rows < B
     y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # padded rows read class 0, store nothing
     rows = rows.to(tl.int64)
-
-    row_max = tl.full((BLOCK_B,), float("-inf"), ACC)
-    row_sum = tl.zeros((BLOCK_B,), ACC)
-    true_logit = tl.zeros((BLOCK_B,), ACC)  # read in this pass: out may alias logits
+    pivot, inv_sum = _softmax_stats(logits_ptr, logits_ptr, rows, row_ok, K, False, ACC, BLOCK_B, BLOCK_K)
+    p_true = tl.zeros((BLOCK_B,), ACC)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        z = _shifted_logits(logits_ptr, shift_ptr, rows, y, cols, row_ok, K, HAS_SHIFT, ACC)
-        if WRITE_P_TRUE:
-            true_logit += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        # A row with no finite logit yet keeps max -inf: subtract 0 instead (exp(-inf) = 0 either way),
-        # never -inf - -inf = NaN. A NaN logit makes the row's sum, and so the row, NaN.
-        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
-        row_max = new_max
-
-    pivot = tl.where(row_max == float("-inf"), 0.0, row_max)
-    inv_sum = 1.0 / tl.where(row_ok, row_sum, 1.0)  # padded rows have sum 0
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        z = _shifted_logits(logits_ptr, shift_ptr, rows, y, cols, row_ok, K, HAS_SHIFT, ACC)
+        z = _logits_tile(logits_ptr, logits_ptr, rows, cols, row_ok, K, False, ACC)
         p = tl.exp(z - pivot[:, None]) * inv_sum[:, None]
-        p = tl.where(cols[None, :] == y[:, None], p - 1.0, p)
+        is_true = cols[None, :] == y[:, None]
+        if WRITE_P_TRUE:
+            p_true += tl.sum(tl.where(is_true, p, 0.0), axis=1)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], p.to(out_ptr.dtype.element_ty), mask=mask)
-
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.where(is_true, p - 1.0, p).to(out_ptr.dtype.element_ty),
+                 mask=mask)
     if WRITE_P_TRUE:
-        tl.store(p_true_ptr + rows, tl.exp(true_logit - pivot) * inv_sum, mask=row_ok)
+        tl.store(p_true_ptr + rows, p_true, mask=row_ok)
 
 
 @triton.jit
@@ -119,17 +122,7 @@ def _softmax_class_sum_kernel(
         pos = i0 + tl.arange(0, BLOCK_B)
         row_ok = pos < end
         rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-        row_max = tl.full((BLOCK_B,), float("-inf"), ACC)
-        row_sum = tl.zeros((BLOCK_B,), ACC)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            z = _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC)
-            new_max = tl.maximum(row_max, tl.max(z, axis=1))
-            pivot = tl.where(new_max == float("-inf"), 0.0, new_max)  # as in _softmax_xent_grad_kernel
-            row_sum = row_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
-            row_max = new_max
-        pivot = tl.where(row_max == float("-inf"), 0.0, row_max)
-        inv_sum = 1.0 / tl.where(row_ok, row_sum, 1.0)
+        pivot, inv_sum = _softmax_stats(logits_ptr, shift_row, rows, row_ok, K, True, ACC, BLOCK_B, BLOCK_K)
         tl.store(scratch_ptr + pos, pivot, mask=row_ok)
         tl.store(scratch_ptr + B + pos, inv_sum, mask=row_ok)
         if WRITE_P_TRUE:
@@ -146,19 +139,11 @@ def _softmax_class_sum_kernel(
             rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
             pivot = tl.load(scratch_ptr + pos, mask=row_ok, other=0.0)
             inv_sum = tl.load(scratch_ptr + B + pos, mask=row_ok, other=0.0)  # 0: padded rows add nothing
-            z = _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC)
+            z = _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, True, ACC)
             total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
         sums = tl.sum(total, axis=0)
         sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
         tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
-
-
-@triton.jit
-def _class_shifted_logits(logits_ptr, shift_row, rows, cols, row_ok, K, ACC: tl.constexpr):
-    """The ``(BLOCK_B, BLOCK_K)`` tile ``logits[rows, cols] + shift_row[cols]`` in ACC; -inf outside."""
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    z = tl.load(logits_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
-    return z + tl.load(shift_row + cols, mask=cols < K, other=0.0).to(ACC)[None, :]
 
 
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
@@ -176,25 +161,19 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
         sums.copy_(ksums)
 
 
-def softmax_xent_grad(
-    out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor | None,
-    p_true: torch.Tensor | None,
-) -> None:
-    """``out = softmax(logits + shift[y]) - onehot(y)`` row by row (``HeadKernels.softmax_xent_grad``)."""
+def softmax_xent_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, p_true: torch.Tensor | None) -> None:
+    """``out = softmax(logits) - onehot(y)`` row by row (``HeadKernels.softmax_xent_grad``)."""
     batch, num_classes = logits.shape
     if batch == 0:
         return
     kout = kernel_dtype_view(out)
     klogits = kout if logits is out else kernel_dtype_view(logits)
-    kshift = kernel_dtype_view(shift)
     block_k = min(triton.next_power_of_2(num_classes), TILE)
     block_b = min(max(TILE // block_k, 1), triton.next_power_of_2(batch))
-    # The stand-ins for absent pointers are never read: the constexpr flags compile those loads out.
+    # The stand-in for an absent p_true is never written: WRITE_P_TRUE compiles that store out.
     _softmax_xent_grad_kernel[(triton.cdiv(batch, block_b),)](
-        kout, klogits, klogits if kshift is None else kshift, labels, kout if p_true is None else p_true,
-        batch, num_classes,
-        HAS_SHIFT=shift is not None, WRITE_P_TRUE=p_true is not None, ACC=accumulator(logits, shift),
-        BLOCK_B=block_b, BLOCK_K=block_k,
+        kout, klogits, labels, kout if p_true is None else p_true, batch, num_classes,
+        WRITE_P_TRUE=p_true is not None, ACC=accumulator(logits), BLOCK_B=block_b, BLOCK_K=block_k,
     )
     if kout is not out:
         out.copy_(kout)

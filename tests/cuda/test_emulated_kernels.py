@@ -421,23 +421,22 @@ def test_head_pgd_wide_rows(cuda_backend_on_cpu, mode):
 @pytest.mark.parametrize("aligned", [True, False], ids=["vector", "scalar"])
 @pytest.mark.parametrize("num_classes", [24, 2048])
 def test_softmax_xent_grad_vector_and_scalar_rows(launchers, dtype, aligned, num_classes):
-    """The head step's softmax kernel on its own: K = 24 (a multiple of every vector width: 16-byte
+    """The rows form's softmax kernel on its own: K = 24 (a multiple of every vector width: 16-byte
     loads when the rows are aligned; 32 lanes per row) and K = 2048 (a whole block per row), rows
-    offset by one element (scalar path), with a (K, K) shift and the true-class probabilities."""
+    offset by one element (scalar path), in place, with the true-class probabilities."""
     batch = 7
     logits = torch.randn(batch, num_classes).to(dtype) if aligned else _misaligned((batch, num_classes), dtype)
-    shift = torch.randn(num_classes, num_classes).to(dtype)
     labels = make_labels(batch, num_classes)
-    out = torch.full_like(logits, float("nan"))
+    out = logits.clone() if aligned else _misaligned((batch, num_classes), dtype).copy_(logits)
     p_true = torch.full((batch,), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    launchers.softmax_xent_grad(out, logits, labels, shift, p_true)
+    launchers.softmax_xent_grad(out, out, labels, p_true)
 
-    def reference(z, s):
-        probs = torch.softmax(z + s[labels], dim=1)
+    def reference(z):
+        probs = torch.softmax(z, dim=1)
         return probs - torch.nn.functional.one_hot(labels, num_classes).to(probs.dtype), probs[torch.arange(batch), labels]
 
-    expected, expected_p = reference(logits.double(), shift.double())
-    lowp, lowp_p = reference(logits.float() if dtype != torch.float64 else logits, shift.float() if dtype != torch.float64 else shift)
+    expected, expected_p = reference(logits.double())
+    lowp, lowp_p = reference(logits.float() if dtype != torch.float64 else logits)
     assert_close_to_reference(out, expected, lowp.to(dtype), what="softmax - onehot")
     assert_close_to_reference(p_true, expected_p, lowp_p, what="true-class probability")
 
