@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from lpa_kernels._common import class_order, compute_dtype, label_plan, new_output
 from lpa_kernels.confidence import confidence_direction
+from lpa_kernels.pgd.split import N_STATS
 
 # Logits elements per chunk of rows (256 MiB in float32): bounds the rows form's (chunk, K) buffer, so
 # K = 100,000 takes chunks of 640 rows instead of a (B, K) tensor.
@@ -125,8 +126,10 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
             + rounded
     rows = chunk_rows(batch, classes)
     # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
-    # partial sums, at most another (K, D) in acc (the CUDA kernel's; the Triton one's are per class present)
-    return total + rows * classes * g + batch * features * g + rows * features * g + classes * features * a
+    # workspace: at most another (K, D) in acc and N_STATS partials per class and tile of 32 groups (the
+    # CUDA kernel's; the Triton one's are per class present)
+    update = classes * features * a + N_STATS * classes * -(-features // 32) * a
+    return total + rows * classes * g + batch * features * g + rows * features * g + update
 
 
 def run_head_pgd(
