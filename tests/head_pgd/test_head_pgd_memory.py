@@ -51,12 +51,14 @@ def test_rows_form_never_creates_a_batch_by_classes_tensor(target, mode, monkeyp
 
 def test_workspace_bound_fits_llm_vocabulary_heads():
     """K = 32,000 and K = 100,000 at B = D = 4096 in bf16: the rows form's bound is a few GiB (the logits
-    of the whole batch alone would be 0.8 GiB per step at K = 100,000 in bf16, 1.6 GiB with fp32 softmax)."""
+    of the whole batch alone would be 0.8 GiB per step at K = 100,000 in bf16, 1.6 GiB with fp32 softmax).
+    Most of it is (K, D) float32 state: the iterate, and the CUDA fused update's workspace (two (K, D)
+    rows and its per-tile partials), 1.6 GiB each at K = 100,000."""
     for classes in (32_000, 100_000):
         rows = head_loop.chunk_rows(4096, classes)
         assert rows < 4096 and rows * classes <= head_loop.CHUNK_ELEMENTS
         bound = head_loop.workspace_bytes(4096, 4096, classes, 3, "add", "l2", torch.bfloat16, torch.float32)
-        assert bound < 5 * 2**30, f"K={classes}: {bound / 2**30:.1f} GiB"
+        assert bound < 5.5 * 2**30, f"K={classes}: {bound / 2**30:.1f} GiB"
 
 
 @pytest.mark.gpu
