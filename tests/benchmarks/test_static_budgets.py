@@ -86,7 +86,7 @@ ROOFLINE_FLOORS = {  # 90% of the first run's modelled fraction
     'linear_perturb fwd bfloat16': 0.67,
     'linear_perturb fwd float16': 0.67,
     'linear_perturb bwd bfloat16': 0.66,
-    'head_pgd_ B=128 K=100 bfloat16': 0.0027,  # class space: launch-bound (0.003 modelled when added)
+    'head_pgd_ B=128 K=100 bfloat16': 0.0022,  # class space, launch-bound: 0.0025 (l2 pgd_step_ in 2 launches here)
     'head_pgd_ B=1024 K=1000 bfloat16': 0.15,
     'head_pgd_ B=4096 K=32000 bfloat16': 0.67,
     'pgd_step_ K=10 D=4096 linf': 0.031,  # issue 13: 90% of its first run (D was 2048 before)
