@@ -63,9 +63,41 @@ def count_step(method_name: str, steps: int | None, layer: str, backend: str, mo
             **counts.summary()}
 
 
+def count_upper(model_name: str) -> int:
+    """Launches of one forward and backward of the upper network at the inner layer (the part an
+    autograd PGD step re-runs): summed cross-entropy, gradient with respect to the layer's output."""
+    import torch
+    import torch.nn.functional as F
+
+    from lpa_bench.static.counting import LaunchCounter
+    from lpa_kernels.lpa.split import trace_split
+
+    torch.manual_seed(0)
+    model, x, y, _ = _model_and_batch(model_name)
+    split = trace_split(model, LAYERS[model_name]["inner"])
+    h, extras = split.lower(x)
+    h = h.detach().requires_grad_(True)
+    extras = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
+
+    def upper_step():
+        torch.autograd.grad(F.cross_entropy(split.upper(h, *extras), y, reduction="sum"), h)
+
+    upper_step()
+    with LaunchCounter() as counts:
+        upper_step()
+    summary = counts.summary()
+    return summary["aten_launches"] + summary["triton_launches"]
+
+
 def all_rows() -> list[dict]:
-    return [count_step(name, steps, layer, backend, model) for model in MODELS for layer in LAYERS[model]
+    """Every counted step; the inner-layer rows also carry ``upper_launches`` (:func:`count_upper`)."""
+    rows = [count_step(name, steps, layer, backend, model) for model in MODELS for layer in LAYERS[model]
             for backend in BACKENDS for name, steps in METHODS]
+    upper = {model: count_upper(model) for model in MODELS}
+    for row in rows:
+        if row["layer"] == "inner":
+            row["upper_launches"] = upper[row["model"]]
+    return rows
 
 
 def run(timeout: float = 600) -> list[dict]:

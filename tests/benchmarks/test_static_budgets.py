@@ -306,6 +306,19 @@ def test_each_extra_pgd_step_on_the_head_path_launches_at_most_4_kernels(step_co
     assert all(per_step <= 4 for _, per_step in over), f"launches per extra head PGD step: {over}"
 
 
+def test_each_extra_autograd_pgd_step_launches_at_most_the_upper_network_plus_6(step_counts):
+    """Issue 12: an extra PGD step at an inner layer (T = 3 minus T = 1, halved) costs at most one forward
+    and backward of the upper network (counted on its own, ``steps.count_upper``) plus 6 launches."""
+    by_key = {_key(r): r for r in step_counts}
+    over = []
+    for model in steps.MODELS:  # the Triton backend (the reference backend is the unfused definition)
+        t3, t1 = by_key[(model, "inner", "triton", "lpa", 3)], by_key[(model, "inner", "triton", "lpa", 1)]
+        per_step = (_launches(t3) - _launches(t1)) / 2
+        if per_step > t3["upper_launches"] + 6:
+            over.append((model, per_step, t3["upper_launches"]))
+    assert not over, f"launches per extra autograd PGD step above the upper network's + 6: {over}"
+
+
 def test_single_pass_step_launches_at_most_8_more_than_plain_training(step_counts):
     """SPEC section 4 via issue 12: the T = 0 step on the Triton backend (label check and plan, the class
     statistics, the policy and the guarded PGD step fused, one kernel each), MLP and ResNet, both layers."""
