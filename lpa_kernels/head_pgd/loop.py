@@ -59,9 +59,10 @@ class HeadKernels:
 
     - ``perturb(h (n, D), labels (n,), delta (K, D), inner, mode) -> h~ (n, D)`` in ``h.dtype``;
     - ``class_grad_pgd_step(delta (K, D), rows (B, D), labels (B,), h (B, D) or None, step, eps, direction,
-      mode, norm, plan)``: the in-place update of ``pgd_step`` with the gradient ``sum_{y_b = c} rows_b``
-      (``* h_b`` for ``scale``), summed deterministically in the accumulation dtype (``pgd``'s fused
-      ``class_grad_pgd_step_``: classes absent from the batch are not touched);
+      inner, mode, norm, plan)``, ``pgd``'s launcher contract with ``inner`` 1: the in-place update of
+      ``pgd_step`` with the gradient ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``), summed
+      deterministically in the accumulation dtype (``pgd``'s fused ``class_grad_pgd_step_``: classes
+      absent from the batch are not touched);
     - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), p_true (n,) or None)``:
       ``out = softmax(logits) - onehot(y)`` row by row (``out`` may be ``logits``), and the true class's
       probability into ``p_true`` when given;
@@ -224,7 +225,7 @@ def _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKer
         return sample_grad
 
     def update(current: torch.Tensor, g: torch.Tensor, direction: torch.Tensor) -> None:
-        kernels.class_grad_pgd_step(current, g, labels, h_scale, step, eps, direction, mode, norm, plan)
+        kernels.class_grad_pgd_step(current, g, labels, h_scale, step, eps, direction, 1, mode, norm, plan)
 
     return Form(gradient, update)
 

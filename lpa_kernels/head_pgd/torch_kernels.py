@@ -24,8 +24,8 @@ def perturb(h, labels, delta, inner, mode):
     return perturb_naive.perturb(h, labels, delta, mode)
 
 
-def class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, mode, norm, plan=None):
-    """``HeadKernels.class_grad_pgd_step`` (the reference's class sum, then its update)."""
+def class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, inner, mode, norm, plan=None):
+    """``HeadKernels.class_grad_pgd_step`` (the reference's class sum, then its update; ``inner`` is 1)."""
     pgd_naive.class_grad_pgd_step_(delta, rows, labels, step, eps, direction, norm, h, mode)
 
 

@@ -179,12 +179,7 @@ def softmax_xent_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
         out.copy_(kout)
 
 
-def _class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, mode, norm, plan) -> None:
-    """``HeadKernels.class_grad_pgd_step``: ``pgd``'s fused launcher on ``(K, D)`` rows (inner 1)."""
-    class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, 1, mode, norm, plan)
-
-
-KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=_class_grad_pgd_step,
+KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
 
 
