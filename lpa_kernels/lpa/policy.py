@@ -189,6 +189,15 @@ class Policy:
             kinds.append(kind)
         return tuple(kinds)
 
+    def head_radius(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The radii ``(K,)`` (``like``'s device, compute dtype) when ``head_pgd_`` can apply this policy
+        itself, else None: the built-in confidence direction with a batch-independent radius. Its rule in
+        ``lpa_kernels.confidence`` is this policy's, read from the same first-step softmax (a class with
+        non-finite statistics absent in both), so the fused head path needs no logits of its own for it."""
+        if self._kinds != ("confidence", "fixed"):
+            return None
+        return self._constant(self.rules[-1], like)
+
     def _params(self, device: torch.device, backend: str):
         """``step_update.naive.PARAMS``: floats for the reference backend, a float64 tensor on ``device``
         for the kernels (made once)."""

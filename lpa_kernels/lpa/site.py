@@ -218,14 +218,18 @@ class ClassSite:
                   plan: torch.Tensor | None) -> None:
         """The fused head path; its loop has no hook between steps, so the guards apply to its result: a
         class whose new delta is not finite (counted once for the T steps), or every class when ``ok`` is
-        False, gets its previous delta back."""
+        False, gets its previous delta back. The default policy (confidence direction, fixed radius) is
+        applied by ``head_pgd_`` from its first step's softmax; any other reads its own first-step logits."""
         flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
-        logits = None
-        if self.policy.needs_stats:
-            logits = F.linear(self.apply(flat, labels, flat_delta, plan), weight, bias)
-        direction, eps = self._resolve(logits, labels, delta)
+        eps = self.policy.head_radius(delta)
+        direction = "confidence"
+        if eps is None:
+            logits = None
+            if self.policy.needs_stats:
+                logits = F.linear(self.apply(flat, labels, flat_delta, plan), weight, bias)
+            direction, eps = self._resolve(logits, labels, delta)
         previous = flat_delta.clone()
         run_head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self._step_sizes, eps, direction,
                       self.norm, self.mode, self._resolved_backend, plan)

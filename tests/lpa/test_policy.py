@@ -61,6 +61,24 @@ def test_confidence_direction_and_linear_radius_from_a_hand_table():
     assert 0 < eps[3] < 1e-5, "an absent class gets a (positive) vanishing radius"
 
 
+def test_head_pgd_confidence_rule_treats_a_non_finite_class_as_absent_like_the_policy():
+    """head_pgd_'s own confidence rule (lpa_kernels.confidence, from per-sample probabilities) and the
+    policy's (from class statistics) agree on a hand table, also when one class holds a NaN sample: that
+    class is absent (direction 0) and the threshold is the mean over the other classes present."""
+    from lpa_kernels.confidence import confidence_direction
+
+    labels = torch.tensor([0, 0, 1, 2, 2, 1])
+    p_true = torch.tensor([0.9, 0.7, 0.2, 0.5, 0.6, float("nan")], dtype=torch.float64)
+    direction, _ = confidence_direction(p_true, labels, 4)
+    # p_0 = 0.8, p_2 = 0.55 present (class 1 has a NaN sample, class 3 no sample): thr = 0.675
+    assert direction.tolist() == [-1.0, 0.0, 1.0, 0.0]
+    stats = torch.zeros((3, 4), dtype=torch.float64)
+    stats[0].index_add_(0, labels, torch.ones(6, dtype=torch.float64))
+    stats[1].index_add_(0, labels, p_true)
+    policy_direction, _ = resolve(stats, direction="confidence")
+    assert policy_direction.tolist() == direction.tolist()
+
+
 def test_confidence_radius_is_a_base_plus_a_bonus_normalised_on_each_side_of_the_threshold():
     # thr - p_c = -0.2667 (class 0), +0.3333 (1), -0.0667 (2), absent (3). Above thr (0, 2) the largest gap is
     # 0.2667: scaled 1 and 0.25; below thr class 1 alone: 1. eps * (1 + 0.1 * scaled), absent: the base eps.
