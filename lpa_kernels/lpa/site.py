@@ -218,12 +218,14 @@ class ClassSite:
                   plan: torch.Tensor | None) -> None:
         """The fused head path; its loop has no hook between steps, so the guards apply to its result: a
         class whose new delta is not finite (counted once for the T steps), or every class when ``ok`` is
-        False, gets its previous delta back. The default policy (confidence direction, fixed radius) is
-        applied by ``head_pgd_`` from its first step's softmax; any other reads its own first-step logits."""
+        False, gets its previous delta back. On the reference backend the default policy (confidence
+        direction, fixed radius) is applied by ``head_pgd_`` from its first step's softmax (fewer ops); the
+        kernel backends, and any other policy, read the first-step logits here (on a GPU the fused
+        statistics and policy kernels take 2 launches where ``loop.py``'s rule in torch ops takes ~20)."""
         flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
-        eps = self.policy.head_radius(delta)
+        eps = self.policy.head_radius(delta) if self._resolved_backend == "reference" else None
         direction = "confidence"
         if eps is None:
             logits = None
