@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from lpa_kernels import _checks, backend as _backend
+from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import delta_layout, flat, update_in_place
 from lpa_kernels.perturb.op import class_grad
 from lpa_kernels.pgd import naive
@@ -94,8 +94,11 @@ def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str, ok: 
     """``pgd_step_`` without validation (no device sync), for the LPA training machinery (the ``run_*`` entry
     style, as ``perturb.op.run_perturb``), whose arguments are valid by construction: ``grad`` of ``delta``'s
     shape and device; ``step``, ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class``
-    makes them; ``backend`` resolved. With ``ok`` and ``skipped``, the guarded step (``run_guarded_pgd_step_``)."""
+    makes them; ``backend`` resolved. With ``ok`` and ``skipped``, the guarded step (``run_guarded_pgd_step_``).
+    The reference backend runs the host C++ kernel on CPU float32/float64 tensors when it is built."""
     if backend == "reference":
+        if delta.device.type == "cpu" and _host_ext.pgd_step(delta, grad, step, radius, sign, norm, ok, skipped):
+            return delta
         if ok is None:
             return naive.pgd_step_(delta, grad, step, radius, sign, norm)
         return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)

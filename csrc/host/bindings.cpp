@@ -1,0 +1,60 @@
+// pybind11 module lpa_kernels._lpa_host: the host kernels of host_kernels.h on raw CPU pointers (Python
+// ints from Tensor.data_ptr()) and sizes, with a dtype code (0 float32, 1 float64) and, for head_pgd, the
+// labels' width in bytes (4 or 8). No torch C++ ABI; lpa_kernels/_host_ext.py turns tensors into these
+// arguments after checking dtypes, devices and contiguity. A null pointer (0) is an absent optional.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "host_kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T> T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+void check_dtype(int dtype) {
+  if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype code must be 0 (float32) or 1 (float64)");
+}
+
+template <typename T>
+void pgd_step_typed(uintptr_t delta, uintptr_t grad, uintptr_t step, uintptr_t eps, uintptr_t direction, int64_t K,
+                    int64_t N, bool l2, double margin, uintptr_t ok, uintptr_t skipped) {
+  lpa_host::pgd_step<T>(ptr<T>(delta), ptr<const T>(grad), ptr<const T>(step), ptr<const T>(eps),
+                        ptr<const T>(direction), K, N, l2, T(margin), ptr<const bool>(ok), ptr<int64_t>(skipped));
+}
+
+template <typename T, typename Label>
+void head_pgd_typed(uintptr_t h, uintptr_t labels, uintptr_t weight, uintptr_t bias, uintptr_t delta, int64_t B,
+                    int64_t D, int64_t K, int64_t steps, uintptr_t step, uintptr_t eps, uintptr_t direction, bool l2,
+                    bool scale, bool class_space, double margin) {
+  lpa_host::head_pgd<T, Label>(ptr<const T>(h), ptr<const Label>(labels), ptr<const T>(weight), ptr<const T>(bias),
+                               ptr<T>(delta), B, D, K, steps, ptr<const T>(step), ptr<const T>(eps),
+                               ptr<const T>(direction), l2, scale, class_space, T(margin));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_lpa_host, m) {
+  m.doc() = "lpa_kernels host (CPU) kernels of the reference backend (raw-pointer launchers; see _host_ext.py)";
+  m.def("pgd_step", [](int dtype, uintptr_t delta, uintptr_t grad, uintptr_t step, uintptr_t eps, uintptr_t direction,
+                       int64_t K, int64_t N, bool l2, double margin, uintptr_t ok, uintptr_t skipped) {
+    check_dtype(dtype);
+    if ((ok == 0) != (skipped == 0)) throw std::invalid_argument("ok and skipped are given together or not at all");
+    py::gil_scoped_release unlocked;
+    (dtype == 0 ? pgd_step_typed<float> : pgd_step_typed<double>)(delta, grad, step, eps, direction, K, N, l2, margin,
+                                                                   ok, skipped);
+  });
+  m.def("head_pgd", [](int dtype, int label_bytes, uintptr_t h, uintptr_t labels, uintptr_t weight, uintptr_t bias,
+                       uintptr_t delta, int64_t B, int64_t D, int64_t K, int64_t steps, uintptr_t step, uintptr_t eps,
+                       uintptr_t direction, bool l2, bool scale, bool class_space, double margin) {
+    check_dtype(dtype);
+    if (label_bytes != 4 && label_bytes != 8) throw std::invalid_argument("label_bytes must be 4 (int32) or 8 (int64)");
+    if (class_space && scale) throw std::invalid_argument("the class-space form serves mode add only");
+    auto run = dtype == 0 ? (label_bytes == 4 ? head_pgd_typed<float, int32_t> : head_pgd_typed<float, int64_t>)
+                          : (label_bytes == 4 ? head_pgd_typed<double, int32_t> : head_pgd_typed<double, int64_t>);
+    py::gil_scoped_release unlocked;
+    run(h, labels, weight, bias, delta, B, D, K, steps, step, eps, direction, l2, scale, class_space, margin);
+  });
+}

@@ -1,0 +1,80 @@
+// pgd_step: the projected update of pgd/naive.py, one class row at a time.
+#include <cmath>
+#include <limits>
+
+#include "host_kernels.h"
+
+namespace lpa_host {
+namespace {
+
+// torch.sign with NaN kept (naive.py's linf sign) and torch.sign (NaN -> 0) for the rest.
+template <typename T> T sign_keep_nan(T x) { return std::isnan(x) ? x : T((x > 0) - (x < 0)); }
+
+template <typename T> T nan_min(T a, T b) { return std::isnan(a) ? a : (b < a ? b : a); }
+template <typename T> T nan_max(T a, T b) { return std::isnan(a) ? a : (b > a ? b : a); }
+
+// One class: delta_c (N) from grad_c (N); sd = step_c * direction_c.
+template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, bool l2, T margin) {
+  bool active = false, has_nan = false;
+  T largest = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const T a = g[i];
+    active |= a != 0;  // NaN != 0: a NaN gradient is active and propagates
+    if (std::isnan(a)) has_nan = true;
+    else if (std::fabs(a) > largest) largest = std::fabs(a);
+  }
+  if (!active) return;  // an all-zero gradient (absent class) keeps delta, projection included
+  if (!l2) {
+    for (int64_t i = 0; i < N; ++i) d[i] = nan_max(nan_min(d[i] + sd * sign_keep_nan(g[i]), eps), -eps);
+    return;
+  }
+  if (has_nan) {  // the unit vector is NaN everywhere (naive.l2_unit: the row's largest entry is NaN)
+    for (int64_t i = 0; i < N; ++i) d[i] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  // l2_unit: g scaled by its largest |entry|, or the sign pattern of the Inf entries when there are any.
+  const bool infinite = std::isinf(largest);
+  auto scaled = [&](int64_t i) { return infinite ? (std::isinf(g[i]) ? sign_keep_nan(g[i]) : T(0)) : g[i] / largest; };
+  T squares = 0;
+  for (int64_t i = 0; i < N; ++i) squares += scaled(i) * scaled(i);
+  const T denom = std::sqrt(squares) + (infinite ? T(0) : T(1e-12) / largest);
+  T length2 = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    d[i] += sd * (scaled(i) / denom);
+    length2 += d[i] * d[i];
+  }
+  const T length = std::sqrt(length2), radius = eps - eps * margin;
+  if (length > radius) {
+    const T shrink = radius / length;
+    for (int64_t i = 0; i < N; ++i) d[i] *= shrink;
+  }
+}
+
+template <typename T> bool all_finite(const T* g, int64_t N) {
+  for (int64_t i = 0; i < N; ++i)
+    if (!std::isfinite(g[i])) return false;
+  return true;
+}
+
+}  // namespace
+
+template <typename T>
+void pgd_step(T* delta, const T* grad, const T* step, const T* eps, const T* direction, int64_t K, int64_t N,
+              bool l2, T margin, const bool* ok, int64_t* skipped) {
+  if (ok != nullptr && !*ok) return;  // the batch's labels were out of range: every class keeps its delta
+  for (int64_t c = 0; c < K; ++c) {
+    const T* g = grad + c * N;
+    if (ok != nullptr && !all_finite(g, N)) {
+      ++*skipped;
+      continue;
+    }
+    update_row(delta + c * N, g, N, step[c] * direction[c], eps[c], l2, margin);
+  }
+}
+
+template void pgd_step<float>(float*, const float*, const float*, const float*, const float*, int64_t, int64_t, bool,
+                              float, const bool*, int64_t*);
+template void pgd_step<double>(double*, const double*, const double*, const double*, const double*, int64_t, int64_t,
+                               bool, double, const bool*, int64_t*);
+
+}  // namespace lpa_host

@@ -1,0 +1,110 @@
+"""The host C++ kernels of the reference backend (``lpa_kernels._lpa_host``, built from ``csrc/host/``).
+
+On small CPU problems the reference backend's cost is PyTorch's per-op dispatch (a few us per ATen op;
+a ``head_pgd_`` call with T = 3 is ~200 ops), so its two hot loops have single-threaded C++ kernels:
+the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not). They compute exactly what
+``head_pgd/naive.py`` and ``pgd/naive.py`` define, accumulating in the data's dtype (float32 or
+float64). The module takes raw pointers (``data_ptr()``) and sizes, so it has no tie to torch's C++ ABI.
+
+Each launcher here returns False, doing nothing, when the kernels do not serve the call; the caller then
+runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one dtype (labels int32 or
+int64), outside ``torch.compile`` tracing, torch.func transforms, tensor subclasses and dispatch modes
+(which must see the PyTorch ops), when the extension is built and ``LPA_HOST_KERNELS`` is not ``0``.
+Writing through a pointer does not tell autograd, so ``delta``'s version counter is bumped by hand, as
+an in-place PyTorch op would.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lpa_kernels._common import l2_radius_margin
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+_LABEL_BYTES = {torch.int32: 4, torch.int64: 8}
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, error message); exactly one of them is None."""
+    try:
+        from lpa_kernels import _lpa_host  # type: ignore[attr-defined]
+
+        return _lpa_host, None
+    except ImportError as exc:
+        return None, (f"the host C++ extension is not built ({exc}); reinstall (pip install -e .) with a C++ "
+                      "compiler, LPA_BUILD_HOST=1 makes a failed build an error")
+
+
+def is_built() -> bool:
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why the reference backend runs its PyTorch ops instead of the host kernels ("" when it need not)."""
+    if os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
+        return "disabled by LPA_HOST_KERNELS=0"
+    return _load()[1] or ""
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return type(t) is torch.Tensor and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the kernels may run on these tensors (None entries are absent optionals)."""
+    if dtype not in _DTYPE_CODES or _load()[0] is None or os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
+        return False
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return False
+    return all(_plain(t, dtype) for t in present)
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None) -> bool:
+    """``pgd/naive.pgd_step_`` (``guarded_pgd_step_`` with ``ok`` and ``skipped``) on a contiguous
+    ``delta (K, *P)`` in place, ``grad`` of its shape and dtype (any layout); False (nothing done) when
+    the kernels do not serve these tensors."""
+    if grad.shape != delta.shape or grad.dtype != delta.dtype:
+        return False
+    grad = grad.detach().contiguous()  # no copy when it already is
+    if not _serves(delta, grad, step, eps, direction, dtype=delta.dtype):
+        return False
+    if ok is not None and not (_plain(ok, torch.bool) and _plain(skipped, torch.int64)):
+        return False
+    k = delta.shape[0]
+    n = delta.numel() // k if k else 0
+    _load()[0].pgd_step(_DTYPE_CODES[delta.dtype], delta.data_ptr(), grad.data_ptr(), step.data_ptr(),
+                        eps.data_ptr(), direction.data_ptr(), k, n, norm == "l2", l2_radius_margin(delta.dtype),
+                        _address(ok), _address(skipped))
+    torch.autograd.graph.increment_version(delta)
+    if skipped is not None:
+        torch.autograd.graph.increment_version(skipped)
+    return True
+
+
+def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, norm: str, mode: str,
+             class_space: bool) -> bool:
+    """``head_pgd/naive.head_pgd_`` on ``delta (K, D)`` in place (``direction`` None: the confidence rule);
+    ``class_space``: ``loop.use_class_space``'s choice (add only). False (nothing done) when the kernels
+    do not serve these tensors."""
+    if labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype):
+        return False
+    if not _serves(h, weight, bias, delta, step, eps, direction, dtype=delta.dtype):
+        return False
+    (batch, features), classes = h.shape, delta.shape[0]
+    _load()[0].head_pgd(_DTYPE_CODES[delta.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
+                        weight.data_ptr(), _address(bias), delta.data_ptr(), batch, features, classes, steps,
+                        step.data_ptr(), eps.data_ptr(), _address(direction), norm == "l2", mode == "scale",
+                        class_space, l2_radius_margin(delta.dtype))
+    torch.autograd.graph.increment_version(delta)
+    return True
