@@ -147,13 +147,15 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def backend_info() -> dict:
     """What each backend can do on this machine, and the versions in use."""
-    from lpa_kernels import _cuda_ext
+    from lpa_kernels import _cuda_ext, _host_ext
 
     device = torch.device("cuda") if torch.cuda.is_available() else None
     info: dict = {}
     for name in BACKENDS:
         reason = _reason(name, device)
         info[name] = {"available": not reason, "reason": reason}
+    host_reason = _host_ext.unavailable_reason()  # the reference backend's C++ kernels for CPU tensors
+    info["reference"].update(host_kernels=not host_reason, host_kernels_reason=host_reason)
     info["cuda_extension_built"] = _cuda_ext.is_built()
     from lpa_kernels.linear_perturb import cuda_kernels as linear_cuda
 

@@ -18,7 +18,8 @@ import torch
 
 from lpa_kernels import _host_ext
 from lpa_kernels._common import compute_dtype
-from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd, use_class_space
+from lpa_kernels.head_pgd import loop
+from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
 from lpa_kernels.perturb import naive as perturb_naive
 from lpa_kernels.pgd import naive as pgd_naive
 
@@ -66,7 +67,7 @@ KERNELS = HeadKernels(perturb=perturb, class_grad_pgd_step=class_grad_pgd_step, 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode) -> None:
     """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend (the host
     kernel when it serves the tensors)."""
-    class_space = use_class_space(h.shape[0], delta.shape[0], steps, mode)
+    class_space = loop.use_class_space(h.shape[0], delta.shape[0], steps, mode)
     if _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space):
         return
     run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)
