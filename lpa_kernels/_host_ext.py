@@ -51,7 +51,7 @@ def unavailable_reason() -> str:
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    return type(t) is torch.Tensor and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    return type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()
 
 
 def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -60,10 +60,9 @@ def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    present = [t for t in tensors if t is not None]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
         return False
-    return all(_plain(t, dtype) for t in present)
+    return all(t is None or _plain(t, dtype) for t in tensors)
 
 
 def _address(t: torch.Tensor | None) -> int:
