@@ -56,9 +56,9 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the kernels may run on these tensors (None entries are absent optionals)."""
-    if dtype not in _DTYPE_CODES or _load()[0] is None or os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
-        return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False  # first: Dynamo traces what runs before it returns
+    if dtype not in _DTYPE_CODES or _load()[0] is None or os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
         return False
