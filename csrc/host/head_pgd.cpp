@@ -37,6 +37,7 @@ template <typename T> void softmax(T* z, int64_t K) {
 
 // confidence.confidence_direction's sign from the true-class probabilities p_true (B,): p_c the mean over
 // class c's samples, thr the mean of p_c over the classes present, sign(thr - p_c) (0 when absent or NaN).
+// A class whose sum is not finite (a NaN sample) counts as absent.
 template <typename T, typename Label>
 void confidence_direction(T* direction, const T* p_true, const Label* labels, int64_t B, int64_t K) {
   std::vector<T> sums(K, T(0)), counts(K, T(0));
@@ -44,17 +45,19 @@ void confidence_direction(T* direction, const T* p_true, const Label* labels, in
     sums[labels[b]] += p_true[b];
     counts[labels[b]] += 1;
   }
-  T total = 0, present = 0;
+  std::vector<char> present(K);
+  T total = 0, n_present = 0;
   for (int64_t c = 0; c < K; ++c) {
-    if (counts[c] > 0) {
+    present[c] = counts[c] > 0 && std::isfinite(sums[c]);
+    if (present[c]) {
       sums[c] /= counts[c];
       total += sums[c];
-      present += 1;
+      n_present += 1;
     }
   }
-  const T thr = total / std::max(present, T(1));
+  const T thr = total / std::max(n_present, T(1));
   for (int64_t c = 0; c < K; ++c) {
-    const T gap = counts[c] > 0 ? thr - sums[c] : T(0);
+    const T gap = present[c] ? thr - sums[c] : T(0);
     direction[c] = T((gap > 0) - (gap < 0));
   }
 }

@@ -79,11 +79,13 @@ def test_both_add_formulations(reference_path, dtype, class_space, direction, mo
 
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_non_finite_activations_propagate_as_in_the_definition(reference_path, mode, norm):
-    """A NaN and an Inf sample: NaN reaches the deltas the definition makes NaN, and only those."""
-    h, y, w, b, delta = problem(23, 4, 11, None, torch.float32)
-    h[3, 2], h[7, 0] = float("nan"), float("inf")
-    check(h, y, w, b, delta, 2, 0.1, 0.3, 1.0, norm, mode)
+@pytest.mark.parametrize("direction", [1.0, "confidence"])
+def test_non_finite_activations_propagate_as_in_the_definition(reference_path, mode, norm, direction):
+    """A NaN and an Inf sample: NaN reaches the deltas the definition makes NaN, and only those; the
+    confidence rule counts their classes as absent (direction 0)."""
+    h, y, w, b, delta = problem(23, 4, 11, [0, 1, 2, 3] * 5 + [0, 1, 2], torch.float32)
+    h[3, 2], h[6, 0] = float("nan"), float("inf")
+    check(h, y, w, b, delta, 2, 0.1, 0.3, direction, norm, mode)
 
 
 @pytest.mark.parametrize("steps", [0, 1])
