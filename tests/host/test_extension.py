@@ -52,6 +52,30 @@ def test_launchers_decline_what_they_do_not_serve(case, monkeypatch):
     assert torch.equal(delta, before)
 
 
+@pytest.mark.parametrize("case", ["float64 h", "int16 labels", "non-contiguous weight"])
+def test_head_pgd_launcher_declines_what_it_does_not_serve(case):
+    h, y, w = torch.randn(6, 5), torch.tensor([0, 1, 2, 1, 0, 2]), torch.randn(3, 5)
+    delta, hyper = torch.zeros(3, 5), [torch.full((3,), v) for v in (0.1, 1.0, 1.0)]
+    if case == "float64 h":
+        h = h.double()
+    elif case == "int16 labels":
+        y = y.to(torch.int16)
+    else:
+        w = torch.randn(5, 3).t()
+    assert _host_ext.head_pgd(h, y, w, None, delta, 2, *hyper, "l2", "add", False) is False
+    assert torch.equal(delta, torch.zeros(3, 5))
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_never_reach_the_host_kernels(monkeypatch):
+    """The reference backend on CUDA tensors keeps its PyTorch ops (no pointer of device memory on the host)."""
+    monkeypatch.setattr(_host_ext, "_load", lambda: pytest.fail("the host kernels were asked to run"))
+    delta, grad = torch.zeros(3, 5, device="cuda"), torch.randn(3, 5, device="cuda")
+    lpa_kernels.pgd_step_(delta, grad, 0.1, 1.0, 1.0, "l2", backend="reference")
+    h, y, w = torch.randn(4, 5, device="cuda"), torch.tensor([0, 2, 2, 1], device="cuda"), torch.randn(3, 5, device="cuda")
+    lpa_kernels.head_pgd_(h, y, w, None, delta, 2, 0.1, 1.0, "confidence", "l2", "add", backend="reference")
+
+
 def test_in_place_update_bumps_the_version_counter():
     """Autograd must see the write through the pointer, as it sees an in-place op."""
     delta, grad, hyper = _pgd_args()
