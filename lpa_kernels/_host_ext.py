@@ -92,18 +92,23 @@ def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None
 
 
 def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, norm: str, mode: str,
-             class_space: bool) -> bool:
+             class_space: bool, ok=None, skipped=None) -> bool:
     """``head_pgd/naive.head_pgd_`` on ``delta (K, D)`` in place (``direction`` None: the confidence rule);
-    ``class_space``: ``loop.use_class_space``'s choice (add only). False (nothing done) when the kernels
-    do not serve these tensors."""
+    ``class_space``: ``loop.use_class_space``'s choice (add only); with ``skipped`` (0-d int64), the
+    training step's guard on the result (``head_pgd.torch_kernels.guarded``; ``ok`` 0-d bool or None).
+    False (nothing done) when the kernels do not serve these tensors."""
     if labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype):
         return False
     if not _serves(h, weight, bias, delta, step, eps, direction, dtype=delta.dtype):
+        return False
+    if skipped is not None and not (_plain(skipped, torch.int64) and (ok is None or _plain(ok, torch.bool))):
         return False
     (batch, features), classes = h.shape, delta.shape[0]
     _load()[0].head_pgd(_DTYPE_CODES[delta.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
                         weight.data_ptr(), _address(bias), delta.data_ptr(), batch, features, classes, steps,
                         step.data_ptr(), eps.data_ptr(), _address(direction), norm == "l2", mode == "scale",
-                        class_space, l2_radius_margin(delta.dtype))
+                        class_space, l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
     torch.autograd.graph.increment_version(delta)
+    if skipped is not None:
+        torch.autograd.graph.increment_version(skipped)
     return True

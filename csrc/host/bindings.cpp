@@ -28,10 +28,11 @@ void pgd_step_typed(uintptr_t delta, uintptr_t grad, uintptr_t step, uintptr_t e
 template <typename T, typename Label>
 void head_pgd_typed(uintptr_t h, uintptr_t labels, uintptr_t weight, uintptr_t bias, uintptr_t delta, int64_t B,
                     int64_t D, int64_t K, int64_t steps, uintptr_t step, uintptr_t eps, uintptr_t direction, bool l2,
-                    bool scale, bool class_space, double margin) {
+                    bool scale, bool class_space, double margin, uintptr_t ok, uintptr_t skipped) {
   lpa_host::head_pgd<T, Label>(ptr<const T>(h), ptr<const Label>(labels), ptr<const T>(weight), ptr<const T>(bias),
                                ptr<T>(delta), B, D, K, steps, ptr<const T>(step), ptr<const T>(eps),
-                               ptr<const T>(direction), l2, scale, class_space, T(margin));
+                               ptr<const T>(direction), l2, scale, class_space, T(margin), ptr<const bool>(ok),
+                               ptr<int64_t>(skipped));
 }
 
 }  // namespace
@@ -48,13 +49,16 @@ PYBIND11_MODULE(_lpa_host, m) {
   });
   m.def("head_pgd", [](int dtype, int label_bytes, uintptr_t h, uintptr_t labels, uintptr_t weight, uintptr_t bias,
                        uintptr_t delta, int64_t B, int64_t D, int64_t K, int64_t steps, uintptr_t step, uintptr_t eps,
-                       uintptr_t direction, bool l2, bool scale, bool class_space, double margin) {
+                       uintptr_t direction, bool l2, bool scale, bool class_space, double margin, uintptr_t ok,
+                       uintptr_t skipped) {
     check_dtype(dtype);
     if (label_bytes != 4 && label_bytes != 8) throw std::invalid_argument("label_bytes must be 4 (int32) or 8 (int64)");
     if (class_space && scale) throw std::invalid_argument("the class-space form serves mode add only");
     auto run = dtype == 0 ? (label_bytes == 4 ? head_pgd_typed<float, int32_t> : head_pgd_typed<float, int64_t>)
                           : (label_bytes == 4 ? head_pgd_typed<double, int32_t> : head_pgd_typed<double, int64_t>);
     py::gil_scoped_release unlocked;
-    run(h, labels, weight, bias, delta, B, D, K, steps, step, eps, direction, l2, scale, class_space, margin);
+    if (ok != 0 && skipped == 0) throw std::invalid_argument("ok needs skipped (the guard's counter)");
+    run(h, labels, weight, bias, delta, B, D, K, steps, step, eps, direction, l2, scale, class_space, margin, ok,
+        skipped);
   });
 }

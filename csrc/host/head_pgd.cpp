@@ -65,9 +65,9 @@ void confidence_direction(T* direction, const T* p_true, const Label* labels, in
 }  // namespace
 
 template <typename T, typename Label>
-void head_pgd(const T* h, const Label* labels, const T* weight, const T* bias, T* delta, int64_t B, int64_t D,
-              int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
-              bool class_space, T margin) {
+void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* bias, T* delta, int64_t B, int64_t D,
+                    int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
+                    bool class_space, T margin) {
   if (B == 0 || steps == 0) return;
   std::vector<T> grad(K * D), probs(K), p_true(direction == nullptr ? B : 0), confidence(K);
   std::vector<char> present(K, 0);
@@ -128,9 +128,27 @@ void head_pgd(const T* h, const Label* labels, const T* weight, const T* bias, T
   }
 }
 
+template <typename T, typename Label>
+void head_pgd(const T* h, const Label* labels, const T* weight, const T* bias, T* delta, int64_t B, int64_t D,
+              int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
+              bool class_space, T margin, const bool* ok, int64_t* skipped) {
+  std::vector<T> previous(skipped ? delta : nullptr, skipped ? delta + K * D : nullptr);
+  head_pgd_steps(h, labels, weight, bias, delta, B, D, K, steps, step, eps, direction, l2, scale, class_space, margin);
+  if (!skipped) return;
+  const bool accepted = ok == nullptr || *ok;
+  for (int64_t c = 0; c < K; ++c) {
+    T* row = delta + c * D;
+    bool finite = true;
+    for (int64_t i = 0; i < D; ++i) finite = finite && std::isfinite(row[i]);
+    if (!finite && accepted) ++*skipped;
+    if (!finite || !accepted) std::copy(previous.begin() + c * D, previous.begin() + (c + 1) * D, row);
+  }
+}
+
 #define LPA_HEAD_PGD(T, Label)                                                                                   \
   template void head_pgd<T, Label>(const T*, const Label*, const T*, const T*, T*, int64_t, int64_t, int64_t, \
-                                   int64_t, const T*, const T*, const T*, bool, bool, bool, T);
+                                   int64_t, const T*, const T*, const T*, bool, bool, bool, T, const bool*,    \
+                                   int64_t*);
 LPA_HEAD_PGD(float, int32_t)
 LPA_HEAD_PGD(float, int64_t)
 LPA_HEAD_PGD(double, int32_t)

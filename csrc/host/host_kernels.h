@@ -20,9 +20,12 @@ void pgd_step(T* delta, const T* grad, const T* step, const T* eps, const T* dir
 // perturb(h, y, delta) @ W.T + b. h (B, D), labels (B,), weight (K, D), bias (K,) or null; step, eps (K,);
 // direction (K,), or null for LPL's confidence rule from the first step's softmax. class_space: the
 // add-mode algebra of head_pgd/loop.py (logits h W^T + b once, then K x K per step); else per sample.
+// skipped non-null: the training step's guard on the result (head_pgd/op.run_head_pgd_): a class whose new
+// row is not finite, or every class when ok is non-null and !*ok, gets its previous row back, and the
+// non-finite rows of an ok call are added to *skipped.
 template <typename T, typename Label>
 void head_pgd(const T* h, const Label* labels, const T* weight, const T* bias, T* delta, int64_t B, int64_t D,
               int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
-              bool class_space, T margin);
+              bool class_space, T margin, const bool* ok, int64_t* skipped);
 
 }  // namespace lpa_host

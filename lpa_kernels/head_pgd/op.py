@@ -85,19 +85,23 @@ def head_pgd_(
 
 
 def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, direction, norm: str, mode: str,
-                  backend: str, plan: torch.Tensor | None = None) -> torch.Tensor:
+                  backend: str, plan: torch.Tensor | None = None, ok: torch.Tensor | None = None,
+                  skipped: torch.Tensor | None = None) -> torch.Tensor:
     """``head_pgd_`` without validation (no device sync), for callers whose arguments are valid by
     construction (the LPA training machinery, whose labels are clamped into range): ``step``, ``radius``
     (> 0) and ``direction`` ``(K,)`` tensors as ``_common.per_class`` makes them (or ``"confidence"``);
-    ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None."""
+    ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None. With
+    ``skipped`` (0-d int64), the training step's guard on the result (``torch_kernels.guarded``: non-finite
+    rows, or all when ``ok`` is False, keep their previous value; the host kernel does it in the same call)."""
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if isinstance(direction, str) else direction  # None: the loop applies the confidence rule
     if backend == "reference":  # the loop's algebra in torch ops (naive.py, autograd per step, is the definition)
         return update_in_place(delta, lambda d: torch_kernels.head_pgd(*args, bias, d, steps, step, radius, direction,
-                                                                       norm, mode))
+                                                                       norm, mode, ok, skipped))
     if plan is None and steps > 0:  # one sort of the labels for all the steps (also when steps == 1, so
         plan = label_plan(args[1], delta.shape[0])  # that a call's set-up is the same whatever its steps)
-    return update_in_place(
-        delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend, plan)
-    )
+    launch = lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend, plan)  # noqa: E731
+    if skipped is None:
+        return update_in_place(delta, launch)
+    return update_in_place(delta, lambda d: torch_kernels.guarded(d, lambda: launch(d), ok, skipped))

@@ -82,16 +82,6 @@ def frozen_batchnorm_stats(module: nn.Module):
                     b.copy_(s)
 
 
-def finite_rows(t: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` bool: whether every entry of class c's row of ``t (K, *P)`` is finite."""
-    return torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-
-
-def per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A ``(K,)`` mask shaped to broadcast over ``like (K, *P)``."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
 class _SummedLossGrad(torch.autograd.Function):
     """The identity on delta whose backward multiplies the gradient by the local batch size: the mean
     loss's class gradient becomes the summed loss's, so micro-batches of any sizes add up exactly."""
@@ -216,9 +206,9 @@ class ClassSite:
 
     def _head_pgd(self, delta, h, labels, head: nn.Linear, ok: torch.Tensor | None, skipped: torch.Tensor,
                   plan: torch.Tensor | None) -> None:
-        """The fused head path; its loop has no hook between steps, so the guards apply to its result: a
-        class whose new delta is not finite (counted once for the T steps), or every class when ``ok`` is
-        False, gets its previous delta back. On the reference backend the default policy (confidence
+        """The fused head path; its loop has no hook between steps, so ``run_head_pgd_``'s guard applies to
+        its result: a class whose new delta is not finite (counted once for the T steps), or every class
+        when ``ok`` is False, gets its previous delta back. On the reference backend the default policy (confidence
         direction, fixed radius) is applied by ``head_pgd_`` from its first step's softmax (fewer ops); the
         kernel backends, and any other policy, read the first-step logits here (on a GPU the fused
         statistics and policy kernels take 2 launches where ``loop.py``'s rule in torch ops takes ~20)."""
@@ -232,13 +222,8 @@ class ClassSite:
             if self.policy.needs_stats:
                 logits = F.linear(self.apply(flat, labels, flat_delta, plan), weight, bias)
             direction, eps = self._resolve(logits, labels, delta)
-        previous = flat_delta.clone()
         run_head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self._step_sizes, eps, direction,
-                      self.norm, self.mode, self._resolved_backend, plan)
-        finite = finite_rows(flat_delta)
-        keep = finite if ok is None else finite & ok
-        flat_delta.copy_(torch.where(per_row(keep, flat_delta), flat_delta, previous))
-        skipped += (~finite if ok is None else ~finite & ok).sum()
+                      self.norm, self.mode, self._resolved_backend, plan, ok, skipped)
 
     def _resolve(self, logits, labels, delta):
         """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits."""

@@ -96,3 +96,30 @@ def test_zero_weights_leave_delta_unchanged(reference_path, steps):
     before = delta.clone()
     head_pgd_(h, y, torch.zeros_like(w), b, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="reference")
     assert torch.equal(delta, before)
+
+
+@pytest.mark.parametrize("ok", [None, True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_training_guard_keeps_non_finite_classes_and_counts_them(reference_path, ok, dtype):
+    """``run_head_pgd_`` with the training step's guard (``ok``, ``skipped``), as the LPA site calls it: a
+    NaN sample of class 1 leaves class 1's delta as it was (counted once when ok), the other classes
+    move as the definition says; ``ok`` False leaves every class as it was and counts nothing."""
+    from lpa_kernels._common import per_class
+    from lpa_kernels.head_pgd.op import run_head_pgd_
+
+    h, y, weight, b, delta = problem(40, 5, 11, [c % 5 for c in range(40)], dtype)
+    h[1] = float("nan")  # a sample of class 1
+    step, eps, direction = (per_class(v, 5, delta) for v in (0.3, 0.4, 1.0))
+    start = delta.clone()
+    skipped = torch.zeros((), dtype=torch.int64)
+    flag = None if ok is None else torch.tensor(ok)
+    run_head_pgd_(h, y, weight, b, delta, 2, step, eps, direction, "l2", "add", "reference", None, flag, skipped)
+    if ok is False:
+        assert torch.equal(delta, start) and skipped.item() == 0
+        return
+    assert torch.equal(delta[1], start[1]) and skipped.item() == 1
+    expected = start.clone()
+    definition(h, y, weight, b, expected, 2, step, eps, direction, "l2", "add")
+    others = [0, 2, 3, 4]
+    assert torch.isnan(expected[1]).all(), "test setup: the definition's class 1 should be NaN"
+    torch.testing.assert_close(delta[others], expected[others])
