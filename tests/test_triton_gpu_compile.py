@@ -26,7 +26,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # config (the last) for the others.
 OTHER_ARCH_DTYPE = "bfloat16"
 TMA_DTYPES = ("float16", "bfloat16")  # the only dtypes the tensor-descriptor GEMM serves
-ONLY_DTYPES = {"linear_perturb._linear_perturb_forward_tma_kernel": TMA_DTYPES}
+ONLY_DTYPES = {"linear_perturb._linear_perturb_forward_tma_kernel": TMA_DTYPES,
+               # tensor-core tiles: no float64 (head_pgd_ keeps its launch-per-phase form there)
+               "head_pgd._class_space_steps_kernel": ("float32", "float16", "bfloat16")}
 EVERY_CONFIG_VARIANTS = ("bfloat16 scale gelu", "bfloat16 scale gelu tma bias=True")
 
 

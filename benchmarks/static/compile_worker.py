@@ -31,6 +31,7 @@ KERNEL_MODULES = (
     "lpa_kernels.pgd.triton_kernels",
     "lpa_kernels.linear_perturb.triton_kernels",
     "lpa_kernels.head_pgd.triton_kernels",
+    "lpa_kernels.head_pgd.triton_fused",
     "lpa_kernels.step_update.triton_kernels",
 )
 REPO = Path(__file__).resolve().parents[2]

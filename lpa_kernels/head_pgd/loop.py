@@ -76,6 +76,11 @@ class HeadKernels:
 
     ``uses_label_plan``: whether the kernels take the labels' ``label_plan`` (built once per call when the
     caller has none), or ignore it (the PyTorch kernels, which sum with ``index_add_``).
+
+    ``fused_class_space`` (optional): every step of the class-space form in one launch, when its
+    ``serves(K, gemm dtype)`` says so and the direction is given (``triton_fused.py``):
+    ``run(current (K, D) float32, base_logits (B, K), weight (K, D), labels, order, starts, step, eps,
+    direction, steps, norm)`` updates the iterate in place.
     """
 
     perturb: Callable[..., torch.Tensor]
@@ -84,6 +89,14 @@ class HeadKernels:
     softmax_class_sum: Callable[..., None]
     pgd_step: Callable[..., None]
     uses_label_plan: bool = True
+    fused_class_space: "FusedClassSpace | None" = None
+
+
+class FusedClassSpace(NamedTuple):
+    """``HeadKernels.fused_class_space``: ``serves(num_classes, gemm_dtype) -> bool`` and ``run``."""
+
+    serves: Callable[[int, torch.dtype], bool]
+    run: Callable[..., None]
 
 
 def gemm_dtype(data: torch.dtype, acc: torch.dtype, norm: str) -> torch.dtype:
@@ -167,6 +180,16 @@ def run_head_pgd(
     # The kernels' softmax runs in the GEMM dtype's accumulation dtype: its scratch and the probabilities
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
+    fused = kernels.fused_class_space
+    if (use_class_space(batch, num_classes, steps, mode) and direction is not None and acc == torch.float32
+            and fused is not None and fused.serves(num_classes, gd)):
+        # every step in one launch: the classes do not interact once the direction is known
+        order, starts = class_order(labels, num_classes, plan)
+        current = delta if delta.dtype == acc else delta.to(acc)
+        fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm)
+        if current is not delta:
+            delta.copy_(current)
+        return
     if use_class_space(batch, num_classes, steps, mode):
         form = _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
     else:

@@ -6,19 +6,16 @@ fused ``class_grad_pgd_step`` updates, and two kernels of its own:
 
 ``_softmax_xent_grad_kernel`` (the rows form): ``out[b] = softmax(logits[b]) - onehot(y_b)`` for a tile
 of ``BLOCK_B`` rows per program, in two passes over K in tiles of ``BLOCK_K``: the first
-(``_softmax_stats``) keeps a running row maximum and the sum of ``exp(z - max)`` rescaled whenever the
-maximum grows (an online softmax), the second writes the probabilities minus the one-hot term and sums
-the true class's probability (``out`` may be ``logits``: each element is read before it is written, by
-the same program). Arithmetic in float32 (float64 for float64 data).
+(``triton_softmax._softmax_stats``) finds each row's pivot and ``1 / sum``, the second writes the
+probabilities minus the one-hot term and sums the true class's probability (``out`` may be ``logits``:
+each element is read before it is written, by the same program). Arithmetic in float32 (float64 for
+float64 data).
 
-``_softmax_class_sum_kernel`` (the class-space form's step, fused): ``sums[c] = sum_{y_b = c}
-softmax(logits[b] + shift[c]) - onehot(c)``, one program per class walking its samples in the label
-plan's order (``order[starts[c]:starts[c + 1]]``) in tiles of ``BLOCK_B``. Phase 1 computes each
-sample's softmax pivot and ``1 / sum`` (the online pass above) into a ``(2, B)`` scratch, and the true
-class's probability; phase 2, for each ``BLOCK_K`` columns, sums the probabilities over the class's
-samples (a ``(BLOCK_B, BLOCK_K)`` accumulator reduced once, so the order is fixed) and writes them
-minus the class's sample count on the diagonal. Every row of ``sums`` is written (absent classes: 0),
-so no zero fill, no ``(B, K)`` probabilities and no separate class reduction.
+``_softmax_class_sum_kernel`` (the class-space form's step, fused): one program per class, each running
+``triton_softmax._softmax_class_sum`` (the per-class softmax sum, in the label plan's class order).
+
+With a given direction and at most ``triton_fused.FUSED_MAX_CLASSES`` classes, the class-space form
+runs all its steps in one launch instead (``triton_fused.py``).
 """
 
 from __future__ import annotations
@@ -27,42 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
+from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
+from lpa_kernels.head_pgd import triton_fused
+from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, TILE, _logits_tile, _softmax_class_sum, _softmax_stats
 from lpa_kernels.perturb.triton_kernels import perturb_forward
 from lpa_kernels.pgd.triton_kernels import class_grad_pgd_step, pgd_step
-
-# Elements of one (BLOCK_B, BLOCK_K) tile: 16 float32 registers per thread at 4 warps.
-TILE = 2048
-
-
-@triton.jit
-def _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr):
-    """The ``(BLOCK_B, BLOCK_K)`` tile ``logits[rows, cols]`` (``+ shift_row[cols]`` when HAS_SHIFT) in ACC;
-    -inf outside the rows and K."""
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    z = tl.load(logits_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
-    if HAS_SHIFT:
-        z += tl.load(shift_row + cols, mask=cols < K, other=0.0).to(ACC)[None, :]
-    return z
-
-
-@triton.jit
-def _softmax_stats(logits_ptr, shift_row, rows, row_ok, K, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``(pivot, 1 / sum)`` of each row's softmax, ``softmax = exp(z - pivot) / sum``, in one online pass
-    over K; padded rows get ``1 / sum = 1`` (and a pivot of 0)."""
-    row_max = tl.full((BLOCK_B,), float("-inf"), ACC)
-    row_sum = tl.zeros((BLOCK_B,), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        z = _logits_tile(logits_ptr, shift_row, rows, k0 + tl.arange(0, BLOCK_K), row_ok, K, HAS_SHIFT, ACC)
-        new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        # A row with no finite logit yet keeps max -inf: subtract 0 instead (exp(-inf) = 0 either way),
-        # never -inf - -inf = NaN. A NaN logit makes the row's sum, and so the row, NaN.
-        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
-        row_max = new_max
-    return tl.where(row_max == float("-inf"), 0.0, row_max), 1.0 / tl.where(row_ok, row_sum, 1.0)
 
 
 @triton.jit
@@ -82,11 +49,11 @@ def _softmax_xent_grad_kernel(
     row_ok = rows < B
     y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # padded rows read class 0, store nothing
     rows = rows.to(tl.int64)
-    pivot, inv_sum = _softmax_stats(logits_ptr, logits_ptr, rows, row_ok, K, False, ACC, BLOCK_B, BLOCK_K)
+    pivot, inv_sum = _softmax_stats(logits_ptr, logits_ptr, rows, row_ok, K, NO_SHIFT, ACC, BLOCK_B, BLOCK_K)
     p_true = tl.zeros((BLOCK_B,), ACC)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        z = _logits_tile(logits_ptr, logits_ptr, rows, cols, row_ok, K, False, ACC)
+        z = _logits_tile(logits_ptr, logits_ptr, rows, cols, row_ok, K, NO_SHIFT, ACC)
         p = tl.exp(z - pivot[:, None]) * inv_sum[:, None]
         is_true = cols[None, :] == y[:, None]
         if WRITE_P_TRUE:
@@ -114,36 +81,8 @@ def _softmax_class_sum_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    start, end = tl.load(starts_ptr + c), tl.load(starts_ptr + c + 1)
-    shift_row = shift_ptr + c.to(tl.int64) * K
-    # Phase 1: each sample's pivot and 1 / sum (and its true-class probability) into the scratch.
-    for i0 in range(start, end, BLOCK_B):
-        pos = i0 + tl.arange(0, BLOCK_B)
-        row_ok = pos < end
-        rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-        pivot, inv_sum = _softmax_stats(logits_ptr, shift_row, rows, row_ok, K, True, ACC, BLOCK_B, BLOCK_K)
-        tl.store(scratch_ptr + pos, pivot, mask=row_ok)
-        tl.store(scratch_ptr + B + pos, inv_sum, mask=row_ok)
-        if WRITE_P_TRUE:
-            z_true = tl.load(logits_ptr + rows * K + c, mask=row_ok, other=0).to(ACC) + tl.load(shift_row + c).to(ACC)
-            tl.store(p_true_ptr + rows, tl.exp(z_true - pivot) * inv_sum, mask=row_ok)
-    tl.debug_barrier()  # phase 2 reads the scratch written by other threads of this program
-    # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal.
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        total = tl.zeros((BLOCK_B, BLOCK_K), ACC)
-        for i0 in range(start, end, BLOCK_B):
-            pos = i0 + tl.arange(0, BLOCK_B)
-            row_ok = pos < end
-            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-            pivot = tl.load(scratch_ptr + pos, mask=row_ok, other=0.0)
-            inv_sum = tl.load(scratch_ptr + B + pos, mask=row_ok, other=0.0)  # 0: padded rows add nothing
-            z = _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, True, ACC)
-            total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
-        sums = tl.sum(total, axis=0)
-        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
-        tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
+    _softmax_class_sum(tl.program_id(0), sums_ptr, p_true_ptr, scratch_ptr, logits_ptr, shift_ptr, order_ptr, starts_ptr,
+                       B, K, WRITE_P_TRUE, ACC, BLOCK_B, BLOCK_K)
 
 
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
@@ -180,7 +119,8 @@ def softmax_xent_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
 
 
 KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=class_grad_pgd_step,
-                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
+                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step,
+                      fused_class_space=FusedClassSpace(triton_fused.serves, triton_fused.class_space_steps))
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:

@@ -68,18 +68,27 @@ def split_block(K: int, D: int, device: torch.device) -> int | None:
 
 
 @triton.jit
-def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``(any entry of grad[:D] is non-zero, largest |entry|, every entry is finite)``."""
-    largest = tl.zeros((BLOCK,), dtype=ACC)
-    nonzero = tl.zeros((BLOCK,), dtype=tl.int32)
-    nonfinite = tl.zeros((BLOCK,), dtype=tl.int32)
+def _rows_gradient_stats(grad_ptr, rows, row_ok, D, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row ``rows (R,)`` of ``grad (*, D)`` (``row_ok``: False for padding): ``(any entry is non-zero,
+    largest |entry|, every entry is finite)``, each ``(R,)``."""
+    largest = tl.zeros((R, BLOCK), dtype=ACC)
+    nonzero = tl.zeros((R, BLOCK), dtype=tl.int32)
+    nonfinite = tl.zeros((R, BLOCK), dtype=tl.int32)
     for d0 in range(0, D, BLOCK):
         d = d0 + tl.arange(0, BLOCK)
-        g = tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC)
+        g = tl.load(grad_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0).to(ACC)
         largest = tl.maximum(largest, tl.abs(g))
         nonzero = tl.maximum(nonzero, (g != 0).to(tl.int32))
         nonfinite = tl.maximum(nonfinite, _not_finite(g).to(tl.int32))
-    return tl.max(nonzero, axis=0) > 0, tl.max(largest, axis=0), tl.max(nonfinite, axis=0) == 0
+    return tl.max(nonzero, axis=1) > 0, tl.max(largest, axis=1), tl.max(nonfinite, axis=1) == 0
+
+
+@triton.jit
+def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``_rows_gradient_stats`` of the one row at ``grad_ptr``, as scalars."""
+    row = tl.zeros((1,), dtype=tl.int64)
+    active, largest, finite = _rows_gradient_stats(grad_ptr, row, row == 0, D, ACC, 1, BLOCK)
+    return tl.max(active.to(tl.int32), axis=0) > 0, tl.max(largest, axis=0), tl.max(finite.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
@@ -109,44 +118,60 @@ def _scaled(g, largest, infinite):
 
 
 @triton.jit
-def _update_class(
-    delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, largest, radius_margin,
-    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _update_rows(
+    delta_ptr, grad_ptr, rows, D, step, eps, active, largest, radius_margin,
+    L2: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Write the PGD update of ``delta[c]`` (row pointers ``delta_ptr``, ``grad_ptr``) when ``active``."""
-    step = tl.load(step_ptr + c).to(ACC) * tl.load(direction_ptr + c).to(ACC)
-    eps = tl.load(eps_ptr + c).to(ACC)
+    """Write the PGD update of the rows ``rows (R,)`` of ``delta (*, D)`` from those of ``grad`` where
+    ``active (R,)`` (an inactive row writes nothing; every row must exist): ``step`` (step size times direction),
+    ``eps`` and ``largest`` (``_rows_gradient_stats``) are ``(R,)``."""
+    offsets = rows[:, None] * D
+    live = active[:, None] != 0  # (!= 0: the interpreter may hold int1 as wider integers)
     if L2:
-        infinite = _not_finite(largest)  # Inf (or NaN, which then reaches every entry through the norm)
-        largest = tl.where(largest > 0, largest, 1.0)  # an all-zero row writes nothing: avoid 0 / 0
-        scaled_sumsq = tl.zeros((BLOCK,), dtype=ACC)
+        infinite = _not_finite(largest)[:, None]  # Inf (or NaN, which then reaches every entry through the norm)
+        largest = tl.where(largest > 0, largest, 1.0)[:, None]  # an all-zero row writes nothing: avoid 0 / 0
+        scaled_sumsq = tl.zeros((R, BLOCK), dtype=ACC)
         for d0 in range(0, D, BLOCK):
-            d = d0 + tl.arange(0, BLOCK)
-            s = _scaled(tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC), largest, infinite)
+            d = (d0 + tl.arange(0, BLOCK))[None, :]
+            s = _scaled(tl.load(grad_ptr + offsets + d, mask=d < D, other=0).to(ACC), largest, infinite)
             scaled_sumsq += tl.where(d < D, s * s, 0)
         tiny = tl.where(infinite, 0.0, 1e-12 / largest)
-        step = step / (tl.sqrt(tl.sum(scaled_sumsq, axis=0)) + tiny)
-        new_sumsq = tl.zeros((BLOCK,), dtype=ACC)
+        step = step[:, None] / (tl.sqrt(tl.sum(scaled_sumsq, axis=1))[:, None] + tiny)
+        new_sumsq = tl.zeros((R, BLOCK), dtype=ACC)
         for d0 in range(0, D, BLOCK):
-            d = d0 + tl.arange(0, BLOCK)
-            g = _scaled(tl.load(grad_ptr + d, mask=d < D, other=0).to(ACC), largest, infinite)
-            new = tl.load(delta_ptr + d, mask=d < D, other=0).to(ACC) + step * g
+            d = (d0 + tl.arange(0, BLOCK))[None, :]
+            g = _scaled(tl.load(grad_ptr + offsets + d, mask=d < D, other=0).to(ACC), largest, infinite)
+            new = tl.load(delta_ptr + offsets + d, mask=d < D, other=0).to(ACC) + step * g
             new_sumsq += tl.where(d < D, new * new, 0)
-        length = tl.sqrt(tl.sum(new_sumsq, axis=0))
-        radius = eps - eps * radius_margin
-    # An inactive class writes nothing: its delta stays exactly as it was.
-    written = tl.where(active, D, 0)
+        length = tl.sqrt(tl.sum(new_sumsq, axis=1))[:, None]
+        radius = (eps - eps * radius_margin)[:, None]
+    else:
+        step = step[:, None]
+        eps = eps[:, None]
     for d0 in range(0, D, BLOCK):
-        d = d0 + tl.arange(0, BLOCK)
-        mask = d < written
-        old = tl.load(delta_ptr + d, mask=mask, other=0).to(ACC)
-        g = tl.load(grad_ptr + d, mask=mask, other=0).to(ACC)
+        d = (d0 + tl.arange(0, BLOCK))[None, :]
+        mask = live & (d < D)
+        old = tl.load(delta_ptr + offsets + d, mask=mask, other=0).to(ACC)
+        g = tl.load(grad_ptr + offsets + d, mask=mask, other=0).to(ACC)
         if L2:
             new = old + step * _scaled(g, largest, infinite)
             new = new * (radius / tl.maximum(length, radius))  # 1 inside the ball; no 0 / 0 for a zero row
         else:
             new = _clamp(old + step * _signum(g), eps)
-        tl.store(delta_ptr + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
+        tl.store(delta_ptr + offsets + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_class(
+    delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, largest, radius_margin,
+    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``_update_rows`` of the one row at ``delta_ptr`` / ``grad_ptr``, class ``c`` (scalar ``active``,
+    ``largest``)."""
+    row = tl.zeros((1,), dtype=tl.int64)
+    step = tl.load(step_ptr + c + row).to(ACC) * tl.load(direction_ptr + c + row).to(ACC)
+    _update_rows(delta_ptr, grad_ptr, row, D, step, tl.load(eps_ptr + c + row).to(ACC), (row == 0) & active,
+                 largest + tl.zeros((1,), dtype=ACC), radius_margin, L2, ACC, 1, BLOCK)
 
 
 @triton.jit

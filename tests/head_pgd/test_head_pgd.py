@@ -114,12 +114,17 @@ def test_large_class_counts(target, num_classes, mode, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_both_formulations_match_the_reference_and_each_other(target, dtype, direction, monkeypatch):
-    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule) and the rows form
-    (forced) each match the reference, and each other within the same tolerance."""
+    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule; on Triton with a given
+    direction all its steps in one launch, ``triton_fused.py``, and also in its launch-per-phase form) and
+    the rows form (forced) each match the reference, and each other within the same tolerance."""
     problem = make_problem(67, 6, 29, dtype, target[1])
     assert head_loop.use_class_space(67, 6, 3, "add"), "test setup: the rule should pick class space here"
     args = dict(steps=3, step_size=0.1, eps=0.3, direction=direction, norm="l2", mode="add")
     class_space = check_against_reference(target, *problem, **args)
+    if target[0] == "triton" and direction != "confidence":
+        with monkeypatch.context() as unfused:
+            unfused.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
+            check_against_reference(target, *problem, **args)
     monkeypatch.setattr(head_loop, "use_class_space", lambda *a: False)
     rows = check_against_reference(target, *problem, **args)
     lowp = problem[-1].cpu().clone()
@@ -296,16 +301,20 @@ def test_cuda_backend_on_cpu_tensors_says_why_it_is_unavailable():
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (the counter does not see the CUDA C++ launches)
-@pytest.mark.parametrize("batch, classes, per_step", [(64, 4, 4), (40, 100, 6)], ids=["class-space", "rows"])
-def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, per_step, monkeypatch):
+@pytest.mark.parametrize("batch, classes, fused, per_step", [(64, 4, True, 0), (64, 4, False, 4), (40, 100, True, 6)],
+                         ids=["class-space-fused", "class-space", "rows"])
+def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, fused, per_step, monkeypatch):
     """What depends only on the call (label plan, buffers, the class-space logits) is set up once, so
-    T = 3 launches exactly 2 steps' kernels more than T = 1. Class space: GEMM, the fused softmax + per-
-    class sum, GEMM, update (4); rows, one chunk and an unsplit class sum: perturb, logits GEMM, softmax,
-    GEMM, the arrival counters' fill, the fused class sum + update (6)."""
+    T = 3 launches exactly 2 steps' kernels more than T = 1. Class space, fused (a given direction, few
+    classes): every step in the one launch (0); unfused: GEMM, the fused softmax + per-class sum, GEMM,
+    update (4); rows, one chunk and an unsplit class sum: perturb, logits GEMM, softmax, GEMM, the arrival
+    counters' fill, the fused class sum + update (6)."""
     from lpa_bench.static.counting import LaunchCounter
 
     monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
-    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step == 4), "test setup: wrong formulation"
+    if not fused:
+        monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
+    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step != 6), "test setup: wrong formulation"
     launches = {}
     for steps in (1, 3):
         h, y, weight, bias, delta = make_problem(batch, classes, 32, device=target[1])
