@@ -161,6 +161,18 @@ HEAD_TARGET_RATIO = 1.3
 # one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
 # backward, two GEMMs, zero fill and index_add of the class reduction).
 LABEL_PLAN_LAUNCHES = 17
+# head_pgd/op.py builds the plan in one launch instead when B x K <= ONE_LAUNCH_PLAN_MAX: one program over
+# B x K one-hot tiles, modelled at one SM's elementwise rate (128 lanes at ~1.7 GHz).
+ONE_PROGRAM_ELEMENTS_PER_S = 2.2e11
+# The fused class-space launch (head_pgd/triton_fused.py): K / 16 programs, one per multiprocessor. Per
+# step each reads W twice and its samples' base logits from L2, at 64 B per clock per SM, or its even share
+# of L2's ~5.5 TB/s when more SMs pull; its 16-row working set (E, S, G, the iterate: the update's passes)
+# stays in L1 at 128 B per clock; FLOPs at the SM's share of the peak. Modelling constants, like the others.
+SM_CLOCK_HZ = 1.755e9
+L2_BYTES_PER_S = 5.5e12
+L2_BYTES_PER_SM_CLOCK = 64
+L1_BYTES_PER_SM_CLOCK = 128
+FUSED_CLASSES_PER_PROGRAM = 16
 CHUNK_PLAN_LAUNCHES = 9
 AUTOGRAD_STEP_LAUNCHES = 12
 
@@ -206,31 +218,66 @@ def _autograd_step(B, D, K, g):
     return kernels + [(0, 0)] * (AUTOGRAD_STEP_LAUNCHES - len(kernels))
 
 
+def _fused_step_s(B, D, K, g, tensor_cores: bool) -> float:
+    """Modelled seconds of one step inside the fused class-space launch (without the launch): each of the
+    ``K / 16`` programs (on its own multiprocessor) does E and G for 16 classes on W read twice from L2,
+    its classes' softmax passes over their samples' base logits, and the update's passes over 16 rows."""
+    rows = FUSED_CLASSES_PER_PROGRAM
+    programs = -(-K // rows)
+    samples = B * rows / K  # of the program's classes, on average
+    from_l2 = 2 * K * D * g + 2 * samples * K * g + 16 * samples  # W twice; base logits twice; order, labels
+    in_l1 = rows * D * (ACC + g) + 2 * rows * K * (ACC + g) + 8 * rows * D * ACC  # E, S; G and the iterate's passes
+    l2_rate = min(L2_BYTES_PER_SM_CLOCK * SM_CLOCK_HZ, L2_BYTES_PER_S / programs)
+    flops = 4 * rows * K * D + 2 * rows * samples * K
+    peak = H100["bf16_tensor_achieved_flops"] if tensor_cores else H100["fp32_cuda_core_flops"]
+    return max(from_l2 / l2_rate + in_l1 / (L1_BYTES_PER_SM_CLOCK * SM_CLOCK_HZ), flops / (peak / H100["sms"]))
+
+
+def _label_plan_setup(B, K):
+    """The call's label plan ``[(bytes, flops)]``: one launch (its one-program time as bytes at the copy
+    rate) or the sort's ``LABEL_PLAN_LAUNCHES`` (``head_pgd/op.py``)."""
+    from lpa_kernels.head_pgd.op import ONE_LAUNCH_PLAN_MAX
+
+    if B * K <= ONE_LAUNCH_PLAN_MAX:
+        return [(B * K / ONE_PROGRAM_ELEMENTS_PER_S * H100["hbm_copy_Bps"], 0)]
+    return [(16 * B, 0)] * LABEL_PLAN_LAUNCHES
+
+
 def head_pgd_target_rows() -> list[dict]:
-    """One row per (B, D, K) of issue 11 and dtype, every time MODELLED (see the section comment)."""
-    from lpa_kernels.head_pgd import loop
+    """One row per (B, D, K) of issue 11 and dtype, every time MODELLED (see the section comment). With a
+    given direction (the training step passes the policy's) and few classes, the Triton backend runs the
+    class-space steps in one launch: its step is the fused launch's per-step work plus 1 / T launch."""
+    import torch
+
+    from lpa_kernels.head_pgd import loop, triton_fused
 
     rows, T = [], HEAD_TARGET_STEPS
     for dtype in ("bfloat16", "float32"):
         g, tensor_cores = _SIZE[dtype], dtype != "float32"
         for B, D, K in HEAD_TARGET_SHAPES:
             class_space = loop.use_class_space(B, K, T, "add")
+            fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
             if class_space:
                 step, n_gemms = _class_space_step(B, D, K, g)
                 setup = [((B * D + K * D + K + B * K) * g, 2 * B * K * D)]  # h @ W.T + b, once
             else:
                 step, n_gemms = _rows_step(B, D, K, g, loop.chunk_rows(B, K))
                 setup = []
-            setup += [(16 * B, 0)] * LABEL_PLAN_LAUNCHES
-            step_s = _kernel_sequence_s(step, tensor_cores)
+            setup += _label_plan_setup(B, K)
             gemms_s = _kernel_sequence_s(step[:n_gemms], tensor_cores)
+            if fused:
+                step_s = _fused_step_s(B, D, K, g, tensor_cores) + H100["launch_s"] / T
+                step = [(0, 0)] * n_gemms  # its launches beside the GEMMs: none (one for all T steps)
+            else:
+                step_s = _kernel_sequence_s(step, tensor_cores)
             call_s = _kernel_sequence_s(setup, tensor_cores) + T * step_s
             autograd_s = _kernel_sequence_s(_autograd_step(B, D, K, g), tensor_cores)
-            extra = sorted(((_model(b, f, 1, tensor_cores), b) for b, f in step[n_gemms:]), reverse=True)[0]
+            extra = sorted(((_model(b, f, 1, tensor_cores), b) for b, f in step[n_gemms:]), reverse=True,
+                           )[0] if len(step) > n_gemms else (0.0, 0)
             rows.append({
                 "B": B, "D": D, "K": K, "dtype": dtype, "steps": T,
-                "formulation": "class space" if class_space else "rows",
-                "launches_per_step": len(step),
+                "formulation": "class space, fused" if fused else "class space" if class_space else "rows",
+                "launches_per_step": 1 / T if fused else len(step),
                 "modelled_step_ms": step_s * 1e3,
                 "modelled_two_gemms_ms": gemms_s * 1e3,
                 "step_over_gemms": step_s / gemms_s,

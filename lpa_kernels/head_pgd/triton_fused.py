@@ -38,12 +38,13 @@ import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin, new_output
 from lpa_kernels._triton_common import kernel_dtype_view
-from lpa_kernels.head_pgd.triton_softmax import ROW_SHIFT, TILE, _logits_tile, _softmax_stats
+from lpa_kernels.head_pgd.triton_softmax import ROW_SHIFT, _logits_tile, _softmax_stats
 from lpa_kernels.pgd.triton_kernels import _rows_gradient_stats, _update_rows
 
 FUSED_MAX_CLASSES = 256
 BLOCK_C = 16  # classes per program: the smallest M of a tensor-core tile
 BLOCK_DOT = 64  # the K and D extents of the GEMM tiles
+FUSED_TILE = 1024  # elements of the softmax and update tiles
 
 
 @triton.jit
@@ -163,11 +164,15 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
     grad = new_output((num_classes, features), acc, current.device)
     softmax = new_output((2, batch), acc, current.device)
     tf32 = kweight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    block_k = max(min(triton.next_power_of_2(num_classes), TILE // 16), 16)  # tl.dot: every extent >= 16
+    # tl.dot: every extent >= 16; (BLOCK_B, BLOCK_K) and update tiles of FUSED_TILE elements
+    block_k = max(min(triton.next_power_of_2(num_classes), FUSED_TILE // 16), 16)
     _class_space_steps_kernel[(triton.cdiv(num_classes, BLOCK_C),)](
         current, kbase, kweight, labels, order, starts, step, eps, direction, shift, sums, grad, softmax,
         batch, num_classes, features, steps, l2_radius_margin(acc),
         PRECISION="tf32" if tf32 else "ieee", L2=norm == "l2", ACC=tl.float32, BLOCK_C=BLOCK_C, BLOCK_DOT=BLOCK_DOT,
-        BLOCK_B=max(TILE // block_k, 16), BLOCK_K=block_k,
-        BLOCK_ROW=min(max(triton.next_power_of_2(features), 16), TILE // BLOCK_C), num_warps=4,
+        BLOCK_B=max(FUSED_TILE // block_k, 16), BLOCK_K=block_k,
+        BLOCK_ROW=min(max(triton.next_power_of_2(features), 16), FUSED_TILE // BLOCK_C),
+        # one stage: software-pipelined dot loops held 255 registers and spilled on sm_90 (bf16, K = 100);
+        # unpipelined, 8 warps: 169 registers, no spill (4 warps: 236)
+        num_warps=8, num_stages=1,
     )
