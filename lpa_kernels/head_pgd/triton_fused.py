@@ -17,7 +17,7 @@ grid-wide synchronisation, each phase on the whole block at once:
    float32 ``tl.dot``: a fixed order), minus each class's count on its diagonal, rounded to the GEMM
    dtype into a ``(K, K)`` scratch;
 3. ``G = S[block] @ W`` (``tl.dot``) into a ``(K, D)`` float32 scratch;
-4. ``pgd``'s update on the block's 16 rows at once (``_rows_gradient_stats``, ``_update_rows``; absent
+4. ``pgd``'s update on the block's 16 rows at once (``rows_gradient_stats``, ``update_rows``; absent
    classes have a zero gradient and keep their delta).
 
 A ``tl.debug_barrier`` between the phases orders one program's threads (each phase reads what the
@@ -39,7 +39,7 @@ import triton.language as tl
 from lpa_kernels._common import l2_radius_margin, new_output
 from lpa_kernels._triton_common import kernel_dtype_view
 from lpa_kernels.head_pgd.triton_softmax import ROW_SHIFT, _logits_tile, _softmax_stats
-from lpa_kernels.pgd.triton_kernels import _rows_gradient_stats, _update_rows
+from lpa_kernels.pgd.triton_kernels import rows_gradient_stats, update_rows
 
 FUSED_MAX_CLASSES = 256
 BLOCK_C = 16  # classes per program: the smallest M of a tensor-core tile
@@ -138,8 +138,8 @@ def _class_space_steps_kernel(
             tl.store(grad_ptr + rows[:, None] * D + ds[None, :], g.to(ACC), mask=class_ok[:, None] & (ds < D)[None, :])
         tl.debug_barrier()
         # 4. the projected update of the block's classes
-        active, largest, _finite = _rows_gradient_stats(grad_ptr, existing, class_ok, D, ACC, BLOCK_C, BLOCK_ROW)
-        _update_rows(current_ptr, grad_ptr, existing, D, step, eps, active & class_ok, largest, radius_margin, L2,
+        active, largest, _finite = rows_gradient_stats(grad_ptr, existing, class_ok, D, ACC, BLOCK_C, BLOCK_ROW)
+        update_rows(current_ptr, grad_ptr, existing, D, step, eps, active & class_ok, largest, radius_margin, L2,
                      ACC, BLOCK_C, BLOCK_ROW)
         tl.debug_barrier()
 

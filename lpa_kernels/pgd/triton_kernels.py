@@ -68,8 +68,9 @@ def split_block(K: int, D: int, device: torch.device) -> int | None:
 
 
 @triton.jit
-def _rows_gradient_stats(grad_ptr, rows, row_ok, D, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row ``rows (R,)`` of ``grad (*, D)`` (``row_ok``: False for padding): ``(any entry is non-zero,
+def rows_gradient_stats(grad_ptr, rows, row_ok, D, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """(Device function, public: ``head_pgd``'s fused kernel updates its rows with it and ``update_rows``.)
+    Per row ``rows (R,)`` of ``grad (*, D)`` (``row_ok``: False for padding): ``(any entry is non-zero,
     largest |entry|, every entry is finite)``, each ``(R,)``."""
     largest = tl.zeros((R, BLOCK), dtype=ACC)
     nonzero = tl.zeros((R, BLOCK), dtype=tl.int32)
@@ -85,9 +86,9 @@ def _rows_gradient_stats(grad_ptr, rows, row_ok, D, ACC: tl.constexpr, R: tl.con
 
 @triton.jit
 def _gradient_stats(grad_ptr, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``_rows_gradient_stats`` of the one row at ``grad_ptr``, as scalars."""
+    """``rows_gradient_stats`` of the one row at ``grad_ptr``, as scalars."""
     row = tl.zeros((1,), dtype=tl.int64)
-    active, largest, finite = _rows_gradient_stats(grad_ptr, row, row == 0, D, ACC, 1, BLOCK)
+    active, largest, finite = rows_gradient_stats(grad_ptr, row, row == 0, D, ACC, 1, BLOCK)
     return tl.max(active.to(tl.int32), axis=0) > 0, tl.max(largest, axis=0), tl.max(finite.to(tl.int32), axis=0) > 0
 
 
@@ -118,13 +119,13 @@ def _scaled(g, largest, infinite):
 
 
 @triton.jit
-def _update_rows(
+def update_rows(
     delta_ptr, grad_ptr, rows, D, step, eps, active, largest, radius_margin,
     L2: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Write the PGD update of the rows ``rows (R,)`` of ``delta (*, D)`` from those of ``grad`` where
     ``active (R,)`` (an inactive row writes nothing; every row must exist): ``step`` (step size times direction),
-    ``eps`` and ``largest`` (``_rows_gradient_stats``) are ``(R,)``."""
+    ``eps`` and ``largest`` (``rows_gradient_stats``) are ``(R,)``."""
     offsets = rows[:, None] * D
     live = active[:, None] != 0  # (!= 0: the interpreter may hold int1 as wider integers)
     if L2:
@@ -166,11 +167,11 @@ def _update_class(
     delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, largest, radius_margin,
     L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``_update_rows`` of the one row at ``delta_ptr`` / ``grad_ptr``, class ``c`` (scalar ``active``,
+    """``update_rows`` of the one row at ``delta_ptr`` / ``grad_ptr``, class ``c`` (scalar ``active``,
     ``largest``)."""
     row = tl.zeros((1,), dtype=tl.int64)
     step = tl.load(step_ptr + c + row).to(ACC) * tl.load(direction_ptr + c + row).to(ACC)
-    _update_rows(delta_ptr, grad_ptr, row, D, step, tl.load(eps_ptr + c + row).to(ACC), (row == 0) & active,
+    update_rows(delta_ptr, grad_ptr, row, D, step, tl.load(eps_ptr + c + row).to(ACC), (row == 0) & active,
                  largest + tl.zeros((1,), dtype=ACC), radius_margin, L2, ACC, 1, BLOCK)
 
 
