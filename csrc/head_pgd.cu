@@ -24,52 +24,12 @@
 // so no zero fill, no (B, K) probabilities and no separate class reduction.
 #include "common.cuh"
 #include "kernels.h"
-
-#include <cmath>
+#include "row_softmax.cuh"
 
 namespace lpa {
 
 constexpr int kBlockThreads = 256;
 constexpr int64_t kWideRow = 2048;  // from this many classes on, a row gets the whole block
-
-// Tree combination of one row's blockDim.x (a power of two) values in scratch; every lane gets the
-// result. All threads of the block call it (rows past B included), as it holds __syncthreads.
-template <typename A, typename Op>
-__device__ A row_combine(A value, A* scratch, Op op) {
-  const int lanes = blockDim.x, lane = threadIdx.x, t = threadIdx.y * lanes + lane;
-  scratch[t] = value;
-  __syncthreads();
-  for (int half = lanes / 2; half > 0; half /= 2) {
-    if (lane < half) scratch[t] = op(scratch[t], scratch[t + half]);
-    __syncthreads();
-  }
-  const A total = scratch[threadIdx.y * lanes];
-  __syncthreads();  // scratch is reused by the next combination
-  return total;
-}
-
-// One logit into a lane's online softmax state (running maximum, sum of exp(z - maximum)). A lane with no
-// finite logit yet has max -inf and sum 0; a NaN logit makes the sum NaN, and so the whole row (as
-// torch's softmax does).
-template <typename A>
-__device__ __forceinline__ void online_add(A v, A& lane_max, A& lane_sum) {
-  if (v > lane_max) {
-    lane_sum = lane_sum * exp(lane_max - v) + A(1);
-    lane_max = v;
-  } else if (v != -INFINITY) {
-    lane_sum += exp(v - lane_max);
-  }
-}
-
-// The row's pivot and 1 / sum from its lanes' online states (row_combine: every thread of the block
-// calls it). softmax = exp(z - pivot) * inv_sum.
-template <typename A>
-__device__ void row_softmax_stats(A lane_max, A lane_sum, A* scratch, A& pivot, A& inv_sum) {
-  const A row_max = row_combine(lane_max, scratch, [](A a, A c) { return nan_max(a, c); });
-  pivot = row_max == -INFINITY ? A(0) : row_max;
-  const A rescaled = lane_sum == A(0) ? A(0) : lane_sum * exp(lane_max - pivot);
-  inv_sum = A(1) / row_combine(rescaled, scratch, [](A a, A c) { return a + c; });
-}
 
 // V = kVec<T> (16-byte loads and stores) when K is a multiple of it and the rows are 16-byte aligned,
 // else 1. A lane then owns the V consecutive columns k0..k0+V-1 of each vector it visits.

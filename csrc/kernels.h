@@ -68,6 +68,16 @@ void softmax_class_sum(void* sums, void* p_true, void* scratch, const void* logi
                        const int64_t* order, const int64_t* starts, int64_t B, int64_t K, int dtype,
                        cudaStream_t stream);
 
+// All `steps` class-space head_pgd_ steps in one launch (head_pgd_fused.cu; lpa_kernels/head_pgd/triton_fused.py
+// is its twin): current (K, D) float32 in place, base = h @ W.T + b (B, K) and weight (K, D) of the GEMM dtype
+// `dtype` (float32, float16 or bfloat16), class c's samples order[starts[c]:starts[c + 1]] (int64), step,
+// eps, direction (K,) float32; scratch: shift (K, K) float32, sums (K, K) of `dtype`, grad (K, D) float32,
+// softmax (2, B) float32.
+void class_space_steps(float* current, const void* base, const void* weight, const int64_t* order,
+                       const int64_t* starts, const float* step, const float* eps, const float* direction, float* shift,
+                       void* sums, float* grad, float* softmax, int64_t B, int64_t K, int64_t D, int64_t steps,
+                       int norm, int dtype, cudaStream_t stream);
+
 // Tensor-core GEMM x (M, Kin) @ weight (N, Kin)^T with the bias/activation/perturb epilogue
 // (float16/bfloat16 only). Row m uses labels[m / rows_per_label]; preact (M, N) may be null.
 void linear_forward(void* out, void* preact, const void* x, const void* weight, const void* bias,

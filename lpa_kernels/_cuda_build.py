@@ -37,9 +37,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
-SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "linear_perturb.cu", "linear_perturb_sm90.cu", "linear_perturb_sm80.cu",
-           "class_reduce.cu", "step_update.cu", "bindings.cpp")
-HEADERS = ("common.cuh", "class_reduce.cuh", "linear_epilogue.cuh", "linear_cutlass.cuh", "kernels.h")
+SOURCES = ("perturb.cu", "pgd.cu", "head_pgd.cu", "head_pgd_fused.cu", "linear_perturb.cu", "linear_perturb_sm90.cu",
+           "linear_perturb_sm80.cu", "class_reduce.cu", "step_update.cu", "bindings.cpp")
+HEADERS = ("common.cuh", "class_reduce.cuh", "pgd_row.cuh", "row_softmax.cuh", "linear_epilogue.cuh", "linear_cutlass.cuh",
+           "kernels.h")
 DEFAULT_ARCHS = ("80", "90", "90a")
 MEMORY_PER_JOB = 1.5 * 2**30
 CUTLASS_SOURCES = ("linear_perturb_sm90.cu", "linear_perturb_sm80.cu")

@@ -1,13 +1,16 @@
 """CUDA C++ launchers of ``head_pgd_`` (``csrc/head_pgd.cu``): :class:`~lpa_kernels.head_pgd.backends.HeadPGDLaunchers`,
 ``loop.run_head_pgd`` on the CUDA C++ ``perturb`` forward and ``pgd`` launchers plus two kernels of its own: the
-row-wise softmax (rows form) and the softmax summed per class (class-space form); GEMMs by cuBLAS."""
+row-wise softmax (rows form) and the softmax summed per class (class-space form); GEMMs by cuBLAS. With a given
+direction and few classes, every class-space step runs in one launch instead (``csrc/head_pgd_fused.cu``)."""
 
 from __future__ import annotations
 
 import torch
 
 from lpa_kernels import _cuda_launch as cuda
-from lpa_kernels.head_pgd.loop import HeadKernels, run_head_pgd
+from lpa_kernels._common import new_output
+from lpa_kernels.head_pgd import triton_fused
+from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels.perturb.cuda_kernels import perturb_forward
 from lpa_kernels.pgd.cuda_kernels import class_grad_pgd_step, pgd_step
 
@@ -29,8 +32,26 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
                 cuda.code(logits.dtype))
 
 
+def class_space_steps(current, base_logits, weight, labels, order, starts, step, eps, direction, steps: int,
+                      norm: str) -> None:
+    """``HeadKernels.fused_class_space.run``, the CUDA twin of ``triton_fused.class_space_steps`` (same
+    arguments; ``labels`` goes unused, the class order gives each sample's class); served by the same rule
+    (``triton_fused.serves``: one block per 16 classes, so the same few-classes cost model)."""
+    batch, num_classes = base_logits.shape
+    features, device = weight.shape[1], current.device
+    shift = new_output((num_classes, num_classes), torch.float32, device)
+    sums = new_output((num_classes, num_classes), weight.dtype, device)
+    grad = new_output((num_classes, features), torch.float32, device)
+    softmax = new_output((2, batch), torch.float32, device)
+    cuda.launch("class_space_steps", device, current.data_ptr(), base_logits.data_ptr(), weight.data_ptr(),
+                order.data_ptr(), starts.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(),
+                shift.data_ptr(), sums.data_ptr(), grad.data_ptr(), softmax.data_ptr(), batch, num_classes, features,
+                steps, cuda.NORM_CODES[norm], cuda.code(weight.dtype))
+
+
 KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=class_grad_pgd_step,
-                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step)
+                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step,
+                      fused_class_space=FusedClassSpace(triton_fused.serves, class_space_steps))
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:

@@ -25,6 +25,7 @@ from lpa_kernels._common import delta_layout
 from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
+from tests.head_pgd import test_fused_class_space as fused_checks
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
 from tests.step_update import test_step_update as step_update_tests
@@ -377,6 +378,19 @@ def test_head_pgd_class_counts_widths_and_directions(cuda_backend_on_cpu, batch,
                             direction=direction, norm="l2", mode="scale")
     if num_classes == 1:
         assert torch.equal(actual, delta), "with one class the gradient is exactly 0, yet delta moved"
+
+
+@pytest.mark.parametrize("dtype", fused_checks.GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("batch, classes", fused_checks.SHAPES)
+def test_head_pgd_fused_class_space(cuda_backend_on_cpu, monkeypatch, dtype, norm, batch, classes):
+    """Every class-space step in one launch (csrc/head_pgd_fused.cu: wmma tiles for fp16/bf16, FMA loops for
+    fp32) against the definition: K = 1, 17 (a full block of 16 and one class), 40; class 2 absent."""
+    fused_checks.check_fused_steps(("cuda", "cpu"), dtype, norm, batch, classes, monkeypatch)
+
+
+def test_head_pgd_fused_class_space_nan_sample(cuda_backend_on_cpu, monkeypatch):
+    fused_checks.check_nan_sample_reaches_its_own_class_only(("cuda", "cpu"), monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -19,6 +19,7 @@
 #include <vector>
 
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __shared__ static
 #define cudaGetLastError() cudaSuccess
 
