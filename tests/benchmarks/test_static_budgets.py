@@ -183,11 +183,14 @@ def test_cuda_memory_bound_kernels_vector_paths_use_128_bit_accesses(cuda_sm90, 
     assert not narrow, f"vector instances without 128-bit global loads (or stores) (kernel, LDG.128, STG.128): {narrow}"
 
 
-def test_cuda_linear_gemm_uses_tensor_cores(cuda_sm90):
-    """The CUDA linear_perturb GEMM (wmma, float16 and bfloat16, vector and scalar tile loads) runs on HMMA."""
-    instances = _cuda_instances(cuda_sm90, "lpa::linear_wmma_kernel")
-    assert {args[0] for args, _ in instances} == {"__half", "__nv_bfloat16"}
-    without = [r["kernel"] for _, r in instances if not r["tensor_core"].get("HMMA")]
+@pytest.mark.parametrize("name, types", [("lpa::linear_wmma_kernel", {"__half", "__nv_bfloat16"}),
+                                         ("lpa::class_space_steps_kernel", {"float", "__half", "__nv_bfloat16"})])
+def test_cuda_wmma_kernels_use_tensor_cores(cuda_sm90, name, types):
+    """The CUDA C++ wmma kernels' float16 and bfloat16 instances run on HMMA: the linear_perturb GEMM (vector
+    and scalar tile loads) and the fused class-space head_pgd_ steps (whose float32 instance is FMA loops)."""
+    instances = _cuda_instances(cuda_sm90, name)
+    assert {args[0] for args, _ in instances} == types
+    without = [r["kernel"] for args, r in instances if args[0] != "float" and not r["tensor_core"].get("HMMA")]
     assert not without, f"without HMMA: {without}"
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import lpa_kernels
 from lpa_kernels import _cuda_build, _cuda_launch
 from lpa_kernels.head_pgd import cuda_kernels as head_pgd_cuda
 from lpa_kernels.linear_perturb import cuda_kernels as linear_perturb_cuda
@@ -391,6 +392,24 @@ def test_head_pgd_fused_class_space(cuda_backend_on_cpu, monkeypatch, dtype, nor
 
 def test_head_pgd_fused_class_space_nan_sample(cuda_backend_on_cpu, monkeypatch):
     fused_checks.check_nan_sample_reaches_its_own_class_only(("cuda", "cpu"), monkeypatch)
+
+
+def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backend_on_cpu, monkeypatch):
+    """B = 64 >> K = 4 with a given direction: T = 1 and T = 3 each launch the fused kernel once and no
+    other CUDA C++ kernel."""
+    emulated_launch, kernels = _cuda_launch.launch, []
+
+    def counting(name, device, *args):
+        kernels.append(name)
+        emulated_launch(name, device, *args)
+    monkeypatch.setattr(_cuda_launch, "launch", counting)
+    launched = {}
+    for steps in (1, 3):
+        h, y, weight, bias, delta = make_head_problem(64, 4, 32)
+        kernels.clear()
+        lpa_kernels.head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
+        launched[steps] = list(kernels)
+    assert launched[1] == launched[3] == ["class_space_steps"], launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

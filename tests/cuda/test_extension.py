@@ -30,7 +30,7 @@ def test_extension_imports_and_reports_its_runtime_without_a_driver():
     assert info["runtime_version"] >= 11000, f"unexpected CUDA runtime version {info}"
     for name in ("perturb_forward", "perturb_backward", "sum_partials", "pgd_step", "class_grad_pgd_step",
                  "linear_forward", "linear_forward_sm90", "linear_forward_sm80", "linear_sm90_missing",
-                 "linear_sm80_missing", "linear_epilogue", "linear_backward_epilogue"):
+                 "linear_sm80_missing", "linear_epilogue", "linear_backward_epilogue", "class_space_steps"):
         assert callable(getattr(module, name, None)), f"the extension does not export {name}"
     if not torch.cuda.is_available():
         assert info["device_count"] == 0 and info["error"], f"no GPU here, yet the runtime reports {info}"

@@ -114,16 +114,18 @@ def test_large_class_counts(target, num_classes, mode, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_both_formulations_match_the_reference_and_each_other(target, dtype, direction, monkeypatch):
-    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule; on Triton with a given
-    direction all its steps in one launch, ``triton_fused.py``, and also in its launch-per-phase form) and
-    the rows form (forced) each match the reference, and each other within the same tolerance."""
+    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule; on the fast backends with a
+    given direction all its steps in one launch, ``triton_fused.py`` / ``csrc/head_pgd_fused.cu``, and also in
+    its launch-per-phase form) and the rows form (forced) each match the reference, and each other within the
+    same tolerance."""
     problem = make_problem(67, 6, 29, dtype, target[1])
     assert head_loop.use_class_space(67, 6, 3, "add"), "test setup: the rule should pick class space here"
     args = dict(steps=3, step_size=0.1, eps=0.3, direction=direction, norm="l2", mode="add")
     class_space = check_against_reference(target, *problem, **args)
-    if target[0] == "triton" and direction != "confidence":
+    fast = {"triton": head_triton, "cuda": cuda_kernels}.get(target[0])
+    if fast is not None and direction != "confidence":
         with monkeypatch.context() as unfused:
-            unfused.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
+            unfused.setattr(fast, "KERNELS", dataclasses.replace(fast.KERNELS, fused_class_space=None))
             check_against_reference(target, *problem, **args)
     monkeypatch.setattr(head_loop, "use_class_space", lambda *a: False)
     rows = check_against_reference(target, *problem, **args)
