@@ -395,8 +395,8 @@ def test_head_pgd_fused_class_space_nan_sample(cuda_backend_on_cpu, monkeypatch)
 
 
 def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backend_on_cpu, monkeypatch):
-    """B = 64 >> K = 4 with a given direction: T = 1 and T = 3 each launch the fused kernel once and no
-    other CUDA C++ kernel."""
+    """B = 64 >> K = 4 with a given direction: T = 1 and T = 3 launch the same CUDA C++ kernels, the fused
+    one once (the rest is the call's set-up: its label plan)."""
     emulated_launch, kernels = _cuda_launch.launch, []
 
     def counting(name, device, *args):
@@ -409,7 +409,7 @@ def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backen
         kernels.clear()
         lpa_kernels.head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
         launched[steps] = list(kernels)
-    assert launched[1] == launched[3] == ["class_space_steps"], launched
+    assert launched[1] == launched[3] and launched[3].count("class_space_steps") == 1, launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
