@@ -390,6 +390,13 @@ def test_head_pgd_fused_class_space(cuda_backend_on_cpu, monkeypatch, dtype, nor
     fused_checks.check_fused_steps(("cuda", "cpu"), dtype, norm, batch, classes, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_head_pgd_fused_class_space_several_gemm_tiles(cuda_backend_on_cpu, monkeypatch, dtype):
+    """K = 70, D = 130: the block GEMMs' 64-column output tiles, two for E (the last ragged) and three for G
+    (the last ragged), each over several 32-deep chunks."""
+    fused_checks.check_fused_steps(("cuda", "cpu"), dtype, "l2", 90, 70, monkeypatch, features=130)
+
+
 def test_head_pgd_fused_class_space_nan_sample(cuda_backend_on_cpu, monkeypatch):
     fused_checks.check_nan_sample_reaches_its_own_class_only(("cuda", "cpu"), monkeypatch)
 

@@ -40,10 +40,10 @@ def spy_on_fused_launch(monkeypatch, backend: str) -> list:
     return calls
 
 
-def check_fused_steps(target, dtype, norm, batch, classes, monkeypatch) -> None:
+def check_fused_steps(target, dtype, norm, batch, classes, monkeypatch, features=37) -> None:
     """Three fused steps (class 2 absent when K > 2) against the reference."""
     calls = spy_on_fused_launch(monkeypatch, target[0])
-    h, y, weight, bias, delta = make_problem(batch, classes, 37, dtype, target[1])
+    h, y, weight, bias, delta = make_problem(batch, classes, features, dtype, target[1])
     if classes > 2:
         y[y == 2] = 0  # class 2 absent: it keeps its delta
     actual = check_against_reference(target, h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, norm, "add")
