@@ -109,7 +109,6 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
   const int64_t c0 = int64_t(blockIdx.x) * kClassBlock;
   const int classes = static_cast<int>(min64(kClassBlock, K - c0));
   const int t = threadIdx.y * blockDim.x + threadIdx.x, lane = threadIdx.x;
-  // by value: captured references would take the addresses of these locals (a stack frame)
   const T zero = store_from<T>(0.0f);
   const auto weight_at = [=](int64_t k, int64_t d) { return k < K && d < D ? weight[k * D + d] : zero; };
   for (int64_t iteration = 0; iteration < steps; ++iteration) {
@@ -157,8 +156,7 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
     // 4. the projected update, row by row (each by the whole block)
     for (int i = 0; i < classes; ++i) {
       const int64_t c = c0 + i;
-      pgd_update_row(current + c * D, static_cast<const float*>(grad + c * D), D, step[c], eps[c], direction[c], norm,
-                     scratch);
+      pgd_update_row(current + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
     }
     __syncthreads();  // the next step's E reads the updated rows
   }
