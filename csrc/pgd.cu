@@ -219,7 +219,8 @@ struct ClassGradTerm {
 // arrivals[K + c * tiles + tile]) adds the splits in order into grad row c's tile and writes the
 // tile's partials (tile_partials, as pgd_step's split grid); the block completing class c (the last
 // of its tiles, counted in arrivals[c]) combines them and writes the PGD update of delta row c in one
-// pass, all in the same launch. The other blocks never wait: they have finished when they arrive.
+// pass, all in the same launch. The other blocks never wait: they have finished when they arrive. Each
+// launch leaves every arrival counter at zero, as it found it.
 template <int V, bool RUN, typename T, typename TD>
 __global__ void __launch_bounds__(kReduceThreads)
 class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* order, const int64_t* offsets,
@@ -232,10 +233,18 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
   block_class_partials<V, RUN>(term, order, offsets, s, K, part, static_cast<A*>(nullptr), scratch);
   const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
   // Whether this block is the last to arrive at `counter`, out of `expected` (uniform across the block).
+  // The last one also sets the counter back to 0, so the next launch on the stream (a prepared step,
+  // lpa_kernels/pgd/cuda_kernels.py) finds it zeroed without a fill: every other block has counted
+  // itself (atomics on one address are totally ordered, and this one returned expected - 1) and never
+  // touches the counter again, the same thread's later store to the same address follows its atomic
+  // in that address's coherence order, and the kernel's end makes it visible to the next launch.
   const auto last_to_arrive = [&](int* counter, int64_t expected) {
     __threadfence();  // this thread's stores are visible device-wide before the block's arrival counts
     __syncthreads();
-    if (t == 0) completes = atomicAdd(counter, 1) == int(expected) - 1;
+    if (t == 0) {
+      completes = atomicAdd(counter, 1) == int(expected) - 1;
+      if (completes) *counter = 0;
+    }
     __syncthreads();
     const bool last = completes;
     __syncthreads();  // `completes` is read by every thread before it can be written again

@@ -9,7 +9,7 @@ segments, one per class present (:func:`class_segments`); a program walks the ``
 loaded as 128-bit vectors (:func:`slab_blocks`, :func:`class_slab_sum`). A class with more rows than
 one program's fair share (few classes, or the dominant class of a long-tailed batch) is cut into
 chunks (:func:`chunk_plan`); the last chunk to arrive adds their partial sums in chunk order, in the
-same launch (:func:`chunked_class_sums`). No value is accumulated atomically (atomics only count
+same launch and sets its counter back to 0 (:func:`chunked_class_sums`, :func:`reset_counter`). No value is accumulated atomically (atomics only count
 arrivals), so results are bitwise reproducible from run to run.
 
 Under ``TRITON_INTERPRET=1`` bfloat16 arithmetic is wrong or fails, so kernels take bfloat16 tensors
@@ -279,6 +279,7 @@ def chunked_class_sums(
             arrived = arrive(arrivals_ptr + s * num_d_blocks + d_block, mine)
             completed = mine & (arrived == chunks - 1)
             if completed:
+                reset_counter(arrivals_ptr + s * num_d_blocks + d_block)
                 d = d0 + tl.arange(0, BLOCK_D)
                 total = tl.zeros((BLOCK_D,), dtype=ACC)
                 partial_row = partial_ptr + first.to(tl.int64) * D + d
@@ -298,6 +299,17 @@ def arrive(counter_ptr, mine):
     then a release at GPU scope); the acquire lets the last to arrive read what the others stored."""
     tl.debug_barrier()
     return tl.atomic_add(counter_ptr, 1, mask=mine, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def reset_counter(counter_ptr):
+    """Sets an arrival counter back to 0, called by the last program to arrive at it, so that the next
+    launch on the same stream finds it zeroed without a fill launch. Every other program of the launch
+    has counted itself (atomics on one address are totally ordered, and the last saw all the others'
+    adds) and never touches the counter again; this store follows the last atomic in the coherence
+    order of its address (it depends on the value that atomic returned), and the launch's end makes it
+    visible to the next launch."""
+    tl.store(counter_ptr, 0)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from lpa_kernels._common import new_output
 from lpa_kernels.head_pgd import triton_fused
 from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels.perturb.cuda_kernels import perturb_forward
-from lpa_kernels.pgd.cuda_kernels import class_grad_pgd_step, pgd_step
+from lpa_kernels.pgd.cuda_kernels import pgd_step, prepare_class_grad_pgd_step
 
 
 def softmax_xent_grad(out, logits, labels, p_true) -> None:
@@ -49,7 +49,7 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
                 steps, cuda.NORM_CODES[norm], cuda.code(weight.dtype))
 
 
-KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=class_grad_pgd_step,
+KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step,
                       fused_class_space=FusedClassSpace(triton_fused.serves, class_space_steps))
 

@@ -29,7 +29,8 @@ accumulation dtype (float32 GEMMs use TF32 only when ``torch.backends.cuda.matmu
 The per-class sums are deterministic (the segmented reductions of ``class_grad_pgd_step`` for the
 rows form, a fixed per-class order for ``softmax_class_sum``), and the iterate stays in the accumulation
 dtype between steps, rounded into ``delta`` once. Everything that depends only on the call (the label
-plan, the buffers, ``h @ W.T + b``) is set up once before the steps.
+plan, the buffers, the fused update's launch plan and arrival counters, ``h @ W.T + b``) is set up once
+before the steps, so a step is its GEMMs and kernels only.
 
 LPL's confidence rule is applied here, in PyTorch, once, from the first step's probabilities.
 """
@@ -58,11 +59,12 @@ class HeadKernels:
     """What a backend supplies (the launchers of its ``perturb`` and ``pgd`` kernels, plus two kernels).
 
     - ``perturb(h (n, D), labels (n,), delta (K, D), inner, mode) -> h~ (n, D)`` in ``h.dtype``;
-    - ``class_grad_pgd_step(delta (K, D), rows (B, D), labels (B,), h (B, D) or None, step, eps, direction,
-      inner, mode, norm, plan)``, ``pgd``'s launcher contract with ``inner`` 1: the in-place update of
-      ``pgd_step`` with the gradient ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``), summed
-      deterministically in the accumulation dtype (``pgd``'s fused ``class_grad_pgd_step_``: classes
-      absent from the batch are not touched);
+    - ``prepare_class_grad_pgd_step(delta (K, D), rows (B, D), labels (B,), h (B, D) or None, inner, mode,
+      norm, plan) -> launch(step, eps, direction)``, ``pgd``'s launcher contract with ``inner`` 1, prepared
+      once per call: each ``launch`` is the in-place update of ``pgd_step`` on ``delta`` with the gradient
+      ``sum_{y_b = c} rows_b`` (``* h_b`` for ``scale``) of the current ``rows``, summed deterministically in
+      the accumulation dtype (``pgd``'s fused ``class_grad_pgd_step_``: classes absent from the batch are
+      not touched);
     - ``softmax_xent_grad(out (n, K), logits (n, K), labels (n,), p_true (n,) or None)``:
       ``out = softmax(logits) - onehot(y)`` row by row (``out`` may be ``logits``), and the true class's
       probability into ``p_true`` when given;
@@ -84,7 +86,7 @@ class HeadKernels:
     """
 
     perturb: Callable[..., torch.Tensor]
-    class_grad_pgd_step: Callable[..., None]
+    prepare_class_grad_pgd_step: Callable[..., Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]]
     softmax_xent_grad: Callable[..., None]
     softmax_class_sum: Callable[..., None]
     pgd_step: Callable[..., None]
@@ -180,33 +182,34 @@ def run_head_pgd(
     # The kernels' softmax runs in the GEMM dtype's accumulation dtype: its scratch and the probabilities
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
+    current = delta if delta.dtype == acc else delta.to(acc)  # the iterate, in acc between steps
     fused = kernels.fused_class_space
     if (use_class_space(batch, num_classes, steps, mode) and direction is not None and acc == torch.float32
             and fused is not None and fused.serves(num_classes, gd)):
         # every step in one launch: the classes do not interact once the direction is known
         order, starts = class_order(labels, num_classes, plan)
-        current = delta if delta.dtype == acc else delta.to(acc)
         fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm)
-        if current is not delta:
-            delta.copy_(current)
-        return
-    if use_class_space(batch, num_classes, steps, mode):
-        form = _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
     else:
-        form = _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
-    p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
-    _pgd_loop(delta, labels, steps, direction, p_true, acc, form)
+        if use_class_space(batch, num_classes, steps, mode):
+            form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
+        else:
+            form = _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
+        p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
+        _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form)
+    if current is not delta:
+        delta.copy_(current)  # rounded into delta once
 
 
 class Form(NamedTuple):
-    """One formulation's step, in two parts (the confidence rule's direction is fixed between them):
-    ``gradient(current (K, D), p_true (B,) or None) -> g`` and ``update(current, g, direction)`` in place."""
+    """One formulation's step on the iterate ``current (K, D)`` it was built on, in two parts (the
+    confidence rule's direction is fixed between them): ``gradient(p_true (B,) or None) -> g`` and
+    ``update(g, direction)``, in place on ``current``."""
 
-    gradient: Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+    gradient: Callable[["torch.Tensor | None"], torch.Tensor]
+    update: Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels: HeadKernels, plan) -> Form:
+def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels: HeadKernels, plan) -> Form:
     """The class-space form: ``g`` is the class gradient ``(K, D)`` in the GEMM dtype."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
@@ -216,24 +219,27 @@ def _class_space(h, labels, weight, bias, step, eps, norm, softmax_acc, kernels:
     grad = new_output((num_classes, features), weight.dtype, h.device)
     scratch = new_output((2, batch), softmax_acc, h.device)
 
-    def gradient(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+    def gradient(p_true: torch.Tensor | None) -> torch.Tensor:
         torch.mm(current.to(weight.dtype), weight.t(), out=shift)
         kernels.softmax_class_sum(class_probs, base_logits, shift, labels, order, starts, p_true, scratch)
         return torch.mm(class_probs, weight, out=grad)
 
-    return Form(gradient, lambda current, g, direction: kernels.pgd_step(current, g, step, eps, direction, norm))
+    return Form(gradient, lambda g, direction: kernels.pgd_step(current, g, step, eps, direction, norm))
 
 
-def _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels, plan) -> Form:
+def _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels, plan) -> Form:
     """The rows form: ``g`` is the per-sample gradient ``(B, D)`` in the GEMM dtype; the update sums it
-    per class (times ``h`` for ``scale``) and steps, in one launch."""
+    per class (times ``h`` for ``scale``) and steps, in one launch, prepared here once (class order,
+    launch plan, buffers), so that a step is its launches and nothing else."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     rows = chunk_rows(batch, num_classes)
     logits = new_output((rows, num_classes), weight.dtype, h.device)
     sample_grad = new_output((batch, features), weight.dtype, h.device)  # d loss / d h~, row by row
-    h_scale = h if mode == "scale" else None
+    labels = labels.to(torch.int64)  # once: the CUDA kernels take int64 labels, and would copy int32 ones each step
+    update = kernels.prepare_class_grad_pgd_step(current, sample_grad, labels, h if mode == "scale" else None, 1,
+                                                 mode, norm, plan)
 
-    def gradient(current: torch.Tensor, p_true: torch.Tensor | None) -> torch.Tensor:
+    def gradient(p_true: torch.Tensor | None) -> torch.Tensor:
         for start in range(0, batch, rows):
             part = slice(start, min(batch, start + rows))
             part_labels = labels[part]
@@ -247,22 +253,15 @@ def _row_chunks(h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKer
             torch.mm(z, weight, out=sample_grad[part])
         return sample_grad
 
-    def update(current: torch.Tensor, g: torch.Tensor, direction: torch.Tensor) -> None:
-        kernels.class_grad_pgd_step(current, g, labels, h_scale, step, eps, direction, 1, mode, norm, plan)
-
-    return Form(gradient, update)
+    return Form(gradient, lambda g, direction: update(step, eps, direction))
 
 
-def _pgd_loop(delta, labels, steps, direction, p_true, acc, form: Form) -> None:
-    """``steps`` PGD steps on ``delta`` in place; ``direction`` None means the confidence rule, from the
-    first step's true-class probabilities written into ``p_true (B,)``. The iterate stays in ``acc``
-    between steps and is rounded into ``delta`` once."""
-    current = delta if delta.dtype == acc else delta.to(acc)
+def _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form: Form) -> None:
+    """``steps`` PGD steps of ``form`` on its iterate; ``direction`` None means the confidence rule, from
+    the first step's true-class probabilities written into ``p_true (B,)``."""
     for _ in range(steps):
-        g = form.gradient(current, p_true)
+        g = form.gradient(p_true)
         if direction is None:
-            direction = confidence_direction(p_true, labels, delta.shape[0])[0].to(acc)
+            direction = confidence_direction(p_true, labels, num_classes)[0].to(acc)
             p_true = None  # the rule is fixed from the first step
-        form.update(current, g, direction)
-    if current is not delta:
-        delta.copy_(current)
+        form.update(g, direction)

@@ -29,9 +29,10 @@ def perturb(h, labels, delta, inner, mode):
     return perturb_naive.perturb(h, labels, delta, mode)
 
 
-def class_grad_pgd_step(delta, rows, labels, h, step, eps, direction, inner, mode, norm, plan=None):
-    """``HeadKernels.class_grad_pgd_step`` (the reference's class sum, then its update; ``inner`` is 1)."""
-    pgd_naive.class_grad_pgd_step_(delta, rows, labels, step, eps, direction, norm, h, mode)
+def prepare_class_grad_pgd_step(delta, rows, labels, h, inner, mode, norm, plan=None):
+    """``HeadKernels.prepare_class_grad_pgd_step`` (the reference's class sum, then its update; ``inner`` is 1)."""
+    return lambda step, eps, direction: pgd_naive.class_grad_pgd_step_(delta, rows, labels, step, eps, direction,
+                                                                       norm, h, mode)
 
 
 def _probabilities_minus_onehot(logits, labels, shift, p_true, acc):
@@ -60,7 +61,7 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
         sums.copy_(torch.zeros(sums.shape, dtype=grad.dtype, device=grad.device).index_add_(0, labels, grad))
 
 
-KERNELS = HeadKernels(perturb=perturb, class_grad_pgd_step=class_grad_pgd_step, softmax_xent_grad=softmax_xent_grad,
+KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step, softmax_xent_grad=softmax_xent_grad,
                       softmax_class_sum=softmax_class_sum, pgd_step=pgd_naive.pgd_step_, uses_label_plan=False)
 
 

@@ -29,7 +29,7 @@ from lpa_kernels._triton_common import accumulator, kernel_dtype_view
 from lpa_kernels.head_pgd import triton_fused
 from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, TILE, _logits_tile, _softmax_class_sum, _softmax_stats
 from lpa_kernels.perturb.triton_kernels import perturb_forward
-from lpa_kernels.pgd.triton_kernels import class_grad_pgd_step, pgd_step
+from lpa_kernels.pgd.triton_kernels import pgd_step, prepare_class_grad_pgd_step
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def softmax_xent_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
         out.copy_(kout)
 
 
-KERNELS = HeadKernels(perturb=perturb_forward, class_grad_pgd_step=class_grad_pgd_step,
+KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum, pgd_step=pgd_step,
                       fused_class_space=FusedClassSpace(triton_fused.serves, triton_fused.class_space_steps))
 

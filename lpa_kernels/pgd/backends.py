@@ -6,7 +6,7 @@ dtype (``_common.per_class``), validated by the op.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -27,7 +27,18 @@ class PGDLaunchers(Protocol):
                             inner: int, mode: str, norm: str, plan: torch.Tensor | None = None) -> None:
         """``pgd_step(delta, class_grad(grad_out (B, F), labels, h), ...)`` in one launch, ``delta (K, D)``
         contiguous and updated in place; ``h (B, F)`` for ``scale``, else None; ``plan`` the labels'
-        ``_common.label_plan`` or None (head_pgd_'s rows form passes its own, built once per call)."""
+        ``_common.label_plan`` or None. ``prepare_class_grad_pgd_step(...)(step, eps, direction)``."""
+
+    def prepare_class_grad_pgd_step(self, delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor,
+                                    h: torch.Tensor | None, inner: int, mode: str, norm: str,
+                                    plan: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor], None]:
+        """``class_grad_pgd_step`` in two parts: everything that depends on the labels and shapes only
+        (class order, launch plan, buffers, zeroed arrival counters), built here once, and the returned
+        ``launch(step, eps, direction)``, the update itself, which may run any number of times on the
+        same ``delta``, ``grad_out`` and ``h`` tensors (their values may change in between; the labels
+        may not), one at a time on one stream. A PGD loop (``head_pgd_``'s rows form) launches it
+        every step."""
 
 
 def launchers(backend: str) -> PGDLaunchers:

@@ -37,30 +37,43 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
 
 
 def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):
-    """``PGDLaunchers.class_grad_pgd_step``; ``plan`` the labels' ``_common.label_plan`` or None."""
+    """``PGDLaunchers.class_grad_pgd_step``: prepared and launched once."""
+    prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, plan)(step, eps, direction)
+
+
+def prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, plan=None):
+    """``PGDLaunchers.prepare_class_grad_pgd_step``: the class order, grid, workspace and zeroed arrival
+    counters, once; the returned ``launch(step, eps, direction)`` is the kernel alone (the block that
+    completes a counter sets it back to zero, ``csrc/pgd.cu``), plus dtype copies where the dtypes need
+    them (none in ``head_pgd_``'s rows form)."""
     K, D = delta.shape
     F = grad_out.shape[1]
     if delta.numel() == 0:
-        return
+        return lambda step, eps, direction: None
     scale = mode == "scale"
     kdtype = torch.promote_types(grad_out.dtype, h.dtype) if scale else grad_out.dtype
     acc = compute_dtype(kdtype)
-    kgrad_out, kh = cuda.as_dtype(grad_out, kdtype), cuda.as_dtype(h, kdtype) if scale else None
-    # The kernel updates delta in grad_out's dtype or in the accumulation dtype; other dtypes go
-    # through an accumulation-dtype copy, written back (rounded once).
-    kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
-    step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+    kh = cuda.as_dtype(h, kdtype) if scale else None
     # Blocks over (group tile, class, sample split).
     splits = cuda.reduce_splits(delta.device, K, D, inner, grad_out.shape[0], kdtype.itemsize)
     max_tiles = _max_group_tiles(D, inner)
     workspace, arrivals = class_grad_workspace(K, D, splits, max_tiles, acc, delta.device)
     order, offsets = class_order(labels, K, plan)
-    cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
-                order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K, F, D,
-                inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype), cuda.code(kdelta.dtype),
-                splits, max_tiles, workspace.data_ptr(), arrivals.data_ptr())
-    if kdelta is not delta:
-        delta.copy_(kdelta)
+
+    def launch(step, eps, direction):
+        kgrad_out = cuda.as_dtype(grad_out, kdtype)  # (its values change between launches)
+        # The kernel updates delta in grad_out's dtype or in the accumulation dtype; other dtypes go
+        # through an accumulation-dtype copy, written back (rounded once).
+        kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
+        step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+        cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
+                    order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K,
+                    F, D, inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype),
+                    cuda.code(kdelta.dtype), splits, max_tiles, workspace.data_ptr(), arrivals.data_ptr())
+        if kdelta is not delta:
+            delta.copy_(kdelta)
+
+    return launch
 
 
 def _max_group_tiles(D: int, inner: int) -> int:
@@ -72,6 +85,7 @@ def _max_group_tiles(D: int, inner: int) -> int:
 def class_grad_workspace(K: int, D: int, splits: int, max_tiles: int, acc: torch.dtype, device: torch.device):
     """``(workspace, arrivals)`` of the fused kernel: the per-split partial sums ``(splits, K, D)``, then
     the class gradient ``(K, D)``, then the per-tile partials of the update ``(split.N_STATS, K,
-    max_tiles)``, flat, in ``acc``; arrival counts (zero) per class and per (class, tile)."""
+    max_tiles)``, flat, in ``acc``; arrival counts (zero) per class and per (class, tile), which each
+    launch leaves at zero again."""
     workspace = torch.empty((splits + 1) * K * D + split.N_STATS * K * max_tiles, dtype=acc, device=device)
     return workspace, torch.zeros(K * (1 + max_tiles), dtype=torch.int32, device=device)

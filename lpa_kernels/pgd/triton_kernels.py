@@ -38,6 +38,10 @@ block's phase-1 partials; the program that completes the row's last block (an ar
 segment) combines them and writes the update in one pass over the row, in the same launch (the
 update's serial part per class is that one pass, not the four of the one-program-per-class step).
 Classes absent from the batch have a zero gradient, so they keep their delta: no program touches them.
+Everything but the kernel depends on the labels and shapes only (segments, chunk plan, buffers, arrival
+counters): ``prepare_class_grad_pgd_step`` builds it once and returns the launch, which a PGD loop
+(``head_pgd_``'s rows form) repeats every step. The last program to arrive at a counter sets it back to
+zero (``_triton_common.reset_counter``), so each launch leaves the counters as it found them.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from lpa_kernels.pgd import split
 from lpa_kernels import _triton_common
 from lpa_kernels._triton_common import (
     accumulator, accumulator_dtype, arrive, chunk_plan, chunked_class_sums, class_segments, kernel_dtype_view,
-    reduction_tiling,
+    reduction_tiling, reset_counter,
 )
 
 # Block of D one update pass handles at a time (one class row per program).
@@ -224,6 +228,7 @@ def _class_grad_pgd_step_kernel(
                         L2, ACC)
         finished = arrive(finished_ptr + s, completed)
         if finished == num_d_blocks - 1:
+            reset_counter(finished_ptr + s)  # zero again for the next launch of a prepared step
             active, _, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, s, S, num_d_blocks, L2, ACC,
                                                                      STATS_BLOCK)
             step, eps, along, scale, largest, infinite = _step_coefficients(
@@ -412,12 +417,19 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
 
 
 def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):
-    """``PGDLaunchers.class_grad_pgd_step``; ``plan`` the labels' ``_common.label_plan`` or None."""
+    """``PGDLaunchers.class_grad_pgd_step``: prepared and launched once."""
+    prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, plan)(step, eps, direction)
+
+
+def prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, plan=None):
+    """``PGDLaunchers.prepare_class_grad_pgd_step``: the segments, chunk plan, buffers and zeroed arrival
+    counters, once; the returned ``launch(step, eps, direction)`` is the kernel alone (the counters come
+    back to zero at the end of each launch, see ``_class_grad_pgd_step_kernel``)."""
     K, D = delta.shape
     B, F = grad_out.shape
     if delta.numel() == 0 or B == 0:  # an empty batch leaves every class's delta as it is
-        return
-    kgrad_out, kh = kernel_dtype_view(grad_out), kernel_dtype_view(h)
+        return lambda step, eps, direction: None
+    kh = kernel_dtype_view(h)
     order, segment_class, segment_start = class_segments(labels, K, plan)
     segments = segment_class.numel()
     acc_dtype = accumulator_dtype(delta, grad_out, h)
@@ -434,13 +446,23 @@ def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner,
         chunk, chunk_segment, first_chunk = plan
         programs = chunk_segment.numel()
         partial = torch.empty((programs, D), dtype=acc_dtype, device=delta.device)
-    _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(programs * num_d_blocks,)](
-        kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, stats, order,
-        segment_class, segment_start, chunk_segment, first_chunk, step, eps, direction,
-        K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(acc_dtype),
+    constants = dict(
         SPLIT=plan is not None, SCALE=mode == "scale", L2=norm == "l2", ACC=accumulator(delta, grad_out, h),
         BLOCK_D=block_d, BLOCK_Q=block_q, SLABS=block_p > 0, BLOCK_P=max(block_p, 1),
         BLOCK_UPDATE=min(triton.next_power_of_2(D), BLOCK_UPDATE),
         STATS_BLOCK=min(triton.next_power_of_2(num_d_blocks), STATS_BLOCK),
         num_warps=8,  # with 4, ptxas spilled 8 B per thread on sm_80 (at 56 registers)
-    ))
+    )
+
+    def launch(step, eps, direction):
+        # grad_out's values change between launches: its kernel-dtype view (a copy only for bfloat16
+        # under the interpreter) is taken at each one
+        kgrad_out = kernel_dtype_view(grad_out)
+        _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(programs * num_d_blocks,)](
+            kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, stats, order,
+            segment_class, segment_start, chunk_segment, first_chunk, step, eps, direction,
+            K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(acc_dtype),
+            **constants,
+        ))
+
+    return launch

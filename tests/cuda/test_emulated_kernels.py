@@ -252,6 +252,20 @@ def test_class_grad_pgd_step_sums_in_the_class_reductions_order(launchers, monke
     assert_close_to_reference(_flat(fused), ref, what="fused l2 step on the class gradient")
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("features, per_class", [((2, 600), (600,)), ((40, 7, 7), (40, 1, 1))],
+                         ids=["last_dim", "channel"])
+def test_prepared_class_grad_pgd_step_repeats_like_fresh_calls(launchers, monkeypatch, splits, norm, features,
+                                                              per_class):
+    """tests/pgd's check of one preparation launched three times, on the CUDA kernel: its arrival counters
+    per (class, tile) (over ``splits`` sample shares) and per class must be back at zero after each launch."""
+    from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
+
+    monkeypatch.setattr(_cuda_launch, "reduce_splits", lambda *args: splits)
+    check_prepared_step_repeats_like_fresh_calls(launchers, features, per_class, norm, "cpu")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_features", [32, 13], ids=["vector-loads", "scalar-loads"])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])

@@ -303,20 +303,22 @@ def test_cuda_backend_on_cpu_tensors_says_why_it_is_unavailable():
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (the counter does not see the CUDA C++ launches)
-@pytest.mark.parametrize("batch, classes, fused, per_step", [(64, 4, True, 0), (64, 4, False, 4), (40, 100, True, 6)],
-                         ids=["class-space-fused", "class-space", "rows"])
+@pytest.mark.parametrize("batch, classes, fused, per_step",
+                         [(64, 4, True, 0), (64, 4, False, 4), (40, 100, True, 5), (200, 200, True, 5)],
+                         ids=["class-space-fused", "class-space", "rows", "rows-chunked-class-sum"])
 def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, fused, per_step, monkeypatch):
-    """What depends only on the call (label plan, buffers, the class-space logits) is set up once, so
-    T = 3 launches exactly 2 steps' kernels more than T = 1. Class space, fused (a given direction, few
-    classes): every step in the one launch (0); unfused: GEMM, the fused softmax + per-class sum, GEMM,
-    update (4); rows, one chunk and an unsplit class sum: perturb, logits GEMM, softmax, GEMM, the arrival
-    counters' fill, the fused class sum + update (6)."""
+    """What depends only on the call (label plan, buffers, the class-space logits, the rows form's launch
+    plan and arrival counters) is set up once, so T = 3 launches exactly 2 steps' kernels more than T = 1.
+    Class space, fused (a given direction, few classes): every step in the one launch (0); unfused: GEMM,
+    the fused softmax + per-class sum, GEMM, update (4); rows, one chunk of rows: perturb, logits GEMM,
+    softmax, GEMM, the fused class sum + update (5), also when the class sums are cut into chunks
+    (B = 200: a chunk plan of about 9 launches, once per call)."""
     from lpa_bench.static.counting import LaunchCounter
 
     monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
     if not fused:
         monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
-    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step != 6), "test setup: wrong formulation"
+    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step in (0, 4)), "test setup: wrong formulation"
     launches = {}
     for steps in (1, 3):
         h, y, weight, bias, delta = make_problem(batch, classes, 32, device=target[1])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lpa_kernels import class_grad_pgd_step_, pgd_step_
+from lpa_kernels._common import delta_layout
 from lpa_kernels.pgd import cuda_kernels, naive, split, triton_kernels
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
 from tests.perturb.test_perturb import FEW_PRESENT, LAYOUTS, MANY_CLASSES, MODES, TARGETS, absent_classes
@@ -154,6 +155,55 @@ def test_class_grad_pgd_step_long_tailed_batch_over_many_feature_blocks(target, 
     got = class_grad_pgd_step_(delta.clone(), grad_out, labels, 0.2, 0.8, -1.0, norm, h=h, mode="scale", backend=backend)
     assert_close_to_reference(got, ref, what=f"class_grad_pgd_step_ long-tailed {norm} ({backend})")
     assert torch.equal(got[4], delta[4]), "a class absent from the batch must keep its delta"
+
+
+def check_prepared_step_repeats_like_fresh_calls(launchers, features, per_class, norm, device):
+    """Three launches of one ``prepare_class_grad_pgd_step`` (new ``grad_out`` values each time, delta
+    carried over) against three fresh ``class_grad_pgd_step`` calls, bit for bit after each, and the float64
+    reference after the last. A long-tailed scale batch (class 0 split into chunks, class 4 absent) whose
+    rows span several feature blocks uses every arrival counter: counters not back at zero after a launch
+    would complete the next one's sums early, or never."""
+    B = 69
+    labels = torch.repeat_interleave(torch.arange(4), torch.tensor([60, 6, 2, 1]))[torch.randperm(B)].to(device)
+    delta = 2 * torch.randn(K, *per_class, device=device)
+    grads, h = torch.randn(3, B, *features, device=device), torch.randn(B, *features, device=device)
+    step, eps = torch.rand(K, device=device) * 0.3, torch.rand(K, device=device) + 0.5
+    direction = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5], device=device)
+    inner = delta_layout(features, delta.shape)[1]
+    prepared, fresh = delta.reshape(K, -1).clone(), delta.reshape(K, -1).clone()
+    grad_out, flat_h = torch.empty(B, grads[0].numel() // B, device=device), h.reshape(B, -1)
+    launch = launchers.prepare_class_grad_pgd_step(prepared, grad_out, labels, flat_h, inner, "scale", norm)
+    ref = delta.double()
+    for i, grad in enumerate(grads):
+        grad_out.copy_(grad.reshape(B, -1))
+        launch(step, eps, direction)
+        launchers.class_grad_pgd_step(fresh, grad.reshape(B, -1).clone(), labels, flat_h, step, eps, direction, inner,
+                                      "scale", norm)
+        assert torch.equal(prepared, fresh), f"launch {i} of a prepared step differs from a fresh call"
+        ref = naive.class_grad_pgd_step_(ref, grad.double(), labels, step.double(), eps.double(), direction.double(),
+                                         norm, h=h.double(), mode="scale")
+    assert_close_to_reference(prepared.view_as(delta), ref, what=f"3 prepared class_grad_pgd_step launches ({norm})")
+    assert torch.equal(prepared[4], delta.reshape(K, -1)[4]), "a class absent from the batch must keep its delta"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("features,per_class", [((2, 600), (600,)), ((40, 7, 7), (40, 1, 1))], ids=["last_dim", "channel"])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_prepared_class_grad_pgd_step_repeats_like_fresh_calls(target, features, per_class, norm):
+    backend, device = target
+    check_prepared_step_repeats_like_fresh_calls({"triton": triton_kernels, "cuda": cuda_kernels}[backend], features,
+                                                 per_class, norm, device)
+
+
+def test_prepared_triton_step_splits_its_long_class_into_chunks():
+    """The shapes of the test above take the chunked reduction on the CPU interpreter (class 0's 120
+    rows, R = 2 per sample, in chunks of 64) over 3 feature blocks: both kinds of counters."""
+    from lpa_kernels._triton_common import chunk_plan, reduction_tiling
+
+    block_d, block_q, _, R = reduction_tiling(69, 1200, 600, 1)
+    starts = torch.tensor([0, 60, 66, 68, 69])
+    chunk = chunk_plan(starts, R, 69 * R, block_q, -(-600 // block_d))[0]
+    assert 600 > block_d and chunk < 60 * R, (block_d, chunk)
 
 
 @pytest.mark.parametrize("norm", NORMS)
