@@ -156,8 +156,9 @@ HEAD_TARGET_SHAPES = ((128, 640, 100), (1024, 2048, 1000), (4096, 4096, 32000)) 
 HEAD_TARGET_STEPS = 3
 HEAD_TARGET_RATIO = 1.3
 # Launches counted on the CPU (lpa_bench.static.counting.LaunchCounter): _common.label_plan, built once
-# per call; the chunk plan of the rows form's fused class sum and update, split into chunks (per step, as
-# on an H100 at these shapes);
+# per call; the rows form's preparation of its fused class sum and update (pgd's
+# prepare_class_grad_pgd_step, once per call): its chunk plan (the class sums split into chunks, as on an
+# H100 at these shapes) and the arrival counters' zero fill;
 # one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
 # backward, two GEMMs, zero fill and index_add of the class reduction).
 LABEL_PLAN_LAUNCHES = 17
@@ -174,6 +175,7 @@ L2_BYTES_PER_SM_CLOCK = 64
 L1_BYTES_PER_SM_CLOCK = 128
 FUSED_CLASSES_PER_PROGRAM = 16
 CHUNK_PLAN_LAUNCHES = 9
+ROWS_PREPARATION_LAUNCHES = CHUNK_PLAN_LAUNCHES + 1
 AUTOGRAD_STEP_LAUNCHES = 12
 
 
@@ -201,10 +203,9 @@ def _rows_step(B, D, K, g, rows):
                                          ((n * K + K * D + n * D) * g, 2 * n * K * D))]  # (P - Y) @ W
     others = [k for n in chunks for k in ((2 * n * D * g + n * D * ACC, 0),  # perturb: h~ = h + delta[y]
                                           (3 * n * K * g, 0))]  # softmax - onehot, in place
-    present = min(B, K)  # the fused update touches the classes present only
-    others += [(B * D * g + 3 * present * D * ACC + 2 * present * D * ACC, 0),  # class sums into a scratch row
-               (0, 0)]  # per class present (written, read twice by the l2 update), iterate read + write; counters
-    others += [(0, 0)] * CHUNK_PLAN_LAUNCHES
+    present = min(B, K)  # the fused update touches the classes present only: class sums into a scratch row
+    # per class present (written, read twice by the l2 update), iterate read + write
+    others.append((B * D * g + 3 * present * D * ACC + 2 * present * D * ACC, 0))
     return gemms + others, len(gemms)
 
 
@@ -262,7 +263,7 @@ def head_pgd_target_rows() -> list[dict]:
                 setup = [((B * D + K * D + K + B * K) * g, 2 * B * K * D)]  # h @ W.T + b, once
             else:
                 step, n_gemms = _rows_step(B, D, K, g, loop.chunk_rows(B, K))
-                setup = []
+                setup = [(0, 0)] * ROWS_PREPARATION_LAUNCHES
             setup += _label_plan_setup(B, K)
             gemms_s = _kernel_sequence_s(step[:n_gemms], tensor_cores)
             if fused:
