@@ -19,6 +19,7 @@ import torch
 import lpa_kernels
 from lpa_kernels import _cuda_build, _cuda_launch
 from lpa_kernels.head_pgd import cuda_kernels as head_pgd_cuda
+from lpa_kernels.head_pgd import loop as head_loop
 from lpa_kernels.linear_perturb import cuda_kernels as linear_perturb_cuda
 from lpa_kernels.perturb import cuda_kernels as perturb_cuda
 from lpa_kernels.pgd import cuda_kernels as pgd_cuda
@@ -380,6 +381,31 @@ def test_head_pgd(cuda_backend_on_cpu, dtype, mode, norm):
     actual = check_head_pgd(("cuda", "cpu"), h, y, weight, bias, delta, steps=2, step_size=0.1, eps=0.3,
                             direction="confidence", norm=norm, mode=mode)
     assert torch.equal(actual[10], delta[10]), "the absent class's delta changed"
+
+
+@pytest.mark.parametrize("labels_dtype", [torch.int64, torch.int32], ids=str)
+def test_head_pgd_rows_each_extra_step_launches_only_its_own_kernels(cuda_backend_on_cpu, monkeypatch, labels_dtype):
+    """The rows form on the CUDA backend (B = 40, K = 100): T = 3 launches exactly 2 steps' kernels more
+    than T = 1, 5 each (perturb_forward, logits GEMM, softmax_xent_grad, GEMM, class_grad_pgd_step): the
+    fused update's workspace and counters are prepared once per call, int32 labels converted once."""
+    from lpa_bench.static.counting import LaunchCounter
+
+    emulated_launch, kernels = _cuda_launch.launch, []
+
+    def counting(name, device, *args):
+        kernels.append(name)
+        emulated_launch(name, device, *args)
+    monkeypatch.setattr(_cuda_launch, "launch", counting)
+    monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
+    assert not head_loop.use_class_space(40, 100, 1, "add"), "test setup: the rows form should run here"
+    launches = {}
+    for steps in (1, 3):
+        h, y, weight, bias, delta = make_head_problem(40, 100, 32, labels=make_labels(40, 100, dtype=labels_dtype))
+        kernels.clear()
+        with LaunchCounter() as counter:
+            lpa_kernels.head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
+        launches[steps] = counter.summary()["aten_launches"] + len(kernels)
+    assert launches[3] - launches[1] == 2 * 5, launches
 
 
 @pytest.mark.parametrize("batch, num_classes, features, bias, direction", [
