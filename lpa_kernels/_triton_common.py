@@ -9,8 +9,9 @@ segments, one per class present (:func:`class_segments`); a program walks the ``
 loaded as 128-bit vectors (:func:`slab_blocks`, :func:`class_slab_sum`). A class with more rows than
 one program's fair share (few classes, or the dominant class of a long-tailed batch) is cut into
 chunks (:func:`chunk_plan`); the last chunk to arrive adds their partial sums in chunk order, in the
-same launch and sets its counter back to 0 (:func:`chunked_class_sums`, :func:`reset_counter`). No value is accumulated atomically (atomics only count
-arrivals), so results are bitwise reproducible from run to run.
+same launch, and sets its arrival counter back to 0 (:func:`chunked_class_sums`, :func:`reset_counter`).
+No value is accumulated atomically (atomics only count arrivals), so results are bitwise reproducible
+from run to run.
 
 Under ``TRITON_INTERPRET=1`` bfloat16 arithmetic is wrong or fails, so kernels take bfloat16 tensors
 upcast (:func:`kernel_dtype_view`), and :func:`parallel_programs` asks for few programs, so that the

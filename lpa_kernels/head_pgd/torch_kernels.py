@@ -61,8 +61,9 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
         sums.copy_(torch.zeros(sums.shape, dtype=grad.dtype, device=grad.device).index_add_(0, labels, grad))
 
 
-KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step, softmax_xent_grad=softmax_xent_grad,
-                      softmax_class_sum=softmax_class_sum, pgd_step=pgd_naive.pgd_step_, uses_label_plan=False)
+KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
+                      softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum,
+                      pgd_step=pgd_naive.pgd_step_, uses_label_plan=False)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:

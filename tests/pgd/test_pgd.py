@@ -187,7 +187,8 @@ def check_prepared_step_repeats_like_fresh_calls(launchers, features, per_class,
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("features,per_class", [((2, 600), (600,)), ((40, 7, 7), (40, 1, 1))], ids=["last_dim", "channel"])
+@pytest.mark.parametrize("features,per_class", [((2, 600), (600,)), ((40, 7, 7), (40, 1, 1))],
+                         ids=["last_dim", "channel"])
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_prepared_class_grad_pgd_step_repeats_like_fresh_calls(target, features, per_class, norm):
     backend, device = target
