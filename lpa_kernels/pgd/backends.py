@@ -36,9 +36,9 @@ class PGDLaunchers(Protocol):
         """``class_grad_pgd_step`` in two parts: everything that depends on the labels and shapes only
         (class order, launch plan, buffers, zeroed arrival counters), built here once, and the returned
         ``launch(step, eps, direction)``, the update itself, which may run any number of times on the
-        same ``delta``, ``grad_out`` and ``h`` tensors (their values may change in between; the labels
-        may not), one at a time on one stream. A PGD loop (``head_pgd_``'s rows form) launches it
-        every step."""
+        same ``delta`` and ``grad_out`` tensors (their values may change in between; those of ``labels``,
+        ``h`` and ``plan`` may not: a launcher may hold copies of them), one at a time on one stream. A
+        PGD loop (``head_pgd_``'s rows form) launches it every step."""
 
 
 def launchers(backend: str) -> PGDLaunchers:
