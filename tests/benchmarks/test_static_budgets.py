@@ -358,11 +358,10 @@ def test_modelled_head_pgd_step_over_its_gemms_does_not_regress():
     assert not over, f"modelled head PGD step / its two GEMMs above the ceiling: {over}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 (modelled): at (128, 640, 100) the class-space step is launch-bound "
-                                       "(2-3 launches of 4 us beside GEMMs of 8 us); at (1024, 2048, 1000) the rows "
-                                       "step (5 launches, set-up prepared once per call) is held by the fused "
-                                       "update's per-class fp32 rows (43-47 MiB beside GEMMs of 19-133 us: 2.8x "
-                                       "bf16, 1.31x fp32); (4096, 4096, 32000) is met")
+@pytest.mark.xfail(strict=True, reason="issue 11 (modelled): at (1024, 2048, 1000) the rows step (5 launches, its "
+                                       "set-up prepared once per call) is held by the fused update's per-class fp32 "
+                                       "rows (43-47 MiB beside GEMMs of 19-133 us: 2.81x bf16, 1.31x fp32); "
+                                       "(128, 640, 100) (fused class space) and (4096, 4096, 32000) are met")
 def test_modelled_head_pgd_step_within_1_3x_of_its_two_gemms():
     over = [(_head_key(r), round(r["step_over_gemms"], 2), r["why"]) for r in roofline.head_pgd_target_rows()
             if not r["meets_step_target"]]
@@ -370,8 +369,8 @@ def test_modelled_head_pgd_step_within_1_3x_of_its_two_gemms():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11 (modelled): with K >> B the rows form's T = 3 steps are 6 B x K x D "
-                                       "GEMMs against one autograd step's 3, and at (128, 640, 100) the call is "
-                                       "launch-bound (label plan and 3 x 4-5 launches)")
+                                       "GEMMs against one autograd step's 3 ((1024, 2048, 1000) and (4096, 4096, "
+                                       "32000)); (128, 640, 100) (fused class space) is met")
 def test_modelled_head_pgd_3_steps_faster_than_one_autograd_step():
     slower = [(_head_key(r), round(r["T3_over_one_autograd_step"], 2)) for r in roofline.head_pgd_target_rows()
               if not r["meets_T3_target"]]
