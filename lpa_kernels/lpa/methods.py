@@ -402,8 +402,8 @@ class ClassPerturbationMethod(Method):
             _checks.check_labels(y, h.shape[0], self.num_classes)
             delta = self.lpa.preview_delta(h, extras, y, self._pgd_upper, self._pgd_head())
         else:
-            delta = self.lpa.training_delta(h, extras, y, self._batch.ok, self._pgd_upper, self._pgd_head(),
-                                            self._batch.plan)
+            ok = None if self._batch.verified else self._batch.ok  # None: checked on the host, known good
+            delta = self.lpa.training_delta(h, extras, y, ok, self._pgd_upper, self._pgd_head(), self._batch.plan)
             self._count("pgd_steps", self.lpa.steps)
         return self.lpa.apply(h, y, delta, None if preview else self._batch.plan)
 

@@ -160,7 +160,7 @@ class ClassSite:
               plan: torch.Tensor | None = None) -> torch.Tensor:
         """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring),
         ``plan`` their ``_common.label_plan`` (built once per training step) or None."""
-        return run_perturb(h, labels, delta, self.mode, self.backend, plan)
+        return run_perturb(h, labels, delta, self.mode, self._resolved_backend or self.backend, plan)
 
     def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor,
                   ok: torch.Tensor | None, skipped: torch.Tensor) -> None:
@@ -177,7 +177,7 @@ class ClassSite:
         if self.head_choice == "never" or self.steps == 0:
             return None
         fits = (head is not None and head.out_features == self.num_classes and world_size() == 1
-                and math.prod(h.shape[1:]) == head.in_features == delta[0].numel())
+                and math.prod(h.shape[1:]) == head.in_features == math.prod(delta.shape[1:]))
         if self.head_choice == "always" and not fits:
             raise ValueError("head='always' needs the layer to feed the final nn.Linear(D, K) classifier directly, "
                              "a full per-class delta of D values, steps >= 1 and a single process")
@@ -212,7 +212,8 @@ class ClassSite:
         direction, fixed radius) is applied by ``head_pgd_`` from its first step's softmax (fewer ops); the
         kernel backends, and any other policy, read the first-step logits here (on a GPU the fused
         statistics and policy kernels take 2 launches where ``loop.py``'s rule in torch ops takes ~20)."""
-        flat, flat_delta = h.flatten(1), delta.view(delta.shape[0], -1)
+        flat = h if h.dim() == 2 else h.flatten(1)
+        flat_delta = delta if delta.dim() == 2 else delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
         eps = self.policy.head_radius(delta) if self._resolved_backend == "reference" else None
@@ -248,7 +249,7 @@ class ClassSite:
         """The delta the training forward uses: after T PGD steps (detached), or in single-pass mode
         the carried delta through the leaf that collects the class gradient of the summed loss.
         ``labels`` are in range; ``ok`` (0-d bool) is False for a batch whose labels were not, and then
-        delta keeps its value. ``plan``: the step's ``_common.label_plan`` of ``labels``, or None."""
+        delta keeps its value (None: the labels are known good). ``plan``: the step's ``_common.label_plan`` of ``labels``, or None."""
         perturbation = self._ensure(h)
         if self.steps == 0:
             if not torch.is_grad_enabled():
@@ -257,7 +258,7 @@ class ClassSite:
             return _SummedLossGrad.apply(self._leaf, h.shape[0])
         if self.init == "fresh":
             with torch.no_grad():
-                perturbation.delta.masked_fill_(ok, 0.0)
+                perturbation.delta.zero_() if ok is None else perturbation.delta.masked_fill_(ok, 0.0)
         self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
         return perturbation.delta.detach()
 

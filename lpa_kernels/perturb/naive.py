@@ -18,7 +18,7 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
     cd = compute_dtype(h.dtype, delta.dtype)
     d = delta.reshape(padded_delta_shape(delta.shape, h.shape[1:])).index_select(0, labels).to(cd)
     out = h.to(cd) + d if mode == "add" else h.to(cd) * (1 + d)
-    return out.to(h.dtype)
+    return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
 def class_grad(
