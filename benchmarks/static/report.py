@@ -122,11 +122,11 @@ def print_report(report: dict) -> None:
     print(f"\nhead_pgd_ against issue 11's targets (MODELLED H100 SXM times, ms; l2, add, "
           f"T = {roofline.HEAD_TARGET_STEPS}): step within {roofline.HEAD_TARGET_RATIO}x of its two GEMMs; "
           f"T steps faster than ONE autograd PGD step")
-    print(f"  {'B':>5} {'D':>5} {'K':>6} {'dtype':<9} {'form':<12} {'launch':>6} {'step':>9} {'2 GEMMs':>9} "
+    print(f"  {'B':>5} {'D':>5} {'K':>6} {'dtype':<9} {'form':<18} {'launch':>6} {'step':>9} {'2 GEMMs':>9} "
           f"{'ratio':>6} {'T steps':>9} {'autograd':>9} {'ratio':>6}  where the model misses")
     for r in report.get("head_pgd_targets", []):
-        print(f"  {r['B']:5d} {r['D']:5d} {r['K']:6d} {r['dtype']:<9} {r['formulation']:<12} "
-              f"{r['launches_per_step']:6d} {r['modelled_step_ms']:9.4f} {r['modelled_two_gemms_ms']:9.4f} "
+        print(f"  {r['B']:5d} {r['D']:5d} {r['K']:6d} {r['dtype']:<9} {r['formulation']:<18} "
+              f"{r['launches_per_step']:6.3g} {r['modelled_step_ms']:9.4f} {r['modelled_two_gemms_ms']:9.4f} "
               f"{r['step_over_gemms']:5.2f}x {r['modelled_head_pgd_T3_ms']:9.4f} "
               f"{r['modelled_one_autograd_step_ms']:9.4f} {r['T3_over_one_autograd_step']:5.2f}x  "
               f"{r['why'] or 'both targets met'}")
