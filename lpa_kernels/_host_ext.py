@@ -43,9 +43,13 @@ def is_built() -> bool:
     return _load()[0] is not None
 
 
+def _switched_off() -> bool:
+    return os.environ.get("LPA_HOST_KERNELS", "").strip() == "0"
+
+
 def unavailable_reason() -> str:
     """Why the reference backend runs its PyTorch ops instead of the host kernels ("" when it need not)."""
-    if os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
+    if _switched_off():
         return "disabled by LPA_HOST_KERNELS=0"
     return _load()[1] or ""
 
@@ -58,7 +62,7 @@ def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the kernels may run on these tensors (None entries are absent optionals)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False  # first: Dynamo traces what runs before it returns
-    if dtype not in _DTYPE_CODES or _load()[0] is None or os.environ.get("LPA_HOST_KERNELS", "").strip() == "0":
+    if dtype not in _DTYPE_CODES or _load()[0] is None or _switched_off():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
         return False

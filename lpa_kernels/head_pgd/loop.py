@@ -183,14 +183,14 @@ def run_head_pgd(
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
     current = delta if delta.dtype == acc else delta.to(acc)  # the iterate, in acc between steps
-    fused = kernels.fused_class_space
-    if (use_class_space(batch, num_classes, steps, mode) and direction is not None and acc == torch.float32
-            and fused is not None and fused.serves(num_classes, gd)):
+    class_space, fused = use_class_space(batch, num_classes, steps, mode), kernels.fused_class_space
+    if (class_space and direction is not None and acc == torch.float32 and fused is not None
+            and fused.serves(num_classes, gd)):
         # every step in one launch: the classes do not interact once the direction is known
         order, starts = class_order(labels, num_classes, plan)
         fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm)
     else:
-        if use_class_space(batch, num_classes, steps, mode):
+        if class_space:
             form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
         else:
             form = _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels, plan)

@@ -74,7 +74,10 @@ def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, 
                           skipped):
         return
     run = lambda: run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)  # noqa: E731
-    run() if skipped is None else guarded(delta, run, ok, skipped)
+    if skipped is None:
+        run()
+    else:
+        guarded(delta, run, ok, skipped)
 
 
 def guarded(delta: torch.Tensor, run, ok: torch.Tensor | None, skipped: torch.Tensor) -> None:

@@ -11,8 +11,14 @@ probabilities minus the one-hot term and sums the true class's probability (``ou
 each element is read before it is written, by the same program). Arithmetic in float32 (float64 for
 float64 data).
 
-``_softmax_class_sum_kernel`` (the class-space form's step, fused): one program per class, each running
-``triton_softmax._softmax_class_sum`` (the per-class softmax sum, in the label plan's class order).
+``_softmax_class_sum_kernel`` (the class-space form's step, fused): ``sums[c] = sum_{y_b = c}
+softmax(logits[b] + shift[c]) - onehot(c)``, one program per class walking its samples in the label
+plan's order (``order[starts[c]:starts[c + 1]]``) in tiles of ``BLOCK_B``. Phase 1 computes each
+sample's pivot and ``1 / sum`` into a ``(2, B)`` scratch, and the true class's probability; phase 2, for
+each ``BLOCK_K`` columns, sums the probabilities over the class's samples (a ``(BLOCK_B, BLOCK_K)``
+accumulator reduced once, so the order is fixed) and writes them minus the class's sample count on the
+diagonal. Every row of ``sums`` is written (absent classes: 0), so no zero fill, no ``(B, K)``
+probabilities and no separate class reduction.
 
 With a given direction and at most ``triton_fused.FUSED_MAX_CLASSES`` classes, the class-space form
 runs all its steps in one launch instead (``triton_fused.py``).
@@ -27,7 +33,7 @@ import triton.language as tl
 from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
 from lpa_kernels.head_pgd import triton_fused
-from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, TILE, _logits_tile, _softmax_class_sum, _softmax_stats
+from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, SHARED_SHIFT, TILE, _logits_tile, _softmax_stats
 from lpa_kernels.perturb.triton_kernels import perturb_forward
 from lpa_kernels.pgd.triton_kernels import pgd_step, prepare_class_grad_pgd_step
 
@@ -81,8 +87,36 @@ def _softmax_class_sum_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    _softmax_class_sum(tl.program_id(0), sums_ptr, p_true_ptr, scratch_ptr, logits_ptr, shift_ptr, order_ptr, starts_ptr,
-                       B, K, WRITE_P_TRUE, ACC, BLOCK_B, BLOCK_K)
+    c = tl.program_id(0)
+    start, end = tl.load(starts_ptr + c), tl.load(starts_ptr + c + 1)
+    shift_row = shift_ptr + c.to(tl.int64) * K
+    # Phase 1: each sample's pivot and 1 / sum (and its true-class probability) into the scratch.
+    for i0 in range(start, end, BLOCK_B):
+        pos = i0 + tl.arange(0, BLOCK_B)
+        row_ok = pos < end
+        rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        pivot, inv_sum = _softmax_stats(logits_ptr, shift_row, rows, row_ok, K, SHARED_SHIFT, ACC, BLOCK_B, BLOCK_K)
+        tl.store(scratch_ptr + pos, pivot, mask=row_ok)
+        tl.store(scratch_ptr + B + pos, inv_sum, mask=row_ok)
+        if WRITE_P_TRUE:
+            z_true = tl.load(logits_ptr + rows * K + c, mask=row_ok, other=0).to(ACC) + tl.load(shift_row + c).to(ACC)
+            tl.store(p_true_ptr + rows, tl.exp(z_true - pivot) * inv_sum, mask=row_ok)
+    tl.debug_barrier()  # phase 2 reads the scratch written by other threads of this program
+    # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal.
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        total = tl.zeros((BLOCK_B, BLOCK_K), ACC)
+        for i0 in range(start, end, BLOCK_B):
+            pos = i0 + tl.arange(0, BLOCK_B)
+            row_ok = pos < end
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            pivot = tl.load(scratch_ptr + pos, mask=row_ok, other=0.0)
+            inv_sum = tl.load(scratch_ptr + B + pos, mask=row_ok, other=0.0)  # 0: padded rows add nothing
+            z = _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, SHARED_SHIFT, ACC)
+            total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
+        sums = tl.sum(total, axis=0)
+        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
+        tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
 
 
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:

@@ -249,7 +249,8 @@ class ClassSite:
         """The delta the training forward uses: after T PGD steps (detached), or in single-pass mode
         the carried delta through the leaf that collects the class gradient of the summed loss.
         ``labels`` are in range; ``ok`` (0-d bool) is False for a batch whose labels were not, and then
-        delta keeps its value (None: the labels are known good). ``plan``: the step's ``_common.label_plan`` of ``labels``, or None."""
+        delta keeps its value (None: the labels are known good). ``plan``: the step's
+        ``_common.label_plan`` of ``labels``, or None."""
         perturbation = self._ensure(h)
         if self.steps == 0:
             if not torch.is_grad_enabled():
@@ -258,7 +259,10 @@ class ClassSite:
             return _SummedLossGrad.apply(self._leaf, h.shape[0])
         if self.init == "fresh":
             with torch.no_grad():
-                perturbation.delta.zero_() if ok is None else perturbation.delta.masked_fill_(ok, 0.0)
+                if ok is None:
+                    perturbation.delta.zero_()
+                else:
+                    perturbation.delta.masked_fill_(ok, 0.0)
         self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
         return perturbation.delta.detach()
 
