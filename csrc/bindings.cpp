@@ -110,12 +110,13 @@ PYBIND11_MODULE(_lpa_cuda, m) {
   });
   m.def("class_space_steps", [](uintptr_t current, uintptr_t base, uintptr_t weight, uintptr_t order, uintptr_t starts,
                                 uintptr_t step, uintptr_t eps, uintptr_t direction, uintptr_t shift, uintptr_t sums,
-                                uintptr_t grad, uintptr_t softmax, int64_t B, int64_t K, int64_t D, int64_t steps,
-                                int norm, int dtype, uintptr_t stream) {
+                                uintptr_t grad, uintptr_t softmax, uintptr_t previous, uintptr_t ok, uintptr_t skipped,
+                                int64_t B, int64_t K, int64_t D, int64_t steps, int norm, int dtype, uintptr_t stream) {
     lpa::class_space_steps(ptr<float>(current), vptr(base), vptr(weight), ptr<const int64_t>(order),
                            ptr<const int64_t>(starts), ptr<const float>(step), ptr<const float>(eps),
                            ptr<const float>(direction), ptr<float>(shift), vptr(sums), ptr<float>(grad),
-                           ptr<float>(softmax), B, K, D, steps, norm, dtype, stream_of(stream));
+                           ptr<float>(softmax), ptr<float>(previous), ptr<const bool>(ok), ptr<int64_t>(skipped), B, K,
+                           D, steps, norm, dtype, stream_of(stream));
   });
   m.def("linear_forward", [](uintptr_t out, uintptr_t preact, uintptr_t x, uintptr_t weight, uintptr_t bias,
                              uintptr_t labels, uintptr_t delta, int64_t M, int64_t N, int64_t Kin,

@@ -15,6 +15,9 @@
 // 3. G[c] = S[c] @ W into the (K, D) float32 scratch `grad`;
 // 4. pgd's update of each of the block's rows (pgd_row.cuh, pgd_update_row): a class absent from the
 //    batch has S = 0, so G = 0, and keeps its delta.
+// Under the training step's guard (skipped not null; loop.guarded's rule) the block copies its rows into
+// `previous` first and, after the last step, puts the copy back into each row that is not finite (all of
+// them when *ok is false), counting the non-finite rows of an ok batch into *skipped (integer atomics).
 // The GEMMs (block_rows_gemm) run 16 x 64 output tiles, 32 deep, staged in shared memory: fp16/bf16 on
 // tensor cores (one 16x16x16 wmma fragment per warp, float accumulation); float32 as plain FMA loops in
 // float (exact float32 products, so TF32 is never used; fine for the few classes served here).
@@ -103,7 +106,8 @@ template <typename T>
 __global__ void __maxnreg__(128)
 class_space_steps_kernel(float* current, const T* base, const T* weight, const int64_t* order, const int64_t* starts,
                          const float* step, const float* eps, const float* direction, float* shift, T* sums,
-                         float* grad, float* softmax, int64_t B, int64_t K, int64_t D, int64_t steps, int norm) {
+                         float* grad, float* softmax, float* previous, const bool* ok, unsigned long long* skipped,
+                         int64_t B, int64_t K, int64_t D, int64_t steps, int norm) {
   __shared__ __align__(32) GemmTiles<T> tiles;
   __shared__ float scratch[kFusedThreads];
   const int64_t c0 = int64_t(blockIdx.x) * kClassBlock;
@@ -111,6 +115,9 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
   const int t = threadIdx.y * blockDim.x + threadIdx.x, lane = threadIdx.x;
   const T zero = store_from<T>(0.0f);
   const auto weight_at = [=](int64_t k, int64_t d) { return k < K && d < D ? weight[k * D + d] : zero; };
+  if (skipped != nullptr) {  // the block's rows are contiguous: c0 * D .. (c0 + classes) * D
+    for (int64_t e = t; e < classes * D; e += kFusedThreads) previous[c0 * D + e] = current[c0 * D + e];
+  }
   for (int64_t iteration = 0; iteration < steps; ++iteration) {
     // 1. E rows of the block's classes
     block_rows_gemm<T, false>(
@@ -160,12 +167,24 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
     }
     __syncthreads();  // the next step's E reads the updated rows
   }
+  if (skipped == nullptr) return;
+  const bool batch_ok = ok == nullptr || *ok;
+  for (int i = 0; i < classes; ++i) {
+    float* row = current + (c0 + i) * D;
+    bool mine = false;
+    for (int64_t d = t; d < D; d += kFusedThreads) mine |= !isfinite(row[d]);
+    const bool non_finite = __syncthreads_or(mine);
+    if (non_finite || !batch_ok) {
+      for (int64_t d = t; d < D; d += kFusedThreads) row[d] = previous[(c0 + i) * D + d];
+    }
+    if (non_finite && batch_ok && t == 0) atomicAdd(skipped, 1ULL);
+  }
 }
 
 void class_space_steps(float* current, const void* base, const void* weight, const int64_t* order,
                        const int64_t* starts, const float* step, const float* eps, const float* direction, float* shift,
-                       void* sums, float* grad, float* softmax, int64_t B, int64_t K, int64_t D, int64_t steps,
-                       int norm, int dtype, cudaStream_t stream) {
+                       void* sums, float* grad, float* softmax, float* previous, const bool* ok, int64_t* skipped,
+                       int64_t B, int64_t K, int64_t D, int64_t steps, int norm, int dtype, cudaStream_t stream) {
   if (K > 2147483647LL) throw std::invalid_argument("class_space_steps: too many classes");
   if (K == 0 || steps <= 0) return;
   const unsigned blocks = static_cast<unsigned>((K + kClassBlock - 1) / kClassBlock);
@@ -173,7 +192,8 @@ void class_space_steps(float* current, const void* base, const void* weight, con
     using T = decltype(gemm_type);
     class_space_steps_kernel<T><<<blocks, dim3(32, kFusedWarps), 0, stream>>>(
         current, static_cast<const T*>(base), static_cast<const T*>(weight), order, starts, step, eps, direction, shift,
-        static_cast<T*>(sums), grad, softmax, B, K, D, steps, norm);
+        static_cast<T*>(sums), grad, softmax, previous, ok, reinterpret_cast<unsigned long long*>(skipped), B, K, D,
+        steps, norm);
   };
   switch (dtype) {  // no float64: wmma has no double tiles, and loop.py runs float64 without this kernel
     case kFloat32: launch(float{}); break;

@@ -75,8 +75,8 @@ void softmax_class_sum(void* sums, void* p_true, void* scratch, const void* logi
 // softmax (2, B) float32.
 void class_space_steps(float* current, const void* base, const void* weight, const int64_t* order,
                        const int64_t* starts, const float* step, const float* eps, const float* direction, float* shift,
-                       void* sums, float* grad, float* softmax, int64_t B, int64_t K, int64_t D, int64_t steps,
-                       int norm, int dtype, cudaStream_t stream);
+                       void* sums, float* grad, float* softmax, float* previous, const bool* ok, int64_t* skipped,
+                       int64_t B, int64_t K, int64_t D, int64_t steps, int norm, int dtype, cudaStream_t stream);
 
 // Tensor-core GEMM x (M, Kin) @ weight (N, Kin)^T with the bias/activation/perturb epilogue
 // (float16/bfloat16 only). Row m uses labels[m / rows_per_label]; preact (M, N) may be null.

@@ -87,6 +87,11 @@ def record(recorder) -> None:
                     call(f"{dt} {mode} {norm} bias={bias} confidence={direction is None}", head_pgd.head_pgd,
                          rand(8, 24, dtype=dt), labels[:8], rand(2, 24, dtype=dt), rand(2, dtype=dt) if bias else None,
                          rand(2, 24, dtype=dt), 1, step[0], step[1], direction, norm, mode)
+                if mode == "add" and norm == "l2" and dt != "float64":  # the fused class space under the step's guard
+                    for ok in (torch.tensor(True),) + ((None,) if dt == "float32" else ()):
+                        call(f"{dt} guarded fused ok={ok is not None}", head_pgd.head_pgd, rand(8, 24, dtype=dt),
+                             labels[:8], rand(2, 24, dtype=dt), rand(2, dtype=dt), rand(2, 24, dtype="float32"), 1,
+                             step[0], step[1], step[2], norm, mode, None, ok, torch.zeros((), dtype=torch.int64))
             for activation in ("none", "relu", "gelu", "gelu_tanh", "silu"):
                 name = f"{dt} {mode} {activation}"
                 # (B, T, IN) = (8, 3, 40) -> N = 24; with and without bias and saved pre-activation. The

@@ -16,11 +16,13 @@ from lpa_kernels.backend import serialised
 class HeadPGDLaunchers(Protocol):
     def head_pgd(self, h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  delta: torch.Tensor, steps: int, step: torch.Tensor, eps: torch.Tensor,
-                 direction: torch.Tensor | None, norm: str, mode: str, plan: torch.Tensor | None = None) -> None:
+                 direction: torch.Tensor | None, norm: str, mode: str, plan: torch.Tensor | None = None,
+                 ok: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> None:
         """``steps`` PGD steps on ``delta (K, D)`` in place (``loop.run_head_pgd``): ``h (B, D)``,
         ``labels (B,)``, ``weight (K, D)``, ``bias (K,)`` or None, contiguous and validated; ``step``,
         ``eps`` ``(K,)``; ``direction`` ``(K,)`` or None for LPL's confidence rule; ``plan`` the
-        labels' ``_common.label_plan`` or None."""
+        labels' ``_common.label_plan`` or None; with ``skipped`` (0-d int64), under ``loop.guarded``'s
+        rule (``ok`` 0-d bool or None)."""
 
 
 def launchers(backend: str) -> HeadPGDLaunchers:

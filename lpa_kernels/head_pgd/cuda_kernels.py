@@ -33,7 +33,7 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
 
 
 def class_space_steps(current, base_logits, weight, labels, order, starts, step, eps, direction, steps: int,
-                      norm: str) -> None:
+                      norm: str, ok=None, skipped=None) -> None:
     """``HeadKernels.fused_class_space.run``, the CUDA twin of ``triton_fused.class_space_steps`` (same
     arguments; ``labels`` goes unused, the class order gives each sample's class); served by the same rule
     (``triton_fused.serves``: one block per 16 classes, so the same few-classes cost model)."""
@@ -43,10 +43,12 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
     sums = new_output((num_classes, num_classes), weight.dtype, device)
     grad = new_output((num_classes, features), torch.float32, device)
     softmax = new_output((2, batch), torch.float32, device)
+    previous = None if skipped is None else new_output((num_classes, features), torch.float32, device)
     cuda.launch("class_space_steps", device, current.data_ptr(), base_logits.data_ptr(), weight.data_ptr(),
                 order.data_ptr(), starts.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(),
-                shift.data_ptr(), sums.data_ptr(), grad.data_ptr(), softmax.data_ptr(), batch, num_classes, features,
-                steps, cuda.NORM_CODES[norm], cuda.code(weight.dtype))
+                shift.data_ptr(), sums.data_ptr(), grad.data_ptr(), softmax.data_ptr(), cuda.ptr(previous),
+                cuda.ptr(ok), cuda.ptr(skipped), batch, num_classes, features, steps, cuda.NORM_CODES[norm],
+                cuda.code(weight.dtype))
 
 
 KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
@@ -54,6 +56,7 @@ KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepa
                       fused_class_space=FusedClassSpace(triton_fused.serves, class_space_steps))
 
 
-def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None, ok=None,
+             skipped=None) -> None:
     """``HeadPGDLaunchers.head_pgd``."""
-    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan)
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan, ok, skipped)

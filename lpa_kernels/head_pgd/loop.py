@@ -82,7 +82,8 @@ class HeadKernels:
     ``fused_class_space`` (optional): every step of the class-space form in one launch, when its
     ``serves(K, gemm dtype)`` says so and the direction is given (``triton_fused.py``):
     ``run(current (K, D) float32, base_logits (B, K), weight (K, D), labels, order, starts, step, eps,
-    direction, steps, norm)`` updates the iterate in place.
+    direction, steps, norm, ok, skipped)`` updates the iterate in place; with ``skipped`` (0-d int64; ``ok``
+    0-d bool or None) under :func:`guarded`'s rule, applied in the same launch.
     """
 
     perturb: Callable[..., torch.Tensor]
@@ -162,6 +163,8 @@ def run_head_pgd(
     mode: str,
     kernels: HeadKernels,
     plan: torch.Tensor | None = None,
+    ok: torch.Tensor | None = None,
+    skipped: torch.Tensor | None = None,
 ) -> None:
     """``steps`` PGD steps on ``delta (K, D)`` in place (validated, contiguous tensors on one device).
 
@@ -169,28 +172,44 @@ def run_head_pgd(
     ``direction`` (K,) or None for LPL's confidence rule, fixed from the first step's softmax.
     ``plan``: ``_common.label_plan(labels, K)`` if the caller has it; else it is built here once for
     all the steps (the class sums of every step share one sort of the labels), whatever ``steps``, so
-    that each step after the first costs only its own launches."""
+    that each step after the first costs only its own launches. With ``skipped`` (0-d int64), under the
+    training step's guard (:func:`guarded`, ``ok`` 0-d bool or None), which the one-launch class space
+    applies itself when its iterate is ``delta`` (float32); otherwise in torch ops around the steps."""
+    batch, num_classes = h.shape[0], weight.shape[0]
+    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
+    gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
+    fused = kernels.fused_class_space
+    if not (batch and steps and use_class_space(batch, num_classes, steps, mode) and direction is not None
+            and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
+        fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
+    if skipped is not None and (fused is None or delta.dtype != acc):
+        guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
+                                      kernels, plan, acc, gd, fused), ok, skipped)
+    else:
+        _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd, fused,
+               ok, skipped)
+
+
+def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels: HeadKernels, plan, acc, gd,
+           fused: FusedClassSpace | None, ok=None, skipped=None) -> None:
+    """:func:`run_head_pgd`'s steps, in ``fused`` (passed the guard) or in one of the two forms."""
     batch, num_classes = h.shape[0], weight.shape[0]
     if batch == 0 or steps == 0:
         return
     if plan is None and kernels.uses_label_plan:
         plan = label_plan(labels, num_classes)
-    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
-    gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
     h, weight = h.to(gd), weight.to(gd)
     bias = None if bias is None else bias.to(gd)
     # The kernels' softmax runs in the GEMM dtype's accumulation dtype: its scratch and the probabilities
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
     current = delta if delta.dtype == acc else delta.to(acc)  # the iterate, in acc between steps
-    class_space, fused = use_class_space(batch, num_classes, steps, mode), kernels.fused_class_space
-    if (class_space and direction is not None and acc == torch.float32 and fused is not None
-            and fused.serves(num_classes, gd)):
-        # every step in one launch: the classes do not interact once the direction is known
+    if fused is not None:
         order, starts = class_order(labels, num_classes, plan)
-        fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm)
+        fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm,
+                  ok, skipped)
     else:
-        if class_space:
+        if use_class_space(batch, num_classes, steps, mode):
             form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
         else:
             form = _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
@@ -198,6 +217,19 @@ def run_head_pgd(
         _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form)
     if current is not delta:
         delta.copy_(current)  # rounded into delta once
+
+
+def guarded(delta: torch.Tensor, run, ok: torch.Tensor | None, skipped: torch.Tensor) -> None:
+    """``run()``, which updates ``delta (K, D)`` in place, under the training step's guard (the T steps
+    have no hook between them, so it applies to their result): a class whose new row is not finite, or
+    every class when ``ok`` (0-d bool, None: True) is False, gets its previous row back; the non-finite
+    rows of an ok call are added to ``skipped`` (0-d int64) in place. No host read."""
+    previous = delta.clone()
+    run()
+    finite = torch.isfinite(delta).all(dim=1)
+    keep = finite if ok is None else finite & ok
+    delta.copy_(torch.where(keep[:, None], delta, previous))
+    skipped += (~finite if ok is None else ~finite & ok).sum()
 
 
 class Form(NamedTuple):

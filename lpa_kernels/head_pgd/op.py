@@ -25,20 +25,23 @@ from lpa_kernels.step_update.op import checked_labels
 ONE_LAUNCH_PLAN_MAX = 1 << 21
 
 
-@torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta",))
+@torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta", "skipped"))
 def _head_pgd_op(
     h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
     steps: int, step_size: torch.Tensor, eps: torch.Tensor, direction: Optional[torch.Tensor], norm: str,
-    perturb_mode: str, backend: str, plan: Optional[torch.Tensor] = None,
+    perturb_mode: str, backend: str, plan: Optional[torch.Tensor] = None, ok: Optional[torch.Tensor] = None,
+    skipped: Optional[torch.Tensor] = None,
 ) -> None:
-    """``direction`` None means LPL's confidence rule; ``plan`` the labels' ``_common.label_plan`` or None.
+    """``direction`` None means LPL's confidence rule; ``plan`` the labels' ``_common.label_plan`` or None;
+    with ``skipped``, the training step's guard (``loop.guarded``).
     (An argument named ``mode`` would clash with torch's dispatch-mode redirection under AOT dispatch.)"""
     launchers(backend).head_pgd(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode,
-                                plan)
+                                plan, ok, skipped)
 
 
 @_head_pgd_op.register_fake
-def _(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode, backend, plan=None):
+def _(h, labels, weight, bias, delta, steps, step_size, eps, direction, norm, perturb_mode, backend, plan=None, ok=None,
+      skipped=None):
     return None
 
 
@@ -97,8 +100,9 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
     construction (the LPA training machinery, whose labels are clamped into range): ``step``, ``radius``
     (> 0) and ``direction`` ``(K,)`` tensors as ``_common.per_class`` makes them (or ``"confidence"``);
     ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None. With
-    ``skipped`` (0-d int64), the training step's guard on the result (``torch_kernels.guarded``: non-finite
-    rows, or all when ``ok`` is False, keep their previous value; the host kernel does it in the same call)."""
+    ``skipped`` (0-d int64), the training step's guard on the result (``loop.guarded``: non-finite rows, or
+    all when ``ok`` is False, keep their previous value; the host kernel and the one-launch class space do
+    it in the same launch)."""
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if isinstance(direction, str) else direction  # None: the loop applies the confidence rule
@@ -107,10 +111,8 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
                                                                        norm, mode, ok, skipped))
     if plan is None and steps > 0:  # one plan of the labels for all the steps (also when steps == 1, so
         plan = _call_plan(args[1], delta.shape[0], backend)  # that a call's set-up is the same whatever its steps)
-    launch = lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend, plan)  # noqa: E731
-    if skipped is None:
-        return update_in_place(delta, launch)
-    return update_in_place(delta, lambda d: torch_kernels.guarded(d, lambda: launch(d), ok, skipped))
+    return update_in_place(delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode,
+                                                         backend, plan, ok, skipped))
 
 
 def _call_plan(labels: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:

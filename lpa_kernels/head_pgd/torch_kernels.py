@@ -68,26 +68,8 @@ KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:
     """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend (the host
-    kernel when it serves the tensors); with ``skipped``, under :func:`guarded`."""
+    kernel when it serves the tensors); with ``skipped``, under ``loop.guarded``."""
     class_space = loop.use_class_space(h.shape[0], delta.shape[0], steps, mode)
-    if _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
-                          skipped):
-        return
-    run = lambda: run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS)  # noqa: E731
-    if skipped is None:
-        run()
-    else:
-        guarded(delta, run, ok, skipped)
-
-
-def guarded(delta: torch.Tensor, run, ok: torch.Tensor | None, skipped: torch.Tensor) -> None:
-    """``run()``, which updates ``delta (K, D)`` in place, under the training step's guard (the T steps
-    have no hook between them, so it applies to their result): a class whose new row is not finite, or
-    every class when ``ok`` (0-d bool, None: True) is False, gets its previous row back; the non-finite
-    rows of an ok call are added to ``skipped`` (0-d int64) in place. No host read."""
-    previous = delta.clone()
-    run()
-    finite = torch.isfinite(delta).all(dim=1)
-    keep = finite if ok is None else finite & ok
-    delta.copy_(torch.where(keep[:, None], delta, previous))
-    skipped += (~finite if ok is None else ~finite & ok).sum()
+    if not _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
+                              skipped):
+        run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, None, ok, skipped)

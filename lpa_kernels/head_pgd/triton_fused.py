@@ -20,6 +20,12 @@ grid-wide synchronisation, each phase on the whole block at once:
 4. ``pgd``'s update on the block's 16 rows at once (``rows_gradient_stats``, ``update_rows``; absent
    classes have a zero gradient and keep their delta).
 
+Under the training step's guard (``GUARD``: ``loop.guarded``'s rule) the program first copies its rows
+into a ``(K, D)`` scratch and, after the last step, puts that copy back into every row that is not finite
+(or into all of them when the batch's ``ok`` is False), counting the non-finite rows of an ok batch into
+``skipped`` with one integer atomic per program (exact, so the count does not depend on the order): the
+guard's dozen torch ops around the launch become part of it.
+
 A ``tl.debug_barrier`` between the phases orders one program's threads (each phase reads what the
 others wrote). Against the launch-per-phase form: the same FLOPs, three launches fewer per step, but
 ``W`` is read twice per step by every program (``2 K D * K / 16`` elements instead of ``2 K D``; from L2
@@ -60,9 +66,12 @@ def _class_space_steps_kernel(
     sums_ptr,  # (K, K) GEMM dtype scratch: S rows
     grad_ptr,  # (K, D) ACC scratch: G rows
     softmax_ptr,  # (2, B) ACC scratch: each sample's pivot and 1 / sum
+    previous_ptr,  # (K, D) ACC scratch: the rows before the steps (GUARD)
+    ok_ptr,  # () bool: the batch's label verdict (GUARD and HAS_OK)
+    skipped_ptr,  # () int64: non-finite rows of an ok batch are added (GUARD)
     B, K, D, steps, radius_margin,
     PRECISION: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, GUARD: tl.constexpr, HAS_OK: tl.constexpr,
 ):
     c0 = tl.program_id(0) * BLOCK_C
     classes = c0 + tl.arange(0, BLOCK_C)
@@ -76,6 +85,11 @@ def _class_space_steps_kernel(
     step = tl.load(step_ptr + classes, mask=class_ok, other=0.0) * tl.load(direction_ptr + classes, mask=class_ok,
                                                                            other=0.0)
     eps = tl.load(eps_ptr + classes, mask=class_ok, other=1.0)
+    if GUARD:
+        for d0 in range(0, D, BLOCK_ROW):
+            ds = d0 + tl.arange(0, BLOCK_ROW)
+            at, inside = rows[:, None] * D + ds[None, :], class_ok[:, None] & (ds < D)[None, :]
+            tl.store(previous_ptr + at, tl.load(current_ptr + at, mask=inside), mask=inside)
     for _step in range(steps):
         # 1. E[block] = current[block] @ W.T
         for k0 in range(0, K, BLOCK_DOT):
@@ -142,6 +156,23 @@ def _class_space_steps_kernel(
         update_rows(current_ptr, grad_ptr, existing, D, step, eps, active & class_ok, largest, radius_margin, L2,
                      ACC, BLOCK_C, BLOCK_ROW)
         tl.debug_barrier()
+    if GUARD:
+        non_finite = tl.zeros((BLOCK_C,), tl.int32)
+        for d0 in range(0, D, BLOCK_ROW):
+            ds = d0 + tl.arange(0, BLOCK_ROW)
+            x = tl.load(current_ptr + rows[:, None] * D + ds[None, :], mask=class_ok[:, None] & (ds < D)[None, :],
+                        other=0.0)
+            non_finite += tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
+        restore, counted = non_finite > 0, (non_finite > 0) & class_ok
+        if HAS_OK:  # a bad batch restores every row and counts none
+            batch_ok = tl.load(ok_ptr + tl.zeros((BLOCK_C,), tl.int32)).to(tl.int32)  # per row: a mask of one shape
+            restore, counted = restore | (batch_ok == 0), counted & (batch_ok != 0)
+        tl.debug_barrier()  # the rows were read above by other threads than may write them below
+        for d0 in range(0, D, BLOCK_ROW):
+            ds = d0 + tl.arange(0, BLOCK_ROW)
+            at, back = rows[:, None] * D + ds[None, :], (class_ok & restore)[:, None] & (ds < D)[None, :]
+            tl.store(current_ptr + at, tl.load(previous_ptr + at, mask=back), mask=back)
+        tl.atomic_add(skipped_ptr, tl.sum(counted.to(tl.int64), axis=0))
 
 
 def serves(num_classes: int, gemm_dtype: torch.dtype) -> bool:
@@ -151,10 +182,11 @@ def serves(num_classes: int, gemm_dtype: torch.dtype) -> bool:
 
 
 def class_space_steps(current, base_logits, weight, labels, order, starts, step, eps, direction, steps: int,
-                      norm: str) -> None:
+                      norm: str, ok=None, skipped=None) -> None:
     """``steps`` class-space PGD steps on ``current (K, D)`` (float32, in place) in one launch:
     ``base_logits (B, K)`` and ``weight (K, D)`` in the GEMM dtype, ``labels (B,)`` with ``(order, starts)``
-    their class order, ``step``, ``eps``, ``direction`` ``(K,)`` float32."""
+    their class order, ``step``, ``eps``, ``direction`` ``(K,)`` float32; with ``skipped`` (0-d int64),
+    under ``loop.guarded``'s rule (``ok`` 0-d bool or None)."""
     batch, num_classes = base_logits.shape
     features = weight.shape[1]
     kbase, kweight = kernel_dtype_view(base_logits), kernel_dtype_view(weight)
@@ -163,15 +195,19 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
     sums = new_output((num_classes, num_classes), kweight.dtype, current.device)
     grad = new_output((num_classes, features), acc, current.device)
     softmax = new_output((2, batch), acc, current.device)
+    guard = skipped is not None
+    previous = new_output((num_classes, features) if guard else (0,), acc, current.device)
     tf32 = kweight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     # tl.dot: every extent >= 16; (BLOCK_B, BLOCK_K) and update tiles of FUSED_TILE elements
     block_k = max(min(triton.next_power_of_2(num_classes), FUSED_TILE // 16), 16)
     _class_space_steps_kernel[(triton.cdiv(num_classes, BLOCK_C),)](
-        current, kbase, kweight, labels, order, starts, step, eps, direction, shift, sums, grad, softmax,
+        current, kbase, kweight, labels, order, starts, step, eps, direction, shift, sums, grad, softmax, previous,
+        ok if guard and ok is not None else current, skipped if guard else current,  # unread without the guard
         batch, num_classes, features, steps, l2_radius_margin(acc),
         PRECISION="tf32" if tf32 else "ieee", L2=norm == "l2", ACC=tl.float32, BLOCK_C=BLOCK_C, BLOCK_DOT=BLOCK_DOT,
         BLOCK_B=max(FUSED_TILE // block_k, 16), BLOCK_K=block_k,
         BLOCK_ROW=min(max(triton.next_power_of_2(features), 16), FUSED_TILE // BLOCK_C),
+        GUARD=guard, HAS_OK=ok is not None,
         # one stage: software-pipelined dot loops held 255 registers and spilled on sm_90 (bf16, K = 100);
         # unpipelined, 8 warps: 169 registers, no spill (4 warps: 236)
         num_warps=8, num_stages=1,

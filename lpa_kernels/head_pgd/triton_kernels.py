@@ -157,6 +157,7 @@ KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepa
                       fused_class_space=FusedClassSpace(triton_fused.serves, triton_fused.class_space_steps))
 
 
-def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None) -> None:
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, plan=None, ok=None,
+             skipped=None) -> None:
     """``HeadPGDLaunchers.head_pgd``: ``loop.run_head_pgd`` on this backend's kernels."""
-    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan)
+    run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, plan, ok, skipped)

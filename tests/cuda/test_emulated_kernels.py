@@ -441,6 +441,12 @@ def test_head_pgd_fused_class_space_nan_sample(cuda_backend_on_cpu, monkeypatch)
     fused_checks.check_nan_sample_reaches_its_own_class_only(("cuda", "cpu"), monkeypatch)
 
 
+@pytest.mark.parametrize("data_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("ok", [None, True, False])
+def test_head_pgd_fused_class_space_applies_the_training_guard(cuda_backend_on_cpu, monkeypatch, data_dtype, ok):
+    fused_checks.check_guard_in_the_launch(("cuda", "cpu"), monkeypatch, data_dtype, ok)
+
+
 def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backend_on_cpu, monkeypatch):
     """B = 64 >> K = 4 with a given direction: T = 1 and T = 3 launch the same CUDA C++ kernels, the fused
     one once (the rest is the call's set-up: its label plan)."""

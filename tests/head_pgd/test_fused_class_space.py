@@ -1,7 +1,7 @@
 """``head_pgd_``'s class-space steps in one launch (``head_pgd/triton_fused.py``, and its CUDA twin
 ``csrc/head_pgd_fused.cu``) against the definition: several class blocks (K > 16, K not a multiple of 16),
-absent classes, every GEMM dtype it serves, both norms, and a NaN sample, whose NaN must reach its own class
-only. A spy checks that the fused launch ran (the loop falls back to the launch-per-phase form silently
+absent classes, every GEMM dtype it serves, both norms, a NaN sample, whose NaN must reach its own class
+only, and the training step's guard applied in the launch. A spy checks that the fused launch ran (the loop falls back to the launch-per-phase form silently
 otherwise). The checks are shared with tests/cuda/test_emulated_kernels.py, which runs the CUDA kernel on
 the CPU."""
 
@@ -16,6 +16,7 @@ import lpa_kernels.head_pgd.cuda_kernels as cuda_kernels
 import lpa_kernels.head_pgd.triton_kernels as triton_kernels
 from lpa_kernels import head_pgd_
 from lpa_kernels.head_pgd import loop
+from lpa_kernels.head_pgd.op import run_head_pgd_
 from tests.head_pgd.test_head_pgd import check_against_reference, definition, make_problem
 from tests.helpers import KERNEL_TARGETS
 
@@ -67,6 +68,41 @@ def check_nan_sample_reaches_its_own_class_only(target, monkeypatch) -> None:
     assert torch.isnan(got[3]).all() and torch.isnan(expected[3]).all()
     others = [c for c in range(20) if c != 3]
     torch.testing.assert_close(got.cpu()[others], expected[others], rtol=1e-4, atol=1e-5)
+
+
+def check_guard_in_the_launch(target, monkeypatch, data_dtype, ok) -> None:
+    """The training step's guard applied by the fused launch itself (``loop.guarded``'s rule, which must not
+    run as torch ops here): a NaN sample of class 3 makes class 3's row NaN, which gets its previous value
+    back bit for bit and is counted once; with ``ok`` False every row keeps its value and nothing is
+    counted; the other rows as the definition. ``delta`` float32 (the iterate), the data in ``data_dtype``."""
+    calls = spy_on_fused_launch(monkeypatch, target[0])
+    monkeypatch.setattr(loop, "guarded", lambda *a: pytest.fail("the guard ran in torch ops around the fused launch"))
+    h, y, weight, bias, delta = make_problem(60, 20, 24, data_dtype, target[1])
+    delta = delta.float()
+    y[0] = 3
+    h[0, 5] = float("nan")
+    per_class = lambda v: torch.full((20,), v, device=target[1])  # noqa: E731
+    verdict = None if ok is None else torch.tensor(ok, device=target[1])
+    got, skipped = delta.clone(), torch.tensor(5, device=target[1])
+    run_head_pgd_(h, y, weight, bias, got, 2, per_class(0.1), per_class(0.3), per_class(1.0), "l2", "add", target[0],
+                  None, verdict, skipped)
+    assert calls, "the fused launch did not run"
+    expected = delta.cpu().clone()
+    definition(h.cpu(), y.cpu(), weight.cpu(), bias.cpu(), expected, 2, 0.1, 0.3, 1.0, "l2", "add")
+    finite = torch.isfinite(expected).all(dim=1)
+    assert not finite[3] and finite[[c for c in range(20) if c != 3]].all(), "test setup: class 3 alone non-finite"
+    keep = finite & (ok is not False)
+    assert torch.equal(got.cpu()[~keep], delta.cpu()[~keep]), "a guarded row did not get its previous value back"
+    assert int(skipped) == 5 + (ok is not False), "the non-finite row of an ok batch is counted once"
+    tolerance = dict(rtol=1e-4, atol=1e-5) if data_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got.cpu()[keep], expected[keep], **tolerance)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("data_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("ok", [None, True, False])
+def test_the_fused_launch_applies_the_training_guard(target, data_dtype, ok, monkeypatch):
+    check_guard_in_the_launch(target, monkeypatch, data_dtype, ok)
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
