@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from lpa_kernels import _cuda_launch as cuda
-from lpa_kernels._common import new_output
 from lpa_kernels.head_pgd import triton_fused
 from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels.perturb.cuda_kernels import perturb_forward
@@ -38,17 +37,11 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
     arguments; ``labels`` goes unused, the class order gives each sample's class); served by the same rule
     (``triton_fused.serves``: one block per 16 classes, so the same few-classes cost model)."""
     batch, num_classes = base_logits.shape
-    features, device = weight.shape[1], current.device
-    shift = new_output((num_classes, num_classes), torch.float32, device)
-    sums = new_output((num_classes, num_classes), weight.dtype, device)
-    grad = new_output((num_classes, features), torch.float32, device)
-    softmax = new_output((2, batch), torch.float32, device)
-    previous = None if skipped is None else new_output((num_classes, features), torch.float32, device)
-    cuda.launch("class_space_steps", device, current.data_ptr(), base_logits.data_ptr(), weight.data_ptr(),
+    buffers = triton_fused.scratch(batch, num_classes, weight.shape[1], weight.dtype, current.device, skipped is not None)
+    cuda.launch("class_space_steps", current.device, current.data_ptr(), base_logits.data_ptr(), weight.data_ptr(),
                 order.data_ptr(), starts.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(),
-                shift.data_ptr(), sums.data_ptr(), grad.data_ptr(), softmax.data_ptr(), cuda.ptr(previous),
-                cuda.ptr(ok), cuda.ptr(skipped), batch, num_classes, features, steps, cuda.NORM_CODES[norm],
-                cuda.code(weight.dtype))
+                *(buffer.data_ptr() for buffer in buffers), cuda.ptr(ok), cuda.ptr(skipped), batch, num_classes,
+                weight.shape[1], steps, cuda.NORM_CODES[norm], cuda.code(weight.dtype))
 
 
 KERNELS = HeadKernels(perturb=perturb_forward, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,

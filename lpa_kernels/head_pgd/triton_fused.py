@@ -38,6 +38,8 @@ so there it checks the algorithm, not the bfloat16 rounding.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -181,6 +183,27 @@ def serves(num_classes: int, gemm_dtype: torch.dtype) -> bool:
     return num_classes <= FUSED_MAX_CLASSES and gemm_dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
+class Scratch(NamedTuple):
+    """The fused launch's working buffers (both backends' kernels take the same): ``shift (K, K)``, ``sums
+    (K, K)`` in the GEMM dtype, ``grad (K, D)``, ``softmax (2, B)`` and, under the guard, ``previous (K, D)``
+    (else an empty tensor); float32 but ``sums``."""
+
+    shift: torch.Tensor
+    sums: torch.Tensor
+    grad: torch.Tensor
+    softmax: torch.Tensor
+    previous: torch.Tensor
+
+
+def scratch(batch: int, num_classes: int, features: int, sums_dtype: torch.dtype, device, guard: bool) -> Scratch:
+    """:class:`Scratch` for one launch (``guard``: the training step's guard runs in it)."""
+    acc = torch.float32
+    return Scratch(new_output((num_classes, num_classes), acc, device),
+                   new_output((num_classes, num_classes), sums_dtype, device),
+                   new_output((num_classes, features), acc, device), new_output((2, batch), acc, device),
+                   new_output((num_classes, features) if guard else (0,), acc, device))
+
+
 def class_space_steps(current, base_logits, weight, labels, order, starts, step, eps, direction, steps: int,
                       norm: str, ok=None, skipped=None) -> None:
     """``steps`` class-space PGD steps on ``current (K, D)`` (float32, in place) in one launch:
@@ -190,20 +213,15 @@ def class_space_steps(current, base_logits, weight, labels, order, starts, step,
     batch, num_classes = base_logits.shape
     features = weight.shape[1]
     kbase, kweight = kernel_dtype_view(base_logits), kernel_dtype_view(weight)
-    acc = current.dtype
-    shift = new_output((num_classes, num_classes), acc, current.device)
-    sums = new_output((num_classes, num_classes), kweight.dtype, current.device)
-    grad = new_output((num_classes, features), acc, current.device)
-    softmax = new_output((2, batch), acc, current.device)
     guard = skipped is not None
-    previous = new_output((num_classes, features) if guard else (0,), acc, current.device)
+    buffers = scratch(batch, num_classes, features, kweight.dtype, current.device, guard)
     tf32 = kweight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     # tl.dot: every extent >= 16; (BLOCK_B, BLOCK_K) and update tiles of FUSED_TILE elements
     block_k = max(min(triton.next_power_of_2(num_classes), FUSED_TILE // 16), 16)
     _class_space_steps_kernel[(triton.cdiv(num_classes, BLOCK_C),)](
-        current, kbase, kweight, labels, order, starts, step, eps, direction, shift, sums, grad, softmax, previous,
+        current, kbase, kweight, labels, order, starts, step, eps, direction, *buffers,
         ok if guard and ok is not None else current, skipped if guard else current,  # unread without the guard
-        batch, num_classes, features, steps, l2_radius_margin(acc),
+        batch, num_classes, features, steps, l2_radius_margin(current.dtype),
         PRECISION="tf32" if tf32 else "ieee", L2=norm == "l2", ACC=tl.float32, BLOCK_C=BLOCK_C, BLOCK_DOT=BLOCK_DOT,
         BLOCK_B=max(FUSED_TILE // block_k, 16), BLOCK_K=block_k,
         BLOCK_ROW=min(max(triton.next_power_of_2(features), 16), FUSED_TILE // BLOCK_C),
