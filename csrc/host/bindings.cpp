@@ -61,4 +61,39 @@ PYBIND11_MODULE(_lpa_host, m) {
     run(h, labels, weight, bias, delta, B, D, K, steps, step, eps, direction, l2, scale, class_space, margin, ok,
         skipped);
   });
+  m.def("class_stats", [](int dtype, int label_bytes, uintptr_t stats, uintptr_t log_probs, uintptr_t labels,
+                          int64_t B, int64_t K, uintptr_t ok, bool accumulate) {
+    check_dtype(dtype);
+    if (label_bytes != 4 && label_bytes != 8) throw std::invalid_argument("label_bytes must be 4 (int32) or 8 (int64)");
+    auto run = [&](auto zero, auto label) {
+      using T = decltype(zero);
+      using Label = decltype(label);
+      return lpa_host::class_stats<T, Label>(ptr<T>(stats), ptr<const T>(log_probs), ptr<const Label>(labels), B, K,
+                                             ptr<const bool>(ok), accumulate);
+    };
+    py::gil_scoped_release unlocked;
+    if (dtype == 0) return label_bytes == 4 ? run(0.0f, int32_t()) : run(0.0f, int64_t());
+    return label_bytes == 4 ? run(0.0, int32_t()) : run(0.0, int64_t());
+  });
+  m.def("policy", [](int dtype, uintptr_t stats, int64_t K, uintptr_t loss_ema, uintptr_t fall_ema, uintptr_t skipped,
+                     double eps, double delta_eps, double min_radius, double momentum, int direction_kind,
+                     int radius_kind, bool observe, bool clear, uintptr_t direction, uintptr_t radii) {
+    check_dtype(dtype);
+    if (direction_kind < 0 || direction_kind > 2 || radius_kind < 0 || radius_kind > 2)
+      throw std::invalid_argument("direction and radius kinds are 0, 1 or 2");
+    if ((direction_kind != lpa_host::kFixed && direction == 0) || (radius_kind != lpa_host::kFixed && radii == 0))
+      throw std::invalid_argument("a direction or radius the policy computes needs its output");
+    if ((direction_kind == lpa_host::kLossTrend || observe) && (loss_ema == 0 || fall_ema == 0))
+      throw std::invalid_argument("the loss trend needs loss_ema and fall_ema");
+    if (observe && skipped == 0) throw std::invalid_argument("observe needs skipped");
+    const lpa_host::PolicyParams params{eps, delta_eps, min_radius, momentum};
+    auto run = [&](auto zero) {
+      using T = decltype(zero);
+      lpa_host::policy<T>(ptr<T>(stats), K, ptr<double>(loss_ema), ptr<double>(fall_ema), ptr<int64_t>(skipped),
+                          params, direction_kind, radius_kind, observe, clear, ptr<T>(direction), ptr<T>(radii));
+    };
+    py::gil_scoped_release unlocked;
+    if (dtype == 0) run(0.0f);
+    else run(0.0);
+  });
 }

@@ -28,4 +28,26 @@ void head_pgd(const T* h, const Label* labels, const T* weight, const T* bias, T
               int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
               bool class_space, T margin, const bool* ok, int64_t* skipped);
 
+// step_update/naive.class_stats_: stats (3, K) set to (accumulate false) or increased by the class statistics
+// (counts, sums of exp(log_p_true), sums of -log_p_true) of log_probs (B, K) at labels (B,), rows of zeros
+// when ok is non-null and !*ok. Returns false, writing nothing, when a label is outside [0, K).
+template <typename T, typename Label>
+bool class_stats(T* stats, const T* log_probs, const Label* labels, int64_t B, int64_t K, const bool* ok,
+                 bool accumulate);
+
+// policy's direction and radius kinds (step_update/naive.py's DIRECTIONS and RADII codes) and its scalar
+// parameters (naive.PARAMS).
+constexpr int kFixed = 0, kConfidence = 1, kLossTrend = 2, kConfidenceLinear = 2;
+struct PolicyParams {
+  double eps, delta_eps, min_radius, momentum;
+};
+
+// step_update/naive.policy_ on stats (3, K): with observe, the loss-trend state loss_ema, fall_ema (K)
+// float64 and skipped (0-d) updated first; then direction (K) (not written for kFixed: the caller's fixed
+// tensor) and radii (K) (likewise); with clear, stats zeroed at the end. loss_ema and fall_ema are read
+// for kLossTrend, skipped only with observe.
+template <typename T>
+void policy(T* stats, int64_t K, double* loss_ema, double* fall_ema, int64_t* skipped, const PolicyParams& params,
+            int direction_kind, int radius_kind, bool observe, bool clear, T* direction, T* radii);
+
 }  // namespace lpa_host

@@ -1,7 +1,8 @@
 """Entry points of the fused per-step ops for the LPA training step, and their custom ops (so that
 ``torch.compile`` sees one opaque op per kernel). Internal, like the ``run_*`` entries of the public ops:
 the arguments are valid by construction (``lpa.labels``, ``lpa.policy``, ``lpa.site`` make them), and
-``backend`` is resolved. On the reference backend they are ``naive.py`` itself."""
+``backend`` is resolved. On the reference backend they are ``naive.py`` itself, or on CPU tensors its host
+C++ kernels (``_host_ext``) for the statistics and the policy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from lpa_kernels import _host_ext
 from lpa_kernels.step_update import naive
 from lpa_kernels.step_update.backends import launchers
 
@@ -68,6 +70,8 @@ def class_stats_(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Ten
     """``naive.class_stats_``: ``stats (3, K)`` set to or increased by the batch's class statistics.
     ``ok`` None: the labels are known good (checked on the host)."""
     if backend == "reference":
+        if _host_ext.class_stats(stats, log_probs, labels, ok, accumulate):
+            return stats
         return naive.class_stats_(stats, log_probs, labels, ok, accumulate)
     if ok is None:
         ok = torch.ones((), dtype=torch.bool, device=stats.device)
@@ -80,6 +84,10 @@ def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, para
     """``naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype``, the trend state updated in place.
     ``params``: ``naive.PARAMS``, floats on the reference backend, a float64 tensor on the others."""
     if backend == "reference":
+        served = _host_ext.policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction,
+                                  radius, observe, clear, dtype)
+        if served is not None:
+            return served
         return naive.policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction,
                              radius, observe, clear, dtype)
     return _policy_op(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction, radius,
