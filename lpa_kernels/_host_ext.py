@@ -119,17 +119,15 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
     return True
 
 
+
 def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
     """``step_update/naive.class_stats_`` into ``stats (3, K)`` in place from ``log_probs (B, K)`` of its
     dtype and ``labels (B,)`` (``ok`` 0-d bool or None); False (nothing done) when the kernels do not
     serve these tensors or a label is outside ``[0, K)`` (the PyTorch ops then raise)."""
-    if labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype) or not _serves(stats, log_probs,
-                                                                                          dtype=stats.dtype):
-        return False
-    if ok is not None and not _plain(ok, torch.bool):
-        return False
-    (batch, classes) = log_probs.shape
-    if stats.shape != (3, classes) or labels.shape != (batch,):
+    batch, classes = log_probs.shape
+    if (labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype) or labels.shape != (batch,)
+            or stats.shape != (3, classes) or not _serves(stats, log_probs, dtype=stats.dtype)
+            or not (ok is None or _plain(ok, torch.bool))):
         return False
     if not _load()[0].class_stats(_DTYPE_CODES[stats.dtype], _LABEL_BYTES[labels.dtype], stats.data_ptr(),
                                   log_probs.data_ptr(), labels.data_ptr(), batch, classes, _address(ok), accumulate):
@@ -138,32 +136,39 @@ def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
     return True
 
 
+def _vector(t: torch.Tensor | None, dtype: torch.dtype, length: int) -> bool:
+    return t is not None and _plain(t, dtype) and t.shape == (length,)
+
+
 def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
            observe: bool, clear: bool, dtype: torch.dtype):
     """``step_update/naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype`` (a fixed kind returns
     its fixed tensor itself, as the definition does), the trend state and ``stats (3, K)`` (of ``dtype``)
     updated in place; None (nothing done) when the kernels do not serve these tensors."""
     direction_kind, radius_kind = step_naive.DIRECTIONS.get(direction), step_naive.RADII.get(radius)
-    if direction_kind is None or radius_kind is None or stats.dtype != dtype:
+    classes = stats.shape[-1]
+    if direction_kind is None or radius_kind is None or stats.shape != (3, classes):
         return None
-    if not _serves(stats, fixed_direction, fixed_eps, dtype=dtype):
+    if not _serves(stats, fixed_direction, fixed_eps, dtype=dtype):  # stats of the output dtype
         return None
-    classes = stats.shape[1] if stats.dim() == 2 else -1
-    fixed = ((fixed_direction, direction_kind == 0), (fixed_eps, radius_kind == 0))
-    if stats.shape != (3, classes) or any(used and (t is None or t.shape != (classes,)) for t, used in fixed):
-        return None
-    trend = direction == "loss_trend" or observe
-    if trend and not all(t is not None and _plain(t, torch.float64) and t.shape == (classes,) for t in (loss_ema, fall_ema)):
+    for fixed, kind in ((fixed_direction, direction_kind), (fixed_eps, radius_kind)):
+        if kind == 0 and (fixed is None or fixed.shape != (classes,)):
+            return None
+    trend = direction_kind == 2 or observe
+    if trend and not (_vector(loss_ema, torch.float64, classes) and _vector(fall_ema, torch.float64, classes)):
         return None
     if observe and not (skipped is not None and _plain(skipped, torch.int64) and skipped.dim() == 0):
         return None
     chosen = fixed_direction if direction_kind == 0 else torch.empty(classes, dtype=dtype)
     radii = fixed_eps if radius_kind == 0 else torch.empty(classes, dtype=dtype)
-    _load()[0].policy(_DTYPE_CODES[dtype], stats.data_ptr(), classes, _address(loss_ema) if trend else 0,
-                      _address(fall_ema) if trend else 0, _address(skipped) if observe else 0, *map(float, params),
-                      direction_kind, radius_kind, observe, clear, 0 if direction_kind == 0 else chosen.data_ptr(),
-                      0 if radius_kind == 0 else radii.data_ptr())
-    for written, t in ((clear, stats), (observe, loss_ema), (observe, fall_ema), (observe, skipped)):
-        if written:
-            torch.autograd.graph.increment_version(t)
+    eps, delta_eps, min_radius, momentum = params
+    _load()[0].policy(_DTYPE_CODES[dtype], stats.data_ptr(), classes, loss_ema.data_ptr() if trend else 0,
+                      fall_ema.data_ptr() if trend else 0, skipped.data_ptr() if observe else 0, float(eps),
+                      float(delta_eps), float(min_radius), float(momentum), direction_kind, radius_kind, observe,
+                      clear, 0 if direction_kind == 0 else chosen.data_ptr(), 0 if radius_kind == 0 else radii.data_ptr())
+    if clear:
+        torch.autograd.graph.increment_version(stats)
+    if observe:
+        for state in (loss_ema, fall_ema, skipped):
+            torch.autograd.graph.increment_version(state)
     return chosen, radii

@@ -105,10 +105,8 @@ def policy_(stats: torch.Tensor, fixed_direction: torch.Tensor | None, fixed_eps
     if observe:
         observe_trend_(stats, loss_ema, fall_ema, skipped, momentum)
     if direction == "confidence" or radius != "fixed":  # the confidence gap thr - p_c
-        counts, p_sum = stats[0].to(dtype), stats[1].to(dtype)
-        # classes present with finite sums (naive.class_means); p_c is 0 for the others
-        present = (counts > 0) & stats[1:].isfinite().all(dim=0)
-        p_c = torch.where(present, p_sum / counts.clamp_min(1), 0.0)
+        present, _, p_mean, _ = class_means(stats.to(dtype))
+        p_c = torch.where(present, p_mean, 0.0)  # 0 for a class absent with finite sums too
         thr = p_c.sum() / present.sum().clamp_min(1)
         gap = torch.where(present, thr - p_c, 0.0)
     if direction == "fixed":
