@@ -1,17 +1,18 @@
 """The host C++ kernels of the reference backend (``lpa_kernels._lpa_host``, built from ``csrc/host/``).
 
 On small CPU problems the reference backend's cost is PyTorch's per-op dispatch (a few us per ATen op;
-a ``head_pgd_`` call with T = 3 is ~200 ops), so its two hot loops have single-threaded C++ kernels:
-the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not). They compute exactly what
-``head_pgd/naive.py`` and ``pgd/naive.py`` define, accumulating in the data's dtype (float32 or
+a ``head_pgd_`` call with T = 3 is ~200 ops), so its hot paths have single-threaded C++ kernels:
+the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not); the single-pass step's class statistics
+and built-in policy (``step_update``). They compute exactly what
+``head_pgd/naive.py``, ``pgd/naive.py`` and ``step_update/naive.py`` define, accumulating in the data's dtype (float32 or
 float64). The module takes raw pointers (``data_ptr()``) and sizes, so it has no tie to torch's C++ ABI.
 
-Each launcher here returns False, doing nothing, when the kernels do not serve the call; the caller then
+Each launcher here returns False (``policy``: None), doing nothing, when the kernels do not serve the call; the caller then
 runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one dtype (labels int32 or
 int64), outside ``torch.compile`` tracing, torch.func transforms, tensor subclasses and dispatch modes
 (which must see the PyTorch ops), when the extension is built and ``LPA_HOST_KERNELS`` is not ``0``.
-Writing through a pointer does not tell autograd, so ``delta``'s version counter is bumped by hand, as
-an in-place PyTorch op would.
+Writing through a pointer does not tell autograd, so the version counters of what a kernel writes
+(``delta``, the statistics, the trend state) are bumped by hand, as an in-place PyTorch op would.
 """
 
 from __future__ import annotations
