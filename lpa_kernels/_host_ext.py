@@ -125,10 +125,11 @@ def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
     """``step_update/naive.class_stats_`` into ``stats (3, K)`` in place from ``log_probs (B, K)`` of its
     dtype and ``labels (B,)`` (``ok`` 0-d bool or None); False (nothing done) when the kernels do not
     serve these tensors or a label is outside ``[0, K)`` (the PyTorch ops then raise)."""
+    if not _serves(stats, log_probs, dtype=stats.dtype) or log_probs.dim() != 2:
+        return False
     batch, classes = log_probs.shape
     if (labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype) or labels.shape != (batch,)
-            or stats.shape != (3, classes) or not _serves(stats, log_probs, dtype=stats.dtype)
-            or not (ok is None or _plain(ok, torch.bool))):
+            or stats.shape != (3, classes) or not (ok is None or _plain(ok, torch.bool))):
         return False
     if not _load()[0].class_stats(_DTYPE_CODES[stats.dtype], _LABEL_BYTES[labels.dtype], stats.data_ptr(),
                                   log_probs.data_ptr(), labels.data_ptr(), batch, classes, _address(ok), accumulate):
@@ -146,11 +147,11 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     """``step_update/naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype`` (a fixed kind returns
     its fixed tensor itself, as the definition does), the trend state and ``stats (3, K)`` (of ``dtype``)
     updated in place; None (nothing done) when the kernels do not serve these tensors."""
+    if not _serves(stats, fixed_direction, fixed_eps, dtype=dtype):  # stats of the output dtype
+        return None
     direction_kind, radius_kind = step_naive.DIRECTIONS.get(direction), step_naive.RADII.get(radius)
     classes = stats.shape[-1]
     if direction_kind is None or radius_kind is None or stats.shape != (3, classes):
-        return None
-    if not _serves(stats, fixed_direction, fixed_eps, dtype=dtype):  # stats of the output dtype
         return None
     for fixed, kind in ((fixed_direction, direction_kind), (fixed_eps, radius_kind)):
         if kind == 0 and (fixed is None or fixed.shape != (classes,)):
