@@ -3,16 +3,17 @@
 On small CPU problems the reference backend's cost is PyTorch's per-op dispatch (a few us per ATen op;
 a ``head_pgd_`` call with T = 3 is ~200 ops), so its hot paths have single-threaded C++ kernels:
 the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not); the single-pass step's class statistics
-and built-in policy (``step_update``). They compute exactly what
-``head_pgd/naive.py``, ``pgd/naive.py`` and ``step_update/naive.py`` define, accumulating in the data's dtype (float32 or
-float64). The module takes raw pointers (``data_ptr()``) and sizes, so it has no tie to torch's C++ ABI.
+and built-in policy (``step_update``). They compute exactly what ``head_pgd/naive.py``, ``pgd/naive.py``
+and ``step_update/naive.py`` define, accumulating in the data's dtype (float32 or float64). The module
+takes raw pointers (``data_ptr()``) and sizes, so it has no tie to torch's C++ ABI.
 
-Each launcher here returns False (``policy``: None), doing nothing, when the kernels do not serve the call; the caller then
-runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one dtype (labels int32 or
-int64), outside ``torch.compile`` tracing, torch.func transforms, tensor subclasses and dispatch modes
-(which must see the PyTorch ops), when the extension is built and ``LPA_HOST_KERNELS`` is not ``0``.
-Writing through a pointer does not tell autograd, so the version counters of what a kernel writes
-(``delta``, the statistics, the trend state) are bumped by hand, as an in-place PyTorch op would.
+Each launcher here returns False (``policy``: None), doing nothing, when the kernels do not serve the
+call; the caller then runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one
+dtype (labels int32 or int64, the loss-trend state float64), outside ``torch.compile`` tracing,
+torch.func transforms, tensor subclasses and dispatch modes (which must see the PyTorch ops), when the
+extension is built and ``LPA_HOST_KERNELS`` is not ``0``. Writing through a pointer does not tell
+autograd, so the version counters of what a kernel writes (``delta``, the statistics, the trend state)
+are bumped by hand, as an in-place PyTorch op would.
 """
 
 from __future__ import annotations
@@ -161,13 +162,14 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
         return None
     if observe and not (skipped is not None and _plain(skipped, torch.int64) and skipped.dim() == 0):
         return None
-    chosen = fixed_direction if direction_kind == 0 else torch.empty(classes, dtype=dtype)
-    radii = fixed_eps if radius_kind == 0 else torch.empty(classes, dtype=dtype)
+    chosen = fixed_direction if direction_kind == 0 else stats.new_empty((classes,), dtype=dtype)
+    radii = fixed_eps if radius_kind == 0 else stats.new_empty((classes,), dtype=dtype)
     eps, delta_eps, min_radius, momentum = params
     _load()[0].policy(_DTYPE_CODES[dtype], stats.data_ptr(), classes, loss_ema.data_ptr() if trend else 0,
                       fall_ema.data_ptr() if trend else 0, skipped.data_ptr() if observe else 0, float(eps),
                       float(delta_eps), float(min_radius), float(momentum), direction_kind, radius_kind, observe,
-                      clear, 0 if direction_kind == 0 else chosen.data_ptr(), 0 if radius_kind == 0 else radii.data_ptr())
+                      clear, 0 if direction_kind == 0 else chosen.data_ptr(),
+                      0 if radius_kind == 0 else radii.data_ptr())
     if clear:
         torch.autograd.graph.increment_version(stats)
     if observe:

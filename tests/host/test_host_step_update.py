@@ -109,7 +109,8 @@ def test_policy_matches_the_definition(reference_path, direction, radius, observ
 
             def run(fn, values, *extra):
                 values, trend = values.clone(), [None if t is None else t.clone() for t in state]
-                return fn(values, *args, *trend, PARAMS, direction, radius, observe, clear, dtype, *extra), values, trend
+                result = fn(values, *args, *trend, PARAMS, direction, radius, observe, clear, dtype, *extra)
+                return result, values, trend
 
             (want, want_stats, want_trend), (got, got_stats, got_trend) = run(naive.policy_, stats), run(
                 op.policy_, stats, "reference")
