@@ -121,7 +121,6 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
     return True
 
 
-
 def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
     """``step_update/naive.class_stats_`` into ``stats (3, K)`` in place from ``log_probs (B, K)`` of its
     dtype and ``labels (B,)`` (``ok`` 0-d bool or None); False (nothing done) when the kernels do not
@@ -154,22 +153,22 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     classes = stats.shape[-1]
     if direction_kind is None or radius_kind is None or stats.shape != (3, classes):
         return None
-    for fixed, kind in ((fixed_direction, direction_kind), (fixed_eps, radius_kind)):
-        if kind == 0 and (fixed is None or fixed.shape != (classes,)):
+    for fixed, kind in ((fixed_direction, direction), (fixed_eps, radius)):
+        if kind == "fixed" and (fixed is None or fixed.shape != (classes,)):
             return None
-    trend = direction_kind == 2 or observe
+    trend = direction == "loss_trend" or observe
     if trend and not (_vector(loss_ema, torch.float64, classes) and _vector(fall_ema, torch.float64, classes)):
         return None
     if observe and not (skipped is not None and _plain(skipped, torch.int64) and skipped.dim() == 0):
         return None
-    chosen = fixed_direction if direction_kind == 0 else stats.new_empty((classes,), dtype=dtype)
-    radii = fixed_eps if radius_kind == 0 else stats.new_empty((classes,), dtype=dtype)
+    chosen = fixed_direction if direction == "fixed" else stats.new_empty((classes,), dtype=dtype)
+    radii = fixed_eps if radius == "fixed" else stats.new_empty((classes,), dtype=dtype)
     eps, delta_eps, min_radius, momentum = params
     _load()[0].policy(_DTYPE_CODES[dtype], stats.data_ptr(), classes, loss_ema.data_ptr() if trend else 0,
                       fall_ema.data_ptr() if trend else 0, skipped.data_ptr() if observe else 0, float(eps),
                       float(delta_eps), float(min_radius), float(momentum), direction_kind, radius_kind, observe,
-                      clear, 0 if direction_kind == 0 else chosen.data_ptr(),
-                      0 if radius_kind == 0 else radii.data_ptr())
+                      clear, 0 if direction == "fixed" else chosen.data_ptr(),
+                      0 if radius == "fixed" else radii.data_ptr())
     if clear:
         torch.autograd.graph.increment_version(stats)
     if observe:
