@@ -175,3 +175,42 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
         for state in (loss_ema, fall_ema, skipped):
             torch.autograd.graph.increment_version(state)
     return chosen, radii
+
+
+def serves_perturb(labels: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether ``perturb`` and ``perturb_class_grad`` below may run on these tensors (one float dtype, the
+    first's; None entries are absent optionals). Those two launchers do not check it themselves: the
+    caller decides between them and the PyTorch ops once, before it builds its autograd node."""
+    return _serves(*tensors, dtype=tensors[0].dtype) and labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype)
+
+
+def _perturb_sizes(x: torch.Tensor) -> tuple[int, int]:
+    """``(B, F)`` of ``x (B, *F)``."""
+    return x.shape[0], x.shape[1:].numel()
+
+
+def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str) -> torch.Tensor:
+    """``perturb/naive.perturb`` of ``h (B, *F)`` with ``delta (K, *P)`` on the kernels' layout (feature
+    ``f`` reads ``delta[y, (f // inner) % D]``, ``D = prod(P)``; ``_common.delta_layout``), a new tensor
+    shaped like ``h``. Only where ``serves_perturb(labels, h, delta)``."""
+    out = torch.empty_like(h)
+    batch, features = _perturb_sizes(h)
+    _load()[0].perturb_forward(_DTYPE_CODES[h.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
+                               delta.data_ptr(), out.data_ptr(), batch, features, delta.numel() // delta.shape[0], inner,
+                               mode == "scale")
+    return out
+
+
+def perturb_class_grad(grad_out: torch.Tensor, h: torch.Tensor | None, labels: torch.Tensor, delta_shape,
+                       inner: int, mode: str, grad_scale: float = 1) -> torch.Tensor:
+    """``perturb/naive.class_grad`` of ``grad_out (B, *F)`` (``h`` of its shape for ``scale``) on the same
+    layout as ``perturb``, times ``grad_scale``: a new ``(K, *P) = delta_shape`` tensor of grad_out's dtype,
+    summed in sample order. Only where ``serves_perturb(labels, grad_out, h)``."""
+    grad_delta = grad_out.new_empty(tuple(delta_shape))
+    batch, features = _perturb_sizes(grad_out)
+    classes = delta_shape[0]
+    _load()[0].perturb_class_grad(_DTYPE_CODES[grad_out.dtype], _LABEL_BYTES[labels.dtype], grad_out.data_ptr(),
+                                  _address(h if mode == "scale" else None), labels.data_ptr(), grad_delta.data_ptr(),
+                                  batch, features, classes, grad_delta.numel() // classes, inner, mode == "scale",
+                                  float(grad_scale))
+    return grad_delta

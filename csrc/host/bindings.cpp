@@ -37,6 +37,28 @@ void head_pgd_typed(uintptr_t h, uintptr_t labels, uintptr_t weight, uintptr_t b
 
 }  // namespace
 
+namespace {
+
+void check_label_bytes(int label_bytes) {
+  if (label_bytes != 4 && label_bytes != 8) throw std::invalid_argument("label_bytes must be 4 (int32) or 8 (int64)");
+}
+
+template <typename T, typename Label>
+void perturb_forward_typed(uintptr_t h, uintptr_t labels, uintptr_t delta, uintptr_t out, int64_t B, int64_t F,
+                           int64_t D, int64_t inner, bool scale) {
+  lpa_host::perturb_forward<T, Label>(ptr<const T>(h), ptr<const Label>(labels), ptr<const T>(delta), ptr<T>(out), B,
+                                      F, D, inner, scale);
+}
+
+template <typename T, typename Label>
+void perturb_class_grad_typed(uintptr_t grad_out, uintptr_t h, uintptr_t labels, uintptr_t grad_delta, int64_t B,
+                              int64_t F, int64_t K, int64_t D, int64_t inner, bool scale, double grad_scale) {
+  lpa_host::perturb_class_grad<T, Label>(ptr<const T>(grad_out), ptr<const T>(h), ptr<const Label>(labels),
+                                         ptr<T>(grad_delta), B, F, K, D, inner, scale, T(grad_scale));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_lpa_host, m) {
   m.doc() = "lpa_kernels host (CPU) kernels of the reference backend (raw-pointer launchers; see _host_ext.py)";
   m.def("pgd_step", [](int dtype, uintptr_t delta, uintptr_t grad, uintptr_t step, uintptr_t eps, uintptr_t direction,
@@ -95,5 +117,31 @@ PYBIND11_MODULE(_lpa_host, m) {
     py::gil_scoped_release unlocked;
     if (dtype == 0) run(0.0f);
     else run(0.0);
+  });
+  m.def("perturb_forward", [](int dtype, int label_bytes, uintptr_t h, uintptr_t labels, uintptr_t delta,
+                              uintptr_t out, int64_t B, int64_t F, int64_t D, int64_t inner, bool scale) {
+    check_dtype(dtype);
+    check_label_bytes(label_bytes);
+    if (B * F > 0 && (D < 1 || inner < 1 || F % (D * inner) != 0))
+      throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
+    auto run = dtype == 0 ? (label_bytes == 4 ? perturb_forward_typed<float, int32_t> : perturb_forward_typed<float, int64_t>)
+                          : (label_bytes == 4 ? perturb_forward_typed<double, int32_t> : perturb_forward_typed<double, int64_t>);
+    py::gil_scoped_release unlocked;
+    run(h, labels, delta, out, B, F, D, inner, scale);
+  });
+  m.def("perturb_class_grad", [](int dtype, int label_bytes, uintptr_t grad_out, uintptr_t h, uintptr_t labels,
+                                 uintptr_t grad_delta, int64_t B, int64_t F, int64_t K, int64_t D, int64_t inner,
+                                 bool scale, double grad_scale) {
+    check_dtype(dtype);
+    check_label_bytes(label_bytes);
+    if (B * F > 0 && (D < 1 || inner < 1 || F % (D * inner) != 0))
+      throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
+    if (scale && h == 0 && B * F > 0) throw std::invalid_argument("mode scale needs h");
+    auto run = dtype == 0 ? (label_bytes == 4 ? perturb_class_grad_typed<float, int32_t>
+                                              : perturb_class_grad_typed<float, int64_t>)
+                          : (label_bytes == 4 ? perturb_class_grad_typed<double, int32_t>
+                                              : perturb_class_grad_typed<double, int64_t>);
+    py::gil_scoped_release unlocked;
+    run(grad_out, h, labels, grad_delta, B, F, K, D, inner, scale, grad_scale);
   });
 }

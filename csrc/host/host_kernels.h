@@ -51,3 +51,21 @@ void policy(T* stats, int64_t K, double* loss_ema, double* fall_ema, int64_t* sk
             int direction_kind, int radius_kind, bool observe, bool clear, T* direction, T* radii);
 
 }  // namespace lpa_host
+
+namespace lpa_host {
+
+// perturb/naive.perturb on the kernels' layout (_common.delta_layout): h, out (B, F), delta (K, D), feature f
+// of sample b reading delta[labels[b], (f / inner) % D] (F a multiple of D * inner); out = h + that value, or
+// h * (1 + that value) when scale. grad_h of scale mode is this forward on grad_out.
+template <typename T, typename Label>
+void perturb_forward(const T* h, const Label* labels, const T* delta, T* out, int64_t B, int64_t F, int64_t D,
+                     int64_t inner, bool scale);
+
+// perturb/naive.class_grad on the same layout: grad_delta (K, D) = grad_scale * sum over the samples of class c,
+// in sample order, of grad_out_b (times h_b when scale; h may be null otherwise) summed over the features that
+// read each entry; zero for absent classes. grad_scale: the single-pass site's batch size (else 1).
+template <typename T, typename Label>
+void perturb_class_grad(const T* grad_out, const T* h, const Label* labels, T* grad_delta, int64_t B, int64_t F,
+                        int64_t K, int64_t D, int64_t inner, bool scale, T grad_scale);
+
+}  // namespace lpa_host

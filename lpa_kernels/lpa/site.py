@@ -82,23 +82,6 @@ def frozen_batchnorm_stats(module: nn.Module):
                     b.copy_(s)
 
 
-class _SummedLossGrad(torch.autograd.Function):
-    """The identity on delta whose backward multiplies the gradient by the local batch size: the mean
-    loss's class gradient becomes the summed loss's, so micro-batches of any sizes add up exactly."""
-
-    @staticmethod
-    def forward(delta: torch.Tensor, batch: int) -> torch.Tensor:
-        return delta.view_as(delta)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.batch = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.batch, None
-
-
 def delta_shape_for(feature_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """Per-class perturbation shape ``P`` for features ``F``: full, channel ``(F[0], 1, ..)`` or last ``(1, .., F[-1])``."""
     if layout == "full" or len(feature_shape) <= 1:
@@ -159,8 +142,11 @@ class ClassSite:
     def apply(self, h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor,
               plan: torch.Tensor | None = None) -> torch.Tensor:
         """``perturb(h, labels, delta)``; ``labels`` range-checked by the caller (see the module docstring),
-        ``plan`` their ``_common.label_plan`` (built once per training step) or None."""
-        return run_perturb(h, labels, delta, self.mode, self._resolved_backend or self.backend, plan)
+        ``plan`` their ``_common.label_plan`` (built once per training step) or None. The single-pass leaf
+        (``training_delta``) gets the class gradient of the summed loss: the mean loss's times the batch size,
+        so micro-batches of any sizes add up exactly."""
+        grad_scale = h.shape[0] if delta is self._leaf else 1
+        return run_perturb(h, labels, delta, self.mode, self._resolved_backend or self.backend, plan, grad_scale)
 
     def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor,
                   ok: torch.Tensor | None, skipped: torch.Tensor) -> None:
@@ -256,7 +242,7 @@ class ClassSite:
             if not torch.is_grad_enabled():
                 return perturbation.delta.detach()
             self._pending = True
-            return _SummedLossGrad.apply(self._leaf, h.shape[0])
+            return self._leaf  # ``apply`` scales its gradient
         if self.init == "fresh":
             with torch.no_grad():
                 if ok is None:

@@ -7,12 +7,15 @@ Their launchers provide ``backends.PerturbLaunchers`` (``triton_kernels.py``, ``
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 
-from lpa_kernels import _checks, backend as _backend
+from torch.autograd.function import once_differentiable
+
+from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape
 from lpa_kernels.perturb import naive
 from lpa_kernels.perturb.backends import launchers
@@ -125,17 +128,86 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: st
 
 
 def run_perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode: str, backend: str,
-                plan: torch.Tensor | None = None) -> torch.Tensor:
+                plan: torch.Tensor | None = None, delta_grad_scale: int = 1) -> torch.Tensor:
     """``perturb`` without its device-syncing check, for the LPA training machinery (the ``run_*`` entry
     style, as ``pgd.op.run_pgd_step_``): the caller has checked ``labels``' range itself (on the device,
     once per training step, clamping them into range); every host-side check still runs. ``plan``: the
-    step's ``_common.label_plan`` of ``labels``, which the backward's class reduction then reuses."""
+    step's ``_common.label_plan`` of ``labels``, which the backward's class reduction then reuses.
+    ``delta_grad_scale``: delta's gradient is multiplied by it (the single-pass site's batch size: the
+    mean loss's class gradient becomes the summed loss's); the reference host kernel does it in its sum."""
     backend = _check_perturb_args(h, labels, delta, mode, backend, label_values=False)
-    return _dispatch_perturb(h, labels, delta, mode, backend, plan)
+    return _dispatch_perturb(h, labels, delta, mode, backend, plan, delta_grad_scale)
 
 
-def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None) -> torch.Tensor:
+# the training step asks for the same few layouts every step; hashing two torch.Size is cheaper than the rule
+_cached_layout = functools.lru_cache(maxsize=64)(delta_layout)
+
+
+class _ScaledGrad(torch.autograd.Function):
+    """The identity on delta whose backward multiplies the gradient by ``scale``. The ``forward(ctx, ...)``
+    form: ``apply`` costs ~4 us where the ``setup_context`` form costs ~17 (torch 2.13, CPU)."""
+
+    @staticmethod
+    def forward(ctx, delta: torch.Tensor, scale: int) -> torch.Tensor:
+        ctx.scale = scale
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class _HostPerturb(torch.autograd.Function):
+    """``perturb`` on the reference backend's host C++ kernels, ``delta (K, *P)`` read on the layout
+    ``inner`` (``_host_ext.perturb``), delta's gradient times ``grad_scale``. An ``autograd.Function``
+    (a few us per call) rather than a ``custom_op`` with ``register_autograd`` (tens of us): the
+    reference backend runs it only outside ``torch.compile``, which sees ``naive.perturb`` instead. The
+    ``forward(ctx, ...)`` form, as ``_ScaledGrad``'s.
+    The backward uses the kernels where they serve its tensors, else ``naive``'s ops; it is not
+    differentiable itself (double backward raises)."""
+
+    @staticmethod
+    def forward(ctx, h, labels, delta, inner: int, mode: str, grad_scale: int):
+        need_h, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        scale = mode == "scale"
+        # add mode saves only the labels: its grad_h is grad_out and its class gradient reads no data
+        ctx.save_for_backward(labels, h if scale and need_delta else None, delta if scale and need_h else None)
+        ctx.inner, ctx.mode, ctx.grad_scale, ctx.delta_shape = inner, mode, grad_scale, delta.shape
+        return _host_ext.perturb(h, labels, delta, inner, mode)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        labels, h, delta = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        host = _host_ext.serves_perturb(labels, grad_out, h, delta)
+        grad_h = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            if ctx.mode == "add":
+                grad_h = grad_out
+            elif host:
+                grad_h = _host_ext.perturb(grad_out, labels, delta, ctx.inner, "scale")
+            else:
+                grad_h = naive.perturb(grad_out, labels, delta, "scale")
+        if ctx.needs_input_grad[2]:
+            if host:
+                grad_delta = _host_ext.perturb_class_grad(grad_out, h, labels, ctx.delta_shape, ctx.inner, ctx.mode,
+                                                          ctx.grad_scale)
+            else:
+                grad_delta = naive.class_grad(grad_out, labels, ctx.delta_shape[0], ctx.delta_shape, h, ctx.mode,
+                                              grad_out.dtype) * ctx.grad_scale
+        return grad_h, None, grad_delta, None, None, None
+
+
+def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
+                      delta_grad_scale: int = 1) -> torch.Tensor:
     """``perturb`` on validated arguments, ``backend`` resolved."""
+    if backend == "reference":
+        layout = _host_ext.serves_perturb(labels, h, delta) and _cached_layout(h.shape[1:], delta.shape)
+        if layout:
+            return _HostPerturb.apply(h, labels, delta, layout[1], mode, delta_grad_scale)
+    if delta_grad_scale != 1:
+        delta = _ScaledGrad.apply(delta, delta_grad_scale)
     if backend == "reference":
         return naive.perturb(h, labels, delta, mode)
     kernel_delta, inner = _kernel_layout(h.shape[1:], delta)
@@ -174,9 +246,11 @@ def class_grad(
     backend = _backend.resolve(backend, device)
     out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
     h = h if mode == "scale" else None
-    if backend == "reference":
-        return naive.class_grad(grad_out, labels, num_classes, delta_shape, h=h, mode=mode, out_dtype=out_dtype)
     layout = delta_layout(grad_out.shape[1:], delta_shape)
+    if backend == "reference":
+        if layout is not None and out_dtype == grad_out.dtype and _host_ext.serves_perturb(labels, grad_out, h):
+            return _host_ext.perturb_class_grad(grad_out, h, labels, delta_shape, layout[1], mode)
+        return naive.class_grad(grad_out, labels, num_classes, delta_shape, h=h, mode=mode, out_dtype=out_dtype)
     if layout is None:  # reduce at full resolution, then sum over the broadcast dimensions
         full_shape = (num_classes,) + tuple(grad_out.shape[1:])
         full = class_grad(grad_out, labels, num_classes, full_shape, h=h, mode=mode, backend=backend)
