@@ -13,8 +13,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from torch.autograd.function import once_differentiable
-
 from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape
 from lpa_kernels.perturb import naive
@@ -163,8 +161,8 @@ class _HostPerturb(torch.autograd.Function):
     (a few us per call) rather than a ``custom_op`` with ``register_autograd`` (tens of us): the
     reference backend runs it only outside ``torch.compile``, which sees ``naive.perturb`` instead. The
     ``forward(ctx, ...)`` form, as ``_ScaledGrad``'s.
-    The backward uses the kernels where they serve its tensors, else ``naive``'s ops; it is not
-    differentiable itself (double backward raises)."""
+    The backward uses the kernels where they serve its tensors, else ``naive``'s ops, which it also
+    uses when autograd records it (``create_graph=True``), so double backward works."""
 
     @staticmethod
     def forward(ctx, h, labels, delta, inner: int, mode: str, grad_scale: int):
@@ -176,11 +174,10 @@ class _HostPerturb(torch.autograd.Function):
         return _host_ext.perturb(h, labels, delta, inner, mode)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         labels, h, delta = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        host = _host_ext.serves_perturb(labels, grad_out, h, delta)
+        host = not torch.is_grad_enabled() and _host_ext.serves_perturb(labels, grad_out, h, delta)
         grad_h = grad_delta = None
         if ctx.needs_input_grad[0]:
             if ctx.mode == "add":
