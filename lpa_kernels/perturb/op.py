@@ -196,13 +196,24 @@ class _HostPerturb(torch.autograd.Function):
         return grad_h, None, grad_delta, None, None, None
 
 
+def _host_perturb_serves(h, labels, delta) -> bool:
+    """Whether the reference backend runs ``perturb`` on the host kernels: where they serve the tensors,
+    except when only ``h`` needs a gradient (the training forward after T PGD steps): there ``naive``'s
+    ops cost less, their autograd nodes being C++ where ``_HostPerturb``'s backward is Python."""
+    if torch.is_grad_enabled() and h.requires_grad and not delta.requires_grad:
+        return False
+    return _host_ext.serves_perturb(labels, h, delta)
+
+
 def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
                       delta_grad_scale: int = 1) -> torch.Tensor:
     """``perturb`` on validated arguments, ``backend`` resolved."""
-    if backend == "reference":
-        layout = _host_ext.serves_perturb(labels, h, delta) and _cached_layout(h.shape[1:], delta.shape)
-        if layout:
+    if backend == "reference" and _host_perturb_serves(h, labels, delta):
+        layout = _cached_layout(h.shape[1:], delta.shape)
+        if layout is not None and delta.requires_grad and torch.is_grad_enabled():
             return _HostPerturb.apply(h, labels, delta, layout[1], mode, delta_grad_scale)
+        if layout is not None:
+            return _host_ext.perturb(h, labels, delta, layout[1], mode)
     if delta_grad_scale != 1:
         delta = _ScaledGrad.apply(delta, delta_grad_scale)
     if backend == "reference":
