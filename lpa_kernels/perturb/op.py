@@ -157,12 +157,13 @@ class _ScaledGrad(torch.autograd.Function):
 
 class _HostPerturb(torch.autograd.Function):
     """``perturb`` on the reference backend's host C++ kernels, ``delta (K, *P)`` read on the layout
-    ``inner`` (``_host_ext.perturb``), delta's gradient times ``grad_scale``. An ``autograd.Function``
-    (a few us per call) rather than a ``custom_op`` with ``register_autograd`` (tens of us): the
-    reference backend runs it only outside ``torch.compile``, which sees ``naive.perturb`` instead. The
-    ``forward(ctx, ...)`` form, as ``_ScaledGrad``'s.
-    The backward uses the kernels where they serve its tensors, else ``naive``'s ops, which it also
-    uses when autograd records it (``create_graph=True``), so double backward works."""
+    ``inner`` (``_host_ext.perturb``), delta's gradient times ``grad_scale``.
+
+    An ``autograd.Function`` in the ``forward(ctx, ...)`` form (~4 us per call) rather than a
+    ``custom_op`` with ``register_autograd`` (~19 us): the reference backend runs it only outside
+    ``torch.compile`` (which sees ``naive.perturb``), so it needs no fake kernel. The backward runs the
+    kernels where they serve its tensors, else ``naive``'s ops, which it also runs when autograd records
+    it (``create_graph=True``), so double backward works."""
 
     @staticmethod
     def forward(ctx, h, labels, delta, inner: int, mode: str, grad_scale: int):
@@ -208,12 +209,13 @@ def _host_perturb_serves(h, labels, delta) -> bool:
 def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
                       delta_grad_scale: int = 1) -> torch.Tensor:
     """``perturb`` on validated arguments, ``backend`` resolved."""
-    if backend == "reference" and _host_perturb_serves(h, labels, delta):
-        layout = _cached_layout(h.shape[1:], delta.shape)
-        if layout is not None and delta.requires_grad and torch.is_grad_enabled():
+    host = backend == "reference" and _host_perturb_serves(h, labels, delta)
+    # after serves, which refuses under torch.compile: Dynamo warns when it traces an lru_cache wrapper
+    layout = host and _cached_layout(h.shape[1:], delta.shape)
+    if layout:
+        if delta.requires_grad and torch.is_grad_enabled():
             return _HostPerturb.apply(h, labels, delta, layout[1], mode, delta_grad_scale)
-        if layout is not None:
-            return _host_ext.perturb(h, labels, delta, layout[1], mode)
+        return _host_ext.perturb(h, labels, delta, layout[1], mode)  # no gradient to record
     if delta_grad_scale != 1:
         delta = _ScaledGrad.apply(delta, delta_grad_scale)
     if backend == "reference":
