@@ -3,9 +3,11 @@
 On small CPU problems the reference backend's cost is PyTorch's per-op dispatch (a few us per ATen op;
 a ``head_pgd_`` call with T = 3 is ~200 ops), so its hot paths have single-threaded C++ kernels:
 the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not); the single-pass step's class statistics
-and built-in policy (``step_update``). They compute exactly what ``head_pgd/naive.py``, ``pgd/naive.py``
-and ``step_update/naive.py`` define, accumulating in the data's dtype (float32 or float64). The module
-takes raw pointers (``data_ptr()``) and sizes, so it has no tie to torch's C++ ABI.
+and built-in policy (``step_update``); ``perturb``'s forward and class gradient (``serves_perturb``,
+``perturb``, ``perturb_class_grad``, which return tensors). They compute exactly what
+``head_pgd/naive.py``, ``pgd/naive.py``, ``step_update/naive.py`` and ``perturb/naive.py`` define,
+accumulating in the data's dtype (float32 or float64). The module takes raw pointers (``data_ptr()``)
+and sizes, so it has no tie to torch's C++ ABI.
 
 Each launcher here returns False (``policy``: None), doing nothing, when the kernels do not serve the
 call; the caller then runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one
@@ -181,7 +183,8 @@ def serves_perturb(labels: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether ``perturb`` and ``perturb_class_grad`` below may run on these tensors (one float dtype, the
     first's; None entries are absent optionals). Those two launchers do not check it themselves: the
     caller decides between them and the PyTorch ops once, before it builds its autograd node."""
-    return _serves(*tensors, dtype=tensors[0].dtype) and labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype)
+    return (_serves(*tensors, dtype=tensors[0].dtype) and labels.dtype in _LABEL_BYTES
+            and _plain(labels, labels.dtype))
 
 
 def _perturb_sizes(x: torch.Tensor) -> tuple[int, int]:

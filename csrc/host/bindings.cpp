@@ -43,6 +43,12 @@ void check_label_bytes(int label_bytes) {
   if (label_bytes != 4 && label_bytes != 8) throw std::invalid_argument("label_bytes must be 4 (int32) or 8 (int64)");
 }
 
+// perturb's layout: a non-empty batch's F features are whole repeats of D blocks of `inner`.
+void check_perturb_layout(int64_t B, int64_t F, int64_t D, int64_t inner) {
+  if (B * F > 0 && (D < 1 || inner < 1 || F % (D * inner) != 0))
+    throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
+}
+
 template <typename T, typename Label>
 void perturb_forward_typed(uintptr_t h, uintptr_t labels, uintptr_t delta, uintptr_t out, int64_t B, int64_t F,
                            int64_t D, int64_t inner, bool scale) {
@@ -122,10 +128,11 @@ PYBIND11_MODULE(_lpa_host, m) {
                               uintptr_t out, int64_t B, int64_t F, int64_t D, int64_t inner, bool scale) {
     check_dtype(dtype);
     check_label_bytes(label_bytes);
-    if (B * F > 0 && (D < 1 || inner < 1 || F % (D * inner) != 0))
-      throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
-    auto run = dtype == 0 ? (label_bytes == 4 ? perturb_forward_typed<float, int32_t> : perturb_forward_typed<float, int64_t>)
-                          : (label_bytes == 4 ? perturb_forward_typed<double, int32_t> : perturb_forward_typed<double, int64_t>);
+    check_perturb_layout(B, F, D, inner);
+    auto run = dtype == 0 ? (label_bytes == 4 ? perturb_forward_typed<float, int32_t>
+                                              : perturb_forward_typed<float, int64_t>)
+                          : (label_bytes == 4 ? perturb_forward_typed<double, int32_t>
+                                              : perturb_forward_typed<double, int64_t>);
     py::gil_scoped_release unlocked;
     run(h, labels, delta, out, B, F, D, inner, scale);
   });
@@ -134,8 +141,7 @@ PYBIND11_MODULE(_lpa_host, m) {
                                  bool scale, double grad_scale) {
     check_dtype(dtype);
     check_label_bytes(label_bytes);
-    if (B * F > 0 && (D < 1 || inner < 1 || F % (D * inner) != 0))
-      throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
+    check_perturb_layout(B, F, D, inner);
     if (scale && h == 0 && B * F > 0) throw std::invalid_argument("mode scale needs h");
     auto run = dtype == 0 ? (label_bytes == 4 ? perturb_class_grad_typed<float, int32_t>
                                               : perturb_class_grad_typed<float, int64_t>)

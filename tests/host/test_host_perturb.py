@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpa_kernels import class_grad, perturb
+from lpa_kernels import _host_ext, class_grad, perturb
 from lpa_kernels.perturb import naive
 from lpa_kernels.perturb.op import run_perturb
 from tests.helpers import assert_close_to_reference
@@ -203,3 +203,20 @@ def test_delta_gradient_scale_of_the_training_entry(reference_path, mode):
     assert_close_to_reference(got[0], truth[0], what="h~")
     assert_close_to_reference(got[1], truth[1], what="grad_h")
     assert_close_to_reference(got[2], 13 * truth[2], what="grad_delta")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 8, 2, 5, 2, 1), "multiple of D"),  # F = 5 features are no whole repeats of D = 2 blocks
+    ((0, 8, 2, 4, 0, 1), "multiple of D"),
+    ((0, 2, 2, 4, 2, 1), "label_bytes"),
+    ((3, 8, 2, 4, 2, 1), "dtype code"),
+])
+def test_the_bindings_refuse_inconsistent_sizes_before_touching_memory(args, message):
+    """Null pointers: a binding that did not refuse would crash the process."""
+    module, error = _host_ext._load()
+    assert module is not None, error
+    dtype, label_bytes, batch, features, per_class, inner = args
+    with pytest.raises(ValueError, match=message):
+        module.perturb_forward(dtype, label_bytes, 0, 0, 0, 0, batch, features, per_class, inner, False)
+    with pytest.raises(ValueError, match=message):
+        module.perturb_class_grad(dtype, label_bytes, 0, 0, 0, 0, batch, features, 3, per_class, inner, False, 1.0)
