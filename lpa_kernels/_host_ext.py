@@ -179,17 +179,13 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     return chosen, radii
 
 
-def serves_perturb(labels: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+def serves_perturb(labels: torch.Tensor | None, *tensors: torch.Tensor | None) -> bool:
     """Whether ``perturb`` and ``perturb_class_grad`` below may run on these tensors (one float dtype, the
-    first's; None entries are absent optionals). Those two launchers do not check it themselves: the
-    caller decides between them and the PyTorch ops once, before it builds its autograd node."""
-    return (_serves(*tensors, dtype=tensors[0].dtype) and labels.dtype in _LABEL_BYTES
-            and _plain(labels, labels.dtype))
-
-
-def _perturb_sizes(x: torch.Tensor) -> tuple[int, int]:
-    """``(B, F)`` of ``x (B, *F)``."""
-    return x.shape[0], x.shape[1:].numel()
+    first's; None entries are absent optionals; ``labels`` None: checked before, by the same caller).
+    Those two launchers do not check it themselves: the caller decides between them and the PyTorch ops
+    once, before it builds its autograd node."""
+    return (_serves(*tensors, dtype=tensors[0].dtype)
+            and (labels is None or labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype)))
 
 
 def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: int, mode: str) -> torch.Tensor:
@@ -197,7 +193,7 @@ def perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, inner: i
     ``f`` reads ``delta[y, (f // inner) % D]``, ``D = prod(P)``; ``_common.delta_layout``), a new tensor
     shaped like ``h``. Only where ``serves_perturb(labels, h, delta)``."""
     out = torch.empty_like(h)
-    batch, features = _perturb_sizes(h)
+    batch, features = h.shape[0], h.shape[1:].numel()
     _load()[0].perturb_forward(_DTYPE_CODES[h.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
                                delta.data_ptr(), out.data_ptr(), batch, features, delta.numel() // delta.shape[0], inner,
                                mode == "scale")
@@ -210,7 +206,7 @@ def perturb_class_grad(grad_out: torch.Tensor, h: torch.Tensor | None, labels: t
     layout as ``perturb``, times ``grad_scale``: a new ``(K, *P) = delta_shape`` tensor of grad_out's dtype,
     summed in sample order. Only where ``serves_perturb(labels, grad_out, h)``."""
     grad_delta = grad_out.new_empty(tuple(delta_shape))
-    batch, features = _perturb_sizes(grad_out)
+    batch, features = grad_out.shape[0], grad_out.shape[1:].numel()
     classes = delta_shape[0]
     _load()[0].perturb_class_grad(_DTYPE_CODES[grad_out.dtype], _LABEL_BYTES[labels.dtype], grad_out.data_ptr(),
                                   _address(h if mode == "scale" else None), labels.data_ptr(), grad_delta.data_ptr(),

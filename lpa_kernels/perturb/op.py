@@ -178,7 +178,8 @@ class _HostPerturb(torch.autograd.Function):
     def backward(ctx, grad_out):
         labels, h, delta = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        host = not torch.is_grad_enabled() and _host_ext.serves_perturb(labels, grad_out, h, delta)
+        # the forward checked the labels; h and delta (saved by scale mode only) must share grad_out's dtype
+        host = not torch.is_grad_enabled() and _host_ext.serves_perturb(None, grad_out, h, delta)
         grad_h = grad_delta = None
         if ctx.needs_input_grad[0]:
             if ctx.mode == "add":
