@@ -41,8 +41,8 @@ def _warn(message: str) -> None:
 
 
 HOST_EXTENSION = "lpa_kernels._lpa_host"
-HOST_SOURCES = ["csrc/host/pgd_step.cpp", "csrc/host/head_pgd.cpp", "csrc/host/bindings.cpp", "csrc/host/step_update.cpp"]
-HOST_SOURCES += ["csrc/host/perturb.cpp"]
+HOST_SOURCES = ["csrc/host/pgd_step.cpp", "csrc/host/head_pgd.cpp", "csrc/host/step_update.cpp", "csrc/host/perturb.cpp",
+                "csrc/host/bindings.cpp"]
 
 
 class BuildExtensions(build_ext):
