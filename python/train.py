@@ -56,6 +56,7 @@ from lpa_programs.distributed import per_class_accuracy
 from lpa_programs.plot import EpochLog, check_option as check_plot_option, write as write_plot
 
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 # CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
 CONFIG_OPTIONS = {
     "loss": dict(choices=LOSSES, help="ce, or la: logit-adjusted cross-entropy CE(f(x) + tau log prior); the la* "
@@ -161,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PATH", help="draw per-class accuracy by method (grouped many/"
                    "medium/few) and per-epoch test accuracy and loss into this PNG (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--compile", action="store_true",
-                   help="run the training forward under torch.compile after the first step (fullgraph=True in "
-                        "one process)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="run the training forward under torch.compile after the first step (fullgraph=True in one "
+                        "process); MODE is torch.compile's: default, or reduce-overhead for CUDA graphs on a GPU, "
+                        "max-autotune, max-autotune-no-cudagraphs")
     return p
 
 
@@ -192,7 +194,9 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
     ctx = distributed.context()
     forward = distributed.wrap(method, ctx, args.fsdp, device)  # the training loss; DDP / FSDP2 under torchrun
     if args.compile:  # one process: the training forward as one graph; DDP's and FSDP2's hooks split it
-        forward = torch.compile(forward) if ctx.world > 1 or args.fsdp else method.compiled_training_loss()
+        options = {} if args.compile == "default" else {"mode": args.compile}
+        forward = (torch.compile(forward, **options) if ctx.world > 1 or args.fsdp
+                   else method.compiled_training_loss(**options))
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     batches = distributed.Batches(len(y_train), args.batch_size, seed, ctx)  # this rank's share of each global batch
     total_steps = batches.steps_per_epoch * args.epochs

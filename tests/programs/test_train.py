@@ -146,6 +146,7 @@ USER_ERRORS = {
                         "argument --data-dir: no such folder: /no/such/folder"),
     "imbalance-not-lt": (["--dataset", "digits", "--imbalance", "5"], "applies to the -lt datasets only"),
     "unknown-layer": (["--layer", "nope"], "layer='nope' is not a submodule"),
+    "unknown-compile-mode": (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     "head-always-off-head": (["--method", "lpa", "--layer", "features.1", "--head", "always"],
                              "--method lpa cannot train with these settings: head='always' needs"),
 }
@@ -240,23 +241,26 @@ def test_pgd_path_on_the_autograd_path_and_in_single_pass(tmp_path):
     assert single["pgd_path"] == "single pass"
 
 
-def test_compile_runs_each_method_through_its_compiled_training_loss(tmp_path, monkeypatch):
-    """``--compile`` trains through ``Method.compiled_training_loss`` (tested against eager in
-    tests/lpa/test_compile.py); here with dynamo's eager backend, to keep the run short."""
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compile_runs_each_method_through_its_compiled_training_loss(tmp_path, monkeypatch, mode):
+    """``--compile [MODE]`` trains through ``Method.compiled_training_loss`` with torch.compile's mode
+    (tested against eager in tests/lpa/test_compile.py); here with dynamo's eager backend, to keep the run
+    short (a backend excludes a mode, so the mode is recorded, then dropped)."""
     from lpa_kernels.lpa import Method
 
     compiled = Method.compiled_training_loss
     calls = []
 
     def eager_backend(self, **options):
-        calls.append(self.name)
+        calls.append((self.name, options.pop("mode", None)))
         return compiled(self, backend="eager", **options)
 
     monkeypatch.setattr(Method, "compiled_training_loss", eager_backend)
     report = _run(tmp_path, "--method", "erm", "lpa", "--dataset", "synthetic", "--seeds", "0", "--steps", "0",
-                  "--compile")
-    assert calls == ["erm", "lpa"]
+                  "--compile", *([mode] if mode else []))
+    assert calls == [("erm", mode), ("lpa", mode)]
     assert all(run["stats"]["training_steps"] == run["steps"] for run in report["runs"])
+
 
 
 @pytest.mark.parametrize("lpa_path", [
