@@ -104,7 +104,7 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
              class_space: bool, ok=None, skipped=None) -> bool:
     """``head_pgd/naive.head_pgd_`` on ``delta (K, D)`` in place (``direction`` None: the confidence rule);
     ``class_space``: ``loop.use_class_space``'s choice (add only); with ``skipped`` (0-d int64), the
-    training step's guard on the result (``head_pgd.torch_kernels.guarded``; ``ok`` 0-d bool or None).
+    training step's guard on the result (``head_pgd.loop.guarded``; ``ok`` 0-d bool or None).
     False (nothing done) when the kernels do not serve these tensors."""
     if labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype):
         return False

@@ -159,13 +159,9 @@ def _class_space_steps_kernel(
                      ACC, BLOCK_C, BLOCK_ROW)
         tl.debug_barrier()
     if GUARD:
-        non_finite = tl.zeros((BLOCK_C,), tl.int32)
-        for d0 in range(0, D, BLOCK_ROW):
-            ds = d0 + tl.arange(0, BLOCK_ROW)
-            x = tl.load(current_ptr + rows[:, None] * D + ds[None, :], mask=class_ok[:, None] & (ds < D)[None, :],
-                        other=0.0)
-            non_finite += tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
-        restore, counted = non_finite > 0, (non_finite > 0) & class_ok
+        _, _, finite = rows_gradient_stats(current_ptr, existing, class_ok, D, ACC, BLOCK_C, BLOCK_ROW)
+        restore = finite == 0
+        counted = restore & class_ok
         if HAS_OK:  # a bad batch restores every row and counts none
             batch_ok = tl.load(ok_ptr + tl.zeros((BLOCK_C,), tl.int32)).to(tl.int32)  # per row: a mask of one shape
             restore, counted = restore | (batch_ok == 0), counted & (batch_ok != 0)
