@@ -42,6 +42,7 @@ def _warn(message: str) -> None:
 
 HOST_EXTENSION = "lpa_kernels._lpa_host"
 HOST_SOURCES = ["csrc/host/pgd_step.cpp", "csrc/host/head_pgd.cpp", "csrc/host/step_update.cpp", "csrc/host/perturb.cpp",
+                "csrc/host/labels.cpp",
                 "csrc/host/bindings.cpp"]
 
 

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from lpa_kernels import _host_ext
 from lpa_kernels._common import per_class
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,7 +78,8 @@ def check_labels(labels: object, batch: int, num_classes: int, name: str = "labe
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
     if values and labels.numel() and not _compiling():
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host read
+        lo_hi = _host_ext.label_range(labels)  # CPU labels: one C++ pass, no PyTorch dispatch
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if lo_hi is None else lo_hi  # one host read
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")
     return labels

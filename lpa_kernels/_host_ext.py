@@ -3,8 +3,10 @@
 On small CPU problems the reference backend's cost is PyTorch's per-op dispatch (a few us per ATen op;
 a ``head_pgd_`` call with T = 3 is ~200 ops), so its hot paths have single-threaded C++ kernels:
 the whole ``head_pgd_`` call and ``pgd_step_`` (guarded or not); the single-pass step's class statistics
-and built-in policy (``step_update``); ``perturb``'s forward and class gradient (``serves_perturb``,
-``perturb``, ``perturb_class_grad``, which return tensors). They compute exactly what
+and built-in policy (``step_update``), the policy and the guarded PGD step also as one call
+(``policy_pgd_step``); ``perturb``'s forward and class gradient (``serves_perturb``, ``perturb``,
+``perturb_class_grad``, which return tensors); the range of CPU labels for the ops' label check
+(``label_range``). They compute exactly what
 ``head_pgd/naive.py``, ``pgd/naive.py``, ``step_update/naive.py`` and ``perturb/naive.py`` define,
 accumulating in the data's dtype (float32 or float64). The module takes raw pointers (``data_ptr()``)
 and sizes, so it has no tie to torch's C++ ABI.
@@ -63,40 +65,54 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()
 
 
-def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """Whether the kernels may run on these tensors (None entries are absent optionals)."""
+def _callable() -> bool:
+    """Whether the kernels may run here at all: built and switched on, outside ``torch.compile`` tracing,
+    dispatch modes and torch.func transforms (which must see the PyTorch ops)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False  # first: Dynamo traces what runs before it returns
-    if dtype not in _DTYPE_CODES or _load()[0] is None or _switched_off():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
-        return False
-    return all(t is None or _plain(t, dtype) for t in tensors)
+    return _load()[0] is not None and not _switched_off() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the kernels may run on these tensors (None entries are absent optionals)."""
+    return dtype in _DTYPE_CODES and _callable() and all(t is None or _plain(t, dtype) for t in tensors)
 
 
 def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _pgd_arguments(delta, grad, step, eps, direction, norm: str, ok, skipped) -> tuple | None:
+    """``pgd_step``'s arguments after ``dtype`` (its ``grad`` made contiguous), or None when the kernels do not
+    serve these tensors."""
+    if grad.shape != delta.shape or grad.dtype != delta.dtype:
+        return None
+    grad = grad.detach().contiguous()  # no copy when it already is
+    if not _serves(delta, grad, step, eps, direction, dtype=delta.dtype):
+        return None
+    if ok is not None and not (_plain(ok, torch.bool) and _plain(skipped, torch.int64)):
+        return None
+    k = delta.shape[0]
+    n = delta.numel() // k if k else 0
+    return (delta.data_ptr(), grad.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), k, n,
+            norm == "l2", l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
+
+
+def _pgd_written(delta, skipped) -> None:
+    torch.autograd.graph.increment_version(delta)
+    if skipped is not None:
+        torch.autograd.graph.increment_version(skipped)
+
+
 def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None) -> bool:
     """``pgd/naive.pgd_step_`` (``guarded_pgd_step_`` with ``ok`` and ``skipped``) on a contiguous
     ``delta (K, *P)`` in place, ``grad`` of its shape and dtype (any layout); False (nothing done) when
     the kernels do not serve these tensors."""
-    if grad.shape != delta.shape or grad.dtype != delta.dtype:
+    arguments = _pgd_arguments(delta, grad, step, eps, direction, norm, ok, skipped)
+    if arguments is None:
         return False
-    grad = grad.detach().contiguous()  # no copy when it already is
-    if not _serves(delta, grad, step, eps, direction, dtype=delta.dtype):
-        return False
-    if ok is not None and not (_plain(ok, torch.bool) and _plain(skipped, torch.int64)):
-        return False
-    k = delta.shape[0]
-    n = delta.numel() // k if k else 0
-    _load()[0].pgd_step(_DTYPE_CODES[delta.dtype], delta.data_ptr(), grad.data_ptr(), step.data_ptr(),
-                        eps.data_ptr(), direction.data_ptr(), k, n, norm == "l2", l2_radius_margin(delta.dtype),
-                        _address(ok), _address(skipped))
-    torch.autograd.graph.increment_version(delta)
-    if skipped is not None:
-        torch.autograd.graph.increment_version(skipped)
+    _load()[0].pgd_step(_DTYPE_CODES[delta.dtype], *arguments)
+    _pgd_written(delta, skipped)
     return True
 
 
@@ -144,11 +160,10 @@ def _vector(t: torch.Tensor | None, dtype: torch.dtype, length: int) -> bool:
     return t is not None and _plain(t, dtype) and t.shape == (length,)
 
 
-def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
-           observe: bool, clear: bool, dtype: torch.dtype):
-    """``step_update/naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype`` (a fixed kind returns
-    its fixed tensor itself, as the definition does), the trend state and ``stats (3, K)`` (of ``dtype``)
-    updated in place; None (nothing done) when the kernels do not serve these tensors."""
+def _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str,
+                      radius: str, observe: bool, dtype: torch.dtype):
+    """``(arguments after dtype and before clear, direction (K,), eps (K,))`` of ``policy`` (the outputs made
+    here, or the fixed tensors), or None when the kernels do not serve these tensors."""
     if not _serves(stats, fixed_direction, fixed_eps, dtype=dtype):  # stats of the output dtype
         return None
     direction_kind, radius_kind = step_naive.DIRECTIONS.get(direction), step_naive.RADII.get(radius)
@@ -166,17 +181,65 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     chosen = fixed_direction if direction == "fixed" else stats.new_empty((classes,), dtype=dtype)
     radii = fixed_eps if radius == "fixed" else stats.new_empty((classes,), dtype=dtype)
     eps, delta_eps, min_radius, momentum = params
-    _load()[0].policy(_DTYPE_CODES[dtype], stats.data_ptr(), classes, loss_ema.data_ptr() if trend else 0,
-                      fall_ema.data_ptr() if trend else 0, skipped.data_ptr() if observe else 0, float(eps),
-                      float(delta_eps), float(min_radius), float(momentum), direction_kind, radius_kind, observe,
-                      clear, 0 if direction == "fixed" else chosen.data_ptr(),
-                      0 if radius == "fixed" else radii.data_ptr())
+    arguments = (stats.data_ptr(), classes, loss_ema.data_ptr() if trend else 0, fall_ema.data_ptr() if trend else 0,
+                 skipped.data_ptr() if observe else 0, float(eps), float(delta_eps), float(min_radius),
+                 float(momentum), direction_kind, radius_kind, observe)
+    return arguments, chosen, radii
+
+
+def _policy_written(stats, loss_ema, fall_ema, skipped, observe: bool, clear: bool) -> None:
     if clear:
         torch.autograd.graph.increment_version(stats)
     if observe:
         for state in (loss_ema, fall_ema, skipped):
             torch.autograd.graph.increment_version(state)
+
+
+def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
+           observe: bool, clear: bool, dtype: torch.dtype):
+    """``step_update/naive.policy_``: ``(direction (K,), eps (K,))`` in ``dtype`` (a fixed kind returns
+    its fixed tensor itself, as the definition does), the trend state and ``stats (3, K)`` (of ``dtype``)
+    updated in place; None (nothing done) when the kernels do not serve these tensors."""
+    prepared = _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction,
+                                 radius, observe, dtype)
+    if prepared is None:
+        return None
+    arguments, chosen, radii = prepared
+    _load()[0].policy(_DTYPE_CODES[dtype], *arguments, clear, 0 if direction == "fixed" else chosen.data_ptr(),
+                      0 if radius == "fixed" else radii.data_ptr())
+    _policy_written(stats, loss_ema, fall_ema, skipped, observe, clear)
     return chosen, radii
+
+
+def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction: str,
+                    radius: str, observe: bool, clear: bool, delta, grad, step, norm: str, ok, skipped) -> bool:
+    """``policy`` (its first eleven arguments; ``stat_skipped`` is its ``skipped``), then the guarded
+    ``pgd_step`` of ``delta`` with the direction and radii it gives (``ok`` 0-d bool, ``skipped`` 0-d int64),
+    in one call: the single-pass step's update. False (nothing done) when the kernels do not serve."""
+    dtype = delta.dtype
+    prepared = _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params,
+                                 direction, radius, observe, dtype)
+    if prepared is None:
+        return False
+    policy_arguments, chosen, radii = prepared
+    pgd_arguments = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
+    if pgd_arguments is None or ok is None:
+        return False
+    delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr = pgd_arguments
+    _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, chosen.data_ptr(), radii.data_ptr(),
+                               delta_ptr, grad_ptr, step_ptr, n, l2, margin, ok_ptr, skipped_ptr)
+    _policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear)
+    _pgd_written(delta, skipped)
+    return True
+
+
+def label_range(labels: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of non-empty 1-D int32/int64 CPU ``labels``, one C++ pass; None when the kernel does
+    not serve them (then ``torch.aminmax``)."""
+    if not (labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype) and labels.dim() == 1 and labels.numel()
+            and _callable()):
+        return None
+    return _load()[0].label_range(_LABEL_BYTES[labels.dtype], labels.data_ptr(), labels.shape[0])
 
 
 def serves_perturb(labels: torch.Tensor | None, *tensors: torch.Tensor | None) -> bool:

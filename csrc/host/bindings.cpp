@@ -49,6 +49,39 @@ void check_perturb_layout(int64_t B, int64_t F, int64_t D, int64_t inner) {
     throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
 }
 
+// One policy call's arguments (step_update/naive.policy_), checked once at construction.
+struct PolicyCall {
+  int dtype;
+  uintptr_t stats;
+  int64_t K;
+  uintptr_t loss_ema, fall_ema, skipped;
+  lpa_host::PolicyParams params;
+  int direction_kind, radius_kind;
+  bool observe, clear;
+  uintptr_t direction, radii;
+
+  PolicyCall(int dtype, uintptr_t stats, int64_t K, uintptr_t loss_ema, uintptr_t fall_ema, uintptr_t skipped,
+             lpa_host::PolicyParams params, int direction_kind, int radius_kind, bool observe, bool clear,
+             uintptr_t direction, uintptr_t radii)
+      : dtype(dtype), stats(stats), K(K), loss_ema(loss_ema), fall_ema(fall_ema), skipped(skipped), params(params),
+        direction_kind(direction_kind), radius_kind(radius_kind), observe(observe), clear(clear),
+        direction(direction), radii(radii) {
+    check_dtype(dtype);
+    if (direction_kind < 0 || direction_kind > 2 || radius_kind < 0 || radius_kind > 2)
+      throw std::invalid_argument("direction and radius kinds are 0, 1 or 2");
+    if ((direction_kind != lpa_host::kFixed && direction == 0) || (radius_kind != lpa_host::kFixed && radii == 0))
+      throw std::invalid_argument("a direction or radius the policy computes needs its output");
+    if ((direction_kind == lpa_host::kLossTrend || observe) && (loss_ema == 0 || fall_ema == 0))
+      throw std::invalid_argument("the loss trend needs loss_ema and fall_ema");
+    if (observe && skipped == 0) throw std::invalid_argument("observe needs skipped");
+  }
+
+  template <typename T> void run() const {
+    lpa_host::policy<T>(ptr<T>(stats), K, ptr<double>(loss_ema), ptr<double>(fall_ema), ptr<int64_t>(skipped), params,
+                        direction_kind, radius_kind, observe, clear, ptr<T>(direction), ptr<T>(radii));
+  }
+};
+
 template <typename T, typename Label>
 void perturb_forward_typed(uintptr_t h, uintptr_t labels, uintptr_t delta, uintptr_t out, int64_t B, int64_t F,
                            int64_t D, int64_t inner, bool scale) {
@@ -106,23 +139,42 @@ PYBIND11_MODULE(_lpa_host, m) {
   m.def("policy", [](int dtype, uintptr_t stats, int64_t K, uintptr_t loss_ema, uintptr_t fall_ema, uintptr_t skipped,
                      double eps, double delta_eps, double min_radius, double momentum, int direction_kind,
                      int radius_kind, bool observe, bool clear, uintptr_t direction, uintptr_t radii) {
-    check_dtype(dtype);
-    if (direction_kind < 0 || direction_kind > 2 || radius_kind < 0 || radius_kind > 2)
-      throw std::invalid_argument("direction and radius kinds are 0, 1 or 2");
-    if ((direction_kind != lpa_host::kFixed && direction == 0) || (radius_kind != lpa_host::kFixed && radii == 0))
-      throw std::invalid_argument("a direction or radius the policy computes needs its output");
-    if ((direction_kind == lpa_host::kLossTrend || observe) && (loss_ema == 0 || fall_ema == 0))
-      throw std::invalid_argument("the loss trend needs loss_ema and fall_ema");
-    if (observe && skipped == 0) throw std::invalid_argument("observe needs skipped");
-    const lpa_host::PolicyParams params{eps, delta_eps, min_radius, momentum};
-    auto run = [&](auto zero) {
-      using T = decltype(zero);
-      lpa_host::policy<T>(ptr<T>(stats), K, ptr<double>(loss_ema), ptr<double>(fall_ema), ptr<int64_t>(skipped),
-                          params, direction_kind, radius_kind, observe, clear, ptr<T>(direction), ptr<T>(radii));
-    };
+    const PolicyCall call{dtype, stats, K, loss_ema, fall_ema, skipped, {eps, delta_eps, min_radius, momentum},
+                          direction_kind, radius_kind, observe, clear, direction, radii};
     py::gil_scoped_release unlocked;
-    if (dtype == 0) run(0.0f);
-    else run(0.0);
+    if (dtype == 0) call.run<float>();
+    else call.run<double>();
+  });
+  // The single-pass step's update: the policy, then the guarded PGD step of delta (K, N) with its direction
+  // and radii (the caller's fixed tensors for the fixed kinds), in one call.
+  m.def("policy_pgd_step", [](int dtype, uintptr_t stats, int64_t K, uintptr_t loss_ema, uintptr_t fall_ema,
+                              uintptr_t stat_skipped, double eps, double delta_eps, double min_radius, double momentum,
+                              int direction_kind, int radius_kind, bool observe, bool clear, uintptr_t direction,
+                              uintptr_t radii, uintptr_t delta, uintptr_t grad, uintptr_t step, int64_t N, bool l2,
+                              double margin, uintptr_t ok, uintptr_t skipped) {
+    const PolicyCall call{dtype, stats, K, loss_ema, fall_ema, stat_skipped, {eps, delta_eps, min_radius, momentum},
+                          direction_kind, radius_kind, observe, clear, direction, radii};
+    if (direction == 0 || radii == 0) throw std::invalid_argument("the PGD step needs the direction and radii");
+    if (ok == 0 || skipped == 0) throw std::invalid_argument("the training step's PGD step is guarded: ok and skipped");
+    py::gil_scoped_release unlocked;
+    if (dtype == 0) {
+      call.run<float>();
+      pgd_step_typed<float>(delta, grad, step, radii, direction, K, N, l2, margin, ok, skipped);
+    } else {
+      call.run<double>();
+      pgd_step_typed<double>(delta, grad, step, radii, direction, K, N, l2, margin, ok, skipped);
+    }
+  });
+  m.def("label_range", [](int label_bytes, uintptr_t labels, int64_t B) {
+    check_label_bytes(label_bytes);
+    if (B < 1) throw std::invalid_argument("label_range needs B >= 1");
+    int64_t lo = 0, hi = 0;
+    {
+      py::gil_scoped_release unlocked;
+      if (label_bytes == 4) lpa_host::label_range(ptr<const int32_t>(labels), B, &lo, &hi);
+      else lpa_host::label_range(ptr<const int64_t>(labels), B, &lo, &hi);
+    }
+    return py::make_tuple(lo, hi);
   });
   m.def("perturb_forward", [](int dtype, int label_bytes, uintptr_t h, uintptr_t labels, uintptr_t delta,
                               uintptr_t out, int64_t B, int64_t F, int64_t D, int64_t inner, bool scale) {

@@ -6,6 +6,14 @@
 
 #include <cstdint>
 
+// The memory-bound loops are compiled for AVX2 as well, chosen when the module loads (GCC's target_clones): the
+// extension itself stays built for baseline x86-64, with no -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LPA_HOST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LPA_HOST_CLONES
+#endif
+
 namespace lpa_host {
 
 // pgd/naive.pgd_step_ on delta (K, N) in place from grad (K, N); step, eps, direction (K,). l2 projects
@@ -67,5 +75,12 @@ void perturb_forward(const T* h, const Label* labels, const T* delta, T* out, in
 template <typename T, typename Label>
 void perturb_class_grad(const T* grad_out, const T* h, const Label* labels, T* grad_delta, int64_t B, int64_t F,
                         int64_t K, int64_t D, int64_t inner, bool scale, T grad_scale);
+
+}  // namespace lpa_host
+
+namespace lpa_host {
+
+// The smallest and largest label of labels (B >= 1): _checks.check_labels' range check of CPU labels.
+template <typename Label> void label_range(const Label* labels, int64_t B, int64_t* lo, int64_t* hi);
 
 }  // namespace lpa_host

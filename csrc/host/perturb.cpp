@@ -9,6 +9,7 @@ namespace {
 // One sample: out (F) from x (F) and its class row d (D). The inner == 1 loop is the vectorised common case
 // (full and last-dim layouts).
 template <typename T>
+LPA_HOST_CLONES
 void perturb_row(const T* x, const T* d, T* out, int64_t reps, int64_t D, int64_t inner, bool scale) {
   for (int64_t r = 0; r < reps; ++r) {
     if (inner == 1) {
@@ -34,6 +35,7 @@ void perturb_row(const T* x, const T* d, T* out, int64_t reps, int64_t D, int64_
 
 // One sample's contribution to its class row g (D): each block's sum of grad (times x for scale), in order.
 template <typename T>
+LPA_HOST_CLONES
 void class_grad_row(const T* grad, const T* x, T* g, int64_t reps, int64_t D, int64_t inner, bool scale) {
   for (int64_t r = 0; r < reps; ++r) {
     if (inner == 1) {

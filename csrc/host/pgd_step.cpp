@@ -8,11 +8,8 @@
 namespace lpa_host {
 namespace {
 
-// torch.sign with NaN kept (naive.py's linf sign) and torch.sign (NaN -> 0) for the rest.
+// torch.sign with NaN kept (naive.py's sign of the gradient).
 template <typename T> T sign_keep_nan(T x) { return std::isnan(x) ? x : T((x > 0) - (x < 0)); }
-
-template <typename T> T nan_min(T a, T b) { return std::isnan(a) ? a : (b < a ? b : a); }
-template <typename T> T nan_max(T a, T b) { return std::isnan(a) ? a : (b > a ? b : a); }
 
 // A row buffer reused across calls (one per thread and dtype): no allocation per class.
 template <typename T> std::vector<T>& scratch(int64_t n) {
@@ -23,18 +20,24 @@ template <typename T> std::vector<T>& scratch(int64_t n) {
 
 // One class: delta_c (N) from grad_c (N); sd = step_c * direction_c.
 template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, bool l2, T margin) {
-  bool active = false, has_nan = false;
+  bool active = false;  // NaN != 0: a NaN gradient is active and propagates
+  for (int64_t i = 0; i < N && !active; ++i) active = g[i] != 0;
+  if (!active) return;  // an all-zero gradient (absent class) keeps delta, projection included
+  if (!l2) {
+    for (int64_t i = 0; i < N; ++i) {  // branch-free, so that it vectorises: a comparison with NaN is false
+      const T sign = g[i] != g[i] ? g[i] : T(g[i] > 0) - T(g[i] < 0);  // sign_keep_nan
+      const T stepped = d[i] + sd * sign;
+      const T low = eps < stepped ? eps : stepped;  // min(stepped, eps), a NaN step kept
+      d[i] = -eps > low ? -eps : low;
+    }
+    return;
+  }
+  bool has_nan = false;
   T largest = 0;
   for (int64_t i = 0; i < N; ++i) {
     const T a = g[i];
-    active |= a != 0;  // NaN != 0: a NaN gradient is active and propagates
     if (std::isnan(a)) has_nan = true;
     else if (std::fabs(a) > largest) largest = std::fabs(a);
-  }
-  if (!active) return;  // an all-zero gradient (absent class) keeps delta, projection included
-  if (!l2) {
-    for (int64_t i = 0; i < N; ++i) d[i] = nan_max(nan_min(d[i] + sd * sign_keep_nan(g[i]), eps), -eps);
-    return;
   }
   if (has_nan) {  // the unit vector is NaN everywhere (naive.l2_unit: the row's largest entry is NaN)
     for (int64_t i = 0; i < N; ++i) d[i] = std::numeric_limits<T>::quiet_NaN();
@@ -64,9 +67,9 @@ template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, 
 }
 
 template <typename T> bool all_finite(const T* g, int64_t N) {
-  for (int64_t i = 0; i < N; ++i)
-    if (!std::isfinite(g[i])) return false;
-  return true;
+  int bad = 0;  // no early exit: the branch-free loop vectorises (NaN fails the comparison)
+  for (int64_t i = 0; i < N; ++i) bad |= !(std::fabs(g[i]) <= std::numeric_limits<T>::max());
+  return !bad;
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa import policies
 from lpa_kernels.lpa.policies import DIRECTIONS, RADII, ClassInputs
 from lpa_kernels.lpa.registry import Entry
+from lpa_kernels.pgd.op import run_guarded_pgd_step_
 from lpa_kernels.step_update import naive as step_naive
 from lpa_kernels.step_update import op as step_op
 
@@ -85,16 +86,10 @@ class Policy:
         self._fixed = {}  # (kind, device, dtype) -> a batch-independent policy's tensor
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
         self._kinds = self._fused_kinds()  # the fused policy kernel's choices, None: the rule-by-rule path
-
-    @property
-    def needs_stats(self) -> bool:
-        """Whether ``resolve`` reads the batch's class statistics (from the first PGD step's logits)."""
-        return any(rule.meta.get("batch") for rule in self.rules)
-
-    @property
-    def tracks_loss(self) -> bool:
-        """Whether ``observe`` keeps per-class loss history (a direction that reads the loss trend)."""
-        return self.direction_rule is not None and bool(self.direction_rule.meta.get("trend"))
+        # read several times per training step, so computed once: whether ``resolve`` reads the batch's class
+        # statistics, and whether ``observe`` keeps per-class loss history (a direction reading the loss trend)
+        self.needs_stats = any(rule.meta.get("batch") for rule in self.rules)
+        self.tracks_loss = self.direction_rule is not None and bool(self.direction_rule.meta.get("trend"))
 
     def _inputs(self, **batch) -> ClassInputs:
         return ClassInputs(self.config, self.eps, self.num_classes, self.counts, **batch)
@@ -221,6 +216,30 @@ class Policy:
             if clear and stats is not None:
                 stats.zero_()
             return direction_eps
+        arguments = self._fused_arguments(stats, like, observe, backend)
+        if len(arguments) == 2:
+            return arguments
+        return step_op.policy_(*arguments, clear, compute_dtype(like.dtype), backend)
+
+    def step_pgd_(self, stats: torch.Tensor | None, delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor,
+                  norm: str, ok: torch.Tensor, skipped: torch.Tensor, backend: str) -> None:
+        """The single-pass step's update: ``step(stats, grad, observe=True, clear=True)``, then the guarded
+        PGD step of ``delta`` with that direction and radius (``pgd.op.run_guarded_pgd_step_``; ``step`` the
+        ``(K,)`` step sizes, ``ok`` 0-d bool, ``skipped`` its 0-d int64 counter). A built-in policy on the
+        reference backend's CPU tensors takes one host C++ call for both (``step_update.op.policy_pgd_step_``)."""
+        if self._kinds is not None:
+            arguments = self._fused_arguments(stats, grad, True, backend)
+            if len(arguments) > 2:
+                step_op.policy_pgd_step_(*arguments, True, delta, grad, step, norm, ok, skipped, backend)
+                return
+            direction, eps = arguments
+        else:
+            direction, eps = self.step(stats, grad, True, True, backend)
+        run_guarded_pgd_step_(delta, grad, step, eps, direction, norm, ok, skipped, backend)
+
+    def _fused_arguments(self, stats: torch.Tensor | None, like: torch.Tensor, observe: bool, backend: str):
+        """``step_op.policy_``'s arguments up to ``observe`` for this fused policy, or ``(direction, eps)``
+        themselves when nothing depends on the batch."""
         dtype = compute_dtype(like.dtype)
         direction_kind, radius_kind = self._kinds
         fixed_direction = fixed_eps = None
@@ -241,5 +260,5 @@ class Policy:
                 torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=stats.device),
                 torch.zeros(self.num_classes, dtype=torch.float64, device=stats.device), None)
         params = self._params(stats.device, backend)
-        return step_op.policy_(stats, fixed_direction, fixed_eps, *trend, params, direction_kind, radius_kind,
-                               observe and self.tracks_loss, clear, dtype, backend)
+        return (stats, fixed_direction, fixed_eps, *trend, params, direction_kind, radius_kind,
+                observe and self.tracks_loss)

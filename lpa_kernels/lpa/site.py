@@ -295,7 +295,7 @@ class ClassSite:
                 stats.zero_()
             return 0
         grad = all_reduce_sum(grad)  # gradient of the summed CE over the global batch (module docstring)
-        direction, eps = self.policy.step(stats, grad, observe=True, clear=True, backend=self._resolved_backend)
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
-        self._pgd_step(self.perturbation.delta, grad, direction, eps, None, self._skipped)
+        self.policy.step_pgd_(stats, self.perturbation.delta, grad, self._step_sizes, self.norm, self._all_ok,
+                              self._skipped, self._resolved_backend)
         return 1

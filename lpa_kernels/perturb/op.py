@@ -133,8 +133,30 @@ def run_perturb(h: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, mode
     step's ``_common.label_plan`` of ``labels``, which the backward's class reduction then reuses.
     ``delta_grad_scale``: delta's gradient is multiplied by it (the single-pass site's batch size: the
     mean loss's class gradient becomes the summed loss's); the reference host kernel does it in its sum."""
-    backend = _check_perturb_args(h, labels, delta, mode, backend, label_values=False)
+    backend = _checked_signature(h, labels, delta, mode, backend)
     return _dispatch_perturb(h, labels, delta, mode, backend, plan, delta_grad_scale)
+
+
+# run_perturb's signatures already checked -> the resolved backend. The training step repeats a few every
+# step, and the metadata checks cost more than the perturbation itself on small CPU batches.
+_checked_signatures: dict[tuple, str] = {}
+
+
+def _checked_signature(h, labels, delta, mode, backend) -> str:
+    """``_check_perturb_args`` without the label values, once per signature (dtypes, shapes, devices, mode,
+    backend) of plain tensors; a signature is remembered only once it passed."""
+    plain = type(h) is torch.Tensor and type(labels) is torch.Tensor and type(delta) is torch.Tensor
+    if not plain or backend == "auto" or torch.compiler.is_compiling():  # "auto" may read LPA_BACKEND anew
+        return _check_perturb_args(h, labels, delta, mode, backend, label_values=False)
+    key = (h.shape, h.dtype, h.device, labels.shape, labels.dtype, labels.device, delta.shape, delta.dtype,
+           delta.device, mode, backend)
+    resolved = _checked_signatures.get(key)
+    if resolved is None:
+        resolved = _check_perturb_args(h, labels, delta, mode, backend, label_values=False)
+        if len(_checked_signatures) >= 256:  # varying batch shapes: start over rather than grow
+            _checked_signatures.clear()
+        _checked_signatures[key] = resolved
+    return resolved
 
 
 # the training step asks for the same few layouts every step; hashing two torch.Size is cheaper than the rule

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _host_ext
+from lpa_kernels.pgd.op import run_guarded_pgd_step_
 from lpa_kernels.step_update import naive
 from lpa_kernels.step_update.backends import launchers
 
@@ -92,3 +93,18 @@ def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, para
                              radius, observe, clear, dtype)
     return _policy_op(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction, radius,
                       observe, clear, dtype, backend)
+
+
+def policy_pgd_step_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction: str,
+                     radius: str, observe: bool, clear: bool, delta, grad, step, norm: str, ok: torch.Tensor,
+                     skipped: torch.Tensor, backend: str) -> None:
+    """``policy_`` (``stat_skipped``: its ``skipped``; ``dtype`` delta's), then the guarded PGD step of
+    ``delta (K, *P)`` from ``grad`` with the direction and radii it gives (``pgd.op.run_guarded_pgd_step_``):
+    the single-pass step's update. One host C++ call on the reference backend's CPU tensors."""
+    if backend == "reference" and _host_ext.policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema,
+                                                            stat_skipped, params, direction, radius, observe, clear,
+                                                            delta, grad, step, norm, ok, skipped):
+        return
+    chosen, radii = policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction,
+                            radius, observe, clear, delta.dtype, backend)
+    run_guarded_pgd_step_(delta, grad, step, radii, chosen, norm, ok, skipped, backend)

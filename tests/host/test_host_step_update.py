@@ -172,3 +172,67 @@ def test_the_policy_bumps_the_versions_of_what_it_writes():
     assert _host_ext.policy(stats, None, None, loss_ema, fall_ema, skipped, PARAMS, "loss_trend", "confidence", True,
                             True, torch.float32) is not None
     assert all(t._version > v for t, v in zip((stats, loss_ema, fall_ema, skipped), before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("verdict", [True, False], ids=["ok", "rejected"])
+@pytest.mark.parametrize("radius", list(naive.RADII))
+@pytest.mark.parametrize("direction", list(naive.DIRECTIONS))
+def test_policy_then_pgd_step_in_one_call(reference_path, direction, radius, verdict, norm, dtype):
+    """``op.policy_pgd_step_`` (the single-pass update; one host call) equals ``naive.policy_`` followed by
+    ``pgd.naive.guarded_pgd_step_`` with its direction and radii: delta, the statistics (cleared), the
+    trend state and both counters, with non-finite gradient rows and a rejected batch."""
+    from lpa_kernels.pgd import naive as pgd_naive
+    from tests.host.test_host_pgd_step import gradient_rows, start_delta
+
+    classes, features = 9, 13
+    torch.manual_seed(classes)
+    stats = policy_stats(classes, dtype, "mixed")
+    fixed = (torch.randint(-1, 2, (classes,)).to(dtype), (torch.rand(classes) + 0.5).to(dtype))
+    step = torch.linspace(0.05, 0.9, classes).to(dtype)
+    delta, grad = start_delta(classes, features, dtype), gradient_rows(features, dtype)
+    ok, trend = torch.tensor(verdict), trend_state(classes)
+
+    def run(update):
+        state = [t.clone() for t in (stats, delta, *trend, torch.tensor(5))]
+        update(*state)
+        return state
+
+    def two_ops(stats, delta, loss_ema, fall_ema, stat_skipped, skipped):
+        chosen, radii = naive.policy_(stats, *fixed, loss_ema, fall_ema, stat_skipped, PARAMS, direction, radius,
+                                      True, True, dtype)
+        pgd_naive.guarded_pgd_step_(delta, grad, step, radii, chosen, norm, ok, skipped)
+
+    def one_call(stats, delta, loss_ema, fall_ema, stat_skipped, skipped):
+        op.policy_pgd_step_(stats, *fixed, loss_ema, fall_ema, stat_skipped, PARAMS, direction, radius, True, True,
+                            delta, grad, step, norm, ok, skipped, "reference")
+
+    want, got = run(two_ops), run(one_call)
+    for name, w, g in zip(("statistics", "delta", "loss_ema", "fall_ema", "statistics skipped", "skipped"), want, got):
+        exact = {} if name == "delta" else dict(rtol=0, atol=0)  # the l2 norm's sum order differs (pgd_step's tests)
+        torch.testing.assert_close(g, w, equal_nan=True, msg=f"{direction}/{radius} {norm}: {name}", **exact)
+    assert got[0].eq(0).all()  # cleared
+    assert verdict is False or int(got[5]) > 5  # the non-finite rows were counted
+    assert not torch.equal(got[1], delta) or verdict is False  # the step moved delta
+    if reference_path.name == "host":
+        assert reference_path.calls == ["policy_pgd_step"]
+
+
+def test_policy_then_pgd_step_leaves_unserved_calls_to_the_two_ops():
+    """A gradient of another dtype than delta: the host call declines and the two ops run (same result)."""
+    from lpa_kernels.pgd import naive as pgd_naive
+
+    stats, delta, grad = policy_stats(5, torch.float32, "mixed"), torch.zeros(5, 3), torch.randn(5, 3).double()
+    ok, skipped, step = torch.tensor(True), torch.tensor(0), torch.full((5,), 0.1)
+    assert not _host_ext.policy_pgd_step(stats.clone(), None, None, None, None, None, PARAMS, "confidence",
+                                         "confidence", False, True, delta, grad, step, "linf", ok, skipped)
+    assert delta.eq(0).all()
+    want_delta, got_stats = delta.clone(), stats.clone()
+    chosen, radii = naive.policy_(stats.clone(), None, None, None, None, None, PARAMS, "confidence", "confidence", False,
+                                  True, torch.float32)
+    pgd_naive.guarded_pgd_step_(want_delta, grad.float(), step, radii, chosen, "linf", ok, skipped.clone())
+    op.policy_pgd_step_(got_stats, None, None, None, None, None, PARAMS, "confidence", "confidence", False, True,
+                        delta, grad.float(), step, "linf", ok, skipped, "reference")
+    assert_same(delta, want_delta, "delta")
+    assert got_stats.eq(0).all()
