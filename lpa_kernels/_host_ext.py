@@ -83,8 +83,9 @@ def _address(t: torch.Tensor | None) -> int:
 
 
 def _pgd_arguments(delta, grad, step, eps, direction, norm: str, ok, skipped) -> tuple | None:
-    """``pgd_step``'s arguments after ``dtype`` (its ``grad`` made contiguous), or None when the kernels do not
-    serve these tensors."""
+    """``(grad, arguments)``: ``grad`` contiguous (a copy when it was not: the caller keeps it alive until the
+    kernel has run, the arguments hold only its address) and ``pgd_step``'s arguments after ``dtype``; or
+    None when the kernels do not serve these tensors."""
     if grad.shape != delta.shape or grad.dtype != delta.dtype:
         return None
     grad = grad.detach().contiguous()  # no copy when it already is
@@ -94,8 +95,8 @@ def _pgd_arguments(delta, grad, step, eps, direction, norm: str, ok, skipped) ->
         return None
     k = delta.shape[0]
     n = delta.numel() // k if k else 0
-    return (delta.data_ptr(), grad.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), k, n,
-            norm == "l2", l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
+    return grad, (delta.data_ptr(), grad.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), k, n,
+                  norm == "l2", l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
 
 
 def _pgd_written(delta, skipped) -> None:
@@ -108,9 +109,10 @@ def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None
     """``pgd/naive.pgd_step_`` (``guarded_pgd_step_`` with ``ok`` and ``skipped``) on a contiguous
     ``delta (K, *P)`` in place, ``grad`` of its shape and dtype (any layout); False (nothing done) when
     the kernels do not serve these tensors."""
-    arguments = _pgd_arguments(delta, grad, step, eps, direction, norm, ok, skipped)
-    if arguments is None:
+    prepared = _pgd_arguments(delta, grad, step, eps, direction, norm, ok, skipped)
+    if prepared is None:
         return False
+    grad, arguments = prepared  # grad: alive until the kernel has read it
     _load()[0].pgd_step(_DTYPE_CODES[delta.dtype], *arguments)
     _pgd_written(delta, skipped)
     return True
@@ -222,10 +224,10 @@ def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_
     if prepared is None:
         return False
     policy_arguments, chosen, radii = prepared
-    pgd_arguments = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
-    if pgd_arguments is None or ok is None:
+    pgd_prepared = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
+    if pgd_prepared is None or ok is None:
         return False
-    delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr = pgd_arguments
+    grad, (delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr) = pgd_prepared  # grad: alive
     _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, chosen.data_ptr(), radii.data_ptr(),
                                delta_ptr, grad_ptr, step_ptr, n, l2, margin, ok_ptr, skipped_ptr)
     _policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear)
