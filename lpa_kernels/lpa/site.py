@@ -14,7 +14,8 @@ The per-step update is a few fused ops (``lpa_kernels.step_update``, one kernel 
 CUDA backends, a few torch ops on the reference backend): each training forward adds its class
 statistics (counts, sums of the true-class probability and of the cross-entropy) into a persistent
 ``(3, K)`` buffer; ``after_backward`` runs the policy (means, finiteness, confidence threshold and gaps,
-the loss-trend update, direction and radius; the buffer cleared) and the guarded PGD step. Only the
+the loss-trend update, direction and radius; the buffer cleared) and the guarded PGD step (one host C++
+call for both on the reference backend's CPU tensors, ``Policy.step_pgd_``). Only the
 built-in batch policies have a fused form; a policy a user registered with ``batch=True`` or
 ``trend=True`` runs rule by rule in PyTorch (``Policy.step``), as correct, with more launches.
 
