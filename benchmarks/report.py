@@ -34,7 +34,8 @@ ROW_KEYS = (
     "frac_copy_bw",  # gbps / the copy bandwidth measured in this run
     "frac_matmul",   # tflops / the matmul rate measured in this run, same dtype (compute-bound ops)
     "speedup",       # {peer: peer time / this time} for the peers measured beside this row
-    "ratio",         # train_step: this step time / the plain (erm) step time
+    "ratio",         # train_step: this step time / plain_ms
+    "plain_ms",      # train_step: the plain (erm) step's median, timed alongside this row's (timing.paired_median_ms)
     "lower_forwards_per_step",
     "upper_forwards_per_step",
     "saved_bytes",   # memory: bytes saved for backward beyond the inputs (saved-tensor hooks; any device)

@@ -27,19 +27,35 @@ def median_ms(fn: Callable[[], object], device: torch.device, quick: bool = Fals
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 50, return_mode="median"))
-    return _cpu_median_ms(fn, warmup=1 if quick else 3, budget_s=0.05 if quick else 0.5)
+    return _cpu_medians_ms((fn,), warmup=1 if quick else 3, budget_s=0.05 if quick else 0.5)[0]
 
 
-def _cpu_median_ms(fn: Callable[[], object], warmup: int, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
+def paired_median_ms(fn: Callable[[], object], reference: Callable[[], object], device: torch.device,
+                     quick: bool = False) -> tuple[float, float]:
+    """Median milliseconds of ``fn`` and of ``reference``, timed together for their ratio: on the CPU one call
+    of each per round, in alternation, so that a drift of the machine's speed weighs on both alike (two
+    medians taken one after the other carry it into the ratio); on a GPU ``median_ms`` of each, back to back."""
+    if device.type == "cuda":
+        return median_ms(fn, device, quick), median_ms(reference, device, quick)
+    fn_ms, reference_ms = _cpu_medians_ms((fn, reference), warmup=1 if quick else 3, budget_s=0.1 if quick else 1.0,
+                                          max_reps=400)
+    return fn_ms, reference_ms
+
+
+def _cpu_medians_ms(fns: tuple[Callable[[], object], ...], warmup: int, budget_s: float, min_reps: int = 3,
+                    max_reps: int = 200) -> list[float]:
+    """Each of ``fns``' median milliseconds over rounds that call every one of them once, in order."""
     for _ in range(warmup):
-        fn()
-    times: list[float] = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    while len(times[0]) < min_reps or (len(times[0]) < max_reps and time.perf_counter() - start < budget_s):
+        for fn, fn_times in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - t0)
+    return [statistics.median(fn_times) * 1e3 for fn_times in times]
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:

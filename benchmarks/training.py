@@ -3,7 +3,8 @@ with the ``--direction`` / ``--radius`` policies) with T = 0, 1, 3 PGD steps.
 
 The methods come from ``lpa_kernels.lpa.build_method``; each step is what a training loop does:
 ``loss, logits = method.training_loss(x, y)``, zero_grad, backward, ``method.after_backward()``,
-``opt.step()``. Rows give the median step time, its ratio to the plain step, and how many times the
+``opt.step()``. Rows give the median step time, its ratio to the plain step timed alongside it (``plain_ms``;
+on the CPU one call of each per round, ``timing.paired_median_ms``), and how many times the
 lower network (everything below the perturbed layer) and the upper network ran per step, counted by
 forward hooks on their first modules (the SPEC's algorithmic target: lower network once per step).
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from lpa_bench.report import new_row
 from lpa_bench.runner import Budget, attempt
-from lpa_bench.timing import median_ms, timer_name
+from lpa_bench.timing import median_ms, paired_median_ms, timer_name
 
 # The perturbed layer is the output of module "3" (the penultimate features), so the upper network
 # is the linear classifier "4": the head fast path applies.
@@ -80,17 +81,22 @@ def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_clas
 
 
 def _measure(name, steps, base, x, y, num_classes, device, quick, policies):
-    """(median step ms, lower forwards per step, upper forwards per step, method.stats())."""
+    """(median step ms, the plain step's median ms timed alongside it (None for the plain step itself), lower
+    forwards per step, upper forwards per step, method.stats())."""
     model = copy.deepcopy(base)
     step, method = training_step(name, steps, model, x, y, num_classes, policies=policies)
-    ms = median_ms(step, device, quick)
+    if name == "erm":
+        ms, plain_ms = median_ms(step, device, quick), None
+    else:
+        plain, _ = training_step("erm", None, copy.deepcopy(base), x, y, num_classes)
+        ms, plain_ms = paired_median_ms(step, plain, device, quick)
     lower, upper = _CallCounter(model.get_submodule(LOWER_ENTRY)), _CallCounter(model.get_submodule(UPPER_ENTRY))
     for _ in range(COUNTED_STEPS):
         step()
     lower.handle.remove()
     upper.handle.remove()
     stats = method.stats() if hasattr(method, "stats") else None
-    return ms, lower.calls / COUNTED_STEPS, upper.calls / COUNTED_STEPS, stats
+    return ms, plain_ms, lower.calls / COUNTED_STEPS, upper.calls / COUNTED_STEPS, stats
 
 
 def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool, methods=("lpa",),
@@ -101,25 +107,24 @@ def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool, met
     base = mlp(shape["IN"], shape["HIDDEN"], shape["K"]).to(device)
     x = torch.randn(shape["B"], shape["IN"], device=device)
     y = torch.randint(0, shape["K"], (shape["B"],), device=device)
-    rows, erm_ms = [], None
+    rows = []
     policies = policies or {}
     for name, steps in [("erm", None)] + [(m, t) for m in methods for t in STEPS]:
         row = new_row(bench="train_step", op="mlp_step", **{"pass": "step"}, impl=name, dtype="float32",
                       shape=dict(shape), variant={"layer": LAYER, "steps": steps, **policies}, timer=timer_name(device))
         measured = attempt(row, budget, lambda: _measure(name, steps, base, x, y, shape["K"], device, quick, policies))
-        row["time_ms"], row["lower_forwards_per_step"], row["upper_forwards_per_step"], row["stats"] = measured or (None,) * 4
-        if name == "erm":
-            erm_ms = row["time_ms"]
-        else:
-            _lpa_targets(row, erm_ms)
+        (row["time_ms"], row["plain_ms"], row["lower_forwards_per_step"], row["upper_forwards_per_step"],
+         row["stats"]) = measured or (None,) * 5
+        if name != "erm":
+            _lpa_targets(row)
         rows.append(row)
     return rows
 
 
-def _lpa_targets(row: dict, erm_ms: float | None) -> None:
+def _lpa_targets(row: dict) -> None:
     steps = row["variant"]["steps"]
-    if row["time_ms"] and erm_ms:
-        row["ratio"] = row["time_ms"] / erm_ms
+    if row["time_ms"] and row["plain_ms"]:
+        row["ratio"] = row["time_ms"] / row["plain_ms"]  # the plain step timed alongside (timing.paired_median_ms)
     lower_once = None if row["lower_forwards_per_step"] is None else row["lower_forwards_per_step"] == 1
     if steps == 0:
         row["target"] = "step time <= 1.05x plain step; lower network run once per step"
