@@ -218,6 +218,8 @@ def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_
     """``policy`` (its first eleven arguments; ``stat_skipped`` is its ``skipped``), then the guarded
     ``pgd_step`` of ``delta`` with the direction and radii it gives (``ok`` 0-d bool, ``skipped`` 0-d int64),
     in one call: the single-pass step's update. False (nothing done) when the kernels do not serve."""
+    if ok is None:  # the training step's update is always guarded
+        return False
     dtype = delta.dtype
     prepared = _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params,
                                  direction, radius, observe, dtype)
@@ -225,7 +227,7 @@ def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_
         return False
     policy_arguments, chosen, radii = prepared
     pgd_prepared = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
-    if pgd_prepared is None or ok is None:
+    if pgd_prepared is None:
         return False
     grad, (delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr) = pgd_prepared  # grad: alive
     _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, chosen.data_ptr(), radii.data_ptr(),

@@ -216,9 +216,9 @@ class Policy:
             if clear and stats is not None:
                 stats.zero_()
             return direction_eps
-        arguments = self._fused_arguments(stats, like, observe, backend)
-        if len(arguments) == 2:
-            return arguments
+        constant, arguments = self._fused_arguments(stats, like, observe, backend)
+        if arguments is None:
+            return constant
         return step_op.policy_(*arguments, clear, compute_dtype(like.dtype), backend)
 
     def step_pgd_(self, stats: torch.Tensor | None, delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor,
@@ -227,19 +227,19 @@ class Policy:
         PGD step of ``delta`` with that direction and radius (``pgd.op.run_guarded_pgd_step_``; ``step`` the
         ``(K,)`` step sizes, ``ok`` 0-d bool, ``skipped`` its 0-d int64 counter). A built-in policy on the
         reference backend's CPU tensors takes one host C++ call for both (``step_update.op.policy_pgd_step_``)."""
-        if self._kinds is not None:
-            arguments = self._fused_arguments(stats, grad, True, backend)
-            if len(arguments) > 2:
+        if self._kinds is None:
+            direction, eps = self.step(stats, grad, True, True, backend)
+        else:
+            (direction, eps), arguments = self._fused_arguments(stats, grad, True, backend)
+            if arguments is not None:
                 step_op.policy_pgd_step_(*arguments, True, delta, grad, step, norm, ok, skipped, backend)
                 return
-            direction, eps = arguments
-        else:
-            direction, eps = self.step(stats, grad, True, True, backend)
         run_guarded_pgd_step_(delta, grad, step, eps, direction, norm, ok, skipped, backend)
 
     def _fused_arguments(self, stats: torch.Tensor | None, like: torch.Tensor, observe: bool, backend: str):
-        """``step_op.policy_``'s arguments up to ``observe`` for this fused policy, or ``(direction, eps)``
-        themselves when nothing depends on the batch."""
+        """``((direction, eps), arguments)`` for this fused policy: ``arguments``, ``step_op.policy_``'s up to
+        ``observe``, or None when nothing depends on the batch and ``(direction, eps)``, the constant tensors
+        (None for a kind the kernel computes), are the policy's result itself."""
         dtype = compute_dtype(like.dtype)
         direction_kind, radius_kind = self._kinds
         fixed_direction = fixed_eps = None
@@ -249,7 +249,7 @@ class Policy:
         if radius_kind == "fixed":
             fixed_eps = self._constant(self.rules[-1], like)
         if stats is None and not self.tracks_loss:  # nothing batch-dependent: the constant tensors themselves
-            return fixed_direction, fixed_eps
+            return (fixed_direction, fixed_eps), None
         if stats is None:  # the trend direction alone (a T-step run): no statistics to read
             stats = torch.zeros((3, self.num_classes), dtype=dtype, device=like.device)
         trend = (None, None, None)
@@ -260,5 +260,5 @@ class Policy:
                 torch.full((self.num_classes,), float("nan"), dtype=torch.float64, device=stats.device),
                 torch.zeros(self.num_classes, dtype=torch.float64, device=stats.device), None)
         params = self._params(stats.device, backend)
-        return (stats, fixed_direction, fixed_eps, *trend, params, direction_kind, radius_kind,
-                observe and self.tracks_loss)
+        return (fixed_direction, fixed_eps), (stats, fixed_direction, fixed_eps, *trend, params, direction_kind,
+                                              radius_kind, observe and self.tracks_loss)
