@@ -48,8 +48,9 @@ def _op_panel(ax, op: str, pass_: str, rows: list, meta: dict) -> None:
 
 
 def _train_panel(ax, rows: list) -> None:
-    labels = [f"T={r['variant']['steps']}" for r in rows]
+    labels = [f"{r['op'].removesuffix('_step')} {r['variant']['layer']}\nT={r['variant']['steps']}" for r in rows]
     ax.bar(labels, [r["ratio"] for r in rows])
+    ax.tick_params(axis="x", labelsize=6, labelrotation=90)
     ax.axhline(1.05, color="k", linestyle="--", label="target for T=0: 1.05")
     ax.set_ylabel("LPA step / plain step")
     ax.set_title("training step")

@@ -1,6 +1,6 @@
-"""Where one training step's device time goes: ERM vs LPA (T = 0, 1, 3) on the benchmark MLP.
+"""Where one training step's device time goes: ERM vs LPA (T = 0, 1, 3) on a benchmark network.
 
-    python -m lpa_bench.profile_step [--tier gpu] [--steps 5] [--json PATH]
+    python -m lpa_bench.profile_step [--model mlp|resnet] [--layer NAME] [--tier gpu] [--steps 5] [--json PATH]
 
 For each method, ``torch.profiler`` records ``--steps`` steps (after warm-up) and this prints, per step,
 the number of device kernels launched, the summed device time, the host time of the step, and the
@@ -18,14 +18,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lpa_bench.training import SHAPES, STEPS, mlp, training_step
+from lpa_bench.training import NETWORKS, STEPS, training_step
 
 TOP = 8
 
 
-def _profile(name: str, steps: int | None, base, x, y, num_classes: int, repeats: int) -> dict:
+def _profile(name: str, steps: int | None, base, x, y, num_classes: int, layer: str, repeats: int) -> dict:
     model = copy.deepcopy(base)
-    step, _ = training_step(name, steps, model, x, y, num_classes)
+    step, _ = training_step(name, steps, model, x, y, num_classes, layer)
     for _ in range(3):  # warm-up: Triton compiles, cuBLAS handles, allocator
         step()
     cuda = x.device.type == "cuda"
@@ -59,19 +59,27 @@ def _profile(name: str, steps: int | None, base, x, y, num_classes: int, repeats
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tier", choices=sorted(SHAPES), default=None, help="shape tier (default: gpu on a GPU, else cpu)")
+    p.add_argument("--model", choices=sorted(NETWORKS), default="mlp", help="the network (default: mlp)")
+    p.add_argument("--layer", default=None, help="the perturbed layer (default: the network's first timed layer)")
+    p.add_argument("--tier", choices=("quick", "cpu", "gpu"), default=None,
+                   help="size tier (default: gpu on a GPU, else cpu)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per method (default: 5)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = p.parse_args(argv)
+    network = NETWORKS[args.model]
+    layer = args.layer or next(iter(network.layers))
+    if layer not in network.layers:
+        p.error(f"--layer: {layer!r} is not one of {args.model}'s timed layers {list(network.layers)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = SHAPES[args.tier or ("gpu" if device.type == "cuda" else "cpu")]
+    shape = network.sizes[args.tier or ("gpu" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)
-    base = mlp(shape["IN"], shape["HIDDEN"], shape["K"]).to(device)
-    x = torch.randn(shape["B"], shape["IN"], device=device)
+    base, input_shape = network.build(shape)
+    base = base.to(device)
+    x = torch.randn(*input_shape, device=device)
     y = torch.randint(0, shape["K"], (shape["B"],), device=device)
     results = []
     for name, steps in [("erm", None)] + [("lpa", t) for t in STEPS]:
-        r = _profile(name, steps, base, x, y, shape["K"], args.steps)
+        r = _profile(name, steps, base, x, y, shape["K"], layer, args.steps)
         results.append(r)
         print(f"{r['method']:>9}: {r['launches_per_step']:6.1f} launches/step, device {r['device_ms_per_step']:.3f} ms/step,"
               f" host {r['host_ms_per_step']:.3f} ms/step", flush=True)
@@ -79,8 +87,8 @@ def main(argv=None) -> None:
             print(f"{'':>11}{k['ms_per_step']:8.3f} ms x{k['calls_per_step']:5.1f}  {k['name']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": shape,
-                       "results": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": args.model,
+                       "layer": layer, "shape": shape, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -19,7 +19,7 @@ SCHEMA = "lpa-bench/1"
 
 ROW_KEYS = (
     "bench",         # "op" | "memory" | "train_step" | "lower_forwards"
-    "op",            # op name, or "mlp_step" for the training benchmark
+    "op",            # op name, or "mlp_step" / "resnet_step" for the training benchmark
     "pass",          # "fwd" | "bwd" | "fwd+bwd" | "step"
     "impl",          # backend ("reference", "triton", "cuda") or peer ("eager", "compile", "matmul"), or method
     "dtype",

@@ -1,5 +1,6 @@
-"""One training step of the same MLP, plain (``erm``) vs LPA (or the methods ``--train-methods`` names,
-with the ``--direction`` / ``--radius`` policies) with T = 0, 1, 3 PGD steps.
+"""One training step of an MLP and of a CIFAR ResNet (``NETWORKS``), plain (``erm``) vs LPA (or the methods
+``--train-methods`` names, with the ``--direction`` / ``--radius`` policies) with T = 0, 1, 3 PGD steps, at
+each of the network's timed layers.
 
 The methods come from ``lpa_kernels.lpa.build_method``; each step is what a training loop does:
 ``loss, logits = method.training_loss(x, y)``, zero_grad, backward, ``method.after_backward()``,
@@ -12,6 +13,8 @@ forward hooks on their first modules (the SPEC's algorithmic target: lower netwo
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,23 +23,57 @@ from lpa_bench.report import new_row
 from lpa_bench.runner import Budget, attempt
 from lpa_bench.timing import median_ms, paired_median_ms, timer_name
 
-# The perturbed layer is the output of module "3" (the penultimate features), so the upper network
-# is the linear classifier "4": the head fast path applies.
-LAYER = "3"
-LOWER_ENTRY, UPPER_ENTRY = "0", "4"
 STEPS = (0, 1, 3)
 COUNTED_STEPS = 3
-
-SHAPES = {
-    "quick": dict(B=64, IN=16, HIDDEN=32, K=5),
-    "cpu": dict(B=256, IN=64, HIDDEN=256, K=10),
-    "gpu": dict(B=1024, IN=1024, HIDDEN=4096, K=1000),
-}
 
 
 def mlp(d_in: int, hidden: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
+
+
+def _mlp_model_and_input(sizes: dict) -> tuple[nn.Module, tuple[int, ...]]:
+    return mlp(sizes["IN"], sizes["HIDDEN"], sizes["K"]), (sizes["B"], sizes["IN"])
+
+
+def _resnet_model_and_input(sizes: dict) -> tuple[nn.Module, tuple[int, ...]]:
+    from lpa_programs.models import ResNet
+
+    model = ResNet(sizes["K"], in_channels=3, width=sizes["WIDTH"], blocks=sizes["BLOCKS"])
+    return model, (sizes["B"], 3, sizes["SIDE"], sizes["SIDE"])
+
+
+@dataclass(frozen=True)
+class Network:
+    """A model the rows time. ``build(sizes)``: ``(model, input shape)`` at one tier's ``sizes``; each of
+    ``layers`` (perturbed layer -> the first module of the upper network above it) gets its own LPA rows;
+    ``lower_entry``: the first module of the lower network. Entries are leaf modules: the split model calls
+    those (a traced container's own forward hooks do not run)."""
+
+    op: str
+    sizes: dict
+    layers: dict
+    lower_entry: str
+    build: Callable[[dict], tuple[nn.Module, tuple[int, ...]]]
+
+
+NETWORKS = {
+    # "3" is the penultimate features, so the upper network is the linear classifier "4": the head fast path.
+    "mlp": Network(
+        "mlp_step",
+        {"quick": dict(B=64, IN=16, HIDDEN=32, K=5), "cpu": dict(B=256, IN=64, HIDDEN=256, K=10),
+         "gpu": dict(B=1024, IN=1024, HIDDEN=4096, K=1000)},
+        {"3": "4"}, "0", _mlp_model_and_input),
+    # lpa-train's CIFAR ResNet (cpu and gpu tiers: its default, ResNet-20 of width 16, on 32 x 32 images):
+    # its pooled features feed the classifier (the head path); its second stage is NCHW (an inner layer:
+    # the perturb path, whose PGD steps re-run the upper network).
+    "resnet": Network(
+        "resnet_step",
+        {"quick": dict(B=16, SIDE=8, WIDTH=4, BLOCKS=1, K=5), "cpu": dict(B=32, SIDE=32, WIDTH=16, BLOCKS=3, K=10),
+         "gpu": dict(B=256, SIDE=32, WIDTH=16, BLOCKS=3, K=100)},
+        {"features.pool": "classifier", "features.stage2": "features.stage3.0.conv1"}, "features.stem.0",
+        _resnet_model_and_input),
+}
 
 
 class _CallCounter:
@@ -61,7 +98,7 @@ def _method(name: str, steps: int | None, model: nn.Module, num_classes: int, la
     return build_method(name, model, num_classes, layer=layer, config=config, class_counts=class_counts(num_classes))
 
 
-def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int, layer: str = LAYER,
+def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_classes: int, layer: str,
                   backend: str = "auto", policies: dict | None = None):
     """``(step, method)``: ``step()`` runs one training step of ``model`` with the method ``name`` (a
     ``METHODS`` name; ``steps`` PGD steps, perturbing ``layer`` on ``backend``, ``policies`` the
@@ -80,17 +117,18 @@ def training_step(name: str, steps: int | None, model: nn.Module, x, y, num_clas
     return step, method
 
 
-def _measure(name, steps, base, x, y, num_classes, device, quick, policies):
+def _measure(name, steps, network, layer, base, x, y, num_classes, device, quick, policies):
     """(median step ms, the plain step's median ms timed alongside it (None for the plain step itself), lower
     forwards per step, upper forwards per step, method.stats())."""
     model = copy.deepcopy(base)
-    step, method = training_step(name, steps, model, x, y, num_classes, policies=policies)
+    step, method = training_step(name, steps, model, x, y, num_classes, layer, policies=policies)
     if name == "erm":
         ms, plain_ms = median_ms(step, device, quick), None
     else:
-        plain, _ = training_step("erm", None, copy.deepcopy(base), x, y, num_classes)
+        plain, _ = training_step("erm", None, copy.deepcopy(base), x, y, num_classes, layer)
         ms, plain_ms = paired_median_ms(step, plain, device, quick)
-    lower, upper = _CallCounter(model.get_submodule(LOWER_ENTRY)), _CallCounter(model.get_submodule(UPPER_ENTRY))
+    lower = _CallCounter(model.get_submodule(network.lower_entry))
+    upper = _CallCounter(model.get_submodule(network.layers[layer]))
     for _ in range(COUNTED_STEPS):
         step()
     lower.handle.remove()
@@ -101,18 +139,30 @@ def _measure(name, steps, base, x, y, num_classes, device, quick, policies):
 
 def train_rows(tier: str, device: torch.device, budget: Budget, quick: bool, methods=("lpa",),
                policies: dict | None = None) -> list:
-    """The plain step, then each of ``methods`` with T = 0, 1, 3 (``policies``: direction and radius)."""
-    shape = SHAPES[tier]
-    torch.manual_seed(0)
-    base = mlp(shape["IN"], shape["HIDDEN"], shape["K"]).to(device)
-    x = torch.randn(shape["B"], shape["IN"], device=device)
-    y = torch.randint(0, shape["K"], (shape["B"],), device=device)
+    """For each of ``NETWORKS``: the plain step, then each of ``methods`` with T = 0, 1, 3 (``policies``:
+    direction and radius) at each of its layers."""
     rows = []
-    policies = policies or {}
-    for name, steps in [("erm", None)] + [(m, t) for m in methods for t in STEPS]:
-        row = new_row(bench="train_step", op="mlp_step", **{"pass": "step"}, impl=name, dtype="float32",
-                      shape=dict(shape), variant={"layer": LAYER, "steps": steps, **policies}, timer=timer_name(device))
-        measured = attempt(row, budget, lambda: _measure(name, steps, base, x, y, shape["K"], device, quick, policies))
+    for network in NETWORKS.values():
+        rows.extend(_network_rows(network, tier, device, budget, quick, methods, policies or {}))
+    return rows
+
+
+def _network_rows(network: Network, tier: str, device: torch.device, budget: Budget, quick: bool, methods,
+                  policies: dict) -> list:
+    shape = network.sizes[tier]
+    torch.manual_seed(0)
+    base, input_shape = network.build(shape)
+    base = base.to(device)
+    x = torch.randn(*input_shape, device=device)
+    y = torch.randint(0, shape["K"], (shape["B"],), device=device)
+    first_layer = next(iter(network.layers))
+    runs = [("erm", None, first_layer)] + [(m, t, layer) for layer in network.layers for m in methods for t in STEPS]
+    rows = []
+    for name, steps, layer in runs:
+        row = new_row(bench="train_step", op=network.op, **{"pass": "step"}, impl=name, dtype="float32",
+                      shape=dict(shape), variant={"layer": layer, "steps": steps, **policies}, timer=timer_name(device))
+        measured = attempt(row, budget, lambda: _measure(name, steps, network, layer, base, x, y, shape["K"], device,
+                                                         quick, policies))
         (row["time_ms"], row["plain_ms"], row["lower_forwards_per_step"], row["upper_forwards_per_step"],
          row["stats"]) = measured or (None,) * 5
         if name != "erm":

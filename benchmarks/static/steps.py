@@ -24,8 +24,7 @@ from lpa_bench.static.compile_worker import REPO
 # (head path), its second stage is NCHW (inner layer).
 MODELS = ("mlp", "resnet")
 LAYERS = {"mlp": {"head": "3", "inner": "1"}, "resnet": {"head": "features.pool", "inner": "features.stage2"}}
-SIZES = dict(B=64, IN=32, HIDDEN=64, K=10)
-RESNET_SIZES = dict(B=16, CHANNELS=3, SIDE=8, WIDTH=4, K=10)
+SIZES = {"mlp": dict(B=64, IN=32, HIDDEN=64, K=10), "resnet": dict(B=16, SIDE=8, WIDTH=4, BLOCKS=1, K=10)}
 METHODS = (("erm", None), ("lpa", 0), ("lpa", 1), ("lpa", 3))
 BACKENDS = ("reference", "triton")
 
@@ -33,16 +32,11 @@ BACKENDS = ("reference", "triton")
 def _model_and_batch(model_name: str):
     import torch
 
-    from lpa_bench.training import mlp
-    from lpa_programs.models import ResNet
+    from lpa_bench.training import NETWORKS
 
-    if model_name == "mlp":
-        model = mlp(SIZES["IN"], SIZES["HIDDEN"], SIZES["K"])
-        return model, torch.randn(SIZES["B"], SIZES["IN"]), torch.randint(0, SIZES["K"], (SIZES["B"],)), SIZES["K"]
-    r = RESNET_SIZES
-    model = ResNet(r["K"], in_channels=r["CHANNELS"], width=r["WIDTH"], blocks=1)
-    x = torch.randn(r["B"], r["CHANNELS"], r["SIDE"], r["SIDE"])
-    return model, x, torch.randint(0, r["K"], (r["B"],)), r["K"]
+    sizes = SIZES[model_name]
+    model, input_shape = NETWORKS[model_name].build(sizes)
+    return model, torch.randn(*input_shape), torch.randint(0, sizes["K"], (sizes["B"],)), sizes["K"]
 
 
 def count_step(method_name: str, steps: int | None, layer: str, backend: str, model_name: str = "mlp") -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lpa_kernels
-from lpa_bench.training import LAYER, LOWER_ENTRY, mlp, training_step
+from lpa_bench.training import NETWORKS, mlp, training_step
 
 ROUNDS = dict(rounds=20, warmup_rounds=2, iterations=1)
 
@@ -47,12 +47,13 @@ def test_mlp_training_step(benchmark, method, steps):
     torch.manual_seed(0)
     model = mlp(32, 64, 5)
     x, y = torch.randn(128, 32), torch.randint(0, 5, (128,))
-    step, built = training_step(method, steps, copy.deepcopy(model), x, y, 5)
+    layer = next(iter(NETWORKS["mlp"].layers))
+    step, built = training_step(method, steps, copy.deepcopy(model), x, y, 5, layer)
     lower_calls = []
-    built.model.get_submodule(LOWER_ENTRY).register_forward_hook(lambda *a: lower_calls.append(1))
+    built.model.get_submodule(NETWORKS["mlp"].lower_entry).register_forward_hook(lambda *a: lower_calls.append(1))
     benchmark.group = "mlp training step"
     loss = benchmark.pedantic(step, **ROUNDS)
     assert torch.isfinite(loss), f"{method} T={steps} produced a non-finite loss"
     rounds = ROUNDS["rounds"] + ROUNDS["warmup_rounds"]
     benchmark.extra_info["lower_forwards_per_step"] = len(lower_calls) / rounds
-    benchmark.extra_info["layer"] = LAYER
+    benchmark.extra_info["layer"] = layer

@@ -103,13 +103,24 @@ def test_training_step_rows_have_ratio_and_lower_forward_count(quick_run):
     pytest.importorskip("lpa_kernels.lpa", reason="the LPA training machinery has not landed")
     report, _ = quick_run
     rows = _rows(report, bench="train_step")
-    assert [(r["impl"], r["variant"]["steps"]) for r in rows] == [("erm", None), ("lpa", 0), ("lpa", 1), ("lpa", 3)]
+    runs = [("erm", None)] + [("lpa", t) for t in (0, 1, 3)]
+    assert [(r["op"], r["variant"]["layer"], r["impl"], r["variant"]["steps"]) for r in rows] == (
+        [("mlp_step", "3", *run) for run in runs]
+        + [("resnet_step", "features.pool", *run) for run in runs]
+        + [("resnet_step", "features.stage2", *run) for run in runs[1:]])
     for row in rows:
         assert row["error"] is None, row["error"]
         assert row["lower_forwards_per_step"] is not None
     assert rows[0]["plain_ms"] is None
-    for row in rows[1:]:  # against the plain step timed alongside each method's (timing.paired_median_ms)
+    for row in rows:
+        if row["impl"] == "erm":
+            continue
+        # against the plain step timed alongside each method's (timing.paired_median_ms)
         assert row["plain_ms"] > 0 and row["ratio"] == pytest.approx(row["time_ms"] / row["plain_ms"])
+        assert row["lower_forwards_per_step"] == 1, "single pass and head/autograd PGD: the lower network runs once"
+        # the head path's PGD steps never run the classifier module; the inner layer's re-run the upper network
+        upper = 1 if row["variant"]["layer"] != "features.stage2" else 1 + row["variant"]["steps"]
+        assert row["upper_forwards_per_step"] == upper, row
 
 
 def test_training_step_methods_and_policies_come_from_the_registries(tmp_path):
@@ -121,7 +132,7 @@ def test_training_step_methods_and_policies_come_from_the_registries(tmp_path):
     path = tmp_path / "steps.json"
     assert cli.main(["--quick", "--device", "cpu", "--ops", "train_step", "--train-methods", "la+lpa",
                      "--direction", "split", "--radius", "budget", "--json", str(path)]) == 0
-    rows = _rows(json.loads(path.read_text()), bench="train_step")
+    rows = _rows(json.loads(path.read_text()), bench="train_step", op="mlp_step")
     assert [(r["impl"], r["variant"]["steps"]) for r in rows] == [("erm", None), ("la+lpa", 0), ("la+lpa", 1), ("la+lpa", 3)]
     assert all(r["error"] is None for r in rows) and rows[1]["variant"]["radius"] == "budget"
 

@@ -1,0 +1,28 @@
+"""``python -m lpa_bench.profile_step`` (run by gpu_session.sh) profiles every method on each network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lpa_bench import profile_step
+
+
+@pytest.mark.parametrize("model, layer", [("mlp", None), ("resnet", "features.stage2")])
+def test_profile_step_reports_each_method(tmp_path, model, layer):
+    path = tmp_path / "profile.json"
+    argv = ["--tier", "quick", "--steps", "1", "--model", model, "--json", str(path)] + (["--layer", layer] if layer else [])
+    profile_step.main(argv)
+    report = json.loads(path.read_text())
+    assert report["model"] == model and report["layer"] == (layer or "3")
+    assert [r["method"] for r in report["results"]] == ["erm", "lpa T=0", "lpa T=1", "lpa T=3"]
+    for r in report["results"]:
+        assert r["launches_per_step"] > 0 and r["heaviest"], r
+
+
+def test_profile_step_refuses_a_layer_the_network_does_not_time(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        profile_step.main(["--tier", "quick", "--model", "resnet", "--layer", "features.stage9"])
+    assert exit_.value.code == 2
+    assert "--layer: 'features.stage9'" in capsys.readouterr().err
