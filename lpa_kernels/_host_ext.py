@@ -51,7 +51,7 @@ def is_built() -> bool:
 
 
 def _switched_off() -> bool:
-    return os.environ.get("LPA_HOST_KERNELS", "").strip() == "0"
+    return os.environ.get("LPA_HOST_KERNELS", "").strip() == "0"  # _callable asks the extension instead
 
 
 def unavailable_reason() -> str:
@@ -70,12 +70,20 @@ def _callable() -> bool:
     dispatch modes and torch.func transforms (which must see the PyTorch ops)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False  # first: Dynamo traces what runs before it returns
-    return _load()[0] is not None and not _switched_off() and torch._C._functorch.peek_interpreter_stack() is None
+    module = _load()[0]
+    # the switch read through the C environment (the extension's getenv: os.environ writes reach it), which
+    # costs a fraction of os.environ.get; every launcher call pays it
+    return module is not None and not module.switched_off() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the kernels may run on these tensors (None entries are absent optionals)."""
-    return dtype in _DTYPE_CODES and _callable() and all(t is None or _plain(t, dtype) for t in tensors)
+    if dtype not in _DTYPE_CODES or not _callable():
+        return False
+    for t in tensors:  # _plain inlined: each launcher call checks several tensors
+        if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
 
 
 def _address(t: torch.Tensor | None) -> int:
@@ -99,10 +107,9 @@ def _pgd_arguments(delta, grad, step, eps, direction, norm: str, ok, skipped) ->
                   norm == "l2", l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
 
 
-def _pgd_written(delta, skipped) -> None:
-    torch.autograd.graph.increment_version(delta)
-    if skipped is not None:
-        torch.autograd.graph.increment_version(skipped)
+def _written(*tensors: torch.Tensor | None) -> None:
+    """Bump the version counters of what a kernel wrote (None entries: absent), in one call."""
+    torch.autograd.graph.increment_version([t for t in tensors if t is not None])
 
 
 def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None) -> bool:
@@ -114,7 +121,7 @@ def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None
         return False
     grad, arguments = prepared  # grad: alive until the kernel has read it
     _load()[0].pgd_step(_DTYPE_CODES[delta.dtype], *arguments)
-    _pgd_written(delta, skipped)
+    _written(delta, skipped)
     return True
 
 
@@ -135,9 +142,7 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
                         weight.data_ptr(), _address(bias), delta.data_ptr(), batch, features, classes, steps,
                         step.data_ptr(), eps.data_ptr(), _address(direction), norm == "l2", mode == "scale",
                         class_space, l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
-    torch.autograd.graph.increment_version(delta)
-    if skipped is not None:
-        torch.autograd.graph.increment_version(skipped)
+    _written(delta, skipped)
     return True
 
 
@@ -154,7 +159,7 @@ def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
     if not _load()[0].class_stats(_DTYPE_CODES[stats.dtype], _LABEL_BYTES[labels.dtype], stats.data_ptr(),
                                   log_probs.data_ptr(), labels.data_ptr(), batch, classes, _address(ok), accumulate):
         return False
-    torch.autograd.graph.increment_version(stats)
+    _written(stats)
     return True
 
 
@@ -189,12 +194,9 @@ def _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, ski
     return arguments, chosen, radii
 
 
-def _policy_written(stats, loss_ema, fall_ema, skipped, observe: bool, clear: bool) -> None:
-    if clear:
-        torch.autograd.graph.increment_version(stats)
-    if observe:
-        for state in (loss_ema, fall_ema, skipped):
-            torch.autograd.graph.increment_version(state)
+def _policy_written(stats, loss_ema, fall_ema, skipped, observe: bool, clear: bool) -> tuple:
+    """What ``policy`` wrote, for ``_written``: the statistics when it cleared them, the trend state when it observed."""
+    return (stats if clear else None,) + ((loss_ema, fall_ema, skipped) if observe else ())
 
 
 def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
@@ -209,7 +211,7 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     arguments, chosen, radii = prepared
     _load()[0].policy(_DTYPE_CODES[dtype], *arguments, clear, 0 if direction == "fixed" else chosen.data_ptr(),
                       0 if radius == "fixed" else radii.data_ptr())
-    _policy_written(stats, loss_ema, fall_ema, skipped, observe, clear)
+    _written(*_policy_written(stats, loss_ema, fall_ema, skipped, observe, clear))
     return chosen, radii
 
 
@@ -232,8 +234,7 @@ def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_
     grad, (delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr) = pgd_prepared  # grad: alive
     _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, chosen.data_ptr(), radii.data_ptr(),
                                delta_ptr, grad_ptr, step_ptr, n, l2, margin, ok_ptr, skipped_ptr)
-    _policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear)
-    _pgd_written(delta, skipped)
+    _written(*_policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear), delta, skipped)
     return True
 
 

@@ -27,9 +27,9 @@ def reference_path(request, monkeypatch):
             return getattr(module, name)(*args)
         return call
 
-    class Spy:  # every kernel of the module, recorded
+    class Spy:  # every kernel of the module, recorded (not the LPA_HOST_KERNELS query every launcher makes)
         def __getattr__(self, name):
-            return recorded(name)
+            return getattr(module, name) if name == "switched_off" else recorded(name)
 
     monkeypatch.setattr(_host_ext, "_load", lambda: (Spy(), None))
     yield path

@@ -27,6 +27,22 @@ def test_backend_info_says_why_the_host_kernels_are_off(monkeypatch):
     assert info["available"] is True
 
 
+@pytest.mark.parametrize("value, off", [("0", True), (" 0\n", True), ("1", False), ("", False), ("00", False), (None, False)])
+def test_the_switch_is_read_at_each_call(monkeypatch, value, off):
+    """The launchers read LPA_HOST_KERNELS through the extension's getenv, set or cleared in-process as
+    os.environ sees it (whitespace stripped), and agree with backend_info's reason."""
+    if not _host_ext.is_built():
+        pytest.skip("the host extension is not built")
+    if value is None:
+        monkeypatch.delenv("LPA_HOST_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("LPA_HOST_KERNELS", value)
+    assert _host_ext._callable() is not off
+    assert ("LPA_HOST_KERNELS=0" in _host_ext.unavailable_reason()) is off
+    monkeypatch.delenv("LPA_HOST_KERNELS", raising=False)
+    assert _host_ext._callable() is True, "cleared in-process: the kernels serve again"
+
+
 def _pgd_args(dtype=torch.float32, k=3, n=5):
     delta, grad = torch.zeros(k, n, dtype=dtype), torch.randn(k, n, dtype=dtype)
     hyper = [torch.full((k,), v, dtype=dtype) for v in (0.1, 1.0, 1.0)]

@@ -196,7 +196,10 @@ def test_policy_then_pgd_step_in_one_call(reference_path, direction, radius, ver
 
     def run(update):
         state = [t.clone() for t in (stats, delta, *trend, torch.tensor(5))]
+        versions = [t._version for t in state]
         update(*state)
+        # what is written through pointers is announced as an in-place op would announce it
+        assert all(t._version > v for t, v in zip(state, versions)), f"{update.__name__}: a version was not bumped"
         return state
 
     def two_ops(stats, delta, loss_ema, fall_ema, stat_skipped, skipped):
