@@ -37,8 +37,8 @@ def paired_median_ms(fn: Callable[[], object], reference: Callable[[], object], 
     medians taken one after the other carry it into the ratio); on a GPU ``median_ms`` of each, back to back."""
     if device.type == "cuda":
         return median_ms(fn, device, quick), median_ms(reference, device, quick)
-    # at least 15 rounds: a step of tens of ms (the ResNet) would get only a few within the time budget
-    fn_ms, reference_ms = _cpu_medians_ms((fn, reference), warmup=1 if quick else 3, budget_s=0.1 if quick else 1.0,
+    # 3 s and at least 15 rounds: a step of tens of ms (the ResNet's) needs them for a median stable to ~1%
+    fn_ms, reference_ms = _cpu_medians_ms((fn, reference), warmup=1 if quick else 3, budget_s=0.1 if quick else 3.0,
                                           min_reps=3 if quick else 15, max_reps=400)
     return fn_ms, reference_ms
 

@@ -64,12 +64,13 @@ NETWORKS = {
         {"quick": dict(B=64, IN=16, HIDDEN=32, K=5), "cpu": dict(B=256, IN=64, HIDDEN=256, K=10),
          "gpu": dict(B=1024, IN=1024, HIDDEN=4096, K=1000)},
         {"3": "4"}, "0", _mlp_model_and_input),
-    # lpa-train's CIFAR ResNet (cpu and gpu tiers: its default, ResNet-20 of width 16, on 32 x 32 images):
+    # lpa-train's CIFAR ResNet (cpu and gpu tiers: its default, ResNet-20 of width 16; on the CPU 16 x 16
+    # images, a ~20 ms step, so that a few seconds of paired timing hold enough rounds for a stable median):
     # its pooled features feed the classifier (the head path); its second stage is NCHW (an inner layer:
     # the perturb path, whose PGD steps re-run the upper network).
     "resnet": Network(
         "resnet_step",
-        {"quick": dict(B=16, SIDE=8, WIDTH=4, BLOCKS=1, K=5), "cpu": dict(B=32, SIDE=32, WIDTH=16, BLOCKS=3, K=10),
+        {"quick": dict(B=16, SIDE=8, WIDTH=4, BLOCKS=1, K=5), "cpu": dict(B=32, SIDE=16, WIDTH=16, BLOCKS=3, K=10),
          "gpu": dict(B=256, SIDE=32, WIDTH=16, BLOCKS=3, K=100)},
         {"features.pool": "classifier", "features.stage2": "features.stage3.0.conv1"}, "features.stem.0",
         _resnet_model_and_input),
