@@ -231,9 +231,8 @@ def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_
     pgd_prepared = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
     if pgd_prepared is None:
         return False
-    grad, (delta_ptr, grad_ptr, step_ptr, _, _, _, n, l2, margin, ok_ptr, skipped_ptr) = pgd_prepared  # grad: alive
-    _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, chosen.data_ptr(), radii.data_ptr(),
-                               delta_ptr, grad_ptr, step_ptr, n, l2, margin, ok_ptr, skipped_ptr)
+    grad, pgd_arguments = pgd_prepared  # grad: alive until the kernel has read it
+    _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, *pgd_arguments)
     _written(*_policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear), delta, skipped)
     return True
 

@@ -149,15 +149,17 @@ PYBIND11_MODULE(_lpa_host, m) {
     else call.run<double>();
   });
   // The single-pass step's update: the policy, then the guarded PGD step of delta (K, N) with its direction
-  // and radii (the caller's fixed tensors for the fixed kinds), in one call.
+  // and radii (the caller's fixed tensors for the fixed kinds), in one call. The PGD step's arguments are
+  // pgd_step's; its eps and direction are the policy's outputs.
   m.def("policy_pgd_step", [](int dtype, uintptr_t stats, int64_t K, uintptr_t loss_ema, uintptr_t fall_ema,
                               uintptr_t stat_skipped, double eps, double delta_eps, double min_radius, double momentum,
-                              int direction_kind, int radius_kind, bool observe, bool clear, uintptr_t direction,
-                              uintptr_t radii, uintptr_t delta, uintptr_t grad, uintptr_t step, int64_t N, bool l2,
-                              double margin, uintptr_t ok, uintptr_t skipped) {
+                              int direction_kind, int radius_kind, bool observe, bool clear, uintptr_t delta,
+                              uintptr_t grad, uintptr_t step, uintptr_t radii, uintptr_t direction, int64_t pgd_K,
+                              int64_t N, bool l2, double margin, uintptr_t ok, uintptr_t skipped) {
     const PolicyCall call{dtype, stats, K, loss_ema, fall_ema, stat_skipped, {eps, delta_eps, min_radius, momentum},
                           direction_kind, radius_kind, observe, clear, direction, radii};
     if (direction == 0 || radii == 0) throw std::invalid_argument("the PGD step needs the direction and radii");
+    if (pgd_K != K) throw std::invalid_argument("delta must have the policy's K rows");
     if (ok == 0 || skipped == 0) throw std::invalid_argument("the training step's PGD step is guarded: ok and skipped");
     py::gil_scoped_release unlocked;
     if (dtype == 0) {
