@@ -4,24 +4,21 @@ barrier, wmma as plain loops) and driven through the real launchers of ``lpa_ker
 on CPU tensors. This checks the indexing, the vector/scalar paths, the class reductions (split
 across blocks: the emulated GPU has 3 SMs) and the epilogues against the float64 reference on a
 machine without a GPU. It cannot check what only hardware shows (tensor-core numerics, timing,
-memory-model races): ``pytest -m gpu`` and benchmarks/sanitize_cuda.py do that on a GPU.
+memory-model races): ``pytest -m gpu`` and benchmarks/sanitize_cuda.py do that on a GPU. The fixtures
+(``emulated``, ``launchers``, ``cuda_backend_on_cpu``) are in conftest.py; test_emulated_block_order.py runs
+the kernels whose blocks communicate with their blocks out of index order.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lpa_kernels
 from lpa_kernels import _cuda_build, _cuda_launch
-from lpa_kernels.head_pgd import cuda_kernels as head_pgd_cuda
 from lpa_kernels.head_pgd import loop as head_loop
-from lpa_kernels.linear_perturb import cuda_kernels as linear_perturb_cuda
-from lpa_kernels.perturb import cuda_kernels as perturb_cuda
 from lpa_kernels.pgd import cuda_kernels as pgd_cuda
 from lpa_kernels._common import delta_layout
 from lpa_kernels.linear_perturb import naive as linear_naive
@@ -39,27 +36,6 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None or _cuda_build.find_
 # every thread strides through several (sample, run, offset) positions.
 FEATURES = (3, 8, 9)
 LAYOUTS = {"full": (3, *FEATURES), "channel": (3, 3, 1, 1), "last_dim": (3, 9)}
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    from tests.cuda.emulation import build
-
-    path = build.build(tmp_path_factory.mktemp("lpa_cuda_emulated"))
-    spec = importlib.util.spec_from_file_location("_lpa_cuda", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture()
-def launchers(emulated, monkeypatch):
-    """The ops' CUDA launchers calling the emulated module on CPU tensors (stream 0, a 3-SM device)."""
-    monkeypatch.setattr(_cuda_launch, "launch", lambda name, device, *args: getattr(emulated, name)(*args, 0))
-    monkeypatch.setattr(_cuda_launch, "_multiprocessors", lambda device: 3)
-    modules = (perturb_cuda, pgd_cuda, linear_perturb_cuda, head_pgd_cuda, _cuda_launch)
-    return SimpleNamespace(**{name: value for module in modules for name, value in vars(module).items()
-                              if callable(value) and not name.startswith("_")})
 
 
 def _flat(t):
@@ -325,14 +301,6 @@ def test_linear_backward_epilogue_without_preact(launchers):
     assert_close_to_reference(grad_bias, grad_out.double().sum(0), what="grad_bias")
     expected = torch.stack([grad_out[2:4].double().sum(0), grad_out[[0, 1, 4, 5]].double().sum(0)])
     assert_close_to_reference(grad_delta, expected, what="grad_delta")
-
-
-@pytest.fixture()
-def cuda_backend_on_cpu(launchers, monkeypatch):
-    """The public ops with backend="cuda" accepting CPU tensors (they then run the emulated kernels)."""
-    from lpa_kernels import backend
-
-    monkeypatch.setattr(backend, "_cuda_reason", lambda device: "")
 
 
 @pytest.mark.parametrize("mode", ["add", "scale"])

@@ -1,6 +1,7 @@
 """Builds ``_lpa_cuda`` from ``csrc/`` as plain host C++ with the emulation in this folder (emu.h,
 mma.h): in every source and header, each ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
-``lpa_emu::launch(grid, block, [&] { kernel(args); });`` and g++ compiles the rest unchanged."""
+``lpa_emu::launch(grid, block, [&] { kernel(args); });`` and g++ compiles the rest unchanged. The module
+also holds ``order_probe.cpp``'s C function, the witness of the block order a launch runs."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def build(build_dir: Path) -> Path:
         translated.write_text(rewrite_launches(text) if name.endswith(".cu") else text)
         objects.append(str(build_dir / (name + ".o")))
         commands.append(flags + ["-c", str(translated), "-o", objects[-1]])
+    objects.append(str(build_dir / "order_probe.o"))  # the block-order witness, not part of csrc/
+    commands.append(flags + ["-c", str(HERE / "order_probe.cpp"), "-o", objects[-1]])
 
     def run(cmd):
         result = subprocess.run(cmd, capture_output=True, text=True)

@@ -5,16 +5,24 @@
 //
 // Every block runs after the previous one; its threads are real std::threads, so __syncthreads is a
 // real barrier and __shared__ (made `static`) is one buffer shared by the block's threads. wmma is
-// emulated in mma.h next to this file.
+// emulated in mma.h next to this file. The blocks run in index order, or in the order the environment
+// variable LPA_EMU_BLOCK_ORDER names at the launch: "reversed", or "shuffled:<seed>" (tests/program_order.py).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <math.h>
 #include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -30,24 +38,40 @@ inline dim3 block_dim, grid_dim;
 inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::atomic<int> vote{0};
 
+// The linear block indices (x fastest) in the order this launch runs them (see the header comment).
+inline std::vector<unsigned> block_order(unsigned count) {
+  std::vector<unsigned> order(count);
+  std::iota(order.begin(), order.end(), 0u);
+  const char* chosen = std::getenv("LPA_EMU_BLOCK_ORDER");
+  if (chosen == nullptr || *chosen == '\0') return order;
+  if (std::strcmp(chosen, "reversed") == 0) {
+    std::reverse(order.begin(), order.end());
+  } else if (std::strncmp(chosen, "shuffled:", 9) == 0) {
+    std::mt19937 generator(static_cast<unsigned>(std::stoul(chosen + 9)) + count);
+    std::shuffle(order.begin(), order.end(), generator);
+  } else {
+    throw std::invalid_argument(std::string("LPA_EMU_BLOCK_ORDER must be reversed or shuffled:<seed>, got ") + chosen);
+  }
+  return order;
+}
+
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   block_dim = block;
   grid_dim = grid;
   const unsigned threads = block.x * block.y * block.z;
+  const std::vector<unsigned> order = block_order(grid.x * grid.y * grid.z);
   block_barrier = std::make_unique<std::barrier<>>(threads);
-  // One std::thread per CUDA thread, walking the blocks in order; the barrier after each block keeps
+  // One std::thread per CUDA thread, walking the blocks in `order`; the barrier after each block keeps
   // a block's threads from starting the next block while others still use the shared buffers.
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       thread_index = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            block_index = {bx, by, bz};
-            body();
-            block_barrier->arrive_and_wait();
-          }
+      for (const unsigned linear : order) {
+        block_index = {linear % grid.x, linear / grid.x % grid.y, linear / (grid.x * grid.y)};
+        body();
+        block_barrier->arrive_and_wait();
+      }
     });
   }
   for (auto& th : pool) th.join();

@@ -1,0 +1,168 @@
+"""The Triton kernels whose programs communicate give the same bits whatever order their programs run in.
+
+On a GPU the programs of a launch finish in any order; the CPU interpreter runs them in index order,
+so the last program to arrive at an arrival counter is always the highest chunk. Here every such
+kernel also runs with its programs reversed and shuffled (``tests/program_order.py``) and must give,
+bit for bit, what it gives in index order: the chunked class reduction (the last chunk adds the
+partials in chunk order), the fused class gradient + PGD update (the last feature block of a class
+updates its row) and its prepared form that ``head_pgd_`` repeats every step (counters the last
+arrival resets), the guarded ``pgd_step`` on its split grid and the one-launch class-space ``head_pgd_``
+(their skip counts). Correctness against the definitions is tested beside each op; these tests add
+the order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import lpa_kernels
+from lpa_kernels._common import class_order
+from lpa_kernels._triton_common import chunk_plan, reduction_tiling
+from lpa_kernels.backend import _old_interpreter_reason, interpreting
+from lpa_kernels.head_pgd import loop as head_loop
+from lpa_kernels.pgd import triton_kernels as pgd_triton
+from lpa_kernels.pgd.op import run_guarded_pgd_step_
+from tests.head_pgd.test_fused_class_space import spy_on_fused_launch
+from tests.head_pgd.test_head_pgd import make_problem
+from tests.perturb.test_perturb import LAYOUTS, random_inputs
+from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
+from tests.program_order import ORDERS, interpreter_program_order
+
+pytestmark = pytest.mark.skipif(not interpreting() or bool(_old_interpreter_reason()),
+                                reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, triton >= 3.9)")
+PERMUTED = [order for order in ORDERS if order != "natural"]
+
+
+def _long_tailed(counts: list[int]) -> torch.Tensor:
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return labels[torch.randperm(labels.numel())]
+
+
+def _assert_chunked(labels: torch.Tensor, num_classes: int, features, per_class, inner: int) -> None:
+    """Test set-up: the reduction of these labels takes the chunked path (arrival counters)."""
+    batch, D = labels.numel(), math.prod(per_class)
+    block_d, block_q, _, R = reduction_tiling(batch, math.prod(features), D, inner)
+    plan = chunk_plan(class_order(labels, num_classes)[1], R, batch * R, block_q, triton.cdiv(D, block_d))
+    assert plan is not None and int(plan[2].diff().max()) > 1, "test set-up: a class should be cut into chunks"
+
+
+def perturb_backward_dominant_class(monkeypatch):
+    """``perturb``'s backward (grad_h and the chunked class gradient), one class holding 50 of 53 samples."""
+    features, per_class = LAYOUTS["full"]
+    labels = _long_tailed([50, 3])
+    _assert_chunked(labels, 3, features, per_class, 1)
+    h, labels, delta, grad_out = random_inputs(53, 3, features, per_class, labels=labels)
+    h.requires_grad_(), delta.requires_grad_()
+    out = lpa_kernels.perturb(h, labels, delta, "scale", backend="triton")
+    return torch.autograd.grad(out, (h, delta), grad_out)
+
+
+def class_grad_long_tailed_channel(monkeypatch):
+    """``class_grad`` on a channel-wise layout (slabs), long classes chunked, short ones written directly."""
+    features, per_class = LAYOUTS["channel"]
+    labels = _long_tailed([120, 12, 4, 2, 1, 1, 1, 1, 1, 1])
+    _assert_chunked(labels, 11, features, per_class, 5 * 7)
+    h, labels, _, grad_out = random_inputs(144, 11, features, per_class, labels=labels)
+    return (lpa_kernels.class_grad(grad_out, labels, 11, (11, *per_class), h=h, mode="scale", backend="triton"),)
+
+
+def class_grad_pgd_step_over_feature_blocks(monkeypatch):
+    """The fused class gradient + L2 update: class 0 chunked, rows over several feature blocks, class 4
+    absent; each class's last block to arrive updates the row."""
+    labels = _long_tailed([60, 6, 2, 1])
+    delta = 2 * torch.randn(5, 600)
+    grad_out, h = torch.randn(2, 69, 2, 600)
+    lpa_kernels.class_grad_pgd_step_(delta, grad_out, labels, 0.2, 0.8, -1.0, "l2", h=h, mode="scale", backend="triton")
+    return (delta,)
+
+
+def guarded_pgd_step_split_grid(monkeypatch):
+    """The guarded L2 step on the (feature block, class) grid (64-entry blocks), two classes not finite
+    (counted into the skip count by their block 0)."""
+    monkeypatch.setattr(pgd_triton, "split_block", lambda K, D, device: 64)
+    delta, grad = 0.3 * torch.randn(5, 301), torch.randn(5, 301)
+    grad[2, 5], grad[3, 7] = float("nan"), float("inf")
+    step, eps, direction = torch.rand(5) * 0.2, torch.rand(5) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
+    skipped = torch.zeros((), dtype=torch.int64)
+    run_guarded_pgd_step_(delta, grad, step, eps, direction, "l2", torch.tensor(True), skipped, "triton")
+    return delta, skipped
+
+
+def head_pgd_rows_form(monkeypatch):
+    """Three rows-form steps: the prepared fused update launched three times (its counters must come back
+    to zero whichever program arrives last)."""
+    monkeypatch.setattr(head_loop, "use_class_space", lambda *args: False)
+    h, y, weight, bias, delta = make_problem(40, 13, 37)
+    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, "confidence", "l2", "add", backend="triton")
+    return (delta,)
+
+
+def head_pgd_fused_class_space(monkeypatch):
+    """Every class-space step in one launch (three programs of 16 classes)."""
+    calls = spy_on_fused_launch(monkeypatch, "triton")
+    h, y, weight, bias, delta = make_problem(70, 40, 37)
+    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, "l2", "add", backend="triton")
+    assert calls, "test set-up: the fused launch should run"
+    return (delta,)
+
+
+CASES = {case.__name__: case for case in (perturb_backward_dominant_class, class_grad_long_tailed_channel,
+                                           class_grad_pgd_step_over_feature_blocks, guarded_pgd_step_split_grid,
+                                           head_pgd_rows_form,
+                                           head_pgd_fused_class_space)}
+
+
+def _run(case: str, monkeypatch) -> tuple:
+    torch.manual_seed(0)  # the same inputs in every order
+    return tuple(t.detach().clone() for t in CASES[case](monkeypatch))
+
+
+# (guarded_pgd_step_split_grid: the kernel detects non-finite entries by arithmetic on them (x - x), which
+# the interpreter runs through numpy, which warns; a compiled kernel computes the same values silently)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("order", PERMUTED)
+@pytest.mark.parametrize("case", CASES)
+def test_same_bits_in_any_program_order(case, order, monkeypatch):
+    in_index_order = _run(case, monkeypatch)
+    with interpreter_program_order(order):
+        permuted = _run(case, monkeypatch)
+    for i, (expected, got) in enumerate(zip(in_index_order, permuted)):
+        assert torch.equal(expected, got), \
+            f"{case}: output {i} changes with the programs in {order} order (largest difference " \
+            f"{(expected - got).abs().max().item():.3e})"
+
+
+@pytest.mark.parametrize("order", PERMUTED)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_prepared_step_repeats_like_fresh_calls_in_any_program_order(order, norm):
+    """tests/pgd's check (three launches of one preparation equal three fresh calls bit for bit, and the
+    float64 reference after them) with the programs out of index order."""
+    with interpreter_program_order(order):
+        check_prepared_step_repeats_like_fresh_calls(pgd_triton, (40, 7, 7), (40, 1, 1), norm, "cpu")
+
+
+@triton.jit
+def _arrival_kernel(out_ptr):
+    """Program p writes into ``out[p]`` how many programs ran before it (``out[8]`` counts them)."""
+    arrived = tl.load(out_ptr + 8)
+    tl.store(out_ptr + tl.program_id(0), arrived)
+    tl.store(out_ptr + 8, arrived + 1)
+
+
+def test_the_order_reaches_the_programs():
+    """The helper really permutes the programs, each exactly once."""
+    arrivals = {}
+    for order in ORDERS:
+        out = torch.zeros(9, dtype=torch.int32)
+        with interpreter_program_order(order):
+            _arrival_kernel[(8,)](out)
+        arrivals[order] = out[:8].tolist()
+    assert arrivals["natural"] == list(range(8))
+    assert arrivals["reversed"] == list(range(7, -1, -1))
+    assert sorted(arrivals["shuffled"]) == list(range(8))
+    assert arrivals["shuffled"] not in (arrivals["natural"], arrivals["reversed"])
