@@ -7,6 +7,10 @@
 // of the labels) with `offsets[c]..offsets[c + 1]` the samples of class c, so class c's group k is a
 // fixed list of elements and its sum is taken in a fixed order: no atomics, bitwise reproducible.
 //
+// Grid: class c along x, group tile along y, sample split along z. Classes go on x because only x may
+// exceed 65535 blocks (up to 2^31 - 1): an LLM-vocabulary head has K = 100,000 classes
+// (dispatch_class_reduce refuses more than 65535 tiles or splits).
+//
 // Thread layout of a block (TX * TY = 256 threads): `threadIdx.x` picks the group k (TX consecutive
 // groups, so with inner == 1 neighbouring threads read neighbouring addresses), `threadIdx.y` strides
 // over the (sample, o, i) elements of that group with i fastest (so with inner > 1 and TX == 1 the
@@ -97,7 +101,7 @@ __device__ void reduce_over_y(A (&value)[V], A* scratch) {
   __syncthreads();
 }
 
-// Block (group tile blockIdx.x, class blockIdx.y, sample split blockIdx.z): the partial sums of
+// Block (class blockIdx.x, group tile blockIdx.y, sample split blockIdx.z): the partial sums of
 // class c over its split-th share of samples, written to part1/part2[(split, c, k)] (part2 may be
 // null). Each thread reads V elements at a time (V > 1: 16-byte loads): V consecutive groups
 // (RUN == false, D % V == 0) or V consecutive features of one group (RUN == true, inner % V == 0).
@@ -106,8 +110,8 @@ template <int V, bool RUN, typename A, class Op>
 __device__ void block_class_partials(const Op& op, const int64_t* order, const int64_t* offsets, const GroupShape& s,
                                      int64_t num_classes, A* part1, A* part2, A* scratch) {
   constexpr int G = RUN ? 1 : V;  // groups per thread
-  const int64_t c = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-  const int64_t k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  const int64_t c = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+  const int64_t k = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * G;
   const int64_t first = offsets[c], count = offsets[c + 1] - first;
   const int64_t share = (count + splits - 1) / splits;
   const int64_t row_begin = first + min64(count, split * share), row_end = first + min64(count, (split + 1) * share);
@@ -147,18 +151,23 @@ struct ReduceWidth {
   static constexpr bool RUN = RUN_;
 };
 
-// Calls launch(ReduceWidth<V, RUN>{}, grid, block) for the (group tile, class, sample split) grid of
+// Calls launch(ReduceWidth<V, RUN>{}, grid, block) for the (class, group tile, sample split) grid of
 // block_class_partials over a T tensor: V = kVec<T> (16-byte loads) when the shape and every pointer
 // (`aligned`) allow it, else V = 1, one element per thread.
+// Throws std::invalid_argument naming `kernel`, before launching, when the grid exceeds CUDA's limits.
 template <typename T, class Launch>
-void dispatch_class_reduce(bool aligned, const GroupShape& s, int64_t num_classes, int64_t splits, const Launch& launch) {
+void dispatch_class_reduce(const char* kernel, bool aligned, const GroupShape& s, int64_t num_classes, int64_t splits,
+                           const Launch& launch) {
   constexpr int V = kVec<T>;
   const bool groups_vec = aligned && s.inner == 1 && s.D % V == 0;
   const bool runs_vec = aligned && s.inner > 1 && s.inner % V == 0;
   const dim3 block = reduce_block(s, groups_vec || runs_vec ? V : 1);
-  const int64_t per_block = int64_t(block.x) * (groups_vec ? V : 1);
-  const dim3 grid(static_cast<unsigned>((s.D + per_block - 1) / per_block), static_cast<unsigned>(num_classes),
-                  static_cast<unsigned>(splits));
+  const int64_t per_block = int64_t(block.x) * (groups_vec ? V : 1), tiles = (s.D + per_block - 1) / per_block;
+  if (num_classes > 2147483647LL || tiles > 65535 || splits > 65535) {
+    throw std::invalid_argument(std::string(kernel) + ": at most 2^31 - 1 classes, 65535 group tiles (of " +
+                                std::to_string(per_block) + " groups here) and 65535 sample splits per launch");
+  }
+  const dim3 grid(static_cast<unsigned>(num_classes), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   if (groups_vec) launch(ReduceWidth<V, false>{}, grid, block);
   else if (runs_vec) launch(ReduceWidth<V, true>{}, grid, block);
   else launch(ReduceWidth<1, false>{}, grid, block);
@@ -166,10 +175,10 @@ void dispatch_class_reduce(bool aligned, const GroupShape& s, int64_t num_classe
 
 // Launches class_reduce_kernel for `op` with V-wide loads when the shape and every pointer allow it.
 template <typename T, typename A, class Op>
-void launch_class_reduce(const Op& op, bool aligned, const int64_t* order, const int64_t* offsets,
+void launch_class_reduce(const char* kernel, const Op& op, bool aligned, const int64_t* order, const int64_t* offsets,
                          const GroupShape& s, int64_t num_classes, int64_t splits, A* part1, A* part2,
                          cudaStream_t stream) {
-  dispatch_class_reduce<T>(aligned, s, num_classes, splits, [&](auto width, dim3 grid, dim3 block) {
+  dispatch_class_reduce<T>(kernel, aligned, s, num_classes, splits, [&](auto width, dim3 grid, dim3 block) {
     using W = decltype(width);
     class_reduce_kernel<W::V, W::RUN><<<grid, block, 0, stream>>>(op, order, offsets, s, num_classes, part1, part2);
   });
@@ -190,6 +199,5 @@ inline unsigned grid_for(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 65536 * 8 ? (blocks > 0 ? blocks : 1) : 65536 * 8);
 }
 
-void check_class_grid(const GroupShape& s, int64_t num_classes, int64_t splits, const char* kernel);
 
 }  // namespace lpa

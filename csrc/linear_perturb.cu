@@ -180,15 +180,14 @@ void linear_backward_epilogue(void* grad_preact, const void* grad_out, const voi
   // A sample's rows_per_label rows of N features form one "sample" of F = rows_per_label * N
   // features in the last-dim layout: group n collects column n of all its rows.
   const GroupShape s{rows_per_label * N, N, 1, rows_per_label};
-  check_class_grid(s, K, splits, "linear_backward_epilogue");
   if (N == 0) return;
   LPA_DISPATCH(dtype, "linear_backward_epilogue", {
     using A = acc_t<scalar_t>;
     const LinearGrad<scalar_t> op{static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(preact),
                                   static_cast<const A*>(delta), static_cast<scalar_t*>(grad_preact), N, activation, mode};
     const bool aligned = aligned16(grad_out) && aligned16(grad_preact) && (preact == nullptr || aligned16(preact));
-    launch_class_reduce<scalar_t>(op, aligned, order, offsets, s, K, splits, static_cast<A*>(part_delta),
-                                  static_cast<A*>(part_bias), stream);
+    launch_class_reduce<scalar_t>("linear_backward_epilogue", op, aligned, order, offsets, s, K, splits,
+                                  static_cast<A*>(part_delta), static_cast<A*>(part_bias), stream);
   })
   check_launch("linear_backward_epilogue (class_reduce_kernel)");
 }

@@ -93,12 +93,6 @@ struct PerturbGrad {
   }
 };
 
-void check_class_grid(const GroupShape& s, int64_t num_classes, int64_t splits, const char* kernel) {
-  if (num_classes > 65535 || splits > 65535) {
-    throw std::invalid_argument(std::string(kernel) + ": at most 65535 classes and sample splits per launch");
-  }
-}
-
 template <typename T, typename TD>
 void launch_perturb_backward(void* grad_h, const void* grad_out, const void* h, const int64_t* order,
                              const int64_t* offsets, const void* delta, int64_t K, const GroupShape& s, int mode,
@@ -107,7 +101,8 @@ void launch_perturb_backward(void* grad_h, const void* grad_out, const void* h, 
   const PerturbGrad<T, TD> op{static_cast<const T*>(grad_out), static_cast<const T*>(h), static_cast<const TD*>(delta),
                               static_cast<T*>(grad_h), s.D, mode};
   const bool aligned = aligned16(grad_out) && (h == nullptr || aligned16(h)) && (grad_h == nullptr || aligned16(grad_h));
-  launch_class_reduce<T>(op, aligned, order, offsets, s, K, splits, static_cast<A*>(part), static_cast<A*>(nullptr), stream);
+  launch_class_reduce<T>("perturb_backward", op, aligned, order, offsets, s, K, splits, static_cast<A*>(part),
+                         static_cast<A*>(nullptr), stream);
   check_launch("perturb_backward (class_reduce_kernel)");
 }
 
@@ -124,7 +119,6 @@ void perturb_backward(void* grad_h, const void* grad_out, const void* h, const i
                       const int64_t* offsets, const void* delta, int64_t K, int64_t F, int64_t D, int64_t inner,
                       int mode, int dtype, int delta_dtype, int64_t splits, void* part, cudaStream_t stream) {
   const GroupShape s{F, D, inner, F / (D * inner)};
-  check_class_grid(s, K, splits, "perturb_backward");
   LPA_DISPATCH(dtype, "perturb_backward", {
     if (delta_dtype == dtype) launch_perturb_backward<scalar_t, scalar_t>(grad_h, grad_out, h, order, offsets, delta, K, s, mode, splits, part, stream);
     else launch_perturb_backward<scalar_t, acc_t<scalar_t>>(grad_h, grad_out, h, order, offsets, delta, K, s, mode, splits, part, stream);

@@ -212,7 +212,7 @@ struct ClassGradTerm {
   }
 };
 
-// Block (group tile blockIdx.x, class c = blockIdx.y, sample split blockIdx.z): class c's gradient over
+// Block (class c = blockIdx.x, group tile blockIdx.y, sample split blockIdx.z): class c's gradient over
 // its split-th share of samples for the tile's groups, into part[(split, c, k)] (fp32/fp64, never
 // rounded), read V elements at a time as in class_reduce_kernel (V > 1: 16-byte loads of grad_out and
 // h). The block completing a (tile, class) (the last of its splits to arrive, counted in
@@ -229,7 +229,7 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
   using A = acc_t<T>;
   __shared__ A scratch[kReduceThreads * (RUN ? 1 : V)];  // the row functions use the first kReduceThreads
   __shared__ int completes;
-  const int64_t c = blockIdx.y, K = gridDim.y, tiles = gridDim.x, splits = gridDim.z;
+  const int64_t c = blockIdx.x, K = gridDim.x, tile = blockIdx.y, tiles = gridDim.y, splits = gridDim.z;
   block_class_partials<V, RUN>(term, order, offsets, s, K, part, static_cast<A*>(nullptr), scratch);
   const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
   // Whether this block is the last to arrive at `counter`, out of `expected` (uniform across the block).
@@ -251,8 +251,8 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
     __threadfence();
     return last;
   };
-  if (!last_to_arrive(arrivals + K + c * tiles + blockIdx.x, splits)) return;
-  const int64_t groups = int64_t(blockDim.x) * (RUN ? 1 : V), begin = int64_t(blockIdx.x) * groups;
+  if (!last_to_arrive(arrivals + K + c * tiles + tile, splits)) return;
+  const int64_t groups = int64_t(blockDim.x) * (RUN ? 1 : V), begin = tile * groups;
   const int64_t end = min64(s.D, begin + groups);
   A* grad_row = grad + c * s.D;
   for (int64_t j = begin + t; j < end; j += nt) {
@@ -261,7 +261,7 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
     grad_row[j] = total;
   }
   TD* delta_row = delta + c * s.D;
-  tile_partials(delta_row, static_cast<const A*>(grad_row), begin, end, norm, stats + c * tiles + blockIdx.x, K * tiles,
+  tile_partials(delta_row, static_cast<const A*>(grad_row), begin, end, norm, stats + c * tiles + tile, K * tiles,
                 scratch);
   if (!last_to_arrive(arrivals + c, tiles)) return;
   const RowStats<A> r = combine_row_stats(stats + c * tiles, tiles, K * tiles, norm, scratch);
@@ -317,9 +317,9 @@ void launch_class_grad_pgd_step(void* delta, const void* grad_out, const void* h
   const ClassGradTerm<T> term{static_cast<const T*>(grad_out), static_cast<const T*>(h), mode};
   const bool aligned = aligned16(grad_out) && (mode != kScale || aligned16(h));
   A* part = static_cast<A*>(workspace);
-  dispatch_class_reduce<T>(aligned, s, K, splits, [&](auto width, dim3 grid, dim3 block) {
+  dispatch_class_reduce<T>("class_grad_pgd_step", aligned, s, K, splits, [&](auto width, dim3 grid, dim3 block) {
     using W = decltype(width);
-    if (grid.x > max_tiles) throw std::invalid_argument("class_grad_pgd_step: more group tiles than max_tiles");
+    if (grid.y > max_tiles) throw std::invalid_argument("class_grad_pgd_step: more group tiles than max_tiles");
     class_grad_pgd_step_kernel<W::V, W::RUN, T, TD><<<grid, block, 0, stream>>>(
         static_cast<TD*>(delta), term, order, offsets, static_cast<const A*>(step), static_cast<const A*>(eps),
         static_cast<const A*>(direction), s, norm, part, part + splits * K * s.D, part + (splits + 1) * K * s.D,
@@ -332,7 +332,6 @@ void class_grad_pgd_step(void* delta, const void* grad_out, const void* h, const
                          int64_t F, int64_t D, int64_t inner, int mode, int norm, int dtype, int delta_dtype,
                          int64_t splits, int64_t max_tiles, void* workspace, int* arrivals, cudaStream_t stream) {
   const GroupShape s{F, D, inner, F / (D * inner)};
-  check_class_grid(s, K, splits, "class_grad_pgd_step");
   // The per-class step/eps/direction and the workspace are in the gradient's acc type; delta may be
   // any dtype whose acc type matches it (float32 delta with half gradients, or the gradient's own).
   LPA_DISPATCH(dtype, "class_grad_pgd_step", {

@@ -97,8 +97,26 @@ def test_linear_perturb_gemm_paths(dtype, in_features, activation, mode):
         assert_close_to_reference(g, r, lg, what=f"grad_{name}")
 
 
-def test_reduction_launchers_refuse_too_many_classes():
-    grad_out = torch.randn(2, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="65535 classes"):
-        perturb_cuda.perturb_backward(grad_out, None, torch.tensor([0, 1], device=DEVICE), None, 70000, 3, 1,
-                                      "add", False, torch.float32)
+def test_class_reductions_over_more_classes_than_a_grid_axis_allows_elsewhere():
+    """K = 70,000 > 65535 (the classes run along the grid's x axis): class_grad and class_grad_pgd_step_
+    against the reference; the absent classes get a zero gradient and keep their delta."""
+    K, D = 70_000, 6
+    labels = torch.tensor([0, 69_999, 12_345, 69_999], device=DEVICE)
+    grad_out = torch.randn(4, D, device=DEVICE)
+    got = class_grad(grad_out, labels, K, (K, D), backend="cuda")
+    assert_close_to_reference(got, naive.class_grad(grad_out.double(), labels, K, (K, D)), what="class_grad, K = 70,000")
+    delta = 0.1 * torch.randn(K, D, device=DEVICE)
+    ref = pgd_naive.class_grad_pgd_step_(delta.double(), grad_out.double(), labels, *(torch.full((K,), v, device=DEVICE,
+                                         dtype=torch.float64) for v in (0.05, 0.3, 1.0)), "l2")
+    before = delta.clone()
+    class_grad_pgd_step_(delta, grad_out, labels, 0.05, 0.3, 1.0, "l2", backend="cuda")
+    assert_close_to_reference(delta, ref, what="class_grad_pgd_step_, K = 70,000")
+    assert torch.equal(delta[1:12_345], before[1:12_345]), "absent classes must keep their delta"
+
+
+def test_reduction_launchers_refuse_a_grid_beyond_cuda_limits():
+    """More than 65535 group tiles (one-element loads: 32 groups per block) is refused before any launch."""
+    grad_out = _misaligned((1, 65535 * 32 + 1), torch.float32)
+    with pytest.raises(ValueError, match="65535 group tiles"):
+        perturb_cuda.perturb_backward(grad_out, None, torch.zeros(1, dtype=torch.int64, device=DEVICE), None, 1,
+                                      65535 * 32 + 1, 1, "add", False, torch.float32)

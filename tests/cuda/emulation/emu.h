@@ -7,6 +7,8 @@
 // real barrier and __shared__ (made `static`) is one buffer shared by the block's threads. wmma is
 // emulated in mma.h next to this file. The blocks run in index order, or in the order the environment
 // variable LPA_EMU_BLOCK_ORDER names at the launch: "reversed", or "shuffled:<seed>" (tests/program_order.py).
+// A launch whose grid or block exceeds CUDA's limits throws, as the GPU would refuse it; with
+// LPA_EMU_LAUNCH=configure a launch is only checked, not run (for grids too large to emulate).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,7 +57,25 @@ inline std::vector<unsigned> block_order(unsigned count) {
   return order;
 }
 
+// CUDA's launch limits (compute capability 7.0 and later): grid x up to 2^31 - 1 blocks, y and z up to
+// 65535; up to 1024 threads per block, at most 64 along z.
+inline void check_configuration(dim3 grid, dim3 block) {
+  const bool grid_ok = grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 2147483647u && grid.y <= 65535u &&
+                       grid.z <= 65535u;
+  const bool block_ok = block.x >= 1 && block.y >= 1 && block.z >= 1 && block.z <= 64u &&
+                        uint64_t(block.x) * block.y * block.z <= 1024u;
+  if (!grid_ok || !block_ok) {
+    throw std::invalid_argument("emulated launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+                                ", " + std::to_string(grid.z) + ") or block (" + std::to_string(block.x) + ", " +
+                                std::to_string(block.y) + ", " + std::to_string(block.z) +
+                                ") exceeds CUDA's launch limits");
+  }
+}
+
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  check_configuration(grid, block);
+  const char* mode = std::getenv("LPA_EMU_LAUNCH");
+  if (mode != nullptr && std::strcmp(mode, "configure") == 0) return;
   block_dim = block;
   grid_dim = grid;
   const unsigned threads = block.x * block.y * block.z;
