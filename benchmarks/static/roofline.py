@@ -204,8 +204,9 @@ def _rows_step(B, D, K, g, rows):
     others = [k for n in chunks for k in ((2 * n * D * g + n * D * ACC, 0),  # perturb: h~ = h + delta[y]
                                           (3 * n * K * g, 0))]  # softmax - onehot, in place
     present = min(B, K)  # the fused update touches the classes present only: class sums into a scratch row
-    # per class present (written, read twice by the l2 update), iterate read + write
-    others.append((B * D * g + 3 * present * D * ACC + 2 * present * D * ACC, 0))
+    # per class present (written, read twice: the block's l2 partials, the update), the iterate read twice
+    # (the l2 partials <delta, g> and ||delta||^2, the update) and written once
+    others.append((B * D * g + 3 * present * D * ACC + 3 * present * D * ACC, 0))
     return gemms + others, len(gemms)
 
 
