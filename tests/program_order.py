@@ -59,7 +59,7 @@ def interpreter_program_order(order: str):
     try:
         yield
     finally:
-        del builder.set_grid_dim, builder.set_grid_idx  # the class's methods again
+        builder.set_grid_dim, builder.set_grid_idx = set_dim, set_index
 
 
 @contextlib.contextmanager
