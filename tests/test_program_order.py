@@ -13,6 +13,7 @@ the order.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -24,14 +25,10 @@ import lpa_kernels
 from lpa_kernels._common import class_order
 from lpa_kernels._triton_common import chunk_plan, reduction_tiling
 from lpa_kernels.backend import _old_interpreter_reason, interpreting
-from lpa_kernels.head_pgd import loop as head_loop
 from lpa_kernels.pgd import triton_kernels as pgd_triton
-from lpa_kernels.pgd.op import run_guarded_pgd_step_
-from tests.head_pgd.test_fused_class_space import spy_on_fused_launch
-from tests.head_pgd.test_head_pgd import make_problem
 from tests.perturb.test_perturb import LAYOUTS, random_inputs
 from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
-from tests.program_order import ORDERS, interpreter_program_order
+from tests.program_order import ORDERS, SHARED_CASES, interpreter_program_order
 
 pytestmark = pytest.mark.skipif(not interpreting() or bool(_old_interpreter_reason()),
                                 reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, triton >= 3.9)")
@@ -81,40 +78,9 @@ def class_grad_pgd_step_over_feature_blocks(monkeypatch):
     return (delta,)
 
 
-def guarded_pgd_step_split_grid(monkeypatch):
-    """The guarded L2 step on the (feature block, class) grid (64-entry blocks), two classes not finite
-    (counted into the skip count by their block 0)."""
-    monkeypatch.setattr(pgd_triton, "split_block", lambda K, D, device: 64)
-    delta, grad = 0.3 * torch.randn(5, 301), torch.randn(5, 301)
-    grad[2, 5], grad[3, 7] = float("nan"), float("inf")
-    step, eps, direction = torch.rand(5) * 0.2, torch.rand(5) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
-    skipped = torch.zeros((), dtype=torch.int64)
-    run_guarded_pgd_step_(delta, grad, step, eps, direction, "l2", torch.tensor(True), skipped, "triton")
-    return delta, skipped
-
-
-def head_pgd_rows_form(monkeypatch):
-    """Three rows-form steps: the prepared fused update launched three times (its counters must come back
-    to zero whichever program arrives last)."""
-    monkeypatch.setattr(head_loop, "use_class_space", lambda *args: False)
-    h, y, weight, bias, delta = make_problem(40, 13, 37)
-    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, "confidence", "l2", "add", backend="triton")
-    return (delta,)
-
-
-def head_pgd_fused_class_space(monkeypatch):
-    """Every class-space step in one launch (three programs of 16 classes)."""
-    calls = spy_on_fused_launch(monkeypatch, "triton")
-    h, y, weight, bias, delta = make_problem(70, 40, 37)
-    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, "l2", "add", backend="triton")
-    assert calls, "test set-up: the fused launch should run"
-    return (delta,)
-
-
 CASES = {case.__name__: case for case in (perturb_backward_dominant_class, class_grad_long_tailed_channel,
-                                           class_grad_pgd_step_over_feature_blocks, guarded_pgd_step_split_grid,
-                                           head_pgd_rows_form,
-                                           head_pgd_fused_class_space)}
+                                           class_grad_pgd_step_over_feature_blocks)}
+CASES.update({case.__name__: functools.partial(case, "triton") for case in SHARED_CASES})
 
 
 def _run(case: str, monkeypatch) -> tuple:

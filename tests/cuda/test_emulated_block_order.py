@@ -17,16 +17,11 @@ import ctypes
 import pytest
 import torch
 
-import lpa_kernels
 from lpa_kernels import _cuda_launch
-from lpa_kernels.head_pgd import loop as head_loop
-from lpa_kernels.pgd import cuda_kernels as pgd_cuda
 from tests.cuda.test_emulated_kernels import pytestmark  # noqa: F401 (the same skip: g++ and the CUDA headers)
-from tests.head_pgd.test_fused_class_space import spy_on_fused_launch
-from tests.head_pgd.test_head_pgd import make_problem
 from tests.helpers import make_labels
 from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
-from tests.program_order import ORDERS, emulated_block_order
+from tests.program_order import ORDERS, SHARED_CASES, emulated_block_order
 
 PERMUTED = [order for order in ORDERS if order != "natural"]
 
@@ -48,36 +43,15 @@ def class_grad_pgd_step_split(launchers, monkeypatch):
     return (delta,)
 
 
-def guarded_pgd_step_split_grid(launchers, monkeypatch):
-    """The split grid (64-entry tiles) of the guarded L2 step, two classes not finite (the skip count)."""
-    monkeypatch.setattr(pgd_cuda, "split_block", lambda K, D, device: 64)
-    delta, grad = 0.3 * torch.randn(5, 301), torch.randn(5, 301)
-    grad[2, 5], grad[3, 7] = float("nan"), float("inf")
-    step, eps, direction = torch.rand(5) * 0.2, torch.rand(5) + 0.1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
-    skipped = torch.zeros((), dtype=torch.int64)
-    launchers.pgd_step(delta, grad, step, eps, direction, "l2", torch.tensor(True), skipped)
-    return delta, skipped
+CASES = {case.__name__: case for case in (perturb_backward_split, class_grad_pgd_step_split)}
 
 
-def head_pgd_rows_form(launchers, monkeypatch):
-    """Three rows-form steps on the CUDA backend: the prepared update launched three times."""
-    monkeypatch.setattr(head_loop, "use_class_space", lambda *args: False)
-    h, y, weight, bias, delta = make_problem(40, 13, 37)
-    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, "confidence", "l2", "add", backend="cuda")
-    return (delta,)
+def _on_cuda(case):
+    """A case both backends run (``tests/program_order.py``), on the emulated CUDA backend."""
+    return lambda launchers, monkeypatch: case("cuda", monkeypatch)
 
 
-def head_pgd_fused_class_space(launchers, monkeypatch):
-    """Every class-space step in one launch (three blocks of 16 classes)."""
-    calls = spy_on_fused_launch(monkeypatch, "cuda")
-    h, y, weight, bias, delta = make_problem(70, 40, 37)
-    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
-    assert calls, "test set-up: the fused launch should run"
-    return (delta,)
-
-
-CASES = {case.__name__: case for case in (perturb_backward_split, class_grad_pgd_step_split,
-                                           guarded_pgd_step_split_grid, head_pgd_rows_form, head_pgd_fused_class_space)}
+CASES.update({case.__name__: _on_cuda(case) for case in SHARED_CASES})
 
 
 def _run(case: str, launchers, monkeypatch) -> tuple:
