@@ -178,6 +178,18 @@ def test_every_kernel_is_launched_for_every_dtype(summary):
     assert not missing, f"kernels never launched by the capture (kernel, dtype): {missing}"
 
 
+# The most shared memory one block may take, in bytes (the opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90)
+# 227 KiB. A kernel over it compiles, and only Triton's launcher on the device refuses it (OutOfResources).
+MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def test_every_kernel_fits_a_blocks_shared_memory_and_threads(summary):
+    """Each compiled specialisation's shared memory and threads (warps x 32) fit one block on its arch."""
+    over = [(e["kernel"], e["variant"], e["arch"], e["shared"], e["num_warps"]) for e in summary["compiled"]
+            if e["shared"] > MAX_SHARED_BYTES[int(e["arch"])] or e["num_warps"] * 32 > 1024]
+    assert summary["compiled"] and not over, f"(kernel, variant, arch, shared bytes, warps) over a block's limits: {over}"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_kernel_compiles_for_cuda(summary, arch):
     """Each distinct recorded specialisation compiles to a cubin for sm_<arch>."""
