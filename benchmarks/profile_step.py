@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(NETWORKS), default="mlp", help="the network (default: mlp)")
     p.add_argument("--layer", default=None, help="the perturbed layer (default: the network's first timed layer)")
-    p.add_argument("--tier", choices=("quick", "cpu", "gpu"), default=None,
+    p.add_argument("--tier", choices=sorted(NETWORKS["mlp"].sizes), default=None,
                    help="size tier (default: gpu on a GPU, else cpu)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per method (default: 5)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")

@@ -14,7 +14,6 @@ the order.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
@@ -22,13 +21,12 @@ import triton
 import triton.language as tl
 
 import lpa_kernels
-from lpa_kernels._common import class_order
-from lpa_kernels._triton_common import chunk_plan, reduction_tiling
 from lpa_kernels.backend import _old_interpreter_reason, interpreting
 from lpa_kernels.pgd import triton_kernels as pgd_triton
-from tests.perturb.test_perturb import LAYOUTS, random_inputs
+from tests.perturb.test_perturb import LAYOUTS, random_inputs, reduction_chunk_plan
 from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
-from tests.program_order import ORDERS, SHARED_CASES, interpreter_program_order
+from tests.order_cases import SHARED_CASES
+from tests.program_order import ORDERS, interpreter_program_order
 
 pytestmark = pytest.mark.skipif(not interpreting() or bool(_old_interpreter_reason()),
                                 reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, triton >= 3.9)")
@@ -42,9 +40,7 @@ def _long_tailed(counts: list[int]) -> torch.Tensor:
 
 def _assert_chunked(labels: torch.Tensor, num_classes: int, features, per_class, inner: int) -> None:
     """Test set-up: the reduction of these labels takes the chunked path (arrival counters)."""
-    batch, D = labels.numel(), math.prod(per_class)
-    block_d, block_q, _, R = reduction_tiling(batch, math.prod(features), D, inner)
-    plan = chunk_plan(class_order(labels, num_classes)[1], R, batch * R, block_q, triton.cdiv(D, block_d))
+    plan = reduction_chunk_plan(labels, num_classes, features, per_class, inner)
     assert plan is not None and int(plan[2].diff().max()) > 1, "test set-up: a class should be cut into chunks"
 
 

@@ -21,7 +21,8 @@ from lpa_kernels import _cuda_launch
 from tests.cuda.test_emulated_kernels import pytestmark  # noqa: F401 (the same skip: g++ and the CUDA headers)
 from tests.helpers import make_labels
 from tests.pgd.test_pgd import check_prepared_step_repeats_like_fresh_calls
-from tests.program_order import ORDERS, SHARED_CASES, emulated_block_order
+from tests.order_cases import SHARED_CASES
+from tests.program_order import ORDERS, emulated_block_order
 
 PERMUTED = [order for order in ORDERS if order != "natural"]
 

@@ -351,45 +351,6 @@ def test_head_pgd(cuda_backend_on_cpu, dtype, mode, norm):
     assert torch.equal(actual[10], delta[10]), "the absent class's delta changed"
 
 
-def test_every_launch_fits_cuda_limits_at_100000_classes(cuda_backend_on_cpu, monkeypatch):
-    """K = 100,000 (an LLM-vocabulary head, issue 11's largest): the class reductions put the classes on
-    the grid's x axis (up to 2^31 - 1 blocks; y and z stop at 65535, where K = 100,000 used to be refused),
-    so head_pgd_'s rows form, class_grad, perturb's backward and class_grad_pgd_step_ launch. The emulation
-    checks every launch's configuration against CUDA's limits without running its 100,000-odd blocks
-    (LPA_EMU_LAUNCH=configure: the results are not computed here; the kernels' arithmetic is what the
-    other tests check at small K, on the same grid layout)."""
-    monkeypatch.setenv("LPA_EMU_LAUNCH", "configure")
-    monkeypatch.setenv("LPA_POISON", "0")
-    K = 100_000
-    h, y, weight, bias, delta = make_head_problem(64, K, 8)
-    assert not head_loop.use_class_space(64, K, 3, "add"), "test set-up: the rows form should run"
-    lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
-    grad_out = torch.randn(64, 8)
-    lpa_kernels.class_grad(grad_out, y, K, (K, 8), backend="cuda")
-    lpa_kernels.class_grad_pgd_step_(delta, grad_out, y, 0.1, 0.3, 1.0, "l2", backend="cuda")
-    leaf = delta.clone().requires_grad_()
-    lpa_kernels.perturb(h, y, leaf, "add", backend="cuda").sum().backward()
-
-
-def test_a_class_reduction_grid_beyond_cuda_limits_is_refused(launchers, monkeypatch):
-    """Group tiles go on the grid's y axis (at most 65535). Without 16-byte loads (a misaligned grad_out) a
-    block covers 32 groups of one element: 65535 * 32 groups launch (only configured here, see above), one
-    group more is refused with a clear error before any launch; aligned, 16-byte loads make the tiles 4x
-    wider, so the same row launches."""
-    monkeypatch.setenv("LPA_EMU_LAUNCH", "configure")
-    D = 65535 * 32 + 1
-    storage, labels = torch.zeros(D + 4), torch.zeros(1, dtype=torch.int64)
-
-    def backward(groups, offset):
-        grad_out = storage[offset:offset + groups].view(1, groups)
-        return launchers.perturb_backward(grad_out, None, labels, None, 1, groups, 1, "add", False, torch.float32)
-
-    backward(D - 1, 1)
-    backward(D + 3, 0)  # aligned, D + 3 a multiple of 4
-    with pytest.raises(ValueError, match="65535 group tiles"):
-        backward(D, 1)
-
-
 @pytest.mark.parametrize("labels_dtype", [torch.int64, torch.int32], ids=str)
 def test_head_pgd_rows_each_extra_step_launches_only_its_own_kernels(cuda_backend_on_cpu, monkeypatch, labels_dtype):
     """The rows form on the CUDA backend (B = 40, K = 100): T = 3 launches exactly 2 steps' kernels more

@@ -152,6 +152,17 @@ def test_class_grad_matches_reference(target, dtype, layout, mode):
     assert not got[3].any(), "a class absent from the batch must get a zero gradient"
 
 
+def reduction_chunk_plan(labels: torch.Tensor, num_classes: int, features, per_class, inner: int):
+    """The Triton class reduction's ``_triton_common.chunk_plan`` for these labels on features ``F`` with a
+    per-class delta ``P`` of run length ``inner`` (None: one program per class and feature block, no chunks)."""
+    from lpa_kernels._common import class_order
+    from lpa_kernels._triton_common import chunk_plan, reduction_tiling
+
+    batch, D = labels.numel(), math.prod(per_class)
+    block_d, block_q, _, R = reduction_tiling(batch, math.prod(features), D, inner)
+    return chunk_plan(class_order(labels, num_classes)[1], R, batch * R, block_q, triton.cdiv(D, block_d))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["full", "channel", "last_dim"])
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
@@ -163,12 +174,7 @@ def test_backward_with_a_dominant_class_split_across_programs(target, layout, mo
     labels = torch.tensor([0] * 50 + [1] * 3, device=device)[torch.randperm(53, device=device)]  # class 2 absent
     h, labels, delta, grad_out = random_inputs(53, 3, features, per_class, device=device, labels=labels)
     if backend == "triton":
-        from lpa_kernels._common import class_order
-        from lpa_kernels._triton_common import chunk_plan, reduction_tiling
-
-        D, inner = math.prod(per_class), (5 * 7 if layout == "channel" else 1)
-        block_d, block_q, _, R = reduction_tiling(53, math.prod(features), D, inner)
-        plan = chunk_plan(class_order(labels, 3)[1], R, 53 * R, block_q, triton.cdiv(D, block_d))
+        plan = reduction_chunk_plan(labels, 3, features, per_class, 5 * 7 if layout == "channel" else 1)
         assert plan is not None, "test setup: this problem should take the chunked path"
     check_perturb(backend, h, labels, delta, grad_out, mode)
 
@@ -186,13 +192,7 @@ def test_backward_with_long_tailed_labels_splits_the_long_classes(target, layout
     labels = torch.repeat_interleave(torch.arange(10), torch.tensor(counts))[torch.randperm(144)].to(device)
     h, labels, delta, grad_out = random_inputs(144, 11, features, per_class, device=device, labels=labels)
     if backend == "triton":
-        from lpa_kernels._common import class_order
-        from lpa_kernels._triton_common import chunk_plan, reduction_tiling
-
-        D, inner = math.prod(per_class), (5 * 7 if layout == "channel" else 1)
-        block_d, block_q, _, R = reduction_tiling(144, math.prod(features), D, inner)
-        starts = class_order(labels, 11)[1]
-        plan = chunk_plan(starts, R, 144 * R, block_q, triton.cdiv(D, block_d))
+        plan = reduction_chunk_plan(labels, 11, features, per_class, 5 * 7 if layout == "channel" else 1)
         assert plan is not None, "test setup: the long classes should be split"
         chunks = plan[2].diff()
         assert chunks[0] > 1 and (chunks == 1).any(), f"test setup: long and short classes, got chunks {chunks.tolist()}"
