@@ -6,7 +6,8 @@ training step to a budget without a GPU. What is counted, and why it stands for 
 
 - ``aten``: every ATen op reaching the dispatcher (a ``TorchDispatchMode``) except those that launch
   no kernel on a GPU (views, ``empty*``, ``detach``, and the host reads below). An eager op is one
-  kernel launch, give or take (a few ops launch two).
+  kernel launch, give or take (a few ops launch two). An op that may return its input or a copy
+  (``to``, ``contiguous``, ``reshape``) counts when it copies.
 - Our own custom ops (``lpa_kernels::``) are not kernels themselves: their Python bodies run with the
   counter on, so the ATen ops and Triton kernels inside them count.
 - ``triton``: every ``kernel[grid](...)`` launch (``KernelInterface.__getitem__``); an autotuned or
@@ -63,9 +64,12 @@ class _AtenCounter(TorchDispatchMode):
             reads = 1  # the output length is the sum of the repeats, read back to allocate
         if reads:
             self.counts.host_reads[name] += reads
-        if not (func.is_view or name in NO_KERNEL_OPS):
+        out = func(*args, **kwargs)
+        # An op whose schema lets it alias its input (``to``, ``contiguous``, ``reshape``: seen undecomposed
+        # inside our custom ops' bodies) launches a copy exactly when its result does not alias it.
+        if name not in NO_KERNEL_OPS and not (func.is_view and _aliases_an_input(out, args)):
             self.counts.aten[name] += 1
-        return func(*args, **kwargs)
+        return out
 
 
 class LaunchCounter:
@@ -132,6 +136,13 @@ class LaunchCounter:
         return {"aten_launches": sum(self.aten.values()), "triton_launches": sum(self.triton.values()),
                 "host_reads": sum(self.host_reads.values()), "aten": dict(self.aten.most_common()),
                 "triton": dict(self.triton.most_common()), "host_read_kinds": dict(self.host_reads)}
+
+
+def _aliases_an_input(out, args) -> bool:
+    """Whether ``out`` (a tensor or a sequence of them) shares storage with a tensor in ``args``."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outs)
 
 
 def _custom_op(func):
