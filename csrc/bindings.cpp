@@ -65,10 +65,10 @@ PYBIND11_MODULE(_lpa_cuda, m) {
   });
   m.def("pgd_step", [](uintptr_t delta, uintptr_t grad, uintptr_t step, uintptr_t eps, uintptr_t direction, int64_t K,
                        int64_t D, int norm, int dtype, int grad_dtype, uintptr_t ok, uintptr_t skipped, int64_t tile,
-                       uintptr_t stats, uintptr_t stream) {
+                       uintptr_t stats, uintptr_t rounded, uintptr_t stream) {
     lpa::pgd_step(vptr(delta), vptr(grad), vptr(step), vptr(eps), vptr(direction), K, D, norm, dtype, grad_dtype,
                   reinterpret_cast<const bool*>(ok), reinterpret_cast<int64_t*>(skipped), tile, vptr(stats),
-                  stream_of(stream));
+                  vptr(rounded), stream_of(stream));
   });
   m.def("class_grad_pgd_step", [](uintptr_t delta, uintptr_t grad_out, uintptr_t h, uintptr_t order,
                                   uintptr_t offsets, uintptr_t step, uintptr_t eps, uintptr_t direction, int64_t K,

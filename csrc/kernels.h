@@ -37,14 +37,15 @@ void perturb_backward(void* grad_h, const void* grad_out, const void* h, const i
 void sum_partials(const void* part, int part_dtype, int64_t n_outer, int64_t n_inner, void* out, int out_dtype,
                   cudaStream_t stream);
 
-// pgd_step on delta (K, D) in place from grad (K, D) of dtype delta's or its acc type. With `ok` (a bool
-// on the device; null for the plain step) the training step's guard: non-finite classes, or all when *ok
-// is false, keep their delta; the former (when *ok) are added to the int64 *skipped. tile == 0: one block
-// per class; tile > 0: blocks over (tile-entry feature tiles, class), with `stats` (6 x K x ceil(D / tile)
-// acc) for l2 or the guard (unused, may be null, for unguarded linf).
+// pgd_step on delta (K, D) in place from grad (K, D) of dtype delta's or its acc type (or 16-bit for a
+// float32 delta with tile == 0). With `ok` (a bool on the device; null for the plain step) the training
+// step's guard: non-finite classes, or all when *ok is false, keep their delta; the former (when *ok) are
+// added to the int64 *skipped. tile == 0: one block per class; tile > 0: blocks over (tile-entry feature
+// tiles, class), with `stats` (6 x K x ceil(D / tile) acc) for l2 or the guard (unused, may be null, for
+// unguarded linf). `rounded` (K, D) in grad's dtype, or null; tile == 0 only: the new delta also into it.
 void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
               int64_t D, int norm, int dtype, int grad_dtype, const bool* ok, int64_t* skipped, int64_t tile,
-              void* stats, cudaStream_t stream);
+              void* stats, void* rounded, cudaStream_t stream);
 
 // The class reduction of grad_out (and h for scale) over (group tile, class, sample split) blocks and
 // pgd_step, one launch. `workspace` ((splits + 1) x K x D + 6 x K x max_tiles acc) holds the per-split

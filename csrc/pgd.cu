@@ -9,23 +9,28 @@ namespace lpa {
 
 // With `ok` (not null): the training step's guarded step (lpa_kernels/pgd/naive.py, guarded_pgd_step_):
 // a class whose gradient has a non-finite entry, or every class when *ok is false, keeps its delta, and
-// the non-finite classes of an ok batch are counted into *skipped.
+// the non-finite classes of an ok batch are counted into *skipped. With `rounded` (not null): the new
+// delta also into it, in grad's dtype (head_pgd_'s class-space GEMM operand, rounded without a launch).
 template <typename T, typename G>
 __global__ void __launch_bounds__(kReduceThreads)
 pgd_step_kernel(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
-                int64_t D, int norm, const bool* ok, unsigned long long* skipped) {
+                int64_t D, int norm, const bool* ok, unsigned long long* skipped, G* rounded) {
   __shared__ acc_t<T> scratch[kReduceThreads];
   const int64_t c = blockIdx.x;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  bool keep = false;
   if (ok != nullptr) {
-    const int t = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
     int nonfinite = 0;
     for (int64_t j = t; j < D; j += nt) nonfinite |= !isfinite(load_as_acc(grad[c * D + j]));
     const bool skip = __syncthreads_or(nonfinite);  // uniform across the block
     const bool batch_ok = *ok;
     if (skip && batch_ok && t == 0) atomicAdd(skipped, 1ULL);
-    if (skip || !batch_ok) return;
+    keep = skip || !batch_ok;
   }
-  pgd_update_row(delta + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
+  if (!keep) pgd_update_row(delta + c * D, grad + c * D, D, step[c], eps[c], direction[c], norm, scratch);
+  if (rounded == nullptr) return;
+  // Each thread reads back only the entries it wrote itself (pgd_update_row's j = t + n * nt).
+  for (int64_t j = t; j < D; j += nt) rounded[c * D + j] = store_from<G>(load_as_acc(delta[c * D + j]));
 }
 
 // ---- The split grid: blocks over (feature tile blockIdx.x, class blockIdx.y), for few classes with long
@@ -271,9 +276,10 @@ class_grad_pgd_step_kernel(TD* delta, ClassGradTerm<T> term, const int64_t* orde
 template <typename T, typename G>
 void launch_pgd_step(T* delta, const G* grad, const acc_t<T>* step, const acc_t<T>* eps, const acc_t<T>* direction,
                      int64_t K, int64_t D, int norm, const bool* ok, unsigned long long* skipped, int64_t tile,
-                     acc_t<T>* stats, cudaStream_t stream) {
+                     acc_t<T>* stats, G* rounded, cudaStream_t stream) {
   if (tile <= 0) {
-    pgd_step_kernel<T, G><<<K, kReduceThreads, 0, stream>>>(delta, grad, step, eps, direction, D, norm, ok, skipped);
+    pgd_step_kernel<T, G><<<K, kReduceThreads, 0, stream>>>(delta, grad, step, eps, direction, D, norm, ok, skipped,
+                                                            rounded);
     return;
   }
   const dim3 grid(static_cast<unsigned>((D + tile - 1) / tile), static_cast<unsigned>(K));
@@ -286,12 +292,37 @@ void launch_pgd_step(T* delta, const G* grad, const acc_t<T>* step, const acc_t<
                                                                     ok, skipped);
 }
 
+// A float32 iterate stepped from a 16-bit gradient (head_pgd_'s class-space GEMM output), one block per
+// class; pgd_step checks the dtypes (no other T reaches it).
+template <typename T>
+void launch_float_step_from_16_bit(T* delta, const void* grad, int grad_dtype, const acc_t<T>* step,
+                                   const acc_t<T>* eps, const acc_t<T>* direction, int64_t K, int64_t D, int norm,
+                                   const bool* ok, unsigned long long* skipped, void* rounded, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (grad_dtype == kBFloat16) {
+      pgd_step_kernel<float, __nv_bfloat16><<<K, kReduceThreads, 0, stream>>>(
+          delta, static_cast<const __nv_bfloat16*>(grad), step, eps, direction, D, norm, ok, skipped,
+          static_cast<__nv_bfloat16*>(rounded));
+    } else {
+      pgd_step_kernel<float, __half><<<K, kReduceThreads, 0, stream>>>(
+          delta, static_cast<const __half*>(grad), step, eps, direction, D, norm, ok, skipped,
+          static_cast<__half*>(rounded));
+    }
+  }
+}
+
 void pgd_step(void* delta, const void* grad, const void* step, const void* eps, const void* direction, int64_t K,
               int64_t D, int norm, int dtype, int grad_dtype, const bool* ok, int64_t* skipped, int64_t tile,
-              void* stats, cudaStream_t stream) {
+              void* stats, void* rounded, cudaStream_t stream) {
   auto counter = reinterpret_cast<unsigned long long*>(skipped);
   if (K > (tile > 0 ? 65535LL : 2147483647LL)) throw std::invalid_argument("pgd_step: too many classes");
   if (tile > 0 && (D + tile - 1) / tile > 2147483647LL) throw std::invalid_argument("pgd_step: too many tiles");
+  if (tile > 0 && rounded != nullptr) throw std::invalid_argument("pgd_step: `rounded` needs one block per class");
+  const bool sixteen_bit_grad = grad_dtype == kBFloat16 || grad_dtype == kFloat16;
+  if (grad_dtype != dtype && !(dtype == kFloat32 && sixteen_bit_grad && tile <= 0) &&
+      grad_dtype != (dtype == kFloat64 ? kFloat64 : kFloat32))
+    throw std::invalid_argument("pgd_step: grad's dtype must be delta's, its accumulation dtype, or 16-bit for "
+                                "a float32 delta with one block per class");
   LPA_DISPATCH(dtype, "pgd_step", {
     using A = acc_t<scalar_t>;
     auto d = static_cast<scalar_t*>(delta);
@@ -300,9 +331,13 @@ void pgd_step(void* delta, const void* grad, const void* step, const void* eps, 
     auto dir = static_cast<const A*>(direction);
     auto sums = static_cast<A*>(stats);
     if (grad_dtype == dtype) {
-      launch_pgd_step(d, static_cast<const scalar_t*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums, stream);
+      launch_pgd_step(d, static_cast<const scalar_t*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums,
+                      static_cast<scalar_t*>(rounded), stream);
+    } else if (sixteen_bit_grad) {
+      launch_float_step_from_16_bit(d, grad, grad_dtype, st, ep, dir, K, D, norm, ok, counter, rounded, stream);
     } else {
-      launch_pgd_step(d, static_cast<const A*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums, stream);
+      launch_pgd_step(d, static_cast<const A*>(grad), st, ep, dir, K, D, norm, ok, counter, tile, sums,
+                      static_cast<A*>(rounded), stream);
     }
   })
   check_launch("pgd_step");

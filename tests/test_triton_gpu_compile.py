@@ -77,6 +77,10 @@ def record(recorder) -> None:
                 call(f"{dt} {norm}", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm)
                 call(f"{dt} {norm} guarded", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm,
                      torch.tensor(True), torch.zeros((), dtype=torch.int64))
+                # head_pgd_'s class space: an iterate in acc, its new value also written in the gradient's dtype
+                for guard in ((), (torch.tensor(True), torch.zeros((), dtype=torch.int64))):
+                    call(f"{dt} {norm} rounded guarded={bool(guard)}", pgd.pgd_step, rand(2, 40, dtype=str(acc)[6:]),
+                         rand(2, 40, dtype=dt), *step, norm, *guard, rounded=rand(2, 40, dtype=dt))
                 # 2 classes of 300 entries: the (feature block, class) grid (pgd.split_block on the CPU)
                 call(f"{dt} {norm} split", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step, norm)
                 call(f"{dt} {norm} split guarded", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step,

@@ -67,12 +67,14 @@ class Recorder:
 @contextlib.contextmanager
 def recording(model_h100: bool = True):
     """Replace kernel launches by a recorder for the duration. With ``model_h100``, the launchers'
-    device queries (how many programs fill the device) answer as an H100 would, and the Triton
-    backend accepts CPU tensors, so the public ops record the launches they would make on a GPU."""
+    device queries (how many programs fill the device, which form ``head_pgd_`` takes) answer as an H100
+    would, and the Triton backend accepts CPU tensors, so the public ops record the launches they would
+    make on a GPU."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     from lpa_kernels import _triton_common, backend
+    from lpa_kernels.head_pgd import loop as head_loop
     from lpa_kernels.linear_perturb import triton_kernels as linear
 
     recorder = Recorder()
@@ -85,13 +87,15 @@ def recording(model_h100: bool = True):
 
     saved = [(JITFunction, "run"), (Autotuner, "run")]
     if model_h100:
-        saved += [(_triton_common, "parallel_programs"), (backend, "_triton_reason"), (linear, "tma_capable")]
+        saved += [(_triton_common, "parallel_programs"), (backend, "_triton_reason"), (linear, "tma_capable"),
+                  (head_loop, "runs_on_gpu")]
     originals = [(owner, name, getattr(owner, name)) for owner, name in saved]
     JITFunction.run, Autotuner.run = record_jit, record_autotuned
     if model_h100:
         _triton_common.parallel_programs = lambda device: 4 * H100_SMS
         backend._triton_reason = lambda device: ""
         linear.tma_capable = lambda device: True
+        head_loop.runs_on_gpu = lambda t: True
     try:
         yield recorder
     finally:

@@ -9,22 +9,12 @@ labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
 
 from __future__ import annotations
 
-# H100 SXM: datasheet figures and what is achieved in practice (modelling constants, not measurements).
-H100 = {
-    "hbm_datasheet_Bps": 3.35e12,
-    "hbm_copy_Bps": 3.0e12,  # a large device-to-device copy reaches about 90% of the datasheet
-    "bf16_tensor_datasheet_flops": 989e12,  # dense
-    "bf16_tensor_achieved_flops": 750e12,  # cuBLAS on large GEMMs (700-800)
-    "fp32_cuda_core_flops": 67e12,
-    "launch_s": 4e-6,  # per kernel launch, host dispatch included (eager op or Triton launcher)
-    "sms": 132,
-}
-ACC = 4
+from lpa_kernels.head_pgd.cost import (  # the model lives beside head_pgd_, which chooses its form with it
+    ACC, H100, class_space_setup, class_space_step, kernel_seconds, rows_setup, rows_step,
+    sequence_seconds)
 
 
-def _model(bytes_, flops, launches, tensor_cores: bool) -> float:
-    peak = H100["bf16_tensor_achieved_flops"] if tensor_cores else H100["fp32_cuda_core_flops"]
-    return max(bytes_ / H100["hbm_copy_Bps"], flops / peak) + launches * H100["launch_s"]
+_model = kernel_seconds
 
 
 def _perturb(case, s, sd):
@@ -60,11 +50,14 @@ def _linear(case, s, sd):
 
 
 def _head_class_space(case) -> bool:
-    """Whether ``head_pgd_`` runs ``case`` in class space (``loop.use_class_space``)."""
+    """Whether ``head_pgd_`` runs ``case`` in class space on a GPU (``loop.use_class_space``; the cases' norm
+    is l2, so their GEMM operands are in the case's dtype)."""
+    import torch
+
     from lpa_kernels.head_pgd.loop import use_class_space
 
     z = case.sizes
-    return use_class_space(z["B"], z["K"], z["T"], case.variant["mode"])
+    return use_class_space(z["B"], z["D"], z["K"], z["T"], case.variant["mode"], getattr(torch, case.dtype), True)
 
 
 def _head(case, s, sd):
@@ -73,9 +66,10 @@ def _head(case, s, sd):
     minimum = (B * D + 3 * K * D + K) * s + 8 * B
     if _head_class_space(case):
         # Class space: logits h @ W.T + b once; per step the GEMMs E = delta @ W.T and S @ W, the fused
-        # softmax + per-class sum (reads the logits twice), the update (the iterate rounded to s for E).
+        # softmax + per-class sum (reads the logits twice), the update (gradient read twice, the iterate read
+        # and written, and written rounded to s for E).
         kernel = (B * D + K * D + K + B * K) * s + T * (s * (4 * K * D + 4 * K * K + 2 * B * K + 3 * K * D)
-                                                         + 3 * ACC * K * D)
+                                                         + 2 * ACC * K * D)
         eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)  # the autograd loop, as below
         return minimum, kernel, eager, 2 * B * K * D + 4 * K * K * D * T, 25 * T
     # Rows form, per step: perturb (read h, write h~), logits GEMM (read h~, W; write Z), softmax - onehot
@@ -156,10 +150,7 @@ HEAD_TARGET_SHAPES = ((128, 640, 100), (1024, 2048, 1000), (4096, 4096, 32000)) 
 HEAD_TARGET_STEPS = 3
 HEAD_TARGET_RATIO = 1.3
 # Launches counted on the CPU (lpa_bench.static.counting.LaunchCounter): _common.label_plan, built once
-# per call; the rows form's preparation of its fused class sum and update (pgd's
-# prepare_class_grad_pgd_step, once per call): its chunk plan (the class sums split into chunks, as on an
-# H100 at these shapes) and the arrival counters' zero fill;
-# one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
+# per call (the rows form's preparation: head_pgd/cost.py); one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
 # backward, two GEMMs, zero fill and index_add of the class reduction).
 LABEL_PLAN_LAUNCHES = 17
 # head_pgd/op.py builds the plan in one launch instead when B x K <= ONE_LAUNCH_PLAN_MAX: one program over
@@ -174,40 +165,7 @@ L2_BYTES_PER_S = 5.5e12
 L2_BYTES_PER_SM_CLOCK = 64
 L1_BYTES_PER_SM_CLOCK = 128
 FUSED_CLASSES_PER_PROGRAM = 16
-CHUNK_PLAN_LAUNCHES = 9
-ROWS_PREPARATION_LAUNCHES = CHUNK_PLAN_LAUNCHES + 1
 AUTOGRAD_STEP_LAUNCHES = 12
-
-
-def _kernel_sequence_s(kernels, tensor_cores: bool) -> float:
-    """Modelled seconds of kernels run one after another: each ``(bytes, flops)`` costs
-    ``max(bytes / copy bandwidth, flops / peak)`` plus one launch."""
-    return sum(_model(b, f, 1, tensor_cores) for b, f in kernels)
-
-
-def _class_space_step(B, D, K, g):
-    """The class-space step's kernels ``[(bytes, flops)]``, its two GEMMs first."""
-    kernels = [((2 * K * D + K * K) * g, 2 * K * K * D),  # E = current @ W.T
-               ((K * K + 2 * K * D) * g, 2 * K * K * D),  # S @ W
-               (2 * B * K * g + 2 * K * K * g + 16 * B + 8 * B * ACC, 0),  # softmax summed per class
-               (2 * K * D * g + 2 * K * D * ACC, 0)]  # l2 update: gradient read twice, iterate read + write
-    if g != ACC:
-        kernels.append((K * D * (ACC + g), 0))  # the iterate rounded to the GEMM dtype for E
-    return kernels, 2
-
-
-def _rows_step(B, D, K, g, rows):
-    """The rows form's step kernels ``[(bytes, flops)]``, its GEMMs first (two per chunk of ``rows``)."""
-    chunks = [min(rows, B - start) for start in range(0, B, rows)]
-    gemms = [k for n in chunks for k in (((n * D + K * D + K + n * K) * g, 2 * n * K * D),  # logits
-                                         ((n * K + K * D + n * D) * g, 2 * n * K * D))]  # (P - Y) @ W
-    others = [k for n in chunks for k in ((2 * n * D * g + n * D * ACC, 0),  # perturb: h~ = h + delta[y]
-                                          (3 * n * K * g, 0))]  # softmax - onehot, in place
-    present = min(B, K)  # the fused update touches the classes present only: class sums into a scratch row
-    # per class present (written, read twice: the block's l2 partials, the update), the iterate read twice
-    # (the l2 partials <delta, g> and ||delta||^2, the update) and written once
-    others.append((B * D * g + 3 * present * D * ACC + 3 * present * D * ACC, 0))
-    return gemms + others, len(gemms)
 
 
 def _autograd_step(B, D, K, g):
@@ -257,25 +215,21 @@ def head_pgd_target_rows() -> list[dict]:
     for dtype in ("bfloat16", "float32"):
         g, tensor_cores = _SIZE[dtype], dtype != "float32"
         for B, D, K in HEAD_TARGET_SHAPES:
-            class_space = loop.use_class_space(B, K, T, "add")
+            class_space = loop.use_class_space(B, D, K, T, "add", getattr(torch, dtype), True)
             fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
             if class_space:
-                step, n_gemms = _class_space_step(B, D, K, g)
-                setup = [((B * D + K * D + K + B * K) * g, 2 * B * K * D)]  # h @ W.T + b, once
+                (step, n_gemms), setup = class_space_step(B, D, K, g), class_space_setup(B, D, K, g)
             else:
-                step, n_gemms = _rows_step(B, D, K, g, loop.chunk_rows(B, K))
-                setup = [(0, 0)] * ROWS_PREPARATION_LAUNCHES
+                (step, n_gemms), setup = rows_step(B, D, K, g, loop.chunk_rows(B, K)), rows_setup()
             setup += _label_plan_setup(B, K)
-            gemms_s = _kernel_sequence_s(step[:n_gemms], tensor_cores)
+            gemms_s = sequence_seconds(step[:n_gemms], tensor_cores)
             if fused:
                 step_s = _fused_step_s(B, D, K, g, tensor_cores) + H100["launch_s"] / T
                 step = [(0, 0)] * n_gemms  # its launches beside the GEMMs: none (one for all T steps)
             else:
-                step_s = _kernel_sequence_s(step, tensor_cores)
-            call_s = _kernel_sequence_s(setup, tensor_cores) + T * step_s
-            autograd_s = _kernel_sequence_s(_autograd_step(B, D, K, g), tensor_cores)
-            extra = sorted(((_model(b, f, 1, tensor_cores), b) for b, f in step[n_gemms:]), reverse=True,
-                           )[0] if len(step) > n_gemms else (0.0, 0)
+                step_s = sequence_seconds(step, tensor_cores)
+            call_s = sequence_seconds(setup, tensor_cores) + T * step_s
+            autograd_s = sequence_seconds(_autograd_step(B, D, K, g), tensor_cores)
             rows.append({
                 "B": B, "D": D, "K": K, "dtype": dtype, "steps": T,
                 "formulation": "class space, fused" if fused else "class space" if class_space else "rows",
@@ -288,23 +242,27 @@ def head_pgd_target_rows() -> list[dict]:
                 "modelled_one_autograd_step_ms": autograd_s * 1e3,
                 "T3_over_one_autograd_step": call_s / autograd_s,
                 "meets_T3_target": call_s < autograd_s,
-                "largest_non_gemm_kernel_bytes": extra[1],
-                "why": _head_gap(class_space, step_s, gemms_s, len(step), extra, call_s, autograd_s, n_gemms, T),
+                "largest_non_gemm_kernel_bytes": max((b for b, _ in step[n_gemms:]), default=0),
+                "why": _head_gap(class_space, B, K, T, step_s, gemms_s, step[n_gemms:], call_s, autograd_s),
             })
     return rows
 
 
-def _head_gap(class_space, step_s, gemms_s, launches, extra, call_s, autograd_s, n_gemms, T) -> str:
-    """What the model says keeps a row from its targets (empty when both are met)."""
+def _head_gap(class_space, B, K, T, step_s, gemms_s, others, call_s, autograd_s) -> str:
+    """What the model says keeps a row from its targets (empty when both are met); ``others``: the step's
+    kernels beside its GEMMs, ``[(bytes, flops)]``."""
     reasons = []
     if step_s > HEAD_TARGET_RATIO * gemms_s:
-        launch_s = (launches - n_gemms) * H100["launch_s"]
-        if launch_s >= step_s - gemms_s - launch_s:
-            reasons.append(f"step: {launches - n_gemms} launches beside the GEMMs ({launch_s * 1e6:.0f} us) "
-                           f"against GEMMs of {gemms_s * 1e6:.0f} us")
-        else:
-            reasons.append(f"step: memory traffic beside the GEMMs (largest kernel: {extra[1] / 2**20:.0f} MiB)")
+        launch_s = len(others) * H100["launch_s"]
+        moved = sum(b for b, _ in others)
+        reasons.append(f"step: {len(others)} kernels beside the GEMMs ({launch_s * 1e6:.0f} us of launches, "
+                       f"{moved / 2**20:.0f} MiB, the largest {max(b for b, _ in others) / 2**20:.0f} MiB) against "
+                       f"GEMMs of {gemms_s * 1e6:.0f} us")
     if call_s >= autograd_s:
-        reasons.append(f"T = {T}: " + (f"{2 * T} B x K x D GEMMs against autograd's 3" if not class_space else
-                                       "the label plan's and the steps' launches against autograd's"))
+        if not class_space:
+            reasons.append(f"T = {T}: {2 * T} B x K x D GEMMs against autograd's 3")
+        elif 2 * B + 4 * T * K >= 6 * B:
+            reasons.append(f"T = {T}: GEMMs of 2 B K D + {4 * T} K^2 D FLOPs against autograd's 6 B K D")
+        else:
+            reasons.append(f"T = {T}: the label plan's and the steps' launches against autograd's")
     return "; ".join(reasons)

@@ -45,7 +45,9 @@ def _cases() -> list[Case]:
                           dict(B=8192, IN=4096, OUT=4096, K=1000), variant={"activation": "relu", "mode": "add"}))
     cases.append(Case("linear_perturb bwd bfloat16", "linear_perturb", "bwd", "bfloat16",
                       dict(B=8192, IN=4096, OUT=4096, K=1000), variant={"activation": "relu", "mode": "add"}))
-    # (128, 640, 100): the class-space form (its fused softmax + per-class sum kernel); the others: rows
+    # the form a GPU takes (head_pgd/cost.py): class space at (128, 640, 100) (its one-launch fused steps)
+    # and (1024, 2048, 1000) (its fused softmax + per-class sum, the update writing the 16-bit iterate); rows
+    # at (4096, 4096, 32000)
     for sizes in (dict(B=128, D=640, K=100, T=3), dict(B=1024, D=2048, K=1000, T=3), dict(B=4096, D=4096, K=32000, T=3)):
         cases.append(Case(f"head_pgd_ B={sizes['B']} K={sizes['K']} bfloat16", "head_pgd_", "fwd", "bfloat16",
                           sizes, variant={"norm": "l2", "mode": "add"}))

@@ -15,11 +15,18 @@ PGD step needs no autograd: two GEMMs, a row-wise softmax and a per-class sum. T
   ``S_t[c] = sum_{y_b = c} (P_b - Y_b)`` (``K x K``). ``h @ W.T + b`` is computed once for all steps, so a
   step costs ``4 K^2 D`` FLOPs plus two passes over ``B x K``, in four launches: the GEMM ``E_t``, one
   kernel for the softmax and its per-class sum (``softmax_class_sum``: no ``(B, K)`` probabilities),
-  the GEMM ``S_t @ W`` and the update. Extra memory ``B x K + 2 K x K`` (plus ``K x D``).
+  the GEMM ``S_t @ W`` and the update (with 16-bit GEMMs it also writes the iterate rounded to their
+  dtype, the next ``E``'s operand, instead of a cast of its own). Extra memory ``B x K + 2 K x K`` (plus
+  ``K x D``).
 
-Over T steps the rows form does ``4 T B K D`` FLOPs and the class-space form ``2 B K D + 4 T K^2 D``, so
-class space is chosen when ``2 B + 4 T K < 4 T B`` (many samples per class) and its ``B x K`` buffers fit
-in one chunk; otherwise rows (e.g. LLM-vocabulary heads, ``K >> B``).
+Over T steps the rows form does ``4 T B K D`` FLOPs and the class-space form ``2 B K D + 4 T K^2 D``, but
+beside its GEMMs the rows form moves more memory per step (``h~``, the ``(B, D)`` sample gradients, a
+scratch row per class present) in more launches. Class space runs when its ``B x K`` buffers fit in one
+chunk and, on a GPU, ``cost``'s model of every kernel of both forms (bytes, FLOPs and launches on an H100)
+says it is faster and its buffers are no larger than the rows form's (so never with ``K >> B``): at
+``(B, D, K) = (1024, 2048, 1000)``, T = 3, the model prefers class space (about 0.61x the rows form's
+time in bf16, 0.93x in float32) where FLOPs alone do not. On the CPU, where kernels run at their FLOP
+rate and launch for free, FLOPs decide: class space when ``2 B + 4 T K < 4 T B`` (many samples per class).
 
 Precision: with 16-bit ``h`` and ``W`` and ``norm="l2"``, the GEMMs take 16-bit operands (tensor cores,
 fp32 accumulation), the precision of an autograd PGD step on the same tensors. ``linf`` takes the sign
@@ -45,6 +52,7 @@ import torch.nn.functional as F
 
 from lpa_kernels._common import class_order, compute_dtype, label_plan, new_output
 from lpa_kernels.confidence import confidence_direction
+from lpa_kernels.head_pgd import cost
 from lpa_kernels.pgd.split import N_STATS
 
 # Logits elements per chunk of rows (256 MiB in float32): bounds the rows form's (chunk, K) buffer, so
@@ -73,8 +81,9 @@ class HeadKernels:
       accumulated in ``scratch``'s dtype (the accumulation dtype) and rounded once into ``sums``, in a fixed
       order; ``(order, starts)`` is ``_common.class_order`` of the labels; the true class's probability into
       ``p_true`` when given; ``scratch`` is the kernel's to overwrite;
-    - ``pgd_step(delta, grad, step, eps, direction, norm)``: the in-place projected update (``grad`` in
-      ``delta``'s dtype or the GEMM dtype).
+    - ``pgd_step(delta, grad, step, eps, direction, norm, rounded=None)``: the in-place projected update
+      (``grad`` in ``delta``'s dtype or the GEMM dtype); with ``rounded``, the new ``delta`` also into it
+      (``pgd``'s launchers write it in the update's own pass where they can).
 
     ``uses_label_plan``: whether the kernels take the labels' ``label_plan`` (built once per call when the
     caller has none), or ignore it (the PyTorch kernels, which sum with ``index_add_``).
@@ -115,19 +124,53 @@ def chunk_rows(batch: int, num_classes: int) -> int:
     return min(batch, rows)
 
 
-def use_class_space(batch: int, num_classes: int, steps: int, mode: str) -> bool:
-    """The module docstring's FLOP rule, for ``add`` when the ``(B, K)`` buffers fit in one chunk."""
+def runs_on_gpu(t: torch.Tensor) -> bool:
+    """Whether ``use_class_space`` takes the GPU's rule for a call on ``t`` (``lpa-bench static``, which
+    records on the CPU the launches a GPU would make, answers True)."""
+    return t.is_cuda
+
+
+def use_class_space(batch: int, features: int, num_classes: int, steps: int, mode: str, gemm: torch.dtype,
+                    on_gpu: bool) -> bool:
+    """Whether a call runs in class space (``add`` only, its ``(B, K)`` buffers within one chunk): on a GPU
+    when ``cost`` models it faster than the rows form and its buffers are no larger than the rows form's;
+    on the CPU by the FLOP rule (the module docstring). ``gemm``: the GEMM operands' dtype."""
     if mode != "add" or batch * num_classes > CHUNK_ELEMENTS:
         return False
-    return 2 * batch + 4 * steps * num_classes < 4 * steps * batch
+    if not on_gpu:
+        return 2 * batch + 4 * steps * num_classes < 4 * steps * batch
+    g = gemm.itemsize
+    sizes = batch, features, num_classes, g, max(g, 4)  # the accumulation dtype: float32, or float64's own
+    if _form_bytes(True, *sizes) > _form_bytes(False, *sizes):
+        return False
+    rows = chunk_rows(batch, num_classes)
+    return (cost.call_seconds(True, batch, features, num_classes, steps, g, rows)
+            < cost.call_seconds(False, batch, features, num_classes, steps, g, rows))
+
+
+def _form_bytes(class_space: bool, batch: int, features: int, classes: int, g: int, a: int) -> int:
+    """The buffers of one form that the other does not have, for GEMM operands of ``g`` bytes and an
+    accumulation dtype of ``a`` bytes."""
+    if class_space:
+        # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch; the
+        # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc
+        rounded = classes * features * g if g != a else 0
+        return batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a + rounded
+    rows = chunk_rows(batch, classes)
+    # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
+    # workspace: at most another (K, D) in acc and N_STATS partials per class and tile of 32 groups (the
+    # CUDA kernel's; the Triton one's are per class present)
+    update = classes * features * a + N_STATS * classes * -(-features // 32) * a
+    return rows * classes * g + batch * features * g + rows * features * g + update
 
 
 def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: str, norm: str,
-                    dtype: torch.dtype, acc: torch.dtype) -> int:
+                    dtype: torch.dtype, acc: torch.dtype, on_gpu: bool = True) -> int:
     """Upper bound on the extra device memory of one call (every buffer counted as if alive at once),
-    for ``h``, ``weight`` and ``delta`` in ``dtype``: the form's buffers in the GEMM dtype, the class
-    gradient ``(K, D)`` and, for 16-bit ``delta``, the iterate ``(K, D)`` in ``acc``; GEMM-dtype copies of
-    ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)`` vectors are left out."""
+    for ``h``, ``weight`` and ``delta`` in ``dtype`` on a GPU (or the CPU): the form's buffers in the GEMM
+    dtype, the class gradient ``(K, D)`` and, for 16-bit ``delta``, the iterate ``(K, D)`` in ``acc``;
+    GEMM-dtype copies of ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)``
+    vectors are left out."""
     gd = gemm_dtype(dtype, acc, norm)
     g, a = gd.itemsize, acc.itemsize
     total = classes * features * a  # the class gradient (class space: pgd_step's copy of a 16-bit one)
@@ -135,18 +178,8 @@ def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: s
         total += classes * features * a  # the iterate, kept in acc between steps
     if gd != dtype:
         total += (batch * features + classes * features) * g
-    if use_class_space(batch, classes, steps, mode):
-        # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch; the
-        # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc
-        rounded = classes * features * g if gd != acc else 0
-        return total + batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a \
-            + rounded
-    rows = chunk_rows(batch, classes)
-    # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
-    # workspace: at most another (K, D) in acc and N_STATS partials per class and tile of 32 groups (the
-    # CUDA kernel's; the Triton one's are per class present)
-    update = classes * features * a + N_STATS * classes * -(-features // 32) * a
-    return total + rows * classes * g + batch * features * g + rows * features * g + update
+    class_space = use_class_space(batch, features, classes, steps, mode, gd, on_gpu)
+    return total + _form_bytes(class_space, batch, features, classes, g, a)
 
 
 def run_head_pgd(
@@ -179,20 +212,21 @@ def run_head_pgd(
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
     fused = kernels.fused_class_space
-    if not (batch and steps and use_class_space(batch, num_classes, steps, mode) and direction is not None
+    class_space = use_class_space(batch, h.shape[1], num_classes, steps, mode, gd, runs_on_gpu(h))
+    if not (batch and steps and class_space and direction is not None
             and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
         fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
     if skipped is not None and (fused is None or delta.dtype != acc):
         guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
-                                      kernels, plan, acc, gd, fused), ok, skipped)
+                                      kernels, plan, acc, gd, class_space, fused), ok, skipped)
     else:
-        _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd, fused,
-               ok, skipped)
+        _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd,
+               class_space, fused, ok, skipped)
 
 
 def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels: HeadKernels, plan, acc, gd,
-           fused: FusedClassSpace | None, ok=None, skipped=None) -> None:
-    """:func:`run_head_pgd`'s steps, in ``fused`` (passed the guard) or in one of the two forms."""
+           class_space: bool, fused: FusedClassSpace | None, ok=None, skipped=None) -> None:
+    """:func:`run_head_pgd`'s steps, in ``fused`` (passed the guard) or in the form ``class_space`` says."""
     batch, num_classes = h.shape[0], weight.shape[0]
     if batch == 0 or steps == 0:
         return
@@ -209,7 +243,7 @@ def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mo
         fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm,
                   ok, skipped)
     else:
-        if use_class_space(batch, num_classes, steps, mode):
+        if class_space:
             form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
         else:
             form = _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
@@ -250,13 +284,16 @@ def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc,
     class_probs = new_output((num_classes, num_classes), weight.dtype, h.device)
     grad = new_output((num_classes, features), weight.dtype, h.device)
     scratch = new_output((2, batch), softmax_acc, h.device)
+    # the iterate as the shift GEMM's operand: rounded once here, then rewritten by every update
+    rounded = None if weight.dtype == current.dtype else current.to(weight.dtype)
 
     def gradient(p_true: torch.Tensor | None) -> torch.Tensor:
-        torch.mm(current.to(weight.dtype), weight.t(), out=shift)
+        torch.mm(current if rounded is None else rounded, weight.t(), out=shift)
         kernels.softmax_class_sum(class_probs, base_logits, shift, labels, order, starts, p_true, scratch)
         return torch.mm(class_probs, weight, out=grad)
 
-    return Form(gradient, lambda g, direction: kernels.pgd_step(current, g, step, eps, direction, norm))
+    return Form(gradient, lambda g, direction: kernels.pgd_step(current, g, step, eps, direction, norm,
+                                                                rounded=rounded))
 
 
 def _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels, plan) -> Form:

@@ -61,15 +61,24 @@ def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratc
         sums.copy_(torch.zeros(sums.shape, dtype=grad.dtype, device=grad.device).index_add_(0, labels, grad))
 
 
+def pgd_step(delta, grad, step, eps, direction, norm, rounded=None) -> None:
+    """``HeadKernels.pgd_step``: the reference update, then ``rounded``'s copy."""
+    pgd_naive.pgd_step_(delta, grad, step, eps, direction, norm)
+    if rounded is not None:
+        rounded.copy_(delta)
+
+
 KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum,
-                      pgd_step=pgd_naive.pgd_step_, uses_label_plan=False)
+                      pgd_step=pgd_step, uses_label_plan=False)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:
     """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend (the host
     kernel when it serves the tensors); with ``skipped``, under ``loop.guarded``."""
-    class_space = loop.use_class_space(h.shape[0], delta.shape[0], steps, mode)
+    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
+    gemm = loop.gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
+    class_space = loop.use_class_space(h.shape[0], h.shape[1], delta.shape[0], steps, mode, gemm, loop.runs_on_gpu(h))
     if not _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
                               skipped):
         run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, None, ok, skipped)

@@ -155,8 +155,8 @@ def _class_space_steps_kernel(
         tl.debug_barrier()
         # 4. the projected update of the block's classes
         active, largest, _finite = rows_gradient_stats(grad_ptr, existing, class_ok, D, ACC, BLOCK_C, BLOCK_ROW)
-        update_rows(current_ptr, grad_ptr, existing, D, step, eps, active & class_ok, largest, radius_margin, L2,
-                     ACC, BLOCK_C, BLOCK_ROW)
+        update_rows(current_ptr, grad_ptr, existing, D, step, eps, active & class_ok, largest, radius_margin,
+                     current_ptr, L2, ACC, BLOCK_C, BLOCK_ROW, False)
         tl.debug_barrier()
     if GUARD:
         _, _, finite = rows_gradient_stats(current_ptr, existing, class_ok, D, ACC, BLOCK_C, BLOCK_ROW)

@@ -16,11 +16,13 @@ from lpa_kernels.backend import serialised
 class PGDLaunchers(Protocol):
     def pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, eps: torch.Tensor,
                  direction: torch.Tensor, norm: str, ok: torch.Tensor | None = None,
-                 skipped: torch.Tensor | None = None) -> None:
+                 skipped: torch.Tensor | None = None, rounded: torch.Tensor | None = None) -> None:
         """One PGD step on ``delta (K, D)`` (contiguous, in place) from ``grad (K, D)``. With ``ok`` (0-d
         bool) and ``skipped`` (0-d int64): the training step's guarded step (``naive.guarded_pgd_step_``:
         a class with a non-finite gradient, or every class when ``ok`` is False, keeps its delta; the
-        former are counted into ``skipped`` in place)."""
+        former are counted into ``skipped`` in place). With ``rounded`` (K, D) (contiguous, any float
+        dtype): the new ``delta`` also into it, every row (``head_pgd_``'s class space keeps its GEMM
+        operand so, without a launch of its own where the kernel can write it)."""
 
     def class_grad_pgd_step(self, delta: torch.Tensor, grad_out: torch.Tensor, labels: torch.Tensor,
                             h: torch.Tensor | None, step: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor,

@@ -15,25 +15,33 @@ def split_block(K: int, D: int, device: torch.device) -> int | None:
     return split.split_block(K, D, 2 * cuda._multiprocessors(device))
 
 
-def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
-    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped`` the guarded step, in the same launches."""
+def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None, rounded=None):
+    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped`` the guarded step, in the same launches; with
+    ``rounded``, the new delta also into it (written by the update itself when ``rounded`` is in the
+    gradient's dtype and the grid has one block per class, else copied after)."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
     acc = compute_dtype(delta.dtype, grad.dtype)  # float64 when either is (pgd_step_'s rule)
     # The kernel computes in delta's accumulation dtype: a float64 gradient updates a float64 copy.
     kdelta = delta if compute_dtype(delta.dtype) == acc else cuda.as_dtype(delta, acc)
-    kgrad = grad.contiguous() if grad.dtype in (kdelta.dtype, acc) else cuda.as_dtype(grad, acc)
-    step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
     tile = split_block(K, D, delta.device) or 0  # 0: one block per class
+    # A float32 delta takes a 16-bit gradient as it is on one block per class (head_pgd_'s class space).
+    sixteen_bit = kdelta.dtype == torch.float32 and grad.dtype in (torch.float16, torch.bfloat16) and not tile
+    kgrad = grad.contiguous() if grad.dtype in (kdelta.dtype, acc) or sixteen_bit else cuda.as_dtype(grad, acc)
+    in_kernel = rounded is not None and kdelta is delta and not tile and rounded.dtype == kgrad.dtype \
+        and rounded.is_contiguous()
+    step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
     # The split grid's per-(class, tile) partials, for l2 and the guard (unguarded linf needs none).
     stats = torch.empty((split.N_STATS, K, -(-D // tile)), dtype=acc, device=delta.device) \
         if tile and (norm == "l2" or ok is not None) else None
     cuda.launch("pgd_step", delta.device, kdelta.data_ptr(), kgrad.data_ptr(), step.data_ptr(), eps.data_ptr(),
                 direction.data_ptr(), K, D, cuda.NORM_CODES[norm], cuda.code(kdelta.dtype), cuda.code(kgrad.dtype),
-                cuda.ptr(ok), cuda.ptr(skipped), tile, cuda.ptr(stats))
+                cuda.ptr(ok), cuda.ptr(skipped), tile, cuda.ptr(stats), cuda.ptr(rounded if in_kernel else None))
     if kdelta is not delta:
         delta.copy_(kdelta)
+    if rounded is not None and not in_kernel:
+        rounded.copy_(delta)
 
 
 def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):

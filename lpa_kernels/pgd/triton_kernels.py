@@ -124,12 +124,13 @@ def _scaled(g, largest, infinite):
 
 @triton.jit
 def update_rows(
-    delta_ptr, grad_ptr, rows, D, step, eps, active, largest, radius_margin,
-    L2: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+    delta_ptr, grad_ptr, rows, D, step, eps, active, largest, radius_margin, rounded_ptr,
+    L2: tl.constexpr, ACC: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, ROUNDED: tl.constexpr,
 ):
     """Write the PGD update of the rows ``rows (R,)`` of ``delta (*, D)`` from those of ``grad`` where
     ``active (R,)`` (an inactive row writes nothing; every row must exist): ``step`` (step size times direction),
-    ``eps`` and ``largest`` (``rows_gradient_stats``) are ``(R,)``."""
+    ``eps`` and ``largest`` (``rows_gradient_stats``) are ``(R,)``. ``ROUNDED``: every row's new value (an
+    inactive row's old one) also into ``rounded`` (same shape, its own dtype), in the same pass."""
     offsets = rows[:, None] * D
     live = active[:, None] != 0  # (!= 0: the interpreter may hold int1 as wider integers)
     if L2:
@@ -156,37 +157,41 @@ def update_rows(
     for d0 in range(0, D, BLOCK):
         d = (d0 + tl.arange(0, BLOCK))[None, :]
         mask = live & (d < D)
-        old = tl.load(delta_ptr + offsets + d, mask=mask, other=0).to(ACC)
+        old = tl.load(delta_ptr + offsets + d, mask=(d < D) if ROUNDED else mask, other=0).to(ACC)
         g = tl.load(grad_ptr + offsets + d, mask=mask, other=0).to(ACC)
         if L2:
             new = old + step * _scaled(g, largest, infinite)
             new = new * (radius / tl.maximum(length, radius))  # 1 inside the ball; no 0 / 0 for a zero row
         else:
             new = _clamp(old + step * _signum(g), eps)
-        tl.store(delta_ptr + offsets + d, new.to(delta_ptr.dtype.element_ty), mask=mask)
+        new = new.to(delta_ptr.dtype.element_ty)
+        tl.store(delta_ptr + offsets + d, new, mask=mask)
+        if ROUNDED:
+            kept = tl.where(live, new, old.to(delta_ptr.dtype.element_ty))
+            tl.store(rounded_ptr + offsets + d, kept.to(rounded_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
 def _update_class(
-    delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, largest, radius_margin,
-    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    delta_ptr, grad_ptr, c, D, step_ptr, eps_ptr, direction_ptr, active, largest, radius_margin, rounded_ptr,
+    L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ROUNDED: tl.constexpr,
 ):
-    """``update_rows`` of the one row at ``delta_ptr`` / ``grad_ptr``, class ``c`` (scalar ``active``,
-    ``largest``)."""
+    """``update_rows`` of the one row at ``delta_ptr`` / ``grad_ptr`` (/ ``rounded_ptr``), class ``c`` (scalar
+    ``active``, ``largest``)."""
     row = tl.zeros((1,), dtype=tl.int64)
     step = tl.load(step_ptr + c + row).to(ACC) * tl.load(direction_ptr + c + row).to(ACC)
     update_rows(delta_ptr, grad_ptr, row, D, step, tl.load(eps_ptr + c + row).to(ACC), (row == 0) & active,
-                 largest + tl.zeros((1,), dtype=ACC), radius_margin, L2, ACC, 1, BLOCK)
+                 largest + tl.zeros((1,), dtype=ACC), radius_margin, rounded_ptr, L2, ACC, 1, BLOCK, ROUNDED)
 
 
 @triton.jit
 def _pgd_step_kernel(
-    delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, ok_ptr, skipped_ptr, D, radius_margin,
-    GUARD: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    delta_ptr, grad_ptr, step_ptr, eps_ptr, direction_ptr, ok_ptr, skipped_ptr, rounded_ptr, D, radius_margin,
+    GUARD: tl.constexpr, L2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ROUNDED: tl.constexpr,
 ):
     # GUARD (the training step's update, ``naive.guarded_pgd_step_``): a class whose gradient is not
     # finite, or every class when *ok_ptr is False, keeps its delta; non-finite classes of an ok batch
-    # are counted into *skipped_ptr.
+    # are counted into *skipped_ptr. ROUNDED: the new delta also into rounded (update_rows).
     c = tl.program_id(0)
     row = c.to(tl.int64) * D
     active, largest, finite = _gradient_stats(grad_ptr + row, D, ACC, BLOCK)
@@ -195,7 +200,7 @@ def _pgd_step_kernel(
         active = active & finite & ok
         tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64))
     _update_class(delta_ptr + row, grad_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, largest,
-                  radius_margin, L2, ACC, BLOCK)
+                  radius_margin, rounded_ptr + row, L2, ACC, BLOCK, ROUNDED)
 
 
 @triton.jit
@@ -384,8 +389,10 @@ def _in_kernel_dtype(delta: torch.Tensor, launch) -> None:
         delta.copy_(kdelta)
 
 
-def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
-    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped``, the guarded step in the same launches."""
+def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None, rounded=None):
+    """``PGDLaunchers.pgd_step``; with ``ok`` and ``skipped``, the guarded step in the same launches; with
+    ``rounded``, the new delta also into it, written by the update itself when ``delta`` is in the
+    accumulation dtype on the one-program-per-class grid (else copied after)."""
     K, D = delta.shape
     if delta.numel() == 0:
         return
@@ -395,25 +402,31 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None):
     margin = l2_radius_margin(acc_dtype)
     ok, skipped = (ok, skipped) if guard else (step, step)  # unread placeholders
     block = split_block(K, D, delta.device)
+    in_kernel = rounded is not None and block is None and delta.dtype == acc_dtype
+    krounded = kernel_dtype_view(rounded) if in_kernel else None
+    blocks = 0 if block is None else triton.cdiv(D, block)
     if block is None:
-        _in_kernel_dtype(delta, lambda kdelta: _pgd_step_kernel[(K,)](
-            kdelta, kgrad, step, eps, direction, ok, skipped, D, margin,
-            GUARD=guard, L2=l2, ACC=acc, BLOCK=min(triton.next_power_of_2(D), BLOCK_UPDATE),
-        ))
-        return
-    blocks = triton.cdiv(D, block)
-    if not (guard or l2):
-        _in_kernel_dtype(delta, lambda kdelta: _linf_split_kernel[(blocks, K)](
-            kdelta, kgrad, step, eps, direction, D, ACC=acc, BLOCK=block))
-        return
-    stats = torch.empty((split.N_STATS, K, blocks), dtype=acc_dtype, device=delta.device)
+        def launch(kdelta):
+            _pgd_step_kernel[(K,)](
+                kdelta, kgrad, step, eps, direction, ok, skipped, kdelta if krounded is None else krounded, D, margin,
+                GUARD=guard, L2=l2, ACC=acc, BLOCK=min(triton.next_power_of_2(D), BLOCK_UPDATE), ROUNDED=in_kernel)
+    elif not (guard or l2):
+        def launch(kdelta):
+            _linf_split_kernel[(blocks, K)](kdelta, kgrad, step, eps, direction, D, ACC=acc, BLOCK=block)
+    else:
+        stats = torch.empty((split.N_STATS, K, blocks), dtype=acc_dtype, device=delta.device)
 
-    def launch(kdelta):
-        _block_stats_kernel[(blocks, K)](kdelta, kgrad, stats, K, D, blocks, L2=l2, ACC=acc, BLOCK=block)
-        _block_update_kernel[(blocks, K)](
-            kdelta, kgrad, stats, step, eps, direction, ok, skipped, K, D, blocks, margin,
-            GUARD=guard, L2=l2, ACC=acc, BLOCK=block, STATS_BLOCK=min(triton.next_power_of_2(blocks), STATS_BLOCK))
+        def launch(kdelta):
+            _block_stats_kernel[(blocks, K)](kdelta, kgrad, stats, K, D, blocks, L2=l2, ACC=acc, BLOCK=block)
+            _block_update_kernel[(blocks, K)](
+                kdelta, kgrad, stats, step, eps, direction, ok, skipped, K, D, blocks, margin, GUARD=guard, L2=l2,
+                ACC=acc, BLOCK=block, STATS_BLOCK=min(triton.next_power_of_2(blocks), STATS_BLOCK))
     _in_kernel_dtype(delta, launch)
+    if in_kernel:
+        if krounded is not rounded:  # a float32 view (bfloat16 under the interpreter), rounded here
+            rounded.copy_(krounded)
+    elif rounded is not None:
+        rounded.copy_(delta)
 
 
 def class_grad_pgd_step(delta, grad_out, labels, h, step, eps, direction, inner, mode, norm, plan=None):

@@ -27,6 +27,7 @@ from lpa_kernels.pgd import naive as pgd_naive
 from tests.head_pgd import test_fused_class_space as fused_checks
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
+from tests.pgd.test_pgd import check_rounded_copy
 from tests.step_update import test_step_update as step_update_tests
 from tests.helpers import DTYPES, assert_close_to_reference, make_labels
 
@@ -145,6 +146,23 @@ def test_pgd_step(launchers, pgd_grid, dtype, norm, grad_dtype):
     ref = pgd_naive.pgd_step_(delta.double(), grad.double(), step.double(), eps.double(), direction.double(), norm)
     launchers.pgd_step(delta, grad, step, eps, direction, norm)
     assert_close_to_reference(delta, ref, what=f"delta after pgd_step ({norm})")
+
+
+@pytest.mark.parametrize("ok", [None, True, False], ids=["plain", "ok", "bad-labels"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_pgd_step_writes_the_new_iterate_rounded_when_asked(launchers, pgd_grid, grad_dtype, norm, ok, monkeypatch):
+    """tests/pgd/test_pgd.py's check: on one block per class a float32 iterate takes its 16-bit gradient as it
+    is and the kernel writes the rounded copy (its pointer reaches the launch); the split grid takes a
+    float32 copy of the gradient and copies the iterate after."""
+    launched, launch = [], _cuda_launch.launch
+
+    def spy(name, device, *args):
+        launched.append(args[-1])
+        launch(name, device, *args)
+    monkeypatch.setattr(_cuda_launch, "launch", spy)
+    check_rounded_copy(launchers.pgd_step, "cpu", grad_dtype, norm, ok)
+    assert [bool(rounded) for rounded in launched] == [False, pgd_grid == "per_class"], "rounded's pointer"
 
 
 @pytest.mark.parametrize("ok", [True, False], ids=["ok", "bad-labels"])
@@ -365,7 +383,7 @@ def test_head_pgd_rows_each_extra_step_launches_only_its_own_kernels(cuda_backen
         emulated_launch(name, device, *args)
     monkeypatch.setattr(_cuda_launch, "launch", counting)
     monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
-    assert not head_loop.use_class_space(40, 100, 1, "add"), "test setup: the rows form should run here"
+    assert not head_loop.use_class_space(40, 32, 100, 1, "add", torch.float32, False), "test setup: the rows form runs"
     launches = {}
     for steps in (1, 3):
         h, y, weight, bias, delta = make_head_problem(40, 100, 32, labels=make_labels(40, 100, dtype=labels_dtype))

@@ -64,7 +64,7 @@ def test_perturb_class_grad_and_pgd_launches(configure_only, batch, classes, lay
     (b, k, d, form) for b, k, d, form in itertools.product(BATCHES, CLASSES, (1, 1000), ("rows", "class_space"))
     if k < 70_000 or (d == 1 and form == "rows")])
 def test_head_pgd_launches(configure_only, monkeypatch, batch, classes, features, form):
-    monkeypatch.setattr(head_loop, "use_class_space", lambda b, k, t, mode: form == "class_space" and mode == "add")
+    monkeypatch.setattr(head_loop, "use_class_space", lambda *a: form == "class_space" and a[4] == "add")
     h, weight = torch.randn(batch, features), torch.randn(classes, features)
     labels = _labels(batch, classes)
     for direction, norm in (("confidence", "l2"), (1.0, "linf"), (1.0, "l2")):
@@ -102,7 +102,7 @@ def test_every_launch_fits_cuda_limits_at_100000_classes(configure_only):
     other tests check at small K, on the same grid layout)."""
     K = 100_000
     h, y, weight, bias, delta = make_problem(64, K, 8)
-    assert not head_loop.use_class_space(64, K, 3, "add"), "test set-up: the rows form should run"
+    assert not head_loop.use_class_space(64, 8, K, 3, "add", torch.float32, False), "test set-up: the rows form should run"
     lpa_kernels.head_pgd_(h, y, weight, bias, delta, 3, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
     grad_out = torch.randn(64, 8)
     lpa_kernels.class_grad(grad_out, y, K, (K, 8), backend="cuda")

@@ -35,7 +35,7 @@ def spy_on_fused_launch(monkeypatch, backend: str) -> list:
         calls.append(args[1].shape)
         return fused.run(*args)
 
-    monkeypatch.setattr(loop, "use_class_space", lambda *a: a[3] == "add")
+    monkeypatch.setattr(loop, "use_class_space", lambda *a: a[4] == "add")
     spied = loop.FusedClassSpace(fused.serves, spy)
     monkeypatch.setattr(module, "KERNELS", dataclasses.replace(module.KERNELS, fused_class_space=spied))
     return calls

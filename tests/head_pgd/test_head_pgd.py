@@ -97,7 +97,7 @@ def _reference_update_under_interpreter(monkeypatch):
     """Under the interpreter, the update is the reference pgd_step (pgd_step has its own tests): its
     K one-class programs, run one after another, take minutes for K = 10,000 and more."""
     if interpreting():
-        monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, pgd_step=pgd_naive.pgd_step_))
+        monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, pgd_step=head_torch.pgd_step))
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -114,12 +114,12 @@ def test_large_class_counts(target, num_classes, mode, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])
 def test_both_formulations_match_the_reference_and_each_other(target, dtype, direction, monkeypatch):
-    """add mode, B = 67 >> K = 6: the class-space form (chosen by the FLOP rule; on the fast backends with a
+    """add mode, B = 67 >> K = 6: the class-space form (chosen by the rule; on the fast backends with a
     given direction all its steps in one launch, ``triton_fused.py`` / ``csrc/head_pgd_fused.cu``, and also in
     its launch-per-phase form) and the rows form (forced) each match the reference, and each other within the
     same tolerance."""
     problem = make_problem(67, 6, 29, dtype, target[1])
-    assert head_loop.use_class_space(67, 6, 3, "add"), "test setup: the rule should pick class space here"
+    assert head_loop.use_class_space(67, 29, 6, 3, "add", dtype, target[1] == "cuda"), "test setup: class space should run"
     args = dict(steps=3, step_size=0.1, eps=0.3, direction=direction, norm="l2", mode="add")
     class_space = check_against_reference(target, *problem, **args)
     fast = {"triton": head_triton, "cuda": cuda_kernels}.get(target[0])
@@ -148,11 +148,20 @@ def test_rows_in_several_chunks(target, mode, monkeypatch):
 
 
 def test_formulation_rule_and_chunk_bound():
-    """Class space only for add and when cheaper (many samples per class); chunks bound the logits."""
-    assert head_loop.use_class_space(4096, 100, 3, "add")
-    assert not head_loop.use_class_space(4096, 100, 3, "scale")
-    assert not head_loop.use_class_space(128, 1000, 3, "add")  # K >> B: rows
-    assert not head_loop.use_class_space(4096, 32_000, 3, "add")  # (B, K) larger than one chunk
+    """Class space only for add and when cheaper: on the CPU by FLOPs (many samples per class), on a GPU by
+    the cost model of both forms' kernels, never with more buffer memory than the rows form; chunks bound
+    the logits."""
+    for on_gpu in (False, True):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert head_loop.use_class_space(4096, 512, 100, 3, "add", dtype, on_gpu)
+            assert not head_loop.use_class_space(4096, 512, 100, 3, "scale", dtype, on_gpu)
+            assert not head_loop.use_class_space(128, 640, 1000, 3, "add", dtype, on_gpu)  # K >> B: rows
+            # launches alone would favour class space at this tiny D, its (K, K) buffers do not
+            assert not head_loop.use_class_space(32, 64, 1000, 3, "add", dtype, on_gpu)
+            assert not head_loop.use_class_space(4096, 4096, 32_000, 3, "add", dtype, on_gpu)  # (B, K) over a chunk
+            # B ~ K: about the same FLOPs, so the CPU takes rows; on a GPU the rows form's passes over (B, D)
+            # and its per-class scratch rows make it the slower (head_pgd/cost.py)
+            assert head_loop.use_class_space(1024, 2048, 1000, 3, "add", dtype, on_gpu) == on_gpu
     for batch, classes in [(4096, 32_000), (4096, 100_000), (100, 7), (1_000_000, 1000)]:
         rows = head_loop.chunk_rows(batch, classes)
         assert 1 <= rows <= batch and rows * classes <= max(head_loop.CHUNK_ELEMENTS, classes)
@@ -303,25 +312,29 @@ def test_cuda_backend_on_cpu_tensors_says_why_it_is_unavailable():
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (the counter does not see the CUDA C++ launches)
-@pytest.mark.parametrize("batch, classes, fused, per_step",
-                         [(64, 4, True, 0), (64, 4, False, 4), (40, 100, True, 5), (200, 200, True, 5)],
-                         ids=["class-space-fused", "class-space", "rows", "rows-chunked-class-sum"])
-def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, fused, per_step, monkeypatch):
+@pytest.mark.parametrize("batch, classes, fused, per_step, dtype",
+                         [(64, 4, True, 0, torch.float32), (64, 4, False, 4, torch.float32),
+                          (64, 4, False, 4, torch.float16), (40, 100, True, 5, torch.float32),
+                          (200, 200, True, 5, torch.float32)],
+                         ids=["class-space-fused", "class-space", "class-space-16-bit", "rows", "rows-chunked-class-sum"])
+def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, fused, per_step, dtype, monkeypatch):
     """What depends only on the call (label plan, buffers, the class-space logits, the rows form's launch
     plan and arrival counters) is set up once, so T = 3 launches exactly 2 steps' kernels more than T = 1.
     Class space, fused (a given direction, few classes): every step in the one launch (0); unfused: GEMM,
-    the fused softmax + per-class sum, GEMM, update (4); rows, one chunk of rows: perturb, logits GEMM,
-    softmax, GEMM, the fused class sum + update (5), also when the class sums are cut into chunks
-    (B = 200: a chunk plan of about 9 launches, once per call)."""
+    the fused softmax + per-class sum, GEMM, update (4; with 16-bit GEMMs the update also writes the
+    iterate's 16-bit copy the next shift GEMM takes, no cast of its own); rows, one chunk of rows: perturb,
+    logits GEMM, softmax, GEMM, the fused class sum + update (5), also when the class sums are cut into
+    chunks (B = 200: a chunk plan of about 9 launches, once per call)."""
     from lpa_bench.static.counting import LaunchCounter
 
     monkeypatch.setenv("LPA_POISON", "0")  # poisoning fills every new buffer: a launch that training never has
     if not fused:
         monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
-    assert head_loop.use_class_space(batch, classes, 1, "add") == (per_step in (0, 4)), "test setup: wrong formulation"
+    assert head_loop.use_class_space(batch, 32, classes, 1, "add", dtype, target[1] == "cuda") == (per_step in (0, 4)), \
+        "test setup: wrong formulation"
     launches = {}
     for steps in (1, 3):
-        h, y, weight, bias, delta = make_problem(batch, classes, 32, device=target[1])
+        h, y, weight, bias, delta = make_problem(batch, classes, 32, dtype, device=target[1])
         with LaunchCounter() as counter:
             head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend=target[0])
         launches[steps] = counter.summary()["aten_launches"] + counter.summary()["triton_launches"]

@@ -42,7 +42,7 @@ def test_rows_form_never_creates_a_batch_by_classes_tensor(target, mode, monkeyp
     monkeypatch.setattr(head_loop, "ROW_ALIGN", 8)
     batch, classes, features = 96, 40, 12
     h, y, weight, bias, delta = make_problem(batch, classes, features, device=target[1])
-    assert not head_loop.use_class_space(batch, classes, 2, mode)
+    assert not head_loop.use_class_space(batch, features, classes, 2, mode, torch.float32, target[1] == "cuda")
     with _LargestTensor() as seen:
         head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, "confidence", "l2", mode, backend=target[0])
     assert seen.largest < batch * classes, f"a tensor of {seen.largest} elements (B x K = {batch * classes})"

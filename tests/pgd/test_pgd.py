@@ -16,7 +16,7 @@ import torch
 
 from lpa_kernels import class_grad_pgd_step_, pgd_step_
 from lpa_kernels._common import delta_layout
-from lpa_kernels.pgd import cuda_kernels, naive, split, triton_kernels
+from lpa_kernels.pgd import backends, cuda_kernels, naive, split, triton_kernels
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference
 from tests.perturb.test_perturb import FEW_PRESENT, LAYOUTS, MANY_CLASSES, MODES, TARGETS, absent_classes
 
@@ -339,3 +339,37 @@ def test_split_grid_is_chosen_for_few_classes_with_long_rows():
     assert split.split_block(10, 64, 264) is None
     assert split.split_block(1000, 2048, 264) is None
     assert split.split_block(1, 10**6, 264) == split.SPLIT_BLOCKS[1]
+
+
+def check_rounded_copy(pgd_step, device, grad_dtype, norm, ok) -> None:
+    """``pgd_step`` (a backend's launcher) with ``rounded``: the update of a float32 iterate is the one it
+    makes without (from the same gradient values in float32), and ``rounded`` receives the new iterate in
+    ``grad_dtype``, every row (the zero-gradient class's, a guarded class's, all of them for a bad batch).
+    ``ok``: None (plain), or the guarded step's verdict."""
+    D = 301
+    delta = 0.3 * torch.randn(K, D, device=device)
+    grad = torch.randn(K, D, device=device).to(grad_dtype)
+    grad[IDLE] = 0
+    grad[1, 5] = float("nan")  # propagates (plain), keeps its delta (guarded)
+    step, eps, direction = (torch.rand(K, device=device) * 0.2, torch.rand(K, device=device) + 0.1,
+                            torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5], device=device))
+
+    def guard():  # (a fresh skipped counter per call)
+        return () if ok is None else (torch.tensor(ok, device=device), torch.zeros((), dtype=torch.int64, device=device))
+    expected = delta.clone()
+    pgd_step(expected, grad.float(), step, eps, direction, norm, *guard())
+    rounded = torch.full((K, D), float("nan"), dtype=grad_dtype, device=device)
+    pgd_step(delta, grad, step, eps, direction, norm, *guard(), rounded=rounded)
+    torch.testing.assert_close(delta, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(rounded, delta.to(grad_dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("ok", [None, True, False], ids=["plain", "ok", "bad-labels"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("target", GRID_KERNEL_TARGETS)
+def test_pgd_step_writes_the_new_iterate_rounded_when_asked(target, grad_dtype, norm, ok, monkeypatch):
+    """``head_pgd_``'s class space steps a float32 iterate from its 16-bit gradient and multiplies the new
+    iterate, in the GEMM dtype, in the next step: the update writes that copy in its own pass."""
+    backend, device = use_grid(monkeypatch, target)
+    check_rounded_copy(backends.launchers(backend).pgd_step, device, grad_dtype, norm, ok)
