@@ -81,6 +81,9 @@ def record(recorder) -> None:
                 for guard in ((), (torch.tensor(True), torch.zeros((), dtype=torch.int64))):
                     call(f"{dt} {norm} rounded guarded={bool(guard)}", pgd.pgd_step, rand(2, 40, dtype=str(acc)[6:]),
                          rand(2, 40, dtype=dt), *step, norm, *guard, rounded=rand(2, 40, dtype=dt))
+                if dt in ("float16", "bfloat16"):  # a float64 iterate rounded straight to 16 bits
+                    call(f"{dt} {norm} rounded from float64", pgd.pgd_step, rand(2, 40, dtype="float64"),
+                         rand(2, 40, dtype=dt), *(s.double() for s in step), norm, rounded=rand(2, 40, dtype=dt))
                 # 2 classes of 300 entries: the (feature block, class) grid (pgd.split_block on the CPU)
                 call(f"{dt} {norm} split", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step, norm)
                 call(f"{dt} {norm} split guarded", pgd.pgd_step, rand(2, 300, dtype=dt), rand(2, 300, dtype=dt), *step,
