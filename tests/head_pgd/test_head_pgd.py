@@ -18,9 +18,8 @@ import lpa_kernels.head_pgd.cuda_kernels as cuda_kernels
 import lpa_kernels.head_pgd.loop as head_loop
 import lpa_kernels.head_pgd.torch_kernels as head_torch
 import lpa_kernels.head_pgd.triton_kernels as head_triton
-import lpa_kernels.pgd.naive as pgd_naive
 from lpa_kernels import _checks, head_pgd_
-from lpa_kernels.head_pgd import naive
+from lpa_kernels.head_pgd import cost, naive
 from lpa_kernels.backend import interpreting
 from lpa_kernels.confidence import confidence_direction
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
@@ -166,6 +165,23 @@ def test_formulation_rule_and_chunk_bound():
         rows = head_loop.chunk_rows(batch, classes)
         assert 1 <= rows <= batch and rows * classes <= max(head_loop.CHUNK_ELEMENTS, classes)
     assert head_loop.chunk_rows(4096, 100_000) % head_loop.ROW_ALIGN == 0
+
+
+@pytest.mark.parametrize("batch, features, classes", [(1024, 2048, 1000), (4096, 4096, 32_000), (37, 5, 300)])
+def test_cost_model_counts_each_forms_gemm_flops_and_launches(batch, features, classes):
+    """``cost``'s kernels, which choose the form on a GPU, hold the loop's FLOPs (module docstring) and
+    launches: rows ``4 B K D`` per step in two GEMMs per chunk plus perturb and softmax per chunk and one
+    update; class space ``4 K^2 D`` per step in four launches, ``2 B K D`` once."""
+    rows = head_loop.chunk_rows(batch, classes)
+    chunks = -(-batch // rows)
+    for g in (2, 4):
+        kernels, n_gemms = cost.rows_step(batch, features, classes, g, rows)
+        assert n_gemms == 2 * chunks and len(kernels) == 4 * chunks + 1
+        assert sum(f for _, f in kernels) == 4 * batch * classes * features
+        kernels, n_gemms = cost.class_space_step(batch, features, classes, g)
+        assert n_gemms == 2 and len(kernels) == 4
+        assert sum(f for _, f in kernels) == 4 * classes**2 * features
+        assert sum(f for _, f in cost.class_space_setup(batch, features, classes, g)) == 2 * batch * classes * features
 
 
 def test_gemm_precision_policy():
