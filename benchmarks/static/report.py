@@ -5,7 +5,8 @@
    and the built CUDA C++ extension's kernels (``cuda_extension``);
 2. the roofline model per case (``roofline``), every time labelled modelled;
 3. launches and host reads per LPA training step (``steps``);
-4. with ``--measure``, on a GPU: each case's measured time next to its modelled one (``measure``).
+4. with ``--measure``, on a GPU: each case's measured time next to its modelled one, and ``head_pgd_``'s two
+   forms timed side by side against the form the model picks (``measure``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def build_report(archs, argv=(), measured: bool = False) -> dict:
         import torch
 
         measure.add_measured(report["roofline"], measure.measure_cases(shapes.CASES))
+        report["head_pgd_forms"] = measure.measure_head_forms()
         report["meta"]["measured_on"] = torch.cuda.get_device_name()
         report["meta"]["note"] = (f"compiled-code facts and MODELLED times (H100 SXM); measured_ms timed on "
                                   f"{report['meta']['measured_on']} (triton.testing.do_bench, median)")
@@ -130,6 +132,14 @@ def print_report(report: dict) -> None:
               f"{r['step_over_gemms']:5.2f}x {r['modelled_head_pgd_T3_ms']:9.4f} "
               f"{r['modelled_one_autograd_step_ms']:9.4f} {r['T3_over_one_autograd_step']:5.2f}x  "
               f"{r['why'] or 'both targets met'}")
+    if report.get("head_pgd_forms"):
+        print(f"\nhead_pgd_'s two forms measured side by side on {measured_on} (ms per call, T = "
+              f"{roofline.HEAD_TARGET_STEPS}; modelled H100 times beside them) against the model's pick:")
+        for r in report["head_pgd_forms"]:
+            measured = "  ".join(f"{n.replace('_', ' ')} {r[f'measured_{n}_ms'] or float('nan'):.4f} "
+                                 f"(model {r[f'modelled_{n}_ms']:.4f})" for n in ("class_space", "rows"))
+            print(f"  {r['B']:5d} {r['D']:5d} {r['K']:6d} {r['dtype']:<9} {measured}  model picks "
+                  f"{r['model_picks']}, measured faster: {r['measured_faster']}")
     print("\nPer training step (aten launches, Triton launches, host reads):")
     for r in report["steps"]:
         method = r["method"] + ("" if r["steps"] is None else f" T={r['steps']}")

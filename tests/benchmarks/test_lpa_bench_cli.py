@@ -212,6 +212,30 @@ def test_static_measured_times_sit_next_to_the_modelled_ones():
     assert rows[1]["measured_error"].startswith("OutOfMemoryError") and "measured_error" not in rows[2]
 
 
+def test_static_measure_times_both_head_pgd_forms_against_the_models_pick(monkeypatch):
+    """Each form is forced in turn (the loop's steps see it), the model's pick is the GPU rule's, and the
+    verdict compares the two times (a fake timer here: class space 1 ms, rows 2 ms)."""
+    from lpa_bench.static import measure
+    from lpa_kernels.head_pgd import loop
+
+    forms, steps, rule = [], loop._steps, loop.use_class_space
+    monkeypatch.setattr(loop, "_steps", lambda *args, **kwargs: (forms.append(args[15]), steps(*args, **kwargs))[1])
+
+    def timer(fn):
+        fn()
+        return 1.0 if forms[-1] else 2.0
+    sizes = [(48, 16, 6), (8, 16, 40)]  # many samples per class: class space on a GPU; K >> B: rows
+    rows = measure.measure_head_forms("cpu", "triton", sizes, steps=2, timer=timer)
+    assert forms == [True, False] * 4, "each shape and dtype: class space, then rows"
+    assert [(r["B"], r["dtype"]) for r in rows] == [(48, "bfloat16"), (48, "float32"), (8, "bfloat16"), (8, "float32")]
+    for r in rows:
+        gpu_pick = loop.use_class_space(r["B"], r["D"], r["K"], 2, "add", getattr(torch, r["dtype"]), True)
+        assert r["model_picks"] == ("class space" if gpu_pick else "rows")
+        assert (r["measured_class_space_ms"], r["measured_rows_ms"], r["measured_faster"]) == (1.0, 2.0, "class space")
+        assert r["model_agrees"] == gpu_pick and r["modelled_class_space_ms"] > 0 and r["modelled_rows_ms"] > 0
+    assert loop.use_class_space is rule, "the rule is back after the measurement"
+
+
 @pytest.mark.gpu
 def test_static_measure_times_a_case_on_the_gpu():
     from lpa_bench.static import measure, shapes
