@@ -73,7 +73,10 @@ def build_report(archs, argv=(), measured: bool = False) -> dict:
         import torch
 
         measure.add_measured(report["roofline"], measure.measure_cases(shapes.CASES))
-        report["head_pgd_forms"] = measure.measure_head_forms()
+        try:
+            report["head_pgd_forms"] = measure.measure_head_forms()
+        except Exception as error:  # noqa: BLE001 - the measured cases above must still be written
+            report["head_pgd_forms_error"] = f"{type(error).__name__}: {error}"[:500]
         report["meta"]["measured_on"] = torch.cuda.get_device_name()
         report["meta"]["note"] = (f"compiled-code facts and MODELLED times (H100 SXM); measured_ms timed on "
                                   f"{report['meta']['measured_on']} (triton.testing.do_bench, median)")
