@@ -1,7 +1,9 @@
 """Roofline model per op and shape: bytes and FLOPs the kernels do (as written) against the minimum
 any implementation needs, and the plain-PyTorch chain each op replaces, as **modelled** H100 SXM times.
 Nothing here is measured; every time is ``max(bytes / bandwidth, flops / peak) + launches x launch
-cost``. The formulas are listed per op in benchmarks/README.md ("lpa-bench static").
+cost``. The formulas are listed per op in benchmarks/README.md ("lpa-bench static"). The H100 constants and
+``head_pgd_``'s per-form kernels live in ``lpa_kernels/head_pgd/cost.py``, which ``head_pgd_`` chooses its
+form with on a GPU.
 
 Notation: ``s`` the element size of the activations/weights, ``sd`` of delta (float32 parameters: 4),
 labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
@@ -9,12 +11,8 @@ labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
 
 from __future__ import annotations
 
-from lpa_kernels.head_pgd.cost import (  # the model lives beside head_pgd_, which chooses its form with it
-    ACC, H100, class_space_setup, class_space_step, kernel_seconds, rows_setup, rows_step,
-    sequence_seconds)
-
-
-_model = kernel_seconds
+from lpa_kernels.head_pgd.cost import (
+    ACC, H100, class_space_setup, class_space_step, kernel_seconds, rows_setup, rows_step, sequence_seconds)
 
 
 def _perturb(case, s, sd):
@@ -122,7 +120,7 @@ def roofline_rows(cases, compiled: list[dict], recorded: list) -> list[dict]:
             tensor_cores = gemm_like and case.dtype != "float32"
         roofline_s = max(minimum / H100["hbm_datasheet_Bps"],
                          flops / (H100["bf16_tensor_datasheet_flops"] if gemm_like else H100["fp32_cuda_core_flops"]))
-        kernel_s = _model(kernel, flops, launches, tensor_cores)
+        kernel_s = kernel_seconds(kernel, flops, launches, tensor_cores)
         rows.append({
             "case": case.id, "op": case.op, "pass": case.pass_, "dtype": case.dtype, "layout": case.layout or None,
             "sizes": case.sizes, "variant": case.variant,
@@ -130,7 +128,8 @@ def roofline_rows(cases, compiled: list[dict], recorded: list) -> list[dict]:
             "kernel_launches": launches, "eager_launches": eager_launches, "tensor_cores": tensor_cores,
             "modelled_roofline_ms": roofline_s * 1e3,
             "modelled_kernel_ms": kernel_s * 1e3,
-            "modelled_eager_ms": _model(eager, flops, eager_launches, gemm_like and case.dtype != "float32") * 1e3,
+            "modelled_eager_ms": kernel_seconds(eager, flops, eager_launches,
+                                                gemm_like and case.dtype != "float32") * 1e3,
             "modelled_fraction_of_roofline": roofline_s / kernel_s,
         })
         rows[-1]["modelled_speedup_vs_eager"] = rows[-1]["modelled_eager_ms"] / rows[-1]["modelled_kernel_ms"]
@@ -150,8 +149,9 @@ HEAD_TARGET_SHAPES = ((128, 640, 100), (1024, 2048, 1000), (4096, 4096, 32000)) 
 HEAD_TARGET_STEPS = 3
 HEAD_TARGET_RATIO = 1.3
 # Launches counted on the CPU (lpa_bench.static.counting.LaunchCounter): _common.label_plan, built once
-# per call (the rows form's preparation: head_pgd/cost.py); one autograd PGD step without its update (perturb gather and add, logits, cross-entropy forward and
-# backward, two GEMMs, zero fill and index_add of the class reduction).
+# per call (the rows form's preparation: head_pgd/cost.py); one autograd PGD step without its update
+# (perturb gather and add, logits, cross-entropy forward and backward, two GEMMs, zero fill and index_add
+# of the class reduction).
 LABEL_PLAN_LAUNCHES = 17
 # head_pgd/op.py builds the plan in one launch instead when B x K <= ONE_LAUNCH_PLAN_MAX: one program over
 # B x K one-hot tiles, modelled at one SM's elementwise rate (128 lanes at ~1.7 GHz).
