@@ -83,4 +83,3 @@ def _set(value: str | None) -> None:
         os.environ.pop(EMULATION_ORDER_VARIABLE, None)
     else:
         os.environ[EMULATION_ORDER_VARIABLE] = value
-

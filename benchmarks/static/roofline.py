@@ -11,8 +11,7 @@ labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
 
 from __future__ import annotations
 
-from lpa_kernels.head_pgd.cost import (
-    ACC, H100, class_space_setup, class_space_step, kernel_seconds, rows_setup, rows_step, sequence_seconds)
+from lpa_kernels.head_pgd.cost import ACC, H100, form_kernels, kernel_seconds, sequence_seconds
 
 
 def _perturb(case, s, sd):
@@ -59,25 +58,20 @@ def _head_class_space(case) -> bool:
 
 
 def _head(case, s, sd):
+    from lpa_kernels.head_pgd.loop import chunk_rows
+
     z = case.sizes
     B, D, K, T = z["B"], z["D"], z["K"], z["T"]
     minimum = (B * D + 3 * K * D + K) * s + 8 * B
-    if _head_class_space(case):
-        # Class space: logits h @ W.T + b once; per step the GEMMs E = delta @ W.T and S @ W, the fused
-        # softmax + per-class sum (reads the logits twice), the update (gradient read twice, the iterate read
-        # and written, and written rounded to s for E).
-        kernel = (B * D + K * D + K + B * K) * s + T * (s * (4 * K * D + 4 * K * K + 2 * B * K + 3 * K * D)
-                                                         + 2 * ACC * K * D)
-        eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)  # the autograd loop, as below
-        return minimum, kernel, eager, 2 * B * K * D + 4 * K * K * D * T, 25 * T
-    # Rows form, per step: perturb (read h, write h~), logits GEMM (read h~, W; write Z), softmax - onehot
-    # (read, write Z), G = Z @ W (read Z, W; write G), class sum and PGD update fused (read G; per class
-    # present: a scratch row written and read twice, the iterate read and written).
-    kernel = T * (s * (6 * B * D + 2 * K * D + 4 * B * K) + 5 * ACC * min(B, K) * D)
+    # The kernels of the form a GPU takes, as head_pgd/cost.py lists them (the model head_pgd_ chooses by):
+    # the set-up once, then T steps.
+    setup, step, _ = form_kernels(_head_class_space(case), B, D, K, s, chunk_rows(B, K))
+    kernel = sum(b for b, _ in setup) + T * sum(b for b, _ in step)
+    flops = sum(f for _, f in setup) + T * sum(f for _, f in step)
     # Autograd reference, per step: gather + add, logits, log_softmax + nll forward and backward (three
     # more passes over B x K), grad_h GEMM, index_add, ~10 elementwise passes of the PGD update.
     eager = T * (s * (8 * B * D + 2 * K * D + 7 * B * K) + 10 * ACC * K * D)
-    return minimum, kernel, eager, 4 * B * D * K * T, 25 * T
+    return minimum, kernel, eager, flops, 25 * T
 
 
 def _pgd(case, s, sd):
@@ -217,10 +211,7 @@ def head_pgd_target_rows() -> list[dict]:
         for B, D, K in HEAD_TARGET_SHAPES:
             class_space = loop.use_class_space(B, D, K, T, "add", getattr(torch, dtype), True)
             fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
-            if class_space:
-                (step, n_gemms), setup = class_space_step(B, D, K, g), class_space_setup(B, D, K, g)
-            else:
-                (step, n_gemms), setup = rows_step(B, D, K, g, loop.chunk_rows(B, K)), rows_setup()
+            setup, step, n_gemms = form_kernels(class_space, B, D, K, g, loop.chunk_rows(B, K))
             setup += _label_plan_setup(B, K)
             gemms_s = sequence_seconds(step[:n_gemms], tensor_cores)
             if fused:

@@ -73,12 +73,17 @@ def rows_setup() -> list:
     return [(0, 0)] * ROWS_PREPARATION_LAUNCHES
 
 
+def form_kernels(class_space: bool, B: int, D: int, K: int, g: int, rows: int) -> tuple[list, list, int]:
+    """One form's kernels: ``(set-up, step, how many of the step's kernels (the first) are GEMMs)``;
+    ``rows``: the rows form's chunk."""
+    if class_space:
+        return class_space_setup(B, D, K, g), *class_space_step(B, D, K, g)
+    return rows_setup(), *rows_step(B, D, K, g, rows)
+
+
 def call_seconds(class_space: bool, B: int, D: int, K: int, steps: int, g: int, rows: int) -> float:
     """Modelled seconds of a ``steps``-step call in one form (the label plan, common to both, left out);
     16-bit GEMM operands run on tensor cores, float32 ones on CUDA cores (TF32 off, torch's default)."""
     tensor_cores = g == 2
-    if class_space:
-        setup, (step, _) = class_space_setup(B, D, K, g), class_space_step(B, D, K, g)
-    else:
-        setup, (step, _) = rows_setup(), rows_step(B, D, K, g, rows)
+    setup, step, _ = form_kernels(class_space, B, D, K, g, rows)
     return sequence_seconds(setup, tensor_cores) + steps * sequence_seconds(step, tensor_cores)
