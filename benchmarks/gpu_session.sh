@@ -1,112 +1,170 @@
 #!/usr/bin/env bash
 # One GPU session (H100/H200, no network), run from the repository root:
 #   bash benchmarks/gpu_session.sh
-# 1. builds the package with its CUDA extension, 2. runs `pytest -m gpu`, 3. runs compute-sanitizer
-# memcheck and racecheck over benchmarks/sanitize_cuda.py, 4. runs the lpa-bench sweep with --json and
-# --plot. Every part has its own timeout (seconds, overridable by the variables below) and the whole
-# is capped at about 13 minutes (most parts end well before their caps); a part that fails or times out is recorded and the next one still runs.
-# 5. profiles the training step (benchmarks/profile_step.py), 6. runs `lpa-bench static --measure` for sm_90a
-# (compiled-code facts and modelled times, with each case's measured time and measured/modelled ratio).
-# Through a tool that returns few files, pack them: `OUT=/tmp/s bash benchmarks/gpu_session.sh; tar czf ...`.
-# Everything goes to $OUT, or to benchmarks/results/<device-name>/ when OUT is unset:
-#   session.json (device, date, commit, each part's exit code and seconds), nvidia-smi.txt,
-#   build.log, backend_info.json, pytest_gpu.log, pytest_gpu.xml, memcheck.log, racecheck.log,
-#   bench.json, bench.png, bench.log, profile_step.{log,json}, static.{log,json}.
+# It is sized for ONE call of the device tool: the whole session ends within TOTAL seconds (default 540,
+# under the tool's 600 s per command), and under the tool's $OUT (at most 8 files come back) it leaves two:
+# gpu_session.tgz (every log and JSON) and session.json (device, date, commit, each part's exit code and
+# seconds), both rewritten after every part, so a session cut short still returns what it measured.
+# Without $OUT everything goes to benchmarks/results/<device-name>/<UTC date-time>/, unpacked.
+#
+# The parts, in order of what the open issues need most (each with its own cap, every cap clamped to the
+# time left; a part that fails or times out is recorded and the next one still runs; a part with less than
+# MIN_PART seconds left is recorded as "skipped"):
+#   build         pip install -e . with the CUDA extension (LPA_BUILD_CUDA=1, LPA_CUDA_ARCH=90)
+#   pytest_gpu    pytest -m gpu (with pytest-xdist: PYTEST_WORKERS processes), interrupted with SIGINT at its
+#                 cap so that pytest still writes its summary and junit XML
+#   static        lpa-bench static --arch 90a --measure: compiled-code facts, modelled and measured times,
+#                 head_pgd_'s two forms timed side by side against the model's choice
+#   bench         lpa-bench --ops $BENCH_OPS (default: the training step and head_pgd_ rows) --json --plot
+#   profile_step  python -m lpa_bench.profile_step: kernels, launches, device and host time per training step
+#   memcheck, racecheck   compute-sanitizer over benchmarks/sanitize_cuda.py
+# Files: nvidia-smi.txt, cutlass_wheel.log, build.log, backend_info.json, pytest_gpu.{log,xml}, static.{log,json},
+# bench.{log,json,png}, profile_step.{log,json}, memcheck.log, racecheck.log, steps.tsv, session.json.
+#
+# DRY_RUN=S (seconds) replaces every part, and the device queries, by `sleep S`: the CPU test of this
+# schedule (tests/benchmarks/test_gpu_session.py).
 set -u -o pipefail
 
-T_BUILD=${T_BUILD:-200}  # the CUTLASS sm_90a GEMM adds ~60 s of nvcc (2 cores: 125 s vs 66 s in all)
-T_PYTEST=${T_PYTEST:-150}
-T_SANITIZER=${T_SANITIZER:-45}      # each of memcheck and racecheck
-T_BENCH=${T_BENCH:-150}
-BENCH_BUDGET=${BENCH_BUDGET:-$((T_BENCH - 40))}  # lpa-bench stops starting new cases after this
-T_PROFILE=${T_PROFILE:-45}
+TOTAL=${TOTAL:-540}
+MIN_PART=${MIN_PART:-10}
+T_BUILD=${T_BUILD:-200}  # the CUTLASS sm_90a GEMM adds ~60 s of nvcc on 2 cores (125 s vs 66 s in all)
+T_PYTEST=${T_PYTEST:-200}
 T_STATIC=${T_STATIC:-150}  # compiling for sm_90a, then timing each case (autotuning included)
+T_BENCH=${T_BENCH:-120}
+BENCH_BUDGET=${BENCH_BUDGET:-$((T_BENCH - 30))}  # lpa-bench stops starting new cases after this
+T_PROFILE=${T_PROFILE:-45}
+T_SANITIZER=${T_SANITIZER:-45}  # each of memcheck and racecheck
+BENCH_OPS=${BENCH_OPS:-train_step head_pgd_}
+PYTEST_WORKERS=${PYTEST_WORKERS:-4}
+DRY_RUN=${DRY_RUN:-}
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+if [[ -n $DRY_RUN ]]; then
+    DEVICE=dry-run
+else
+    DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+fi
 DEVICE=${DEVICE:-unknown-device}
 SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
-OUT=${OUT:-$ROOT/benchmarks/results/$SLUG}
-mkdir -p "$OUT"
-COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=unknown
 DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=unknown
+if [[ -n ${OUT:-} ]]; then
+    PACK=$OUT  # the device tool's folder: two files, rewritten after every part
+    RESULTS=$(mktemp -d)/gpu_session
+else
+    PACK=
+    RESULTS=$ROOT/benchmarks/results/$SLUG/$(date -u +%Y-%m-%d-%H%M)
+fi
+mkdir -p "$RESULTS"
+STEPS="$RESULTS/steps.tsv"
+: > "$STEPS"
+
+# session.json from steps.tsv; then, under $OUT, the archive and a copy of session.json.
+publish() {
+    python3 - "$RESULTS" "$DEVICE" "$DATE" "$COMMIT" "$TOTAL" <<'EOF'
+import json, sys
+results, device, date, commit, total = sys.argv[1:]
+steps = {}
+for line in open(f"{results}/steps.tsv"):
+    name, rc, seconds, limit = line.rstrip("\n").split("\t")
+    steps[name] = {"exit_code": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(seconds),
+                   "limit_s": int(limit)}
+json.dump({"device": device, "date": date, "git_commit": commit, "total_s": int(total), "steps": steps},
+          open(f"{results}/session.json", "w"), indent=1)
+EOF
+    if [[ -n $PACK ]]; then
+        tar czf "$PACK/gpu_session.tgz.part" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" \
+            && mv "$PACK/gpu_session.tgz.part" "$PACK/gpu_session.tgz"
+        cp "$RESULTS/session.json" "$PACK/session.json"
+    fi
+}
+
+# part NAME CAP LOG COMMAND...: run with the cap clamped to the time left (SIGINT at the limit, SIGKILL 15 s
+# later), log stdout+stderr, record exit code, seconds and limit (124 = timed out), publish.
+part() {
+    local name=$1 cap=$2 log=$3
+    shift 3
+    local left=$((TOTAL - SECONDS))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < MIN_PART)); then
+        printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$STEPS"
+        echo "== $name skipped: ${left}s left of ${TOTAL}s"
+        publish
+        return
+    fi
+    echo "== $name (limit ${limit}s) -> $log"
+    local start=$SECONDS
+    if [[ -n $DRY_RUN ]]; then
+        set -- sleep "$DRY_RUN"
+    fi
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >> "$STEPS"
+    echo "   exit $rc after $((SECONDS - start))s"
+    tail -n 3 "$log"
+    publish
+}
 
 # Kernels run on the GPU itself, with no poisoned outputs or forced backend.
 unset TRITON_INTERPRET LPA_POISON LPA_BACKEND
+export PYTHONUNBUFFERED=1
 export LPA_CUDA_ARCH=${LPA_CUDA_ARCH:-90}  # H100 and H200 are sm_90: build only that
 # lpa_bench is the benchmarks/ folder under another name: make it importable even if the install fails.
 SHIM=$(mktemp -d)
 ln -s "$ROOT/benchmarks" "$SHIM/lpa_bench"
 export PYTHONPATH="$ROOT:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 
-STEPS="$OUT/steps.tsv"
-: > "$STEPS"
-# step NAME TIMEOUT LOG COMMAND...: run with a timeout, log stdout+stderr, record exit code and seconds.
-step() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    echo "== $name (timeout ${limit}s) -> $log"
-    local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
-    local rc=$?
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$STEPS"
-    echo "   exit $rc after $((SECONDS - start))s"
-    tail -n 3 "$log"
-}
-
-# The CUTLASS/CuTe headers come from the nvidia-cutlass wheel, and this machine has no package registry:
+# The CUTLASS/CuTe headers come from the nvidia-cutlass wheel, and the GPU machine has no package registry:
 # copy the wheel into the working tree before the run (untracked, so the device tool carries it; not
 # committed). Without it the CUTLASS GEMMs build as stubs (backend_info.json says why), their GPU tests
 # fail with that reason, and the wmma kernel serves linear_perturb.
 CUTLASS_WHEEL=${CUTLASS_WHEEL:-wheels/nvidia_cutlass-4.2.0.0-py3-none-any.whl}
-if [[ -f $CUTLASS_WHEEL ]]; then
-    python -m pip install -q --no-deps --no-index "$CUTLASS_WHEEL" > "$OUT/cutlass_wheel.log" 2>&1
+if [[ -n $DRY_RUN ]]; then
+    echo "dry run" | tee "$RESULTS/nvidia-smi.txt" "$RESULTS/cutlass_wheel.log" > "$RESULTS/backend_info.json"
 else
-    echo "no $CUTLASS_WHEEL: the CUTLASS GEMMs build as stubs" | tee "$OUT/cutlass_wheel.log"
+    nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
+    if [[ -f $CUTLASS_WHEEL ]]; then
+        python -m pip install -q --no-deps --no-index "$CUTLASS_WHEEL" > "$RESULTS/cutlass_wheel.log" 2>&1
+    else
+        echo "no $CUTLASS_WHEEL: the CUTLASS GEMMs build as stubs" | tee "$RESULTS/cutlass_wheel.log"
+    fi
 fi
-step build "$T_BUILD" "$OUT/build.log" \
+part build "$T_BUILD" "$RESULTS/build.log" \
     env LPA_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -e .
-python -c "import json, lpa_kernels; print(json.dumps(lpa_kernels.backend_info(), indent=1))" \
-    > "$OUT/backend_info.json" 2>&1
+if [[ -z $DRY_RUN ]]; then
+    python -c "import json, lpa_kernels; print(json.dumps(lpa_kernels.backend_info(), indent=1))" \
+        > "$RESULTS/backend_info.json" 2>&1
+fi
 
-PYTEST_ARGS=(-m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml")
+PYTEST_ARGS=(-m gpu -q -rfE -p no:cacheprovider --junitxml "$RESULTS/pytest_gpu.xml")
 python -c "import pytest_benchmark" 2>/dev/null && PYTEST_ARGS+=(--benchmark-disable)
-step pytest_gpu "$T_PYTEST" "$OUT/pytest_gpu.log" python -m pytest "${PYTEST_ARGS[@]}"
+python -c "import xdist" 2>/dev/null && ((PYTEST_WORKERS > 1)) && PYTEST_ARGS+=(-n "$PYTEST_WORKERS")
+part pytest_gpu "$T_PYTEST" "$RESULTS/pytest_gpu.log" python -m pytest "${PYTEST_ARGS[@]}"
+
+part static "$T_STATIC" "$RESULTS/static.log" python -m lpa_bench.cli static --arch 90a --measure \
+    --json "$RESULTS/static.json"
+
+# shellcheck disable=SC2086  # BENCH_OPS is a list of op names
+part bench "$T_BENCH" "$RESULTS/bench.log" python -m lpa_bench.cli --ops $BENCH_OPS \
+    --json "$RESULTS/bench.json" --plot "$RESULTS/bench.png" --budget-s "$BENCH_BUDGET"
+
+part profile_step "$T_PROFILE" "$RESULTS/profile_step.log" python -m lpa_bench.profile_step \
+    --json "$RESULTS/profile_step.json"
 
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [[ ! -f benchmarks/sanitize_cuda.py ]]; then
-    echo "benchmarks/sanitize_cuda.py is absent: compute-sanitizer skipped" | tee "$OUT/memcheck.log" "$OUT/racecheck.log"
-    printf 'memcheck\tskipped\t0\nracecheck\tskipped\t0\n' >> "$STEPS"
-elif [[ ! -x $SANITIZER ]]; then
-    echo "compute-sanitizer not found: skipped" | tee "$OUT/memcheck.log" "$OUT/racecheck.log"
-    printf 'memcheck\tskipped\t0\nracecheck\tskipped\t0\n' >> "$STEPS"
-else
+for tool in memcheck racecheck; do
+    if [[ -z $DRY_RUN && ! -x $SANITIZER ]]; then
+        echo "compute-sanitizer not found: skipped" > "$RESULTS/$tool.log"
+        printf '%s\tskipped\t0\t0\n' "$tool" >> "$STEPS"
+        publish
+        continue
+    fi
     # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-    for tool in memcheck racecheck; do
-        step "$tool" "$T_SANITIZER" "$OUT/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            "$SANITIZER" --tool "$tool" --error-exitcode 1 python benchmarks/sanitize_cuda.py
-    done
-fi
+    part "$tool" "$T_SANITIZER" "$RESULTS/$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$SANITIZER" --tool "$tool" --error-exitcode 1 python benchmarks/sanitize_cuda.py
+done
 
-step bench "$T_BENCH" "$OUT/bench.log" python -m lpa_bench.cli \
-    --json "$OUT/bench.json" --plot "$OUT/bench.png" --budget-s "$BENCH_BUDGET"
-
-# Where a training step's device time goes (kernels and launches per step), and the compiled-code report
-# whose modelled times the measured ones above check.
-step profile_step "$T_PROFILE" "$OUT/profile_step.log" python -m lpa_bench.profile_step --json "$OUT/profile_step.json"
-step static "$T_STATIC" "$OUT/static.log" python -m lpa_bench.cli static --arch 90a --measure --json "$OUT/static.json"
-
-python - "$OUT" "$DEVICE" "$DATE" "$COMMIT" <<'EOF'
-import json, sys
-out, device, date, commit = sys.argv[1:]
-steps = {}
-for line in open(f"{out}/steps.tsv"):
-    name, rc, seconds = line.rstrip("\n").split("\t")
-    steps[name] = {"exit_code": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(seconds)}
-json.dump({"device": device, "date": date, "git_commit": commit, "steps": steps}, open(f"{out}/session.json", "w"), indent=1)
-print(json.dumps(steps))
-EOF
 rm -rf "$SHIM"
-echo "results in $OUT"
+cat "$RESULTS/session.json"; echo
+echo "results in ${PACK:-$RESULTS}"
