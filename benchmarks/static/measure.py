@@ -104,7 +104,8 @@ def measure_head_forms(device: str = "cuda", backend: str = "triton", sizes=None
             row = {"B": B, "D": D, "K": K, "dtype": str(dtype).removeprefix("torch."), "steps": steps,
                    "model_picks": "class space" if loop.use_class_space(B, D, K, steps, "add", dtype, True) else "rows"}
             for name, class_space in (("class_space", True), ("rows", False)):
-                modelled = cost.call_seconds(class_space, B, D, K, steps, dtype.itemsize, loop.chunk_rows(B, K))
+                modelled = cost.call_seconds(class_space, B, D, K, steps, dtype.itemsize, loop.chunk_rows(B, K),
+                                             loop.compacts(B, D, K))
                 row[f"modelled_{name}_ms"] = modelled * 1e3
                 try:
                     with forced_head_form(class_space):

@@ -58,14 +58,14 @@ def _head_class_space(case) -> bool:
 
 
 def _head(case, s, sd):
-    from lpa_kernels.head_pgd.loop import chunk_rows
+    from lpa_kernels.head_pgd.loop import chunk_rows, compacts
 
     z = case.sizes
     B, D, K, T = z["B"], z["D"], z["K"], z["T"]
     minimum = (B * D + 3 * K * D + K) * s + 8 * B
     # The kernels of the form a GPU takes, as head_pgd/cost.py lists them (the model head_pgd_ chooses by):
     # the set-up once, then T steps.
-    setup, step, _ = form_kernels(_head_class_space(case), B, D, K, s, chunk_rows(B, K))
+    setup, step, _ = form_kernels(_head_class_space(case), B, D, K, s, chunk_rows(B, K), compacts(B, D, K))
     kernel = sum(b for b, _ in setup) + T * sum(b for b, _ in step)
     flops = sum(f for _, f in setup) + T * sum(f for _, f in step)
     # Autograd reference, per step: gather + add, logits, log_softmax + nll forward and backward (three
@@ -211,7 +211,7 @@ def head_pgd_target_rows() -> list[dict]:
         for B, D, K in HEAD_TARGET_SHAPES:
             class_space = loop.use_class_space(B, D, K, T, "add", getattr(torch, dtype), True)
             fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
-            setup, step, n_gemms = form_kernels(class_space, B, D, K, g, loop.chunk_rows(B, K))
+            setup, step, n_gemms = form_kernels(class_space, B, D, K, g, loop.chunk_rows(B, K), loop.compacts(B, D, K))
             setup += _label_plan_setup(B, K)
             gemms_s = sequence_seconds(step[:n_gemms], tensor_cores)
             if fused:

@@ -26,6 +26,10 @@ ACC = 4
 # arrival counters' zero fill.
 CHUNK_PLAN_LAUNCHES = 9
 ROWS_PREPARATION_LAUNCHES = CHUNK_PLAN_LAUNCHES + 1
+# A rows-form call that runs on the rows of the classes present (``loop.compacts``), counted on the CPU:
+# the classes present first and each label's slot, delta's rows and the per-class vectors gathered, the
+# slots' label plan, the rows copied back.
+COMPACT_LAUNCHES = 28
 
 
 def kernel_seconds(bytes_: float, flops: float, launches: int, tensor_cores: bool) -> float:
@@ -68,22 +72,27 @@ def rows_step(B: int, D: int, K: int, g: int, rows: int) -> tuple[list, int]:
     return gemms + others, len(gemms)
 
 
-def rows_setup() -> list:
-    """The rows form's kernels once per call (launches only: the update's preparation)."""
-    return [(0, 0)] * ROWS_PREPARATION_LAUNCHES
+def rows_setup(B: int, D: int, g: int, compact: bool) -> list:
+    """The rows form's kernels once per call: the update's preparation (launches only) and, when the call
+    runs on the rows of the classes present (``compact``), their gather and copy back (``B`` rows of ``D``
+    elements of ``g`` bytes, each read and written; the rest launches only)."""
+    moved = [(2 * B * D * g, 0)] * 2 if compact else []
+    return [(0, 0)] * (ROWS_PREPARATION_LAUNCHES + (COMPACT_LAUNCHES - len(moved) if compact else 0)) + moved
 
 
-def form_kernels(class_space: bool, B: int, D: int, K: int, g: int, rows: int) -> tuple[list, list, int]:
+def form_kernels(class_space: bool, B: int, D: int, K: int, g: int, rows: int,
+                 compact: bool = False) -> tuple[list, list, int]:
     """One form's kernels: ``(set-up, step, how many of the step's kernels (the first) are GEMMs)``;
-    ``rows``: the rows form's chunk."""
+    ``rows``: the rows form's chunk; ``compact``: whether it runs on the classes present (``loop.compacts``)."""
     if class_space:
         return class_space_setup(B, D, K, g), *class_space_step(B, D, K, g)
-    return rows_setup(), *rows_step(B, D, K, g, rows)
+    return rows_setup(B, D, g, compact), *rows_step(B, D, K, g, rows)
 
 
-def call_seconds(class_space: bool, B: int, D: int, K: int, steps: int, g: int, rows: int) -> float:
+def call_seconds(class_space: bool, B: int, D: int, K: int, steps: int, g: int, rows: int,
+                 compact: bool = False) -> float:
     """Modelled seconds of a ``steps``-step call in one form (the label plan, common to both, left out);
     16-bit GEMM operands run on tensor cores, float32 ones on CUDA cores (TF32 off, torch's default)."""
     tensor_cores = g == 2
-    setup, step, _ = form_kernels(class_space, B, D, K, g, rows)
+    setup, step, _ = form_kernels(class_space, B, D, K, g, rows, compact)
     return sequence_seconds(setup, tensor_cores) + steps * sequence_seconds(step, tensor_cores)

@@ -28,6 +28,14 @@ says it is faster and its buffers are no larger than the rows form's (so never w
 time in bf16, 0.93x in float32) where FLOPs alone do not. On the CPU, where kernels run at their FLOP
 rate and launch for free, FLOPs decide: class space when ``2 B + 4 T K < 4 T B`` (many samples per class).
 
+With fewer samples than classes and a large delta (``compacts``: an LLM-vocabulary head), the rows form
+runs on the rows of the classes present: ``present_first`` lists them (then absent classes, to fill ``B``
+rows) and gives each label its row, delta's ``B`` rows are gathered, the steps run on them as on a delta of
+``B`` classes (the logits and the softmax still over all ``K``), and they are copied back. Classes do not
+interact in the update, so the result is the full form's bit for bit, and the iterate, the update's
+workspace and the class gradient are ``(B, D)``: at ``(B, D, K) = (4096, 4096, 100,000)`` in bf16 the
+call's bound (``workspace_bytes``) is 0.39 GiB instead of 5.0 GiB.
+
 Precision: with 16-bit ``h`` and ``W`` and ``norm="l2"``, the GEMMs take 16-bit operands (tensor cores,
 fp32 accumulation), the precision of an autograd PGD step on the same tensors. ``linf`` takes the sign
 of every gradient entry, and rounding ``h~`` or ``P`` to 16 bits flips the sign of entries near zero,
@@ -60,6 +68,13 @@ from lpa_kernels.pgd.split import N_STATS
 CHUNK_ELEMENTS = 1 << 26
 # Rows per chunk are a multiple of this when there are that many: full GEMM tiles.
 ROW_ALIGN = 128
+# The rows form keeps its per-class state (the iterate in the accumulation dtype, the fused update's
+# workspace) for the classes present only (at most B rows instead of K) when there are fewer samples than
+# classes and delta has at least this many elements (a (K, D) float32 buffer of 256 MiB): at (B, D, K) =
+# (4096, 4096, 100,000) each such buffer would be 1.6 GB, 25 times its (B, D) counterpart. Below it, the
+# gather, the label plan of the slots and the copy back (cost.COMPACT_LAUNCHES, once per call) cost more
+# than the memory is worth.
+COMPACT_MIN_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,24 @@ def chunk_rows(batch: int, num_classes: int) -> int:
     return min(batch, rows)
 
 
+def compacts(batch: int, features: int, num_classes: int) -> bool:
+    """Whether a rows-form call runs on the rows of the classes present (``present_first``) instead of
+    delta's ``K`` rows: fewer samples than classes and at least ``COMPACT_MIN_ELEMENTS`` in delta."""
+    return batch < num_classes and num_classes * features >= COMPACT_MIN_ELEMENTS
+
+
+def present_first(labels: torch.Tensor, num_classes: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(classes (slots,), slot_labels (B,))`` int64, on the device (no host read): the classes present in
+    ``labels`` in increasing order, then absent ones in increasing order up to ``slots`` (at least as many as
+    are present, at most ``K``), and each label's index into ``classes``. The classes are distinct, so rows
+    gathered by them go back with ``index_copy_`` exactly, the absent ones unchanged."""
+    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+    present.index_fill_(0, labels.to(torch.int64), True)
+    by_slot = torch.argsort(~present, stable=True)  # the class of each slot: present first
+    slot_of_class = torch.empty_like(by_slot).scatter_(0, by_slot, torch.arange(num_classes, device=labels.device))
+    return by_slot[:slots], slot_of_class[labels]
+
+
 def runs_on_gpu(t: torch.Tensor) -> bool:
     """Whether ``use_class_space`` takes the GPU's rule for a call on ``t`` (``lpa-bench static``, which
     records on the CPU the launches a GPU would make, answers True)."""
@@ -143,42 +176,50 @@ def use_class_space(batch: int, features: int, num_classes: int, steps: int, mod
     sizes = batch, features, num_classes, g, max(g, 4)  # the accumulation dtype: float32, or float64's own
     if _form_bytes(True, *sizes) > _form_bytes(False, *sizes):
         return False
-    rows = chunk_rows(batch, num_classes)
+    rows, compact = chunk_rows(batch, num_classes), compacts(batch, features, num_classes)
     return (cost.call_seconds(True, batch, features, num_classes, steps, g, rows)
-            < cost.call_seconds(False, batch, features, num_classes, steps, g, rows))
+            < cost.call_seconds(False, batch, features, num_classes, steps, g, rows, compact))
 
 
 def _form_bytes(class_space: bool, batch: int, features: int, classes: int, g: int, a: int) -> int:
     """The buffers of one form that the other does not have, for GEMM operands of ``g`` bytes and an
-    accumulation dtype of ``a`` bytes."""
+    accumulation dtype of ``a`` bytes (the rows form's per-class state for the rows ``state_rows`` says)."""
     if class_space:
         # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch; the
         # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc
         rounded = classes * features * g if g != a else 0
         return batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a + rounded
-    rows = chunk_rows(batch, classes)
+    rows, state = chunk_rows(batch, classes), state_rows(False, batch, features, classes)
     # logits (chunk, K); sample gradients (B, D); the chunk's perturbed h (chunk, D); the fused update's
     # workspace: at most another (K, D) in acc and N_STATS partials per class and tile of 32 groups (the
     # CUDA kernel's; the Triton one's are per class present)
-    update = classes * features * a + N_STATS * classes * -(-features // 32) * a
+    update = state * features * a + N_STATS * state * -(-features // 32) * a
     return rows * classes * g + batch * features * g + rows * features * g + update
+
+
+def state_rows(class_space: bool, batch: int, features: int, classes: int) -> int:
+    """The rows of delta a call keeps per-class state for: ``B`` when the rows form ``compacts``, else ``K``."""
+    return batch if not class_space and compacts(batch, features, classes) else classes
 
 
 def workspace_bytes(batch: int, features: int, classes: int, steps: int, mode: str, norm: str,
                     dtype: torch.dtype, acc: torch.dtype, on_gpu: bool = True) -> int:
     """Upper bound on the extra device memory of one call (every buffer counted as if alive at once),
     for ``h``, ``weight`` and ``delta`` in ``dtype`` on a GPU (or the CPU): the form's buffers in the GEMM
-    dtype, the class gradient ``(K, D)`` and, for 16-bit ``delta``, the iterate ``(K, D)`` in ``acc``;
-    GEMM-dtype copies of ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)``
-    vectors are left out."""
+    dtype, the class gradient ``(K, D)`` and, for 16-bit ``delta``, the iterate ``(K, D)`` in ``acc``
+    (``(B, D)`` each, plus delta's gathered rows, when the rows form ``compacts``); GEMM-dtype copies of
+    ``h`` and ``weight`` when they differ from ``dtype``. Small ``(B,)``/``(K,)`` vectors are left out."""
     gd = gemm_dtype(dtype, acc, norm)
     g, a = gd.itemsize, acc.itemsize
-    total = classes * features * a  # the class gradient (class space: pgd_step's copy of a 16-bit one)
+    class_space = use_class_space(batch, features, classes, steps, mode, gd, on_gpu)
+    state = state_rows(class_space, batch, features, classes)
+    total = state * features * a  # the class gradient (class space: pgd_step's copy of a 16-bit one)
     if dtype != acc:
-        total += classes * features * a  # the iterate, kept in acc between steps
+        total += state * features * a  # the iterate, kept in acc between steps
+    if state != classes:
+        total += state * features * dtype.itemsize  # delta's rows of the classes present
     if gd != dtype:
         total += (batch * features + classes * features) * g
-    class_space = use_class_space(batch, features, classes, steps, mode, gd, on_gpu)
     return total + _form_bytes(class_space, batch, features, classes, g, a)
 
 
@@ -207,7 +248,10 @@ def run_head_pgd(
     all the steps (the class sums of every step share one sort of the labels), whatever ``steps``, so
     that each step after the first costs only its own launches. With ``skipped`` (0-d int64), under the
     training step's guard (:func:`guarded`, ``ok`` 0-d bool or None), which the one-launch class space
-    applies itself when its iterate is ``delta`` (float32); otherwise in torch ops around the steps."""
+    applies itself when its iterate is ``delta`` (float32); otherwise in torch ops around the steps.
+    A rows-form call that ``compacts`` runs on the rows of the classes present (``present_first``), gathered
+    from ``delta`` and copied back after the steps (inside the guard, which keeps its meaning: every
+    row of ``delta``)."""
     batch, num_classes = h.shape[0], weight.shape[0]
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
@@ -216,22 +260,38 @@ def run_head_pgd(
     if not (batch and steps and class_space and direction is not None
             and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
         fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
+    compact = batch and steps and not class_space and compacts(batch, h.shape[1], num_classes)
+
+    def run(guard_ok=None, guard_skipped=None):
+        if not compact:
+            _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd,
+                   class_space, fused, guard_ok, guard_skipped)
+            return
+        classes, row_labels = present_first(labels, num_classes, batch)
+        rows = delta.index_select(0, classes)  # (B, D); the label plan is built anew for the slot labels
+        picked = (None if t is None else t.index_select(0, classes) for t in (step, eps, direction))
+        _steps(h, labels, weight, bias, rows, steps, *picked, norm, mode, kernels, None, acc, gd, False, None,
+               row_labels=row_labels, classes=classes)
+        delta.index_copy_(0, classes, rows)
+
     if skipped is not None and (fused is None or delta.dtype != acc):
-        guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
-                                      kernels, plan, acc, gd, class_space, fused), ok, skipped)
+        guarded(delta, run, ok, skipped)
     else:
-        _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd,
-               class_space, fused, ok, skipped)
+        run(ok, skipped)
 
 
 def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels: HeadKernels, plan, acc, gd,
-           class_space: bool, fused: FusedClassSpace | None, ok=None, skipped=None) -> None:
-    """:func:`run_head_pgd`'s steps, in ``fused`` (passed the guard) or in the form ``class_space`` says."""
+           class_space: bool, fused: FusedClassSpace | None, ok=None, skipped=None, row_labels=None,
+           classes=None) -> None:
+    """:func:`run_head_pgd`'s steps, in ``fused`` (passed the guard) or in the form ``class_space`` says. With
+    ``classes`` (the rows form only), ``delta``'s rows are those classes' (``present_first``), ``row_labels``
+    index them and ``step``, ``eps``, ``direction`` are theirs; ``plan`` is ``row_labels``' then."""
     batch, num_classes = h.shape[0], weight.shape[0]
     if batch == 0 or steps == 0:
         return
+    row_labels = labels if row_labels is None else row_labels
     if plan is None and kernels.uses_label_plan:
-        plan = label_plan(labels, num_classes)
+        plan = label_plan(row_labels, delta.shape[0])
     h, weight = h.to(gd), weight.to(gd)
     bias = None if bias is None else bias.to(gd)
     # The kernels' softmax runs in the GEMM dtype's accumulation dtype: its scratch and the probabilities
@@ -246,9 +306,9 @@ def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mo
         if class_space:
             form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
         else:
-            form = _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels, plan)
+            form = _row_chunks(current, h, labels, row_labels, weight, bias, step, eps, norm, mode, kernels, plan)
         p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
-        _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form)
+        _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form, classes)
     if current is not delta:
         delta.copy_(current)  # rounded into delta once
 
@@ -296,23 +356,26 @@ def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc,
                                                                 rounded=rounded))
 
 
-def _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels, plan) -> Form:
+def _row_chunks(current, h, labels, row_labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels,
+                plan) -> Form:
     """The rows form: ``g`` is the per-sample gradient ``(B, D)`` in the GEMM dtype; the update sums it
     per class (times ``h`` for ``scale``) and steps, in one launch, prepared here once (class order,
-    launch plan, buffers), so that a step is its launches and nothing else."""
+    launch plan, buffers), so that a step is its launches and nothing else. ``row_labels``: each sample's
+    row of ``current`` (its class, or its slot when the call ``compacts``); ``labels``: its class."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     rows = chunk_rows(batch, num_classes)
     logits = new_output((rows, num_classes), weight.dtype, h.device)
     sample_grad = new_output((batch, features), weight.dtype, h.device)  # d loss / d h~, row by row
-    labels = labels.to(torch.int64)  # once: the CUDA kernels take int64 labels, and would copy int32 ones each step
-    update = kernels.prepare_class_grad_pgd_step(current, sample_grad, labels, h if mode == "scale" else None, 1,
+    # once: the CUDA kernels take int64 labels, and would copy int32 ones each step
+    labels, row_labels = labels.to(torch.int64), row_labels.to(torch.int64)
+    update = kernels.prepare_class_grad_pgd_step(current, sample_grad, row_labels, h if mode == "scale" else None, 1,
                                                  mode, norm, plan)
 
     def gradient(p_true: torch.Tensor | None) -> torch.Tensor:
         for start in range(0, batch, rows):
             part = slice(start, min(batch, start + rows))
             part_labels = labels[part]
-            h_tilde = kernels.perturb(h[part], part_labels, current, 1, mode)
+            h_tilde = kernels.perturb(h[part], row_labels[part], current, 1, mode)
             z = logits[: h_tilde.shape[0]]
             if bias is None:
                 torch.mm(h_tilde, weight.t(), out=z)
@@ -325,12 +388,15 @@ def _row_chunks(current, h, labels, weight, bias, step, eps, norm, mode, kernels
     return Form(gradient, lambda g, direction: update(step, eps, direction))
 
 
-def _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form: Form) -> None:
+def _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form: Form, classes=None) -> None:
     """``steps`` PGD steps of ``form`` on its iterate; ``direction`` None means the confidence rule, from
-    the first step's true-class probabilities written into ``p_true (B,)``."""
+    the first step's true-class probabilities written into ``p_true (B,)`` (taken at ``classes``, the
+    iterate's rows, when given)."""
     for _ in range(steps):
         g = form.gradient(p_true)
         if direction is None:
             direction = confidence_direction(p_true, labels, num_classes)[0].to(acc)
+            if classes is not None:
+                direction = direction.index_select(0, classes)
             p_true = None  # the rule is fixed from the first step
         form.update(g, direction)
