@@ -25,6 +25,7 @@ from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
 from tests.head_pgd import test_fused_class_space as fused_checks
+from tests.head_pgd.test_head_pgd_compact import check_compacted
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
 from tests.pgd.test_pgd import check_rounded_copy
@@ -392,6 +393,13 @@ def test_head_pgd_rows_each_extra_step_launches_only_its_own_kernels(cuda_backen
             lpa_kernels.head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
         launches[steps] = counter.summary()["aten_launches"] + len(kernels)
     assert launches[3] - launches[1] == 2 * 5, launches
+
+
+@pytest.mark.parametrize("mode, norm, direction", [("add", "l2", "confidence"), ("scale", "linf", -1.0)])
+def test_head_pgd_rows_on_the_classes_present(cuda_backend_on_cpu, monkeypatch, mode, norm, direction):
+    """The rows form on the rows of the classes present (``loop.compacts``; 23 samples of 9 of 300 classes)
+    through the CUDA launchers: the reference's result, bit for bit the full form's, absent rows unchanged."""
+    check_compacted(("cuda", "cpu"), torch.float32, mode, norm, direction, monkeypatch)
 
 
 @pytest.mark.parametrize("batch, num_classes, features, bias, direction", [

@@ -64,6 +64,12 @@ def test_rows_of_the_classes_present_equal_the_full_rows(target, dtype, mode, no
                                                          monkeypatch):
     """The compacted call matches the reference, equals the full call bit for bit, and leaves every absent
     class's row as it was (291 of 300)."""
+    check_compacted(target, dtype, mode, norm, direction, monkeypatch)
+
+
+def check_compacted(target, dtype, mode, norm, direction, monkeypatch):
+    """``test_rows_of_the_classes_present_equal_the_full_rows`` on ``target`` (also run by the CUDA
+    emulation, tests/cuda/test_emulated_kernels.py)."""
     problem = _problem(dtype, target[1])
     assert not head_loop.use_class_space(BATCH, FEATURES, CLASSES, 2, mode, dtype, target[1] == "cuda")
     args = dict(steps=2, step_size=0.1, eps=0.3, direction=direction, norm=norm, mode=mode)
