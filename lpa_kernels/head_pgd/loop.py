@@ -34,7 +34,8 @@ rows) and gives each label its row, delta's ``B`` rows are gathered, the steps r
 ``B`` classes (the logits and the softmax still over all ``K``), and they are copied back. Classes do not
 interact in the update, so the result is the full form's bit for bit, and the iterate, the update's
 workspace and the class gradient are ``(B, D)``: at ``(B, D, K) = (4096, 4096, 100,000)`` in bf16 the
-call's bound (``workspace_bytes``) is 0.39 GiB instead of 5.0 GiB.
+call's bound (``workspace_bytes``) is 0.39 GiB instead of 5.0 GiB. The training step's guard then copies
+those rows only (not all of delta) and counts the other rows' non-finite values as the full guard would.
 
 Precision: with 16-bit ``h`` and ``W`` and ``norm="l2"``, the GEMMs take 16-bit operands (tensor cores,
 fp32 accumulation), the precision of an autograd PGD step on the same tensors. ``linf`` takes the sign
@@ -69,7 +70,7 @@ CHUNK_ELEMENTS = 1 << 26
 # Rows per chunk are a multiple of this when there are that many: full GEMM tiles.
 ROW_ALIGN = 128
 # The rows form keeps its per-class state (the iterate in the accumulation dtype, the fused update's
-# workspace) for the classes present only (at most B rows instead of K) when there are fewer samples than
+# workspace, the training step's guard copy) for the classes present only (at most B rows instead of K) when there are fewer samples than
 # classes and delta has at least this many elements (a (K, D) float32 buffer of 256 MiB): at (B, D, K) =
 # (4096, 4096, 100,000) each such buffer would be 1.6 GB, 25 times its (B, D) counterpart. Below it, the
 # gather, the label plan of the slots and the copy back (cost.COMPACT_LAUNCHES, once per call) cost more
@@ -250,8 +251,8 @@ def run_head_pgd(
     training step's guard (:func:`guarded`, ``ok`` 0-d bool or None), which the one-launch class space
     applies itself when its iterate is ``delta`` (float32); otherwise in torch ops around the steps.
     A rows-form call that ``compacts`` runs on the rows of the classes present (``present_first``), gathered
-    from ``delta`` and copied back after the steps (inside the guard, which keeps its meaning: every
-    row of ``delta``)."""
+    from ``delta`` and copied back after the steps, under a guard of those rows that restores and counts
+    as the guard of all of ``delta`` would."""
     batch, num_classes = h.shape[0], weight.shape[0]
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
@@ -260,24 +261,28 @@ def run_head_pgd(
     if not (batch and steps and class_space and direction is not None
             and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
         fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
-    compact = batch and steps and not class_space and compacts(batch, h.shape[1], num_classes)
-
-    def run(guard_ok=None, guard_skipped=None):
-        if not compact:
+    if not (batch and steps and not class_space and compacts(batch, h.shape[1], num_classes)):
+        if skipped is not None and (fused is None or delta.dtype != acc):
+            guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
+                                          kernels, plan, acc, gd, class_space, fused), ok, skipped)
+        else:
             _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels, plan, acc, gd,
-                   class_space, fused, guard_ok, guard_skipped)
-            return
-        classes, row_labels = present_first(labels, num_classes, batch)
-        rows = delta.index_select(0, classes)  # (B, D); the label plan is built anew for the slot labels
-        picked = (None if t is None else t.index_select(0, classes) for t in (step, eps, direction))
-        _steps(h, labels, weight, bias, rows, steps, *picked, norm, mode, kernels, None, acc, gd, False, None,
-               row_labels=row_labels, classes=classes)
-        delta.index_copy_(0, classes, rows)
-
-    if skipped is not None and (fused is None or delta.dtype != acc):
-        guarded(delta, run, ok, skipped)
+                   class_space, fused, ok, skipped)
+        return
+    classes, row_labels = present_first(labels, num_classes, batch)
+    rows = delta.index_select(0, classes)  # (B, D); the label plan is built anew for the slot labels
+    picked = tuple(None if t is None else t.index_select(0, classes) for t in (step, eps, direction))
+    run = lambda: _steps(h, labels, weight, bias, rows, steps, *picked, norm, mode, kernels, None, acc,  # noqa: E731
+                         gd, False, None, row_labels=row_labels, classes=classes)
+    if skipped is not None:
+        # The guard on the rows the call updates; the others keep their values, and their non-finite ones
+        # count as under the guard of all of delta.
+        untouched = (~finite_rows(delta)).sum() - (~finite_rows(rows)).sum()
+        skipped += untouched if ok is None else untouched * ok
+        guarded(rows, run, ok, skipped)
     else:
-        run(ok, skipped)
+        run()
+    delta.index_copy_(0, classes, rows)
 
 
 def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, kernels: HeadKernels, plan, acc, gd,
@@ -324,6 +329,15 @@ def guarded(delta: torch.Tensor, run, ok: torch.Tensor | None, skipped: torch.Te
     keep = finite if ok is None else finite & ok
     delta.copy_(torch.where(keep[:, None], delta, previous))
     skipped += (~finite if ok is None else ~finite & ok).sum()
+
+
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bool: which rows of ``t (K, D)`` hold only finite values, without a ``(K, D)`` temporary for
+    16- and 32-bit ``t``: a row's float64 sum is finite exactly when its values are (they cannot overflow
+    it), NaN and infinities carry through."""
+    if t.dtype == torch.float64:
+        return torch.isfinite(t).all(dim=1)
+    return torch.isfinite(t.sum(dim=1, dtype=torch.float64))
 
 
 class Form(NamedTuple):

@@ -25,7 +25,7 @@ from lpa_kernels.linear_perturb import naive as linear_naive
 from lpa_kernels.perturb import naive
 from lpa_kernels.pgd import naive as pgd_naive
 from tests.head_pgd import test_fused_class_space as fused_checks
-from tests.head_pgd.test_head_pgd_compact import check_compacted
+from tests.head_pgd.test_head_pgd_compact import check_compacted, check_guard
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
 from tests.pgd.test_pgd import check_rounded_copy
@@ -400,6 +400,12 @@ def test_head_pgd_rows_on_the_classes_present(cuda_backend_on_cpu, monkeypatch, 
     """The rows form on the rows of the classes present (``loop.compacts``; 23 samples of 9 of 300 classes)
     through the CUDA launchers: the reference's result, bit for bit the full form's, absent rows unchanged."""
     check_compacted(("cuda", "cpu"), torch.float32, mode, norm, direction, monkeypatch)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # a class's infinite delta row
+def test_head_pgd_rows_on_the_classes_present_under_the_guard(cuda_backend_on_cpu, monkeypatch):
+    """The same under the training step's guard: restored rows and the count as the full form's."""
+    check_guard(("cuda", "cpu"), True, monkeypatch)
 
 
 @pytest.mark.parametrize("batch, num_classes, features, bias, direction", [
