@@ -325,7 +325,7 @@ def guarded(delta: torch.Tensor, run, ok: torch.Tensor | None, skipped: torch.Te
     rows of an ok call are added to ``skipped`` (0-d int64) in place. No host read."""
     previous = delta.clone()
     run()
-    finite = torch.isfinite(delta).all(dim=1)
+    finite = finite_rows(delta)
     keep = finite if ok is None else finite & ok
     delta.copy_(torch.where(keep[:, None], delta, previous))
     skipped += (~finite if ok is None else ~finite & ok).sum()
