@@ -29,7 +29,7 @@ ROWS_PREPARATION_LAUNCHES = CHUNK_PLAN_LAUNCHES + 1
 # A rows-form call that runs on the rows of the classes present (``loop.compacts``), counted on the CPU:
 # the classes present first and each label's slot, delta's rows and the per-class vectors gathered, the
 # slots' label plan, the rows copied back.
-COMPACT_LAUNCHES = 28
+COMPACT_LAUNCHES = 27
 
 
 def kernel_seconds(bytes_: float, flops: float, launches: int, tensor_cores: bool) -> float:

@@ -151,9 +151,10 @@ def present_first(labels: torch.Tensor, num_classes: int, slots: int) -> tuple[t
     ``labels`` in increasing order, then absent ones in increasing order up to ``slots`` (at least as many as
     are present, at most ``K``), and each label's index into ``classes``. The classes are distinct, so rows
     gathered by them go back with ``index_copy_`` exactly, the absent ones unchanged."""
-    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
-    present.index_fill_(0, labels.to(torch.int64), True)
-    by_slot = torch.argsort(~present, stable=True)  # the class of each slot: present first
+    # uint8, not bool: CUDA sorts bool tensors only since torch 2.6
+    absent = torch.ones(num_classes, dtype=torch.uint8, device=labels.device)
+    absent.index_fill_(0, labels.to(torch.int64), 0)
+    by_slot = torch.argsort(absent, stable=True)  # the class of each slot: present first
     slot_of_class = torch.empty_like(by_slot).scatter_(0, by_slot, torch.arange(num_classes, device=labels.device))
     return by_slot[:slots], slot_of_class[labels]
 
