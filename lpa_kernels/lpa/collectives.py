@@ -61,7 +61,7 @@ def _check_order(t: torch.Tensor, what: str) -> None:
                         device=t.device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(table, mine)
-    rows = [tuple(row.tolist()) for row in table]
+    rows = [tuple(row) for row in torch.stack(table).tolist()]  # one read back, not one per rank
     if len(set(rows)) > 1:
         shown = "; ".join(f"rank {r}: call {c}, all-reduce {i}, signature {s:08x}" for r, (c, i, s) in enumerate(rows))
         raise CollectiveOrderError(
