@@ -58,3 +58,10 @@ def test_dry_run_without_out_writes_a_dated_folder_under_results(tmp_path):
     session = json.loads((folder / "session.json").read_text())
     assert [session["steps"][name]["exit_code"] for name in PARTS] == [0] * len(PARTS)
     assert session["git_commit"] == "unknown"
+
+
+def test_the_bench_part_asks_for_sections_lpa_bench_has():
+    from lpa_bench.cli import SECTIONS
+
+    ops = re.search(r"^BENCH_OPS=\$\{BENCH_OPS:-([^}]*)\}", SCRIPT.read_text(), re.M).group(1).split()
+    assert ops and set(ops) <= set(SECTIONS), ops
