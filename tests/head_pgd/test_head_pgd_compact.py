@@ -157,3 +157,15 @@ def test_compaction_costs_its_modelled_launches_once_per_call(target, monkeypatc
     assert launches[True, 1] - launches[False, 1] == cost.COMPACT_LAUNCHES, launches
     setup = cost.rows_setup(BATCH, FEATURES, 4, True)
     assert len(setup) == cost.ROWS_PREPARATION_LAUNCHES + cost.COMPACT_LAUNCHES
+
+
+def test_cost_model_moves_the_16_bit_iterate_of_the_rows_it_keeps():
+    """The model's set-up casts a 16-bit delta's iterate to float32 and rounds it back: (K, D) for the full
+    rows form, (B, D) compacted; nothing for float32."""
+    B, D, K = 4096, 4096, 32_000
+    rows = head_loop.chunk_rows(B, K)
+    for compact, state in ((False, K), (True, B)):
+        full = cost.form_kernels(False, B, D, K, 2, rows, compact)[0]
+        assert full[-2:] == [(state * D * (2 + 4), 0)] * 2
+        assert cost.form_kernels(False, B, D, K, 4, rows, compact)[0] == cost.rows_setup(B, D, 4, compact)
+    assert (cost.call_seconds(False, B, D, K, 3, 2, rows, True) < cost.call_seconds(False, B, D, K, 3, 2, rows, False))
