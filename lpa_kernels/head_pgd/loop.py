@@ -24,7 +24,7 @@ beside its GEMMs the rows form moves more memory per step (``h~``, the ``(B, D)`
 scratch row per class present) in more launches. Class space runs when its ``B x K`` buffers fit in one
 chunk and, on a GPU, ``cost``'s model of every kernel of both forms (bytes, FLOPs and launches on an H100)
 says it is faster and its buffers are no larger than the rows form's (so never with ``K >> B``): at
-``(B, D, K) = (1024, 2048, 1000)``, T = 3, the model prefers class space (about 0.61x the rows form's
+``(B, D, K) = (1024, 2048, 1000)``, T = 3, the model prefers class space (about 0.63x the rows form's
 time in bf16, 0.93x in float32) where FLOPs alone do not. On the CPU, where kernels run at their FLOP
 rate and launch for free, FLOPs decide: class space when ``2 B + 4 T K < 4 T B`` (many samples per class).
 
