@@ -11,7 +11,7 @@ labels int64 (8 bytes), ``a = 4`` bytes per float32 accumulator/partial.
 
 from __future__ import annotations
 
-from lpa_kernels.head_pgd.cost import ACC, H100, form_kernels, kernel_seconds, sequence_seconds
+from lpa_kernels.head_pgd.cost import ACC, H100, form_kernels, iterate_kernels, kernel_seconds, sequence_seconds
 
 
 def _perturb(case, s, sd):
@@ -213,6 +213,8 @@ def head_pgd_target_rows() -> list[dict]:
             fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
             setup, step, n_gemms = form_kernels(class_space, B, D, K, g, loop.chunk_rows(B, K), loop.compacts(B, D, K))
             setup += _label_plan_setup(B, K)
+            if fused:  # its steps update the float32 iterate only, so a 16-bit one is copied back after them
+                setup += iterate_kernels(K, D, g, True)[1:]
             gemms_s = sequence_seconds(step[:n_gemms], tensor_cores)
             if fused:
                 step_s = _fused_step_s(B, D, K, g, tensor_cores) + H100["launch_s"] / T

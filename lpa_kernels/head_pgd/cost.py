@@ -80,20 +80,22 @@ def rows_setup(B: int, D: int, g: int, compact: bool) -> list:
     return [(0, 0)] * (ROWS_PREPARATION_LAUNCHES + (COMPACT_LAUNCHES - len(moved) if compact else 0)) + moved
 
 
-def iterate_kernels(rows: int, D: int, g: int) -> list:
+def iterate_kernels(rows: int, D: int, g: int, back: bool) -> list:
     """A 16-bit delta's iterate, ``rows`` of ``D`` (delta's, or the gathered rows of the classes present):
-    cast to float32 before the steps and rounded back after them; nothing for float32 and float64 data."""
-    return [(rows * D * (g + ACC), 0)] * 2 if g < ACC else []
+    cast to float32 before the steps and, when ``back``, rounded back after them (class space needs no copy
+    back: its update writes the rounded iterate into delta itself); nothing for float32 and float64 data."""
+    return [(rows * D * (g + ACC), 0)] * (1 + back) if g < ACC else []
 
 
 def form_kernels(class_space: bool, B: int, D: int, K: int, g: int, rows: int,
                  compact: bool = False) -> tuple[list, list, int]:
     """One form's kernels: ``(set-up, step, how many of the step's kernels (the first) are GEMMs)``, the
-    set-up with the iterate's cast and copy back (``iterate_kernels``, delta in the GEMM dtype); ``rows``: the
+    set-up with the iterate's cast (and copy back; ``iterate_kernels``, delta in the GEMM dtype); ``rows``: the
     rows form's chunk; ``compact``: whether it runs on the classes present (``loop.compacts``)."""
     if class_space:
-        return class_space_setup(B, D, K, g) + iterate_kernels(K, D, g), *class_space_step(B, D, K, g)
-    return rows_setup(B, D, g, compact) + iterate_kernels(B if compact else K, D, g), *rows_step(B, D, K, g, rows)
+        return class_space_setup(B, D, K, g) + iterate_kernels(K, D, g, False), *class_space_step(B, D, K, g)
+    setup = rows_setup(B, D, g, compact) + iterate_kernels(B if compact else K, D, g, True)
+    return setup, *rows_step(B, D, K, g, rows)
 
 
 def call_seconds(class_space: bool, B: int, D: int, K: int, steps: int, g: int, rows: int,

@@ -310,11 +310,13 @@ def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mo
                   ok, skipped)
     else:
         if class_space:
-            form = _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
+            form = _class_space(current, delta, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels, plan)
         else:
             form = _row_chunks(current, h, labels, row_labels, weight, bias, step, eps, norm, mode, kernels, plan)
         p_true = new_output((batch,), softmax_acc, delta.device) if direction is None else None
         _pgd_loop(labels, num_classes, steps, direction, p_true, acc, form, classes)
+        if form.rounds_into_delta:
+            return
     if current is not delta:
         delta.copy_(current)  # rounded into delta once
 
@@ -344,14 +346,18 @@ def finite_rows(t: torch.Tensor) -> torch.Tensor:
 class Form(NamedTuple):
     """One formulation's step on the iterate ``current (K, D)`` it was built on, in two parts (the
     confidence rule's direction is fixed between them): ``gradient(p_true (B,) or None) -> g`` and
-    ``update(g, direction)``, in place on ``current``."""
+    ``update(g, direction)``, in place on ``current``; ``rounds_into_delta``: the update also writes the
+    iterate rounded into delta, which then needs no copy back."""
 
     gradient: Callable[["torch.Tensor | None"], torch.Tensor]
     update: Callable[[torch.Tensor, torch.Tensor], None]
+    rounds_into_delta: bool = False
 
 
-def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels: HeadKernels, plan) -> Form:
-    """The class-space form: ``g`` is the class gradient ``(K, D)`` in the GEMM dtype."""
+def _class_space(current, delta, h, labels, weight, bias, step, eps, norm, softmax_acc, kernels: HeadKernels,
+                 plan) -> Form:
+    """The class-space form: ``g`` is the class gradient ``(K, D)`` in the GEMM dtype. ``delta``: the
+    caller's, of which ``current`` is the iterate (a float32 copy of a 16-bit delta, or delta itself)."""
     (batch, features), num_classes = h.shape, weight.shape[0]
     base_logits = F.linear(h, weight, bias)  # (B, K), once for every step
     order, starts = class_order(labels, num_classes, plan) if kernels.uses_label_plan else (None, None)
@@ -359,8 +365,11 @@ def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc,
     class_probs = new_output((num_classes, num_classes), weight.dtype, h.device)
     grad = new_output((num_classes, features), weight.dtype, h.device)
     scratch = new_output((2, batch), softmax_acc, h.device)
-    # the iterate as the shift GEMM's operand: rounded once here, then rewritten by every update
-    rounded = None if weight.dtype == current.dtype else current.to(weight.dtype)
+    # The iterate as the shift GEMM's operand, rewritten by every update: a delta of the GEMM dtype is that
+    # already (current is its float32 copy) and, rewritten so, ends as the copy back would leave it; else
+    # rounded once here.
+    into_delta = weight.dtype != current.dtype and delta.dtype == weight.dtype
+    rounded = None if weight.dtype == current.dtype else delta if into_delta else current.to(weight.dtype)
 
     def gradient(p_true: torch.Tensor | None) -> torch.Tensor:
         torch.mm(current if rounded is None else rounded, weight.t(), out=shift)
@@ -368,7 +377,7 @@ def _class_space(current, h, labels, weight, bias, step, eps, norm, softmax_acc,
         return torch.mm(class_probs, weight, out=grad)
 
     return Form(gradient, lambda g, direction: kernels.pgd_step(current, g, step, eps, direction, norm,
-                                                                rounded=rounded))
+                                                                rounded=rounded), into_delta)
 
 
 def _row_chunks(current, h, labels, row_labels, weight, bias, step, eps, norm, mode, kernels: HeadKernels,

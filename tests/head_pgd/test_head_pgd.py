@@ -355,3 +355,21 @@ def test_each_extra_step_launches_only_its_own_kernels(target, batch, classes, f
             head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend=target[0])
         launches[steps] = counter.summary()["aten_launches"] + counter.summary()["triton_launches"]
     assert launches[3] - launches[1] == 2 * per_step, launches
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (the counter does not see the CUDA C++ launches)
+def test_a_16_bit_class_space_call_adds_only_the_iterates_cast(target, monkeypatch):
+    """Class space with fp16 delta, h and W (B = 64, K = 4, unfused): one launch more than the float32 call,
+    the float32 iterate's cast; the updates write the rounded iterate into delta itself (the shift GEMM's
+    operand), so neither a rounded copy at set-up nor a copy back at the end."""
+    from lpa_bench.static.counting import LaunchCounter
+
+    monkeypatch.setenv("LPA_POISON", "0")
+    monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
+    launches = {}
+    for dtype in (torch.float32, torch.float16):
+        h, y, weight, bias, delta = make_problem(64, 4, 32, dtype, device=target[1])
+        with LaunchCounter() as counter:
+            head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, 1.0, "l2", "add", backend=target[0])
+        launches[dtype] = counter.summary()["aten_launches"] + counter.summary()["triton_launches"]
+    assert launches[torch.float16] == launches[torch.float32] + 1, launches

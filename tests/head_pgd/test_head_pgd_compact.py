@@ -169,3 +169,5 @@ def test_cost_model_moves_the_16_bit_iterate_of_the_rows_it_keeps():
         assert full[-2:] == [(state * D * (2 + 4), 0)] * 2
         assert cost.form_kernels(False, B, D, K, 4, rows, compact)[0] == cost.rows_setup(B, D, 4, compact)
     assert (cost.call_seconds(False, B, D, K, 3, 2, rows, True) < cost.call_seconds(False, B, D, K, 3, 2, rows, False))
+    setup = cost.form_kernels(True, 1024, 2048, 1000, 2, head_loop.chunk_rows(1024, 1000))[0]
+    assert setup[-1] == (1000 * 2048 * 6, 0) and len(setup) == 2  # class space: the cast in, no copy back
