@@ -70,11 +70,11 @@ CHUNK_ELEMENTS = 1 << 26
 # Rows per chunk are a multiple of this when there are that many: full GEMM tiles.
 ROW_ALIGN = 128
 # The rows form keeps its per-class state (the iterate in the accumulation dtype, the fused update's
-# workspace, the training step's guard copy) for the classes present only (at most B rows instead of K) when there are fewer samples than
-# classes and delta has at least this many elements (a (K, D) float32 buffer of 256 MiB): at (B, D, K) =
-# (4096, 4096, 100,000) each such buffer would be 1.6 GB, 25 times its (B, D) counterpart. Below it, the
-# gather, the label plan of the slots and the copy back (cost.COMPACT_LAUNCHES, once per call) cost more
-# than the memory is worth.
+# workspace, the training step's guard copy) for the classes present only (at most B rows instead of K)
+# when there are fewer samples than classes and delta has at least this many elements (a (K, D) float32
+# buffer of 256 MiB): at (B, D, K) = (4096, 4096, 100,000) each such buffer would be 1.6 GB, 25 times its
+# (B, D) counterpart. Below it, the gather, the label plan of the slots and the copy back
+# (cost.COMPACT_LAUNCHES, once per call) cost more than the memory is worth.
 COMPACT_MIN_ELEMENTS = 1 << 26
 
 
