@@ -28,8 +28,9 @@ says it is faster and its buffers are no larger than the rows form's (so never w
 time in bf16, 0.93x in float32) where FLOPs alone do not. On the CPU, where kernels run at their FLOP
 rate and launch for free, FLOPs decide: class space when ``2 B + 4 T K < 4 T B`` (many samples per class).
 
-With fewer samples than classes and a large delta (``compacts``: an LLM-vocabulary head), the rows form
-runs on the rows of the classes present: ``present_first`` lists them (then absent classes, to fill ``B``
+With fewer samples than classes and a large delta (``compacts``: an LLM-vocabulary head; on the PyTorch
+kernels, whose update costs every row of delta, whenever ``B < K``), the rows form runs on the rows of the
+classes present: ``present_first`` lists them (then absent classes, to fill ``B``
 rows) and gives each label its row, delta's ``B`` rows are gathered, the steps run on them as on a delta of
 ``B`` classes (the logits and the softmax still over all ``K``), and they are copied back. Classes do not
 interact in the update, so the result is the full form's bit for bit, and the iterate, the update's
@@ -103,6 +104,8 @@ class HeadKernels:
 
     ``uses_label_plan``: whether the kernels take the labels' ``label_plan`` (built once per call when the
     caller has none), or ignore it (the PyTorch kernels, which sum with ``index_add_``).
+    ``updates_every_row``: whether the rows form's update costs ``K`` rows whatever the classes present
+    (the PyTorch kernels); such kernels run on the classes present whenever ``B < K``.
 
     ``fused_class_space`` (optional): every step of the class-space form in one launch, when its
     ``serves(K, gemm dtype)`` says so and the direction is given (``triton_fused.py``):
@@ -118,6 +121,7 @@ class HeadKernels:
     pgd_step: Callable[..., None]
     uses_label_plan: bool = True
     fused_class_space: "FusedClassSpace | None" = None
+    updates_every_row: bool = False
 
 
 class FusedClassSpace(NamedTuple):
@@ -251,9 +255,9 @@ def run_head_pgd(
     that each step after the first costs only its own launches. With ``skipped`` (0-d int64), under the
     training step's guard (:func:`guarded`, ``ok`` 0-d bool or None), which the one-launch class space
     applies itself when its iterate is ``delta`` (float32); otherwise in torch ops around the steps.
-    A rows-form call that ``compacts`` runs on the rows of the classes present (``present_first``), gathered
-    from ``delta`` and copied back after the steps, under a guard of those rows that restores and counts
-    as the guard of all of ``delta`` would."""
+    A rows-form call that ``compacts`` (on kernels that update every row, any with ``B < K``) runs on the
+    rows of the classes present (``present_first``), gathered from ``delta`` and copied back after the
+    steps, under a guard of those rows that restores and counts as the guard of all of ``delta`` would."""
     batch, num_classes = h.shape[0], weight.shape[0]
     acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
     gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
@@ -262,7 +266,8 @@ def run_head_pgd(
     if not (batch and steps and class_space and direction is not None
             and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
         fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
-    if not (batch and steps and not class_space and compacts(batch, h.shape[1], num_classes)):
+    compact = compacts(batch, h.shape[1], num_classes) or kernels.updates_every_row and batch < num_classes
+    if not (batch and steps and not class_space and compact):
         if skipped is not None and (fused is None or delta.dtype != acc):
             guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
                                           kernels, plan, acc, gd, class_space, fused), ok, skipped)

@@ -70,7 +70,7 @@ def pgd_step(delta, grad, step, eps, direction, norm, rounded=None) -> None:
 
 KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class_grad_pgd_step,
                       softmax_xent_grad=softmax_xent_grad, softmax_class_sum=softmax_class_sum,
-                      pgd_step=pgd_step, uses_label_plan=False)
+                      pgd_step=pgd_step, uses_label_plan=False, updates_every_row=True)
 
 
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:

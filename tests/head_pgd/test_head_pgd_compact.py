@@ -2,17 +2,21 @@
 with fewer samples than classes and a large delta, the per-class state of the call (the iterate, the fused
 update's workspace) has ``B`` rows instead of ``K``, and the result is the full form's bit for bit.
 
-``COMPACT_MIN_ELEMENTS`` is lowered here so that small problems take that path. On the reference target
+``COMPACT_MIN_ELEMENTS`` is lowered here so that small problems take that path on every backend (the
+PyTorch kernels take it whenever B < K; ``_compacting`` switches that too). On the reference target
 ``LPA_HOST_KERNELS=0`` keeps float32 calls off the host C++ kernel (which runs the whole call itself) and
 on the loop this file is about.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import lpa_kernels.head_pgd.loop as head_loop
+import lpa_kernels.head_pgd.torch_kernels as head_torch
 from lpa_kernels import head_pgd_
 from lpa_kernels.head_pgd import cost
 from lpa_kernels.head_pgd.op import run_head_pgd_
@@ -38,7 +42,10 @@ def loop_only(monkeypatch):
 
 
 def _compacting(monkeypatch, on: bool):
+    """Every backend on the classes present (``on``) or on all K rows (the PyTorch kernels too, which
+    otherwise compact whenever B < K)."""
     monkeypatch.setattr(head_loop, "COMPACT_MIN_ELEMENTS", 1 if on else 1 << 62)
+    monkeypatch.setattr(head_torch, "KERNELS", dataclasses.replace(head_torch.KERNELS, updates_every_row=on))
     assert head_loop.compacts(BATCH, FEATURES, CLASSES) == on
 
 
@@ -171,3 +178,18 @@ def test_cost_model_moves_the_16_bit_iterate_of_the_rows_it_keeps():
     assert (cost.call_seconds(False, B, D, K, 3, 2, rows, True) < cost.call_seconds(False, B, D, K, 3, 2, rows, False))
     setup = cost.form_kernels(True, 1024, 2048, 1000, 2, head_loop.chunk_rows(1024, 1000))[0]
     assert setup[-1] == (1000 * 2048 * 6, 0) and len(setup) == 2  # class space: the cast in, no copy back
+
+
+def test_the_pytorch_kernels_run_on_the_classes_present_whenever_b_is_below_k(loop_only, monkeypatch):
+    """Their update costs K rows whatever the classes present (``updates_every_row``), so they compact at any
+    size with B < K (here far below ``COMPACT_MIN_ELEMENTS``), and not with B >= K."""
+    calls = []
+    present_first = head_loop.present_first
+    monkeypatch.setattr(head_loop, "present_first", lambda *a: calls.append(a[1:]) or present_first(*a))
+    assert not head_loop.compacts(BATCH, FEATURES, CLASSES)
+    h, y, weight, bias, delta = _problem(torch.bfloat16, "cpu")
+    head_pgd_(h, y, weight, bias, delta, 1, 0.1, 0.3, 1.0, "l2", "add", backend="reference")
+    assert calls == [(CLASSES, BATCH)]
+    h, y, weight, bias, delta = make_problem(BATCH, 20, FEATURES, torch.bfloat16)
+    head_pgd_(h, y, weight, bias, delta, 1, 0.1, 0.3, 1.0, "l2", "scale", backend="reference")
+    assert len(calls) == 1
