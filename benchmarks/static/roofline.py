@@ -213,10 +213,9 @@ def head_pgd_target_rows() -> list[dict]:
             fused = class_space and triton_fused.serves(K, getattr(torch, dtype))
             setup, step, n_gemms = form_kernels(class_space, B, D, K, g, loop.chunk_rows(B, K), loop.compacts(B, D, K))
             setup += _label_plan_setup(B, K)
-            if fused:  # its steps update the float32 iterate only, so a 16-bit one is copied back after them
-                setup += iterate_kernels(K, D, g, True)[1:]
             gemms_s = sequence_seconds(step[:n_gemms], tensor_cores)
             if fused:
+                setup += iterate_kernels(K, D, g, True)[1:]  # its steps update the float32 iterate only: copied back
                 step_s = _fused_step_s(B, D, K, g, tensor_cores) + H100["launch_s"] / T
                 step = [(0, 0)] * n_gemms  # its launches beside the GEMMs: none (one for all T steps)
             else:

@@ -187,12 +187,21 @@ def use_class_space(batch: int, features: int, num_classes: int, steps: int, mod
             < cost.call_seconds(False, batch, features, num_classes, steps, g, rows, compact))
 
 
+def call_dtypes_and_form(h: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, steps: int, mode: str,
+                         norm: str) -> tuple[torch.dtype, torch.dtype, bool]:
+    """``(accumulation dtype, GEMM dtype, class space?)`` of a call on these tensors."""
+    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
+    gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
+    return acc, gd, use_class_space(h.shape[0], h.shape[1], weight.shape[0], steps, mode, gd, runs_on_gpu(h))
+
+
 def _form_bytes(class_space: bool, batch: int, features: int, classes: int, g: int, a: int) -> int:
     """The buffers of one form that the other does not have, for GEMM operands of ``g`` bytes and an
     accumulation dtype of ``a`` bytes (the rows form's per-class state for the rows ``state_rows`` says)."""
     if class_space:
         # base logits (B, K); shift and class probabilities (K, K); S @ W (K, D); the (2, B) scratch; the
-        # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc
+        # iterate rounded to the GEMM dtype for the shift (K, D), when that is not acc (counted although a
+        # delta already in the GEMM dtype is that buffer itself: the choice of form does not know delta's dtype)
         rounded = classes * features * g if g != a else 0
         return batch * classes * g + 2 * classes * classes * g + classes * features * g + 2 * batch * a + rounded
     rows, state = chunk_rows(batch, classes), state_rows(False, batch, features, classes)
@@ -259,15 +268,13 @@ def run_head_pgd(
     rows of the classes present (``present_first``), gathered from ``delta`` and copied back after the
     steps, under a guard of those rows that restores and counts as the guard of all of ``delta`` would."""
     batch, num_classes = h.shape[0], weight.shape[0]
-    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
-    gd = gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
+    acc, gd, class_space = call_dtypes_and_form(h, weight, delta, steps, mode, norm)
     fused = kernels.fused_class_space
-    class_space = use_class_space(batch, h.shape[1], num_classes, steps, mode, gd, runs_on_gpu(h))
     if not (batch and steps and class_space and direction is not None
             and acc == torch.float32 and fused is not None and fused.serves(num_classes, gd)):
         fused = None  # every class-space step in one launch: the classes do not interact once the direction is known
-    compact = compacts(batch, h.shape[1], num_classes) or kernels.updates_every_row and batch < num_classes
-    if not (batch and steps and not class_space and compact):
+    on_present = kernels.updates_every_row and batch < num_classes or compacts(batch, h.shape[1], num_classes)
+    if not (batch and steps and not class_space and on_present):
         if skipped is not None and (fused is None or delta.dtype != acc):
             guarded(delta, lambda: _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode,
                                           kernels, plan, acc, gd, class_space, fused), ok, skipped)

@@ -76,9 +76,7 @@ KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class
 def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:
     """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend (the host
     kernel when it serves the tensors); with ``skipped``, under ``loop.guarded``."""
-    acc = compute_dtype(h.dtype, weight.dtype, delta.dtype)
-    gemm = loop.gemm_dtype(torch.promote_types(h.dtype, weight.dtype), acc, norm)
-    class_space = loop.use_class_space(h.shape[0], h.shape[1], delta.shape[0], steps, mode, gemm, loop.runs_on_gpu(h))
+    class_space = loop.call_dtypes_and_form(h, weight, delta, steps, mode, norm)[2]
     if not _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
                               skipped):
         run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, None, ok, skipped)
