@@ -1,7 +1,8 @@
 """Argument validation shared by every public op.
 
-Each check raises ``ValueError`` (or ``TypeError`` for a wrong dtype) naming the argument and what was
-expected, before any kernel runs, so a rejected call changes nothing.
+Each check raises ``TypeError`` for a wrong type or dtype and ``ValueError`` for a wrong shape, device,
+value or choice, naming the argument and what was expected, before any kernel runs, so a rejected call
+changes nothing.
 
 Mixed dtypes (a documented cast, not an error; ``tests/test_dtype_rules.py``): ``delta`` may have any of
 the four float dtypes whatever dtype ``h``/``x`` has, and ``pgd_step_``'s ``grad`` any of them whatever
@@ -37,7 +38,17 @@ def _compiling() -> bool:
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        error = ValueError if isinstance(value, str) else TypeError
+        raise error(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_count(name: str, value: object, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``: ``TypeError`` for another type, ``ValueError`` below it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -101,22 +112,13 @@ def check_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int], 
         )
 
 
-def check_per_class(name: str, value: object, num_classes: int, positive: bool, nonnegative: bool = False,
-                    bounds: tuple[float, float] | None = None, device: torch.device | None = None):
-    """A finite Python number or a finite ``(K,)`` float tensor (on ``device``, when given).
-
-    ``positive`` demands > 0, ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi. NaN and
-    +-Inf are always refused: one such hyperparameter would write NaN or Inf into delta. A number is
-    checked as a number; a tensor's values are read on the host (one device sync), as the public ops
-    validate before any kernel runs (:func:`check_per_class_values` checks several in one read).
-    """
-    return check_per_class_values([(name, value, positive, nonnegative, bounds)], num_classes, device)[0]
-
-
 def check_per_class_values(specs: Sequence[tuple], num_classes: int, device: torch.device | None = None) -> list:
-    """:func:`check_per_class` of each ``(name, value, positive, nonnegative, bounds)`` in ``specs``,
-    reading the values of all the tensors among them on the host at once (no read when all are numbers).
-    Types, shapes and devices are checked first, in order; then the values. Returns the values."""
+    """Each ``(name, value, positive, nonnegative, bounds)`` of ``specs``: ``value`` must be a finite Python
+    number or a finite ``(K,)`` float tensor (on ``device``, when given); ``positive`` demands > 0,
+    ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi. NaN and +-Inf are always refused: one such
+    hyperparameter would write NaN or Inf into delta. Types, shapes and devices are checked first, in
+    order; then the values, those of all the tensors read on the host at once (one device sync, as the
+    public ops validate before any kernel runs; no read when all are numbers). Returns the values."""
     pending = []  # (name, value, rules, one 0-d bool tensor per rule)
     for name, value, positive, nonnegative, bounds in specs:
         values = _per_class_tensor(name, value, num_classes, device)

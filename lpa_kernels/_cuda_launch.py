@@ -26,7 +26,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 MODE_CODES = {"add": 0, "scale": 1}
 NORM_CODES = {"linf": 0, "l2": 1}
 ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-REDUCE_THREADS = 256  # kReduceThreads in csrc/class_reduce.cuh
 
 
 def code(dtype: torch.dtype) -> int:

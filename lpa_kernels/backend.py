@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from lpa_kernels._checks import check_choice
+
 BACKENDS = ("reference", "triton", "cuda")
 
 
@@ -120,9 +122,7 @@ def _reason(backend: str, device: torch.device | None) -> str:
 
 
 def _check_name(backend: object, argname: str = "backend") -> str:
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"{argname} must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
-    return backend
+    return check_choice(argname, backend, ("auto",) + BACKENDS)
 
 
 def resolve(backend: str, device: torch.device) -> str:

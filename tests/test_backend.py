@@ -68,9 +68,10 @@ def test_invalid_lpa_backend_is_named_in_the_error(monkeypatch):
         backend.resolve("auto", CPU)
 
 
-@pytest.mark.parametrize("name", ["Triton", "GPU", "", None, 1])
-def test_unknown_backend_name_raises(no_override, name):
-    with pytest.raises(ValueError, match="backend must be one of"):
+@pytest.mark.parametrize("name, error", [("Triton", ValueError), ("GPU", ValueError), ("", ValueError),
+                                         (None, TypeError), (1, TypeError)])
+def test_unknown_backend_name_raises(no_override, name, error):
+    with pytest.raises(error, match="backend must be one of"):
         backend.resolve(name, CPU)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpa_kernels import class_grad, class_grad_pgd_step_, perturb, pgd_step_
+from lpa_kernels import class_grad, class_grad_pgd_step_, head_pgd_, perturb, pgd_step_
+from lpa_kernels.pgd import naive
 
 B, K = 4, 3
 META = torch.device("meta")
@@ -34,9 +35,11 @@ LABEL_CASES = [
 ]
 COMMON_CASES = [
     ("backend", "fast", ValueError, "backend must be one of"),
+    ("backend", None, TypeError, "backend must be one of"),
     ("backend", "cuda", ValueError, "backend='cuda' is not available"),
 ]
-MODE_CASES = [("mode", "mul", ValueError, "mode must be one of 'add', 'scale'")]
+MODE_CASES = [("mode", "mul", ValueError, "mode must be one of 'add', 'scale'"),
+              ("mode", None, TypeError, "mode must be one of 'add', 'scale'")]
 PGD_CASES = [
     ("eps", 0.0, ValueError, "eps must be > 0"),
     ("eps", -1.0, ValueError, "eps must be > 0"),
@@ -46,6 +49,7 @@ PGD_CASES = [
     ("direction", torch.tensor([1, -1, 1]), TypeError, "direction must be a float or a float"),
     ("direction", "up", TypeError, "direction must be a float"),
     ("norm", "l1", ValueError, "norm must be one of 'linf', 'l2'"),
+    ("norm", 2, TypeError, "norm must be one of 'linf', 'l2'"),
     ("delta", torch.randn(K, 3, 1).long(), TypeError, "delta must be float16, bfloat16, float32 or float64"),
 ]
 
@@ -59,7 +63,8 @@ CASES = {
     class_grad: LABEL_CASES + COMMON_CASES + MODE_CASES + [
         ("delta_shape", (K, 4, 1), ValueError, "delta_shape must have shape"),
         ("delta_shape", (K + 1, 3, 1), ValueError, "delta_shape must start with num_classes=3"),
-        ("num_classes", 0, ValueError, "num_classes must be a positive int"),
+        ("num_classes", 0, ValueError, "num_classes must be an int >= 1"),
+        ("num_classes", 3.0, TypeError, "num_classes must be an int >= 1, got float"),
         ("delta", torch.randn(K, 3, 5), ValueError, "delta must have shape delta_shape"),
         ("h", None, ValueError, "h is required for mode='scale'"),
         ("h", torch.randn(B, 3, 5, device=META), ValueError, "all tensors must be on one device"),
@@ -156,7 +161,7 @@ def test_float64_grad_is_not_rounded_to_delta_dtype_before_the_step(delta_dtype)
     delta, grad = torch.randn(K, 6).to(delta_dtype), torch.randn(K, 6, dtype=torch.float64)
     grad[0] *= 1e300  # finite in float64; rounded to float32 first, class 0 would step along sign(grad[0])
     expected = delta.double().clone()
-    pgd_step_(expected, grad.double(), 0.3, 1.0, 1.0, "l2", backend="reference")
+    naive.pgd_step_(expected, grad, *torch.tensor([[0.3] * K, [1.0] * K, [1.0] * K], dtype=torch.float64), "l2")
     got = pgd_step_(delta.clone(), grad, 0.3, 1.0, 1.0, "l2", backend="reference")
     assert got.dtype == delta_dtype
     # step_size and eps are taken in delta's compute dtype (float32): equal up to 2 ulps of delta's dtype
@@ -196,7 +201,6 @@ def test_class_grad_pgd_step_refuses_inputs_sharing_memory_with_delta(name):
 
 def test_head_pgd_refuses_delta_aliasing_the_weights():
     """``head_pgd_(h, y, W, b, delta=W)`` would overwrite the classifier's weights."""
-    from lpa_kernels import head_pgd_
 
     h, labels, weight, bias = torch.randn(B, 5), torch.tensor([0, 2, 1, 2]), torch.randn(K, 5), torch.randn(K)
     before = weight.clone()
@@ -218,3 +222,12 @@ def test_delta_requiring_grad_is_refused_in_grad_mode_and_updated_under_no_grad(
     with torch.no_grad():
         op(**args, backend="reference")
     assert not torch.equal(delta.detach(), before), "under no_grad the update must happen"
+
+
+@pytest.mark.parametrize("steps, error", [(-1, ValueError), ("2", TypeError), (2.0, TypeError), (True, TypeError)],
+                         ids=str)
+def test_head_pgd_steps_must_be_a_non_negative_int(steps, error):
+    h, labels, weight, bias, delta = torch.randn(B, 5), torch.tensor([0, 2, 1, 2]), torch.randn(K, 5), None, torch.zeros(K, 5)
+    with pytest.raises(error, match="steps must be an int >= 0"):
+        head_pgd_(h, labels, weight, bias, delta, steps, 0.1, 0.5, backend="reference")
+    assert not delta.any()

@@ -69,8 +69,7 @@ def head_pgd_(
     if bias is not None:
         _checks.check_float("bias", bias)
     _checks.check_choice("mode", mode, _checks.MODES)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    _checks.check_count("steps", steps, 0)
     confidence = isinstance(direction, str)
     if confidence:
         _checks.check_choice("direction", direction, ("confidence",))

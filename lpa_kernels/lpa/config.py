@@ -88,9 +88,7 @@ class LPAConfig:
         _checks.check_choice("delta_shape", self.delta_shape, DELTA_SHAPES)
         _checks.check_choice("head", self.head, HEAD_PATHS)
         for name in ("steps", "lpl_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _checks.check_count(name, getattr(self, name), 0)
         for name in ("eps", "lpl_eps", "mixup_alpha"):
             _check_number(self, name, "> 0", lambda v: v > 0)
         for name in ("noise_std", "adv_eps", "gamma", "delta_eps", "tau"):
@@ -99,9 +97,8 @@ class LPAConfig:
             _check_number(self, name, ">= 1", lambda v: v >= 1)
         if self.head_classes is not None and self.head_fraction is not None:
             raise ValueError("give head_classes or head_fraction, not both")
-        if self.head_classes is not None and (isinstance(self.head_classes, bool) or not isinstance(self.head_classes, int)
-                                              or self.head_classes < 0):
-            raise ValueError(f"head_classes must be an int >= 0 or None, got {self.head_classes!r}")
+        if self.head_classes is not None:
+            _checks.check_count("head_classes", self.head_classes, 0)
         if self.head_fraction is not None:
             _check_number(self, "head_fraction", "in [0, 1]", lambda v: 0 <= v <= 1)
         for name in ("step_size", "lpl_step_size"):
@@ -164,5 +161,7 @@ class LPAConfig:
 def _check_number(config: LPAConfig, name: str, rule: str, holds: Callable[[float], bool]) -> None:
     """A real number (int or float, not bool; NaN fails every rule) for which ``holds`` is true."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not holds(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number {rule}, got {type(value).__name__} {value!r}")
+    if not holds(value):
         raise ValueError(f"{name} must be a number {rule}, got {value!r}")

@@ -81,8 +81,7 @@ class Method:
     def __init__(self, model: nn.Module, num_classes: int, layer: str | None = None,
                  config: LPAConfig | None = None, class_counts: torch.Tensor | None = None,
                  lower: Callable | None = None, upper: Callable | None = None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _checks.check_count("num_classes", num_classes, 1)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 "pass the unwrapped model (ddp.module): the method runs the model in two parts, which "

@@ -45,13 +45,12 @@ class ClassPerturbation(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _checks.check_count("num_classes", num_classes, 1)
         self.mode = _checks.check_choice("mode", mode, _checks.MODES)
         self.norm = _checks.check_choice("norm", norm, _checks.NORMS)
-        self.eps = _checks.check_per_class("eps", eps, num_classes, positive=True)
-        self.step_size = _checks.check_per_class("step_size", step_size, num_classes, positive=False, nonnegative=True)
-        self.direction = _checks.check_per_class("direction", direction, num_classes, positive=False)
+        self.eps, self.step_size, self.direction = _checks.check_per_class_values(
+            [("eps", eps, True, False, None), ("step_size", step_size, False, True, None),
+             ("direction", direction, False, False, _checks.DIRECTION_BOUNDS)], num_classes)
         self.backend = backend
         self.register_buffer("delta", torch.zeros((num_classes, *shape), dtype=dtype, device=device))
         self._live = self._leaf()

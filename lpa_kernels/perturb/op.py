@@ -264,8 +264,7 @@ def class_grad(
     from the batch get zero. The fast backends reduce per class in a fixed order, so the result is the
     same from run to run (deterministic) whether or not ``torch.use_deterministic_algorithms`` is on.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    _checks.check_count("num_classes", num_classes, 1)
     delta_shape = tuple(int(s) for s in delta_shape)
     if not delta_shape or delta_shape[0] != num_classes:
         raise ValueError(f"delta_shape must start with num_classes={num_classes}, got {delta_shape}")

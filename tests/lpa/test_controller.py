@@ -276,17 +276,29 @@ def test_state_dict_round_trip_restores_the_carried_deltas():
     ("mode", "multiply", "mode must be one of"),
     ("norm", "l1", "norm must be one of"),
     ("eps", 0.0, "eps must be a number > 0"),
-    ("eps", "1", "eps must be a number > 0"),
     ("eps", float("nan"), "eps must be a number > 0"),
     ("step_size", -0.1, "step_size must be a number >= 0"),
-    ("steps", 1.5, "steps must be an int >= 0"),
-    ("steps", True, "steps must be an int >= 0"),
+    ("steps", -1, "steps must be an int >= 0"),
+    ("head_classes", -2, "head_classes must be an int >= 0"),
     ("dropout_p", 1.0, "dropout_p must be a number in [0, 1)"),
     ("trend_momentum", -0.5, "trend_momentum must be a number in [0, 1)"),
     ("head", "sometimes", "head must be one of"),
 ])
 def test_config_is_validated_on_construction_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
+        LPAConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eps", "1", "eps must be a number > 0, got str '1'"),
+    ("steps", 1.5, "steps must be an int >= 0, got float 1.5"),
+    ("steps", True, "steps must be an int >= 0, got bool True"),
+    ("head_classes", 2.0, "head_classes must be an int >= 0, got float 2.0"),
+    ("mode", None, "mode must be one of 'add', 'scale'; got None"),
+    ("backend", 1, "backend must be one of"),
+])
+def test_config_fields_of_the_wrong_type_raise_type_error(field, value, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
         LPAConfig(**{field: value})
 
 

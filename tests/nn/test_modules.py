@@ -55,6 +55,50 @@ def test_class_perturbation_is_identity_in_eval_and_without_labels():
     assert torch.equal(module(h, labels), h), "eval-mode forward must be the identity"
 
 
+def test_class_perturbation_step_takes_overrides_and_reset_clears_delta_and_the_pending_gradient():
+    k = 3
+    module = ClassPerturbation(k, (4,), eps=0.5, step_size=0.1, direction=1.0, norm="l2", dtype=torch.float64)
+    grad = torch.randn(k, 4, dtype=torch.float64)
+    step, eps, direction = torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64), 5.0, -0.5
+    assert module.step(grad, step_size=step, eps=eps, direction=direction)
+    reference = torch.zeros(k, 4, dtype=torch.float64)
+    pgd_naive.pgd_step_(reference, grad, step, _per_class(eps, k), _per_class(direction, k), "l2")
+    assert torch.allclose(module.delta, reference, rtol=1e-12, atol=1e-15), "step's overrides were not used"
+    assert module.eps == 0.5 and module.step_size == 0.1 and module.direction == 1.0, "an override must not stick"
+
+    module(torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 2])).sum().backward()
+    assert module.live_delta().grad is not None
+    module.reset()
+    assert not module.delta.any(), "reset must zero delta"
+    assert not module.step(), "reset must drop the pending class gradient"
+    assert module.live_delta().data_ptr() == module.delta.data_ptr(), "the leaf must still share delta's storage"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_classes=0), ValueError, "num_classes must be an int >= 1"),
+    (dict(num_classes=2.0), TypeError, "num_classes must be an int >= 1"),
+    (dict(mode="mul"), ValueError, "mode must be one of"),
+    (dict(norm="l1"), ValueError, "norm must be one of"),
+    (dict(eps=0.0), ValueError, "eps must be > 0"),
+    (dict(eps=float("inf")), ValueError, "eps must be > 0 and finite"),
+    (dict(step_size=-0.1), ValueError, "step_size must be >= 0"),
+    (dict(direction=1.5), ValueError, r"direction must be in \[-1.0, 1.0\]"),
+    (dict(direction=torch.tensor([1.0, -2.0])), ValueError, r"direction must be in \[-1.0, 1.0\]"),
+    (dict(direction=float("nan")), ValueError, "direction must be in"),
+    (dict(eps=torch.ones(3)), ValueError, r"eps must be a float or a tensor of shape \(2,\)"),
+])
+def test_class_perturbation_refuses_bad_settings_on_construction(kwargs, error, match):
+    args = dict(num_classes=2, shape=(4,))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ClassPerturbation(**args)
+
+
+def test_lpa_linear_refuses_an_out_of_range_direction_on_construction():
+    with pytest.raises(ValueError, match=r"direction must be in \[-1.0, 1.0\]"):
+        LPALinear(4, 4, 3, direction=2.0)
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "none"])
 @pytest.mark.parametrize("mode", ["add", "scale"])
 @pytest.mark.parametrize("rows", [(), (3,)], ids=["2d", "3d"])
