@@ -23,7 +23,7 @@ from lpa_bench.timing import device_peaks
 from lpa_bench.training import train_rows
 from lpa_kernels.backend import BACKENDS, resolve
 from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig
-from lpa_programs.cli import Parser, check_writable, number
+from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number
 
 PEERS = ("eager", "compile", "matmul")
 SECTIONS = ("perturb", "linear_perturb", "train_step", "memory", "head_pgd_", "class_grad", "pgd_step_",
@@ -51,7 +51,7 @@ def build_parser() -> Parser:
                         "dtype; float32 on the CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (cuda when available), cpu or cuda (default: auto)")
-    p.add_argument("--threads", type=number(int, 1), default=None,
+    p.add_argument("--threads", type=number(int, 1, maximum=MAX_THREADS), default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 steadies CPU timings on a shared machine")
     p.add_argument("--train-methods", nargs="+", choices=METHODS, default=["lpa"], metavar="METHOD",
                    help="methods timed against the plain step in train_step, with T = 0, 1, 3: " + METHODS.help_text())
@@ -166,6 +166,15 @@ def _header(meta: dict, peaks: dict, impls: list) -> str:
             f"matmul {matmul} TFLOP/s; timing {', '.join(impls)}")
 
 
+def _write_json(parser: Parser, path: str, meta: dict, rows: list) -> None:
+    """The report so far into ``path``; a write that fails (what ``check_args`` could not foresee) is one
+    error line, exit 2 (the rows printed so far stay on the screen)."""
+    try:
+        write_json(path, meta, rows)
+    except OSError as exc:
+        parser.error(f"argument --json: cannot write {path}: {exc.strerror or exc}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["static"]:  # the GPU-free report: benchmarks/static/
@@ -205,10 +214,10 @@ def main(argv=None) -> int:
         _print_rows(new)
         rows.extend(new)
         if args.json:
-            write_json(args.json, meta, rows)
+            _write_json(parser, args.json, meta, rows)
     _print_targets(rows)
     if args.json:
-        write_json(args.json, meta, rows)  # also when no section ran
+        _write_json(parser, args.json, meta, rows)  # also when no section ran
         print(f"wrote {args.json}", flush=True)
     if args.plot:
         from lpa_bench.plot import plot  # matplotlib: checked to be there before the run

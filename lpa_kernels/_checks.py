@@ -15,12 +15,13 @@ head (``head_pgd_``) rounds the perturbed activations to ``h``'s dtype, as ``per
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
 
 from lpa_kernels import _host_ext
-from lpa_kernels._common import per_class
+from lpa_kernels._common import compute_dtype, per_class
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -79,21 +80,38 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 def check_labels(labels: object, batch: int, num_classes: int, name: str = "labels", values: bool = True) -> torch.Tensor:
     """``labels`` must be a 1-D int32/int64 tensor of length ``batch`` with values in ``[0, num_classes)``.
 
-    The range check reads the labels on the host (a device sync on a GPU). ``values=False`` leaves it
-    out: only for callers that range-checked this very tensor already (the LPA training machinery
-    checks each batch's labels once per step, then calls the ops through their internal entry points).
+    The range check reads the labels on the host (a device sync on a GPU); inside a ``torch.compile``d
+    graph, which cannot read values, it is an in-graph assertion instead (``torch._assert_async``: a
+    ``RuntimeError`` naming the labels on the CPU, a device-side assert on a GPU). Meta tensors have no
+    values to check. ``values=False`` leaves it out: only for callers that range-checked this very tensor
+    already (the LPA training machinery checks each batch's labels once per step, on the device, then
+    calls the ops through their internal entry points).
     """
     labels = check_tensor(name, labels)
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor of class indices, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) (one label per sample), got {tuple(labels.shape)}")
-    if values and labels.numel() and not _compiling():
+    if not values or labels.numel() == 0 or labels.device.type == "meta":
+        return labels
+    if _compiling():
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{name} must lie in [0, {num_classes}) (num_classes={num_classes})")
+    else:
         lo_hi = _host_ext.label_range(labels)  # CPU labels: one C++ pass, no PyTorch dispatch
         lo, hi = torch.stack(torch.aminmax(labels)).tolist() if lo_hi is None else lo_hi  # one host read
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")
     return labels
+
+
+def check_shape(name: str, value: object) -> tuple[int, ...]:
+    """A shape: a tuple, list or ``torch.Size`` of ints >= 0 (not bools), returned as a tuple."""
+    if not isinstance(value, (tuple, list, torch.Size)) or any(isinstance(s, bool) or not isinstance(s, int) for s in value):
+        raise TypeError(f"{name} must be a tuple of ints (a shape), got {value!r}")
+    if any(s < 0 for s in value):
+        raise ValueError(f"{name} must not have negative sizes, got {tuple(value)}")
+    return tuple(value)
 
 
 def check_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int], name: str = "delta") -> None:
@@ -112,26 +130,46 @@ def check_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int], 
         )
 
 
-def check_per_class_values(specs: Sequence[tuple], num_classes: int, device: torch.device | None = None) -> list:
+def check_per_class_values(specs: Sequence[tuple], num_classes: int, device: torch.device | None = None,
+                           dtype: torch.dtype = torch.float64) -> list:
     """Each ``(name, value, positive, nonnegative, bounds)`` of ``specs``: ``value`` must be a finite Python
     number or a finite ``(K,)`` float tensor (on ``device``, when given); ``positive`` demands > 0,
-    ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi. NaN and +-Inf are always refused: one such
-    hyperparameter would write NaN or Inf into delta. Types, shapes and devices are checked first, in
-    order; then the values, those of all the tensors read on the host at once (one device sync, as the
-    public ops validate before any kernel runs; no read when all are numbers). Returns the values."""
+    ``nonnegative`` >= 0, ``bounds=(lo, hi)`` lo <= value <= hi, all as rounded to ``dtype``, the dtype the
+    op computes in (1e39 is not a finite float32, 1e-300 not a positive one). NaN and +-Inf are always
+    refused: one such hyperparameter would write NaN or Inf into delta. Types, shapes and devices are
+    checked first, in order; then the values, those of all the tensors read on the host at once (one device
+    sync, as the public ops validate before any kernel runs; no read when all are numbers; inside a
+    ``torch.compile``d graph an in-graph assertion, as :func:`check_labels`). Returns the values."""
     pending = []  # (name, value, rules, one 0-d bool tensor per rule)
     for name, value, positive, nonnegative, bounds in specs:
         values = _per_class_tensor(name, value, num_classes, device)
         rules = _value_rules(positive, nonnegative, bounds)
         if values is None:  # a Python number
-            _raise_unless_held(name, value, rules, [bool(holds(float(value))) for _, holds in rules])
-        elif not (_compiling() or values.device.type == "meta"):  # else there are no values to read
-            pending.append((name, value, rules, [holds(values).all() for _, holds in rules]))
+            rounded = _rounded(float(value), dtype)
+            _raise_unless_held(name, value if rounded == value else f"{value} ({rounded} in {dtype})", rules,
+                               [bool(holds(rounded)) for _, holds in rules])
+        elif values.device.type == "meta":  # no values to check
+            continue
+        elif _compiling():
+            for text, holds in rules:
+                torch._assert_async(holds(values.to(dtype)).all(), f"{name} must be {text} for every class")
+        else:
+            pending.append((name, value, rules, [holds(values.to(dtype)).all() for _, holds in rules]))
     if pending:
         held = iter(torch.stack([ok for *_, oks in pending for ok in oks]).cpu().tolist())  # the one host read
         for name, value, rules, oks in pending:
             _raise_unless_held(name, value, rules, [next(held) for _ in oks])
     return [spec[1] for spec in specs]
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` as ``dtype`` (float32 or float64) holds it: beyond float32's range an infinity."""
+    if dtype != torch.float32:
+        return value
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _per_class_tensor(name: str, value: object, num_classes: int, device: torch.device | None) -> torch.Tensor | None:
@@ -191,7 +229,8 @@ def check_in_place_target(delta: torch.Tensor, **others: torch.Tensor | float | 
     """An in-place op may write ``delta``: it must not share memory with any other argument (the kernel
     would read what it has already overwritten, or overwrite the caller's weights), and it must not be
     a tensor autograd tracks (updating it in grad mode would corrupt a pending backward; call the op
-    under ``torch.no_grad()``, as optimizers update parameters). Non-tensors in ``others`` are skipped.
+    under ``torch.no_grad()``, as optimizers update parameters), nor one PyTorch would refuse to update in
+    place (:func:`_check_writable`). Non-tensors in ``others`` are skipped.
 
     Memory is compared by address range (the span from the first to the last element), so two
     interleaved views of one buffer count as overlapping even when they share no element.
@@ -199,6 +238,8 @@ def check_in_place_target(delta: torch.Tensor, **others: torch.Tensor | float | 
     if delta.requires_grad and torch.is_grad_enabled():
         raise ValueError("delta requires grad: an in-place PGD update of a tensor autograd tracks is refused "
                          "in grad mode; call the op under torch.no_grad() (or pass delta.detach())")
+    if not _compiling():  # Dynamo cannot trace is_inference()
+        _check_writable(delta)
     span = _memory_span(delta)
     if span is None:
         return
@@ -207,6 +248,18 @@ def check_in_place_target(delta: torch.Tensor, **others: torch.Tensor | float | 
         if other_span is not None and other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
             raise ValueError(f"delta and {name} share memory: the op updates delta in place, so {name} "
                              f"must not alias or overlap it (pass a clone)")
+
+
+def _check_writable(delta: torch.Tensor) -> None:
+    """What PyTorch's own in-place ops refuse, refused before the kernels (which write through delta's
+    address, so PyTorch would not see it): an inference tensor outside inference mode, and a delta with
+    elements sharing memory (an expanded view)."""
+    if delta.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("delta is an inference tensor: PyTorch updates those in place only inside "
+                         "torch.inference_mode(); call the op there, or pass a tensor made outside it (delta.clone())")
+    if torch._debug_has_internal_overlap(delta) == 1:
+        raise ValueError("delta has elements that share memory (an expanded or overlapping view): the op writes "
+                         "every element of delta, so pass a tensor with one element per location (delta.contiguous())")
 
 
 def check_grad_out(grad_out: object, h: object, mode: object, delta_shape: Sequence[int], delta_name: str = "delta") -> None:
@@ -235,5 +288,6 @@ def check_pgd_hyperparameters(delta: object, step_size: object, eps: object, dir
     check_choice("norm", norm, NORMS)
     k = delta.shape[0]
     checked = check_per_class_values([("step_size", step_size, False, True, None), ("eps", eps, True, False, None),
-                                      ("direction", direction, False, False, DIRECTION_BOUNDS)], k, delta.device)
+                                      ("direction", direction, False, False, DIRECTION_BOUNDS)], k, delta.device,
+                                     compute_dtype(delta.dtype))
     return [per_class(v, k, delta) for v in checked]

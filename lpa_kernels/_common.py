@@ -8,11 +8,19 @@ import os
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Arithmetic runs in float32, or float64 when any input is float64 (half inputs are upcast)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def under_transform() -> bool:
+    """Whether forward-mode AD or a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is active.
+    The custom ops have no forward-mode or batching rules (PyTorch would drop the tangent) and the host
+    kernels see no tangents or batch dimensions, so the ops run their PyTorch definition there."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def padded_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int]) -> tuple[int, ...]:

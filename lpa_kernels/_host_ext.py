@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from lpa_kernels._common import l2_radius_margin
+from lpa_kernels._common import l2_radius_margin, under_transform
 from lpa_kernels.step_update import naive as step_naive
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
@@ -67,13 +67,13 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _callable() -> bool:
     """Whether the kernels may run here at all: built and switched on, outside ``torch.compile`` tracing,
-    dispatch modes and torch.func transforms (which must see the PyTorch ops)."""
+    dispatch modes, torch.func transforms and forward-mode AD (which must see the PyTorch ops)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False  # first: Dynamo traces what runs before it returns
     module = _load()[0]
     # the switch read through the C environment (the extension's getenv: os.environ writes reach it), which
     # costs a fraction of os.environ.get; every launcher call pays it
-    return module is not None and not module.switched_off() and torch._C._functorch.peek_interpreter_stack() is None
+    return module is not None and not module.switched_off() and not under_transform()
 
 
 def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:

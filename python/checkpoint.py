@@ -41,6 +41,11 @@ FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "data_dir", "
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written where ``--save-dir`` says (what ``check_arguments`` could not
+    foresee: a full disk, a file system that refuses the folder)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-dir", default=None, metavar="DIR",
                         help="write checkpoints to DIR/<method>-seed<seed>/epoch-NNNN.pt (with --save-every)")
@@ -93,9 +98,11 @@ def check_arguments(args: argparse.Namespace) -> str:
     if args.save_dir is not None:
         if args.save_every is None:
             return "argument --save-dir: needs --save-every N"
-        problem = check_writable(Path(args.save_dir) / "x.pt")
-        if problem:
-            return f"argument --save-dir: {problem}"
+        for method in args.method:  # each run's own folder, which may be taken by a file
+            for seed in args.seeds:
+                problem = check_writable(Path(args.save_dir) / run_name(method, seed) / "epoch-0001.pt")
+                if problem:
+                    return f"argument --save-dir: {problem}"
     if args.resume is None:
         return ""
     path = Path(args.resume).expanduser()
@@ -188,6 +195,10 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(), "sampler": {"seed": self.run["seed"], "epoch": epoch},
             "rng": rng, "progress": progress,
         }
-        write_atomically(self.folder / f"epoch-{epoch:04d}.pt", lambda f: torch.save(checkpoint, f))
-        for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:
-            old.unlink()
+        try:
+            write_atomically(self.folder / f"epoch-{epoch:04d}.pt", lambda f: torch.save(checkpoint, f))
+            for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:
+                old.unlink()
+        except OSError as exc:
+            raise CheckpointWriteError(f"argument --save-dir: cannot write a checkpoint in {self.folder}: "
+                                       f"{exc.strerror or exc}") from exc

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable, NoReturn
+
+
+# --threads: more than a few per core only slows a run down, and torch's set_num_threads crashes (SIGSEGV)
+# for absurd counts
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,16 +24,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def number(kind: type, minimum: float, strict: bool = False):
-    """An argparse ``type``: a ``kind`` (int or float) >= ``minimum`` (> with ``strict``)."""
-    rule = f"{'>' if strict else '>='} {minimum:g}"
+def number(kind: type, minimum: float, strict: bool = False, maximum: float | None = None):
+    """An argparse ``type``: a finite ``kind`` (int or float) >= ``minimum`` (> with ``strict``), and at most
+    ``maximum`` when given."""
+    rule = f"{'>' if strict else '>='} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not (value > minimum if strict else value >= minimum):
+        above = value > minimum if strict else value >= minimum
+        if not (above and math.isfinite(value) and (maximum is None or value <= maximum)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 

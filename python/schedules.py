@@ -35,7 +35,8 @@ def check(args: argparse.Namespace) -> str:
         return f"argument --lr-decay: must be in (0, 1], got {args.lr_decay}"
     if args.schedule == "step" and not args.milestones:
         return "argument --milestones: the step schedule needs at least one epoch"
-    if any(not 0 < m < args.epochs for m in args.milestones) or args.milestones != sorted(args.milestones):
+    ms = args.milestones
+    if any(not 0 < m < args.epochs for m in ms) or any(later <= earlier for earlier, later in zip(ms, ms[1:])):
         return f"argument --milestones: increasing epochs in (0, --epochs), got {args.milestones}"
     return ""
 

@@ -50,7 +50,7 @@ from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_imag
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs import recipes, schedules
 from lpa_programs.cifar_models import CIFAR_MODELS
-from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
+from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_json_atomically
 from lpa_programs import checkpoint, distributed
 from lpa_programs.distributed import per_class_accuracy
 from lpa_programs.plot import EpochLog, check_option as check_plot_option, write as write_plot
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", "--seeds", dest="seeds", type=number(int, 0), nargs="+", default=[0, 1, 2],
                    help="one run per seed; several give mean and std")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=number(int, 1), default=None,
+    p.add_argument("--threads", type=number(int, 1, maximum=MAX_THREADS), default=None,
                    help="CPU threads for torch (default: 1 for the small MLP datasets, where threading costs "
                         "more than it saves, torch's default for images)")
     p.add_argument("--backend", default=CONFIG_DEFAULTS["backend"], choices=("auto",) + BACKENDS,
@@ -389,7 +389,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         parser.error(f"argument --json: cannot write {args.json}: {exc.strerror or exc}")
     for method in args.method:
         for seed in args.seeds:
-            r = train_one(data, method, seed, args, device, groups)
+            try:
+                r = train_one(data, method, seed, args, device, groups)
+            except checkpoint.CheckpointWriteError as exc:  # the runs finished so far are in the report
+                parser.error(str(exc))
             report["runs"].append(r)
             report["summary"] = summarise(report["runs"])
             write_report(args, report)  # after every run: a later failure loses nothing
@@ -417,7 +420,7 @@ def write_report(args: argparse.Namespace, report: dict) -> None:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Dataset]:
     """Check every option that argparse alone cannot, load the data and try one step of each method on a
     throwaway model, so that a mistake is reported now and not after hours of training."""
-    args.method = list(dict.fromkeys(args.method))
+    args.method, args.seeds = list(dict.fromkeys(args.method)), list(dict.fromkeys(args.seeds))  # each run once
     device = distributed.setup(check_device(parser, args.device), args.dist_timeout)  # joins torchrun's group
     problem = schedules.check(args) or distributed.check_arguments(args) or distributed.agree(
         checkpoint.check_arguments(args) if distributed.context().is_main else "")
@@ -488,6 +491,11 @@ def try_one_step(parser: argparse.ArgumentParser, data: Dataset, method_name: st
         method.after_backward()
     except (ValueError, TypeError) as exc:  # the library's messages for bad settings and layers
         parser.error(f"--method {method_name} cannot train with these settings: {exc}")
+    except RuntimeError as exc:  # a model too large for the device's memory (--width, --depth, --batch-size)
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        parser.error(f"--method {method_name}: the model does not fit in the {device.type} memory: "
+                     f"{str(exc).splitlines()[0]}")
 
 
 def print_banner(args: argparse.Namespace, device: torch.device, data: Dataset, groups: dict, rule: str) -> None:

@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import subprocess
-import sys
 import time
 
 from lpa_bench.static import compile_worker, cuda_extension, measure, roofline, shapes, steps
+from lpa_programs.cli import Parser, check_writable, write_json_atomically
+
+# the CUDA archs --arch takes: Volta (sm_70) to Blackwell (sm_120/121)
+MIN_ARCH, MAX_ARCH = 70, 121
 
 SHAPES_PLAN = "lpa_bench.static.shapes"
 
 
 def parse_arch(text: str) -> int:
-    """``90a``/``sm_90a``/``90`` -> 90 (Triton compiles capability 90 for sm_90a)."""
-    return int(text.lower().removeprefix("sm_").rstrip("af"))
+    """``90a``/``sm_90a``/``90`` -> 90 (Triton compiles capability 90 for sm_90a); an argparse ``type``."""
+    digits = text.lower().removeprefix("sm_").rstrip("af")
+    if not digits.isdigit() or not MIN_ARCH <= int(digits) <= MAX_ARCH:
+        raise argparse.ArgumentTypeError(f"expected a CUDA arch such as 90a, sm_80 or 120 (sm_{MIN_ARCH} to "
+                                         f"sm_{MAX_ARCH}), got {text!r}")
+    return int(digits)
 
 
 def _nvcc_version() -> str | None:
@@ -151,21 +157,22 @@ def print_report(report: dict) -> None:
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="lpa-bench static", description=__doc__.splitlines()[0])
+    p = Parser(prog="lpa-bench static", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--arch", nargs="+", default=["90a", "80"], metavar="ARCH",
+    p.add_argument("--arch", nargs="+", type=parse_arch, default=[90, 80], metavar="ARCH",
                    help="CUDA archs to compile the Triton kernels for (default: 90a 80)")
     p.add_argument("--measure", action="store_true",
                    help="also time each case on the GPU (triton.testing.do_bench) next to its modelled time")
     args = p.parse_args(argv)
     if args.measure and (reason := measure.unavailable_reason()):
-        print(f"lpa-bench static: error: argument --measure: {reason}", file=sys.stderr)
-        return 2
-    archs = list(dict.fromkeys(parse_arch(a) for a in args.arch))
-    report = build_report(archs, ["static", *argv], measured=args.measure)
+        p.error(f"argument --measure: {reason}")
+    if args.json and check_writable(args.json):
+        p.error(f"argument --json: {check_writable(args.json)}")
+    report = build_report(list(dict.fromkeys(args.arch)), ["static", *argv], measured=args.measure)
     print_report(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+        try:
+            write_json_atomically(args.json, report)
+        except OSError as exc:  # what check_writable cannot foresee
+            p.error(f"argument --json: cannot write {args.json}: {exc.strerror or exc}")
     return 0

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
+from lpa_kernels._common import under_transform
 from lpa_kernels.linear_perturb import naive
 from lpa_kernels.linear_perturb.backends import launchers
 
@@ -166,7 +167,7 @@ def linear_perturb(
     """
     backend = _check_linear_perturb_args(x, weight, bias, labels, delta, activation, mode, backend)
     x, weight, bias = _autocast(x, weight, bias)
-    if backend == "reference":
+    if backend == "reference" or under_transform():
         return naive.linear_perturb(x, weight, bias, labels, delta, activation, mode)
     gemm_dtype = torch.promote_types(x.dtype, weight.dtype)
     rows_per_label = x.shape[1] if x.dim() == 3 else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -83,6 +84,11 @@ class LPAConfig:
         _checks.check_choice("backend", self.backend, ("auto",) + BACKENDS)
         if not isinstance(self.direction, torch.Tensor):
             _checks.check_choice("direction", self.direction, DIRECTIONS.names())
+        elif self.direction.dim() != 1:
+            raise ValueError(f"direction must be a policy name or a (K,) tensor, got shape {tuple(self.direction.shape)}")
+        else:  # the user's per-class multipliers, as the ops check theirs (signs may come as ints)
+            _checks.check_per_class_values([("direction", self.direction.detach().double(), False, False,
+                                             _checks.DIRECTION_BOUNDS)], self.direction.shape[0])
         _checks.check_choice("radius", self.radius, RADII.names())
         _checks.check_choice("loss", self.loss, LOSSES)
         _checks.check_choice("delta_shape", self.delta_shape, DELTA_SHAPES)
@@ -109,6 +115,9 @@ class LPAConfig:
         if self.init is None:
             self.init = "carried" if self.steps == 0 else "fresh"
         _checks.check_choice("init", self.init, INITS)
+        if self.steps == 0 and self.head == "always":
+            raise ValueError("head='always' needs steps >= 1 (it runs the T PGD steps in one head_pgd_ call); "
+                             "single pass (steps=0) has no PGD loop to fuse")
         if self.steps == 0 and self.init != "carried":
             raise ValueError("steps=0 (single-pass mode) needs init='carried': delta is updated once per "
                              "training step and must be kept across batches")
@@ -159,9 +168,9 @@ class LPAConfig:
 
 
 def _check_number(config: LPAConfig, name: str, rule: str, holds: Callable[[float], bool]) -> None:
-    """A real number (int or float, not bool; NaN fails every rule) for which ``holds`` is true."""
+    """A finite real number (int or float, not bool) for which ``holds`` is true."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number {rule}, got {type(value).__name__} {value!r}")
-    if not holds(value):
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
+    if not (math.isfinite(value) and holds(value)):
+        raise ValueError(f"{name} must be a finite number {rule}, got {value!r}")

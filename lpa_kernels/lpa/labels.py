@@ -80,6 +80,7 @@ class LabelGuard:
             self._bad_range = torch.zeros(2, dtype=torch.int64, device=labels.device)
             self._passed = torch.ones((), dtype=torch.bool, device=labels.device)
         if on_host and backend == "reference":
+            labels = labels.long()  # the cross-entropy of the loss and of the PGD steps reads int64 only
             return CheckedLabels(labels, self._passed, labels, None, True)
         safe, loss_labels, ok, plan = checked_labels(labels, self.num_classes, self._bad_range, backend)
         return CheckedLabels(safe, ok, loss_labels, plan, on_host)

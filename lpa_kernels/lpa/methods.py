@@ -191,8 +191,8 @@ class Method:
 
     def _check_labels(self, x, y) -> torch.Tensor:
         """Validate the batch's labels before anything runs; returns the labels the step uses (the
-        baselines leave the check to cross-entropy)."""
-        return y
+        baselines leave the check to cross-entropy, which reads int64: int32 labels are widened)."""
+        return y.long() if isinstance(y, torch.Tensor) and y.dtype == torch.int32 else y
 
     def sync(self) -> None:
         """Raise what the training steps since the last call could only find by reading the device (a
@@ -245,7 +245,7 @@ class Method:
         ``amplification`` the mean ``||upper(h~) - upper(h)|| / ||h~ - h||`` over samples with ``h~ != h``
         (NaN if none). No state changes (deltas, counters, loss history) are kept.
         """
-        counts, training = dict(self._counts), self.model.training
+        counts, modes = dict(self._counts), {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
             h, extras = self.split.lower(x)
@@ -253,7 +253,8 @@ class Method:
             perturbed = self._features(h, extras, y, preview=True)
             logits, perturbed_logits = self.split.upper(h, *extras), self.split.upper(perturbed, *extras)
         finally:
-            self.model.train(training)
+            for module, training in modes.items():  # each its own mode (a frozen BatchNorm stays in eval)
+                module.training = training
             self._counts = counts
         norm = lambda t: torch.linalg.vector_norm(t.flatten(1).double(), dim=1)  # noqa: E731
         base, new, moved = norm(h), norm(perturbed), norm(perturbed - h)
@@ -504,7 +505,7 @@ def build_method(name: str, model: nn.Module, num_classes: int, layer: str | Non
     config = (config if config is not None else LPAConfig()).for_method(name)
     method = METHODS[name].value(model, num_classes, layer, config, class_counts, lower, upper)
     method.name = name
-    classifier = _output_linear(method.split.upper)
+    classifier = _output_linear(method.split.upper, None if layer is None else model.get_submodule(layer))
     if classifier is not None and classifier.out_features != num_classes:
         # caught here, not at the first batch holding a label >= num_classes (or never, for LPA's deltas)
         raise ValueError(f"num_classes={num_classes} but the model's final nn.Linear has out_features="
@@ -512,16 +513,20 @@ def build_method(name: str, model: nn.Module, num_classes: int, layer: str | Non
     return method
 
 
-def _output_linear(upper: Callable) -> nn.Linear | None:
+def _output_linear(upper: Callable, cut: nn.Module | None) -> nn.Linear | None:
     """The ``nn.Linear`` whose output is ``upper``'s output (the classifier), where the split shows one:
-    ``upper`` is that Linear, or an fx graph whose output node calls it."""
+    ``upper`` is that Linear, or an fx graph whose output node calls it, or returns the activations of the
+    layer ``cut`` unchanged (the layer is the classifier itself)."""
     if type(upper) is nn.Linear:
         return upper
     if not isinstance(upper, fx.GraphModule):
         return None
     (result,) = [n for n in upper.graph.nodes if n.op == "output"]
     last = result.args[0]
-    if not isinstance(last, fx.Node) or last.op != "call_module":
+    if isinstance(last, fx.Node) and last.op == "placeholder" and last is next(iter(upper.graph.nodes)):
+        module = cut
+    elif isinstance(last, fx.Node) and last.op == "call_module":
+        module = upper.get_submodule(last.target)
+    else:
         return None
-    module = upper.get_submodule(last.target)
     return module if type(module) is nn.Linear else None

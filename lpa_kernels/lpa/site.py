@@ -254,13 +254,18 @@ class ClassSite:
         return perturbation.delta.detach()
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
-        """The delta this batch would be trained with, computed on a copy (no state changes)."""
+        """The delta this batch would be trained with, computed on a copy (no state changes: before the
+        first training batch the delta made for it is dropped again)."""
+        created = self.perturbation is None
         delta = self._ensure(h).delta.detach().clone()
-        if self.steps == 0:
-            return delta
-        if self.init == "fresh":
-            delta.zero_()
-        self.run_pgd(delta, h, extras, labels, upper, torch.zeros_like(self._skipped), head)
+        try:
+            if self.steps > 0:
+                if self.init == "fresh":
+                    delta.zero_()
+                self.run_pgd(delta, h, extras, labels, upper, torch.zeros_like(self._skipped), head)
+        finally:
+            if created:
+                self.perturbation, self._skipped = None, None
         return delta
 
     def observe(self, logits: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None,

@@ -95,6 +95,12 @@ def check_state(method, state: dict, strict: bool = True, prefix: str = "") -> N
         count = what == "a count"
         if value.is_floating_point() == count or value.is_complex():
             raise ValueError(f"{key!r} has dtype {value.dtype}, expected {'an integer' if count else 'a floating-point'} dtype")
+    for name in _sites(method):  # the policy's running state is one thing: both halves or neither
+        trend = [f"{name}.{t}" for t in _TREND]
+        if sum(key in state for key in trend) == 1:
+            absent = next(key for key in trend if key not in state)
+            raise ValueError(f"missing key {prefix + absent!r} in the state of method {method.name!r}: "
+                             f"the 'loss_trend' state is {' and '.join(map(repr, trend))} together")
     if strict:
         missing = [prefix + name for name in state_tensors(method) if name not in state]
         if missing:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lpa_kernels import _checks, perturb, pgd_step_
+from lpa_kernels._common import compute_dtype
 
 
 class ClassPerturbation(nn.Module):
@@ -50,10 +51,12 @@ class ClassPerturbation(nn.Module):
         self.norm = _checks.check_choice("norm", norm, _checks.NORMS)
         self.eps, self.step_size, self.direction = _checks.check_per_class_values(
             [("eps", eps, True, False, None), ("step_size", step_size, False, True, None),
-             ("direction", direction, False, False, _checks.DIRECTION_BOUNDS)], num_classes)
+             ("direction", direction, False, False, _checks.DIRECTION_BOUNDS)], num_classes, dtype=compute_dtype(dtype))
         self.backend = backend
         self.register_buffer("delta", torch.zeros((num_classes, *shape), dtype=dtype, device=device))
         self._live = self._leaf()
+        # load_state_dict(..., assign=True) replaces the buffer itself (meta-device loading): the leaf follows
+        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_live", module._leaf()))
 
     def _leaf(self) -> torch.Tensor:
         return self.delta.detach().requires_grad_(True)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from lpa_kernels import _checks, _host_ext, backend as _backend
-from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape
+from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape, under_transform
 from lpa_kernels.perturb import naive
 from lpa_kernels.perturb.backends import launchers
 
@@ -65,13 +65,18 @@ def _(grad_out, h, labels, delta, delta_shape, delta_dtype, inner, mode, backend
 
 def _setup_context(ctx, inputs, output):
     h, labels, delta, inner, mode, backend, plan = inputs
-    ctx.save_for_backward(h if mode == "scale" else None, labels, delta, plan)
-    ctx.inner, ctx.mode, ctx.backend = inner, mode, backend
+    # add mode's gradients read neither h nor delta (only delta's shape and dtype): an in-place update of
+    # delta between the forward and the backward is then fine, as on the reference backend
+    scale = mode == "scale"
+    ctx.save_for_backward(h if scale else None, labels, delta if scale else None, plan)
+    ctx.inner, ctx.mode, ctx.backend, ctx.delta_shape, ctx.delta_dtype = inner, mode, backend, delta.shape, delta.dtype
 
 
 def _backward(ctx, grad_out):
     h, labels, delta, plan = ctx.saved_tensors
     need_grad_h, need_grad_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True: the definition's ops, which autograd can differentiate again
+        return _recorded_backward(ctx, grad_out, h, labels, delta, need_grad_h, need_grad_delta)
     grad_out = grad_out.contiguous()
     # add: grad_h is grad_out itself, so no kernel copies it. scale: grad_h = grad_out * (1 + delta[y])
     # is perturb's own forward, which is all that runs when delta needs no gradient (the training step).
@@ -80,12 +85,24 @@ def _backward(ctx, grad_out):
     grad_delta = None
     if need_grad_delta:
         kernel_h, grad_delta = _perturb_backward_op(
-            grad_out, h, labels, delta, list(delta.shape), delta.dtype, ctx.inner, ctx.mode,
+            grad_out, h, labels, delta, list(ctx.delta_shape), ctx.delta_dtype, ctx.inner, ctx.mode,
             ctx.backend, kernel_grad_h, plan,
         )
         grad_h = kernel_h if kernel_grad_h else grad_h
     elif kernel_grad_h:
         grad_h = _perturb_op(grad_out, labels, delta, ctx.inner, "scale", ctx.backend)
+    return grad_h, None, grad_delta, None, None, None, None
+
+
+def _recorded_backward(ctx, grad_out, h, labels, delta, need_grad_h, need_grad_delta):
+    """``_backward`` in ``naive``'s differentiable ops (double backward); ``delta`` and ``h`` are the saved
+    ones (scale mode), so the second-order terms through them are recorded too."""
+    grad_h = grad_delta = None
+    if need_grad_h:
+        grad_h = grad_out if ctx.mode == "add" else naive.perturb(grad_out, labels, delta, "scale")
+    if need_grad_delta:
+        grad_delta = naive.class_grad(grad_out, labels, ctx.delta_shape[0], ctx.delta_shape, h=h, mode=ctx.mode,
+                                      out_dtype=ctx.delta_dtype)
     return grad_h, None, grad_delta, None, None, None, None
 
 
@@ -231,7 +248,8 @@ def _host_perturb_serves(h, labels, delta) -> bool:
 
 def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
                       delta_grad_scale: int = 1) -> torch.Tensor:
-    """``perturb`` on validated arguments, ``backend`` resolved."""
+    """``perturb`` on validated arguments, ``backend`` resolved (the definition under a transform)."""
+    backend = "reference" if under_transform() else backend
     host = backend == "reference" and _host_perturb_serves(h, labels, delta)
     # after serves, which refuses under torch.compile: Dynamo warns when it traces an lru_cache wrapper
     layout = host and _cached_layout(h.shape[1:], delta.shape)
@@ -265,7 +283,7 @@ def class_grad(
     same from run to run (deterministic) whether or not ``torch.use_deterministic_algorithms`` is on.
     """
     _checks.check_count("num_classes", num_classes, 1)
-    delta_shape = tuple(int(s) for s in delta_shape)
+    delta_shape = _checks.check_shape("delta_shape", delta_shape)
     if not delta_shape or delta_shape[0] != num_classes:
         raise ValueError(f"delta_shape must start with num_classes={num_classes}, got {delta_shape}")
     _checks.check_grad_out(grad_out, h, mode, delta_shape, delta_name="delta_shape")
@@ -275,7 +293,7 @@ def class_grad(
             raise ValueError(f"delta must have shape delta_shape={delta_shape}, got {tuple(delta.shape)}")
     device = _checks.check_same_device(grad_out=grad_out, labels=labels, h=h, delta=delta)
     _checks.check_labels(labels, grad_out.shape[0], num_classes)
-    backend = _backend.resolve(backend, device)
+    backend = "reference" if under_transform() else _backend.resolve(backend, device)
     out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
     h = h if mode == "scale" else None
     layout = delta_layout(grad_out.shape[1:], delta_shape)

@@ -175,7 +175,8 @@ def _refused(monkeypatch, capsys, argv) -> str:
 
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "nonsense"], "argument --ops: invalid choice: 'nonsense'"),
-    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--threads", "0"], "argument --threads: must be >= 1 and <= "),
+    (["--threads", "100000"], "argument --threads: must be >= 1 and <= "),
     (["--budget-s", "-1"], "argument --budget-s: must be >= 0"),
 ])
 def test_bad_arguments_are_one_line_errors(monkeypatch, capsys, argv, message):
@@ -196,10 +197,56 @@ def test_static_measure_without_a_gpu_is_refused_before_running(monkeypatch, cap
     from lpa_bench.static import report
 
     monkeypatch.setattr(report, "build_report", _no_benchmark)
-    assert cli.main(["static", "--measure"]) == 2
+    err = _static_refused(capsys, ["--measure"])
+    assert err.startswith("lpa-bench static: error: argument --measure: ") and "needs a CUDA GPU" in err, err
+
+
+def _static_refused(capsys, argv) -> str:
+    """``lpa-bench static``'s one error line for ``argv``, with exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["static", *argv])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("lpa-bench static: error: argument --measure: "), err
-    assert "needs a CUDA GPU" in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "foo"], "argument --arch: expected a CUDA arch such as 90a"),
+    (["--arch", "sm90"], "argument --arch: expected a CUDA arch"),
+    (["--arch", "12"], "argument --arch: expected a CUDA arch"),
+    (["--foo"], "unrecognized arguments: --foo"),
+    (["--json", "{tmp}"], "is a folder, not a file name"),
+])
+def test_static_bad_arguments_are_one_line_errors_before_compiling(monkeypatch, capsys, tmp_path, argv, message):
+    from lpa_bench.static import report
+
+    monkeypatch.setattr(report, "build_report", _no_benchmark)
+    err = _static_refused(capsys, [a.format(tmp=tmp_path) for a in argv])
+    assert err.startswith("lpa-bench static: error: ") and message in err, err
+
+
+def test_static_accepts_the_arch_spellings(monkeypatch):
+    from lpa_bench.static import report
+
+    seen = []
+    monkeypatch.setattr(report, "build_report", lambda archs, *a, **k: seen.append(archs) or {"stop": True})
+    monkeypatch.setattr(report, "print_report", lambda r: None)
+    assert cli.main(["static", "--arch", "90a", "sm_80", "SM_90", "120"]) == 0
+    assert seen == [[90, 80, 120]]
+
+
+def test_a_report_that_cannot_be_written_mid_run_is_one_line(monkeypatch, capsys, tmp_path):
+    def refuse(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_json", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", "--json", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"lpa-bench: error: argument --json: cannot write {tmp_path / 'r.json'}: "
+                                "No space left on device (see lpa-bench --help)"], err
 
 
 def test_static_measured_times_sit_next_to_the_modelled_ones():

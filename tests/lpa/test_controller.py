@@ -255,6 +255,37 @@ def test_diagnostics_do_not_change_a_carried_delta():
     assert report["expansive_fraction"].shape == (NUM_CLASSES,)
 
 
+def test_diagnostics_keep_each_modules_mode_and_create_no_state():
+    x, y = batch()
+    model = mlp(dropout=0.5)
+    method = build_method("lpa", model, NUM_CLASSES, layer="1", config=LPAConfig(steps=2, init="carried"))
+    model[4].eval()  # a frozen submodule of a training model
+    keys = set(method.state_dict())
+    method.diagnostics(x, y)  # before the first training batch
+    assert model.training and not model[4].training, "diagnostics changed a module's train/eval mode"
+    assert set(method.state_dict()) == keys, "diagnostics created state (delta) before the first batch"
+    method.training_loss(x, y)
+    assert method.delta is not None
+
+
+@pytest.mark.parametrize("name, steps", [("lpa+lpl", 3), ("lpa", 0), ("erm", None)])
+def test_int32_labels_train_as_int64_labels(name, steps):
+    x, y = batch()
+    losses = []
+    for labels in (y, y.int()):
+        torch.manual_seed(0)
+        config = None if steps is None else LPAConfig(steps=steps, lpl_steps=max(steps, 1))
+        method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=config)
+        loss, _ = method.training_loss(x, labels)
+        loss.backward()
+        method.after_backward()
+        delta = getattr(method, "delta", None)
+        losses.append((loss.detach(), None if delta is None else delta.clone()))
+    assert torch.equal(losses[0][0], losses[1][0])
+    assert (losses[0][1] is None) == (losses[1][1] is None)
+    assert losses[0][1] is None or torch.equal(losses[0][1], losses[1][1])
+
+
 def test_state_dict_round_trip_restores_the_carried_deltas():
     x, y = batch()
     config = LPAConfig(steps=0, lpl_steps=0)
@@ -275,13 +306,20 @@ def test_state_dict_round_trip_restores_the_carried_deltas():
     ("backend", "gpu", "backend must be one of 'auto', 'reference', 'triton', 'cuda'; got 'gpu'"),
     ("mode", "multiply", "mode must be one of"),
     ("norm", "l1", "norm must be one of"),
-    ("eps", 0.0, "eps must be a number > 0"),
-    ("eps", float("nan"), "eps must be a number > 0"),
-    ("step_size", -0.1, "step_size must be a number >= 0"),
+    ("eps", 0.0, "eps must be a finite number > 0"),
+    ("eps", float("nan"), "eps must be a finite number > 0"),
+    ("step_size", -0.1, "step_size must be a finite number >= 0"),
+    ("tau", float("inf"), "tau must be a finite number >= 0"),
+    ("adv_eps", float("inf"), "adv_eps must be a finite number >= 0"),
+    ("noise_std", float("inf"), "noise_std must be a finite number >= 0"),
+    ("head_budget", float("inf"), "head_budget must be a finite number >= 1"),
+    ("direction", torch.tensor([5.0, 1.0, -1.0, 0.0]), "direction must be in [-1.0, 1.0] and finite"),
+    ("direction", torch.tensor([float("nan"), 1.0, 1.0, 1.0]), "direction must be in [-1.0, 1.0] and finite"),
+    ("direction", torch.ones(2, 2), "direction must be a policy name or a (K,) tensor"),
     ("steps", -1, "steps must be an int >= 0"),
     ("head_classes", -2, "head_classes must be an int >= 0"),
-    ("dropout_p", 1.0, "dropout_p must be a number in [0, 1)"),
-    ("trend_momentum", -0.5, "trend_momentum must be a number in [0, 1)"),
+    ("dropout_p", 1.0, "dropout_p must be a finite number in [0, 1)"),
+    ("trend_momentum", -0.5, "trend_momentum must be a finite number in [0, 1)"),
     ("head", "sometimes", "head must be one of"),
 ])
 def test_config_is_validated_on_construction_naming_the_field(field, value, message):
@@ -304,7 +342,7 @@ def test_config_fields_of_the_wrong_type_raise_type_error(field, value, message)
 
 def test_num_classes_is_checked_against_the_final_linear():
     model = mlp()  # its last layer is nn.Linear(7, NUM_CLASSES)
-    for kwargs in (dict(layer="3"), dict(lower=model[:5], upper=model[5])):
+    for kwargs in (dict(layer="3"), dict(layer="5"), dict(lower=model[:5], upper=model[5])):  # "5": the classifier
         with pytest.raises(ValueError, match=f"num_classes={NUM_CLASSES + 1} but the model's final nn.Linear "
                                              f"has out_features={NUM_CLASSES}"):
             build_method("lpa", model, NUM_CLASSES + 1, **kwargs)
@@ -323,3 +361,8 @@ def test_methods_print_their_name_layer_and_the_settings_they_use():
     assert f"delta={(NUM_CLASSES, 7)}" in repr(lpa), "the learned delta's shape is shown once it exists"
     assert repr(build_method("dropout", model, NUM_CLASSES, layer="3")) == \
         "Dropout('dropout', layer='3', num_classes=4, dropout_p=0.1)"
+
+
+def test_head_always_needs_pgd_steps():
+    with pytest.raises(ValueError, match=re.escape("head='always' needs steps >= 1")):
+        LPAConfig(steps=0, head="always")

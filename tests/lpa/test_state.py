@@ -127,3 +127,15 @@ def test_torch_distributed_checkpoint_state_dict_functions_keep_it_too():
     set_model_state_dict(restored.as_module(), round_trip(state))
     for key, value in original.as_module().state_dict().items():
         assert torch.equal(restored.as_module().state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("dropped", ["lpa_state.lpa.fall_ema", "lpa_state.lpa.loss_ema"])
+def test_a_fresh_method_refuses_half_of_the_loss_trend_state_before_taking_any(dropped):
+    state = trained()[0].as_module().state_dict()
+    state.pop(dropped)
+    fresh = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+    before = fresh.as_module().state_dict()
+    with pytest.raises(ValueError, match=f"missing key '{dropped}'.*'loss_trend' state"):
+        fresh.as_module().load_state_dict(state)
+    after = fresh.as_module().state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items()), "state changed"

@@ -74,6 +74,25 @@ def test_class_perturbation_step_takes_overrides_and_reset_clears_delta_and_the_
     assert module.live_delta().data_ptr() == module.delta.data_ptr(), "the leaf must still share delta's storage"
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_class_perturbation_trains_the_delta_it_loaded(assign):
+    """load_state_dict, also with assign=True (meta-device loading replaces the buffer): the forward
+    applies the loaded delta and step() updates it."""
+    source = ClassPerturbation(2, (4,), eps=5.0, dtype=torch.float64)
+    with torch.no_grad():
+        source.delta.uniform_(-1, 1)
+    loaded = source.delta.clone()  # assign=True hands source's own tensor over
+    module = ClassPerturbation(2, (4,), eps=5.0, dtype=torch.float64)
+    module.load_state_dict(source.state_dict(), assign=assign)
+    h, labels = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    out = module(h, labels)
+    torch.testing.assert_close(out, perturb_naive.perturb(h, labels, loaded, "add"))
+    out.sum().backward()
+    assert module.step()
+    assert not torch.equal(module.delta, loaded), "step() did not update the loaded delta"
+    torch.testing.assert_close(module(h, labels), perturb_naive.perturb(h, labels, module.delta, "add"))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(num_classes=0), ValueError, "num_classes must be an int >= 1"),
     (dict(num_classes=2.0), TypeError, "num_classes must be an int >= 1"),

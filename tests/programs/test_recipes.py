@@ -31,6 +31,7 @@ def test_cosine_after_warmup_by_hand():
 
 
 @pytest.mark.parametrize("bad, match", [(dict(schedule="step"), "milestones"), (dict(milestones=[12]), "milestones"),
+                                        (dict(milestones=[4, 4]), "milestones"), (dict(milestones=[6, 3]), "milestones"),
                                         (dict(warmup_epochs=10), "warmup"), (dict(momentum=0.0), "nesterov")])
 def test_schedule_checks(bad, match):
     assert match in schedules.check(_schedule(**bad))

@@ -138,7 +138,8 @@ USER_ERRORS = {
     "epochs-0": (["--epochs", "0"], "argument --epochs: must be >= 1"),
     "batch-size-0": (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
     "negative-lr": (["--lr", "-1"], "argument --lr: must be > 0"),
-    "bad-eps": (["--eps", "0"], "eps must be a number > 0"),
+    "bad-eps": (["--eps", "0"], "eps must be a finite number > 0"),
+    "infinite-tau": (["--method", "la", "--tau", "inf"], "tau must be a finite number >= 0"),
     "single-pass-fresh": (["--steps", "0", "--init", "fresh"], "steps=0 (single-pass mode) needs init='carried'"),
     "bad-device": (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
     "missing-data-dir": (["--dataset", "cifar10-lt"], "needs --data-dir"),
@@ -147,6 +148,9 @@ USER_ERRORS = {
     "imbalance-not-lt": (["--dataset", "digits", "--imbalance", "5"], "applies to the -lt datasets only"),
     "unknown-layer": (["--layer", "nope"], "layer='nope' is not a submodule"),
     "unknown-compile-mode": (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
+    "absurd-threads": (["--threads", "100000"], "argument --threads: must be >= 1 and <= "),
+    "infinite-lr": (["--lr", "inf"], "argument --lr: must be > 0"),
+    "model-beyond-memory": (["--width", "10000000000"], "the model does not fit in the cpu memory"),
     "head-always-off-head": (["--method", "lpa", "--layer", "features.1", "--head", "always"],
                              "--method lpa cannot train with these settings: head='always' needs"),
 }
@@ -285,3 +289,32 @@ def test_amp_runs_the_forward_in_bf16_and_still_learns(tmp_path, monkeypatch, lp
                   *lpa_path)
     assert torch.bfloat16 in seen, f"no bf16 GEMM under --amp (dtypes seen: {seen})"
     assert report["args"]["amp"] and report["runs"][0]["overall"] > 50.0
+
+
+def test_a_save_dir_whose_run_folder_is_a_file_is_refused_before_training(monkeypatch, capsys, tmp_path):
+    (tmp_path / "erm-seed0").write_text("in the way")
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--method", "erm", "--seeds", "0", "--save-dir", str(tmp_path), "--save-every", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --save-dir: cannot create the folder" in err, err
+
+
+def test_a_checkpoint_that_cannot_be_written_mid_run_is_one_line_and_keeps_the_finished_runs(monkeypatch, capsys,
+                                                                                              tmp_path):
+    def refuse(path, write):
+        if "seed1" in str(path):
+            raise OSError(28, "No space left on device")
+        return write_atomically(path, write)
+
+    from lpa_programs.cli import write_atomically
+    monkeypatch.setattr("lpa_programs.checkpoint.write_atomically", refuse)
+    report = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--method", "erm", "--seeds", "0", "1", "--save-dir", str(tmp_path / "ck"), "--save-every", "1",
+              "--json", str(report)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write a checkpoint" in err and "No space left on device" in err, err
+    assert [r["seed"] for r in json.loads(report.read_text())["runs"]] == [0], "the finished run was lost"
