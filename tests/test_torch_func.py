@@ -1,10 +1,19 @@
-"""torch.func transforms over the reference backend (SPEC: ops work under torch.func where reasonable):
-grad and jacrev give autograd's gradients, vmap over an extra leading dimension maps the op."""
+"""torch.func transforms and forward-mode AD (SPEC: ops work under torch.func where reasonable): grad and
+jacrev give autograd's gradients, vmap over an extra leading dimension maps the op, jvp/jacfwd and dual
+tensors carry tangents, on every backend (the custom ops have no forward or batching rules: under a
+transform the ops run their definition; without that, PyTorch dropped the tangent, a zero Jacobian)."""
 
+import pytest
 import torch
-from torch.func import grad, jacrev, vmap
+import torch.autograd.forward_ad as fw
+from torch.func import grad, jacfwd, jacrev, vmap
 
 import lpa_kernels as lpa
+from lpa_kernels.perturb import naive
+from tests.helpers import KERNEL_TARGETS
+
+BACKENDS = [pytest.param("reference", id="reference"),
+            *[pytest.param(t.values[0][0], id=t.id, marks=t.marks) for t in KERNEL_TARGETS if t.id == "triton-interp"]]
 
 
 def _inputs():
@@ -31,3 +40,31 @@ def test_vmap_of_perturb_over_a_leading_dimension_maps_each_slice():
     mapped = vmap(lambda t: lpa.perturb(t, y, delta, backend="reference"))(stacked)
     expected = torch.stack([lpa.perturb(t, y, delta, backend="reference") for t in stacked])
     assert torch.equal(mapped, expected), "vmap(perturb) differs from perturb applied slice by slice"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["add", "scale"])
+def test_forward_mode_tangents_and_jacfwd_match_the_definition(backend, mode):
+    h, y, delta = _inputs()
+    th, td = torch.randn_like(h), torch.randn_like(delta)
+    tangents = []
+    for op in (lambda a, d: lpa.perturb(a, y, d, mode, backend=backend), lambda a, d: naive.perturb(a, y, d, mode)):
+        with fw.dual_level():
+            tangents.append(fw.unpack_dual(op(fw.make_dual(h, th), fw.make_dual(delta, td))).tangent)
+    assert tangents[0] is not None, "the tangent was dropped"
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-12, atol=0)
+    f = lambda d: lpa.perturb(h, y, d, mode, backend=backend)  # noqa: E731
+    torch.testing.assert_close(jacfwd(f)(delta), jacrev(f)(delta), rtol=1e-12, atol=0)
+    assert jacfwd(f)(delta).abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_grad_and_linear_perturb_carry_tangents(backend):
+    h, y, _ = _inputs()
+    with fw.dual_level():
+        out = lpa.class_grad(fw.make_dual(h, torch.ones_like(h)), y, 3, (3, 5), backend=backend)
+        tangent = fw.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, naive.class_grad(torch.ones_like(h), y, 3, (3, 5)))
+    x, w, delta = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    f = lambda x: lpa.linear_perturb(x, w, None, y, delta, activation="gelu", backend=backend)  # noqa: E731
+    torch.testing.assert_close(jacfwd(f)(x), torch.autograd.functional.jacobian(f, x), rtol=1e-10, atol=1e-12)

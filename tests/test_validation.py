@@ -65,6 +65,9 @@ CASES = {
         ("delta_shape", (K + 1, 3, 1), ValueError, "delta_shape must start with num_classes=3"),
         ("num_classes", 0, ValueError, "num_classes must be an int >= 1"),
         ("num_classes", 3.0, TypeError, "num_classes must be an int >= 1, got float"),
+        ("delta_shape", (K, 3.0, 1), TypeError, "delta_shape must be a tuple of ints"),
+        ("delta_shape", "331", TypeError, "delta_shape must be a tuple of ints"),
+        ("delta_shape", None, TypeError, "delta_shape must be a tuple of ints"),
         ("delta", torch.randn(K, 3, 5), ValueError, "delta must have shape delta_shape"),
         ("h", None, ValueError, "h is required for mode='scale'"),
         ("h", torch.randn(B, 3, 5, device=META), ValueError, "all tensors must be on one device"),
@@ -127,6 +130,9 @@ HYPERPARAMETER_CASES = [
     ("direction", -INF, r"direction must be in \[-1.0, 1.0\] and finite"),
     ("direction", 1.5, r"direction must be in \[-1.0, 1.0\] and finite"),
     ("direction", torch.tensor([1.0, -1.0, -2.0]), r"direction must be in \[-1.0, 1.0\] and finite"),
+    ("step_size", 1e39, r"step_size must be >= 0 and finite .* got 1e\+39 \(inf in torch.float32\)"),
+    ("eps", 1e-300, r"eps must be > 0 and finite .* got 1e-300 \(0.0 in torch.float32\)"),
+    ("eps", torch.tensor([0.5, 1e39, 0.5], dtype=torch.float64), "eps must be > 0 and finite"),
     ("step_size", torch.full((K,), 0.1, device=META), "step_size must be on delta's device cpu"),
     ("eps", torch.full((K,), 0.5, device=META), "eps must be on delta's device cpu"),
     ("direction", torch.ones(K, device=META), "direction must be on delta's device cpu"),
@@ -231,3 +237,54 @@ def test_head_pgd_steps_must_be_a_non_negative_int(steps, error):
     with pytest.raises(error, match="steps must be an int >= 0"):
         head_pgd_(h, labels, weight, bias, delta, steps, 0.1, 0.5, backend="reference")
     assert not delta.any()
+
+
+def test_a_float64_delta_takes_hyperparameters_beyond_float32():
+    delta = torch.zeros(K, 3, dtype=torch.float64)
+    pgd_step_(delta, torch.ones(K, 3, dtype=torch.float64), 1e-300, 1e39, 1.0, "linf", backend="reference")
+    assert torch.all(delta == 1e-300)
+
+
+@pytest.mark.parametrize("op", IN_PLACE_OPS, ids=lambda op: op.__name__)
+def test_in_place_ops_refuse_a_delta_pytorch_would_not_update(op):
+    args = valid_args(op)
+    args["delta"] = torch.randn(1, 3, 1).expand(K, 3, 1)
+    with pytest.raises(ValueError, match="delta has elements that share memory"):
+        op(**args, backend="reference")
+    with torch.inference_mode():
+        inference = torch.randn(K, 3, 1)
+    args["delta"] = inference
+    before = inference.clone()
+    with pytest.raises(ValueError, match="delta is an inference tensor"):
+        op(**args, backend="reference")
+    assert torch.equal(inference, before)
+    with torch.inference_mode():
+        op(**args, backend="reference")  # inside inference mode PyTorch updates it too
+    assert not torch.equal(inference, before)
+
+
+def test_meta_tensors_are_checked_for_shape_only():
+    labels = torch.zeros(B, dtype=torch.int64, device=META)
+    out = perturb(torch.randn(B, 3, 5, device=META), labels, torch.randn(K, 3, 1, device=META), backend="reference")
+    assert out.shape == (B, 3, 5) and out.device == META
+
+
+def test_compiled_ops_assert_the_values_they_cannot_read():
+    """Inside torch.compile the host reads become in-graph assertions: a RuntimeError with the same
+    message, before delta changes (eager raises the ValueError)."""
+    args = valid_args(perturb)
+    compiled = torch.compile(lambda h, y, d: perturb(h, y, d, backend="reference"), fullgraph=True)
+    assert torch.equal(compiled(args["h"], args["labels"], args["delta"]),
+                       perturb(args["h"], args["labels"], args["delta"], backend="reference"))
+    for bad in (torch.tensor([0, 1, -1, 2]), torch.tensor([0, 1, 3, 2])):
+        with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
+            compiled(args["h"], bad, args["delta"])
+    step = torch.compile(lambda d, g, e: pgd_step_(d, g, 0.1, e, backend="reference"), fullgraph=True)
+    delta, grad = torch.zeros(K, 3), torch.ones(K, 3)
+    for eps in (torch.tensor([0.5, float("nan"), 0.5]), torch.tensor([0.5, -1.0, 0.5])):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="eps must be > 0"):
+            step(delta, grad, eps)
+        assert not delta.any(), "a refused compiled call changed delta"
+    with torch.no_grad():
+        step(delta, grad, torch.full((K,), 0.5))
+    assert torch.allclose(delta, torch.full((K, 3), 0.1))

@@ -250,6 +250,27 @@ def test_perturb_gradcheck_float64(target, mode):
         h, labels, delta, _ = random_inputs(3, 3, (2, 2, 3), per_class, torch.float64, device)
         inputs = (h.requires_grad_(), delta.requires_grad_())
         assert torch.autograd.gradcheck(lambda a, b: perturb(a, labels, b, mode, backend=backend), inputs)
+        # double backward: with create_graph=True the fast backward runs the definition's ops
+        assert torch.autograd.gradgradcheck(lambda a, b: perturb(a, labels, b, mode, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_add_mode_backward_does_not_read_delta(target):
+    """add mode's gradients need only delta's shape: an in-place PGD step on delta between the forward and
+    the backward (a pending backward over a carried delta) is fine on every backend, as in the definition."""
+    backend, device = target
+    h, labels, delta, _ = random_inputs(5, 3, (4,), (4,), torch.float32, device)
+    h.requires_grad_()
+    delta.requires_grad_()
+    weights = torch.randn_like(h)
+    (perturb(h, labels, delta, "add", backend=backend) * weights).sum().backward()
+    expected = delta.grad.clone()
+    delta.grad = None
+    loss = (perturb(h, labels, delta, "add", backend=backend) * weights).sum()
+    with torch.no_grad():
+        delta.add_(1.0)
+    loss.backward()
+    torch.testing.assert_close(delta.grad, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
