@@ -15,8 +15,9 @@
 // Rows whose length is a multiple of 16 bytes go through 16-byte vector loads and stores.
 //
 // softmax_class_sum: the class-space step of head_pgd fused (loop.py's HeadKernels.softmax_class_sum):
-// sums[c, k] = sum over class c's samples b of softmax(logits[b] + shift[c])[k] - [k == c] * n_c, and
-// p_true[b] when p_true is not null. One block per class c walks its samples in the label plan's order
+// sums[c, k] = (sum over class c's samples b of softmax(logits[b] + shift[c])[k] - [k == c] * n_c) times
+// class_sum_scale(n_c) (common.cuh: a power of two that keeps 16-bit sums finite; the update's direction
+// does not depend on a class's scale), and p_true[b] when p_true is not null. One block per class c walks its samples in the label plan's order
 // (order[starts[c]:starts[c + 1]]): phase 1 gives each sample the softmax_xent_grad row layout above
 // (lanes x rows, fixed-order combinations) and writes its pivot and 1 / sum into scratch (2, B); after
 // a block barrier, phase 2 gives each thread columns k, k + 256, ... and sums exp(z - pivot) / sum over
@@ -137,14 +138,15 @@ softmax_class_sum_kernel(T* sums, acc_t<T>* p_true, acc_t<T>* scratch, const T* 
   }
   __syncthreads();  // phase 2 reads the scratch other threads of the block wrote
 
-  // Phase 2: thread t sums its columns over the class's samples, in order.
+  // Phase 2: thread t sums its columns over the class's samples, in order, scaled by class_sum_scale.
+  const A scale = class_sum_scale<A>(end - start);
   for (int64_t k = threadIdx.y * lanes + lane; k < K; k += kBlockThreads) {
     const A offset = load_as_acc(shift_row[k]);
     A total = 0;
     for (int64_t i = start; i < end; ++i) {
       total += exp(load_as_acc(logits[order[i] * K + k]) + offset - scratch[i]) * scratch[B + i];
     }
-    sums[c * K + k] = store_from<T>(k == c ? total - A(end - start) : total);
+    sums[c * K + k] = store_from<T>((k == c ? total - A(end - start) : total) * scale);
   }
 }
 

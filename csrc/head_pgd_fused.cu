@@ -11,7 +11,8 @@
 //    softmax(base_b + E[c]) (row_softmax.cuh, fixed-order combinations) into `softmax` (2, B); then each
 //    thread owns (class c, column k) pairs and adds class c's probabilities in column k over its samples
 //    in order (deterministic, and a NaN sample reaches its own class's row only), minus the class count
-//    on the diagonal, rounded to T into the (K, K) scratch `sums`;
+//    on the diagonal, times class_sum_scale (common.cuh: finite in float16 for any count), rounded to T
+//    into the (K, K) scratch `sums`;
 // 3. G[c] = S[c] @ W into the (K, D) float32 scratch `grad`;
 // 4. pgd's update of each of the block's rows (pgd_row.cuh, pgd_update_row): a class absent from the
 //    batch has S = 0, so G = 0, and keeps its delta.
@@ -153,7 +154,7 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
       for (int64_t pos = first; pos < end; ++pos) {
         total += exp(load_as_acc(base[order[pos] * K + k]) + offset - softmax[pos]) * softmax[B + pos];
       }
-      sums[c * K + k] = store_from<T>(k == c ? total - float(end - first) : total);
+      sums[c * K + k] = store_from<T>((k == c ? total - float(end - first) : total) * class_sum_scale<float>(end - first));
     }
     __syncthreads();
     // 3. G rows of the block's classes

@@ -14,15 +14,10 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import label_plan, update_in_place
+from lpa_kernels._common import update_in_place
 from lpa_kernels.head_pgd import torch_kernels
 from lpa_kernels.head_pgd.backends import launchers
 from lpa_kernels.step_update.op import checked_labels
-
-# B x K up to which a call without the training step's plan builds it in one launch (step_update's
-# label-check-and-plan kernel; on Triton one program over B x K one-hot tiles: ~6 us at 1024 x 1000 on an
-# H100, MODELLED); above it, _common.label_plan's sort (about 17 launches, but parallel).
-ONE_LAUNCH_PLAN_MAX = 1 << 21
 
 
 @torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta", "skipped"))
@@ -115,9 +110,7 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
 
 
 def _call_plan(labels: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:
-    """The labels' ``_common.label_plan`` for one call (see ``ONE_LAUNCH_PLAN_MAX``); labels in range."""
-    if labels.numel() * num_classes <= ONE_LAUNCH_PLAN_MAX:
-        # the kernel's bad-label record is read and written back unchanged for labels in range
-        bad_range = torch.empty(2, dtype=torch.int64, device=labels.device)
-        return checked_labels(labels, num_classes, bad_range, backend)[3]
-    return label_plan(labels, num_classes)
+    """The labels' ``_common.label_plan`` for one call, as the training step builds it (in one launch up to
+    ``step_update.op.ONE_LAUNCH_PLAN_MAX``); labels in range, so the bad-label record is left as it is."""
+    bad_range = torch.empty(2, dtype=torch.int64, device=labels.device)
+    return checked_labels(labels, num_classes, bad_range, backend)[3]

@@ -14,7 +14,8 @@ grid-wide synchronisation, each phase on the whole block at once:
    (``order[starts[c0]:starts[c0 + 16]]``): one online pass gives each sample's softmax pivot and
    ``1 / sum`` of ``base_b + E[y_b]`` (``triton_softmax``, a per-row shift); a second, per ``BLOCK_K``
    columns, sums the probabilities per class as ``onehot (16 x BLOCK_B) @ P (BLOCK_B x BLOCK_K)`` (a
-   float32 ``tl.dot``: a fixed order), minus each class's count on its diagonal, rounded to the GEMM
+   float32 ``tl.dot``: a fixed order), minus each class's count on its diagonal, times its
+   ``class_sum_scale`` (finite in float16 whatever the count), rounded to the GEMM
    dtype into a ``(K, K)`` scratch;
 3. ``G = S[block] @ W`` (``tl.dot``) into a ``(K, D)`` float32 scratch;
 4. ``pgd``'s update on the block's 16 rows at once (``rows_gradient_stats``, ``update_rows``; absent
@@ -46,7 +47,7 @@ import triton.language as tl
 
 from lpa_kernels._common import l2_radius_margin, new_output
 from lpa_kernels._triton_common import kernel_dtype_view
-from lpa_kernels.head_pgd.triton_softmax import ROW_SHIFT, _logits_tile, _softmax_stats
+from lpa_kernels.head_pgd.triton_softmax import ROW_SHIFT, _logits_tile, _softmax_stats, class_sum_scale
 from lpa_kernels.pgd.triton_kernels import rows_gradient_stats, update_rows
 
 FUSED_MAX_CLASSES = 256
@@ -136,7 +137,7 @@ def _class_space_steps_kernel(
                 total += tl.dot(onehot, tl.where(nan, 0.0, probs), input_precision="ieee")
                 nans += tl.dot(onehot, nan.to(tl.float32), input_precision="ieee")
             total -= tl.where(cols[None, :] == classes[:, None], counts[:, None], 0.0)
-            total = tl.where(nans > 0, float("nan"), total)
+            total = tl.where(nans > 0, float("nan"), total * class_sum_scale(counts)[:, None])
             tl.store(sums_ptr + rows[:, None] * K + cols[None, :], total.to(sums_ptr.dtype.element_ty),
                      mask=class_ok[:, None] & (cols < K)[None, :])
         tl.debug_barrier()

@@ -33,7 +33,8 @@ import triton.language as tl
 from lpa_kernels.head_pgd.loop import FusedClassSpace, HeadKernels, run_head_pgd
 from lpa_kernels._triton_common import accumulator, kernel_dtype_view
 from lpa_kernels.head_pgd import triton_fused
-from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, SHARED_SHIFT, TILE, _logits_tile, _softmax_stats
+from lpa_kernels.head_pgd.triton_softmax import NO_SHIFT, SHARED_SHIFT, TILE, _logits_tile, _softmax_stats, \
+    class_sum_scale
 from lpa_kernels.perturb.triton_kernels import perturb_forward
 from lpa_kernels.pgd.triton_kernels import pgd_step, prepare_class_grad_pgd_step
 
@@ -102,7 +103,8 @@ def _softmax_class_sum_kernel(
             z_true = tl.load(logits_ptr + rows * K + c, mask=row_ok, other=0).to(ACC) + tl.load(shift_row + c).to(ACC)
             tl.store(p_true_ptr + rows, tl.exp(z_true - pivot) * inv_sum, mask=row_ok)
     tl.debug_barrier()  # phase 2 reads the scratch written by other threads of this program
-    # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal.
+    # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal,
+    # times its class_sum_scale.
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         total = tl.zeros((BLOCK_B, BLOCK_K), ACC)
@@ -115,7 +117,7 @@ def _softmax_class_sum_kernel(
             z = _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, SHARED_SHIFT, ACC)
             total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
         sums = tl.sum(total, axis=0)
-        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
+        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums) * class_sum_scale(end - start).to(ACC)
         tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
 
 

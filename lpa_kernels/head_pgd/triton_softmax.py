@@ -3,6 +3,8 @@
 ``_softmax_stats``: each row's softmax pivot and ``1 / sum`` in one online pass over K in tiles of
 ``BLOCK_K`` (a running row maximum, the sum of ``exp(z - max)`` rescaled whenever the maximum grows).
 
+``class_sum_scale``: the power of two a class's class-space sums are scaled by.
+
 ``_logits_tile``: a ``(BLOCK_B, BLOCK_K)`` tile of logits plus a shift: none, one row for every sample
 (the launch-per-phase class-space kernel: one program per class), or each sample's own row (the fused
 kernel: a block of classes). Arithmetic in float32 (float64 for float64 data).
@@ -31,6 +33,15 @@ def _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, SHIFT: tl.constex
     if SHIFT == ROW_SHIFT:
         z += tl.load(shift_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
     return z
+
+
+@triton.jit
+def class_sum_scale(count):
+    """The class-space sums' per-class scale (``loop.HeadKernels.softmax_class_sum``): ``1 / 2^floor(log2
+    count)`` (1 for a count below 2), exactly, from float32 exponent bits: a class's sums lie in [-2, 2]
+    and stay finite in float16 whatever its sample count. ``count``: a float32 or integer tensor."""
+    bits = tl.maximum(count, 1).to(tl.float32).to(tl.int32, bitcast=True)
+    return ((254 - ((bits >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

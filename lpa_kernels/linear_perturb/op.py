@@ -167,7 +167,7 @@ def linear_perturb(
     """
     backend = _check_linear_perturb_args(x, weight, bias, labels, delta, activation, mode, backend)
     x, weight, bias = _autocast(x, weight, bias)
-    if backend == "reference" or under_transform():
+    if backend == "reference" or under_transform() or x.shape[-1] == 0:  # in_features 0: no GEMM to fuse
         return naive.linear_perturb(x, weight, bias, labels, delta, activation, mode)
     gemm_dtype = torch.promote_types(x.dtype, weight.dtype)
     rows_per_label = x.shape[1] if x.dim() == 3 else 1

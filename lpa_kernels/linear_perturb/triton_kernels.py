@@ -344,9 +344,11 @@ def tma_capable(device: torch.device) -> bool:
 
 def _use_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The descriptor kernel serves 2-byte GEMMs on TMA devices when TMA can address the operands:
-    16-byte aligned bases and row strides (IN a multiple of 8). The pointer kernel does the rest."""
-    return (x.dtype in (torch.float16, torch.bfloat16) and tma_capable(x.device)
-            and (x.shape[1] * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+    16-byte aligned bases and row strides, unit column strides, IN > 0 (a one-row view may keep another
+    row stride through ``.contiguous()``). The pointer kernel does the rest."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] > 0 and tma_capable(x.device)
+            and all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+                    for t in (x, weight)))
 
 
 def _input_precision(dtype: torch.dtype) -> str:

@@ -248,8 +248,9 @@ def _host_perturb_serves(h, labels, delta) -> bool:
 
 def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
                       delta_grad_scale: int = 1) -> torch.Tensor:
-    """``perturb`` on validated arguments, ``backend`` resolved (the definition under a transform)."""
-    backend = "reference" if under_transform() else backend
+    """``perturb`` on validated arguments, ``backend`` resolved (the definition under a transform, and
+    for samples without features, ``h (B, C, 0)``: nothing for a kernel to do)."""
+    backend = "reference" if under_transform() or not math.prod(h.shape[1:]) else backend
     host = backend == "reference" and _host_perturb_serves(h, labels, delta)
     # after serves, which refuses under torch.compile: Dynamo warns when it traces an lru_cache wrapper
     layout = host and _cached_layout(h.shape[1:], delta.shape)
@@ -293,7 +294,8 @@ def class_grad(
             raise ValueError(f"delta must have shape delta_shape={delta_shape}, got {tuple(delta.shape)}")
     device = _checks.check_same_device(grad_out=grad_out, labels=labels, h=h, delta=delta)
     _checks.check_labels(labels, grad_out.shape[0], num_classes)
-    backend = "reference" if under_transform() else _backend.resolve(backend, device)
+    backend = _backend.resolve(backend, device)
+    backend = "reference" if under_transform() or not math.prod(grad_out.shape[1:]) else backend  # as perturb
     out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
     h = h if mode == "scale" else None
     layout = delta_layout(grad_out.shape[1:], delta_shape)

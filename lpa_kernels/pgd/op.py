@@ -6,6 +6,7 @@ a contiguous ``delta (K, D)`` in place.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -141,7 +142,7 @@ def class_grad_pgd_step_(
                                   direction=direction)
     backend = _backend.resolve(backend, device)
     h = h if mode == "scale" else None
-    if backend == "reference":
+    if backend == "reference" or not math.prod(grad_out.shape[1:]):  # no features: every class keeps its delta
         return naive.class_grad_pgd_step_(delta, grad_out, labels, step, radius, sign, norm, h=h, mode=mode)
     layout = delta_layout(grad_out.shape[1:], delta.shape)
     if layout is None:  # a layout the fused kernel does not serve: reduce, then step (two launches)

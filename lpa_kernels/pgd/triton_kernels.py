@@ -229,8 +229,8 @@ def _class_grad_pgd_step_kernel(
         tl.debug_barrier()  # the d-block just stored, read back by other threads of the program
         d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
         g = tl.load(scratch_ptr + scratch_row + d, mask=d < D, other=0)
-        _store_partials(stats_ptr + s * num_d_blocks + d_block, S * num_d_blocks, g, delta_ptr + row + d, d < D,
-                        L2, ACC)
+        _store_partials(stats_ptr + s.to(tl.int64) * num_d_blocks + d_block, S * num_d_blocks, g, delta_ptr + row + d,
+                        d < D, L2, ACC)
         finished = arrive(finished_ptr + s, completed)
         if finished == num_d_blocks - 1:
             reset_counter(finished_ptr + s)  # zero again for the next launch of a prepared step
@@ -283,7 +283,9 @@ def _block_stats_kernel(delta_ptr, grad_ptr, stats_ptr, K, D, NB, L2: tl.constex
 @triton.jit
 def _store_partials(at, plane, g, delta_ptrs, mask, L2: tl.constexpr, ACC: tl.constexpr):
     """The ``split.N_STATS`` partials of one block (gradient entries ``g``, delta at ``delta_ptrs``,
-    masked entries 0) at ``at + i * plane``, in that order (the sums for L2 only)."""
+    masked entries 0) at ``at + i * plane``, in that order (the sums for L2 only). ``plane`` in int64: the
+    stats of the fused step hold 6 planes of (segments x feature blocks), past 2^31 at large K."""
+    plane = tl.cast(plane, tl.int64)
     tl.store(at + 4 * plane, tl.max((g != 0).to(ACC), axis=0))
     tl.store(at + 5 * plane, tl.max(_not_finite(g).to(ACC), axis=0))
     if L2:
@@ -300,8 +302,8 @@ def _store_partials(at, plane, g, delta_ptrs, mask, L2: tl.constexpr, ACC: tl.co
 def _row_stats(stats_ptr, c, K, NB, L2: tl.constexpr, ACC: tl.constexpr, STATS_BLOCK: tl.constexpr):
     """Class c's phase-1 partials combined: ``(any g != 0, every g finite, M = max |g|, ||g / M||^2,
     <delta, g / M>, ||delta||^2)``; the last three are 0 unless L2."""
-    row = stats_ptr + c * NB
-    plane = K * NB
+    row = stats_ptr + tl.cast(c, tl.int64) * NB
+    plane = tl.cast(K, tl.int64) * NB  # as in _store_partials
     largest = tl.zeros((STATS_BLOCK,), dtype=ACC)
     nonzero = tl.zeros((STATS_BLOCK,), dtype=ACC)
     nonfinite = tl.zeros((STATS_BLOCK,), dtype=ACC)

@@ -11,6 +11,7 @@ the kernels whose blocks communicate with their blocks out of index order.
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -27,6 +28,7 @@ from lpa_kernels.pgd import naive as pgd_naive
 from tests.head_pgd import test_fused_class_space as fused_checks
 from tests.head_pgd.test_head_pgd_compact import check_compacted, check_guard
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
+from tests.head_pgd.test_head_pgd import check_float16_class_space_overflow
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
 from tests.pgd.test_pgd import check_rounded_copy
 from tests.step_update import test_step_update as step_update_tests
@@ -370,6 +372,11 @@ def test_head_pgd(cuda_backend_on_cpu, dtype, mode, norm):
     assert torch.equal(actual[10], delta[10]), "the absent class's delta changed"
 
 
+@pytest.mark.parametrize("direction", [1.0, "confidence"])  # the one-launch class space, and the unfused one
+def test_head_pgd_float16_class_sums_stay_finite(cuda_backend_on_cpu, direction):
+    check_float16_class_space_overflow(("cuda", "cpu"), direction)
+
+
 @pytest.mark.parametrize("labels_dtype", [torch.int64, torch.int32], ids=str)
 def test_head_pgd_rows_each_extra_step_launches_only_its_own_kernels(cuda_backend_on_cpu, monkeypatch, labels_dtype):
     """The rows form on the CUDA backend (B = 40, K = 100): T = 3 launches exactly 2 steps' kernels more
@@ -559,7 +566,8 @@ def test_policy(launchers, num_classes, direction, radius, dtype):
 def test_softmax_class_sum(launchers, dtype, num_classes):
     """The class-space step's fused kernel on its own: K = 24 (32 lanes per sample, 8 samples per round)
     and K = 2048 (a whole block per sample), 19 samples over classes 0-5 only (the other rows must be
-    written as zeros), with the true-class probabilities."""
+    written as zeros), with the true-class probabilities. Each class's row is scaled by 1 / 2^floor(log2
+    n_c) (HeadKernels.softmax_class_sum)."""
     from lpa_kernels._common import class_order
 
     batch = 19
@@ -571,10 +579,14 @@ def test_softmax_class_sum(launchers, dtype, num_classes):
     p_true = torch.full((batch,), float("nan"), dtype=acc)
     launchers.softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, torch.empty(2, batch, dtype=acc))
 
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    scale = torch.tensor([2.0 ** -math.floor(math.log2(max(n, 1))) for n in counts], dtype=torch.float64)
+
     def reference(z, s):
         probs = torch.softmax(z + s[labels], dim=1)
         grad = probs - torch.nn.functional.one_hot(labels, num_classes).to(probs.dtype)
-        return torch.zeros_like(s).index_add_(0, labels, grad), probs[torch.arange(batch), labels]
+        sums = torch.zeros_like(s).index_add_(0, labels, grad) * scale.to(s.dtype)[:, None]
+        return sums, probs[torch.arange(batch), labels]
 
     expected, expected_p = reference(logits.double(), shift.double())
     lowp, lowp_p = reference(logits.to(acc), shift.to(acc))

@@ -373,3 +373,31 @@ def test_a_16_bit_class_space_call_adds_only_the_iterates_cast(target, monkeypat
             head_pgd_(h, y, weight, bias, delta, 2, 0.1, 0.3, 1.0, "l2", "add", backend=target[0])
         launches[dtype] = counter.summary()["aten_launches"] + counter.summary()["triton_launches"]
     assert launches[torch.float16] == launches[torch.float32] + 1, launches
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("direction", [1.0, "confidence"])  # the one-launch class space, and the unfused one
+def test_float16_class_space_with_more_samples_in_a_class_than_float16_holds(target, direction):
+    check_float16_class_space_overflow(target, direction)
+
+
+def check_float16_class_space_overflow(target, direction):
+    """B = 70,000 float16 samples, 69,990 of class 0, whose logit is low: its class-space sum (about -n_0
+    on the diagonal) would be -inf in float16, and S @ W with it, stepping along the infinities' sign
+    pattern instead of the gradient (a wrong, often finite, update). The sums are scaled per class by
+    1 / 2^floor(log2 n_c) (HeadKernels.softmax_class_sum), which the step does not depend on. PyTorch's own
+    float16 loop overflows too, so the float64 definition alone is the yardstick: one L2 step of 0.1 must
+    land within 2e-3 of it (a step along a wrong direction moves up to 0.2). Also used by the CUDA
+    emulation tests."""
+    backend, device = target
+    labels = torch.zeros(70_000, dtype=torch.int64)
+    labels[::7000] = 1
+    h, y, weight, _, delta = make_problem(70_000, 2, 8, torch.float16, device, labels=labels)
+    bias = torch.tensor([-8.0, 0.0], device=device, dtype=torch.float16)  # p_0 ~ 0: S_00 ~ -n_0 = -69,990
+    assert head_loop.use_class_space(70_000, 8, 2, 1, "add", torch.float16, device == "cuda")
+    actual = delta.clone()
+    head_pgd_(h, y, weight, bias, actual, 1, 0.1, 10.0, direction, "l2", "add", backend=backend)
+    expected = delta.cpu().double()
+    definition(_cpu64(h), y.cpu(), _cpu64(weight), _cpu64(bias), expected, 1, 0.1, 10.0, direction, "l2", "add")
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual.cpu().double(), expected, rtol=0, atol=2e-3)

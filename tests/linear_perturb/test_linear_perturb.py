@@ -231,6 +231,19 @@ def test_tensor_descriptor_forward_on_gpu(dtype):
     check_against_reference(("triton", "cuda"), dtype, (300, 264), 333, 7, "gelu", "scale")
 
 
+def test_tma_is_used_only_where_a_descriptor_can_address_both_operands(monkeypatch):
+    """TensorDescriptor.from_tensor asserts on a row stride that is not 16-byte aligned and on an empty
+    operand: such GEMMs take the pointer kernel (checked on CPU tensors, the device made TMA-capable)."""
+    monkeypatch.setattr(triton_kernels, "tma_capable", lambda device: True)
+    bf16 = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
+    assert triton_kernels._use_tma(bf16(4, 24), bf16(5, 24))
+    assert not triton_kernels._use_tma(bf16(4, 0), bf16(5, 0)), "IN = 0"
+    one_row = bf16(2, 17)[:1, :16]  # contiguous by PyTorch's rule, row stride 17 elements (34 bytes)
+    assert one_row.is_contiguous() and not triton_kernels._use_tma(bf16(4, 16), one_row), "weight row stride"
+    assert not triton_kernels._use_tma(one_row, bf16(5, 16)), "x row stride"
+    assert not triton_kernels._use_tma(bf16(4, 19), bf16(5, 19)), "IN * 2 bytes not a multiple of 16"
+
+
 @pytest.mark.parametrize("target", [KERNEL_TARGETS[0]])
 @pytest.mark.parametrize("in_features,tma_used", [(24, True), (19, False)], ids=["aligned", "unaligned"])
 def test_gpu_tensor_descriptor_forward_wiring(target, in_features, tma_used, monkeypatch):
@@ -312,3 +325,19 @@ def test_float32_forward_follows_torch_tf32_switch(backend, allow_tf32, monkeypa
             f"{backend}: error {error:.3e} (torch's IEEE {ieee_error:.3e}, TF32 {tf32_error:.3e})"
     else:
         assert error <= 2 * ieee_error, f"{backend}: error {error:.3e} above twice torch's IEEE error {ieee_error:.3e}"
+
+
+@pytest.mark.parametrize("target", [pytest.param(("reference", "cpu"), id="reference"), *KERNEL_TARGETS])
+def test_zero_input_features(target):
+    """x (B, 0): the GEMM is empty, out = act(bias) + delta[y]; gradients of bias and delta as defined (the
+    Triton launcher could not reshape an empty x, and a TMA descriptor would refuse it)."""
+    backend, device = target
+    x, weight = torch.randn(4, 0, device=device, requires_grad=True), torch.randn(5, 0, device=device, requires_grad=True)
+    bias, delta = torch.randn(5, device=device, requires_grad=True), torch.randn(3, 5, device=device, requires_grad=True)
+    labels = make_labels(4, 3, device)
+    out = linear_perturb(x, weight, bias, labels, delta, "relu", "add", backend=backend)
+    expected = torch.relu(bias.detach()) + delta.detach()[labels]
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    torch.testing.assert_close(bias.grad, 4.0 * (bias.detach() > 0))
+    torch.testing.assert_close(delta.grad, torch.zeros_like(delta).index_add_(0, labels, torch.ones(4, 5, device=device)))

@@ -14,7 +14,7 @@ import torch
 import triton
 from hypothesis import given, settings, strategies as st
 
-from lpa_kernels import class_grad, perturb
+from lpa_kernels import class_grad, class_grad_pgd_step_, perturb
 from lpa_kernels._common import padded_delta_shape
 from lpa_kernels.perturb import naive
 from tests.helpers import DTYPES, KERNEL_TARGETS, assert_close_to_reference, make_labels
@@ -378,3 +378,22 @@ def test_perturb_more_than_2_pow_31_elements(backend, mode):
     ref = sum(naive.class_grad(h[i:i + 2**16].double(), labels[i:i + 2**16], 5, delta.shape, h=h[i:i + 2**16].double(), mode=mode)
               for i in range(0, batch, 2**16))
     assert_close_to_reference(grad, ref, what="class_grad over > 2**31 elements")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_samples_without_features(target, mode):
+    """h (B, 3, 0) with a channel-wise delta (K, 3, 1): an empty h~, zero class gradients, and a fused step
+    that leaves every class's delta as it is (the fast backends once divided by the empty feature size)."""
+    backend, device = target
+    h, labels = torch.randn(4, 3, 0, device=device, requires_grad=True), make_labels(4, 3, device)
+    delta = torch.randn(3, 3, 1, device=device, requires_grad=True)
+    out = perturb(h, labels, delta, mode, backend=backend)
+    out.sum().backward()
+    assert out.shape == h.shape and torch.equal(delta.grad, torch.zeros_like(delta))
+    assert torch.equal(class_grad(out.detach(), labels, 3, (3, 3, 1), h=h.detach(), mode=mode, backend=backend),
+                       torch.zeros(3, 3, 1, device=device))
+    stepped = 3 * delta.detach().clone()
+    before = stepped.clone()
+    class_grad_pgd_step_(stepped, out.detach(), labels, 0.1, 0.5, 1.0, "linf", h=h.detach(), mode=mode, backend=backend)
+    assert torch.equal(stepped, before), "a class with no gradient must keep its delta (no clamp)"

@@ -40,6 +40,21 @@ def test_checked_label_plan_equals_reference(target, batch, num_classes, bad, la
     assert torch.equal(plan.cpu(), label_plan(labels.clamp(0, num_classes - 1), num_classes).cpu())
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_large_batches_by_classes_take_the_parallel_plan(target, monkeypatch):
+    """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K) the one-program kernel is not launched; the range check and
+    the sorted plan come from the definition's ops, the same tuple and record."""
+    backend, device = target
+    monkeypatch.setattr(op, "ONE_LAUNCH_PLAN_MAX", 33 * 10 - 1)
+    monkeypatch.setattr(op, "_checked_label_plan_op", lambda *a: pytest.fail("the one-launch kernel ran"))
+    for bad in ("none", "high"):
+        labels = _labels(33, 10, bad, torch.int32, device)
+        expected_range, got_range = torch.tensor([3, 4], device=device), torch.tensor([3, 4], device=device)
+        expected = naive.checked_label_plan_(labels, 10, expected_range)
+        got = op.checked_labels(labels, 10, got_range, backend)
+        assert all(torch.equal(h.cpu(), w.cpu()) for h, w in zip(got, expected)) and torch.equal(got_range, expected_range)
+
+
 def _log_probs(batch, num_classes, dtype, device, nonfinite):
     log_probs = torch.randn(batch, num_classes, dtype=torch.float64).log_softmax(dim=1)
     if nonfinite and batch > 2:
