@@ -147,7 +147,7 @@ HEAD_TARGET_RATIO = 1.3
 # (perturb gather and add, logits, cross-entropy forward and backward, two GEMMs, zero fill and index_add
 # of the class reduction).
 LABEL_PLAN_LAUNCHES = 17
-# head_pgd/op.py builds the plan in one launch instead when B x K <= ONE_LAUNCH_PLAN_MAX: one program over
+# step_update/op.py builds the plan in one launch instead when B x K <= ONE_LAUNCH_PLAN_MAX: one program over
 # B x K one-hot tiles, modelled at one SM's elementwise rate (128 lanes at ~1.7 GHz).
 ONE_PROGRAM_ELEMENTS_PER_S = 2.2e11
 # The fused class-space launch (head_pgd/triton_fused.py): K / 16 programs, one per multiprocessor. Per
@@ -189,8 +189,8 @@ def _fused_step_s(B, D, K, g, tensor_cores: bool) -> float:
 
 def _label_plan_setup(B, K):
     """The call's label plan ``[(bytes, flops)]``: one launch (its one-program time as bytes at the copy
-    rate) or the sort's ``LABEL_PLAN_LAUNCHES`` (``head_pgd/op.py``)."""
-    from lpa_kernels.head_pgd.op import ONE_LAUNCH_PLAN_MAX
+    rate) or the sort's ``LABEL_PLAN_LAUNCHES`` (``step_update/op.py``)."""
+    from lpa_kernels.step_update.op import ONE_LAUNCH_PLAN_MAX
 
     if B * K <= ONE_LAUNCH_PLAN_MAX:
         return [(B * K / ONE_PROGRAM_ELEMENTS_PER_S * H100["hbm_copy_Bps"], 0)]
