@@ -151,10 +151,12 @@ def check_per_class_values(specs: Sequence[tuple], num_classes: int, device: tor
         elif values.device.type == "meta":  # no values to check
             continue
         elif _compiling():
+            values = values.to(dtype)
             for text, holds in rules:
-                torch._assert_async(holds(values.to(dtype)).all(), f"{name} must be {text} for every class")
+                torch._assert_async(holds(values).all(), f"{name} must be {text} for every class")
         else:
-            pending.append((name, value, rules, [holds(values.to(dtype)).all() for _, holds in rules]))
+            values = values.to(dtype)
+            pending.append((name, value, rules, [holds(values).all() for _, holds in rules]))
     if pending:
         held = iter(torch.stack([ok for *_, oks in pending for ok in oks]).cpu().tolist())  # the one host read
         for name, value, rules, oks in pending:

@@ -246,11 +246,18 @@ def _host_perturb_serves(h, labels, delta) -> bool:
     return _host_ext.serves_perturb(labels, h, delta)
 
 
+def _definition_only(t: torch.Tensor) -> bool:
+    """Whether ``perturb`` / ``class_grad`` on activations (or their gradient) ``t (B, *F)`` run the
+    definition whatever the backend: under a transform (``_common.under_transform``), and for samples
+    without features, ``F`` holding a 0: nothing for a kernel to do (the fast launchers would divide by
+    the empty feature size)."""
+    return under_transform() or not math.prod(t.shape[1:])
+
+
 def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor | None = None,
                       delta_grad_scale: int = 1) -> torch.Tensor:
-    """``perturb`` on validated arguments, ``backend`` resolved (the definition under a transform, and
-    for samples without features, ``h (B, C, 0)``: nothing for a kernel to do)."""
-    backend = "reference" if under_transform() or not math.prod(h.shape[1:]) else backend
+    """``perturb`` on validated arguments, ``backend`` resolved (see ``_definition_only``)."""
+    backend = "reference" if _definition_only(h) else backend
     host = backend == "reference" and _host_perturb_serves(h, labels, delta)
     # after serves, which refuses under torch.compile: Dynamo warns when it traces an lru_cache wrapper
     layout = host and _cached_layout(h.shape[1:], delta.shape)
@@ -295,7 +302,7 @@ def class_grad(
     device = _checks.check_same_device(grad_out=grad_out, labels=labels, h=h, delta=delta)
     _checks.check_labels(labels, grad_out.shape[0], num_classes)
     backend = _backend.resolve(backend, device)
-    backend = "reference" if under_transform() or not math.prod(grad_out.shape[1:]) else backend  # as perturb
+    backend = "reference" if _definition_only(grad_out) else backend
     out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
     h = h if mode == "scale" else None
     layout = delta_layout(grad_out.shape[1:], delta_shape)
