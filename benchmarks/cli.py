@@ -23,7 +23,7 @@ from lpa_bench.timing import device_peaks
 from lpa_bench.training import train_rows
 from lpa_kernels.backend import BACKENDS, resolve
 from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig
-from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number
+from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_or_exit
 
 PEERS = ("eager", "compile", "matmul")
 SECTIONS = ("perturb", "linear_perturb", "train_step", "memory", "head_pgd_", "class_grad", "pgd_step_",
@@ -169,10 +169,7 @@ def _header(meta: dict, peaks: dict, impls: list) -> str:
 def _write_json(parser: Parser, path: str, meta: dict, rows: list) -> None:
     """The report so far into ``path``; a write that fails (what ``check_args`` could not foresee) is one
     error line, exit 2 (the rows printed so far stay on the screen)."""
-    try:
-        write_json(path, meta, rows)
-    except OSError as exc:
-        parser.error(f"argument --json: cannot write {path}: {exc.strerror or exc}")
+    write_or_exit(parser, "--json", path, lambda: write_json(path, meta, rows))
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,20 @@ class Launch:
 class Recorder:
     launches: list = field(default_factory=list)
     variant: str = ""
+    aten_launches: dict = field(default_factory=dict)  # variant -> ATen ops that launch a kernel on a GPU
+
+    def count(self, variant: str, call) -> None:
+        """``call()`` under ``variant``, its ATen launches (``counting.LaunchCounter``: the launchers' own
+        zero fills, sorts and casts, which a GPU runs as kernels too) added to ``aten_launches``."""
+        from lpa_bench.static.counting import LaunchCounter
+
+        self.variant = variant
+        counter = LaunchCounter()
+        try:
+            with counter:
+                call()
+        finally:
+            self.aten_launches[variant] = self.aten_launches.get(variant, 0) + sum(counter.aten.values())
 
     def call(self, variant: str, launcher, *args, **kwargs):
         """Run a launcher (or a public op) under ``variant``. It may fail once a kernel output it reads

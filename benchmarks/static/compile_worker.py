@@ -1,7 +1,7 @@
 """Subprocess that records a launch plan's Triton launches and compiles them for CUDA archs.
 
 ``python -m lpa_bench.static.compile_worker MODULE ARCH [ARCH ...]`` prints one JSON line:
-``{"triton", "expected", "recorded", "compiled", "failed"}`` or ``{"unavailable": reason}`` when
+``{"triton", "expected", "recorded", "aten_launches", "compiled", "failed"}`` or ``{"unavailable": reason}`` when
 Triton's CUDA compiler cannot run here. ``MODULE`` is a launch plan: a module with
 
 - ``record(recorder)``: calls launchers or public ops through ``recorder.call(variant, fn, *args)``;
@@ -27,6 +27,7 @@ from pathlib import Path
 from lpa_bench.static.capture import Compiler, launched_kernels, recording
 
 KERNEL_MODULES = (
+    "lpa_kernels._triton_common",
     "lpa_kernels.perturb.triton_kernels",
     "lpa_kernels.pgd.triton_kernels",
     "lpa_kernels.linear_perturb.triton_kernels",
@@ -63,6 +64,7 @@ def compile_plan(plan, archs: list[int]) -> dict:
         plan.record(recorder)
     summary = {"triton": triton.__version__, "expected": launched_kernels(KERNEL_MODULES),
                "recorded": [[launch.name, launch.variant] for launch in recorder.launches],
+               "aten_launches": recorder.aten_launches,
                "compiled": [], "failed": []}
     for arch in archs:
         compiler = Compiler(arch)

@@ -10,15 +10,20 @@ training step to a budget without a GPU. What is counted, and why it stands for 
   (``to``, ``contiguous``, ``reshape``) counts when it copies.
 - Our own custom ops (``lpa_kernels::``) are not kernels themselves: their Python bodies run with the
   counter on, so the ATen ops and Triton kernels inside them count.
-- ``triton``: every ``kernel[grid](...)`` launch (``KernelInterface.__getitem__``); an autotuned or
-  heuristics-wrapped kernel counts once per call, as it launches once per call on a GPU once tuned.
+- ``triton``: every call of a ``kernel[grid]`` launcher (``KernelInterface.__getitem__``; a launcher
+  kept and called twice counts twice); an autotuned or heuristics-wrapped kernel counts once per call, as
+  it launches once per call on a GPU once tuned. ``kernel.run(..., grid=...)`` is not seen (the library
+  launches only through ``kernel[grid]``).
 - ``host_reads``: calls that make the host wait for the device: ``.item()``, ``bool()``/``int()``/
   ``float()`` of a tensor (``_local_scalar_dense``), ``.cpu()``, ``.tolist()``, ``.numpy()``,
-  ``nonzero``, ``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size`` (output
-  sizes known only from data), ``equal``, and ``bincount``, counted twice: the CUDA implementation reads
-  the input's min and max back with ``.item()`` before allocating. ``.to("cpu")`` is not seen on CPU
-  tensors (it returns its input without dispatching); write ``.cpu()``. Reads of a tensor that a
-  counted ``.cpu()`` returned are on the host already and are not counted again.
+  ``nonzero``, ``torch.where(cond)``, ``argwhere``, indexing with a boolean mask (read or write),
+  ``unique``, ``masked_select``, ``repeat_interleave`` without ``output_size`` (output sizes known only
+  from data), ``equal``, ``allclose``, ``histc`` with ``min == max`` (it reads the data's range), and
+  ``bincount``, counted twice: the CUDA implementation reads the input's min and max back with
+  ``.item()`` before allocating. Inside our custom ops' bodies such composite calls reach the counter
+  undecomposed (``item``, ``is_nonzero``, ``where``, ``argwhere``) and count the same. ``.to("cpu")`` is
+  not seen on CPU tensors (it returns its input without dispatching); write ``.cpu()``. Reads of a tensor
+  that a counted ``.cpu()`` returned are on the host already and are not counted again.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 NO_KERNEL_OPS = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
     "resize_", "set_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
-    "_local_scalar_dense", "_to_copy_cpu_noop", "record_stream", "is_nonzero",
+    "_local_scalar_dense", "_to_copy_cpu_noop", "record_stream", "is_nonzero", "item",
 })
 # ATen ops whose output depends on data the host must read first: {op: host reads on a GPU}.
-HOST_READ_OPS = {"_local_scalar_dense": 1, "nonzero": 1, "bincount": 2, "_unique": 1, "_unique2": 1,
-                 "unique_dim": 1, "unique_consecutive": 1, "masked_select": 1, "equal": 1}
+HOST_READ_OPS = {"_local_scalar_dense": 1, "item": 1, "is_nonzero": 1, "nonzero": 1, "argwhere": 1, "bincount": 2,
+                 "_unique": 1, "_unique2": 1, "unique_dim": 1, "unique_consecutive": 1, "masked_select": 1,
+                 "equal": 1, "allclose": 1}
+INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 HOST_READ_METHODS = ("cpu", "tolist", "numpy")
 
 
@@ -57,11 +64,9 @@ class _AtenCounter(TorchDispatchMode):
             # (the mode is off while this handler runs, so re-enter it for the body)
             with self:
                 return definition._init_fn(*args, **kwargs)
-        reads = HOST_READ_OPS.get(name, 0)
+        reads = _host_reads(func, name, args, kwargs)
         if reads and args and isinstance(args[0], torch.Tensor) and self.counts.is_on_host(args[0]):
             reads = 0
-        if name == "repeat_interleave" and kwargs.get("output_size") is None and func._overloadname != "self_int":
-            reads = 1  # the output length is the sum of the repeats, read back to allocate
         if reads:
             self.counts.host_reads[name] += reads
         out = func(*args, **kwargs)
@@ -89,10 +94,10 @@ class LaunchCounter:
         getitem = KernelInterface.__getitem__
 
         def counting_getitem(kernel, grid):
-            counts.triton[_kernel_name(kernel)] += 1
             launch = getitem(kernel, grid)
 
             def launching(*args, **kwargs):
+                counts.triton[_kernel_name(kernel)] += 1
                 # under TRITON_INTERPRET=1 the launch itself runs ATen ops (copies to and from the
                 # interpreter's buffers); on a GPU it is one kernel, counted above
                 counts.in_triton_launch += 1
@@ -136,6 +141,21 @@ class LaunchCounter:
         return {"aten_launches": sum(self.aten.values()), "triton_launches": sum(self.triton.values()),
                 "host_reads": sum(self.host_reads.values()), "aten": dict(self.aten.most_common()),
                 "triton": dict(self.triton.most_common()), "host_read_kinds": dict(self.host_reads)}
+
+
+def _host_reads(func, name: str, args, kwargs) -> int:
+    """How many times ``func(*args, **kwargs)`` makes the host wait for the device (module doc)."""
+    if name == "repeat_interleave":  # the output length is the sum of the repeats, read back to allocate
+        return int(kwargs.get("output_size") is None and func._overloadname != "self_int")
+    if name == "where":  # torch.where(condition) is nonzero; the three-argument where is elementwise
+        return int(len(args) + len(kwargs) == 1)
+    if name in INDEX_OPS:  # a boolean mask among the indices: nonzero first
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return int(any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices))
+    if name == "histc":  # min == max (both 0 by default): the range is read from the data
+        bounds = [kwargs.get(k, args[i] if len(args) > i else 0) for i, k in ((2, "min"), (3, "max"))]
+        return int(bounds[0] == bounds[1])
+    return HOST_READ_OPS.get(name, 0)
 
 
 def _aliases_an_input(out, args) -> bool:

@@ -136,8 +136,7 @@ def case_calls(case: Case, device: str = "cpu") -> list[tuple[str, Callable[[], 
 
 def _call_case(case: Case, recorder) -> None:
     for variant, call in case_calls(case):
-        recorder.variant = variant
-        call()
+        recorder.count(variant, call)
 
 
 def record(recorder) -> None:
