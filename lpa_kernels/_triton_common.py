@@ -119,11 +119,47 @@ def chunk_plan(segment_start: torch.Tensor, R: int, rows: int, block_q: int, num
     chunk = triton.cdiv(triton.cdiv(rows * num_d_blocks, target), block_q) * block_q
     if chunk >= rows:
         return None
-    chunks = ((segment_start[1:] - segment_start[:-1]) * R + chunk - 1) // chunk
-    first_chunk = torch.zeros_like(segment_start)
-    torch.cumsum(chunks, 0, out=first_chunk[1:])
-    programs = torch.arange(segments + triton.cdiv(rows, chunk), device=segment_start.device)
-    return chunk, torch.searchsorted(first_chunk[1:], programs, right=True), first_chunk
+    programs = segments + triton.cdiv(rows, chunk)
+    first_chunk = torch.empty_like(segment_start)
+    chunk_segment = torch.empty(programs, dtype=torch.int64, device=segment_start.device)
+    # one program, one launch (the same in torch ops would be eight: the counts, their cumsum, a search)
+    _chunk_plan_kernel[(1,)](segment_start, first_chunk, chunk_segment, segments, programs, R, chunk,
+                             max(segments, 1).bit_length(), BLOCK=CHUNK_PLAN_BLOCK)
+    return chunk, chunk_segment, first_chunk
+
+
+CHUNK_PLAN_BLOCK = 1024
+
+
+@triton.jit
+def _chunk_plan_kernel(segment_start_ptr, first_chunk_ptr, chunk_segment_ptr, segments, programs, R, CHUNK,
+                       search_steps, BLOCK: tl.constexpr):
+    """:func:`chunk_plan`'s tables in one program: ``first_chunk[s + 1] = first_chunk[s] + ceil(rows_s /
+    CHUNK)`` (``rows_s`` segment s's ``(sample, r)`` rows), then for each program p the segment that owns it,
+    ``#{s : first_chunk[s + 1] <= p}`` (``torch.searchsorted(first_chunk[1:], p, right=True)``; ``segments``
+    past the last chunk), by a binary search of ``search_steps`` (the bit length of ``segments``) halvings."""
+    tl.store(first_chunk_ptr, 0)
+    carry = tl.zeros((), tl.int64)
+    for s0 in range(0, segments, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        ok = s < segments
+        start = tl.load(segment_start_ptr + s, mask=ok, other=0).to(tl.int64)
+        end = tl.load(segment_start_ptr + s + 1, mask=ok, other=0).to(tl.int64)
+        counts = (end - start) * R
+        counts = (counts + CHUNK - 1) // CHUNK
+        tl.store(first_chunk_ptr + 1 + s, carry + tl.cumsum(counts, 0), mask=ok)
+        carry += tl.sum(counts, 0)
+    tl.debug_barrier()  # the search reads first_chunk as written above, by the whole program
+    for p0 in range(0, programs, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        lo = tl.zeros((BLOCK,), tl.int64)
+        hi = tl.full((BLOCK,), segments, tl.int64)
+        for _ in range(search_steps + 1):
+            mid = (lo + hi) // 2
+            below = tl.load(first_chunk_ptr + 1 + mid, mask=mid < hi, other=0) <= p
+            lo = tl.where((mid < hi) & below, mid + 1, lo)
+            hi = tl.where((mid < hi) & ~below, mid, hi)
+        tl.store(chunk_segment_ptr + p, lo, mask=p < programs)
 
 
 @triton.jit
@@ -321,3 +357,6 @@ def _store_sums(row_ptr, sums, d0, written, inner, SLABS: tl.constexpr, BLOCK_D:
     else:
         d = d0 + tl.arange(0, BLOCK_D)
         tl.store(row_ptr + d, sums.to(row_ptr.dtype.element_ty), mask=d < written)
+
+
+SINGLE_PROGRAM_KERNELS = (_chunk_plan_kernel,)  # launched on a grid of one program (lpa-bench static's list)

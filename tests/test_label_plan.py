@@ -43,3 +43,63 @@ def test_ops_given_the_plan_match_the_ops_without_it(target):
     results = [run_head_pgd_(flat_h, labels, weight, None, torch.zeros(7, 15, device=device), 3, *per_class, "l2",
                              "add", backend, given) for given in (None, plan)]
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def _chunk_plan_definition(segment_start, R, chunk, programs):
+    """``_triton_common.chunk_plan``'s tables in torch ops: each segment's chunks, their running start, and
+    for each program the segment owning it."""
+    chunks = ((segment_start[1:] - segment_start[:-1]) * R + chunk - 1) // chunk
+    first_chunk = torch.cat([torch.zeros(1, dtype=torch.int64), chunks.cumsum(0)])
+    return torch.searchsorted(first_chunk[1:], torch.arange(programs), right=True), first_chunk
+
+
+@pytest.mark.parametrize("segments", [1, 5, 1023, 1024, 1025, 3000])
+@pytest.mark.parametrize("shape", ["random", "one long class", "empty segments"])
+def test_the_one_program_chunk_plan_equals_its_definition(segments, shape):
+    """The chunk plan's kernel (one program: a running sum over blocks of 1024 segments, then a binary
+    search per program) against the torch ops it replaces, at segment counts around its block."""
+    from lpa_kernels._triton_common import chunk_plan
+    from lpa_kernels.backend import interpreting
+
+    if not interpreting():
+        pytest.skip("runs a Triton kernel on CPU tensors: needs TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(segments)
+    counts = torch.randint(1, 40, (segments,), generator=gen)
+    if shape == "one long class":
+        counts[segments // 2] = 5000
+    if shape == "empty segments":  # padding segments: no samples
+        counts[torch.rand(segments, generator=gen) < 0.5] = 0
+        counts[0] = 60
+    segment_start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    R, rows = 3, int(counts.sum()) * 3
+    plan = chunk_plan(segment_start, R, rows, 4, 2)
+    assert plan is not None, "test setup: no chunking"
+    chunk, chunk_segment, first_chunk = plan
+    expected_segment, expected_first = _chunk_plan_definition(segment_start, R, chunk, chunk_segment.numel())
+    assert torch.equal(first_chunk, expected_first) and torch.equal(chunk_segment, expected_segment)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:1])  # Triton (the counter does not see the CUDA C++ launches)
+@pytest.mark.parametrize("above", [False, True], ids=["one-launch", "above-the-threshold"])
+def test_public_ops_build_their_label_plan_in_one_launch(target, above, monkeypatch):
+    """perturb's backward and class_grad_pgd_step_ called without the training step's plan build it in one
+    launch (step_update.plan.call_plan) instead of sorting the labels in ~13 ATen launches; above
+    ONE_LAUNCH_PLAN_MAX they sort as before."""
+    from lpa_bench.static.counting import LaunchCounter
+    from lpa_kernels import class_grad_pgd_step_, perturb
+    from lpa_kernels.step_update import plan as plan_module
+
+    backend, device = target
+    monkeypatch.setenv("LPA_POISON", "0")
+    if above:
+        monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 33 * 7 - 1)
+    labels = torch.randint(0, 7, (33,), device=device)
+    h, delta = torch.randn(33, 20, device=device), torch.zeros(7, 20, device=device, requires_grad=True)
+    out = perturb(h, labels, delta, backend=backend)
+    for call in (lambda: out.sum().backward(),
+                 lambda: class_grad_pgd_step_(delta.detach(), h, labels, 0.1, 1.0, backend=backend)):
+        with LaunchCounter() as counts:
+            call()
+        summary = counts.summary()
+        planned = summary["triton"].get("step_update._checked_label_plan_kernel", 0)
+        assert (planned, "argsort" in summary["aten"]) == ((0, True) if above else (1, False)), summary

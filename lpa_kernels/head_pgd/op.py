@@ -17,7 +17,7 @@ from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import update_in_place
 from lpa_kernels.head_pgd import torch_kernels
 from lpa_kernels.head_pgd.backends import launchers
-from lpa_kernels.step_update.op import checked_labels
+from lpa_kernels.step_update.plan import call_plan
 
 
 @torch.library.custom_op("lpa_kernels::head_pgd_", mutates_args=("delta", "skipped"))
@@ -104,13 +104,7 @@ def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, dire
         return update_in_place(delta, lambda d: torch_kernels.head_pgd(*args, bias, d, steps, step, radius, direction,
                                                                        norm, mode, ok, skipped))
     if plan is None and steps > 0:  # one plan of the labels for all the steps (also when steps == 1, so
-        plan = _call_plan(args[1], delta.shape[0], backend)  # that a call's set-up is the same whatever its steps)
+        plan = call_plan(args[1], delta.shape[0], backend)  # that a call's set-up is the same whatever its steps)
     return update_in_place(delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode,
                                                          backend, plan, ok, skipped))
 
-
-def _call_plan(labels: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:
-    """The labels' ``_common.label_plan`` for one call, as the training step builds it (in one launch up to
-    ``step_update.op.ONE_LAUNCH_PLAN_MAX``); labels in range, so the bad-label record is left as it is."""
-    bad_range = torch.empty(2, dtype=torch.int64, device=labels.device)
-    return checked_labels(labels, num_classes, bad_range, backend)[3]

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from lpa_kernels import _checks
-from lpa_kernels.step_update.op import checked_labels
+from lpa_kernels.step_update.plan import checked_labels
 
 _host_check_cpu_labels = True
 

@@ -17,6 +17,7 @@ from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import compute_dtype, delta_layout, flat, padded_delta_shape, under_transform
 from lpa_kernels.perturb import naive
 from lpa_kernels.perturb.backends import launchers
+from lpa_kernels.step_update.plan import call_plan
 
 
 @torch.library.custom_op("lpa_kernels::perturb", mutates_args=())
@@ -48,8 +49,10 @@ def _perturb_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_h (B, *F), grad_delta (K, *P))`` in one pass over ``grad_out``; ``grad_h`` is empty
     when ``need_grad_h`` is False (``class_grad``). Deterministic on every backend (fixed-order
-    reductions), so it takes no ``deterministic`` flag."""
+    reductions), so it takes no ``deterministic`` flag. Without the training step's ``plan``, the labels'
+    plan is built here in one launch where it can be (``step_update.plan.call_plan``)."""
     k, per_class = delta_shape[0], math.prod(delta_shape[1:])
+    plan = call_plan(labels, k, backend) if plan is None and per_class else plan
     grad_h, grad_delta = launchers(backend).perturb_backward(
         flat(grad_out), flat(h), labels, flat(delta), k, per_class, inner, mode, need_grad_h, delta_dtype, plan
     )

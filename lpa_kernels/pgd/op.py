@@ -16,6 +16,7 @@ from lpa_kernels._common import delta_layout, flat, update_in_place
 from lpa_kernels.perturb.op import class_grad
 from lpa_kernels.pgd import naive
 from lpa_kernels.pgd.backends import launchers
+from lpa_kernels.step_update.plan import call_plan
 
 
 @torch.library.custom_op("lpa_kernels::pgd_step_", mutates_args=("delta", "skipped"))
@@ -38,9 +39,11 @@ def _class_grad_pgd_step_op(
     step_size: torch.Tensor, eps: torch.Tensor, direction: torch.Tensor, inner: int, perturb_mode: str,
     norm: str, backend: str,
 ) -> None:
-    # (An argument named ``mode`` would clash with torch's functionalization of mutating ops.)
+    # (An argument named ``mode`` would clash with torch's functionalization of mutating ops.) The labels'
+    # plan in one launch where it can be (step_update.plan.call_plan), instead of the launcher's sort.
+    plan = call_plan(labels, delta.shape[0], backend) if delta.numel() else None
     launchers(backend).class_grad_pgd_step(flat(delta), flat(grad_out), labels, flat(h), step_size, eps, direction,
-                                           inner, perturb_mode, norm)
+                                           inner, perturb_mode, norm, plan)
 
 
 @_class_grad_pgd_step_op.register_fake

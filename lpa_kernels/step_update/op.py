@@ -16,21 +16,6 @@ from lpa_kernels.step_update import naive
 from lpa_kernels.step_update.backends import launchers
 
 
-@torch.library.custom_op("lpa_kernels::checked_label_plan_", mutates_args=("bad_range",))
-def _checked_label_plan_op(labels: torch.Tensor, num_classes: int, bad_range: torch.Tensor,
-                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launchers(backend).checked_label_plan(labels, num_classes, bad_range)
-
-
-@_checked_label_plan_op.register_fake
-def _(labels, num_classes, bad_range, backend):
-    B = labels.shape[0]
-    segments = min(B, num_classes)
-    int64 = dict(dtype=torch.int64)
-    return (labels.new_empty((B,), **int64), labels.new_empty((B,), **int64),
-            labels.new_empty((), dtype=torch.bool), labels.new_empty((B + num_classes + 2 * segments + 2,), **int64))
-
-
 @torch.library.custom_op("lpa_kernels::class_stats_", mutates_args=("stats",))
 def _class_stats_op(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
                     accumulate: bool, backend: str) -> None:
@@ -56,25 +41,6 @@ def _(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, di
       dtype, backend):
     K = stats.shape[1]
     return stats.new_empty((K,), dtype=dtype), stats.new_empty((K,), dtype=dtype)
-
-
-# B x K up to which the kernel backends check the labels and build the plan in one launch, which runs as
-# one program (on Triton a loop over B x K one-hot tiles, ~6 us at 1024 x 1000 on an H100, MODELLED; on CUDA
-# one block, its class scan on one thread); above it (LLM-vocabulary heads: B = 4096, K = 100,000 would be
-# ~400,000 serial tile steps) naive's ops: the range check and _common.label_plan's sort, ~20 launches
-# that run in parallel.
-ONE_LAUNCH_PLAN_MAX = 1 << 21
-
-
-def checked_labels(labels: torch.Tensor, num_classes: int, bad_range: torch.Tensor, backend: str):
-    """``(safe, loss_labels, ok, plan)`` of one training batch (``naive.checked_label_plan_``); the kernel
-    backends build the step's label plan too (in the same launch up to ``ONE_LAUNCH_PLAN_MAX``), the
-    reference backend none (None)."""
-    if backend == "reference":
-        return naive.checked_label_plan_(labels, num_classes, bad_range, with_plan=False)
-    if labels.numel() * num_classes > ONE_LAUNCH_PLAN_MAX:
-        return naive.checked_label_plan_(labels, num_classes, bad_range)
-    return _checked_label_plan_op(labels.contiguous(), num_classes, bad_range, backend)
 
 
 def class_stats_(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None,

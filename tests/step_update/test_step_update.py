@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lpa_kernels._common import label_plan
-from lpa_kernels.step_update import naive, op
+from lpa_kernels.step_update import naive, op, plan as plan_module
 from tests.helpers import KERNEL_TARGETS, assert_close_to_reference
 
 SIZES = [(0, 3), (1, 1), (7, 3), (33, 10), (70, 1000), (300, 10)]
@@ -32,7 +32,7 @@ def test_checked_label_plan_equals_reference(target, batch, num_classes, bad, la
     previous = torch.tensor([3, 4], device=device)  # an earlier bad batch's record
     expected_range, got_range = previous.clone(), previous.clone()
     safe, loss_labels, ok, plan = naive.checked_label_plan_(labels, num_classes, expected_range)
-    got = op.checked_labels(labels, num_classes, got_range, backend)
+    got = plan_module.checked_labels(labels, num_classes, got_range, backend)
     for name, want, have in zip(("safe", "loss_labels", "ok", "plan"), (safe, loss_labels, ok, plan), got):
         assert have.dtype == want.dtype and torch.equal(have.cpu(), want.cpu()), name
     assert torch.equal(got_range.cpu(), expected_range.cpu())
@@ -45,13 +45,13 @@ def test_large_batches_by_classes_take_the_parallel_plan(target, monkeypatch):
     """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K) the one-program kernel is not launched; the range check and
     the sorted plan come from the definition's ops, the same tuple and record."""
     backend, device = target
-    monkeypatch.setattr(op, "ONE_LAUNCH_PLAN_MAX", 33 * 10 - 1)
-    monkeypatch.setattr(op, "_checked_label_plan_op", lambda *a: pytest.fail("the one-launch kernel ran"))
+    monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 33 * 10 - 1)
+    monkeypatch.setattr(plan_module, "_checked_label_plan_op", lambda *a: pytest.fail("the one-launch kernel ran"))
     for bad in ("none", "high"):
         labels = _labels(33, 10, bad, torch.int32, device)
         expected_range, got_range = torch.tensor([3, 4], device=device), torch.tensor([3, 4], device=device)
         expected = naive.checked_label_plan_(labels, 10, expected_range)
-        got = op.checked_labels(labels, 10, got_range, backend)
+        got = plan_module.checked_labels(labels, 10, got_range, backend)
         assert all(torch.equal(h.cpu(), w.cpu()) for h, w in zip(got, expected)) and torch.equal(got_range, expected_range)
 
 
