@@ -53,11 +53,13 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 template <typename A> __device__ __forceinline__ A nan_min(A a, A b) { return (a != a || b != b) ? a + b : (a < b ? a : b); }
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 // torch.sign: -1, 0, +1, NaN for NaN.
-// head_pgd_'s class-space sums are scaled by this per class (n its sample count): the largest power of two
-// not above n, inverted (1 for n <= 1), so that a class's sums lie in [-2, 2] and stay finite in float16
-// whatever n; exact, so the rounded sums are the unscaled ones times a power of two.
-template <typename A> __device__ __forceinline__ A class_sum_scale(int64_t n) {
-  return ldexp(A(1), -ilogb(static_cast<double>(n > 1 ? n : 1)));
+// head_pgd_'s class-space sums, stored as T, are scaled by this per class (n its sample count) when T is
+// float16: the largest power of two not above n, inverted (1 for n <= 1), so that a class's sums lie in
+// [-2, 2] and stay finite whatever n; exact, so the rounded sums are the unscaled ones times a power of two.
+// Other dtypes hold any count unscaled, and so keep the L2 step's 1e-12 acting on the sums as defined.
+template <typename T, typename A> __device__ __forceinline__ A class_sum_scale(int64_t n) {
+  if constexpr (std::is_same_v<T, __half>) return ldexp(A(1), -ilogb(static_cast<double>(n > 1 ? n : 1)));
+  else return A(1);
 }
 template <typename A> __device__ __forceinline__ A sign_of(A v) { return v > A(0) ? A(1) : (v < A(0) ? A(-1) : v * A(0)); }
 

@@ -139,7 +139,7 @@ softmax_class_sum_kernel(T* sums, acc_t<T>* p_true, acc_t<T>* scratch, const T* 
   __syncthreads();  // phase 2 reads the scratch other threads of the block wrote
 
   // Phase 2: thread t sums its columns over the class's samples, in order, scaled by class_sum_scale.
-  const A scale = class_sum_scale<A>(end - start);
+  const A scale = class_sum_scale<T, A>(end - start);
   for (int64_t k = threadIdx.y * lanes + lane; k < K; k += kBlockThreads) {
     const A offset = load_as_acc(shift_row[k]);
     A total = 0;

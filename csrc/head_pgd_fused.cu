@@ -154,7 +154,7 @@ class_space_steps_kernel(float* current, const T* base, const T* weight, const i
       for (int64_t pos = first; pos < end; ++pos) {
         total += exp(load_as_acc(base[order[pos] * K + k]) + offset - softmax[pos]) * softmax[B + pos];
       }
-      sums[c * K + k] = store_from<T>((k == c ? total - float(end - first) : total) * class_sum_scale<float>(end - first));
+      sums[c * K + k] = store_from<T>((k == c ? total - float(end - first) : total) * class_sum_scale<T, float>(end - first));
     }
     __syncthreads();
     // 3. G rows of the block's classes

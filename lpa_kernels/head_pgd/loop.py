@@ -95,11 +95,12 @@ class HeadKernels:
       probability into ``p_true`` when given;
     - ``softmax_class_sum(sums (K, K), logits (B, K), shift (K, K), labels (B,), order (B,), starts (K + 1,),
       p_true (B,) or None, scratch (2, B))``: ``sums[c] = s_c * sum_{y_b = c} softmax(logits_b + shift[c]) -
-      onehot(c)`` accumulated in ``scratch``'s dtype (the accumulation dtype), scaled by ``s_c = 1 /
-      2^floor(log2 n_c)`` (``n_c`` the class's samples, ``torch_kernels.class_sum_scale``: exact, and the
-      sums stay in [-2, 2], finite in float16 for any ``n_c``, as does ``S @ W``; the update's step does
-      not depend on a positive per-class scale, up to the 1e-12 of the L2 norm), rounded once into
-      ``sums``, in a fixed order; ``(order, starts)`` is ``_common.class_order`` of the labels; the true
+      onehot(c)`` accumulated in ``scratch``'s dtype (the accumulation dtype), rounded once into ``sums``,
+      in a fixed order; float16 ``sums`` are scaled by ``s_c = 1 / 2^floor(log2 n_c)`` (``n_c`` the class's
+      samples, ``torch_kernels.class_sum_scale``: exact, and the sums stay in [-2, 2], finite for any
+      ``n_c``, as does ``S @ W``; the step does not depend on a positive per-class scale but through the
+      L2 norm's 1e-12, which float16 gradients are far above; other dtypes hold any count unscaled, so
+      their step is the definition's even for a gradient near that 1e-12); ``(order, starts)`` is ``_common.class_order`` of the labels; the true
       class's probability into ``p_true`` when given; ``scratch`` is the kernel's to overwrite;
     - ``pgd_step(delta, grad, step, eps, direction, norm, rounded=None)``: the in-place projected update
       (``grad`` in ``delta``'s dtype or the GEMM dtype); with ``rounded``, the new ``delta`` also into it

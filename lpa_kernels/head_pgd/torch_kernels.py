@@ -55,17 +55,19 @@ def softmax_xent_grad(out, logits, labels, p_true) -> None:
 def softmax_class_sum(sums, logits, shift, labels, order, starts, p_true, scratch) -> None:
     """``HeadKernels.softmax_class_sum`` (``order``, ``starts`` unused; ``scratch`` only gives the dtype)."""
     grad = _probabilities_minus_onehot(logits, labels, shift, p_true, scratch.dtype)
-    ones = grad.new_ones(()).expand(labels.shape[0])
-    counts = torch.zeros(sums.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, labels, ones)
     total = sums if sums.dtype == grad.dtype else torch.empty(sums.shape, dtype=grad.dtype, device=grad.device)
-    total.zero_().index_add_(0, labels, grad).mul_(class_sum_scale(counts)[:, None])
+    total.zero_().index_add_(0, labels, grad)
+    if sums.dtype == torch.float16:
+        ones = grad.new_ones(()).expand(labels.shape[0])
+        counts = torch.zeros(sums.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, labels, ones)
+        total.mul_(class_sum_scale(counts)[:, None])
     if total is not sums:
         sums.copy_(total)
 
 
 def class_sum_scale(counts: torch.Tensor) -> torch.Tensor:
-    """``HeadKernels.softmax_class_sum``'s per-class scale, ``1 / 2^floor(log2 n)`` (1 for n < 2), exactly:
-    with ``n = m * 2^e``, ``m`` in [0.5, 1), it is ``2^(1 - e)``."""
+    """``HeadKernels.softmax_class_sum``'s per-class scale of float16 sums, ``1 / 2^floor(log2 n)`` (1 for
+    n < 2), exactly: with ``n = m * 2^e``, ``m`` in [0.5, 1), it is ``2^(1 - e)``."""
     return torch.ldexp(torch.ones_like(counts), 1 - torch.frexp(counts.clamp_min(1)).exponent)
 
 

@@ -137,7 +137,9 @@ def _class_space_steps_kernel(
                 total += tl.dot(onehot, tl.where(nan, 0.0, probs), input_precision="ieee")
                 nans += tl.dot(onehot, nan.to(tl.float32), input_precision="ieee")
             total -= tl.where(cols[None, :] == classes[:, None], counts[:, None], 0.0)
-            total = tl.where(nans > 0, float("nan"), total * class_sum_scale(counts)[:, None])
+            if sums_ptr.dtype.element_ty == tl.float16:
+                total = total * class_sum_scale(counts)[:, None]
+            total = tl.where(nans > 0, float("nan"), total)
             tl.store(sums_ptr + rows[:, None] * K + cols[None, :], total.to(sums_ptr.dtype.element_ty),
                      mask=class_ok[:, None] & (cols < K)[None, :])
         tl.debug_barrier()

@@ -104,7 +104,7 @@ def _softmax_class_sum_kernel(
             tl.store(p_true_ptr + rows, tl.exp(z_true - pivot) * inv_sum, mask=row_ok)
     tl.debug_barrier()  # phase 2 reads the scratch written by other threads of this program
     # Phase 2: the class's probabilities summed column block by column block, minus its count on the diagonal,
-    # times its class_sum_scale.
+    # times its class_sum_scale in float16.
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         total = tl.zeros((BLOCK_B, BLOCK_K), ACC)
@@ -117,7 +117,9 @@ def _softmax_class_sum_kernel(
             z = _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, SHARED_SHIFT, ACC)
             total += tl.exp(z - pivot[:, None]) * inv_sum[:, None]
         sums = tl.sum(total, axis=0)
-        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums) * class_sum_scale(end - start).to(ACC)
+        sums = tl.where(cols == c, sums - (end - start).to(ACC), sums)
+        if sums_ptr.dtype.element_ty == tl.float16:
+            sums = sums * class_sum_scale(end - start).to(ACC)
         tl.store(sums_ptr + c.to(tl.int64) * K + cols, sums.to(sums_ptr.dtype.element_ty), mask=cols < K)
 
 

@@ -37,9 +37,9 @@ def _logits_tile(logits_ptr, shift_row, rows, cols, row_ok, K, SHIFT: tl.constex
 
 @triton.jit
 def class_sum_scale(count):
-    """The class-space sums' per-class scale (``loop.HeadKernels.softmax_class_sum``): ``1 / 2^floor(log2
-    count)`` (1 for a count below 2), exactly, from float32 exponent bits: a class's sums lie in [-2, 2]
-    and stay finite in float16 whatever its sample count. ``count``: a float32 or integer tensor."""
+    """The class-space sums' per-class scale in float16 (``loop.HeadKernels.softmax_class_sum``): ``1 /
+    2^floor(log2 count)`` (1 for a count below 2), exactly, from float32 exponent bits: a class's sums lie
+    in [-2, 2] and stay finite whatever its sample count. ``count``: a float32 or integer tensor."""
     bits = tl.maximum(count, 1).to(tl.float32).to(tl.int32, bitcast=True)
     return ((254 - ((bits >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
 

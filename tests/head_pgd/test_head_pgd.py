@@ -376,6 +376,27 @@ def test_a_16_bit_class_space_call_adds_only_the_iterates_cast(target, monkeypat
 
 
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_class_space_l2_step_of_a_class_gradient_near_the_norms_1e_12(target, fused, dtype, monkeypatch):
+    """Logits of order one from h ~ 1e12 and W ~ 1e-12: each class's gradient S_c @ W has a norm near the L2
+    step's 1e-12, where a positive scale of S_c changes the step (float16's per-class scale of its class
+    sums, applied to every dtype, moved row norms from ~0.08 to ~0.04 here). The PyTorch-op loop (host
+    kernels off) and the Triton kernels, one-launch and per-step, against the definition."""
+    backend, device = target
+    monkeypatch.setenv("LPA_HOST_KERNELS", "0")
+    monkeypatch.setattr(head_loop, "use_class_space", lambda *args: True)
+    if not fused:
+        monkeypatch.setattr(head_triton, "KERNELS", dataclasses.replace(head_triton.KERNELS, fused_class_space=None))
+    torch.manual_seed(0)
+    labels = torch.arange(16) % 2
+    h = (1e12 * torch.randn(16, 2, dtype=torch.float64)).to(device=device, dtype=dtype)
+    weight = (1e-12 * torch.eye(2, dtype=torch.float64)).to(device=device, dtype=dtype)
+    delta = torch.zeros(2, 2, device=device, dtype=dtype)
+    check_against_reference(target, h, labels.to(device), weight, None, delta, 2, 0.1, 0.3, 1.0, "l2", "add")
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("direction", [1.0, "confidence"])  # the one-launch class space, and the unfused one
 def test_float16_class_space_with_more_samples_in_a_class_than_float16_holds(target, direction):
     check_float16_class_space_overflow(target, direction)
@@ -384,8 +405,8 @@ def test_float16_class_space_with_more_samples_in_a_class_than_float16_holds(tar
 def check_float16_class_space_overflow(target, direction):
     """B = 70,000 float16 samples, 69,990 of class 0, whose logit is low: its class-space sum (about -n_0
     on the diagonal) would be -inf in float16, and S @ W with it, stepping along the infinities' sign
-    pattern instead of the gradient (a wrong, often finite, update). The sums are scaled per class by
-    1 / 2^floor(log2 n_c) (HeadKernels.softmax_class_sum), which the step does not depend on. PyTorch's own
+    pattern instead of the gradient (a wrong, often finite, update). Float16 sums are scaled per class by
+    1 / 2^floor(log2 n_c) (HeadKernels.softmax_class_sum), which the step does not depend on here. PyTorch's own
     float16 loop overflows too, so the float64 definition alone is the yardstick: one L2 step of 0.1 must
     land within 2e-3 of it (a step along a wrong direction moves up to 0.2). Also used by the CUDA
     emulation tests."""
