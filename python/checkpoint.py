@@ -31,7 +31,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from lpa_kernels.lpa import LPAConfig
 from lpa_programs.cli import check_writable, number, write_atomically
+from lpa_programs.data import DEFAULT_IMBALANCE
 from lpa_programs.distributed import Context, sync_buffers
 
 FORMAT = "lpa-train checkpoint 1"
@@ -63,6 +65,23 @@ def run_name(method: str, seed: int) -> str:
 def training_config(args: argparse.Namespace) -> dict:
     """The options that shape a run's training: they must match on resume."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in FREE_OPTIONS}
+
+
+def as_trained(config: dict) -> dict:
+    """``config`` (``training_config``'s) with the defaults lpa-train resolves filled in: the dataset's
+    imbalance and the PGD step sizes (``LPAConfig.resolved``), so that an option given as its default
+    value compares equal to the option left out."""
+    config = dict(config)
+    dataset = str(config.get("dataset", ""))
+    if config.get("imbalance") is None and dataset.endswith("-lt"):
+        config["imbalance"] = DEFAULT_IMBALANCE.get(dataset.removesuffix("-lt"))
+    names = {f.name for f in dataclasses.fields(LPAConfig)} & set(config)
+    try:
+        resolved = LPAConfig(**{name: config[name] for name in names}).resolved()
+    except (TypeError, ValueError):  # options of another version of lpa-train: compared as given
+        return config
+    config.update({name: resolved[name] for name in ("step_size", "lpl_step_size") if name in config})
+    return config
 
 
 def read(path: Path) -> dict:
@@ -118,7 +137,7 @@ def check_arguments(args: argparse.Namespace) -> str:
             found = resume_file(args.resume, method, seed)
             if found is None:
                 continue
-            saved, mine = read(found)["config"], training_config(args)
+            saved, mine = as_trained(read(found)["config"]), as_trained(training_config(args))
             # an option one of the two versions of lpa-train lacks is not compared
             differ = [k for k in sorted(set(saved) & set(mine)) if saved[k] != mine[k]]
             if differ:

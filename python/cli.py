@@ -71,6 +71,16 @@ def write_json_atomically(path: str | Path, data: object) -> None:
     write_text_atomically(path, json.dumps(data, indent=1, allow_nan=True, default=str) + "\n")
 
 
+def write_or_exit(parser: argparse.ArgumentParser, option: str, path: str | Path, write: Callable[[], object]) -> None:
+    """``write()``, which writes ``path`` (given by ``option``); what ``check_writable`` could not foresee (a
+    full disk, a file system gone read-only) is one ``parser.error`` line, exit 2, instead of a traceback
+    (whatever was written before stays)."""
+    try:
+        write()
+    except OSError as exc:
+        parser.error(f"argument {option}: cannot write {path}: {exc.strerror or exc}")
+
+
 def check_writable(path: str | Path) -> str:
     """Why ``path`` cannot be written as an output file ("" when it can), checked before a long run."""
     path = Path(path)

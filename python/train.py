@@ -50,7 +50,7 @@ from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_imag
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs import recipes, schedules
 from lpa_programs.cifar_models import CIFAR_MODELS
-from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_json_atomically
+from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_json_atomically, write_or_exit
 from lpa_programs import checkpoint, distributed
 from lpa_programs.distributed import per_class_accuracy
 from lpa_programs.plot import EpochLog, check_option as check_plot_option, write as write_plot
@@ -383,10 +383,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         "runs": [],
         "summary": {},
     }
-    try:
-        write_report(args, report)
-    except OSError as exc:  # what check_writable cannot foresee (a read-only file system ...)
-        parser.error(f"argument --json: cannot write {args.json}: {exc.strerror or exc}")
+    write_report(parser, args, report)
     for method in args.method:
         for seed in args.seeds:
             try:
@@ -395,24 +392,25 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                 parser.error(str(exc))
             report["runs"].append(r)
             report["summary"] = summarise(report["runs"])
-            write_report(args, report)  # after every run: a later failure loses nothing
+            write_report(parser, args, report)  # after every run: a later failure loses nothing
             if not args.quiet:
                 print(f"  {method:>8} seed {seed}: overall {r['overall']:.2f}  many {r['many']:.2f}  "
                       f"medium {r['medium']:.2f}  few {r['few']:.2f}  ({r['train_seconds']:.1f} s)", flush=True)
     print(format_table(report["summary"]))
     report["finished"] = True
-    write_report(args, report)
+    write_report(parser, args, report)
     if args.json:
         print(f"wrote {args.json}")
     if args.plot and distributed.context().is_main:
-        write_plot(args.plot, report)
+        write_or_exit(parser, "--plot", args.plot, lambda: write_plot(args.plot, report))
         print(f"wrote {args.plot}")
     return 0
 
 
-def write_report(args: argparse.Namespace, report: dict) -> None:
+def write_report(parser: argparse.ArgumentParser, args: argparse.Namespace, report: dict) -> None:
+    """The report so far into ``--json`` (on the main process), atomically."""
     if args.json and distributed.context().is_main:
-        write_json_atomically(args.json, report)
+        write_or_exit(parser, "--json", args.json, lambda: write_json_atomically(args.json, report))
 
 
 # ---- checks before any training: every user error exits 2 with one line (parser.error) ---------------

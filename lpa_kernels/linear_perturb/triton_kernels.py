@@ -199,15 +199,16 @@ def _linear_perturb_forward_tma_kernel(
 def _backward_epilogue_kernel(
     grad_out_ptr, preact_ptr, delta_ptr, grad_preact_ptr, bias_partial_ptr, delta_partial_ptr,
     sorted_samples_ptr, piece_class_ptr, class_first_piece_ptr, class_first_row_ptr, class_rows_ptr,
-    N, K, rows_per_label, rows_per_piece,
+    N, K, rows_per_label, rows_per_piece, col_blocks,
     HAS_PREACT: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (piece, column block): the piece is rows [begin, end) of the class-sorted row order, all of
-    # one class; pieces past the last real one (the grid is sized by a bound) have begin == end and
-    # write zero partials.
-    piece = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Program (piece, column block), numbered piece-major on a 1-D grid (a second grid axis would cap the
+    # column blocks at 65,535): the piece is rows [begin, end) of the class-sorted row order, all of one
+    # class; pieces past the last real one (the grid is sized by a bound) have begin == end and write zero
+    # partials.
+    piece = tl.program_id(0) // col_blocks
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cls = tl.load(piece_class_ptr + piece)
     real = cls < K
@@ -246,10 +247,12 @@ def _backward_epilogue_kernel(
 
 
 @triton.jit
-def _class_sum_kernel(partial_ptr, class_first_piece_ptr, class_pieces_ptr, out_ptr, N, BLOCK_N: tl.constexpr):
-    """out[c] = sum of the partial rows of class c's pieces, added in piece order."""
-    cls = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _class_sum_kernel(partial_ptr, class_first_piece_ptr, class_pieces_ptr, out_ptr, N, col_blocks,
+                      BLOCK_N: tl.constexpr):
+    """out[c] = sum of the partial rows of class c's pieces, added in piece order; program (class, column
+    block), class-major on a 1-D grid."""
+    cls = (tl.program_id(0) // col_blocks).to(tl.int64)
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     first = tl.load(class_first_piece_ptr + cls)
     total = tl.zeros((BLOCK_N,), dtype=partial_ptr.dtype.element_ty)
@@ -436,16 +439,16 @@ def linear_perturb_backward_epilogue(grad_out, preact, labels, rows_per_label, d
 
     bias_partial = new_output((num_pieces, N), acc_dtype, grad_out.device)
     delta_partial = new_output((num_pieces, N), acc_dtype, grad_out.device)
-    grid = (num_pieces, triton.cdiv(N, config["BLOCK_N"]))
-    _backward_epilogue_kernel[grid](
+    col_blocks = triton.cdiv(N, config["BLOCK_N"])
+    _backward_epilogue_kernel[(num_pieces * col_blocks,)](
         kgrad_out, kpreact, kdelta, kgrad_preact, bias_partial, delta_partial,
         sorted_samples, piece_class, class_first_piece, class_first_row, class_rows,
-        N, K, rows_per_label, rows_per_piece,
+        N, K, rows_per_label, rows_per_piece, col_blocks,
         HAS_PREACT=has_preact, ACTIVATION=activation, MODE=mode, ACC_DTYPE=accumulator(kgrad_out), **config,
     )
     grad_delta = new_output((K, N), acc_dtype, grad_out.device)
-    _class_sum_kernel[(K, grid[1])](
-        delta_partial, class_first_piece, class_pieces, grad_delta, N, BLOCK_N=config["BLOCK_N"])
+    _class_sum_kernel[(K * col_blocks,)](
+        delta_partial, class_first_piece, class_pieces, grad_delta, N, col_blocks, BLOCK_N=config["BLOCK_N"])
     if upcast:
         grad_preact.copy_(kgrad_preact)
     return grad_preact, bias_partial.sum(0), grad_delta

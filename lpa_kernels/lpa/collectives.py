@@ -11,17 +11,20 @@ once, since all of them see the same table). "Training call" counts every ``Meth
 of the process, including calls that raised, so a skipped or repeated step shows even when the failed
 call issued no collective. The check reads the gathered table on the host: one synchronisation per LPA
 all-reduce (T + 1 per T-step training step), which ``set_order_guard(False)`` removes where every rank
-is known to run the same steps (the collectives are then the bare all-reduces).
+is known to run the same steps (the collectives are then the bare all-reduces). Within ``local_only()``
+(``Method.diagnostics``: a probe of this process's batch, which one rank may run while its peers do not)
+the all-reduces are skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
 import torch.distributed as dist
 
-_guard = {"enabled": True, "call": 0, "index": 0}
+_guard = {"enabled": True, "call": 0, "index": 0, "local": 0}
 
 
 class CollectiveOrderError(RuntimeError):
@@ -45,9 +48,21 @@ def begin_training_call() -> None:
     _guard["index"] = 0
 
 
+@contextlib.contextmanager
+def local_only():
+    """Within: ``all_reduce_sum`` leaves its tensor as it is (this process's batch alone), and no
+    collective is issued, so the ranks' collectives stay paired whatever one rank runs here."""
+    _guard["local"] += 1
+    try:
+        yield
+    finally:
+        _guard["local"] -= 1
+
+
 def all_reduce_sum(t: torch.Tensor, what: str = "tensor") -> torch.Tensor:
-    """Sum ``t`` in place over the processes (a no-op in a single process); ``what`` names it in errors."""
-    if world_size() > 1:
+    """Sum ``t`` in place over the processes (a no-op in a single process or within ``local_only``);
+    ``what`` names it in errors."""
+    if world_size() > 1 and not _guard["local"]:
         if _guard["enabled"]:
             _check_order(t, what)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -31,7 +31,7 @@ from torch import fx, nn
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.lpa import state as _state
-from lpa_kernels.lpa.collectives import begin_training_call
+from lpa_kernels.lpa.collectives import begin_training_call, local_only
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.labels import LabelGuard
 from lpa_kernels.lpa.policy import Policy
@@ -243,14 +243,17 @@ class Method:
         ``expansive_fraction (K,)`` share of each class's samples with ``||h~|| > ||h||``, ``norm_ratio
         (K,)`` mean ``||h~|| / ||h||`` per class over samples with ``h != 0`` (NaN for classes absent from the batch), and
         ``amplification`` the mean ``||upper(h~) - upper(h)|| / ||h~ - h||`` over samples with ``h~ != h``
-        (NaN if none). No state changes (deltas, counters, loss history) are kept.
+        (NaN if none). No state changes (deltas, counters, loss history) are kept. Under ``torch.distributed``
+        it is local to this process (its preview PGD sums nothing over the ranks and issues no collective),
+        so one rank may call it alone, e.g. for logging.
         """
         counts, modes = dict(self._counts), {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
             h, extras = self.split.lower(x)
             extras = tuple(extras)
-            perturbed = self._features(h, extras, y, preview=True)
+            with local_only():
+                perturbed = self._features(h, extras, y, preview=True)
             logits, perturbed_logits = self.split.upper(h, *extras), self.split.upper(perturbed, *extras)
         finally:
             for module, training in modes.items():  # each its own mode (a frozen BatchNorm stays in eval)

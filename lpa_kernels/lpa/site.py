@@ -102,6 +102,7 @@ class ClassSite:
         self.perturbation: ClassPerturbation | None = None
         self._step_sizes = self._resolved_backend = None  # for delta's device and dtype, set with delta
         self._skipped = None  # class updates skipped for a non-finite gradient: a device counter, set with delta
+        self._loaded_unchecked = False  # a delta loaded before the first batch, not yet checked against one
         self._leaf = None  # single pass: a leaf sharing delta's storage; training backwards sum into its .grad
         self._pending = False  # single pass: a training forward ran since the last after_backward
         self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
@@ -111,10 +112,27 @@ class ClassSite:
         return None if self.perturbation is None else self.perturbation.delta
 
     def _ensure(self, h: torch.Tensor) -> ClassPerturbation:
+        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         if self.perturbation is None:
-            dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
             self._create(delta_shape_for(tuple(h.shape[1:]), self.layout), dtype, h.device)
+        elif self._loaded_unchecked:
+            self._adopt_loaded(h, dtype)
         return self.perturbation
+
+    def _adopt_loaded(self, h: torch.Tensor, dtype: torch.dtype) -> None:
+        """The first batch after a checkpoint was loaded into a site that had not trained yet: the loaded
+        delta must have the per-class shape this layer's activations give (``ValueError`` otherwise, delta
+        unchanged), and takes the dtype and device the site would have made it with, as a trained site's
+        load does."""
+        shape, loaded = delta_shape_for(tuple(h.shape[1:]), self.layout), self.perturbation.delta
+        if tuple(loaded.shape[1:]) != shape:
+            raise ValueError(f"the loaded delta has per-class shape {tuple(loaded.shape[1:])}, but this layer's "
+                             f"activations {tuple(h.shape[1:])} give {shape} (layout {self.layout!r})")
+        if (loaded.dtype, loaded.device) != (dtype, h.device):
+            self._create(shape, dtype, h.device)
+            with torch.no_grad():
+                self.perturbation.delta.copy_(loaded)
+        self._loaded_unchecked = False
 
     def _create(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.perturbation = ClassPerturbation(
@@ -134,8 +152,10 @@ class ClassSite:
         return 0 if self._skipped is None else int(self._skipped)
 
     def load(self, delta: torch.Tensor) -> None:
-        """Take ``delta (K, *P)`` as the carried perturbation (from a checkpoint)."""
+        """Take ``delta (K, *P)`` as the carried perturbation (from a checkpoint); before the first batch it
+        is checked against that batch (``_adopt_loaded``)."""
         if self.perturbation is None or self.perturbation.delta.shape != delta.shape:
+            self._loaded_unchecked = self.perturbation is None or self._loaded_unchecked
             self._create(tuple(delta.shape[1:]), delta.dtype, delta.device)
         with torch.no_grad():
             self.perturbation.delta.copy_(delta)

@@ -43,7 +43,7 @@ class LPALinear(nn.Linear):
         self.perturbation = ClassPerturbation(
             num_classes, (out_features,), mode=mode, eps=eps, step_size=step_size, direction=direction,
             norm=norm, backend=backend, device=device,
-            dtype=torch.float64 if dtype == torch.float64 else torch.float32,  # delta accumulates in fp32
+            dtype=torch.float64 if self.weight.dtype == torch.float64 else torch.float32,  # delta accumulates in fp32
         )
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,15 @@ from torch import nn
 
 from lpa_kernels import _checks, perturb, pgd_step_
 from lpa_kernels._common import compute_dtype
+from lpa_kernels.backend import _check_name as check_backend_name
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _relink_after_load(module: "ClassPerturbation", incompatible_keys) -> None:
+    """``load_state_dict(..., assign=True)`` replaces the buffer itself (meta-device loading): the leaf
+    follows. (A function, not a lambda: the module must pickle.)"""
+    module._relink()
 
 
 class ClassPerturbation(nn.Module):
@@ -30,6 +39,11 @@ class ClassPerturbation(nn.Module):
     backward computes it alongside ``grad_h``), the backwards of several forwards before one ``step`` sum
     there (gradient accumulation), and ``step()`` applies one ``pgd_step_`` (single-pass LPA) and clears
     it. In eval mode, or when no labels are given, the forward is the identity.
+
+    ``delta`` stays in its own dtype when the model is converted to a 16-bit dtype (``model.half()``,
+    ``.to(torch.bfloat16)``: PGD accumulates in it); other moves (device, ``.double()``) carry a pending
+    class gradient along. Assigning a new ``delta`` drops a pending class gradient; a delta substituted by
+    ``torch.func.functional_call`` is used as given (differentiable when it requires grad).
     """
 
     def __init__(
@@ -47,24 +61,47 @@ class ClassPerturbation(nn.Module):
     ):
         super().__init__()
         _checks.check_count("num_classes", num_classes, 1)
+        shape = _checks.check_shape("shape", shape)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.mode = _checks.check_choice("mode", mode, _checks.MODES)
         self.norm = _checks.check_choice("norm", norm, _checks.NORMS)
         self.eps, self.step_size, self.direction = _checks.check_per_class_values(
             [("eps", eps, True, False, None), ("step_size", step_size, False, True, None),
              ("direction", direction, False, False, _checks.DIRECTION_BOUNDS)], num_classes, dtype=compute_dtype(dtype))
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.register_buffer("delta", torch.zeros((num_classes, *shape), dtype=dtype, device=device))
-        self._live = self._leaf()
-        # load_state_dict(..., assign=True) replaces the buffer itself (meta-device loading): the leaf follows
-        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_live", module._leaf()))
+        self._relink()
+        self.register_load_state_dict_post_hook(_relink_after_load)
 
-    def _leaf(self) -> torch.Tensor:
-        return self.delta.detach().requires_grad_(True)
+    def _relink(self, grad: torch.Tensor | None = None) -> None:
+        """Make the leaf training forwards perturb with (sharing the ``delta`` buffer's storage), holding
+        ``grad`` (a pending class gradient carried over) when given."""
+        self._live = self.delta.detach().requires_grad_(True)
+        self._live_source = self.delta  # the buffer the leaf was made from
+        self._live.grad = grad
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "delta" and "_live" in self.__dict__:  # a new delta assigned: the leaf follows
+            self._relink()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)  # the leaf is remade on unpickling (pickle would not keep it a view)
+        del state["_live"], state["_live_source"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._relink()
 
     def _apply(self, fn, recurse=True):
-        # .to()/.cuda()/.double() may give delta new storage: the leaf follows it
+        # .to()/.cuda()/.double() may give delta new storage: the leaf follows it, with a pending gradient
+        before, grad = self.delta, self._live.grad
         result = super()._apply(fn, recurse)
-        self._live = self._leaf()
+        if self.delta.dtype in HALF_DTYPES and before.dtype not in HALF_DTYPES:  # model.half(): delta keeps its dtype
+            self._buffers["delta"] = before.to(device=self.delta.device)
+        self._relink(None if grad is None else grad.to(device=self.delta.device, dtype=self.delta.dtype))
         return result
 
     @property
@@ -73,8 +110,9 @@ class ClassPerturbation(nn.Module):
 
     def live_delta(self) -> torch.Tensor:
         """The delta a training forward uses: the leaf sharing delta's storage that collects the class
-        gradient for ``step`` (a graph input under ``torch.compile``, not a tensor made in the graph)."""
-        return self._live
+        gradient for ``step`` (a graph input under ``torch.compile``, not a tensor made in the graph), or the
+        delta ``torch.func.functional_call`` substituted for the buffer, as given."""
+        return self._live if self.delta is self._live_source else self.delta
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or labels is None:

@@ -341,3 +341,34 @@ def test_zero_input_features(target):
     out.sum().backward()
     torch.testing.assert_close(bias.grad, 4.0 * (bias.detach() > 0))
     torch.testing.assert_close(delta.grad, torch.zeros_like(delta).index_add_(0, labels, torch.ones(4, 5, device=device)))
+
+
+class _RecordedLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` records the grid and runs nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_backward_launches_fit_a_gpus_grid_at_millions_of_output_features(monkeypatch):
+    """The backward epilogue's (piece, column block) and the class sum's (class, column block) programs
+    go on the grid's x axis: with column blocks on y, more than 65,535 of them (N > 65,535 x BLOCK_N
+    output features) did not launch. The launcher's grids at N = 64 x 65,535 + 1 (the GPU's BLOCK_N is up
+    to 128, the interpreter's 64), recorded instead of run."""
+    from tests.launch_limits import GRID_LIMITS
+
+    grids = []
+    for name in ("_backward_epilogue_kernel", "_class_sum_kernel"):
+        monkeypatch.setattr(triton_kernels, name, _RecordedLaunch(grids))
+    N, K = 64 * 65535 + 1, 2
+    grad_out = torch.zeros(3, N)
+    triton_kernels.linear_perturb_backward_epilogue(grad_out, torch.empty(0), torch.tensor([0, 1, 1]), 1,
+                                                    torch.zeros(K, N), "none", "add")
+    assert len(grids) == 2
+    for grid in grids:
+        assert all(n <= limit for n, limit in zip(grid, GRID_LIMITS)), f"grid {grid} exceeds {GRID_LIMITS}"
+    assert grids[1] == (K * -(-N // 64),) or grids[1] == (K * -(-N // 128),)

@@ -62,3 +62,16 @@ def test_a_disagreeing_table_raises_collective_order_error(recorded, monkeypatch
 def test_set_order_guard_takes_a_bool_only(value):
     with pytest.raises(TypeError, match="enabled must be a bool"):
         collectives.set_order_guard(value)
+
+
+@pytest.mark.parametrize("layer,steps", [("3", 3), ("1", 3), ("1", 0)], ids=["head-T3", "inner-T3", "inner-T0"])
+def test_diagnostics_issues_no_collective(recorded, layer, steps):
+    """diagnostics() is a local probe: one rank may call it (for logging) while its peers do not, so it may
+    not issue an all-reduce (or the guard's all_gather) that only this rank would reach."""
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer=layer, config=LPAConfig(steps=steps))
+    x, y = batch()
+    method.training_loss(x, y)[0].backward()
+    method.after_backward()
+    recorded.clear()
+    method.diagnostics(x, y)
+    assert recorded == []

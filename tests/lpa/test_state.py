@@ -139,3 +139,25 @@ def test_a_fresh_method_refuses_half_of_the_loss_trend_state_before_taking_any(d
         fresh.as_module().load_state_dict(state)
     after = fresh.as_module().state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items()), "state changed"
+
+
+def test_a_fresh_method_checks_a_loaded_delta_against_its_first_batch():
+    """Before the first batch the per-class shape is unknown, so a loaded delta is checked there: one of
+    another per-class shape (here one scalar per class, with layout "full") is refused before anything
+    changes; one of another float dtype is taken in the dtype a trained method would have (its own)."""
+    source, _ = trained()
+    state = source.state_dict()
+    fresh = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+    fresh.load_state_dict({**state, "lpa.delta": torch.full((NUM_CLASSES,), 0.1, dtype=torch.float64)})
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the loaded delta has per-class shape \(\), but this layer's activations "
+                                         r"\(7,\) give \(7,\)"):
+        fresh.training_loss(*batch())
+    after = fresh.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the refused batch changed the state"
+
+    for dtype in (torch.float32, torch.float64):  # the model is float64: delta is float64 after a batch
+        fresh = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=CONFIG)
+        fresh.load_state_dict({**state, "lpa.delta": state["lpa.delta"].to(dtype)})
+        train_step(fresh, torch.optim.SGD(fresh.model.parameters(), lr=0.1), 0)
+        assert fresh.delta.dtype == torch.float64

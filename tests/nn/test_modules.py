@@ -105,6 +105,11 @@ def test_class_perturbation_trains_the_delta_it_loaded(assign):
     (dict(direction=torch.tensor([1.0, -2.0])), ValueError, r"direction must be in \[-1.0, 1.0\]"),
     (dict(direction=float("nan")), ValueError, "direction must be in"),
     (dict(eps=torch.ones(3)), ValueError, r"eps must be a float or a tensor of shape \(2,\)"),
+    (dict(backend="bogus"), ValueError, "backend must be one of"),
+    (dict(backend=1), TypeError, "backend must be one of"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point torch.dtype"),
+    (dict(shape=4), TypeError, "shape must be a tuple of ints"),
+    (dict(shape=(-4,)), ValueError, "shape must not have negative sizes"),
 ])
 def test_class_perturbation_refuses_bad_settings_on_construction(kwargs, error, match):
     args = dict(num_classes=2, shape=(4,))
@@ -153,3 +158,65 @@ def test_lpa_linear_forward_backward_match_linear_perturb_reference(activation, 
     with torch.no_grad():
         plain = linear_naive.ACTIVATION_FNS[activation](F.linear(x, layer.weight, layer.bias))
         assert torch.allclose(layer(x, labels), plain, rtol=1e-12, atol=1e-14), "eval forward must be act(linear(x))"
+
+
+def _trained_once(module, h, y):
+    module.train()
+    module(h, y).square().sum().backward()
+    return module
+
+
+@pytest.mark.parametrize("make", [lambda: ClassPerturbation(3, (5,)), lambda: LPALinear(5, 5, 3)],
+                         ids=["ClassPerturbation", "LPALinear"])
+def test_modules_pickle_and_train_on_after_unpickling(make):
+    """torch.save(model) pickles the module: no lambda hook, and the unpickled leaf is delta's view again."""
+    import io
+    import pickle
+
+    h, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
+    module = pickle.loads(pickle.dumps(make()))
+    torch.save(module, io.BytesIO())
+    _trained_once(module, h, y)
+    perturbation = module if isinstance(module, ClassPerturbation) else module.perturbation
+    before = perturbation.delta.clone()
+    assert module.step() and not torch.equal(perturbation.delta, before)
+
+
+def test_functional_call_and_torch_func_use_the_substituted_delta():
+    from torch.func import functional_call
+
+    module, h, y = ClassPerturbation(3, (5,)).train(), torch.zeros(2, 5), torch.tensor([0, 2])
+    torch.testing.assert_close(functional_call(module, {"delta": torch.ones(3, 5)}, (h, y)), torch.ones(2, 5))
+    grad = torch.func.grad(lambda d: functional_call(module, {"delta": d}, (h, y)).sum())(torch.zeros(3, 5))
+    torch.testing.assert_close(grad, torch.tensor([[1.0] * 5, [0.0] * 5, [1.0] * 5]))
+    torch.testing.assert_close(module(h, y), torch.zeros(2, 5))  # the buffer itself again afterwards
+
+
+def test_an_assigned_delta_is_the_one_trained():
+    module, h, y = ClassPerturbation(3, (5,)).train(), torch.zeros(2, 5), torch.tensor([0, 2])
+    module.delta = torch.full((3, 5), 0.5)
+    torch.testing.assert_close(module(h, y), torch.full((2, 5), 0.5))
+    module(h, y).sum().backward()
+    assert module.step() and module.delta[1].eq(0.5).all() and not module.delta[0].eq(0.5).all()
+
+
+@pytest.mark.parametrize("move", ["same dtype", "double"])
+def test_a_move_keeps_the_pending_class_gradient(move):
+    module = _trained_once(ClassPerturbation(3, (5,)), torch.randn(4, 5), torch.tensor([0, 1, 2, 1]))
+    expected = module.live_delta().grad.clone()
+    module.to(torch.float32) if move == "same dtype" else module.double()
+    torch.testing.assert_close(module.live_delta().grad, expected.to(module.delta.dtype))
+    assert module.step()
+
+
+def test_delta_stays_in_its_dtype_when_the_model_goes_16_bit_and_follows_float64():
+    layer = LPALinear(4, 5, 3).half()
+    assert (layer.weight.dtype, layer.perturbation.delta.dtype) == (torch.float16, torch.float32)
+    assert layer.to(torch.bfloat16).perturbation.delta.dtype == torch.float32
+    assert layer.double().perturbation.delta.dtype == torch.float64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert LPALinear(4, 5, 3).perturbation.delta.dtype == torch.float64  # a float64 layer by default
+    finally:
+        torch.set_default_dtype(default)

@@ -114,6 +114,8 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error(tmp_path):
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--lr", "0.1"],
      "was written with --lr 0.05, this command has 0.1 (the options that shape training must match)"),
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--method", "erm"], "belongs to run {'method': 'lpa', 'seed': 0}"),
+    (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--imbalance", "20"],
+     "was written with --imbalance 10.0, this command has 20.0"),
     (["--fsdp"], "argument --fsdp: needs several processes"),
 ])
 def test_checkpoint_and_distributed_mistakes_exit_2_with_one_line(runs, tmp_path, capsys, options, message):
@@ -124,3 +126,16 @@ def test_checkpoint_and_distributed_mistakes_exit_2_with_one_line(runs, tmp_path
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error, error
+
+
+def test_resume_takes_options_given_as_their_defaults(runs, tmp_path):
+    """The synthetic-lt default imbalance (10) and the step size lpa-train resolves, given explicitly: the
+    same training, so --resume accepts them (they were refused as 'None vs 10.0')."""
+    from lpa_kernels.lpa import LPAConfig
+    from lpa_programs.data import DEFAULT_IMBALANCE
+
+    saved = torch.load(runs / "A" / "lpa-seed0" / "epoch-0002.pt", weights_only=True)
+    step = LPAConfig(**saved["lpa_config"]).resolved_step_size
+    assert main(["--method", "lpa", *RUN, "--save-dir", str(tmp_path), "--imbalance",
+                 str(DEFAULT_IMBALANCE["synthetic"]), "--step-size", repr(step),
+                 "--resume", str(runs / "A" / "lpa-seed0" / "epoch-0002.pt")]) == 0
