@@ -257,6 +257,11 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# The label plan's sample tiles: with few classes _tiling's tiles are long in B (128 x 16 at K = 10), whose
+# per-sample scans took 96 registers and spilled on sm_80.
+PLAN_BLOCK_B = 16
+
+
 def checked_label_plan(labels, num_classes, bad_range):
     """``StepLaunchers.checked_label_plan``."""
     B = labels.numel()
@@ -265,6 +270,7 @@ def checked_label_plan(labels, num_classes, bad_range):
     ok = torch.empty((), dtype=torch.bool, device=labels.device)
     plan = _index_output(B + num_classes + 2 * segments + 2, labels.device)
     block_b, block_k = _tiling(num_classes)
+    block_b = min(block_b, PLAN_BLOCK_B)
     _checked_label_plan_kernel[(1,)](
         labels, safe, loss_labels, ok, bad_range, plan, B, num_classes, segments,
         IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK_B=block_b, BLOCK_K=block_k,
