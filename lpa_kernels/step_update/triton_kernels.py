@@ -257,9 +257,11 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# The label plan's sample tiles: with few classes _tiling's tiles are long in B (128 x 16 at K = 10), whose
-# per-sample scans took 96 registers and spilled on sm_80.
-PLAN_BLOCK_B = 16
+# The label plan's tiles and warps: _tiling's few-class tiles are long in B (128 x 16 at K = 10), which at
+# 4 warps took 96 registers and spilled on sm_80; at most 64 samples (at least 256 elements: K <= 2 takes 128
+# or 256) over 8 warps compile without spills on sm_90a and sm_80 for K = 1 .. 1000 (32-61 registers), with
+# few tile steps still (B / 64 per pass at K <= 32; 16-sample tiles, also spill-free, took 4 times as many).
+PLAN_BLOCK_B, PLAN_MIN_TILE, PLAN_WARPS = 64, 256, 8
 
 
 def checked_label_plan(labels, num_classes, bad_range):
@@ -270,10 +272,10 @@ def checked_label_plan(labels, num_classes, bad_range):
     ok = torch.empty((), dtype=torch.bool, device=labels.device)
     plan = _index_output(B + num_classes + 2 * segments + 2, labels.device)
     block_b, block_k = _tiling(num_classes)
-    block_b = min(block_b, PLAN_BLOCK_B)
+    block_b = min(block_b, max(PLAN_BLOCK_B, PLAN_MIN_TILE // block_k))
     _checked_label_plan_kernel[(1,)](
         labels, safe, loss_labels, ok, bad_range, plan, B, num_classes, segments,
-        IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK_B=block_b, BLOCK_K=block_k,
+        IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=PLAN_WARPS,
     )
     return safe, loss_labels, ok, plan
 
