@@ -83,17 +83,20 @@ class ClassPerturbation(nn.Module):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name == "delta" and "_live" in self.__dict__:  # a new delta assigned: the leaf follows
-            self._relink()
+        if name == "delta" and "_live" in self.__dict__ and isinstance(value, torch.Tensor):
+            self._relink()  # a new delta assigned: the leaf follows
 
     def __getstate__(self):
-        state = dict(self.__dict__)  # the leaf is remade on unpickling (pickle would not keep it a view)
-        del state["_live"], state["_live_source"]
+        # the leaf is remade on unpickling (pickle would not keep it a view of delta), with its pending gradient
+        state = dict(self.__dict__)
+        state["_pending_grad"] = state.pop("_live").grad
+        del state["_live_source"]
         return state
 
     def __setstate__(self, state):
+        grad = state.pop("_pending_grad")
         super().__setstate__(state)
-        self._relink()
+        self._relink(grad)
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.double() may give delta new storage: the leaf follows it, with a pending gradient

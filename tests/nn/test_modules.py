@@ -182,6 +182,24 @@ def test_modules_pickle_and_train_on_after_unpickling(make):
     assert module.step() and not torch.equal(perturbation.delta, before)
 
 
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copy_keeps_the_pending_class_gradient(copy_with):
+    import copy
+    import pickle
+
+    module = _trained_once(LPALinear(5, 5, 3), torch.randn(4, 5), torch.tensor([0, 1, 2, 1]))
+    twin = copy.deepcopy(module) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(module))
+    torch.testing.assert_close(twin.perturbation.live_delta().grad, module.perturbation.live_delta().grad)
+    assert twin.step() and module.step()
+    torch.testing.assert_close(twin.perturbation.delta, module.perturbation.delta)
+
+
+def test_a_delta_may_be_set_to_none_like_any_buffer():
+    module = ClassPerturbation(3, (5,))
+    module.delta = None
+    assert module.delta is None
+
+
 def test_functional_call_and_torch_func_use_the_substituted_delta():
     from torch.func import functional_call
 
