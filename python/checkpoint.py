@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from lpa_kernels.lpa import LPAConfig
 from lpa_programs.cli import check_writable, number, write_atomically
-from lpa_programs.data import DEFAULT_IMBALANCE
+from lpa_programs.data import DATASETS, resolved_imbalance
 from lpa_programs.distributed import Context, sync_buffers
 
 FORMAT = "lpa-train checkpoint 1"
@@ -72,9 +72,8 @@ def as_trained(config: dict) -> dict:
     imbalance and the PGD step sizes (``LPAConfig.resolved``), so that an option given as its default
     value compares equal to the option left out."""
     config = dict(config)
-    dataset = str(config.get("dataset", ""))
-    if config.get("imbalance") is None and dataset.endswith("-lt"):
-        config["imbalance"] = DEFAULT_IMBALANCE.get(dataset.removesuffix("-lt"))
+    if config.get("dataset") in DATASETS:  # (a dataset of another version of lpa-train: compared as given)
+        config["imbalance"] = resolved_imbalance(config["dataset"], config.get("imbalance"))
     names = {f.name for f in dataclasses.fields(LPAConfig)} & set(config)
     try:
         resolved = LPAConfig(**{name: config[name] for name in names}).resolved()

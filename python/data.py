@@ -93,6 +93,14 @@ def shot_groups(train_counts: list[int], rule: str = "auto") -> tuple[dict[str, 
     return {name: sorted(p.tolist()) for name, p in zip(("many", "medium", "few"), parts)}, "terciles"
 
 
+def resolved_imbalance(name: str, imbalance: float | None) -> float | None:
+    """The imbalance ratio a ``-lt`` dataset is built with: ``imbalance``, or the dataset's default when
+    None (other datasets: ``imbalance`` as given, which ``load`` does not use)."""
+    if imbalance is None and name.endswith("-lt"):
+        return DEFAULT_IMBALANCE[name.removesuffix("-lt")]
+    return imbalance
+
+
 def load(name: str, imbalance: float | None = None, data_dir: str | Path | None = None) -> Dataset:
     """Load ``name`` (one of :data:`DATASETS`); CIFAR needs ``data_dir``."""
     if name not in DATASETS:
@@ -106,7 +114,7 @@ def load(name: str, imbalance: float | None = None, data_dir: str | Path | None 
         x_train, y_train, x_test, y_test, k = _digits() if base == "digits" else _synthetic()
     rng = np.random.default_rng(SPLIT_SEED)
     if long_tail:
-        keep = long_tail_indices(y_train, k, DEFAULT_IMBALANCE[base] if imbalance is None else imbalance, rng)
+        keep = long_tail_indices(y_train, k, resolved_imbalance(name, imbalance), rng)
         x_train, y_train = x_train[keep], y_train[keep]
     x_train, x_test = _standardise(x_train, x_test)
     return Dataset(name, torch.from_numpy(x_train), torch.from_numpy(y_train).long(),

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from lpa_kernels import _checks, backend as _backend
-from lpa_kernels._common import under_transform
+from lpa_kernels._common import compute_dtype, under_transform
 from lpa_kernels.linear_perturb import naive
 from lpa_kernels.linear_perturb.backends import launchers
 
@@ -80,7 +80,7 @@ def _linear_perturb_backward_op(
 
 @_linear_perturb_backward_op.register_fake
 def _(grad_out, preact, labels, delta, rows_per_label, activation, mode, backend):
-    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(grad_out.dtype)
     n = grad_out.shape[1]
     grad_bias, grad_delta = grad_out.new_empty((n,), dtype=acc_dtype), grad_out.new_empty((delta.shape[0], n), dtype=acc_dtype)
     return torch.empty_like(grad_out), grad_bias, grad_delta

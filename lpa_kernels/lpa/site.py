@@ -112,19 +112,18 @@ class ClassSite:
         return None if self.perturbation is None else self.perturbation.delta
 
     def _ensure(self, h: torch.Tensor) -> ClassPerturbation:
-        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         if self.perturbation is None:
-            self._create(delta_shape_for(tuple(h.shape[1:]), self.layout), dtype, h.device)
+            self._create(delta_shape_for(tuple(h.shape[1:]), self.layout), compute_dtype(h.dtype), h.device)
         elif self._loaded_unchecked:
-            self._adopt_loaded(h, dtype)
+            self._adopt_loaded(h)
         return self.perturbation
 
-    def _adopt_loaded(self, h: torch.Tensor, dtype: torch.dtype) -> None:
+    def _adopt_loaded(self, h: torch.Tensor) -> None:
         """The first batch after a checkpoint was loaded into a site that had not trained yet: the loaded
         delta must have the per-class shape this layer's activations give (``ValueError`` otherwise, delta
         unchanged), and takes the dtype and device the site would have made it with, as a trained site's
         load does."""
-        shape, loaded = delta_shape_for(tuple(h.shape[1:]), self.layout), self.perturbation.delta
+        shape, loaded, dtype = delta_shape_for(tuple(h.shape[1:]), self.layout), self.perturbation.delta, compute_dtype(h.dtype)
         if tuple(loaded.shape[1:]) != shape:
             raise ValueError(f"the loaded delta has per-class shape {tuple(loaded.shape[1:])}, but this layer's "
                              f"activations {tuple(h.shape[1:])} give {shape} (layout {self.layout!r})")

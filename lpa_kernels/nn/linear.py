@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpa_kernels import _checks, linear_perturb
+from lpa_kernels._common import compute_dtype
 from lpa_kernels.linear_perturb.naive import ACTIVATION_FNS
 from lpa_kernels.nn.perturbation import ClassPerturbation
 
@@ -43,7 +44,7 @@ class LPALinear(nn.Linear):
         self.perturbation = ClassPerturbation(
             num_classes, (out_features,), mode=mode, eps=eps, step_size=step_size, direction=direction,
             norm=norm, backend=backend, device=device,
-            dtype=torch.float64 if self.weight.dtype == torch.float64 else torch.float32,  # delta accumulates in fp32
+            dtype=compute_dtype(self.weight.dtype),  # delta accumulates in fp32 (fp64 for a float64 layer)
         )
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,5 +54,4 @@ def call_plan(labels: torch.Tensor, num_classes: int, backend: str) -> torch.Ten
     (the op sorts the labels itself, in as many launches as the definition would)."""
     if backend == "reference" or not 0 < labels.numel() * num_classes <= ONE_LAUNCH_PLAN_MAX:
         return None
-    bad_range = torch.empty(2, dtype=torch.int64, device=labels.device)
-    return _checked_label_plan_op(labels.contiguous(), num_classes, bad_range, backend)[3]
+    return checked_labels(labels, num_classes, torch.empty(2, dtype=torch.int64, device=labels.device), backend)[3]
