@@ -11,8 +11,10 @@ and built-in policy (``step_update``), the policy and the guarded PGD step also 
 accumulating in the data's dtype (float32 or float64). The module takes raw pointers (``data_ptr()``)
 and sizes, so it has no tie to torch's C++ ABI.
 
-Each launcher here returns False (``policy``: None), doing nothing, when the kernels do not serve the
-call; the caller then runs its PyTorch ops. They serve contiguous CPU float32/float64 tensors of one
+Each launcher here returns False (``policy``, ``class_stats`` and ``policy_pgd_step``: None), doing nothing,
+when the kernels do not serve the call; the caller then runs its PyTorch ops. ``class_stats`` and
+``policy_pgd_step`` return the call they made as a ``BoundCall``, which the training step repeats on the
+same state tensors (every step makes the same two calls) without the checks. They serve contiguous CPU float32/float64 tensors of one
 dtype (labels int32 or int64, the loss-trend state float64), outside ``torch.compile`` tracing,
 torch.func transforms, tensor subclasses and dispatch modes (which must see the PyTorch ops), when the
 extension is built and ``LPA_HOST_KERNELS`` is not ``0``. Writing through a pointer does not tell
@@ -146,21 +148,23 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
     return True
 
 
-def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> bool:
+def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> BoundCall | None:
     """``step_update/naive.class_stats_`` into ``stats (3, K)`` in place from ``log_probs (B, K)`` of its
-    dtype and ``labels (B,)`` (``ok`` 0-d bool or None); False (nothing done) when the kernels do not
+    dtype and ``labels (B,)`` (``ok`` 0-d bool or None). Returns the call bound to ``stats`` and ``ok``
+    (``BoundCall``, varying ``log_probs`` and ``labels``), or None (nothing done) when the kernels do not
     serve these tensors or a label is outside ``[0, K)`` (the PyTorch ops then raise)."""
     if not _serves(stats, log_probs, dtype=stats.dtype) or log_probs.dim() != 2:
-        return False
+        return None
     batch, classes = log_probs.shape
     if (labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype) or labels.shape != (batch,)
             or stats.shape != (3, classes) or not (ok is None or _plain(ok, torch.bool))):
-        return False
-    if not _load()[0].class_stats(_DTYPE_CODES[stats.dtype], _LABEL_BYTES[labels.dtype], stats.data_ptr(),
-                                  log_probs.data_ptr(), labels.data_ptr(), batch, classes, _address(ok), accumulate):
-        return False
+        return None
+    arguments = (_DTYPE_CODES[stats.dtype], _LABEL_BYTES[labels.dtype], stats.data_ptr(), log_probs.data_ptr(),
+                 labels.data_ptr(), batch, classes, _address(ok), accumulate)
+    if not _load()[0].class_stats(*arguments):
+        return None
     _written(stats)
-    return True
+    return BoundCall("class_stats", arguments, (3, 4), (log_probs, labels), (stats, ok), (stats,))
 
 
 def _vector(t: torch.Tensor | None, dtype: torch.dtype, length: int) -> bool:
@@ -215,26 +219,77 @@ def policy(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, param
     return chosen, radii
 
 
+class BoundCall:
+    """A launcher's kernel call kept with the arguments it checked, to repeat on the same tensors with new
+    ``varying`` ones (``repeat``). The single-pass training step makes the same statistics and update calls on
+    the same state every step, and on a small CPU step the Python that checks and assembles their arguments
+    (in the launcher and its callers) cost more than the kernels: ~50 us against ~10 for the update, in a
+    1.6 ms MLP step where caches are cold for it (measured). ``slots``: where the varying tensors' addresses
+    go in ``arguments``; ``tensors``: the caller's other tensor arguments (None for an absent one), compared
+    by identity and address; ``written``: what the kernel writes, whose versions each run bumps; ``owned``:
+    the launcher's own buffers whose addresses the arguments hold (kept alive here)."""
+
+    def __init__(self, kernel: str, arguments: tuple, slots: tuple, varying: tuple, tensors: tuple,
+                 written: tuple, owned: tuple = ()):
+        self.kernel, self.arguments, self.slots = kernel, arguments, slots
+        self.varying_meta = tuple((t.dtype, t.shape) for t in varying)
+        self.tensors, self.addresses = tensors, tuple(_address(t) for t in tensors)
+        self.written, self.owned = written, owned
+
+    def repeat(self, tensors: tuple, *varying: torch.Tensor) -> bool:
+        """Run the call again with ``varying`` in its slots when ``tensors`` are the bound ones (the same
+        objects at the same addresses), each varying tensor has its bound one's dtype and shape (contiguous,
+        on the CPU) and the kernels may run here; False (nothing done) otherwise, or when the kernel declines
+        (its False): the caller then takes its full path."""
+        if len(tensors) != len(self.tensors) or not _callable():
+            return False
+        for t, bound, address in zip(tensors, self.tensors, self.addresses):
+            if t is not bound or (t is not None and t.data_ptr() != address):
+                return False
+        arguments = list(self.arguments)
+        for t, slot, meta in zip(varying, self.slots, self.varying_meta, strict=True):
+            if not (type(t) is torch.Tensor and (t.dtype, t.shape) == meta and t.is_cpu and t.is_contiguous()):
+                return False
+            arguments[slot] = t.data_ptr()
+        if getattr(_load()[0], self.kernel)(*arguments) is False:
+            return False
+        _written(*self.written)
+        return True
+
+    def __reduce__(self):
+        # a copy (deepcopy, pickle) would hold the addresses of the original's tensors: it becomes a call bound
+        # to no tensor, which no caller's tensors match
+        return BoundCall, ("", (), (), (), (), ())
+
+
 def policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction: str,
-                    radius: str, observe: bool, clear: bool, delta, grad, step, norm: str, ok, skipped) -> bool:
+                    radius: str, observe: bool, clear: bool, delta, grad, step, norm: str, ok,
+                    skipped) -> BoundCall | None:
     """``policy`` (its first eleven arguments; ``stat_skipped`` is its ``skipped``), then the guarded
     ``pgd_step`` of ``delta`` with the direction and radii it gives (``ok`` 0-d bool, ``skipped`` 0-d int64),
-    in one call: the single-pass step's update. False (nothing done) when the kernels do not serve."""
+    in one call: the single-pass step's update. Returns the call bound to these tensors (``BoundCall``, its
+    varying tensor ``grad``; ``params``, the kinds, ``observe``, ``clear`` and ``norm`` are in it too), or
+    None (nothing done) when the kernels do not serve."""
     if ok is None:  # the training step's update is always guarded
-        return False
+        return None
     dtype = delta.dtype
     prepared = _policy_arguments(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params,
                                  direction, radius, observe, dtype)
     if prepared is None:
-        return False
+        return None
     policy_arguments, chosen, radii = prepared
     pgd_prepared = _pgd_arguments(delta, grad, step, radii, chosen, norm, ok, skipped)
     if pgd_prepared is None:
-        return False
+        return None
     grad, pgd_arguments = pgd_prepared  # grad: alive until the kernel has read it
-    _load()[0].policy_pgd_step(_DTYPE_CODES[dtype], *policy_arguments, clear, *pgd_arguments)
-    _written(*_policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear), delta, skipped)
-    return True
+    arguments = (_DTYPE_CODES[dtype], *policy_arguments, clear, *pgd_arguments)
+    _load()[0].policy_pgd_step(*arguments)
+    written = (*_policy_written(stats, loss_ema, fall_ema, stat_skipped, observe, clear), delta, skipped)
+    _written(*written)
+    slot = 3 + len(policy_arguments)  # dtype, the policy's arguments, clear and delta come before grad
+    return BoundCall("policy_pgd_step", arguments, (slot,), (grad,),
+                     (stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, delta, step, ok, skipped),
+                     written, (chosen, radii))
 
 
 def label_range(labels: torch.Tensor) -> tuple[int, int] | None:

@@ -86,6 +86,7 @@ class Policy:
         self._fixed = {}  # (kind, device, dtype) -> a batch-independent policy's tensor
         self._user = None  # (user direction tensor, its version, device, dtype), that tensor converted
         self._kinds = self._fused_kinds()  # the fused policy kernel's choices, None: the rule-by-rule path
+        self._bound_update = None  # (host call, its fixed tensors, its scalars) of step_pgd_, to repeat
         # read several times per training step, so computed once: whether ``resolve`` reads the batch's class
         # statistics, and whether ``observe`` keeps per-class loss history (a direction reading the loss trend)
         self.needs_stats = any(rule.meta.get("batch") for rule in self.rules)
@@ -226,13 +227,25 @@ class Policy:
         """The single-pass step's update: ``step(stats, grad, observe=True, clear=True)``, then the guarded
         PGD step of ``delta`` with that direction and radius (``pgd.op.run_guarded_pgd_step_``; ``step`` the
         ``(K,)`` step sizes, ``ok`` 0-d bool, ``skipped`` its 0-d int64 counter). A built-in policy on the
-        reference backend's CPU tensors takes one host C++ call for both (``step_update.op.policy_pgd_step_``)."""
+        reference backend's CPU tensors takes one host C++ call for both (``step_update.op.policy_pgd_step_``),
+        which the next steps repeat on the same tensors with their gradient (``_bound_update``)."""
+        if self._bound_update is not None:
+            bound, fixed, scalars = self._bound_update
+            trend = (self.loss_ema, self.fall_ema, self._skipped) if self.tracks_loss else (None, None, None)
+            tensors = (stats, *fixed, *trend, delta, step, ok, skipped)
+            if scalars == (norm, backend, self._params(delta.device, backend)) and bound.repeat(tensors, grad):
+                return
+            self._bound_update = None
         if self._kinds is None:
             direction, eps = self.step(stats, grad, True, True, backend)
         else:
             (direction, eps), arguments = self._fused_arguments(stats, grad, True, backend)
             if arguments is not None:
-                step_op.policy_pgd_step_(*arguments, True, delta, grad, step, norm, ok, skipped, backend)
+                bound = step_op.policy_pgd_step_(*arguments, True, delta, grad, step, norm, ok, skipped, backend)
+                # a user's direction tensor is converted anew when it changes (_user_direction): not bound
+                if bound is not None and self.direction_rule is not None:
+                    # arguments[1:3], the fixed tensors, are _fixed's: made once per device and dtype, never replaced
+                    self._bound_update = bound, arguments[1:3], (norm, backend, arguments[6])
                 return
         run_guarded_pgd_step_(delta, grad, step, eps, direction, norm, ok, skipped, backend)
 

@@ -106,6 +106,7 @@ class ClassSite:
         self._leaf = None  # single pass: a leaf sharing delta's storage; training backwards sum into its .grad
         self._pending = False  # single pass: a training forward ran since the last after_backward
         self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
+        self._bound_stats = None  # single pass: the host call adding a batch's statistics to _stats (_batch_stats)
 
     @property
     def delta(self) -> torch.Tensor | None:
@@ -243,10 +244,16 @@ class ClassSite:
         added to ``into`` if given (one kernel in a single process)."""
         if log_probs is None:
             log_probs = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1)
+        log_probs = log_probs.detach()
         if into is not None and world_size() == 1:
-            return class_stats_(into, log_probs.detach(), labels, ok, True, self._resolved_backend)
-        stats = class_stats_(log_probs.new_empty((3, self.num_classes)), log_probs.detach(), labels, ok, False,
-                             self._resolved_backend)
+            if torch.compiler.is_compiling():  # the bound call is eager state: a graph would guard on it
+                class_stats_(into, log_probs, labels, ok, True, self._resolved_backend)
+            # the single-pass step adds into the same statistics every step: its host call is repeated
+            elif self._bound_stats is None or not self._bound_stats.repeat((into, ok), log_probs, labels):
+                self._bound_stats = class_stats_(into, log_probs, labels, ok, True, self._resolved_backend)
+            return into
+        stats = log_probs.new_empty((3, self.num_classes))
+        class_stats_(stats, log_probs, labels, ok, False, self._resolved_backend)
         all_reduce_sum(stats, "class statistics")
         return stats if into is None else into.add_(stats)
 

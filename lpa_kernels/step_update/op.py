@@ -44,17 +44,19 @@ def _(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, di
 
 
 def class_stats_(stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None,
-                 accumulate: bool, backend: str) -> torch.Tensor:
-    """``naive.class_stats_``: ``stats (3, K)`` set to or increased by the batch's class statistics.
-    ``ok`` None: the labels are known good (checked on the host)."""
+                 accumulate: bool, backend: str) -> _host_ext.BoundCall | None:
+    """``naive.class_stats_``: ``stats (3, K)`` set to or increased by the batch's class statistics, in place.
+    ``ok`` None: the labels are known good (checked on the host). Returns the host C++ call bound to ``stats``
+    and ``ok`` where one ran (the reference backend's CPU tensors: a later batch may repeat it), else None."""
     if backend == "reference":
-        if _host_ext.class_stats(stats, log_probs, labels, ok, accumulate):
-            return stats
-        return naive.class_stats_(stats, log_probs, labels, ok, accumulate)
+        bound = _host_ext.class_stats(stats, log_probs, labels, ok, accumulate)
+        if bound is None:
+            naive.class_stats_(stats, log_probs, labels, ok, accumulate)
+        return bound
     if ok is None:
         ok = torch.ones((), dtype=torch.bool, device=stats.device)
     _class_stats_op(stats, log_probs.contiguous(), labels.contiguous(), ok, accumulate, backend)
-    return stats
+    return None
 
 
 def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, params, direction: str, radius: str,
@@ -74,14 +76,18 @@ def policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, skipped, para
 
 def policy_pgd_step_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction: str,
                      radius: str, observe: bool, clear: bool, delta, grad, step, norm: str, ok: torch.Tensor,
-                     skipped: torch.Tensor, backend: str) -> None:
+                     skipped: torch.Tensor, backend: str) -> _host_ext.BoundCall | None:
     """``policy_`` (``stat_skipped``: its ``skipped``; ``dtype`` delta's), then the guarded PGD step of
     ``delta (K, *P)`` from ``grad`` with the direction and radii it gives (``pgd.op.run_guarded_pgd_step_``):
-    the single-pass step's update. One host C++ call on the reference backend's CPU tensors."""
-    if backend == "reference" and _host_ext.policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema,
-                                                            stat_skipped, params, direction, radius, observe, clear,
-                                                            delta, grad, step, norm, ok, skipped):
-        return
+    the single-pass step's update. One host C++ call on the reference backend's CPU tensors, returned bound
+    to these tensors (``_host_ext.BoundCall``: the next step may repeat it with its gradient); else None."""
+    if backend == "reference":
+        bound = _host_ext.policy_pgd_step(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped,
+                                          params, direction, radius, observe, clear, delta, grad, step, norm, ok,
+                                          skipped)
+        if bound is not None:
+            return bound
     chosen, radii = policy_(stats, fixed_direction, fixed_eps, loss_ema, fall_ema, stat_skipped, params, direction,
                             radius, observe, clear, delta.dtype, backend)
     run_guarded_pgd_step_(delta, grad, step, radii, chosen, norm, ok, skipped, backend)
+    return None
