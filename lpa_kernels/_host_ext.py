@@ -11,10 +11,10 @@ and built-in policy (``step_update``), the policy and the guarded PGD step also 
 accumulating in the data's dtype (float32 or float64). The module takes raw pointers (``data_ptr()``)
 and sizes, so it has no tie to torch's C++ ABI.
 
-Each launcher here returns False (``policy``, ``class_stats`` and ``policy_pgd_step``: None), doing nothing,
-when the kernels do not serve the call; the caller then runs its PyTorch ops. ``class_stats`` and
-``policy_pgd_step`` return the call they made as a ``BoundCall``, which the training step repeats on the
-same state tensors (every step makes the same two calls) without the checks. They serve contiguous CPU float32/float64 tensors of one
+Each launcher here returns False (``policy``, ``head_pgd``, ``class_stats`` and ``policy_pgd_step``: None),
+doing nothing, when the kernels do not serve the call; the caller then runs its PyTorch ops. ``head_pgd``,
+``class_stats`` and ``policy_pgd_step`` return the call they made as a ``BoundCall``, which the training step
+repeats on the same state tensors (every step makes the same calls) without the checks. They serve contiguous CPU float32/float64 tensors of one
 dtype (labels int32 or int64, the loss-trend state float64), outside ``torch.compile`` tracing,
 torch.func transforms, tensor subclasses and dispatch modes (which must see the PyTorch ops), when the
 extension is built and ``LPA_HOST_KERNELS`` is not ``0``. Writing through a pointer does not tell
@@ -128,24 +128,28 @@ def pgd_step(delta, grad, step, eps, direction, norm: str, ok=None, skipped=None
 
 
 def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, norm: str, mode: str,
-             class_space: bool, ok=None, skipped=None) -> bool:
+             class_space: bool, ok=None, skipped=None) -> BoundCall | None:
     """``head_pgd/naive.head_pgd_`` on ``delta (K, D)`` in place (``direction`` None: the confidence rule);
     ``class_space``: ``loop.use_class_space``'s choice (add only); with ``skipped`` (0-d int64), the
-    training step's guard on the result (``head_pgd.loop.guarded``; ``ok`` 0-d bool or None).
-    False (nothing done) when the kernels do not serve these tensors."""
+    training step's guard on the result (``head_pgd.loop.guarded``; ``ok`` 0-d bool or None). Returns the
+    call bound to ``weight``, ``bias``, ``delta``, ``step``, ``eps``, ``direction``, ``ok`` and ``skipped``
+    (``BoundCall``, varying ``h`` and ``labels``), or None (nothing done) when the kernels do not serve
+    these tensors."""
     if labels.dtype not in _LABEL_BYTES or not _plain(labels, labels.dtype):
-        return False
+        return None
     if not _serves(h, weight, bias, delta, step, eps, direction, dtype=delta.dtype):
-        return False
+        return None
     if skipped is not None and not (_plain(skipped, torch.int64) and (ok is None or _plain(ok, torch.bool))):
-        return False
+        return None
     (batch, features), classes = h.shape, delta.shape[0]
-    _load()[0].head_pgd(_DTYPE_CODES[delta.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
-                        weight.data_ptr(), _address(bias), delta.data_ptr(), batch, features, classes, steps,
-                        step.data_ptr(), eps.data_ptr(), _address(direction), norm == "l2", mode == "scale",
-                        class_space, l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
+    arguments = (_DTYPE_CODES[delta.dtype], _LABEL_BYTES[labels.dtype], h.data_ptr(), labels.data_ptr(),
+                 weight.data_ptr(), _address(bias), delta.data_ptr(), batch, features, classes, steps, step.data_ptr(),
+                 eps.data_ptr(), _address(direction), norm == "l2", mode == "scale", class_space,
+                 l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
+    _load()[0].head_pgd(*arguments)
     _written(delta, skipped)
-    return True
+    return BoundCall("head_pgd", arguments, (2, 3), (h, labels), (weight, bias, delta, step, eps, direction, ok, skipped),
+                     (delta, skipped))
 
 
 def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> BoundCall | None:
@@ -255,6 +259,17 @@ class BoundCall:
             return False
         _written(*self.written)
         return True
+
+    def keyed(self, keys: tuple) -> BoundCall | None:
+        """This call bound to ``keys`` instead of the launcher's tensors: what the caller will present to
+        ``repeat`` (e.g. a module's parameter where the launcher got its ``detach()``), one key per bound
+        tensor at that tensor's address (None where it is None); None when they are not."""
+        if len(keys) != len(self.tensors) or any(_address(k) != a or (k is None) != (t is None)
+                                                 for k, t, a in zip(keys, self.tensors, self.addresses)):
+            return None
+        call = object.__new__(BoundCall)  # not copy.copy: __reduce__ makes copies that never repeat
+        call.__dict__.update(self.__dict__, tensors=keys)
+        return call
 
     def __reduce__(self):
         # a copy (deepcopy, pickle) would hold the addresses of the original's tensors: it becomes a call bound

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from lpa_kernels import _checks, backend as _backend
+from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import update_in_place
 from lpa_kernels.head_pgd import torch_kernels
 from lpa_kernels.head_pgd.backends import launchers
@@ -83,28 +83,37 @@ def head_pgd_(
     _checks.check_in_place_target(delta, h=h, labels=labels, weight=weight, bias=bias, step_size=step_size, eps=eps,
                                   direction=direction)
     backend = _backend.resolve(backend, device)
-    return run_head_pgd_(h, labels, weight, bias, delta, steps, step, radius, "confidence" if confidence else sign,
-                         norm, mode, backend)
+    run_head_pgd_(h, labels, weight, bias, delta, steps, step, radius, "confidence" if confidence else sign, norm, mode,
+                  backend)
+    return delta
 
 
 def run_head_pgd_(h, labels, weight, bias, delta, steps: int, step, radius, direction, norm: str, mode: str,
                   backend: str, plan: torch.Tensor | None = None, ok: torch.Tensor | None = None,
-                  skipped: torch.Tensor | None = None) -> torch.Tensor:
+                  skipped: torch.Tensor | None = None) -> _host_ext.BoundCall | None:
     """``head_pgd_`` without validation (no device sync), for callers whose arguments are valid by
     construction (the LPA training machinery, whose labels are clamped into range): ``step``, ``radius``
     (> 0) and ``direction`` ``(K,)`` tensors as ``_common.per_class`` makes them (or ``"confidence"``);
     ``backend`` resolved; ``plan`` the labels' ``_common.label_plan`` (the training step's) or None. With
     ``skipped`` (0-d int64), the training step's guard on the result (``loop.guarded``: non-finite rows, or
     all when ``ok`` is False, keep their previous value; the host kernel and the one-launch class space do
-    it in the same launch)."""
+    it in the same launch). Returns the reference backend's host kernel call bound to its tensors
+    (``_host_ext.BoundCall``, which the training step repeats), else None."""
     args = [t.detach().contiguous() for t in (h, labels, weight)]
     bias = None if bias is None else bias.detach().contiguous()
     direction = None if isinstance(direction, str) else direction  # None: the loop applies the confidence rule
     if backend == "reference":  # the loop's algebra in torch ops (naive.py, autograd per step, is the definition)
-        return update_in_place(delta, lambda d: torch_kernels.head_pgd(*args, bias, d, steps, step, radius, direction,
-                                                                       norm, mode, ok, skipped))
+        bound = None
+
+        def run(d):
+            nonlocal bound
+            bound = torch_kernels.head_pgd(*args, bias, d, steps, step, radius, direction, norm, mode, ok, skipped)
+
+        update_in_place(delta, run)
+        return bound
     if plan is None and steps > 0:  # one plan of the labels for all the steps (also when steps == 1, so
         plan = call_plan(args[1], delta.shape[0], backend)  # that a call's set-up is the same whatever its steps)
-    return update_in_place(delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode,
-                                                         backend, plan, ok, skipped))
+    update_in_place(delta, lambda d: _head_pgd_op(*args, bias, d, steps, step, radius, direction, norm, mode, backend,
+                                                  plan, ok, skipped))
+    return None
 

@@ -83,10 +83,14 @@ KERNELS = HeadKernels(perturb=perturb, prepare_class_grad_pgd_step=prepare_class
                       pgd_step=pgd_step, uses_label_plan=False, updates_every_row=True)
 
 
-def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None, skipped=None) -> None:
+def head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, ok=None,
+             skipped=None) -> _host_ext.BoundCall | None:
     """``HeadPGDLaunchers.head_pgd`` (no plan) on these kernels, for the reference backend (the host
-    kernel when it serves the tensors); with ``skipped``, under ``loop.guarded``."""
+    kernel when it serves the tensors: returned bound, ``_host_ext.head_pgd``; else None); with ``skipped``,
+    under ``loop.guarded``."""
     class_space = loop.call_dtypes_and_form(h, weight, delta, steps, mode, norm)[2]
-    if not _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
-                              skipped):
+    bound = _host_ext.head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, class_space, ok,
+                               skipped)
+    if bound is None:
         run_head_pgd(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mode, KERNELS, None, ok, skipped)
+    return bound

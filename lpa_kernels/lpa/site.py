@@ -15,7 +15,9 @@ CUDA backends, a few torch ops on the reference backend): each training forward 
 statistics (counts, sums of the true-class probability and of the cross-entropy) into a persistent
 ``(3, K)`` buffer; ``after_backward`` runs the policy (means, finiteness, confidence threshold and gaps,
 the loss-trend update, direction and radius; the buffer cleared) and the guarded PGD step (one host C++
-call for both on the reference backend's CPU tensors, ``Policy.step_pgd_``). Only the
+call for both on the reference backend's CPU tensors, ``Policy.step_pgd_``). On those tensors the host
+calls a step makes on its state (the statistics, the update, the head path's ``head_pgd_``) are bound once
+and repeated on the next batches (``_host_ext.BoundCall``: their checks cost more than the kernels). Only the
 built-in batch policies have a fused form; a policy a user registered with ``batch=True`` or
 ``trend=True`` runs rule by rule in PyTorch (``Policy.step``), as correct, with more launches.
 
@@ -107,6 +109,7 @@ class ClassSite:
         self._pending = False  # single pass: a training forward ran since the last after_backward
         self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
         self._bound_stats = None  # single pass: the host call adding a batch's statistics to _stats (_batch_stats)
+        self._bound_head = None  # T steps at the head: (the host head_pgd call, its radii) to repeat (_head_pgd)
 
     @property
     def delta(self) -> torch.Tensor | None:
@@ -220,18 +223,29 @@ class ClassSite:
         kernel backends, and any other policy, read the first-step logits here (on a GPU the fused
         statistics and policy kernels take 2 launches where ``loop.py``'s rule in torch ops takes ~20)."""
         flat = h if h.dim() == 2 else h.flatten(1)
+        eager = not torch.compiler.is_compiling()  # the bound call is eager state: a graph would guard on it
+        if eager and self._bound_head is not None:  # the host call of an earlier batch, repeated on this one
+            bound, eps = self._bound_head
+            if bound.repeat((head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped), flat, labels):
+                return
+            self._bound_head = None
         flat_delta = delta if delta.dim() == 2 else delta.view(delta.shape[0], -1)
         weight = head.weight.detach()
         bias = None if head.bias is None else head.bias.detach()
         eps = self.policy.head_radius(delta) if self._resolved_backend == "reference" else None
+        fixed = eps is not None  # the policy's radii, made once (never replaced), and the confidence direction
         direction = "confidence"
         if eps is None:
             logits = None
             if self.policy.needs_stats:
                 logits = F.linear(self.apply(flat, labels, flat_delta, plan), weight, bias)
             direction, eps = self._resolve(logits, labels, delta)
-        run_head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self._step_sizes, eps, direction,
-                      self.norm, self.mode, self._resolved_backend, plan, ok, skipped)
+        bound = run_head_pgd_(flat, labels, weight, bias, flat_delta, self.steps, self._step_sizes, eps, direction,
+                              self.norm, self.mode, self._resolved_backend, plan, ok, skipped)
+        if eager and fixed and bound is not None:
+            # bound to what this method presents next time (the parameters, not their detach())
+            keyed = bound.keyed((head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped))
+            self._bound_head = None if keyed is None else (keyed, eps)
 
     def _resolve(self, logits, labels, delta):
         """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits."""
