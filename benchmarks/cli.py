@@ -34,7 +34,9 @@ COMPILE_SKIPPED = "compile peer skipped in --quick (compiling takes longer than 
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="lpa-bench", description=__doc__.splitlines()[0].replace("``", ""))
+    p = Parser(prog="lpa-bench", description=__doc__.splitlines()[0].replace("``", ""),
+               epilog="lpa-bench static [--json PATH] [--arch ARCH ...] [--measure]: the GPU-free compiled-code "
+                      "report (registers, spills, access widths, a modelled roofline); lpa-bench static --help")
     p.add_argument("--json", metavar="PATH", help="write every row and the run's metadata as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="draw throughput vs size per op with the roofline (PNG; needs matplotlib: "
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
     if args.plot:
         from lpa_bench.plot import plot  # matplotlib: checked to be there before the run
 
-        plot(args.plot, meta, rows)
+        write_or_exit(parser, "--plot", args.plot, lambda: plot(args.plot, meta, rows))
         print(f"wrote {args.plot}", flush=True)
     return 0
 

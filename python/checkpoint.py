@@ -136,11 +136,14 @@ def check_arguments(args: argparse.Namespace) -> str:
             found = resume_file(args.resume, method, seed)
             if found is None:
                 continue
-            saved, mine = as_trained(read(found)["config"]), as_trained(training_config(args))
+            given_saved, given_mine = read(found)["config"], training_config(args)
+            saved, mine = as_trained(given_saved), as_trained(given_mine)
             # an option one of the two versions of lpa-train lacks is not compared
             differ = [k for k in sorted(set(saved) & set(mine)) if saved[k] != mine[k]]
             if differ:
-                k = differ[0]
+                # an option given differently before one that differs only as resolved from it (a step size
+                # resolved from the radius policy)
+                k = next((k for k in differ if given_saved.get(k) != given_mine.get(k)), differ[0])
                 return (f"argument --resume: {found} was written with --{k.replace('_', '-')} {saved.get(k)}, "
                         f"this command has {mine.get(k)} (the options that shape training must match)")
     except (OSError, ValueError, KeyError) as exc:

@@ -109,7 +109,7 @@ class ClassSite:
         self._pending = False  # single pass: a training forward ran since the last after_backward
         self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
         self._bound_stats = None  # single pass: the host call adding a batch's statistics to _stats (_batch_stats)
-        self._bound_head = None  # T steps at the head: (the host head_pgd call, its radii) to repeat (_head_pgd)
+        self._bound_head = None  # T steps at the head: (host head_pgd call, its radii, steps/norm/mode) to repeat
 
     @property
     def delta(self) -> torch.Tensor | None:
@@ -224,9 +224,11 @@ class ClassSite:
         statistics and policy kernels take 2 launches where ``loop.py``'s rule in torch ops takes ~20)."""
         flat = h if h.dim() == 2 else h.flatten(1)
         eager = not torch.compiler.is_compiling()  # the bound call is eager state: a graph would guard on it
+        settings = (self.steps, self.norm, self.mode)  # in the bound call's arguments
         if eager and self._bound_head is not None:  # the host call of an earlier batch, repeated on this one
-            bound, eps = self._bound_head
-            if bound.repeat((head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped), flat, labels):
+            bound, eps, bound_settings = self._bound_head
+            if bound_settings == settings and bound.repeat(
+                    (head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped), flat, labels):
                 return
             self._bound_head = None
         flat_delta = delta if delta.dim() == 2 else delta.view(delta.shape[0], -1)
@@ -245,7 +247,7 @@ class ClassSite:
         if eager and fixed and bound is not None:
             # bound to what this method presents next time (the parameters, not their detach())
             keyed = bound.keyed((head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped))
-            self._bound_head = None if keyed is None else (keyed, eps)
+            self._bound_head = None if keyed is None else (keyed, eps, settings)
 
     def _resolve(self, logits, labels, delta):
         """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits."""
@@ -283,7 +285,7 @@ class ClassSite:
             if not torch.is_grad_enabled():
                 return perturbation.delta.detach()
             self._pending = True
-            return self._leaf  # ``apply`` scales its gradient
+            return self._live_leaf()  # ``apply`` scales its gradient
         if self.init == "fresh":
             with torch.no_grad():
                 if ok is None:
@@ -292,6 +294,18 @@ class ClassSite:
                     perturbation.delta.masked_fill_(ok, 0.0)
         self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
         return perturbation.delta.detach()
+
+    def _live_leaf(self) -> torch.Tensor:
+        """The single-pass leaf, made anew (a pending gradient carried over) when delta has other memory than
+        it: its ``.data`` replaced, ``.double()``, another tensor assigned; else the forward would read a stale
+        copy while the updates go to delta. (Under ``torch.compile`` the leaf traced stays: no address there.)"""
+        leaf, delta = self._leaf, self.perturbation.delta
+        if not torch.compiler.is_compiling() and (leaf.data_ptr(), leaf.dtype, leaf.shape, leaf.device) != (
+                delta.data_ptr(), delta.dtype, delta.shape, delta.device):
+            self._leaf = delta.detach().requires_grad_(True)
+            if leaf.grad is not None:
+                self._leaf.grad = leaf.grad.to(delta.device, delta.dtype).reshape(delta.shape)
+        return self._leaf
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
         """The delta this batch would be trained with, computed on a copy (no state changes: before the
@@ -333,7 +347,7 @@ class ClassSite:
         policy clears them). Returns the number of PGD steps taken (0 or 1)."""
         if not self._pending:
             return 0
-        grad, reads_stats = self._leaf.grad, self.policy.needs_stats or self.policy.tracks_loss
+        grad, reads_stats = self._live_leaf().grad, self.policy.needs_stats or self.policy.tracks_loss
         self._pending, self._leaf.grad = False, None
         stats = self._stats if reads_stats else None  # summed over the processes already
         if grad is None:

@@ -249,6 +249,22 @@ def test_a_report_that_cannot_be_written_mid_run_is_one_line(monkeypatch, capsys
                                 "No space left on device (see lpa-bench --help)"], err
 
 
+def test_a_plot_that_cannot_be_written_is_one_line(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    import lpa_bench.plot
+
+    def refuse(*_args):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(lpa_bench.plot, "plot", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", "--plot", str(tmp_path / "r.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"lpa-bench: error: argument --plot: cannot write {tmp_path / 'r.png'}: "
+                                "No such file or directory (see lpa-bench --help)"], err
+
+
 def test_static_measured_times_sit_next_to_the_modelled_ones():
     from lpa_bench.static import measure
 

@@ -119,7 +119,7 @@ BOUND_KERNELS = {0: ("class_stats", "policy_pgd_step"), 3: ("head_pgd",)}
 
 
 @pytest.mark.parametrize("between", ["nothing", "reload the state", "delta moved", "classifier weight moved",
-                                     "a smaller batch"])
+                                     "a smaller batch", "norm changed", "steps changed", "mode changed"])
 @pytest.mark.parametrize("steps", [0, 3])
 def test_the_training_step_repeating_its_calls_trains_as_the_pytorch_path(steps, between, monkeypatch):
     """The training step on the reference backend's CPU tensors, its host calls bound and repeated, against
@@ -141,6 +141,12 @@ def test_the_training_step_repeating_its_calls_trains_as_the_pytorch_path(steps,
                 perturbation.delta.data = perturbation.delta.data.double().float()  # same values, a new address
             elif between == "classifier weight moved":
                 model[3].weight.data = model[3].weight.data.double().float()
+            elif between == "norm changed":
+                method.lpa.norm = "linf"
+            elif between == "steps changed" and steps:
+                method.lpa.steps = 1
+            elif between == "mode changed" and steps:  # (a single-pass site's mode is its perturbation's)
+                method.lpa.mode = "scale"
 
     results = []
     for host in (True, False):

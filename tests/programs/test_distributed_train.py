@@ -116,6 +116,9 @@ def test_a_rank_that_raises_ends_every_rank_with_the_error(tmp_path):
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--method", "erm"], "belongs to run {'method': 'lpa', 'seed': 0}"),
     (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--imbalance", "20"],
      "was written with --imbalance 10.0, this command has 20.0"),
+    # the option given, not the step sizes resolved from it (which sort before it)
+    (["--resume", "{A}/lpa-seed0/epoch-0002.pt", "--radius", "confidence"],
+     "was written with --radius constant, this command has confidence"),
     (["--fsdp"], "argument --fsdp: needs several processes"),
 ])
 def test_checkpoint_and_distributed_mistakes_exit_2_with_one_line(runs, tmp_path, capsys, options, message):
