@@ -341,7 +341,7 @@ def perturb_class_grad(grad_out: torch.Tensor, h: torch.Tensor | None, labels: t
                        inner: int, mode: str, grad_scale: float = 1) -> torch.Tensor:
     """``perturb/naive.class_grad`` of ``grad_out (B, *F)`` (``h`` of its shape for ``scale``) on the same
     layout as ``perturb``, times ``grad_scale``: a new ``(K, *P) = delta_shape`` tensor of grad_out's dtype,
-    summed in sample order. Only where ``serves_perturb(labels, grad_out, h)``."""
+    summed in sample order in double. Only where ``serves_perturb(labels, grad_out, h)``."""
     grad_delta = grad_out.new_empty(tuple(delta_shape))
     batch, features = grad_out.shape[0], grad_out.shape[1:].numel()
     classes = delta_shape[0]

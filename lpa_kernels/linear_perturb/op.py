@@ -98,6 +98,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_preact):
     x, weight, labels, delta, preact = ctx.saved_tensors
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_out, x, weight, delta)):
+        # create_graph: the result would miss act''(z) (preact is not differentiable), silently wrong
+        raise RuntimeError("linear_perturb's fast backward (backend triton or cuda) is not differentiable: "
+                           "for double backward (create_graph=True) use backend='reference'")
     if _needs_preact(ctx.activation, ctx.mode) and preact.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lpa_kernels::linear_perturb ran with save_preact=False; its backward needs the pre-activation")
     grad_preact, grad_bias, grad_delta = _linear_perturb_backward_op(

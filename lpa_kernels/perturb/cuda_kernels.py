@@ -32,8 +32,12 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
     grad_delta = new_output((num_classes, per_class), grad_delta_dtype, grad_out.device)
     if grad_delta.numel() == 0:
         return grad_h, grad_delta
-    # One data dtype for the kernel: grad_out's, promoted with h's when scale mode reads h.
+    # One data dtype for the kernel: grad_out's, promoted with h's when scale mode reads h, and float64 for a
+    # float64 delta (its gradient sums in float64, as in every other float64 case; the kernel's accumulator
+    # follows its data dtype, so the data is widened: a copy, for this unusual mix only)
     kdtype = torch.promote_types(grad_out.dtype, h.dtype) if scale else grad_out.dtype
+    if grad_delta_dtype == torch.float64:
+        kdtype = torch.float64
     acc = compute_dtype(kdtype)
     kgrad_out, kh = cuda.as_dtype(grad_out, kdtype), cuda.as_dtype(h, kdtype) if scale else None
     kdelta = cuda.delta_for(delta, kdtype) if scale and need_grad_h else None

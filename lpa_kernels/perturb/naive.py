@@ -32,12 +32,14 @@ def class_grad(
 ) -> torch.Tensor:
     """``sum_{b: y_b = c} d h~_b / d delta_c``: the per-class sum of ``grad_out`` (times ``h`` for ``scale``),
     summed over the dimensions ``P`` broadcasts over. Shape ``(K, *P)``; classes absent from the batch get 0."""
-    cd = compute_dtype(grad_out.dtype, h.dtype if h is not None else grad_out.dtype)
+    # float64 when any operand is: grad_out, h, or the delta whose gradient this is (out_dtype)
+    cd = compute_dtype(grad_out.dtype, h.dtype if h is not None else grad_out.dtype, out_dtype or grad_out.dtype)
     g = grad_out.to(cd) if mode == "add" else grad_out.to(cd) * h.to(cd)
     padded = padded_delta_shape(delta_shape, grad_out.shape[1:])
     reduce_dims = [i + 1 for i, (p, f) in enumerate(zip(padded[1:], g.shape[1:])) if p == 1 and f != 1]
     if reduce_dims:
         g = g.sum(dim=reduce_dims, keepdim=True)
     g = g.reshape((g.shape[0],) + padded[1:])
-    total = torch.zeros(padded, dtype=cd, device=grad_out.device).index_add_(0, labels, g)
+    # out of place: under torch.func.vmap an in-place add of a batched g into unbatched zeros is refused
+    total = torch.zeros(padded, dtype=cd, device=grad_out.device).index_add(0, labels, g)
     return total.reshape(tuple(delta_shape)).to(out_dtype or cd)

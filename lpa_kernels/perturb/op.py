@@ -292,6 +292,8 @@ def class_grad(
     ``delta.dtype`` when ``delta`` is given, else float32 (float64 for float64 input). Classes absent
     from the batch get zero. The fast backends reduce per class in a fixed order, so the result is the
     same from run to run (deterministic) whether or not ``torch.use_deterministic_algorithms`` is on.
+    A result that autograd records (grad mode on, ``grad_out`` or ``h`` requiring grad) is computed by the
+    definition (``naive.class_grad``) on every backend, so that it can be differentiated.
     """
     _checks.check_count("num_classes", num_classes, 1)
     delta_shape = _checks.check_shape("delta_shape", delta_shape)
@@ -309,8 +311,11 @@ def class_grad(
     out_dtype = delta.dtype if delta is not None else compute_dtype(grad_out.dtype)
     h = h if mode == "scale" else None
     layout = delta_layout(grad_out.shape[1:], delta_shape)
-    if backend == "reference":
-        if layout is not None and out_dtype == grad_out.dtype and _host_ext.serves_perturb(labels, grad_out, h):
+    # the host and Triton/CUDA kernels return a result outside autograd: one to differentiate is the definition's
+    graph = torch.is_grad_enabled() and (grad_out.requires_grad or (h is not None and h.requires_grad))
+    if backend == "reference" or graph:
+        if (not graph and layout is not None and out_dtype == grad_out.dtype
+                and _host_ext.serves_perturb(labels, grad_out, h)):
             return _host_ext.perturb_class_grad(grad_out, h, labels, delta_shape, layout[1], mode)
         return naive.class_grad(grad_out, labels, num_classes, delta_shape, h=h, mode=mode, out_dtype=out_dtype)
     if layout is None:  # reduce at full resolution, then sum over the broadcast dimensions

@@ -115,14 +115,14 @@ def perturb_backward(grad_out, h, labels, delta, num_classes, per_class, inner, 
     block_d, block_q, block_p, R = reduction_tiling(B, F, per_class, inner)
     num_d_blocks = triton.cdiv(per_class, block_d)
     plan = chunk_plan(segment_start, R, B * R, block_q, num_d_blocks)
-    acc = accumulator(grad_out, h, delta)
+    acc = accumulator(grad_out, h, delta, grad_delta)  # float64 when any operand is (add mode saves no delta)
     if plan is None:  # one program per (segment, d-block) sums straight into grad_delta
         chunk, chunk_segment, first_chunk, programs = 0, segment_start, segment_start, segments
         partial, arrivals = kgrad_delta, segment_start  # unread stand-ins
     else:
         chunk, chunk_segment, first_chunk = plan
         programs = chunk_segment.numel()
-        partial = new_output((programs, per_class), accumulator_dtype(grad_out, h, delta), grad_out.device)
+        partial = new_output((programs, per_class), accumulator_dtype(grad_out, h, delta, grad_delta), grad_out.device)
         arrivals = torch.zeros(segments * num_d_blocks, dtype=torch.int32, device=grad_out.device)
     # Unused pointer arguments get grad_out as a stand-in; the constexpr flags keep them unread.
     _backward_kernel[(programs * num_d_blocks,)](

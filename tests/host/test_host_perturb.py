@@ -194,6 +194,23 @@ def test_class_grad_matches_the_definition(reference_path, mode, per_class, dtyp
 
 
 @pytest.mark.parametrize("mode", ["add", "scale"])
+@pytest.mark.parametrize("shape", [((40, 4096), (1,)), ((8, 3, 64, 64), (3, 1, 1))], ids=["one-value", "channel"])
+def test_long_float32_class_sums_keep_the_definitions_accuracy(reference_path, shape, mode):
+    """One class summing ~160,000 (or ~100,000 per channel) float32 terms: the host kernel summed them one by
+    one in float32 (15-35x the definition's error, whose sums are pairwise); it sums in double now."""
+    (batch, *features), per_class = shape
+    torch.manual_seed(0)
+    grad_out, h = torch.randn(batch, *features), torch.randn(batch, *features)
+    labels, delta_shape = torch.zeros(batch, dtype=torch.int64), (2, *per_class)
+    got = class_grad(grad_out, labels, 2, delta_shape, h=h, mode=mode, backend="reference")
+    truth = naive.class_grad(grad_out.double(), labels, 2, delta_shape, h=h.double(), mode=mode)
+    lowp = naive.class_grad(grad_out, labels, 2, delta_shape, h=h, mode=mode)
+    # the rule itself (at most twice PyTorch's own error): the tolerance's relative floor would hide it here
+    error, own_error = ((t.double() - truth).abs().max().item() for t in (got, lowp))
+    assert error <= 2 * own_error, f"class_grad {mode} P={per_class}: error {error:.2e}, PyTorch's {own_error:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["add", "scale"])
 def test_delta_gradient_scale_of_the_training_entry(reference_path, mode):
     """``run_perturb``'s ``delta_grad_scale`` (the single-pass site's batch size) multiplies delta's
     gradient only, on every path."""

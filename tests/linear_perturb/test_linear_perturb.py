@@ -193,6 +193,20 @@ def test_kernel_gradcheck_float64(target, activation, mode):
     assert torch.autograd.gradcheck(fn, (x, weight, bias, delta), fast_mode=fast), f"{backend} gradcheck {activation} {mode}"
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_kernel_double_backward_raises_instead_of_dropping_the_second_derivative(target):
+    """create_graph through the fast backward: its act''(z) term is not differentiable there (preact is not),
+    so a second derivative would be silently wrong (gelu: every entry alike); it raises, naming the way out."""
+    backend, device = target
+    x, weight, bias, labels, delta = _gradcheck_inputs(device)
+    out = linear_perturb(x, weight, bias, labels, delta, "gelu", "add", backend=backend)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    out = linear_perturb(x, weight, bias, labels, delta, "gelu", "add", backend="reference")
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert torch.autograd.grad(grad_x.sum(), weight)[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("target", [KERNEL_TARGETS[0]])
 def test_gpu_autotuned_forward_wiring(target, monkeypatch):
     """The autotuned forward kernel a GPU uses (grid from the chosen config, config pruning), run in the

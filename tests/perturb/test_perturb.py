@@ -152,6 +152,49 @@ def test_class_grad_matches_reference(target, dtype, layout, mode):
     assert not got[3].any(), "a class absent from the batch must get a zero gradient"
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_class_grad_is_differentiable_on_every_backend(target, mode):
+    """A class gradient autograd records (grad_out or h requiring grad) is the definition's, differentiable
+    on every backend (the host and Triton kernels return results outside autograd: the graph was cut)."""
+    backend, device = target
+    h, labels, delta, grad_out = random_inputs(6, 3, (5,), (5,), torch.float64, device)
+    grad_out.requires_grad_(True)
+    h.requires_grad_(True)
+    inputs = (grad_out, h) if mode == "scale" else (grad_out,)
+    fn = lambda g, *rest: class_grad(g, labels, 3, delta.shape, h=rest[0] if rest else None, mode=mode,  # noqa: E731
+                                      backend=backend)
+    assert fn(*inputs).requires_grad
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_float64_delta_gets_its_gradient_summed_in_float64(target, mode):
+    """float32 activations and a float64 delta: delta's gradient sums in float64 (the dtype rule: any float64
+    operand), so 4096 samples of one class near 1000 keep float64 accuracy; add mode saves no delta, and its
+    fast backward summed in float32 (relative error 5e-8)."""
+    backend, device = target
+    h = torch.randn(4096, 8, device=device)
+    labels = torch.zeros(4096, dtype=torch.int64, device=device)
+    grad_out = torch.rand(4096, 8, device=device) + 1000.0
+    delta = torch.zeros(1, 8, dtype=torch.float64, device=device, requires_grad=True)
+    perturb(h, labels, delta, mode, backend=backend).backward(grad_out)
+    want = naive.class_grad(grad_out.double(), labels, 1, (1, 8), h=h.double(), mode=mode)
+    assert_close_to_reference(delta.grad, want, what=f"grad_delta ({backend}, {mode})")
+    got = class_grad(grad_out, labels, 1, (1, 8), h=h, delta=delta.detach(), mode=mode, backend=backend)
+    assert_close_to_reference(got, want, what=f"class_grad ({backend}, {mode})")
+
+
+def test_class_grad_under_vmap():
+    """``torch.func.vmap`` over a batch of upstream gradients (every backend runs the definition there)."""
+    labels = torch.tensor([0, 2, 1, 2])
+    grads = torch.randn(3, 4, 5, dtype=torch.float64)
+    got = torch.func.vmap(lambda g: class_grad(g, labels, 3, (3, 5), backend="reference"))(grads)
+    want = torch.stack([naive.class_grad(g, labels, 3, (3, 5)) for g in grads])
+    torch.testing.assert_close(got, want)
+
+
 def reduction_chunk_plan(labels: torch.Tensor, num_classes: int, features, per_class, inner: int):
     """The Triton class reduction's ``_triton_common.chunk_plan`` for these labels on features ``F`` with a
     per-class delta ``P`` of run length ``inner`` (None: one program per class and feature block, no chunks)."""
