@@ -72,6 +72,9 @@ def record(recorder) -> None:
                 call(f"{dt} {mode} grad_h={need_grad_h} direct", perturb.perturb_backward,
                      rand(16, 16, dtype=dt), rand(16, 16, dtype=dt), torch.arange(16), rand(16, 16, dtype=dt),
                      16, 16, 1, mode, need_grad_h, acc)
+            if dt != "float64":  # a float64 delta's gradient: float64 accumulators over this data
+                call(f"{dt} {mode} float64 delta split", perturb.perturb_backward, rand(64, 256, dtype=dt),
+                     rand(64, 256, dtype=dt), labels, rand(2, 4, dtype="float64"), 2, 4, 1, mode, False, torch.float64)
             for norm in ("linf", "l2"):
                 step = [torch.rand(2, dtype=acc) for _ in range(3)]
                 call(f"{dt} {norm}", pgd.pgd_step, rand(2, 40, dtype=dt), rand(2, 40, dtype=dt), *step, norm)
