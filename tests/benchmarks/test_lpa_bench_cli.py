@@ -236,33 +236,25 @@ def test_static_accepts_the_arch_spellings(monkeypatch):
     assert seen == [[90, 80, 120]]
 
 
-def test_a_report_that_cannot_be_written_mid_run_is_one_line(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_a_result_that_cannot_be_written_mid_run_is_one_line(option, monkeypatch, capsys, tmp_path):
+    """What the up-front path check cannot foresee (a full disk, a file system gone away) while writing the
+    JSON report or the plot: one line, exit 2, no traceback."""
     def refuse(*_args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "write_json", refuse)
+    if option == "--json":
+        monkeypatch.setattr(cli, "write_json", refuse)
+    else:
+        lpa_plot = pytest.importorskip("lpa_bench.plot")  # needs matplotlib
+        monkeypatch.setattr(lpa_plot, "plot", refuse)
+    path = tmp_path / ("r.json" if option == "--json" else "r.png")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", "--json", str(tmp_path / "r.json")])
+        cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", option, str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"lpa-bench: error: argument --json: cannot write {tmp_path / 'r.json'}: "
+    assert err.splitlines() == [f"lpa-bench: error: argument {option}: cannot write {path}: "
                                 "No space left on device (see lpa-bench --help)"], err
-
-
-def test_a_plot_that_cannot_be_written_is_one_line(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("matplotlib")
-    import lpa_bench.plot
-
-    def refuse(*_args):
-        raise FileNotFoundError(2, "No such file or directory")
-
-    monkeypatch.setattr(lpa_bench.plot, "plot", refuse)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--quick", "--device", "cpu", "--ops", "pgd_step_", "--plot", str(tmp_path / "r.png")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines() == [f"lpa-bench: error: argument --plot: cannot write {tmp_path / 'r.png'}: "
-                                "No such file or directory (see lpa-bench --help)"], err
 
 
 def test_static_measured_times_sit_next_to_the_modelled_ones():
