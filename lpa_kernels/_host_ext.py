@@ -14,12 +14,12 @@ and sizes, so it has no tie to torch's C++ ABI.
 Each launcher here returns False (``policy``, ``head_pgd``, ``class_stats`` and ``policy_pgd_step``: None),
 doing nothing, when the kernels do not serve the call; the caller then runs its PyTorch ops. ``head_pgd``,
 ``class_stats`` and ``policy_pgd_step`` return the call they made as a ``BoundCall``, which the training step
-repeats on the same state tensors (every step makes the same calls) without the checks. They serve contiguous CPU float32/float64 tensors of one
-dtype (labels int32 or int64, the loss-trend state float64), outside ``torch.compile`` tracing,
-torch.func transforms, tensor subclasses and dispatch modes (which must see the PyTorch ops), when the
-extension is built and ``LPA_HOST_KERNELS`` is not ``0``. Writing through a pointer does not tell
-autograd, so the version counters of what a kernel writes (``delta``, the statistics, the trend state)
-are bumped by hand, as an in-place PyTorch op would.
+repeats on the same state tensors (every step makes the same calls) without the checks. They serve
+contiguous CPU float32/float64 tensors of one dtype (labels int32 or int64, the loss-trend state float64),
+outside ``torch.compile`` tracing, torch.func transforms, tensor subclasses and dispatch modes (which must
+see the PyTorch ops), when the extension is built and ``LPA_HOST_KERNELS`` is not ``0``. Writing through a
+pointer does not tell autograd, so the version counters of what a kernel writes (``delta``, the
+statistics, the trend state) are bumped by hand, as an in-place PyTorch op would.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def head_pgd(h, labels, weight, bias, delta, steps: int, step, eps, direction, n
                  l2_radius_margin(delta.dtype), _address(ok), _address(skipped))
     _load()[0].head_pgd(*arguments)
     _written(delta, skipped)
-    return BoundCall("head_pgd", arguments, (2, 3), (h, labels), (weight, bias, delta, step, eps, direction, ok, skipped),
-                     (delta, skipped))
+    return BoundCall("head_pgd", arguments, (2, 3), (h, labels),
+                     (weight, bias, delta, step, eps, direction, ok, skipped), (delta, skipped))
 
 
 def class_stats(stats, log_probs, labels, ok, accumulate: bool) -> BoundCall | None:

@@ -5,10 +5,10 @@ T-step mode (``steps >= 1``): the lower network's output ``h`` is given once; ea
 cross-entropy and applies ``pgd_step_``; the training forward then uses ``delta.detach()``. When
 ``upper`` is exactly the final ``nn.Linear`` the whole loop is one ``head_pgd_`` call (no autograd).
 
-Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with a persistent leaf
-sharing delta's storage; each training backward adds the batch's class gradient to that leaf's ``.grad``
-(so several micro-batches before one ``after_backward`` sum, as one large batch would), and
-``after_backward`` applies one ``pgd_step_`` from the sum.
+Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with the perturbation
+module's leaf sharing delta's storage (``ClassPerturbation.live_delta``); each training backward adds the
+batch's class gradient to that leaf's ``.grad`` (so several micro-batches before one ``after_backward``
+sum, as one large batch would), and ``after_backward`` applies one ``pgd_step_`` from the sum.
 
 The per-step update is a few fused ops (``lpa_kernels.step_update``, one kernel each on the Triton and
 CUDA backends, a few torch ops on the reference backend): each training forward adds its class
@@ -105,7 +105,6 @@ class ClassSite:
         self._step_sizes = self._resolved_backend = None  # for delta's device and dtype, set with delta
         self._skipped = None  # class updates skipped for a non-finite gradient: a device counter, set with delta
         self._loaded_unchecked = False  # a delta loaded before the first batch, not yet checked against one
-        self._leaf = None  # single pass: a leaf sharing delta's storage; training backwards sum into its .grad
         self._pending = False  # single pass: a training forward ran since the last after_backward
         self._stats = None  # single pass: (3, K) class statistics summed over those forwards, zero after each update
         self._bound_stats = None  # single pass: the host call adding a batch's statistics to _stats (_batch_stats)
@@ -144,7 +143,6 @@ class ClassSite:
         # what every PGD step passes to the op, made once
         self._step_sizes = per_class(self.step_size, self.num_classes, self.perturbation.delta)
         self._resolved_backend = _backend.resolve(self.backend, device)
-        self._leaf = self.perturbation.delta.detach().requires_grad_(True)
         self._all_ok = torch.ones((), dtype=torch.bool, device=device)  # the label verdict where none applies
         # the count survives a reload of delta onto another device
         self._skipped = torch.zeros((), dtype=torch.int64, device=device) if self._skipped is None else self._skipped.to(device)
@@ -169,7 +167,8 @@ class ClassSite:
         ``plan`` their ``_common.label_plan`` (built once per training step) or None. The single-pass leaf
         (``training_delta``) gets the class gradient of the summed loss: the mean loss's times the batch size,
         so micro-batches of any sizes add up exactly."""
-        grad_scale = h.shape[0] if delta is self._leaf else 1
+        single_pass_leaf = self.perturbation is not None and delta is self.perturbation.live_delta()
+        grad_scale = h.shape[0] if single_pass_leaf else 1
         return run_perturb(h, labels, delta, self.mode, self._resolved_backend or self.backend, plan, grad_scale)
 
     def _pgd_step(self, delta: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, eps: torch.Tensor,
@@ -285,7 +284,9 @@ class ClassSite:
             if not torch.is_grad_enabled():
                 return perturbation.delta.detach()
             self._pending = True
-            return self._live_leaf()  # ``apply`` scales its gradient
+            # the module's leaf sharing delta's storage (ClassPerturbation.live_delta, which follows delta to new
+            # memory); training backwards sum into its .grad; ``apply`` scales its gradient
+            return perturbation.live_delta()
         if self.init == "fresh":
             with torch.no_grad():
                 if ok is None:
@@ -294,18 +295,6 @@ class ClassSite:
                     perturbation.delta.masked_fill_(ok, 0.0)
         self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
         return perturbation.delta.detach()
-
-    def _live_leaf(self) -> torch.Tensor:
-        """The single-pass leaf, made anew (a pending gradient carried over) when delta has other memory than
-        it: its ``.data`` replaced, ``.double()``, another tensor assigned; else the forward would read a stale
-        copy while the updates go to delta. (Under ``torch.compile`` the leaf traced stays: no address there.)"""
-        leaf, delta = self._leaf, self.perturbation.delta
-        if not torch.compiler.is_compiling() and (leaf.data_ptr(), leaf.dtype, leaf.shape, leaf.device) != (
-                delta.data_ptr(), delta.dtype, delta.shape, delta.device):
-            self._leaf = delta.detach().requires_grad_(True)
-            if leaf.grad is not None:
-                self._leaf.grad = leaf.grad.to(delta.device, delta.dtype).reshape(delta.shape)
-        return self._leaf
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
         """The delta this batch would be trained with, computed on a copy (no state changes: before the
@@ -347,8 +336,8 @@ class ClassSite:
         policy clears them). Returns the number of PGD steps taken (0 or 1)."""
         if not self._pending:
             return 0
-        grad, reads_stats = self._live_leaf().grad, self.policy.needs_stats or self.policy.tracks_loss
-        self._pending, self._leaf.grad = False, None
+        leaf, reads_stats = self.perturbation.live_delta(), self.policy.needs_stats or self.policy.tracks_loss
+        grad, self._pending, leaf.grad = leaf.grad, False, None
         stats = self._stats if reads_stats else None  # summed over the processes already
         if grad is None:
             if stats is not None:

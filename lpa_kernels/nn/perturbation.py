@@ -114,8 +114,15 @@ class ClassPerturbation(nn.Module):
     def live_delta(self) -> torch.Tensor:
         """The delta a training forward uses: the leaf sharing delta's storage that collects the class
         gradient for ``step`` (a graph input under ``torch.compile``, not a tensor made in the graph), or the
-        delta ``torch.func.functional_call`` substituted for the buffer, as given."""
-        return self._live if self.delta is self._live_source else self.delta
+        delta ``torch.func.functional_call`` substituted for the buffer, as given. The leaf is made anew, its
+        pending gradient carried, when the buffer's storage was replaced in place (``delta.data = ...``;
+        eager only: a traced graph has no addresses)."""
+        if self.delta is not self._live_source:
+            return self.delta
+        if not torch.compiler.is_compiling() and self._live.data_ptr() != self.delta.data_ptr():
+            grad = self._live.grad
+            self._relink(None if grad is None else grad.to(device=self.delta.device, dtype=self.delta.dtype))
+        return self._live
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or labels is None:

@@ -72,3 +72,8 @@ def test_the_class_gradient_leaf_follows_delta_when_the_module_moves():
     assert module.live_delta().data_ptr() == module.delta.data_ptr(), "the leaf must share delta's storage"
     twin = copy.deepcopy(module)
     assert twin.live_delta().data_ptr() == twin.delta.data_ptr() != module.delta.data_ptr()
+    module.live_delta().grad = torch.ones_like(module.delta)  # a pending class gradient
+    module.delta.data = module.delta.data.float()  # the buffer's storage replaced in place
+    leaf = module.live_delta()
+    assert leaf.data_ptr() == module.delta.data_ptr() and leaf.dtype == torch.float32
+    assert torch.equal(leaf.grad, torch.ones_like(module.delta)), "the pending gradient is carried"
