@@ -14,10 +14,11 @@ file holds everything the rest of the run depends on (``torch.load(path, weights
 
 ``--resume FILE`` continues the run that wrote FILE; ``--resume DIR`` continues every requested run
 from its newest checkpoint under DIR (a run without one starts from scratch). The options that shape
-training must equal the checkpoint's (those both versions of lpa-train have); the process count, device, backend, FSDP and output options may
-differ: the global batches do not depend on the number of processes, and the model, optimizer and
-method state are saved whole. Rank 0 reads the file and sends it to the other ranks, so the ranks need
-not share a file system.
+training must equal the checkpoint's (those both versions of lpa-train have, except options the run's
+method reads under neither setting, e.g. ``--lpl-eps`` of an lpa run); the process count, device,
+backend, FSDP and output options may differ: the global batches do not depend on the number of
+processes, and the model, optimizer and method state are saved whole. Rank 0 reads the file and sends
+it to the other ranks, so the ranks need not share a file system.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def as_trained(config: dict) -> dict:
     return config
 
 
+def unread_options(config: dict, method: str) -> set[str]:
+    """The ``LPAConfig`` options in ``config`` (``training_config``'s) that the method ``method`` does not read
+    (``LPAConfig.settings_for``: e.g. ``--lpl-eps`` for ``lpa``, every LPA option for ``erm``); none when
+    ``config`` does not make an ``LPAConfig`` (options of another version of lpa-train: all compared)."""
+    names = {f.name for f in dataclasses.fields(LPAConfig)} & set(config)
+    try:
+        read_by_method = LPAConfig(**{name: config[name] for name in names}).settings_for(method)
+    except (TypeError, ValueError):
+        return set()
+    return names - set(read_by_method)
+
+
 def read(path: Path) -> dict:
     """The checkpoint in ``path``; ``ValueError`` if it is not one (``OSError`` if it cannot be read)."""
     try:
@@ -138,8 +151,10 @@ def check_arguments(args: argparse.Namespace) -> str:
                 continue
             given_saved, given_mine = read(found)["config"], training_config(args)
             saved, mine = as_trained(given_saved), as_trained(given_mine)
-            # an option one of the two versions of lpa-train lacks is not compared
-            differ = [k for k in sorted(set(saved) & set(mine)) if saved[k] != mine[k]]
+            # an option one of the two versions of lpa-train lacks is not compared, nor one that the run's
+            # method reads under neither of the two settings (e.g. --lpl-eps of an lpa run)
+            unread = unread_options(given_saved, method) & unread_options(given_mine, method)
+            differ = [k for k in sorted(set(saved) & set(mine) - unread) if saved[k] != mine[k]]
             if differ:
                 # an option given differently before one that differs only as resolved from it (a step size
                 # resolved from the radius policy)

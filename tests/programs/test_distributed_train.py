@@ -142,3 +142,21 @@ def test_resume_takes_options_given_as_their_defaults(runs, tmp_path):
     assert main(["--method", "lpa", *RUN, "--save-dir", str(tmp_path), "--imbalance",
                  str(DEFAULT_IMBALANCE["synthetic"]), "--step-size", repr(step),
                  "--resume", str(runs / "A" / "lpa-seed0" / "epoch-0002.pt")]) == 0
+
+
+@pytest.mark.parametrize("method, options, refused", [
+    ("lpa", ["--lpl-eps", "3", "--dropout-p", "0.3", "--gamma", "2"], None),  # LPL's, dropout's, a radius rule's
+    ("lpa", ["--radius", "frequency", "--gamma", "2"], "--gamma 1.0"),  # read under this command's radius rule
+    ("mixup", ["--steps", "0", "--eps", "3", "--direction", "ascent"], None),  # no LPA option is mixup's
+    ("mixup", ["--mixup-alpha", "0.7"], "--mixup-alpha"),
+])
+def test_resume_compares_only_the_options_the_runs_method_reads(runs, method, options, refused):
+    """A run's checkpoint resumes whatever the options its method never reads say (they were refused before:
+    an lpa run's --lpl-eps changes nothing of its training); an option the method reads still must match."""
+    from lpa_programs import checkpoint as checkpoint_options
+    from lpa_programs.train import build_parser
+
+    folder = runs / "B" / f"{method}-seed0"
+    args = build_parser().parse_args(["--method", method, *RUN[:-4], *options, "--resume", str(folder / "epoch-0002.pt")])
+    problem = checkpoint_options.check_arguments(args)
+    assert (refused in problem) if refused else problem == "", problem
