@@ -10,10 +10,10 @@ deltas. The order guard prevents that: before each LPA all-reduce every rank con
 once, since all of them see the same table). "Training call" counts every ``Method.training_loss`` call
 of the process, including calls that raised, so a skipped or repeated step shows even when the failed
 call issued no collective. The check reads the gathered table on the host: one synchronisation per LPA
-all-reduce (T + 1 per T-step training step), which ``set_order_guard(False)`` removes where every rank
-is known to run the same steps (the collectives are then the bare all-reduces). Within ``local_only()``
-(``Method.diagnostics``: a probe of this process's batch, which one rank may run while its peers do not)
-the all-reduces are skipped.
+all-reduce (T + 1 per T-step training step, one per site and single-pass step), which
+``set_order_guard(False)`` removes where every rank is known to run the same steps (the collectives are
+then the bare all-reduces). Within ``local_only()`` (``Method.diagnostics``: a probe of this process's
+batch, which one rank may run while its peers do not) the all-reduces are skipped.
 """
 
 from __future__ import annotations
@@ -67,6 +67,21 @@ def all_reduce_sum(t: torch.Tensor, what: str = "tensor") -> torch.Tensor:
             _check_order(t, what)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_sum_together(tensors: list[torch.Tensor], what: str) -> None:
+    """``all_reduce_sum`` of each of ``tensors`` in place, as ONE all-reduce (and one order check) when
+    they share a dtype and device: packed into one buffer and copied back, which costs two small copies
+    where each all-reduce costs a collective's latency (and the guard's gather and host read)."""
+    if world_size() == 1 or _guard["local"]:
+        return
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        for t in tensors:
+            all_reduce_sum(t, what)
+        return
+    packed = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]), what)
+    for t, part in zip(tensors, packed.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def _check_order(t: torch.Tensor, what: str) -> None:

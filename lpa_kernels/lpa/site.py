@@ -39,7 +39,8 @@ Class gradient, defined so that data-parallel training equals one process on the
 gradient of the cross-entropy SUMMED over the global batch. T-step mode differentiates the summed loss
 directly; single-pass mode multiplies the gradient of the local mean loss by the local batch size.
 Under ``torch.distributed`` (world size > 1) it is all-reduced (summed) before every step, and the
-policies read statistics summed over all processes, so every rank keeps the same delta.
+policies read statistics summed over all processes, so every rank keeps the same delta (single pass: the
+class gradient and the statistics in one all-reduce, at ``after_backward``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from torch import nn
 
 from lpa_kernels import backend as _backend
 from lpa_kernels._common import compute_dtype, per_class
+from lpa_kernels.lpa.collectives import all_reduce_sum_together
 from lpa_kernels.lpa.policy import Policy, all_reduce_sum, world_size
 from lpa_kernels.head_pgd.op import run_head_pgd_
 from lpa_kernels.nn.perturbation import ClassPerturbation
@@ -207,11 +209,13 @@ class ClassSite:
             for t in range(self.steps):
                 live = delta.detach().requires_grad_(True)
                 logits = upper(self.apply(h, labels, live, plan), extras)
-                if t == 0:
-                    direction, eps = self._resolve(logits, labels, delta)
                 loss = F.cross_entropy(logits.to(compute_dtype(logits.dtype)), labels, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, live)
-                self._pgd_step(delta, all_reduce_sum(grad), direction, eps, ok, skipped)
+                if t == 0:  # the policy reads the first step's logits, whose statistics are summed with grad
+                    direction, eps = self._resolve(logits, labels, delta, grad)
+                else:
+                    all_reduce_sum(grad)
+                self._pgd_step(delta, grad, direction, eps, ok, skipped)
 
     def _head_pgd(self, delta, h, labels, head: nn.Linear, ok: torch.Tensor | None, skipped: torch.Tensor,
                   plan: torch.Tensor | None) -> None:
@@ -248,19 +252,24 @@ class ClassSite:
             keyed = bound.keyed((head.weight, head.bias, delta, self._step_sizes, eps, None, ok, skipped))
             self._bound_head = None if keyed is None else (keyed, eps, settings)
 
-    def _resolve(self, logits, labels, delta):
-        """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits."""
-        stats = self._batch_stats(logits, labels, None) if self.policy.needs_stats else None
+    def _resolve(self, logits, labels, delta, grad=None):
+        """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits; ``grad``, that
+        step's class gradient (None: none here), is summed over the processes in the statistics' all-reduce."""
+        stats = self._batch_stats(logits, labels, None, summed=False) if self.policy.needs_stats else None
+        reduced = [t for t in (grad, stats) if t is not None]
+        if reduced:
+            all_reduce_sum_together(reduced, "class gradient and statistics")
         return self.policy.step(stats, delta, observe=False, clear=False, backend=self._resolved_backend)
 
-    def _batch_stats(self, logits, labels, ok, log_probs=None, into=None) -> torch.Tensor:
+    def _batch_stats(self, logits, labels, ok, log_probs=None, into=None, summed=True) -> torch.Tensor:
         """The ``(3, K)`` class statistics of ``logits`` (``log_probs``: their log-softmax in compute
-        precision, if known) summed over the processes, zero when ``ok`` is False (None: known True);
-        added to ``into`` if given (one kernel in a single process)."""
+        precision, if known), zero when ``ok`` is False (None: known True): summed over the processes
+        (``summed``; else this process's, which the caller sums), or if ``into`` is given, this process's
+        added to it (one kernel; the single-pass step sums them with its class gradient, ``after_backward``)."""
         if log_probs is None:
             log_probs = logits.detach().to(compute_dtype(logits.dtype)).log_softmax(dim=1)
         log_probs = log_probs.detach()
-        if into is not None and world_size() == 1:
+        if into is not None:
             if torch.compiler.is_compiling():  # the bound call is eager state: a graph would guard on it
                 class_stats_(into, log_probs, labels, ok, True, self._resolved_backend)
             # the single-pass step adds into the same statistics every step: its host call is repeated
@@ -269,8 +278,7 @@ class ClassSite:
             return into
         stats = log_probs.new_empty((3, self.num_classes))
         class_stats_(stats, log_probs, labels, ok, False, self._resolved_backend)
-        all_reduce_sum(stats, "class statistics")
-        return stats if into is None else into.add_(stats)
+        return all_reduce_sum(stats, "class statistics") if summed else stats
 
     # ----- one training step -----------------------------------------------------------------------
     def training_delta(self, h, extras, labels, ok, upper, head=None, plan=None) -> torch.Tensor:
@@ -317,7 +325,7 @@ class ClassSite:
         the "loss_trend" policy (zero for a batch whose ``ok`` is False, so it changes neither; ``ok``
         None: labels known good). ``log_probs``: their log-softmax in compute precision, if already
         known. In single-pass mode the statistics of the forwards before one ``after_backward`` are
-        summed (in place, one kernel) and used there."""
+        summed (in place, one kernel) and used there (summed over the processes there)."""
         single_pass = self.steps == 0 and self._pending
         if not (single_pass and self.policy.needs_stats or self.policy.tracks_loss):
             return
@@ -338,12 +346,14 @@ class ClassSite:
             return 0
         leaf, reads_stats = self.perturbation.live_delta(), self.policy.needs_stats or self.policy.tracks_loss
         grad, self._pending, leaf.grad = leaf.grad, False, None
-        stats = self._stats if reads_stats else None  # summed over the processes already
+        stats = self._stats if reads_stats else None  # this process's (observe)
         if grad is None:
             if stats is not None:
                 stats.zero_()
             return 0
-        grad = all_reduce_sum(grad)  # gradient of the summed CE over the global batch (module docstring)
+        # the gradient of the summed CE over the global batch (module docstring) and the statistics of that
+        # batch: one all-reduce for both
+        all_reduce_sum_together([grad] if stats is None else [grad, stats], "class gradient and statistics")
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
         self.policy.step_pgd_(stats, self.perturbation.delta, grad, self._step_sizes, self.norm, self._all_ok,
                               self._skipped, self._resolved_backend)

@@ -5,7 +5,7 @@ all-reduces run bare. (Two real processes: ``test_distributed.py``.)"""
 import pytest
 import torch
 
-from lpa_kernels.lpa import LPAConfig, build_method, collectives
+from lpa_kernels.lpa import LPAConfig, build_method, collectives, site
 from tests.lpa.models import NUM_CLASSES, batch, mlp
 
 
@@ -21,6 +21,7 @@ def recorded(monkeypatch):
             t.copy_(mine)
 
     monkeypatch.setattr(collectives, "world_size", lambda: 2)
+    monkeypatch.setattr(site, "world_size", lambda: 2)  # (its own binding: the fused head path is single-process)
     monkeypatch.setattr(collectives.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(collectives.dist, "all_gather", all_gather)
     monkeypatch.setattr(collectives.dist, "all_reduce", lambda t, op=None: calls.append("all_reduce"))
@@ -56,6 +57,26 @@ def test_a_disagreeing_table_raises_collective_order_error(recorded, monkeypatch
     monkeypatch.setattr(collectives.dist, "get_rank", lambda: 0)
     with pytest.raises(collectives.CollectiveOrderError, match="out of step across ranks"):
         _train_one_step()
+
+
+@pytest.mark.parametrize("name, layer, config, reduces", [
+    ("lpa", "3", LPAConfig(steps=0, direction="confidence"), 1),  # class gradient and statistics packed
+    ("lpa", "3", LPAConfig(steps=0, direction="ascent"), 1),  # no statistics read
+    ("lpa", "3", LPAConfig(steps=0, direction="loss_trend"), 1),
+    ("lpa+lpl", "3", LPAConfig(steps=0, lpl_steps=0, direction="confidence"), 2),  # one per site
+    # T steps: the first step's gradient with the statistics the policy reads, then one per step
+    ("lpa", "1", LPAConfig(steps=3, direction="confidence", radius="confidence"), 3),
+    ("lpa", "3", LPAConfig(steps=2, head="never", direction="ascent"), 2),
+])
+def test_lpa_all_reduces_once_per_site_and_pgd_step(recorded, name, layer, config, reduces):
+    method = build_method(name, mlp(), NUM_CLASSES, layer=layer, config=config)
+    x, y = batch()
+    for _ in range(2):
+        recorded.clear()
+        loss, _ = method.training_loss(x, y)
+        loss.backward()
+        method.after_backward()
+        assert recorded == ["all_gather", "all_reduce"] * reduces, recorded
 
 
 @pytest.mark.parametrize("value", [1, "off", None])

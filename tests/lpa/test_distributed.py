@@ -80,10 +80,11 @@ def _skip_a_step_on_rank_0(rank: int) -> str:
             loss, _ = method.training_loss(x[step, rows], labels)
         except TypeError:
             continue
+        loss.backward()
+        try:  # the single-pass step's all-reduce (class gradient and statistics)
+            method.after_backward()
         except CollectiveOrderError as error:
             return f"CollectiveOrderError at step {step}: {error}"
-        loss.backward()
-        method.after_backward()
     return "finished"
 
 
