@@ -22,7 +22,11 @@ template <typename T> T dot(const T* a, const T* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
 }
 
-template <typename T> void axpy(T* y, T a, const T* x, int64_t n) {
+// y (n, double) += a x. The sums over classes and samples (the softmax's total, the sample and class
+// gradients, the class sums of P - Y) run in double: one running float32 sum over K = 131,072 classes
+// lost ~100x PyTorch's (pairwise) accuracy. Double also keeps the result independent of the order the
+// terms come in, to the last float32 bit in practice.
+template <typename T> void axpy(double* y, double a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
@@ -30,9 +34,9 @@ template <typename T> void axpy(T* y, T a, const T* x, int64_t n) {
 template <typename T> void softmax(T* z, int64_t K) {
   T largest = z[0];
   for (int64_t k = 1; k < K; ++k) largest = std::max(largest, z[k]);
-  T total = 0;
+  double total = 0;
   for (int64_t k = 0; k < K; ++k) total += z[k] = std::exp(z[k] - largest);
-  for (int64_t k = 0; k < K; ++k) z[k] /= total;
+  for (int64_t k = 0; k < K; ++k) z[k] = T(z[k] / total);
 }
 
 // confidence.confidence_direction's sign from the true-class probabilities p_true (B,): p_c the mean over
@@ -40,13 +44,13 @@ template <typename T> void softmax(T* z, int64_t K) {
 // A class whose sum is not finite (a NaN sample) counts as absent.
 template <typename T, typename Label>
 void confidence_direction(T* direction, const T* p_true, const Label* labels, int64_t B, int64_t K) {
-  std::vector<T> sums(K, T(0)), counts(K, T(0));
+  std::vector<double> sums(K, 0.0), counts(K, 0.0);
   for (int64_t b = 0; b < B; ++b) {
     sums[labels[b]] += p_true[b];
     counts[labels[b]] += 1;
   }
   std::vector<char> present(K);
-  T total = 0, n_present = 0;
+  double total = 0, n_present = 0;
   for (int64_t c = 0; c < K; ++c) {
     present[c] = counts[c] > 0 && std::isfinite(sums[c]);
     if (present[c]) {
@@ -55,9 +59,9 @@ void confidence_direction(T* direction, const T* p_true, const Label* labels, in
       n_present += 1;
     }
   }
-  const T thr = total / std::max(n_present, T(1));
+  const double thr = total / std::max(n_present, 1.0);
   for (int64_t c = 0; c < K; ++c) {
-    const T gap = present[c] ? thr - sums[c] : T(0);
+    const double gap = present[c] ? thr - sums[c] : 0.0;
     direction[c] = T((gap > 0) - (gap < 0));
   }
 }
@@ -70,11 +74,13 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
                     bool class_space, T margin) {
   if (B == 0 || steps == 0) return;
   std::vector<T> grad(K * D), probs(K), p_true(direction == nullptr ? B : 0), confidence(K);
+  std::vector<double> class_grad(K * D);  // grad, summed in double (axpy), rounded once per step
   std::vector<char> present(K, 0);
   for (int64_t b = 0; b < B; ++b) present[labels[b]] = 1;
   // class space: the logits without delta (B, K), once; per step the offset E = delta W^T (K, K) and the
   // class sums S[c] = sum_{y_b = c} (P_b - Y_b) (K, K). Rows: the perturbed sample and its gradient (D).
-  std::vector<T> base, shift, sums, h_tilde, sample_grad;
+  std::vector<T> base, shift, h_tilde;
+  std::vector<double> sums, sample_grad;
   if (class_space) {
     base.resize(B * K);
     shift.resize(K * K);
@@ -87,23 +93,23 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
   }
   for (int64_t t = 0; t < steps; ++t) {
     const bool first_confidence = direction == nullptr;
-    std::fill(grad.begin(), grad.end(), T(0));
+    std::fill(class_grad.begin(), class_grad.end(), 0.0);
     if (class_space) {
       for (int64_t c = 0; c < K; ++c)
         if (present[c])
           for (int64_t k = 0; k < K; ++k) shift[c * K + k] = dot(delta + c * D, weight + k * D, D);
-      std::fill(sums.begin(), sums.end(), T(0));
+      std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t c = labels[b];
         for (int64_t k = 0; k < K; ++k) probs[k] = base[b * K + k] + shift[c * K + k];
         softmax(probs.data(), K);
         if (first_confidence) p_true[b] = probs[c];
         probs[c] -= 1;
-        axpy(&sums[c * K], T(1), probs.data(), K);
+        axpy(&sums[c * K], 1.0, probs.data(), K);
       }
       for (int64_t c = 0; c < K; ++c)
         if (present[c])
-          for (int64_t k = 0; k < K; ++k) axpy(&grad[c * D], sums[c * K + k], weight + k * D, D);
+          for (int64_t k = 0; k < K; ++k) axpy(&class_grad[c * D], sums[c * K + k], weight + k * D, D);
     } else {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t c = labels[b];
@@ -114,12 +120,13 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
         softmax(probs.data(), K);
         if (first_confidence) p_true[b] = probs[c];
         probs[c] -= 1;
-        std::fill(sample_grad.begin(), sample_grad.end(), T(0));
+        std::fill(sample_grad.begin(), sample_grad.end(), 0.0);
         for (int64_t k = 0; k < K; ++k) axpy(sample_grad.data(), probs[k], weight + k * D, D);
-        T* gc = &grad[c * D];
+        double* gc = &class_grad[c * D];
         for (int64_t i = 0; i < D; ++i) gc[i] += scale ? sample_grad[i] * hb[i] : sample_grad[i];
       }
     }
+    for (int64_t i = 0; i < K * D; ++i) grad[i] = T(class_grad[i]);
     if (first_confidence) {  // LPL's rule, fixed from the first step's softmax
       confidence_direction(confidence.data(), p_true.data(), labels, B, K);
       direction = confidence.data();

@@ -51,17 +51,20 @@ template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, 
     for (int64_t i = 0; i < N; ++i) unit[i] = std::isinf(g[i]) ? sign_keep_nan(g[i]) : T(0);
   else
     for (int64_t i = 0; i < N; ++i) unit[i] = g[i] / largest;
-  T squares = 0;
-  for (int64_t i = 0; i < N; ++i) squares += unit[i] * unit[i];
-  const T denom = std::sqrt(squares) + (infinite ? T(0) : T(1e-12) / largest);
-  T length2 = 0;
+  // The two norms sum in double: a float32 running sum over a long row lost ~10x PyTorch's (pairwise)
+  // accuracy and left rows above eps by more than the margin; double also cannot overflow on a float32
+  // delta (a row of 3e19 entries has a finite norm) and costs nothing next to the row's memory traffic.
+  double squares = 0;
+  for (int64_t i = 0; i < N; ++i) squares += double(unit[i]) * unit[i];
+  const T denom = T(std::sqrt(squares)) + (infinite ? T(0) : T(1e-12) / largest);
+  double length2 = 0;
   for (int64_t i = 0; i < N; ++i) {
     d[i] += sd * (unit[i] / denom);
-    length2 += d[i] * d[i];
+    length2 += double(d[i]) * d[i];
   }
-  const T length = std::sqrt(length2), radius = eps - eps * margin;
+  const double length = std::sqrt(length2), radius = double(eps - eps * margin);
   if (length > radius) {
-    const T shrink = radius / length;
+    const T shrink = T(radius / length);
     for (int64_t i = 0; i < N; ++i) d[i] *= shrink;
   }
 }

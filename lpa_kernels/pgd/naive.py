@@ -12,7 +12,9 @@ L2 details every backend follows (``pgd_step_``'s docstring states them for user
   ``||g_c||^2`` cannot overflow); a row holding +-Inf entries steps along the sign pattern of those
   entries (finite entries count 0), the limit of ``g / ||g||`` as they grow: finite, not NaN;
 - the projection targets ``eps_c - eps_c * l2_radius_margin`` (a few ulps inside eps), so rounding in the
-  norm never leaves a class above ``eps_c``.
+  norm never leaves a class above ``eps_c``; the norm of the stepped row is summed in float64 (a float32
+  sum over a row of millions lost more than the margin, and squares of entries near 1e19 overflowed it,
+  shrinking a row inside the ball to zero).
 The arithmetic runs in float64 when delta or grad is float64, else float32.
 """
 
@@ -41,9 +43,9 @@ def pgd_step_(
         new = torch.maximum(torch.minimum(d + step * direction * sign, eps), -eps)
     else:
         new = d + step * direction * l2_unit(g)
-        length = torch.linalg.vector_norm(new, dim=1, keepdim=True)
-        radius = eps - eps * l2_radius_margin(cd)
-        new = torch.where(length > radius, new * (radius / length), new)
+        length = torch.linalg.vector_norm(new, dim=1, keepdim=True, dtype=torch.float64)
+        radius = (eps - eps * l2_radius_margin(cd)).double()
+        new = torch.where(length > radius, new * (radius / length).to(cd), new)
     active = (g != 0).any(dim=1, keepdim=True)
     with torch.no_grad():
         delta.copy_(torch.where(active, new, d).reshape(delta.shape))

@@ -123,3 +123,23 @@ def test_training_guard_keeps_non_finite_classes_and_counts_them(reference_path,
     others = [0, 2, 3, 4]
     assert torch.isnan(expected[1]).all(), "test setup: the definition's class 1 should be NaN"
     torch.testing.assert_close(delta[others], expected[others])
+
+
+@pytest.mark.parametrize("classes, batch, class_space", [(20000, 8, False), (2048, 4000, True)],
+                         ids=["rows-K20000", "class-space-K2048"])
+def test_sums_over_many_classes_keep_the_definitions_accuracy(reference_path, classes, batch, class_space,
+                                                              monkeypatch):
+    """float32 at K = 20,000 (each sample's softmax and gradient sum 20,000 terms) and in class space at
+    K = 2,048 with 4,000 samples: the host kernel summed them one by one in float32 (~9x PyTorch's
+    error at K = 20,000, ~100x at 131,072); in double now. The rule itself: at most twice the error of
+    the definition run in float32 (the tolerance's relative floor would hide it)."""
+    monkeypatch.setattr(loop, "use_class_space", lambda *args: class_space)
+    torch.manual_seed(0)
+    h, y, weight, bias, delta = problem(batch, classes, 64, None, torch.float32)
+    start = delta.clone()
+    head_pgd_(h, y, weight, bias, delta, 2, 0.05, 0.3, 1.0, "l2", "add", backend="reference")
+    truth, lowp = start.double(), start.clone()
+    definition(h.double(), y, weight.double(), bias.double(), truth, 2, 0.05, 0.3, 1.0, "l2", "add")
+    definition(h, y, weight, bias, lowp, 2, 0.05, 0.3, 1.0, "l2", "add")
+    error, own_error = ((t.double() - truth).abs().max().item() for t in (delta, lowp))
+    assert error <= 2 * own_error, f"error {error:.2e}, PyTorch's {own_error:.2e}"

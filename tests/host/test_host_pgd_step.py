@@ -96,3 +96,29 @@ def test_guarded_step_matches_the_definition(reference_path, dtype, norm, ok):
     non_finite = ~torch.isfinite(grad).all(dim=1)
     unchanged = non_finite if ok else torch.ones_like(non_finite)
     assert torch.equal(delta[unchanged], before[unchanged])
+
+
+def test_l2_projection_of_long_rows_stays_inside_eps_and_accurate(reference_path):
+    """Rows of 65,536 float32 entries far outside the ball: the host kernel summed the norms one by one in
+    float32 and left 12 of 16 classes up to 4e-6 above eps (the margin is 2^-19 ~ 1.9e-6), at 10x
+    PyTorch's error; both paths sum the norm in float64 now."""
+    torch.manual_seed(0)
+    delta, grad = torch.randn(16, 64, 32, 32), torch.randn(16, 64, 32, 32)
+    truth = delta.double()
+    naive.pgd_step_(truth, grad.double(), *(per_class(v, 16, truth) for v in (0.1, 1.0, 1.0)), "l2")
+    pgd_step_(delta, grad, 0.1, 1.0, 1.0, "l2", backend="reference")
+    norms = delta.double().flatten(1).norm(dim=1)
+    assert (norms <= 1.0).all(), f"{int((norms > 1).sum())} classes above eps, by up to {(norms.max() - 1):.2e}"
+    # the projection's margin moves the radius by 2^-19, so the truth is scaled by the same factor
+    torch.testing.assert_close(delta.double(), truth * (1 - 2.0**-19), rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_l2_norm_of_huge_entries_does_not_overflow(reference_path, dtype):
+    """A float32 row of entries near 1e19 (squares near 1e38) inside a ball of radius 1e25 is not projected:
+    the norm overflowed float32 and scaled the row to zero."""
+    delta = torch.tensor([[3e19, -4e19, 1e19]], dtype=dtype)
+    grad = torch.tensor([[1.0, 2.0, 3.0]], dtype=dtype)
+    expected = delta.double() + 0.1 * grad.double() / grad.double().norm()
+    pgd_step_(delta, grad, 0.1, 1e25, 1.0, "l2", backend="reference")
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-7, atol=0)
