@@ -30,3 +30,22 @@ def test_in_place_ops_compile_without_graph_break_and_match_eager(target):
     got = compiled(delta.clone(), h, grad, labels, weight, backend)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected)
+
+
+def test_consecutive_l2_steps_compile_with_inductor():
+    """Two L2 ``pgd_step_`` calls on one delta in one graph, compiled by Inductor (the default backend): inlined,
+    the definition's ops crashed Inductor's CPU code generation (KeyError 'bufN', PyTorch issues 188228 and
+    196570); the reference backend's step is an opaque custom op under compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    delta, grad = torch.randn(7, 17), torch.randn(7, 17)
+
+    def two_steps(delta, grad):
+        with torch.no_grad():
+            pgd_step_(delta, grad, 0.1, 1.0, 1.0, "l2", backend="reference")
+            pgd_step_(delta, grad, 0.1, 1.0, -0.5, "l2", backend="reference")
+        return delta
+
+    expected = two_steps(delta.clone(), grad)
+    got = torch.compile(two_steps, fullgraph=True)(delta.clone(), grad)
+    torch.testing.assert_close(got, expected)

@@ -25,7 +25,10 @@ def _pgd_step_op(
     norm: str, backend: str, ok: Optional[torch.Tensor] = None, skipped: Optional[torch.Tensor] = None,
 ) -> None:
     # With ``ok`` and ``skipped``: the training step's guarded step (``naive.guarded_pgd_step_``).
-    launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm, ok, skipped)
+    if backend == "reference":  # under torch.compile (run_pgd_step_)
+        _naive_pgd_step_(delta, grad, step_size, eps, direction, norm, ok, skipped)
+    else:
+        launchers(backend).pgd_step(flat(delta), flat(grad), step_size, eps, direction, norm, ok, skipped)
 
 
 @_pgd_step_op.register_fake
@@ -79,7 +82,9 @@ def pgd_step_(
     finite. Rows are scaled by their largest entry before the norm, so huge finite gradients do not
     overflow it. The projection never leaves a float32/float64 class above eps: rows are projected onto
     a radius a few ulps below ``eps_c`` (``_common.l2_radius_margin``), absorbing the rounding of the norm;
-    half-precision deltas may exceed it by their own rounding.
+    half-precision deltas may exceed it by their own rounding. The reference backend sums that norm in
+    float64; the Triton and CUDA kernels in the compute dtype, so there a float32 row with entries beyond
+    ~1e19 overflows it and is projected to zero (Inf entries of delta give the definition's NaN).
 
     In place: ``delta`` must not share memory with ``grad`` or a hyperparameter tensor, nor require
     grad in grad mode (call under ``torch.no_grad()``); both raise ``ValueError``.
@@ -100,14 +105,23 @@ def run_pgd_step_(delta, grad, step, radius, sign, norm: str, backend: str, ok: 
     shape and device; ``step``, ``radius`` (> 0) and ``sign`` ``(K,)`` tensors as ``_common.per_class``
     makes them; ``backend`` resolved. With ``ok`` and ``skipped``, the guarded step (``run_guarded_pgd_step_``).
     The reference backend runs the host C++ kernel on CPU float32/float64 tensors when it is built."""
-    if backend == "reference":
+    if backend == "reference" and not torch.compiler.is_compiling():
         if delta.device.type == "cpu" and _host_ext.pgd_step(delta, grad, step, radius, sign, norm, ok, skipped):
             return delta
-        if ok is None:
-            return naive.pgd_step_(delta, grad, step, radius, sign, norm)
-        return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
+        return _naive_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
+    # Under torch.compile the reference backend's step is the custom op too, opaque to Inductor: inlined, two
+    # L2 steps on one delta in a graph crashed Inductor's CPU code generation (KeyError 'bufN', PyTorch
+    # issues 188228 and 196570: a mutated buffer promoted to a local one in outer-loop fusion).
     grad = grad.detach().contiguous()
     return update_in_place(delta, lambda d: _pgd_step_op(d, grad, step, radius, sign, norm, backend, ok, skipped))
+
+
+def _naive_pgd_step_(delta, grad, step, radius, sign, norm: str, ok: torch.Tensor | None,
+                     skipped: torch.Tensor | None) -> torch.Tensor:
+    """The definition's step, guarded when ``ok`` is given."""
+    if ok is None:
+        return naive.pgd_step_(delta, grad, step, radius, sign, norm)
+    return naive.guarded_pgd_step_(delta, grad, step, radius, sign, norm, ok, skipped)
 
 
 def run_guarded_pgd_step_(delta, grad, step, radius, sign, norm: str, ok: torch.Tensor, skipped: torch.Tensor,
