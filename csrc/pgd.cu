@@ -130,8 +130,11 @@ __device__ void apply_step(T* delta_row, const G* grad_row, int64_t begin, int64
   }
   const A tiny = isinf(r.largest) ? A(0) : A(1e-12) / r.largest;  // the definition's 1e-12, scaled alike
   const A along = step * direction / (sqrt(r.squares) + tiny);
-  // rounding may take the expansion a hair below 0 where the moved row is 0
-  const A moved_squares = r.delta_squares + A(2) * along * r.dot + along * along * r.squares;
+  // rounding may take the expansion a hair below 0 where the moved row is 0. A delta row holding +-Inf moves
+  // to a row of Inf norm (a finite step cannot cancel it), which the expansion would make Inf - Inf = NaN
+  // and leave unprojected: its Inf is kept (NaN stays NaN: not projected, as the definition does)
+  const A moved_squares =
+      isinf(r.delta_squares) ? r.delta_squares : r.delta_squares + A(2) * along * r.dot + along * along * r.squares;
   const A length = sqrt(moved_squares > A(0) ? moved_squares : A(0));
   const A radius = eps - eps * l2_radius_margin<A>();
   const bool outside = length > radius;

@@ -364,8 +364,11 @@ def _step_coefficients(step_ptr, eps_ptr, direction_ptr, c, largest, sumsq, dot,
     infinite = _not_finite(largest)
     largest = tl.where(largest > 0, largest, 1.0)
     along = step / (tl.sqrt(sumsq) + tl.where(infinite, 0.0, 1e-12 / largest))
-    # ||delta + along * g / M||^2 from the partials; rounding may take it a hair below 0 when it is 0
-    length = tl.sqrt(tl.maximum(delta_sumsq + 2 * along * dot + along * along * sumsq, 0.0))
+    # ||delta + along * g / M||^2 from the partials; rounding may take it a hair below 0 when it is 0. A
+    # delta row holding +-Inf moves to a row of Inf norm (a finite step cannot cancel it), which the expansion
+    # would make Inf - Inf = NaN and leave unprojected: its own Inf is kept (NaN stays NaN: not projected)
+    moved = delta_sumsq + 2 * along * dot + along * along * sumsq
+    length = tl.sqrt(tl.maximum(tl.where(_not_finite(delta_sumsq), delta_sumsq, moved), 0.0))
     radius = eps - eps * radius_margin
     return step, eps, along, radius / tl.maximum(length, radius), largest, infinite
 

@@ -491,6 +491,13 @@ def test_pgd_step_l2_with_inf_and_huge_gradients_stays_finite_and_inside_eps(lau
     assert_close_to_reference(delta[:2], expected, what="Inf rows")
 
 
+def test_pgd_step_l2_of_delta_rows_holding_inf_or_nan(launchers, pgd_grid):
+    """tests/pgd/test_pgd.py's check (the split grid's expansion made an Inf row NaN, unprojected)."""
+    from tests.pgd.test_pgd import check_non_finite_delta_rows
+
+    check_non_finite_delta_rows(lambda d, g, s, e, r: launchers.pgd_step(d, g, s, e, r, "l2"), "cpu")
+
+
 def test_class_grad_pgd_step_l2_with_an_inf_sample_stays_finite(launchers):
     grad_out, labels = torch.randn(9, 12), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
     grad_out[4, 5] = float("inf")  # a sample of class 1

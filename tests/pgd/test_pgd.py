@@ -272,6 +272,28 @@ def test_l2_step_of_a_gradient_row_with_inf_entries_follows_their_sign_pattern(t
     assert_close_to_reference(got[3:], finite_row, what="the finite row next to them")
 
 
+def check_non_finite_delta_rows(pgd_step, device, dtype=torch.float32) -> None:
+    """A delta row holding +Inf, one holding -Inf and one holding NaN (ordinary gradients): the L2 step
+    gives the definition's values, NaN where it has NaN (an Inf row moves to an Inf norm: projected, its
+    Inf entries become NaN and the rest 0; a NaN row is not projected). ``pgd_step(delta, grad, step, eps,
+    direction)`` with (K,) hyperparameters, in place. The split grid's norm expansion once made the Inf
+    rows Inf - Inf = NaN and left them unprojected."""
+    delta = 0.3 * torch.randn(4, 301, device=device, dtype=dtype)
+    delta[0, 5], delta[1, 300], delta[2, 7] = float("inf"), -float("inf"), float("nan")
+    grad = torch.randn(4, 301, device=device, dtype=dtype)
+    hyper = [torch.full((4,), v, device=device, dtype=dtype) for v in (0.1, 1.0, 1.0)]
+    expected = naive.pgd_step_(delta.double(), grad.double(), *(v.double() for v in hyper), "l2")
+    pgd_step(delta, grad, *hyper)
+    torch.testing.assert_close(delta.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_l2_step_of_delta_rows_holding_inf_or_nan_is_the_definitions(target, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
+    check_non_finite_delta_rows(lambda *args: pgd_step_(*args, "l2", backend=backend), device)
+
+
 @pytest.mark.parametrize("target", GRID_TARGETS)
 def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target, monkeypatch):
     """float32 entries of 1e30: ||g||^2 = 1e62 overflows float32, yet g / ||g|| is an ordinary unit vector."""
