@@ -66,25 +66,20 @@ from lpa_kernels.step_update.op import class_stats_
 
 @contextlib.contextmanager
 def frozen_batchnorm_stats(module: nn.Module):
-    """Extra forwards (PGD steps, probes) leave BatchNorm running statistics as they were.
-
-    Only the modules that ran inside the block are restored (a forward hook marks them, no device
-    sync): writing to the others would bump the version of buffers the pending training graph saved.
-    """
+    """Extra forwards (PGD steps, probes) leave BatchNorm running statistics as they were: within the
+    block, the training-mode norms of ``module`` stop tracking them (``track_running_stats`` False). Their
+    output is the same (training mode normalises by the batch's statistics either way), and no buffer is
+    written: restoring the buffers afterwards would bump the version of those the pending training graph
+    saved, and the forward hook that marked which norms ran cannot be traced by ``torch.compile``."""
     norms = [m for m in module.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    saved = {m: [b.clone() for b in m.buffers()] for m in norms}
-    ran = set()
-    hooks = [m.register_forward_hook(lambda m, *_: ran.add(m)) for m in norms]
+    for m in norms:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
-        with torch.no_grad():
-            for m in ran:
-                for b, s in zip(m.buffers(), saved[m]):
-                    b.copy_(s)
+        for m in norms:
+            m.track_running_stats = True
 
 
 def delta_shape_for(feature_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

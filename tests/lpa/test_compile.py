@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lpa_kernels.lpa import LPAConfig, build_method
-from tests.lpa.models import NUM_CLASSES, batch, mlp
+from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
 # (T, layer, backend): in tests.lpa.models.mlp, layer "4" feeds the classifier (the fused head path),
 # "3" feeds Dropout + classifier (the autograd path at the head), "1" is an inner layer
@@ -51,6 +51,31 @@ def test_compiled_training_loss_has_no_graph_break_and_matches_eager(steps, laye
         torch.testing.assert_close(compiled.delta, eager.delta)
     assert eager.delta.abs().sum() > 0, "delta never moved: the comparison shows nothing"
     assert compiled.stats() == eager.stats()
+
+
+@pytest.mark.parametrize("method_name, steps", [("lpa", 2), ("adv", None)])
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_pgd_through_batchnorm_compiles_and_leaves_its_statistics_as_eager_does(method_name, steps):
+    """PGD forwards through BatchNorms above the cut (TinyResNet's layer2) leave their running statistics
+    alone; the forward hook that once marked the norms that ran could not be traced (fullgraph failed)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyResNet()
+    runs = []
+    for copy_of in (model, copy.deepcopy(model)):
+        config = LPAConfig(steps=steps) if steps is not None else None
+        method = build_method(method_name, copy_of, NUM_CLASSES, layer="layer1", config=config)
+        runs.append((copy_of, method, torch.optim.SGD(copy_of.parameters(), lr=0.1)))
+    (eager_model, eager, eager_opt), (compiled_model, compiled, compiled_opt) = runs
+    training_loss = compiled.compiled_training_loss(backend="aot_eager")
+    for seed in range(3):
+        x, y = batch(features=(3, 8, 8), dtype=torch.float32, seed=seed)
+        expected = _step(eager.training_loss, eager, eager_opt, x, y)
+        got = _step(training_loss, compiled, compiled_opt, x, y)
+        torch.testing.assert_close(got, expected)
+    for (name, want), have in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(have, want, msg=name)
+    assert eager_model.layer2[0].bn1.num_batches_tracked == 3, "one update per training forward, none per PGD step"
 
 
 @pytest.mark.gpu
