@@ -44,8 +44,9 @@ def pgd_step_(
     else:
         new = d + step * direction * l2_unit(g)
         length = torch.linalg.vector_norm(new, dim=1, keepdim=True, dtype=torch.float64)
-        radius = (eps - eps * l2_radius_margin(cd)).double()
-        new = torch.where(length > radius, new * (radius / length).to(cd), new)
+        radius = eps - eps * l2_radius_margin(cd)
+        # (float64 from here; copy_ rounds it into delta's dtype)
+        new = torch.where(length > radius, new * (radius / length), new)
     active = (g != 0).any(dim=1, keepdim=True)
     with torch.no_grad():
         delta.copy_(torch.where(active, new, d).reshape(delta.shape))
