@@ -32,20 +32,26 @@ def test_in_place_ops_compile_without_graph_break_and_match_eager(target):
     torch.testing.assert_close(got, expected)
 
 
-def test_consecutive_l2_steps_compile_with_inductor():
-    """Two L2 ``pgd_step_`` calls on one delta in one graph, compiled by Inductor (the default backend): inlined,
-    the definition's ops crashed Inductor's CPU code generation (KeyError 'bufN', PyTorch issues 188228 and
+@pytest.mark.parametrize("op", ["pgd_step_", "class_grad_pgd_step_"])
+def test_consecutive_l2_steps_compile_with_inductor(op):
+    """Two L2 steps on one delta in one graph, compiled by Inductor (the default backend): inlined, the
+    definition's ops crashed Inductor's CPU code generation (KeyError 'bufN', PyTorch issues 188228 and
     196570); the reference backend's step is an opaque custom op under compile."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    delta, grad = torch.randn(7, 17), torch.randn(7, 17)
+    delta, grad_out, labels = torch.randn(7, 17), torch.randn(20, 17), torch.arange(20) % 7
+    grad = grad_out[:7]
 
-    def two_steps(delta, grad):
+    def two_steps(delta):
         with torch.no_grad():
-            pgd_step_(delta, grad, 0.1, 1.0, 1.0, "l2", backend="reference")
-            pgd_step_(delta, grad, 0.1, 1.0, -0.5, "l2", backend="reference")
+            for direction in (1.0, -0.5):
+                if op == "pgd_step_":
+                    pgd_step_(delta, grad, 0.1, 1.0, direction, "l2", backend="reference")
+                else:
+                    class_grad_pgd_step_(delta, grad_out, labels, 0.1, 1.0, direction, "l2", backend="reference")
         return delta
 
-    expected = two_steps(delta.clone(), grad)
-    got = torch.compile(two_steps, fullgraph=True)(delta.clone(), grad)
+    expected = two_steps(delta.clone())
+    got = torch.compile(two_steps, fullgraph=True)(delta.clone())
+    assert not torch.equal(expected, delta)
     torch.testing.assert_close(got, expected)

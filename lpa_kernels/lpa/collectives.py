@@ -10,10 +10,10 @@ deltas. The order guard prevents that: before each LPA all-reduce every rank con
 once, since all of them see the same table). "Training call" counts every ``Method.training_loss`` call
 of the process, including calls that raised, so a skipped or repeated step shows even when the failed
 call issued no collective. The check reads the gathered table on the host: one synchronisation per LPA
-all-reduce (T + 1 per T-step training step, one per site and single-pass step), which
-``set_order_guard(False)`` removes where every rank is known to run the same steps (the collectives are
-then the bare all-reduces). Within ``local_only()`` (``Method.diagnostics``: a probe of this process's
-batch, which one rank may run while its peers do not) the all-reduces are skipped.
+all-reduce (per site: T per T-step training step, T + 1 with the loss_trend policy; one per single-pass
+step), which ``set_order_guard(False)`` removes where every rank is known to run the same steps (the
+collectives are then the bare all-reduces). Within ``local_only()`` (``Method.diagnostics``: a probe of
+this process's batch, which one rank may run while its peers do not) the all-reduces are skipped.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def all_reduce_sum_together(tensors: list[torch.Tensor], what: str) -> None:
     where each all-reduce costs a collective's latency (and the guard's gather and host read)."""
     if world_size() == 1 or _guard["local"]:
         return
-    if len({(t.dtype, t.device) for t in tensors}) > 1:
+    if len(tensors) == 1 or len({(t.dtype, t.device) for t in tensors}) > 1:
         for t in tensors:
             all_reduce_sum(t, what)
         return

@@ -251,9 +251,9 @@ class ClassSite:
         """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits; ``grad``, that
         step's class gradient (None: none here), is summed over the processes in the statistics' all-reduce."""
         stats = self._batch_stats(logits, labels, None, summed=False) if self.policy.needs_stats else None
-        reduced = [t for t in (grad, stats) if t is not None]
+        reduced = {name: t for name, t in (("class gradient", grad), ("statistics", stats)) if t is not None}
         if reduced:
-            all_reduce_sum_together(reduced, "class gradient and statistics")
+            all_reduce_sum_together(list(reduced.values()), " and ".join(reduced))
         return self.policy.step(stats, delta, observe=False, clear=False, backend=self._resolved_backend)
 
     def _batch_stats(self, logits, labels, ok, log_probs=None, into=None, summed=True) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from lpa_kernels import _checks, _host_ext, backend as _backend
 from lpa_kernels._common import delta_layout, flat, update_in_place
 from lpa_kernels.perturb.op import class_grad
+from lpa_kernels.perturb import naive as perturb_naive
 from lpa_kernels.pgd import naive
 from lpa_kernels.pgd.backends import launchers
 from lpa_kernels.step_update.plan import call_plan
@@ -160,7 +161,9 @@ def class_grad_pgd_step_(
     backend = _backend.resolve(backend, device)
     h = h if mode == "scale" else None
     if backend == "reference" or not math.prod(grad_out.shape[1:]):  # no features: every class keeps its delta
-        return naive.class_grad_pgd_step_(delta, grad_out, labels, step, radius, sign, norm, h=h, mode=mode)
+        # naive.class_grad_pgd_step_ with the step as run_pgd_step_ makes it (an opaque op under torch.compile)
+        grad = perturb_naive.class_grad(grad_out, labels, delta.shape[0], delta.shape, h=h, mode=mode)
+        return run_pgd_step_(delta, grad, step, radius, sign, norm, "reference")
     layout = delta_layout(grad_out.shape[1:], delta.shape)
     if layout is None:  # a layout the fused kernel does not serve: reduce, then step (two launches)
         grad = class_grad(grad_out, labels, delta.shape[0], delta.shape, h=h, mode=mode, backend=backend)
