@@ -41,6 +41,7 @@ FORMAT = "lpa-train checkpoint 1"
 # options that may differ between the run that wrote a checkpoint and the run that resumes it
 FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "data_dir", "shot_rule", "json", "plot",
                 "quiet", "save_dir", "save_every", "keep_last", "resume", "fsdp", "dist_timeout", "eval_every", "recipe")
+_LPA_OPTIONS = frozenset(f.name for f in dataclasses.fields(LPAConfig))  # the training options LPAConfig holds
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -75,11 +76,10 @@ def as_trained(config: dict) -> dict:
     config = dict(config)
     if config.get("dataset") in DATASETS:  # (a dataset of another version of lpa-train: compared as given)
         config["imbalance"] = resolved_imbalance(config["dataset"], config.get("imbalance"))
-    names = {f.name for f in dataclasses.fields(LPAConfig)} & set(config)
-    try:
-        resolved = LPAConfig(**{name: config[name] for name in names}).resolved()
-    except (TypeError, ValueError):  # options of another version of lpa-train: compared as given
+    lpa_config = _lpa_config(config)
+    if lpa_config is None:  # options of another version of lpa-train: compared as given
         return config
+    resolved = lpa_config.resolved()
     config.update({name: resolved[name] for name in ("step_size", "lpl_step_size") if name in config})
     return config
 
@@ -88,12 +88,18 @@ def unread_options(config: dict, method: str) -> set[str]:
     """The ``LPAConfig`` options in ``config`` (``training_config``'s) that the method ``method`` does not read
     (``LPAConfig.settings_for``: e.g. ``--lpl-eps`` for ``lpa``, every LPA option for ``erm``); none when
     ``config`` does not make an ``LPAConfig`` (options of another version of lpa-train: all compared)."""
-    names = {f.name for f in dataclasses.fields(LPAConfig)} & set(config)
-    try:
-        read_by_method = LPAConfig(**{name: config[name] for name in names}).settings_for(method)
-    except (TypeError, ValueError):
+    lpa_config = _lpa_config(config)
+    if lpa_config is None:
         return set()
-    return names - set(read_by_method)
+    return (_LPA_OPTIONS & set(config)) - set(lpa_config.settings_for(method))
+
+
+def _lpa_config(config: dict) -> LPAConfig | None:
+    """The ``LPAConfig`` that ``config``'s ``LPAConfig`` options make, or None when they make none."""
+    try:
+        return LPAConfig(**{name: config[name] for name in _LPA_OPTIONS & set(config)})
+    except (TypeError, ValueError):
+        return None
 
 
 def read(path: Path) -> dict:

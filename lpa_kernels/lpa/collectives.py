@@ -69,12 +69,15 @@ def all_reduce_sum(t: torch.Tensor, what: str = "tensor") -> torch.Tensor:
     return t
 
 
-def all_reduce_sum_together(tensors: list[torch.Tensor], what: str) -> None:
-    """``all_reduce_sum`` of each of ``tensors`` in place, as ONE all-reduce (and one order check) when
-    they share a dtype and device: packed into one buffer and copied back, which costs two small copies
-    where each all-reduce costs a collective's latency (and the guard's gather and host read)."""
-    if world_size() == 1 or _guard["local"]:
+def all_reduce_sum_together(parts: dict[str, torch.Tensor | None]) -> None:
+    """``all_reduce_sum`` in place of each tensor of ``parts`` (name -> tensor; None: absent, left out), as
+    ONE all-reduce (and one order check, its signature naming the parts present) when they share a dtype
+    and device: packed into one buffer and copied back, which costs two small copies where each all-reduce
+    costs a collective's latency (and the guard's gather and host read)."""
+    present = {name: t for name, t in parts.items() if t is not None}
+    if world_size() == 1 or _guard["local"] or not present:
         return
+    what, tensors = " and ".join(present), list(present.values())
     if len(tensors) == 1 or len({(t.dtype, t.device) for t in tensors}) > 1:
         for t in tensors:
             all_reduce_sum(t, what)

@@ -251,9 +251,7 @@ class ClassSite:
         """The policy's ``(direction, eps)`` for a T-step run, from the first step's logits; ``grad``, that
         step's class gradient (None: none here), is summed over the processes in the statistics' all-reduce."""
         stats = self._batch_stats(logits, labels, None, summed=False) if self.policy.needs_stats else None
-        reduced = {name: t for name, t in (("class gradient", grad), ("statistics", stats)) if t is not None}
-        if reduced:
-            all_reduce_sum_together(list(reduced.values()), " and ".join(reduced))
+        all_reduce_sum_together({"class gradient": grad, "statistics": stats})
         return self.policy.step(stats, delta, observe=False, clear=False, backend=self._resolved_backend)
 
     def _batch_stats(self, logits, labels, ok, log_probs=None, into=None, summed=True) -> torch.Tensor:
@@ -348,7 +346,7 @@ class ClassSite:
             return 0
         # the gradient of the summed CE over the global batch (module docstring) and the statistics of that
         # batch: one all-reduce for both
-        all_reduce_sum_together([grad] if stats is None else [grad, stats], "class gradient and statistics")
+        all_reduce_sum_together({"class gradient": grad, "statistics": stats})
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
         self.policy.step_pgd_(stats, self.perturbation.delta, grad, self._step_sizes, self.norm, self._all_ok,
                               self._skipped, self._resolved_backend)
