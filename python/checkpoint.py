@@ -40,7 +40,8 @@ from lpa_programs.distributed import Context, sync_buffers
 FORMAT = "lpa-train checkpoint 1"
 # options that may differ between the run that wrote a checkpoint and the run that resumes it
 FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "data_dir", "shot_rule", "json", "plot",
-                "quiet", "save_dir", "save_every", "keep_last", "resume", "fsdp", "dist_timeout", "eval_every", "recipe")
+                "quiet", "save_dir", "save_every", "keep_last", "resume", "fsdp", "dist_timeout", "order_guard",
+                "eval_every", "recipe")
 _LPA_OPTIONS = frozenset(f.name for f in dataclasses.fields(LPAConfig))  # the training options LPAConfig holds
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

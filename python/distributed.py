@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from lpa_kernels.lpa.collectives import world_size
+from lpa_kernels.lpa.collectives import set_order_guard, world_size
 from lpa_programs.cli import number
 
 
@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
     parser.add_argument("--dist-timeout", type=number(float, 1), default=600.0, metavar="SECONDS",
                         help="under torchrun: the longest a collective may wait for the other processes")
+    parser.add_argument("--order-guard", choices=("device", "host", "off"), default="device",
+                        help="under torchrun: how the ranks check that their LPA all-reduces pair up: on the device "
+                             "(no host read; reported at the epoch's end), on the host (one read per LPA all-reduce; "
+                             "stops at once) or not at all (lpa_kernels.lpa.collectives.set_order_guard)")
 
 
 def check_arguments(args: argparse.Namespace) -> str:
@@ -82,12 +86,13 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: torch.device, timeout_s: float) -> torch.device:
+def setup(device: torch.device, timeout_s: float, order_guard: str = "device") -> torch.device:
     """Join the process group described by the environment (see ``context()``); returns this rank's
     device: ``cuda:LOCAL_RANK`` for CUDA. ``timeout_s`` bounds every collective, so a rank that stops
-    answering fails the others."""
+    answering fails the others; ``order_guard`` ("device", "host" or "off") is LPA's collective-order guard."""
     if launched_world() == 1:
         return device
+    set_order_guard(False if order_guard == "off" else order_guard)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -10,8 +10,8 @@ Every method follows one protocol::
     method.sync()  # where the loop reads the device anyway (logging), once per epoch at the latest
 
 The step reads nothing back from the device; ``sync`` raises the errors it could only find there (a
-label outside ``[0, K)``). ``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never
-modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
+label outside ``[0, K)``; under data parallelism, ranks whose LPA all-reduces went out of step).
+``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
 
 Logit adjustment (``LPAConfig.loss == "la"``, forced by the "la" methods): every training cross-entropy,
 the PGD steps' included, is taken on ``logits + tau * log(prior)`` with ``prior = class_counts / sum``
@@ -31,7 +31,7 @@ from torch import fx, nn
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import compute_dtype
 from lpa_kernels.lpa import state as _state
-from lpa_kernels.lpa.collectives import begin_training_call, local_only
+from lpa_kernels.lpa.collectives import begin_training_call, local_only, raise_if_out_of_order
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.labels import LabelGuard
 from lpa_kernels.lpa.policy import Policy
@@ -196,8 +196,10 @@ class Method:
 
     def sync(self) -> None:
         """Raise what the training steps since the last call could only find by reading the device (a
-        label outside ``[0, K)``: ``ValueError``). One host read; call it where the training loop reads
-        the device anyway (the loss, for logging), and once per epoch at the latest."""
+        label outside ``[0, K)``: ``ValueError``; under data parallelism, ranks whose LPA all-reduces went
+        out of step: ``collectives.CollectiveOrderError``). One host read (two under data parallelism);
+        call it where the training loop reads the device anyway (the loss, for logging), and once per
+        epoch at the latest."""
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)
@@ -421,6 +423,7 @@ class ClassPerturbationMethod(Method):
 
     def sync(self) -> None:
         self._labels.raise_if_bad()
+        raise_if_out_of_order()
 
     def _forward_loss(self, h, extras, y):
         logits = self._upper(self._features(h, extras, y), extras)

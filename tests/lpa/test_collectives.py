@@ -1,62 +1,42 @@
-"""The order guard's switch (``collectives.set_order_guard``), in one process with the collectives
-recorded: on, each LPA all-reduce is preceded by the guard's ``all_gather`` and one host read; off, the
-all-reduces run bare. (Two real processes: ``test_distributed.py``.)"""
+"""The order guard (``collectives.set_order_guard``) in one process pretending to be one of two ranks
+(``fake_world``): which collectives each LPA all-reduce takes in each mode, the "device" guard's verdict
+(updates gated, ``sync`` raising) and the "host" guard's immediate error. (Two real processes:
+``test_distributed.py``; no host read with the default guard: ``test_step_syncs.py``.)"""
 
 import pytest
 import torch
 
-from lpa_kernels.lpa import LPAConfig, build_method, collectives, site
+from lpa_kernels.lpa import LPAConfig, build_method, collectives
+from lpa_kernels.lpa.state import state_tensors
+from tests.lpa.fake_world import out_of_step_peer, pretend_two_ranks
 from tests.lpa.models import NUM_CLASSES, batch, mlp
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Pretend to be one of two ranks whose peer does the same: all_gather copies this rank's row,
-    all_reduce leaves the sum of one rank; every call is recorded by name."""
-    calls = []
-
-    def all_gather(table, mine):
-        calls.append("all_gather")
-        for t in table:
-            t.copy_(mine)
-
-    monkeypatch.setattr(collectives, "world_size", lambda: 2)
-    monkeypatch.setattr(site, "world_size", lambda: 2)  # (its own binding: the fused head path is single-process)
-    monkeypatch.setattr(collectives.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(collectives.dist, "all_gather", all_gather)
-    monkeypatch.setattr(collectives.dist, "all_reduce", lambda t, op=None: calls.append("all_reduce"))
-    yield calls
+@pytest.fixture(autouse=True)
+def default_guard():
+    yield
     collectives.set_order_guard(True)
 
 
-def _train_one_step():
-    method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=LPAConfig(steps=0, direction="confidence"))
-    x, y = batch()
+def _train_step(method, seed=0):
+    x, y = batch(seed=seed)
     loss, _ = method.training_loss(x, y)
     loss.backward()
     method.after_backward()
-    return method
 
 
-def test_the_guard_gathers_before_every_lpa_all_reduce_and_set_order_guard_false_removes_it(recorded):
-    _train_one_step()
-    reduces = recorded.count("all_reduce")
-    assert reduces >= 1 and recorded == ["all_gather", "all_reduce"] * reduces, recorded
-    recorded.clear()
-    collectives.set_order_guard(False)
-    _train_one_step()
-    assert recorded == ["all_reduce"] * reduces, recorded
+def _single_pass():
+    return build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=LPAConfig(steps=0, direction="confidence"))
 
 
-def test_a_disagreeing_table_raises_collective_order_error(recorded, monkeypatch):
-    def all_gather(table, mine):  # the peer is one training call behind
-        table[0].copy_(mine)
-        table[1].copy_(mine - torch.tensor([1, 0, 0]))
-
-    monkeypatch.setattr(collectives.dist, "all_gather", all_gather)
-    monkeypatch.setattr(collectives.dist, "get_rank", lambda: 0)
-    with pytest.raises(collectives.CollectiveOrderError, match="out of step across ranks"):
-        _train_one_step()
+@pytest.mark.parametrize("mode, per_reduce", [
+    (True, ["all_reduce"]), ("device", ["all_reduce"]), ("host", ["all_gather", "all_reduce"]), (False, ["all_reduce"]),
+])
+def test_each_mode_takes_its_collectives(monkeypatch, mode, per_reduce):
+    calls = pretend_two_ranks(monkeypatch)
+    collectives.set_order_guard(mode)
+    _train_step(_single_pass())
+    assert calls == per_reduce, calls
 
 
 @pytest.mark.parametrize("name, layer, config, reduces", [
@@ -68,31 +48,110 @@ def test_a_disagreeing_table_raises_collective_order_error(recorded, monkeypatch
     ("lpa", "1", LPAConfig(steps=3, direction="confidence", radius="confidence"), 3),
     ("lpa", "3", LPAConfig(steps=2, head="never", direction="ascent"), 2),
 ])
-def test_lpa_all_reduces_once_per_site_and_pgd_step(recorded, name, layer, config, reduces):
+@pytest.mark.parametrize("mode", ["device", "host"])
+def test_lpa_all_reduces_once_per_site_and_pgd_step(monkeypatch, name, layer, config, reduces, mode):
+    calls = pretend_two_ranks(monkeypatch)
+    collectives.set_order_guard(mode)
     method = build_method(name, mlp(), NUM_CLASSES, layer=layer, config=config)
-    x, y = batch()
-    for _ in range(2):
-        recorded.clear()
-        loss, _ = method.training_loss(x, y)
-        loss.backward()
-        method.after_backward()
-        assert recorded == ["all_gather", "all_reduce"] * reduces, recorded
+    for seed in range(2):
+        calls.clear()
+        _train_step(method, seed)
+        assert calls == ["all_reduce"] * reduces if mode == "device" else ["all_gather", "all_reduce"] * reduces, calls
+    method.sync()  # the peer was in step: nothing to raise
 
 
-@pytest.mark.parametrize("value", [1, "off", None])
-def test_set_order_guard_takes_a_bool_only(value):
-    with pytest.raises(TypeError, match="enabled must be a bool"):
-        collectives.set_order_guard(value)
+def test_the_host_guard_raises_before_the_all_reduce_when_the_table_disagrees(monkeypatch):
+    calls = pretend_two_ranks(monkeypatch, peer=out_of_step_peer)
+    collectives.set_order_guard("host")
+    with pytest.raises(collectives.CollectiveOrderError, match="out of step across ranks"):
+        _train_step(_single_pass())
+    assert calls == ["all_gather"]
+
+
+# policies whose update would move delta even with the zeroed gradient and statistics of an out-of-step
+# all-reduce (a radius from the statistics, the trend state), single pass and T steps on the autograd path
+OUT_OF_STEP_CASES = {
+    "single-pass": ("lpa", dict(steps=0, direction="confidence")),
+    "single-pass-confidence-radius": ("lpa", dict(steps=0, radius="confidence", norm="linf")),
+    "single-pass-loss-trend": ("lpa", dict(steps=0, direction="loss_trend")),
+    "single-pass-lpa+lpl": ("lpa+lpl", dict(steps=0, lpl_steps=0)),
+    "t-step": ("lpa", dict(steps=2, head="never", init="carried", radius="confidence")),
+    "t-step-loss-trend": ("lpa", dict(steps=1, head="never", init="carried", direction="loss_trend")),
+}
+
+
+def _state(method):
+    """The method's state but its call counters (``state_dict`` without its ``sync``, which would raise)."""
+    return {k: v.clone() for k, v in state_tensors(method).items() if not k.startswith("counters.")}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_STEP_CASES))
+def test_the_device_guard_updates_nothing_out_of_step_and_sync_raises_then_recovers(monkeypatch, case):
+    out_of_step = {"now": False}
+    pretend_two_ranks(monkeypatch, peer=lambda t: out_of_step_peer(t) if out_of_step["now"] else t.clone())
+    name, config = OUT_OF_STEP_CASES[case]
+    method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config),
+                          class_counts=torch.tensor([40, 30, 20, 10]))
+    _train_step(method, seed=0)
+    _train_step(method, seed=1)
+    before = _state(method)
+    calls_before = collectives._guard["call"]
+    out_of_step["now"] = True
+    _train_step(method, seed=2)  # the peer was one training call behind: every all-reduce disagrees
+    out_of_step["now"] = False
+    _train_step(method, seed=3)  # in step again, but the verdict holds until it is reported
+    after = _state(method)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{case}: {key} changed after the ranks went out of step"
+    with pytest.raises(collectives.CollectiveOrderError,
+                       match=rf"rank 0's all-reduce 1 of training call {calls_before + 1} \(mod 2\^30\)"):
+        method.sync()
+    method.sync()  # reported once
+    _train_step(method, seed=4)
+    assert not torch.equal(method.delta, before["lpa.delta"]), f"{case}: delta did not move after the report"
+
+
+def test_the_gate_alone_holds_delta_when_the_zeroed_sums_would_still_move_it(monkeypatch):
+    """Out of step, the all-reduced gradient and statistics are zeroed, and the update is gated too: with
+    the gate alone (the sums left as the peer made them), delta still keeps its value."""
+    pretend_two_ranks(monkeypatch, peer=out_of_step_peer)
+    method = _single_pass()
+    _train_step(method, seed=0)  # a first step: the verdict now fails and is kept
+    method.sync = lambda: None
+    before = method.delta.clone()
+    monkeypatch.setattr(torch.Tensor, "masked_fill_", lambda self, mask, value: self)
+    _train_step(method, seed=1)
+    assert torch.equal(method.delta, before)
+
+
+@pytest.mark.parametrize("dtype, world, check", [
+    (torch.float32, 2, "device"), (torch.float64, 2, "device"), (torch.float32, 4096, "device"),
+    (torch.float32, 4097, "host"), (torch.float64, 10**6, "device"), (torch.bfloat16, 2, "host"),
+    (torch.float16, 2, "host"),
+])
+def test_the_device_guard_signs_only_where_its_sums_are_exact(monkeypatch, dtype, world, check):
+    monkeypatch.setattr(collectives, "world_size", lambda: world)
+    assert collectives._check_kind(torch.zeros(3, dtype=dtype)) == check
+
+
+def test_the_signature_digits_round_trip():
+    for value in (0, 1, 63, 64, 2**30 - 1, 123456789):
+        assert collectives._from_digits(collectives._digits(value, 5)) == value % 2**30
+
+
+@pytest.mark.parametrize("mode, error", [(1, TypeError), (None, TypeError), ("off", ValueError), ("Device", ValueError)])
+def test_set_order_guard_names_what_it_takes(mode, error):
+    with pytest.raises(error, match="mode must be"):
+        collectives.set_order_guard(mode)
 
 
 @pytest.mark.parametrize("layer,steps", [("3", 3), ("1", 3), ("1", 0)], ids=["head-T3", "inner-T3", "inner-T0"])
-def test_diagnostics_issues_no_collective(recorded, layer, steps):
+def test_diagnostics_issues_no_collective(monkeypatch, layer, steps):
     """diagnostics() is a local probe: one rank may call it (for logging) while its peers do not, so it may
     not issue an all-reduce (or the guard's all_gather) that only this rank would reach."""
+    calls = pretend_two_ranks(monkeypatch)
     method = build_method("lpa", mlp(), NUM_CLASSES, layer=layer, config=LPAConfig(steps=steps))
-    x, y = batch()
-    method.training_loss(x, y)[0].backward()
-    method.after_backward()
-    recorded.clear()
-    method.diagnostics(x, y)
-    assert recorded == []
+    _train_step(method)
+    calls.clear()
+    method.diagnostics(*batch())
+    assert calls == []

@@ -3,7 +3,8 @@
 Each of 3 training steps has a global batch of 8 samples; rank r trains on rows 4r..4r+3 and averages
 the weight gradients with an all-reduce (what DDP does). The controller all-reduces its class gradient
 (the gradient of the cross-entropy summed over the global batch) and the policy statistics. A rank that
-catches an error and goes on with the next batch makes every rank raise ``CollectiveOrderError``.
+catches an error and goes on with the next batch makes every rank raise ``CollectiveOrderError``: at once
+with the "host" order guard, at ``sync`` (having updated nothing since) with the default "device" one.
 """
 
 import datetime
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.lpa import collectives
 from lpa_kernels.lpa.collectives import CollectiveOrderError
 from tests.lpa.models import NUM_CLASSES, mlp
 
@@ -65,19 +67,25 @@ def _train(rows: slice, world: int) -> dict:
     return results
 
 
-def _skip_a_step_on_rank_0(rank: int) -> str:
-    """Train 3 steps; rank 0's second call has labels of a wrong dtype (refused at once; a label out of
-    range would be found on the device and not skip the step), which it catches and goes on with the
-    third batch while rank 1 is still at the second. What the rank's training ended with."""
+def _skip_a_step_on_rank_0(rank: int, guard: str):
+    """Train with the order guard ``guard``; rank 0's second call has labels of a wrong dtype (refused at
+    once; a label out of range would be found on the device and not skip the step), which it catches and
+    goes on with the next batch while rank 1 is still at the second.
+
+    "host": 3 batches; what the rank's training ended with (the guard raises in ``after_backward``).
+    "device": rank 0 takes 4 batches, rank 1 3 (each makes 3 LPA all-reduces, so none is left unpaired),
+    then ``sync``: ``(its outcome, delta after the first step, delta at the end)``."""
+    collectives.set_order_guard(guard)
     x, y = _data()
     method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=CONFIGS["single-pass"][1])
     rows = slice(4 * rank, 4 * rank + 4)
-    for step in range(3):
-        labels = y[step, rows].clone()
+    first_delta = None
+    for step in range(4 if guard == "device" and rank == 0 else 3):
+        labels = y[step % 3, rows].clone()
         if rank == 0 and step == 1:
             labels = labels.double()
         try:
-            loss, _ = method.training_loss(x[step, rows], labels)
+            loss, _ = method.training_loss(x[step % 3, rows], labels)
         except TypeError:
             continue
         loss.backward()
@@ -85,7 +93,16 @@ def _skip_a_step_on_rank_0(rank: int) -> str:
             method.after_backward()
         except CollectiveOrderError as error:
             return f"CollectiveOrderError at step {step}: {error}"
-    return "finished"
+        if first_delta is None:
+            first_delta = method.delta.clone()
+    if guard == "host":
+        return "finished"
+    try:
+        method.sync()
+        outcome = "finished"
+    except CollectiveOrderError as error:
+        outcome = f"CollectiveOrderError at sync: {error}"
+    return outcome, first_delta, method.delta.clone()
 
 
 def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
@@ -95,7 +112,10 @@ def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         per_rank = 8 // WORLD
-        result = _train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD) if task == "train" else _skip_a_step_on_rank_0(rank)
+        if task == "train":
+            result = _train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD)
+        else:
+            result = _skip_a_step_on_rank_0(rank, task)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
         # Neither rank tears its process group down while the other may still be in a collective: once
         # (CI, 2026-11-30) a rank aborted in gloo at exit ("terminate called without an active exception").
@@ -124,11 +144,25 @@ def test_two_process_delta_is_identical_across_ranks_and_equals_one_process(tmp_
             f"{key}: two processes differ from one process on the concatenated batch"
 
 
-def test_a_rank_that_skips_a_step_makes_every_rank_raise_collective_order_error(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "skip"), nprocs=WORLD, join=True)
+def test_a_rank_that_skips_a_step_makes_every_rank_raise_at_once_with_the_host_guard(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "host"), nprocs=WORLD, join=True)
     outcomes = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     # rank 0 is at its 3rd training call (the 2nd raised) while rank 1 is at its 2nd
     assert outcomes[0].startswith("CollectiveOrderError at step 2: "), outcomes[0]
     assert outcomes[1].startswith("CollectiveOrderError at step 1: "), outcomes[1]
     for outcome in outcomes:
         assert "rank 0: call 3, all-reduce 1" in outcome and "rank 1: call 2, all-reduce 1" in outcome
+
+
+def test_a_rank_that_skips_a_step_updates_nothing_and_every_rank_raises_at_sync_with_the_device_guard(tmp_path):
+    """The default guard reads nothing during training: the out-of-step all-reduces leave delta where the
+    last in-step one left it, on both ranks, and ``sync`` raises on each."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "device"), nprocs=WORLD, join=True)
+    outcomes = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    calls = {0: 3, 1: 2}  # where each rank's first out-of-step all-reduce was
+    for rank, (outcome, first_delta, final_delta) in enumerate(outcomes):
+        assert outcome.startswith("CollectiveOrderError at sync: "), outcome
+        assert f"rank {rank}'s all-reduce 1 of training call {calls[rank]} " in outcome, outcome
+        assert first_delta.abs().sum() > 0
+        assert torch.equal(final_delta, first_delta), f"rank {rank}: delta moved after the ranks went out of step"
+    assert torch.equal(outcomes[0][1], outcomes[1][1])

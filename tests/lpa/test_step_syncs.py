@@ -11,6 +11,7 @@ import torch
 
 from lpa_kernels.lpa import LPAConfig, build_method
 from lpa_kernels.lpa.labels import device_label_check_only
+from tests.lpa.fake_world import pretend_two_ranks
 from tests.lpa.models import NUM_CLASSES, TinyResNet, batch, mlp
 
 COUNTS = torch.tensor([40, 30, 20, 10])  # training samples per class: the la prior, split and budget
@@ -72,6 +73,17 @@ def test_training_step_reads_no_tensor_value(case, host_reads):
     name, config = CASES[case]
     method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config), class_counts=COUNTS)
     _assert_no_reads(method, [batch(seed=seed) for seed in range(4)], host_reads, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_data_parallel_training_step_reads_no_tensor_value(case, host_reads, monkeypatch):
+    """As one of two ranks, with the default collective-order guard (its verdict stays on the device)."""
+    calls = pretend_two_ranks(monkeypatch)
+    name, config = CASES[case]
+    method = build_method(name, mlp(), NUM_CLASSES, layer="3", config=LPAConfig(**config), class_counts=COUNTS)
+    _assert_no_reads(method, [batch(seed=seed) for seed in range(4)], host_reads, case)
+    assert set(calls) == {"all_reduce"}, calls
+    method.sync()
 
 
 @pytest.mark.parametrize("case", list(RESNET_CASES))

@@ -3,7 +3,8 @@
 One module fixture trains the same LPA run (T = 3 autograd PGD, 4 epochs, checkpoints every epoch) five
 ways: one process from scratch (A), two DDP processes from scratch (B), one process resumed from B's
 epoch-2 checkpoint (C: 2 -> 1 processes), two FSDP2 processes resumed from A's epoch-2 checkpoint (D:
-1 -> 2 processes), one process resumed from D's epoch-3 checkpoint (E: FSDP2 -> plain). A checkpoint
+1 -> 2 processes, the "host" collective-order guard where B has the default "device" one), one process
+resumed from D's epoch-3 checkpoint (E: FSDP2 -> plain). A checkpoint
 left after epoch 2 is exactly what a run stopped there leaves.
 
 Tolerance: the ranks sum gradients in another order than one process does, so float32 results differ
@@ -59,7 +60,7 @@ def runs(tmp_path_factory):
     shutil.copy(root / "B" / "lpa-seed0" / "epoch-0002.pt", stopped)
     assert main(["--method", "lpa", *RUN, "--save-dir", str(root / "C"), "--resume", str(stopped.parent)]) == 0
     done = torchrun("-m", "lpa_programs.train", "--method", "lpa", *RUN, "--fsdp", "--save-dir", str(root / "D"),
-                    "--resume", str(root / "A" / "lpa-seed0" / "epoch-0002.pt"))
+                    "--resume", str(root / "A" / "lpa-seed0" / "epoch-0002.pt"), "--order-guard", "host")
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["--method", "lpa", *RUN, "--save-dir", str(root / "E"),
                  "--resume", str(root / "D" / "lpa-seed0" / "epoch-0003.pt")]) == 0
@@ -160,3 +161,17 @@ def test_resume_compares_only_the_options_the_runs_method_reads(runs, method, op
     args = build_parser().parse_args(["--method", method, *RUN[:-4], *options, "--resume", str(folder / "epoch-0002.pt")])
     problem = checkpoint_options.check_arguments(args)
     assert (refused in problem) if refused else problem == "", problem
+
+
+@pytest.mark.parametrize("option, mode", [("device", "device"), ("host", "host"), ("off", None)])
+def test_order_guard_option_sets_the_guard_of_a_launched_process(monkeypatch, option, mode):
+    from lpa_kernels.lpa import collectives
+    from lpa_programs import distributed
+
+    monkeypatch.setattr(distributed, "launched_world", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # joined already: setup joins nothing
+    try:
+        assert distributed.setup(torch.device("cpu"), 10.0, option) == torch.device("cpu")
+        assert collectives._guard["mode"] == mode
+    finally:
+        collectives.set_order_guard(True)
