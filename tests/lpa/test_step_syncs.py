@@ -117,7 +117,12 @@ def test_frequency_radius_that_is_zero_for_a_class_is_rejected():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_training_step_never_synchronises_the_gpu(case, backend):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "data-parallel"])
+def test_training_step_never_synchronises_the_gpu(case, backend, ranks, monkeypatch):
+    """Data-parallel: as one of two ranks (``fake_world``), the default collective-order guard's signature
+    copied to the GPU and its verdict kept there."""
+    if ranks == 2:
+        pretend_two_ranks(monkeypatch)
     name, config = CASES[case]
     model = mlp(torch.float32).cuda()
     method = build_method(name, model, NUM_CLASSES, layer="3", config=LPAConfig(**config, backend=backend),
