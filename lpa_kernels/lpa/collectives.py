@@ -20,11 +20,13 @@ one, T steps T, T + 1 with the loss_trend policy):
   disagreement clears until it is reported: from then on what the LPA all-reduces return is zeroed and the
   sites update nothing (delta, the class statistics and the policies keep their values: the gate they
   apply to a batch with a bad label), and ``Method.sync`` raises ``CollectiveOrderError``, on every rank,
-  since every rank sees the same sums. A desynchronisation between all-reduces of different sizes is not
-  stopped before it runs: the backend then fails, or hangs until the collective's timeout (the process
-  group's ``timeout``, NCCL's watchdog); the "host" guard stops it. Tensors of another dtype, or more ranks than that, take the "host" check;
-  calls traced by ``torch.compile`` or captured in a CUDA graph are not checked (the call counter would be
-  a constant in the graph).
+  since every rank sees the same sums. Ranks out of step may pair all-reduces of different sizes (a T-step
+  run's first, which carries the statistics, with another's second; LPA's with LPL's), which a backend
+  does not survive (gloo aborts the process): so every signed all-reduce of a dtype is padded with zeros
+  to the largest this process has made, its signature last, and once each kind has run (after the first
+  training step) every LPA all-reduce of a dtype has one size. Tensors of another dtype, or more ranks
+  than that, take the "host" check; calls traced by ``torch.compile`` or captured in a CUDA graph are not
+  checked (the call counter would be a constant in the graph).
 - ``"host"``: before each LPA all-reduce every rank contributes its signature to a small ``all_gather``
   and reads the gathered table on the host: a rank that sees any disagreement raises
   ``CollectiveOrderError`` at once (every rank does, all seeing the same table), before the mismatched
@@ -54,6 +56,8 @@ _EXACT_RANKS = {torch.float32: 4096, torch.float64: 2**40}
 # device -> (in order: 0-d bool, False from the first disagreement until it is reported; this rank's call
 # and all-reduce index digits (float64) at that disagreement)
 _verdicts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# dtype -> the length every signed all-reduce of that dtype is padded to: the largest this process made
+_padded: dict[torch.dtype, int] = {}
 
 
 class CollectiveOrderError(RuntimeError):
@@ -195,9 +199,12 @@ def _reduce_signed(tensors: list[torch.Tensor], described: str) -> None:
         signature = torch.tensor(values, dtype=first.dtype, pin_memory=True).to(first.device, non_blocking=True)
     else:
         signature = torch.tensor(values, dtype=first.dtype, device=first.device)
-    buffer = torch.cat([t.reshape(-1) for t in tensors] + [signature])
+    length = sum(t.numel() for t in tensors)
+    padded = _padded[first.dtype] = max(_padded.get(first.dtype, 0), length + len(values))
+    padding = [first.new_zeros(padded - length - len(values))] if padded > length + len(values) else []
+    buffer = torch.cat([t.reshape(-1) for t in tensors] + padding + [signature])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    data, sums = buffer.split([buffer.numel() - signature.numel(), signature.numel()])
+    data, sums = buffer[:length], buffer[-len(values):]
     agree = (sums == signature * world_size()).all()
     good, position = _verdict(first.device)
     newly_out = good & ~agree

@@ -29,7 +29,8 @@ def pretend_two_ranks(monkeypatch, peer=None) -> list:
     monkeypatch.setattr(collectives.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(collectives.dist, "all_gather", all_gather)
     monkeypatch.setattr(collectives.dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(collectives, "_verdicts", {})  # the device verdicts of this pretence, dropped after it
+    monkeypatch.setattr(collectives, "_verdicts", {})  # the device guard's state in this pretence, dropped after it
+    monkeypatch.setattr(collectives, "_padded", {})
     return calls
 
 

@@ -124,6 +124,21 @@ def test_the_gate_alone_holds_delta_when_the_zeroed_sums_would_still_move_it(mon
     assert torch.equal(method.delta, before)
 
 
+def test_every_signed_all_reduce_of_a_dtype_has_one_size_after_the_first_step(monkeypatch):
+    """Padded to the largest so far: ranks out of step never sum buffers of different sizes (which gloo
+    does not survive; two real processes: test_distributed.py)."""
+    pretend_two_ranks(monkeypatch)
+    sizes, fake = [], collectives.dist.all_reduce
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda t, op=None: (sizes.append(t.numel()), fake(t, op)))
+    # LPL's T-step all-reduces ((K, K) gradients) come first, LPA's single-pass one ((K, D), D > K) last
+    config = LPAConfig(steps=0, lpl_steps=2, direction="loss_trend")
+    method = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=config)
+    _train_step(method, seed=0)
+    first, sizes[:] = list(sizes), []
+    _train_step(method, seed=1)
+    assert len(set(first)) > 1 and set(sizes) == {max(first)}, (first, sizes)
+
+
 @pytest.mark.parametrize("dtype, world, check", [
     (torch.float32, 2, "device"), (torch.float64, 2, "device"), (torch.float32, 4096, "device"),
     (torch.float32, 4097, "host"), (torch.float64, 10**6, "device"), (torch.bfloat16, 2, "host"),

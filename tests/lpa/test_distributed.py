@@ -105,6 +105,43 @@ def _skip_a_step_on_rank_0(rank: int, guard: str):
     return outcome, first_delta, method.delta.clone()
 
 
+def _fail_mid_step(rank: int):
+    """T = 2 PGD steps, whose first all-reduce carries the statistics (larger than the second's). Each rank
+    catches an error in one PGD step and goes on with the next batch: rank 0 in its second step's second
+    PGD step, rank 1 in its third's, so both make five LPA all-reduces, the last two pairing all-reduces of
+    different sizes. ``(sync's outcome, delta after the last in-step all-reduce, delta at the end)``."""
+    x, y = _data()
+    config = LPAConfig(steps=2, init="carried", head="never", norm="l2", eps=0.5, step_size=0.2,
+                       direction="confidence", radius="confidence")
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=config)
+    pgd_forwards, failing = [0], (4 if rank == 0 else 6)
+    real_upper = method._pgd_upper
+
+    def upper(h, extras):
+        pgd_forwards[0] += 1
+        if pgd_forwards[0] == failing:
+            raise RuntimeError("a PGD step failed")
+        return real_upper(h, extras)
+
+    method._pgd_upper = upper
+    rows, in_step = slice(4 * rank, 4 * rank + 4), None
+    for step in range(3):
+        try:
+            loss, _ = method.training_loss(x[step, rows], y[step, rows])
+        except RuntimeError:
+            if in_step is None:  # the PGD steps before the failure had paired with the peer's
+                in_step = method.delta.clone()
+            continue
+        loss.backward()
+        method.after_backward()
+    try:
+        method.sync()
+        outcome = "finished"
+    except CollectiveOrderError as error:
+        outcome = f"CollectiveOrderError at sync: {error}"
+    return outcome, in_step, method.delta.clone()
+
+
 def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -114,6 +151,8 @@ def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
         per_rank = 8 // WORLD
         if task == "train":
             result = _train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD)
+        elif task == "mid-step":
+            result = _fail_mid_step(rank)
         else:
             result = _skip_a_step_on_rank_0(rank, task)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -166,3 +205,16 @@ def test_a_rank_that_skips_a_step_updates_nothing_and_every_rank_raises_at_sync_
         assert first_delta.abs().sum() > 0
         assert torch.equal(final_delta, first_delta), f"rank {rank}: delta moved after the ranks went out of step"
     assert torch.equal(outcomes[0][1], outcomes[1][1])
+
+
+def test_ranks_out_of_step_between_all_reduces_of_different_sizes_are_caught_by_the_device_guard(tmp_path):
+    """Every LPA all-reduce of a dtype is padded to the largest one the process has made, its signature
+    last: ranks that pair a T-step run's first all-reduce (gradient and statistics) with another's second
+    (gradient only) still sum buffers of one size, and the verdict catches them."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "mid-step"), nprocs=WORLD, join=True)
+    outcomes = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    for rank, (outcome, _, final_delta) in enumerate(outcomes):
+        assert outcome.startswith("CollectiveOrderError at sync: "), outcome
+    # rank 1's delta when rank 0 failed: the last all-reduce both made in step (rank 0 kept that one)
+    assert torch.equal(outcomes[0][2], outcomes[0][1])
+    assert torch.equal(outcomes[1][2], outcomes[0][1]), "rank 1 moved delta after the ranks went out of step"
