@@ -24,8 +24,9 @@ one, T steps T, T + 1 with the loss_trend policy):
   run's first, which carries the statistics, with another's second; LPA's with LPL's), which a backend
   does not survive (gloo aborts the process): so every signed all-reduce of a dtype is padded with zeros
   to the largest this process has made, its signature last, and once each kind has run (after the first
-  training step) every LPA all-reduce of a dtype has one size. Tensors of another dtype, or more ranks
-  than that, take the "host" check; calls traced by ``torch.compile`` or captured in a CUDA graph are not
+  training step) every LPA all-reduce of a dtype has one size. With 3 ranks or more the 26 numbers also
+  move the backend's chunk boundaries, so the sums may differ from the unchecked ones by rounding (float32:
+  ~1e-8 measured). Tensors of another dtype, or more ranks than those limits, take the "host" check; calls traced by ``torch.compile`` or captured in a CUDA graph are not
   checked (the call counter would be a constant in the graph).
 - ``"host"``: before each LPA all-reduce every rank contributes its signature to a small ``all_gather``
   and reads the gathered table on the host: a rank that sees any disagreement raises
@@ -122,10 +123,11 @@ def all_reduce_sum_together(parts: dict[str, torch.Tensor | None]) -> None:
 
 def order_ok(device: torch.device) -> torch.Tensor | None:
     """The "device" guard's verdict on ``device``: a 0-d bool, False from the first disagreement until
-    ``raise_if_out_of_order`` reports it (the sites gate their updates on it); None where no all-reduce
-    carried a signature (a single process, the other modes)."""
-    verdict = _verdicts.get(device)
-    return None if verdict is None else verdict[0]
+    ``raise_if_out_of_order`` reports it (the sites gate their updates on it); None where it does not
+    apply (a single process, the other modes: a verdict left pending there is still reported)."""
+    if _guard["mode"] != "device" or world_size() == 1:
+        return None
+    return _verdict(device)[0]
 
 
 def raise_if_out_of_order() -> None:
@@ -155,11 +157,13 @@ def _reduce(tensors: list[torch.Tensor], what: str) -> None:
     check = _check_kind(first)
     if check == "device":
         return _reduce_signed(tensors, described)
-    buffer = first if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    # in place when it can be: a backend sums a tensor's memory, so a strided view goes through a buffer
+    in_place = len(tensors) == 1 and first.is_contiguous()
+    buffer = first if in_place else torch.cat([t.reshape(-1) for t in tensors])
     if check == "host":
         _check_order(buffer, described)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    if len(tensors) > 1:
+    if not in_place:
         for t, part in zip(tensors, buffer.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
 

@@ -220,7 +220,7 @@ class ClassSite:
                 if t == 0:  # the policy reads the first step's logits, whose statistics are summed with grad
                     direction, eps = self._resolve(logits, labels, delta, grad)
                 else:
-                    all_reduce_sum(grad)
+                    all_reduce_sum(grad, "class gradient")
                 self._pgd_step(delta, grad, direction, eps, ok, skipped)
 
     def _head_pgd(self, delta, h, labels, head: nn.Linear, ok: torch.Tensor | None, skipped: torch.Tensor,
@@ -299,14 +299,20 @@ class ClassSite:
             # the module's leaf sharing delta's storage (ClassPerturbation.live_delta, which follows delta to new
             # memory); training backwards sum into its .grad; ``apply`` scales its gradient
             return perturbation.live_delta()
+        delta, in_order, kept = perturbation.delta, order_ok(perturbation.delta.device), None
         if self.init == "fresh":
             with torch.no_grad():
+                if in_order is not None:  # restored below if this step's all-reduces find the ranks out of step
+                    kept = delta.clone()
                 if ok is None:
-                    perturbation.delta.zero_()
+                    delta.zero_()
                 else:
-                    perturbation.delta.masked_fill_(ok, 0.0)
-        self.run_pgd(perturbation.delta, h, extras, labels, upper, self._skipped, head, ok, plan)
-        return perturbation.delta.detach()
+                    delta.masked_fill_(ok, 0.0)
+        self.run_pgd(delta, h, extras, labels, upper, self._skipped, head, ok, plan)
+        if kept is not None:
+            with torch.no_grad():
+                delta.copy_(torch.where(in_order, delta, kept))
+        return delta.detach()
 
     def preview_delta(self, h, extras, labels, upper, head=None) -> torch.Tensor:
         """The delta this batch would be trained with, computed on a copy (no state changes: before the

@@ -77,6 +77,9 @@ OUT_OF_STEP_CASES = {
     "single-pass-lpa+lpl": ("lpa+lpl", dict(steps=0, lpl_steps=0)),
     "t-step": ("lpa", dict(steps=2, head="never", init="carried", radius="confidence")),
     "t-step-loss-trend": ("lpa", dict(steps=1, head="never", init="carried", direction="loss_trend")),
+    # a fresh delta is zeroed before the step's all-reduces find the ranks out of step: restored after them
+    "t-step-fresh": ("lpa", dict(steps=2, head="never", init="fresh")),
+    "single-pass-lpa+t-step-lpl": ("lpa+lpl", dict(steps=0, lpl_steps=2)),
 }
 
 
@@ -137,6 +140,23 @@ def test_every_signed_all_reduce_of_a_dtype_has_one_size_after_the_first_step(mo
     first, sizes[:] = list(sizes), []
     _train_step(method, seed=1)
     assert len(set(first)) > 1 and set(sizes) == {max(first)}, (first, sizes)
+
+
+@pytest.mark.parametrize("leave", ["guard off", "single process"])
+def test_a_pending_verdict_gates_nothing_once_the_device_guard_does_not_apply_but_is_still_reported(monkeypatch, leave):
+    pretend_two_ranks(monkeypatch, peer=out_of_step_peer)
+    method = _single_pass()
+    _train_step(method, seed=0)  # out of step: the verdict fails and waits for sync
+    if leave == "guard off":
+        collectives.set_order_guard(False)
+    else:
+        monkeypatch.setattr(collectives, "world_size", lambda: 1)
+    assert collectives.order_ok(method.delta.device) is None
+    before = method.delta.clone()
+    _train_step(method, seed=1)
+    assert not torch.equal(method.delta, before)
+    with pytest.raises(collectives.CollectiveOrderError):
+        method.sync()
 
 
 @pytest.mark.parametrize("dtype, world, check", [

@@ -142,6 +142,17 @@ def _fail_mid_step(rank: int):
     return outcome, in_step, method.delta.clone()
 
 
+def _sum_strided_views(rank: int) -> dict:
+    """``all_reduce_sum`` of a strided view (every second column) in each guard mode: the matrices after it."""
+    results = {}
+    for mode in ("device", "host", False):
+        collectives.set_order_guard(mode)
+        matrix = torch.arange(12.0).view(3, 4) * (rank + 1)
+        collectives.all_reduce_sum(matrix[:, ::2], "every second column")
+        results[mode] = matrix
+    return results
+
+
 def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -153,6 +164,8 @@ def _worker(rank: int, port: int, out_dir: str, task: str = "train"):
             result = _train(slice(rank * per_rank, (rank + 1) * per_rank), WORLD)
         elif task == "mid-step":
             result = _fail_mid_step(rank)
+        elif task == "strided":
+            result = _sum_strided_views(rank)
         else:
             result = _skip_a_step_on_rank_0(rank, task)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -218,3 +231,12 @@ def test_ranks_out_of_step_between_all_reduces_of_different_sizes_are_caught_by_
     # rank 1's delta when rank 0 failed: the last all-reduce both made in step (rank 0 kept that one)
     assert torch.equal(outcomes[0][2], outcomes[0][1])
     assert torch.equal(outcomes[1][2], outcomes[0][1]), "rank 1 moved delta after the ranks went out of step"
+
+
+def test_all_reduce_sum_of_a_strided_view_sums_its_elements_only_in_every_mode(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), "strided"), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        for mode, matrix in torch.load(tmp_path / f"{rank}.pt").items():
+            expected = torch.arange(12.0).view(3, 4) * (rank + 1)
+            expected[:, ::2] = torch.arange(12.0).view(3, 4)[:, ::2] * 3  # ranks 0 and 1: 1x + 2x
+            assert torch.equal(matrix, expected), f"rank {rank}, guard {mode}: {matrix}"
