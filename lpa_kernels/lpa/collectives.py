@@ -197,26 +197,27 @@ def _reduce_signed(tensors: list[torch.Tensor], described: str) -> None:
     the verdict updated on the device and the data zeroed once the ranks disagree (module docstring)."""
     call, index, crc = _position(described)
     digits = _digits(call, _CALL_DIGITS) + _digits(index, _INDEX_DIGITS) + _digits(crc, _CRC_DIGITS)
-    first = tensors[0]
+    first, signed = tensors[0], 2 * len(digits)
     values = digits + [d * d for d in digits]
+    values += [v * world_size() for v in values] + [0]  # then the sums when every rank sent the same, and a 0
     if first.is_cuda:  # pinned, so the copy to the device does not wait for the queued kernels
-        signature = torch.tensor(values, dtype=first.dtype, pin_memory=True).to(first.device, non_blocking=True)
+        uploaded = torch.tensor(values, dtype=first.dtype, pin_memory=True).to(first.device, non_blocking=True)
     else:
-        signature = torch.tensor(values, dtype=first.dtype, device=first.device)
+        uploaded = torch.tensor(values, dtype=first.dtype, device=first.device)
+    signature, expected, zero = uploaded[:signed], uploaded[signed:-1], uploaded[-1]
     length = sum(t.numel() for t in tensors)
-    padded = _padded[first.dtype] = max(_padded.get(first.dtype, 0), length + len(values))
-    padding = [first.new_zeros(padded - length - len(values))] if padded > length + len(values) else []
+    padded = _padded[first.dtype] = max(_padded.get(first.dtype, 0), length + signed)
+    padding = [first.new_zeros(padded - length - signed)] if padded > length + signed else []
     buffer = torch.cat([t.reshape(-1) for t in tensors] + padding + [signature])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    data, sums = buffer[:length], buffer[-len(values):]
-    agree = (sums == signature * world_size()).all()
+    data = buffer[:length]
     good, position = _verdict(first.device)
-    newly_out = good & ~agree
-    position.copy_(torch.where(newly_out, signature[:_POSITION_DIGITS].to(position.dtype), position))
-    good.logical_and_(agree)
-    out = ~good
+    # every all-reduce's position is kept while the ranks agree: the one that finds them out of step is the last
+    torch.where(good, signature[:_POSITION_DIGITS], position, out=position)
+    good.logical_and_((buffer[-signed:] == expected).all())
+    torch.where(good, data, zero, out=data)
     for t, part in zip(tensors, data.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t)).masked_fill_(out, 0)
+        t.copy_(part.view_as(t))
 
 
 def _verdict(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

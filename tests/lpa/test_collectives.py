@@ -3,8 +3,11 @@
 (updates gated, ``sync`` raising) and the "host" guard's immediate error. (Two real processes:
 ``test_distributed.py``; no host read with the default guard: ``test_step_syncs.py``.)"""
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpa_kernels.lpa import LPAConfig, build_method, collectives
 from lpa_kernels.lpa.state import state_tensors
@@ -58,6 +61,38 @@ def test_lpa_all_reduces_once_per_site_and_pgd_step(monkeypatch, name, layer, co
         _train_step(method, seed)
         assert calls == ["all_reduce"] * reduces if mode == "device" else ["all_gather", "all_reduce"] * reduces, calls
     method.sync()  # the peer was in step: nothing to raise
+
+
+class _CountedOps(TorchDispatchMode):
+    """The ATen ops that run inside, views (no kernel) left out."""
+
+    VIEWS = {"slice", "select", "view", "split", "split_with_sizes", "alias", "_unsafe_view", "detach", "as_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_device_guard_costs_one_upload_and_five_kernels_per_all_reduce(monkeypatch):
+    """Budget (counted, not timed): what the "device" guard adds to an unchecked all-reduce."""
+    ops = {}
+    for mode in ("device", False):
+        calls = pretend_two_ranks(monkeypatch)
+        collectives.set_order_guard(mode)
+        method = _single_pass()
+        _train_step(method, seed=0)
+        calls.clear()
+        with _CountedOps() as counted:
+            _train_step(method, seed=1)
+        assert calls == ["all_reduce"]
+        ops[mode] = counted.ops
+    added = ops["device"] - ops[False]
+    assert sum(added.values()) <= 6 and not ops[False] - ops["device"], dict(added)
 
 
 def test_the_host_guard_raises_before_the_all_reduce_when_the_table_disagrees(monkeypatch):
