@@ -97,12 +97,16 @@ def _skip_a_step_on_rank_0(rank: int, guard: str):
             first_delta = method.delta.clone()
     if guard == "host":
         return "finished"
+    return _sync_outcome(method), first_delta, method.delta.clone()
+
+
+def _sync_outcome(method) -> str:
+    """What ``method.sync()`` ended with: "finished" or the ``CollectiveOrderError`` it raised."""
     try:
         method.sync()
-        outcome = "finished"
     except CollectiveOrderError as error:
-        outcome = f"CollectiveOrderError at sync: {error}"
-    return outcome, first_delta, method.delta.clone()
+        return f"CollectiveOrderError at sync: {error}"
+    return "finished"
 
 
 def _fail_mid_step(rank: int):
@@ -134,12 +138,7 @@ def _fail_mid_step(rank: int):
             continue
         loss.backward()
         method.after_backward()
-    try:
-        method.sync()
-        outcome = "finished"
-    except CollectiveOrderError as error:
-        outcome = f"CollectiveOrderError at sync: {error}"
-    return outcome, in_step, method.delta.clone()
+    return _sync_outcome(method), in_step, method.delta.clone()
 
 
 def _sum_strided_views(rank: int) -> dict:
