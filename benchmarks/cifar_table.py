@@ -7,9 +7,11 @@ the many/medium/few-shot error.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
+
+from lpa_programs.cli import Parser
 
 
 def _cell(values: list[float]) -> str:
@@ -32,12 +34,26 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(paths: list[str]) -> int:
-    for path in paths:
+def _report(path: str) -> dict:
+    """The ``lpa-train --json`` report at ``path`` (``argparse.ArgumentTypeError``: why it is not one)."""
+    try:
         with open(path) as fh:
-            print(table(json.load(fh)))
+            report = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
+    if not isinstance(report, dict) or not {"dataset", "finished", "runs"} <= set(report):
+        raise argparse.ArgumentTypeError(f"{path} is not an lpa-train --json report")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m lpa_bench.cifar_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("reports", nargs="+", type=_report, metavar="REPORT.json",
+                        help="lpa-train --json reports (benchmarks/reproduce_cifar.sh writes them); one table each")
+    for report in parser.parse_args(argv).reports:
+        print(table(report))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

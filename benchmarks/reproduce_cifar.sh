@@ -13,7 +13,7 @@
 #
 # usage: benchmarks/reproduce_cifar.sh DATA_DIR OUT_DIR [extra lpa-train options, e.g. --seeds 0 1 2]
 #        benchmarks/reproduce_cifar.sh --smoke OUT_DIR    (CPU: two epochs on a generated CIFAR-format
-#                                                          folder, ResNet-32 for every row; ~5 min of CPU)
+#                                                          folder, ResNet-32 for every row; 5-9 min on 2 CPU cores)
 # DATA_DIR holds cifar-10-batches-py and cifar-100-python. Each table row writes OUT_DIR/<table>.json;
 # the tables are then written to OUT_DIR/tables.md by python -m lpa_bench.cifar_table.
 set -euo pipefail

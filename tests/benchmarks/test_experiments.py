@@ -31,3 +31,21 @@ def test_cifar_table_reports_error_of_last_and_best_epoch(tmp_path):
     # errors: last 30 and 26 -> 28.00 ± 2.83; best 28 and 26 -> 27.00 ± 1.41
     assert "| la | 2 | 28.00 ± 2.83 | 27.00 ± 1.41 | 10.00 ± 0.00 | 20.00 ± 0.00 | 50.00 ± 0.00 |" in text
     assert "la-resnet32" in text and "UNFINISHED" not in text
+
+
+def test_cifar_table_reads_reports_and_refuses_anything_else_in_one_line(tmp_path, capsys):
+    report = {"dataset": {"name": "cifar10-lt"}, "finished": False, "runs": [
+        dict(method="erm", seed=0, overall=60.0, many=80.0, medium=60.0, few=30.0)]}
+    (tmp_path / "good.json").write_text(json.dumps(report))
+    assert cifar_table.main([str(tmp_path / "good.json")]) == 0
+    assert "| erm | 1 | 40.00 ± 0.00 |" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text("[1, 2]")
+    for argv, message in (([str(tmp_path / "missing.json")], "cannot read"), ([str(tmp_path / "other.json")],
+                          "is not an lpa-train --json report"), ([], "the following arguments are required")):
+        with pytest.raises(SystemExit) as exit_:
+            cifar_table.main(argv)
+        error = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(error) == 1 and message in error[0], error
+    with pytest.raises(SystemExit) as exit_:
+        cifar_table.main(["--help"])
+    assert exit_.value.code == 0 and "REPORT.json" in capsys.readouterr().out
