@@ -17,22 +17,25 @@ one, T steps T, T + 1 with the loss_trend policy):
   (``W`` ranks): both hold for every digit exactly when every rank sent the same digits, since
   ``sum_r (d_r - d)^2 = S2 - 2 d S1 + W d^2`` is 0 only then. The sums are exact integers in float32 up to
   4096 ranks (``W * 63^2 < 2^24``; any float64). The verdict stays on the device, in a flag that a
-  disagreement clears until it is reported: from then on what the LPA all-reduces return is zeroed and the
-  sites update nothing (delta, the class statistics and the policies keep their values: the gate they
-  apply to a batch with a bad label), and ``Method.sync`` raises ``CollectiveOrderError``, on every rank,
-  since every rank sees the same sums. Ranks out of step may pair all-reduces of different sizes (a T-step
+  disagreement clears until it is reported: from then on what the LPA all-reduces return is zeroed, so the
+  sites update nothing (a class whose gradient is all zero keeps its delta, classes absent from zeroed
+  statistics leave the policies' state as it was; ``order_ok`` lets a site restore what it changed before
+  the all-reduces: a fresh delta's zeroing), and ``Method.sync`` raises ``CollectiveOrderError``, on every
+  rank, since every rank sees the same sums. Ranks out of step may pair all-reduces of different sizes (a T-step
   run's first, which carries the statistics, with another's second; LPA's with LPL's), which a backend
   does not survive (gloo aborts the process): so every signed all-reduce of a dtype is padded with zeros
   to the largest this process has made, its signature last, and once each kind has run (after the first
   training step) every LPA all-reduce of a dtype has one size. With 3 ranks or more the 26 numbers also
   move the backend's chunk boundaries, so the sums may differ from the unchecked ones by rounding (float32:
-  ~1e-8 measured). Tensors of another dtype, or more ranks than those limits, take the "host" check; calls traced by ``torch.compile`` or captured in a CUDA graph are not
-  checked (the call counter would be a constant in the graph).
+  ~1e-8 measured). Tensors of another dtype, or more ranks than those limits, take the "host" check.
 - ``"host"``: before each LPA all-reduce every rank contributes its signature to a small ``all_gather``
   and reads the gathered table on the host: a rank that sees any disagreement raises
   ``CollectiveOrderError`` at once (every rank does, all seeing the same table), before the mismatched
   all-reduce runs; one device synchronisation per LPA all-reduce.
 - ``False``: the bare all-reduces, where every rank is known to run the same steps.
+
+In every mode, all-reduces traced by ``torch.compile`` or captured in a CUDA graph are not checked (the call
+counter would be a constant in the graph; the "host" check's read cannot be traced).
 
 Within ``local_only()`` (``Method.diagnostics``: a probe of this process's batch, which one rank may run
 while its peers do not) the all-reduces are skipped.
@@ -123,8 +126,9 @@ def all_reduce_sum_together(parts: dict[str, torch.Tensor | None]) -> None:
 
 def order_ok(device: torch.device) -> torch.Tensor | None:
     """The "device" guard's verdict on ``device``: a 0-d bool, False from the first disagreement until
-    ``raise_if_out_of_order`` reports it (the sites gate their updates on it); None where it does not
-    apply (a single process, the other modes: a verdict left pending there is still reported)."""
+    ``raise_if_out_of_order`` reports it (a site restores on it what it changed before the all-reduces);
+    None where it does not apply (a single process, the other modes: a verdict left pending there is still
+    reported)."""
     if _guard["mode"] != "device" or world_size() == 1:
         return None
     return _verdict(device)[0]
@@ -171,10 +175,10 @@ def _reduce(tensors: list[torch.Tensor], what: str) -> None:
 def _check_kind(t: torch.Tensor) -> str | None:
     """How the all-reduce of ``t``'s dtype and device is checked: "device", "host" or None."""
     mode = _guard["mode"]
-    if mode != "device":
-        return mode
-    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if mode is None or torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
+    if mode == "host":
+        return mode
     return "device" if world_size() <= _EXACT_RANKS.get(t.dtype, 0) else "host"
 
 

@@ -40,9 +40,10 @@ gradient of the cross-entropy SUMMED over the global batch. T-step mode differen
 directly; single-pass mode multiplies the gradient of the local mean loss by the local batch size.
 Under ``torch.distributed`` (world size > 1) it is all-reduced (summed) before every step, and the
 policies read statistics summed over all processes, so every rank keeps the same delta (single pass: the
-class gradient and the statistics in one all-reduce, at ``after_backward``). Each update is also gated on
-the collective-order guard's device-side verdict (``collectives.order_ok``): ranks found out of step
-update nothing, and ``Method.sync`` raises.
+class gradient and the statistics in one all-reduce, at ``after_backward``). Ranks the collective-order
+guard finds out of step update nothing: their all-reduces return zeros (a class whose gradient is all zero
+keeps its delta; classes absent from zeroed statistics leave the policies as they were), a fresh delta
+zeroed before them is restored after them (``collectives.order_ok``), and ``Method.sync`` raises.
 """
 
 from __future__ import annotations
@@ -175,18 +176,9 @@ class ClassSite:
         """``pgd_step_`` with the policy's ``(K,)`` direction and radii (positive by construction), guarded
         (``pgd.naive.guarded_pgd_step_``, one launch on the Triton backend): a class whose gradient is not
         finite keeps its delta and is counted into ``skipped`` (0-d int64, in place), and every class
-        keeps its delta when ``ok`` (0-d bool, the batch's label check) is False, or when the ranks' LPA
-        all-reduces went out of step (``_gate``)."""
-        run_guarded_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm, self._gate(ok, delta),
-                              skipped, self._resolved_backend)
-
-    def _gate(self, ok: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-        """What an update of ``delta`` is gated on: the batch's label verdict ``ok`` (None: known True) and,
-        under data parallelism, the collective-order verdict (``collectives.order_ok``)."""
-        in_order = order_ok(delta.device)
-        if in_order is None:
-            return self._all_ok if ok is None else ok
-        return in_order if ok is None else ok & in_order
+        keeps its delta when ``ok`` (0-d bool, the batch's label check) is False."""
+        run_guarded_pgd_step_(delta, grad, self._step_sizes, eps, direction, self.norm,
+                              self._all_ok if ok is None else ok, skipped, self._resolved_backend)
 
     # ----- T-step PGD -----------------------------------------------------------------------------
     def _head(self, head: nn.Linear | None, h: torch.Tensor, delta: torch.Tensor) -> nn.Linear | None:
@@ -365,7 +357,6 @@ class ClassSite:
         # batch: one all-reduce for both
         all_reduce_sum_together({"class gradient": grad, "statistics": stats})
         # a class whose gradient overflowed (a bad sample, an AMP step the GradScaler will skip) keeps its delta
-        delta = self.perturbation.delta
-        self.policy.step_pgd_(stats, delta, grad, self._step_sizes, self.norm, self._gate(None, delta),
+        self.policy.step_pgd_(stats, self.perturbation.delta, grad, self._step_sizes, self.norm, self._all_ok,
                               self._skipped, self._resolved_backend)
         return 1

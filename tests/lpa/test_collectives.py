@@ -1,6 +1,6 @@
 """The order guard (``collectives.set_order_guard``) in one process pretending to be one of two ranks
 (``fake_world``): which collectives each LPA all-reduce takes in each mode, the "device" guard's verdict
-(updates gated, ``sync`` raising) and the "host" guard's immediate error. (Two real processes:
+(nothing updated, ``sync`` raising) and the "host" guard's immediate error. (Two real processes:
 ``test_distributed.py``; no host read with the default guard: ``test_step_syncs.py``.)"""
 
 import collections
@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpa_kernels.lpa import LPAConfig, build_method, collectives
+from lpa_kernels.lpa.policies import RADII
 from lpa_kernels.lpa.state import state_tensors
 from tests.lpa.fake_world import out_of_step_peer, pretend_two_ranks
 from tests.lpa.models import NUM_CLASSES, batch, mlp
@@ -149,39 +150,39 @@ def test_the_device_guard_updates_nothing_out_of_step_and_sync_raises_then_recov
     assert not torch.equal(method.delta, before["lpa.delta"]), f"{case}: delta did not move after the report"
 
 
-def test_the_gate_alone_holds_delta_when_the_zeroed_sums_would_still_move_it(monkeypatch):
-    """Out of step, the all-reduced gradient and statistics are zeroed, and the update is gated too: with
-    the gate alone (the sums left as the peer made them), delta still keeps its value."""
-    pretend_two_ranks(monkeypatch, peer=out_of_step_peer)
-    method = _single_pass()
-    _train_step(method, seed=0)  # a first step: the verdict now fails and is kept
-    method.sync = lambda: None
-    before = method.delta.clone()
-    monkeypatch.setattr(torch.Tensor, "masked_fill_", lambda self, mask, value: self)
-    _train_step(method, seed=1)
-    assert torch.equal(method.delta, before)
-
-
-def test_every_signed_all_reduce_of_a_dtype_has_one_size_after_the_first_step(monkeypatch):
-    """Padded to the largest so far: ranks out of step never sum buffers of different sizes (which gloo
-    does not survive; two real processes: test_distributed.py)."""
-    pretend_two_ranks(monkeypatch)
-    sizes, fake = [], collectives.dist.all_reduce
-    monkeypatch.setattr(collectives.dist, "all_reduce", lambda t, op=None: (sizes.append(t.numel()), fake(t, op)))
-    # LPL's T-step all-reduces ((K, K) gradients) come first, LPA's single-pass one ((K, D), D > K) last
-    config = LPAConfig(steps=0, lpl_steps=2, direction="loss_trend")
-    method = build_method("lpa+lpl", mlp(), NUM_CLASSES, layer="3", config=config)
-    _train_step(method, seed=0)
-    first, sizes[:] = list(sizes), []
-    _train_step(method, seed=1)
-    assert len(set(first)) > 1 and set(sizes) == {max(first)}, (first, sizes)
+def test_a_users_policy_moves_nothing_out_of_step(monkeypatch):
+    """Out of step, the all-reduced gradient and statistics are zeroed. A user's radius policy may give the
+    classes (absent from zeroed statistics) a smaller radius, whose projection would move delta; but a class
+    whose gradient is all zero keeps its delta (``pgd_step_``), so nothing moves."""
+    RADII.register("quarter_when_absent", "eps where the class is in the batch, eps / 4 elsewhere", batch=True)(
+        lambda inputs: torch.where(inputs.present, 1.0, 0.25).double() * inputs.eps)
+    try:
+        out_of_step = {"now": False}
+        pretend_two_ranks(monkeypatch, peer=lambda t: out_of_step_peer(t) if out_of_step["now"] else t.clone())
+        config = LPAConfig(steps=0, norm="linf", eps=1.0, step_size=0.2, radius="quarter_when_absent")
+        method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=config)
+        for seed in range(3):
+            _train_step(method, seed)
+        before = method.delta.clone()
+        assert before.abs().max() > 0.25, "the in-step steps left delta inside the smaller radius: no test"
+        out_of_step["now"] = True
+        _train_step(method, seed=3)
+        assert torch.equal(method.delta, before)
+    finally:
+        RADII.remove("quarter_when_absent")
 
 
 @pytest.mark.parametrize("leave", ["guard off", "single process"])
-def test_a_pending_verdict_gates_nothing_once_the_device_guard_does_not_apply_but_is_still_reported(monkeypatch, leave):
-    pretend_two_ranks(monkeypatch, peer=out_of_step_peer)
-    method = _single_pass()
+def test_a_pending_verdict_restores_nothing_once_the_device_guard_does_not_apply_but_is_still_reported(
+        monkeypatch, leave):
+    """A fresh delta is restored after the all-reduces when the ranks are out of step: not once the device
+    guard stops applying, whatever verdict it left pending (which ``sync`` still reports)."""
+    out_of_step = {"now": True}
+    pretend_two_ranks(monkeypatch, peer=lambda t: out_of_step_peer(t) if out_of_step["now"] else t.clone())
+    config = LPAConfig(steps=1, head="never", init="fresh", direction="ascent")
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=config)
     _train_step(method, seed=0)  # out of step: the verdict fails and waits for sync
+    out_of_step["now"] = False
     if leave == "guard off":
         collectives.set_order_guard(False)
     else:
@@ -192,6 +193,23 @@ def test_a_pending_verdict_gates_nothing_once_the_device_guard_does_not_apply_bu
     assert not torch.equal(method.delta, before)
     with pytest.raises(collectives.CollectiveOrderError):
         method.sync()
+
+
+@pytest.mark.parametrize("mode", ["device", "host"])
+def test_compiled_all_reduces_are_left_unchecked_in_every_mode(monkeypatch, mode):
+    """The T-step path all-reduces inside ``compiled_training_loss``'s graph: no signature and no
+    ``all_gather`` there (the host check's read cannot be traced: it failed with Unsupported)."""
+    calls = pretend_two_ranks(monkeypatch)
+    collectives.set_order_guard(mode)
+    method = build_method("lpa", mlp(), NUM_CLASSES, layer="3", config=LPAConfig(steps=2, head="never"))
+    training_loss = method.compiled_training_loss(backend="aot_eager")
+    for seed in range(3):  # the first call runs eagerly
+        x, y = batch(seed=seed)
+        calls.clear()
+        training_loss(x, y)[0].backward()
+        method.after_backward()
+    assert calls == ["all_reduce"] * 2, calls  # the last call's, compiled: the eager first one was checked
+    method.sync()
 
 
 @pytest.mark.parametrize("dtype, world, check", [
