@@ -419,7 +419,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     """Check every option that argparse alone cannot, load the data and try one step of each method on a
     throwaway model, so that a mistake is reported now and not after hours of training."""
     args.method, args.seeds = list(dict.fromkeys(args.method)), list(dict.fromkeys(args.seeds))  # each run once
-    device = distributed.setup(check_device(parser, args.device), args.dist_timeout, args.order_guard)  # joins torchrun's group
+    # joins torchrun's group
+    device = distributed.setup(check_device(parser, args.device), args.dist_timeout, args.order_guard)
     problem = schedules.check(args) or distributed.check_arguments(args) or distributed.agree(
         checkpoint.check_arguments(args) if distributed.context().is_main else "")
     if problem:

@@ -168,8 +168,7 @@ def _reduce(tensors: list[torch.Tensor], what: str) -> None:
         _check_order(buffer, described)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     if not in_place:
-        for t, part in zip(tensors, buffer.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
+        _unpack(buffer, tensors)
 
 
 def _check_kind(t: torch.Tensor) -> str | None:
@@ -220,7 +219,12 @@ def _reduce_signed(tensors: list[torch.Tensor], described: str) -> None:
     torch.where(good, signature[:_POSITION_DIGITS], position, out=position)
     good.logical_and_((buffer[-signed:] == expected).all())
     torch.where(good, data, zero, out=data)
-    for t, part in zip(tensors, data.split([t.numel() for t in tensors])):
+    _unpack(data, tensors)
+
+
+def _unpack(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy ``flat`` (the tensors' elements one after the other) back into ``tensors``."""
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
 
 

@@ -11,7 +11,8 @@ Every method follows one protocol::
 
 The step reads nothing back from the device; ``sync`` raises the errors it could only find there (a
 label outside ``[0, K)``; under data parallelism, ranks whose LPA all-reduces went out of step).
-``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never modified, so evaluation (``model.eval(); model(x)``) sees the plain model.
+``training_loss`` runs the lower network once, whatever the method; ``model(x)`` itself is never modified,
+so evaluation (``model.eval(); model(x)``) sees the plain model.
 
 Logit adjustment (``LPAConfig.loss == "la"``, forced by the "la" methods): every training cross-entropy,
 the PGD steps' included, is taken on ``logits + tau * log(prior)`` with ``prior = class_counts / sum``

@@ -291,8 +291,9 @@ class ClassSite:
             # the module's leaf sharing delta's storage (ClassPerturbation.live_delta, which follows delta to new
             # memory); training backwards sum into its .grad; ``apply`` scales its gradient
             return perturbation.live_delta()
-        delta, in_order, kept = perturbation.delta, order_ok(perturbation.delta.device), None
+        delta, kept = perturbation.delta, None
         if self.init == "fresh":
+            in_order = order_ok(delta.device)
             with torch.no_grad():
                 if in_order is not None:  # restored below if this step's all-reduces find the ranks out of step
                     kept = delta.clone()
