@@ -42,7 +42,7 @@ def _warn(message: str) -> None:
 
 HOST_EXTENSION = "lpa_kernels._lpa_host"
 HOST_SOURCES = ["csrc/host/pgd_step.cpp", "csrc/host/head_pgd.cpp", "csrc/host/step_update.cpp", "csrc/host/perturb.cpp",
-                "csrc/host/labels.cpp",
+                "csrc/host/labels.cpp", "csrc/host/head_loss.cpp",
                 "csrc/host/bindings.cpp"]
 
 
@@ -88,9 +88,11 @@ def _host_extensions():
               "on PyTorch ops). Install pybind11 and reinstall, or set LPA_BUILD_HOST=1 to make this an error.")
         return []
     # -O3 without -march=native: the wheel runs on any x86-64 / aarch64 machine; single-threaded code.
+    # -fno-trapping-math: nothing reads floating-point exception flags, and selects in loops then vectorise
+    # (it allows no reassociation: every result stays what the source's order of operations gives).
     return [Extension(HOST_EXTENSION, sources=HOST_SOURCES, depends=["csrc/host/host_kernels.h"],
                       include_dirs=[pybind11.get_include()], language="c++",
-                      extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])]
+                      extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-trapping-math"])]
 
 
 def _cuda_extensions():

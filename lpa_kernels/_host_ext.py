@@ -53,7 +53,7 @@ def is_built() -> bool:
 
 
 def _switched_off() -> bool:
-    return os.environ.get("LPA_HOST_KERNELS", "").strip() == "0"  # _callable asks the extension instead
+    return os.environ.get("LPA_HOST_KERNELS", "").strip() == "0"  # may_run asks the extension instead
 
 
 def unavailable_reason() -> str:
@@ -67,7 +67,7 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()
 
 
-def _callable() -> bool:
+def may_run() -> bool:
     """Whether the kernels may run here at all: built and switched on, outside ``torch.compile`` tracing,
     dispatch modes, torch.func transforms and forward-mode AD (which must see the PyTorch ops)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
@@ -80,7 +80,7 @@ def _callable() -> bool:
 
 def _serves(*tensors: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the kernels may run on these tensors (None entries are absent optionals)."""
-    if dtype not in _DTYPE_CODES or not _callable():
+    if dtype not in _DTYPE_CODES or not may_run():
         return False
     for t in tensors:  # _plain inlined: each launcher call checks several tensors
         if t is not None and not (type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()):
@@ -245,7 +245,7 @@ class BoundCall:
         objects at the same addresses), each varying tensor has its bound one's dtype and shape (contiguous,
         on the CPU) and the kernels may run here; False (nothing done) otherwise, or when the kernel declines
         (its False): the caller then takes its full path."""
-        if len(tensors) != len(self.tensors) or not _callable():
+        if len(tensors) != len(self.tensors) or not may_run():
             return False
         for t, bound, address in zip(tensors, self.tensors, self.addresses):
             if t is not bound or (t is not None and t.data_ptr() != address):
@@ -311,7 +311,7 @@ def label_range(labels: torch.Tensor) -> tuple[int, int] | None:
     """``(min, max)`` of non-empty 1-D int32/int64 CPU ``labels``, one C++ pass; None when the kernel does
     not serve them (then ``torch.aminmax``)."""
     if not (labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype) and labels.dim() == 1 and labels.numel()
-            and _callable()):
+            and may_run()):
         return None
     return _load()[0].label_range(_LABEL_BYTES[labels.dtype], labels.data_ptr(), labels.shape[0])
 
@@ -350,3 +350,46 @@ def perturb_class_grad(grad_out: torch.Tensor, h: torch.Tensor | None, labels: t
                                   batch, features, classes, grad_delta.numel() // classes, inner, mode == "scale",
                                   float(grad_scale))
     return grad_delta
+
+
+def serves_head_loss(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     *optional: torch.Tensor | None) -> bool:
+    """Whether ``head_loss_forward`` / ``_backward`` below may run: ``logits0 (B, K)`` with B, K >= 1, int32/int64
+    ``labels``, ``delta`` and ``weight`` (K, D) (parameters too: the kernels only read them) and ``optional``
+    (None: absent) plain contiguous CPU tensors of logits0's dtype."""
+    dtype = logits0.dtype
+    return (logits0.dim() == 2 and logits0.shape[0] > 0 and logits0.shape[1] > 0 and labels.dtype in _LABEL_BYTES
+            and _plain(labels, labels.dtype) and _serves(logits0, *optional, dtype=dtype)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.is_cpu
+                    and t.is_contiguous() for t in (delta, weight)))
+
+
+def head_loss_forward(logits0, labels, delta, weight, shift, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, z, probs)`` of ``lpa/head_loss.py``'s class-space loss (``probs``: the softmax the backward
+    reads), ``stats (3, K)`` (or None) increased by the class statistics. Only where
+    ``serves_head_loss(logits0, labels, delta, weight, shift, stats)``."""
+    z, probs = torch.empty_like(logits0), torch.empty_like(logits0)
+    loss = logits0.new_empty(())
+    (batch, classes), features = logits0.shape, delta.shape[1]
+    _load()[0].head_loss_forward(_DTYPE_CODES[logits0.dtype], _LABEL_BYTES[labels.dtype], logits0.data_ptr(),
+                                 labels.data_ptr(), delta.data_ptr(), weight.data_ptr(), _address(shift), z.data_ptr(),
+                                 probs.data_ptr(), loss.data_ptr(), _address(stats), batch, classes, features)
+    if stats is not None:
+        _written(stats)
+    return loss, z, probs
+
+
+def head_loss_backward(probs, labels, delta, weight, grad_loss, grad_z, need_delta: bool, need_weight: bool,
+                       grad_scale: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_logits0, grad_delta or None, grad_weight or None)`` of ``head_loss_forward`` from its ``probs``;
+    ``grad_loss`` 0-d, ``grad_z`` (B, K) or None. Only where the forward served, ``grad_loss`` and ``grad_z`` of
+    its dtype, contiguous."""
+    grad_logits0 = torch.empty_like(probs)
+    grad_delta = torch.empty_like(delta) if need_delta else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    (batch, classes), features = probs.shape, delta.shape[1]
+    _load()[0].head_loss_backward(_DTYPE_CODES[probs.dtype], _LABEL_BYTES[labels.dtype], probs.data_ptr(),
+                                  labels.data_ptr(), delta.data_ptr(), weight.data_ptr(), grad_loss.data_ptr(),
+                                  _address(grad_z), grad_logits0.data_ptr(), _address(grad_delta),
+                                  _address(grad_weight), batch, classes, features, float(grad_scale))
+    return grad_logits0, grad_delta, grad_weight

@@ -52,6 +52,17 @@ void check_perturb_layout(int64_t B, int64_t F, int64_t D, int64_t inner) {
     throw std::invalid_argument("F must be a multiple of D * inner (D, inner >= 1)");
 }
 
+// head_loss's checks, then run(T(), Label()) for the dtype and label codes, without the GIL.
+template <typename Run>
+void dispatch_head_loss(int dtype, int label_bytes, int64_t B, int64_t K, const Run& run) {
+  check_dtype(dtype);
+  check_label_bytes(label_bytes);
+  if (B < 1 || K < 1) throw std::invalid_argument("head_loss needs B >= 1 and K >= 1");
+  py::gil_scoped_release unlocked;
+  if (dtype == 0) label_bytes == 4 ? run(0.0f, int32_t()) : run(0.0f, int64_t());
+  else label_bytes == 4 ? run(0.0, int32_t()) : run(0.0, int64_t());
+}
+
 // One policy call's arguments (step_update/naive.policy_), checked once at construction.
 struct PolicyCall {
   int dtype;
@@ -169,6 +180,31 @@ PYBIND11_MODULE(_lpa_host, m) {
       call.run<double>();
       pgd_step_typed<double>(delta, grad, step, radii, direction, K, N, l2, margin, ok, skipped);
     }
+  });
+  // lpa/head_loss.py's class-space loss (host_kernels.h); labels in [0, K) (the caller's check).
+  m.def("head_loss_forward", [](int dtype, int label_bytes, uintptr_t logits0, uintptr_t labels, uintptr_t delta,
+                                uintptr_t weight, uintptr_t shift, uintptr_t z, uintptr_t probs, uintptr_t loss,
+                                uintptr_t stats, int64_t B, int64_t K, int64_t D) {
+    dispatch_head_loss(dtype, label_bytes, B, K, [&](auto zero, auto label) {
+      using T = decltype(zero);
+      using Label = decltype(label);
+      lpa_host::head_loss_forward<T, Label>(ptr<const T>(logits0), ptr<const Label>(labels), ptr<const T>(delta),
+                                            ptr<const T>(weight), ptr<const T>(shift), ptr<T>(z), ptr<T>(probs),
+                                            ptr<T>(loss), ptr<T>(stats), B, K, D);
+    });
+  });
+  m.def("head_loss_backward", [](int dtype, int label_bytes, uintptr_t probs, uintptr_t labels, uintptr_t delta,
+                                 uintptr_t weight, uintptr_t grad_loss, uintptr_t grad_z,
+                                 uintptr_t grad_logits0, uintptr_t grad_delta, uintptr_t grad_weight, int64_t B,
+                                 int64_t K, int64_t D, double grad_scale) {
+    dispatch_head_loss(dtype, label_bytes, B, K, [&](auto zero, auto label) {
+      using T = decltype(zero);
+      using Label = decltype(label);
+      lpa_host::head_loss_backward<T, Label>(ptr<const T>(probs), ptr<const Label>(labels), ptr<const T>(delta),
+                                             ptr<const T>(weight), *ptr<const T>(grad_loss),
+                                             ptr<const T>(grad_z), ptr<T>(grad_logits0), ptr<T>(grad_delta),
+                                             ptr<T>(grad_weight), B, K, D, T(grad_scale));
+    });
   });
   // LPA_HOST_KERNELS as a C getenv: os.environ's writes reach the C environment (putenv/unsetenv), so this
   // sees them too, for a fraction of os.environ.get's cost (three Python frames, paid by every launcher call)

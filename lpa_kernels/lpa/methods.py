@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from lpa_kernels import _checks, backend as _backend
 from lpa_kernels._common import compute_dtype
-from lpa_kernels.lpa import state as _state
+from lpa_kernels.lpa import head_loss, state as _state
 from lpa_kernels.lpa.collectives import begin_training_call, local_only, raise_if_out_of_order
 from lpa_kernels.lpa.config import LPAConfig
 from lpa_kernels.lpa.labels import LabelGuard
@@ -408,10 +408,15 @@ class ClassPerturbationMethod(Method):
             _checks.check_labels(y, h.shape[0], self.num_classes)
             delta = self.lpa.preview_delta(h, extras, y, self._pgd_upper, self._pgd_head())
         else:
-            ok = None if self._batch.verified else self._batch.ok  # None: checked on the host, known good
-            delta = self.lpa.training_delta(h, extras, y, ok, self._pgd_upper, self._pgd_head(), self._batch.plan)
-            self._count("pgd_steps", self.lpa.steps)
+            delta = self._training_delta(h, extras, y)
         return self.lpa.apply(h, y, delta, None if preview else self._batch.plan)
+
+    def _training_delta(self, h, extras, y):
+        """LPA's delta for this training batch (``ClassSite.training_delta``: T PGD steps, or the single-pass leaf)."""
+        ok = None if self._batch.verified else self._batch.ok  # None: checked on the host, known good
+        delta = self.lpa.training_delta(h, extras, y, ok, self._pgd_upper, self._pgd_head(), self._batch.plan)
+        self._count("pgd_steps", self.lpa.steps)
+        return delta
 
     def _check_labels(self, x, y) -> torch.Tensor:
         # on the device (no sync); x's first dimension is the batch (y's own length for non-tensor x)
@@ -427,6 +432,9 @@ class ClassPerturbationMethod(Method):
         raise_if_out_of_order()
 
     def _forward_loss(self, h, extras, y):
+        in_class_space = self._class_space_loss(h, extras, y)
+        if in_class_space is not None:
+            return in_class_space
         logits = self._upper(self._features(h, extras, y), extras)
         trained = self._adjusted(logits)
         checked = self._batch
@@ -446,6 +454,20 @@ class ClassPerturbationMethod(Method):
         labels = checked.loss_labels
         loss = F.cross_entropy(trained, labels) if log_probs is None else F.nll_loss(log_probs, labels)
         return loss, logits
+
+    def _class_space_loss(self, h, extras, y):
+        """``(loss, logits)`` of the single-pass training forward at the classifier in class space
+        (``lpa.head_loss``: the same loss without the perturbed activations) where it serves: LPA alone, labels
+        checked on the host; else None."""
+        head, site = self.split.head, self.lpa
+        if self.lpl is not None or site is None or head is None or not self._batch.verified:
+            return None
+        if not site.class_space_ready(h, head):
+            return None
+        delta = self._training_delta(h, extras, y)  # the leaf, whose gradient is that of the summed loss
+        logits = self._upper(h, extras)
+        shift = None if self._shift is None else self._shift_like(logits)
+        return head_loss.loss(logits, y, delta, head.weight, shift, site.single_pass_stats(logits), h.shape[0])
 
     def after_backward(self) -> None:
         for site in self._sites():

@@ -8,7 +8,10 @@ cross-entropy and applies ``pgd_step_``; the training forward then uses ``delta.
 Single-pass mode (``steps == 0``, delta carried): the training forward perturbs with the perturbation
 module's leaf sharing delta's storage (``ClassPerturbation.live_delta``); each training backward adds the
 batch's class gradient to that leaf's ``.grad`` (so several micro-batches before one ``after_backward``
-sum, as one large batch would), and ``after_backward`` applies one ``pgd_step_`` from the sum.
+sum, as one large batch would), and ``after_backward`` applies one ``pgd_step_`` from the sum. At the final
+``nn.Linear`` on the reference backend's host kernels the method computes that forward in class space
+instead (``lpa.head_loss``: the logits of ``h`` plus a class row of ``delta W^T``, the loss and the class
+statistics in one host call, the same gradients into the same leaf, no perturbed activations formed).
 
 The per-step update is a few fused ops (``lpa_kernels.step_update``, one kernel each on the Triton and
 CUDA backends, a few torch ops on the reference backend): each training forward adds its class
@@ -58,6 +61,7 @@ from torch import nn
 
 from lpa_kernels import backend as _backend
 from lpa_kernels._common import compute_dtype, per_class
+from lpa_kernels.lpa import head_loss
 from lpa_kernels.lpa.collectives import all_reduce_sum_together, order_ok
 from lpa_kernels.lpa.policy import Policy, all_reduce_sum, world_size
 from lpa_kernels.head_pgd.op import run_head_pgd_
@@ -336,10 +340,25 @@ class ClassSite:
             stats = self._batch_stats(logits, labels, ok, log_probs)
             self.policy.step(stats, stats, observe=True, clear=False, backend=self._resolved_backend)
             return
+        self._batch_stats(logits, labels, ok, log_probs, into=self.single_pass_stats(logits))
+
+    def single_pass_stats(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The ``(3, K)`` statistics the single-pass step's forwards add into (in ``logits``' compute dtype and
+        device), or None when the policy reads none."""
+        if not (self.policy.needs_stats or self.policy.tracks_loss):
+            return None
         dtype = compute_dtype(logits.dtype)
         if self._stats is None or self._stats.dtype != dtype or self._stats.device != logits.device:
             self._stats = torch.zeros((3, self.num_classes), dtype=dtype, device=logits.device)
-        self._batch_stats(logits, labels, ok, log_probs, into=self._stats)
+        return self._stats
+
+    def class_space_ready(self, h: torch.Tensor, head: nn.Linear) -> bool:
+        """Whether ``head_loss`` serves this site's single-pass training forward on the batch ``h`` feeding the
+        classifier ``head``; the delta is made for a first batch, as ``training_delta`` would make it, nothing
+        else changes. (T steps gain nothing measurable from it: their training forward perturbs a constant.)"""
+        if self.steps or not head_loss.serves(h, head, self.num_classes, self.mode):
+            return False
+        return head_loss.serves_delta(self._ensure(h).delta, h)
 
     def after_backward(self) -> int:
         """Single pass: one PGD step from the class gradient the training backwards since the last call

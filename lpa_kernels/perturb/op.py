@@ -240,6 +240,11 @@ class _HostPerturb(torch.autograd.Function):
         return grad_h, None, grad_delta, None, None, None
 
 
+def scaled_grad(t: torch.Tensor, scale: int) -> torch.Tensor:
+    """``t`` (a view) whose gradient is multiplied by ``scale`` on its way back (``t`` itself when 1)."""
+    return t if scale == 1 else _ScaledGrad.apply(t, scale)
+
+
 def _host_perturb_serves(h, labels, delta) -> bool:
     """Whether the reference backend runs ``perturb`` on the host kernels: where they serve the tensors,
     except when only ``h`` needs a gradient (the training forward after T PGD steps): there ``naive``'s
@@ -268,8 +273,7 @@ def _dispatch_perturb(h, labels, delta, mode, backend: str, plan: torch.Tensor |
         if delta.requires_grad and torch.is_grad_enabled():
             return _HostPerturb.apply(h, labels, delta, layout[1], mode, delta_grad_scale)
         return _host_ext.perturb(h, labels, delta, layout[1], mode)  # no gradient to record
-    if delta_grad_scale != 1:
-        delta = _ScaledGrad.apply(delta, delta_grad_scale)
+    delta = scaled_grad(delta, delta_grad_scale)
     if backend == "reference":
         return naive.perturb(h, labels, delta, mode)
     kernel_delta, inner = _kernel_layout(h.shape[1:], delta)

@@ -37,10 +37,10 @@ def test_the_switch_is_read_at_each_call(monkeypatch, value, off):
         monkeypatch.delenv("LPA_HOST_KERNELS", raising=False)
     else:
         monkeypatch.setenv("LPA_HOST_KERNELS", value)
-    assert _host_ext._callable() is not off
+    assert _host_ext.may_run() is not off
     assert ("LPA_HOST_KERNELS=0" in _host_ext.unavailable_reason()) is off
     monkeypatch.delenv("LPA_HOST_KERNELS", raising=False)
-    assert _host_ext._callable() is True, "cleared in-process: the kernels serve again"
+    assert _host_ext.may_run() is True, "cleared in-process: the kernels serve again"
 
 
 def _pgd_args(dtype=torch.float32, k=3, n=5):

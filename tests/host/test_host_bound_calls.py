@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lpa_kernels import _host_ext
-from lpa_kernels.lpa import LPAConfig, build_method
+from lpa_kernels.lpa import LPAConfig, build_method, head_loss
 from lpa_kernels.step_update import op
 from tests.host.test_host_step_update import PARAMS, log_probs_of, policy_stats
 
@@ -115,13 +115,15 @@ def _train(method, model, batches, between):
     return method
 
 
-BOUND_KERNELS = {0: ("class_stats", "policy_pgd_step"), 3: ("head_pgd",)}
+# single pass: the statistics come from the class-space loss (lpa.head_loss) where it serves, else are bound
+BOUND_KERNELS = {(0, True): ("policy_pgd_step",), (0, False): ("class_stats", "policy_pgd_step"), (3, False): ("head_pgd",)}
 
 
 @pytest.mark.parametrize("between", ["nothing", "reload the state", "delta moved", "classifier weight moved",
                                      "a smaller batch", "norm changed", "steps changed", "mode changed"])
-@pytest.mark.parametrize("steps", [0, 3])
-def test_the_training_step_repeating_its_calls_trains_as_the_pytorch_path(steps, between, monkeypatch):
+@pytest.mark.parametrize("steps, class_space", [(0, True), (0, False), (3, False)],
+                         ids=["single pass", "single pass, perturbed forward", "T=3"])
+def test_the_training_step_repeating_its_calls_trains_as_the_pytorch_path(steps, class_space, between, monkeypatch):
     """The training step on the reference backend's CPU tensors, its host calls bound and repeated, against
     the same run on PyTorch ops, with the method's state replaced (or the batch resized) between steps."""
     torch.manual_seed(0)
@@ -161,10 +163,12 @@ def test_the_training_step_repeating_its_calls_trains_as_the_pytorch_path(steps,
                     repeated.append(self.kernel)
                 return done
             monkeypatch.setattr(_host_ext.BoundCall, "repeat", counted)
+            if not class_space:
+                monkeypatch.setattr(head_loss, "CLASSES_SQUARED_PER_SAMPLE", 0)
         method = _train(_method(model, steps, host, monkeypatch), model, batches, replace)
         monkeypatch.undo()
         if host:  # repeated on the batches after the first, but for the one after a change
-            for kernel in BOUND_KERNELS[steps]:
+            for kernel in BOUND_KERNELS[steps, class_space]:
                 assert repeated.count(kernel) >= 3, repeated
         results.append((method.delta.clone(), [p.clone() for p in model.parameters()]))
     (delta, params), (want_delta, want_params) = results
