@@ -353,37 +353,43 @@ def perturb_class_grad(grad_out: torch.Tensor, h: torch.Tensor | None, labels: t
 
 
 def serves_head_loss(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                     *optional: torch.Tensor | None) -> bool:
+                     shift: torch.Tensor | None, stats: torch.Tensor | None) -> bool:
     """Whether ``head_loss_forward`` / ``_backward`` below may run: ``logits0 (B, K)`` with B, K >= 1, int32/int64
-    ``labels``, ``delta`` and ``weight`` (K, D) (parameters too: the kernels only read them) and ``optional``
-    (None: absent) plain contiguous CPU tensors of logits0's dtype."""
-    dtype = logits0.dtype
-    return (logits0.dim() == 2 and logits0.shape[0] > 0 and logits0.shape[1] > 0 and labels.dtype in _LABEL_BYTES
-            and _plain(labels, labels.dtype) and _serves(logits0, *optional, dtype=dtype)
+    ``labels (B,)``, ``delta`` and ``weight (K, D)`` (parameters too: the kernels only read them), ``shift (K,)``
+    and ``stats (3, K)`` (None: absent), plain contiguous CPU tensors of logits0's dtype."""
+    if logits0.dim() != 2 or not logits0.numel():
+        return False
+    (batch, classes), dtype = logits0.shape, logits0.dtype
+    return (labels.dtype in _LABEL_BYTES and _plain(labels, labels.dtype) and labels.shape == (batch,)
+            and delta.dim() == 2 and delta.shape == weight.shape and delta.shape[0] == classes
+            and (shift is None or shift.shape == (classes,)) and (stats is None or stats.shape == (3, classes))
+            and _serves(logits0, shift, stats, dtype=dtype)
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.is_cpu
                     and t.is_contiguous() for t in (delta, weight)))
 
 
-def head_loss_forward(logits0, labels, delta, weight, shift, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, z, probs)`` of ``lpa/head_loss.py``'s class-space loss (``probs``: the softmax the backward
-    reads), ``stats (3, K)`` (or None) increased by the class statistics. Only where
+def head_loss_forward(logits0, labels, delta, weight, shift, stats) -> tuple[torch.Tensor, ...]:
+    """``(loss, z, probs, delta_copy)`` of ``lpa/head_loss.py``'s class-space loss (``probs``: the softmax, and
+    ``delta_copy``: delta's values, which the backward reads), ``stats (3, K)`` (or None) increased by the class
+    statistics. ``ValueError`` for a label outside ``[0, K)``, nothing written. Only where
     ``serves_head_loss(logits0, labels, delta, weight, shift, stats)``."""
-    z, probs = torch.empty_like(logits0), torch.empty_like(logits0)
+    z, probs, delta_copy = torch.empty_like(logits0), torch.empty_like(logits0), torch.empty_like(delta)
     loss = logits0.new_empty(())
     (batch, classes), features = logits0.shape, delta.shape[1]
     _load()[0].head_loss_forward(_DTYPE_CODES[logits0.dtype], _LABEL_BYTES[labels.dtype], logits0.data_ptr(),
                                  labels.data_ptr(), delta.data_ptr(), weight.data_ptr(), _address(shift), z.data_ptr(),
-                                 probs.data_ptr(), loss.data_ptr(), _address(stats), batch, classes, features)
+                                 probs.data_ptr(), loss.data_ptr(), _address(stats), delta_copy.data_ptr(), batch,
+                                 classes, features)
     if stats is not None:
         _written(stats)
-    return loss, z, probs
+    return loss, z, probs, delta_copy
 
 
 def head_loss_backward(probs, labels, delta, weight, grad_loss, grad_z, need_delta: bool, need_weight: bool,
                        grad_scale: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(grad_logits0, grad_delta or None, grad_weight or None)`` of ``head_loss_forward`` from its ``probs``;
-    ``grad_loss`` 0-d, ``grad_z`` (B, K) or None. Only where the forward served, ``grad_loss`` and ``grad_z`` of
-    its dtype, contiguous."""
+    """``(grad_logits0, grad_delta or None, grad_weight or None)`` of ``head_loss_forward`` from its ``probs`` and
+    ``delta_copy`` (passed as ``delta``); ``grad_loss`` 0-d, ``grad_z`` (B, K) or None. Only where the forward
+    served, ``grad_loss`` and ``grad_z`` of its dtype, contiguous."""
     grad_logits0 = torch.empty_like(probs)
     grad_delta = torch.empty_like(delta) if need_delta else None
     grad_weight = torch.empty_like(weight) if need_weight else None

@@ -181,17 +181,20 @@ PYBIND11_MODULE(_lpa_host, m) {
       pgd_step_typed<double>(delta, grad, step, radii, direction, K, N, l2, margin, ok, skipped);
     }
   });
-  // lpa/head_loss.py's class-space loss (host_kernels.h); labels in [0, K) (the caller's check).
+  // lpa/head_loss.py's class-space loss (host_kernels.h).
   m.def("head_loss_forward", [](int dtype, int label_bytes, uintptr_t logits0, uintptr_t labels, uintptr_t delta,
                                 uintptr_t weight, uintptr_t shift, uintptr_t z, uintptr_t probs, uintptr_t loss,
-                                uintptr_t stats, int64_t B, int64_t K, int64_t D) {
+                                uintptr_t stats, uintptr_t delta_copy, int64_t B, int64_t K, int64_t D) {
+    bool done = false;
     dispatch_head_loss(dtype, label_bytes, B, K, [&](auto zero, auto label) {
       using T = decltype(zero);
       using Label = decltype(label);
-      lpa_host::head_loss_forward<T, Label>(ptr<const T>(logits0), ptr<const Label>(labels), ptr<const T>(delta),
-                                            ptr<const T>(weight), ptr<const T>(shift), ptr<T>(z), ptr<T>(probs),
-                                            ptr<T>(loss), ptr<T>(stats), B, K, D);
+      done = lpa_host::head_loss_forward<T, Label>(ptr<const T>(logits0), ptr<const Label>(labels),
+                                                   ptr<const T>(delta), ptr<const T>(weight), ptr<const T>(shift),
+                                                   ptr<T>(z), ptr<T>(probs), ptr<T>(loss), ptr<T>(stats),
+                                                   ptr<T>(delta_copy), B, K, D);
     });
+    if (!done) throw std::invalid_argument("head_loss: labels must lie in [0, K)");
   });
   m.def("head_loss_backward", [](int dtype, int label_bytes, uintptr_t probs, uintptr_t labels, uintptr_t delta,
                                  uintptr_t weight, uintptr_t grad_loss, uintptr_t grad_z,

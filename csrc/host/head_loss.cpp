@@ -4,6 +4,7 @@
 // writes (B, K), and the backward's class sums S (K x K) of dL/dz give delta's and W's extra gradients as
 // two K x K x D products. Sums run in double and are rounded once (the softmax's terms and total per row, the loss, E,
 // S and the two products).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -13,42 +14,6 @@
 
 namespace lpa_host {
 namespace {
-
-// e = exp(x) for n values x <= 0 (a softmax's terms t - max t), vectorised (std::exp is a library call per
-// element: most of the forward's time at K ~ 10; the build's -fno-trapping-math lets the selects vectorise).
-// x = n ln2 + r with n an integer and |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r by its Taylor
-// series to degree 13 (truncation below 1e-17 relative), 2^n from the exponent bits; below -708 (e^x under
-// the smallest normal double) 0.
-LPA_HOST_CLONES
-void exp_nonpositive(const double* x, double* e, int64_t n) {
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
-  for (int64_t i = 0; i < n; ++i) {
-    const double xi = x[i] < -708.0 ? -708.0 : x[i];
-    const double m = xi * 1.4426950408889634 + shifter;
-    const double whole = m - shifter;
-    const double r = (xi - whole * 6.93147180369123816490e-01) - whole * 1.90821492927058770002e-10;
-    double q = 1.0 / 6227020800.0;  // 1 / 13!, then Horner down to 1
-    q = q * r + 1.0 / 479001600.0;
-    q = q * r + 1.0 / 39916800.0;
-    q = q * r + 1.0 / 3628800.0;
-    q = q * r + 1.0 / 362880.0;
-    q = q * r + 1.0 / 40320.0;
-    q = q * r + 1.0 / 5040.0;
-    q = q * r + 1.0 / 720.0;
-    q = q * r + 1.0 / 120.0;
-    q = q * r + 1.0 / 24.0;
-    q = q * r + 1.0 / 6.0;
-    q = q * r + 0.5;
-    q = q * r + 1.0;
-    q = q * r + 1.0;
-    int64_t bits;
-    std::memcpy(&bits, &m, sizeof bits);  // the integer in the low bits: moved into the exponent field
-    bits = static_cast<int64_t>(static_cast<uint64_t>(bits + 1023) << 52);
-    double scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    e[i] = x[i] < -708.0 ? 0.0 : q * scale;
-  }
-}
 
 // The dot product of two length-D rows in double, in 8 interleaved partial sums (vectorisable: a single
 // running sum is one dependent add per element).
@@ -82,16 +47,55 @@ std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
 
 }  // namespace
 
+// exp_nonpositive (host_kernels.h): std::exp is a library call per element, most of a softmax's time at
+// K ~ 10; the build's -fno-trapping-math lets the selects below vectorise. x = n ln2 + r with n an integer and |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r by its Taylor
+// series to degree 13 (truncation below 1e-17 relative), 2^n from the exponent bits; below -708 (e^x within
+// 1.5x of the smallest normal double, where 2^n would leave the exponent range) 0.
+LPA_HOST_CLONES
+void exp_nonpositive(const double* x, double* e, int64_t n) {
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
+  for (int64_t i = 0; i < n; ++i) {
+    const double xi = x[i] < -708.0 ? -708.0 : x[i];
+    const double m = xi * 1.4426950408889634 + shifter;
+    const double whole = m - shifter;
+    const double r = (xi - whole * 6.93147180369123816490e-01) - whole * 1.90821492927058770002e-10;
+    double q = 1.0 / 6227020800.0;  // 1 / 13!, then Horner down to 1
+    q = q * r + 1.0 / 479001600.0;
+    q = q * r + 1.0 / 39916800.0;
+    q = q * r + 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    q = q * r + 1.0;
+    q = q * r + 1.0;
+    int64_t bits;
+    std::memcpy(&bits, &m, sizeof bits);  // the integer in the low bits: moved into the exponent field
+    bits = static_cast<int64_t>(static_cast<uint64_t>(bits + 1023) << 52);
+    double scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    e[i] = x[i] < -708.0 ? 0.0 : q * scale;
+  }
+}
+
 template <typename T, typename Label>
-void head_loss_forward(const T* logits0, const Label* labels, const T* delta, const T* weight, const T* shift, T* z,
-                       T* probs, T* loss, T* stats, int64_t B, int64_t K, int64_t D) {
+bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, const T* weight, const T* shift, T* z,
+                       T* probs, T* loss, T* stats, T* delta_copy, int64_t B, int64_t K, int64_t D) {
+  for (int64_t b = 0; b < B; ++b)
+    if (labels[b] < 0 || labels[b] >= K) return false;
+  std::copy(delta, delta + K * D, delta_copy);  // what the backward reads, whatever happens to delta before it
   const std::vector<char> present = present_classes(labels, B, K);
   std::vector<T> E(static_cast<size_t>(K * K));  // rows of the classes present only
   for (int64_t c = 0; c < K; ++c)
     if (present[c])
       for (int64_t k = 0; k < K; ++k) E[c * K + k] = T(dot(delta + c * D, weight + k * D, D));
   // the targets t = z + shift (in T, as `logits + shift` in PyTorch), each row's largest, and t - largest;
-  // a row holding a NaN or an infinite largest target is marked and done apart (its loss is not finite)
+  // a row holding a NaN or an infinite largest target (+inf, or every target -inf) is all NaN, as
+  // log_softmax makes it (t - largest is NaN somewhere, and so is the log-sum-exp)
   const size_t n = static_cast<size_t>(B * K);
   std::vector<T> t(n), largest(static_cast<size_t>(B));
   std::vector<double> x(n), terms(n);
@@ -108,8 +112,8 @@ void head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
       nan = nan || std::isnan(tb[k]);
       top = tb[k] > top ? tb[k] : top;
     }
-    largest[b] = nan ? std::numeric_limits<T>::quiet_NaN() : top;
     odd[b] = nan || std::isinf(top);
+    largest[b] = odd[b] ? std::numeric_limits<T>::quiet_NaN() : top;
     for (int64_t k = 0; k < K; ++k) x[b * K + k] = odd[b] ? 0.0 : double(tb[k]) - double(top);
   }
   exp_nonpositive(x.data(), terms.data(), B * K);
@@ -119,9 +123,9 @@ void head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
     const T* tb = t.data() + b * K;
     const double* eb = terms.data() + b * K;
     T* p = probs + b * K;
-    double lse = double(largest[b]);  // NaN, or the infinity, for an odd row: as log_softmax gives
+    double lse = double(largest[b]);  // NaN for an odd row
     if (odd[b]) {
-      for (int64_t k = 0; k < K; ++k) p[k] = T(std::exp(double(tb[k]) - lse));
+      for (int64_t k = 0; k < K; ++k) p[k] = std::numeric_limits<T>::quiet_NaN();
     } else {
       double total = 0;
       for (int64_t k = 0; k < K; ++k) total += eb[k];
@@ -138,6 +142,7 @@ void head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
     }
   }
   *loss = T(total_loss / double(B));
+  return true;
 }
 
 template <typename T, typename Label>
@@ -183,8 +188,8 @@ void head_loss_backward(const T* probs, const Label* labels, const T* delta, con
 }
 
 #define LPA_HOST_HEAD_LOSS(T, Label)                                                                              \
-  template void head_loss_forward<T, Label>(const T*, const Label*, const T*, const T*, const T*, T*, T*, T*, T*, \
-                                            int64_t, int64_t, int64_t);                                          \
+  template bool head_loss_forward<T, Label>(const T*, const Label*, const T*, const T*, const T*, T*, T*, T*, T*, \
+                                            T*, int64_t, int64_t, int64_t);                                      \
   template void head_loss_backward<T, Label>(const T*, const Label*, const T*, const T*, T, const T*, T*, T*, T*, \
                                              int64_t, int64_t, int64_t, T);
 LPA_HOST_HEAD_LOSS(float, int32_t)

@@ -3,6 +3,7 @@
 // class gradient is sum_{y_b = c} (P_b - Y_b) W (times h_b for scale), then pgd_step's update.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "host_kernels.h"
@@ -79,12 +80,14 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
   for (int64_t b = 0; b < B; ++b) present[labels[b]] = 1;
   // class space: the logits without delta (B, K), once; per step the offset E = delta W^T (K, K) and the
   // class sums S[c] = sum_{y_b = c} (P_b - Y_b) (K, K). Rows: the perturbed sample and its gradient (D).
-  std::vector<T> base, shift, h_tilde;
-  std::vector<double> sums, sample_grad;
+  std::vector<T> base, shift, h_tilde, row_logits;
+  std::vector<double> sums, sample_grad, terms;
   if (class_space) {
     base.resize(B * K);
     shift.resize(K * K);
     sums.resize(K * K);
+    row_logits.resize(B * K);
+    terms.resize(B * K);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t k = 0; k < K; ++k) base[b * K + k] = dot(h + b * D, weight + k * D, D) + (bias ? bias[k] : T(0));
   } else {
@@ -99,10 +102,25 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
         if (present[c])
           for (int64_t k = 0; k < K; ++k) shift[c * K + k] = dot(delta + c * D, weight + k * D, D);
       std::fill(sums.begin(), sums.end(), 0.0);
+      // every row's logits less their largest, then their exps in one vectorised pass (exp_nonpositive);
+      // a NaN, or a +inf logit, gives a NaN row, as torch.softmax
       for (int64_t b = 0; b < B; ++b) {
         const int64_t c = labels[b];
-        for (int64_t k = 0; k < K; ++k) probs[k] = base[b * K + k] + shift[c * K + k];
-        softmax(probs.data(), K);
+        T largest = -std::numeric_limits<T>::infinity();
+        for (int64_t k = 0; k < K; ++k) {
+          const T z = base[b * K + k] + shift[c * K + k];
+          row_logits[b * K + k] = z;
+          largest = std::isnan(z) || z > largest ? z : largest;
+        }
+        for (int64_t k = 0; k < K; ++k) terms[b * K + k] = double(row_logits[b * K + k]) - double(largest);
+      }
+      exp_nonpositive(terms.data(), terms.data(), B * K);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t c = labels[b];
+        const double* e = terms.data() + b * K;
+        double total = 0;
+        for (int64_t k = 0; k < K; ++k) total += e[k];
+        for (int64_t k = 0; k < K; ++k) probs[k] = T(e[k] / total);
         if (first_confidence) p_true[b] = probs[c];
         probs[c] -= 1;
         axpy(&sums[c * K], 1.0, probs.data(), K);

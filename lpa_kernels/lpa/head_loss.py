@@ -5,8 +5,8 @@ delta is a full ``(K, D)`` added perturbation, the training forward's logits are
 
     z_b = W (h_b + delta[y_b]) + b = logits0_b + E[y_b],    logits0 = W h + b,    E = delta W^T  (K, K),
 
-so the step runs the classifier on the unperturbed ``h`` (the model's own module: its hooks see the call)
-and adds a class-indexed row. The backward follows: with ``g = dL/dz (B, K)`` and ``S (K, K)`` its sums over
+so the step runs the classifier (the model's own module) on the unperturbed ``h`` and adds a class-indexed
+row. The backward follows: with ``g = dL/dz (B, K)`` and ``S (K, K)`` its sums over
 the samples of each class,
 
     dL/dlogits0 = g,    dL/d delta = S W    (the class-summed gradient in h + delta[y]),
@@ -17,7 +17,8 @@ CPU steps each ``(B, D)`` pass of the perturbation costs more than its arithmeti
 the GEMMs), and this form's extra work is ``3 K^2 D`` multiply-adds on ``(K, D)`` rows. One autograd node
 does the shift, the cross-entropy and the class statistics (forward, one host C++ call) and the three
 gradients (backward, one call). ``serves`` says when: LPA alone on the reference backend's host kernels
-(float32/float64 CPU tensors, grad mode on, no autocast, labels checked on the host), add mode,
+(float32/float64 CPU tensors, grad mode on, no autocast, labels checked on the host, no hooks on the
+classifier: they would see ``h`` and the unperturbed logits), add mode,
 ``K * K <= 4 * B`` (the ``K x K x D`` products against the perturbation's ``(B, D)`` passes), single pass
 (delta's gradient goes to its leaf, the class statistics into the step's buffer). Measured on the CPU
 (``lpa-bench`` MLP tier, in one process with it switched on and off): the T = 0 step's ratio to ERM's
@@ -44,9 +45,18 @@ CLASSES_SQUARED_PER_SAMPLE = 4
 def definition(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, z)``: ``z (B, K) = logits0 + (delta @ weight.T)[labels]``, the perturbed logits, and the mean
-    cross-entropy of ``z + shift`` (``shift (K,)``: logit adjustment, or None)."""
-    z = logits0 + (delta @ weight.T).index_select(0, labels)
+    cross-entropy of ``z + shift`` (``shift (K,)``: logit adjustment, or None). The rows of the classes absent
+    from ``labels`` are left out of the product, as the perturbed forward never reads them (a NaN there
+    reaches no gradient)."""
+    labels = labels.long()
+    z = logits0 + (_present_rows(delta, labels) @ weight.T).index_select(0, labels)
     return F.cross_entropy(z if shift is None else z + shift, labels), z
+
+
+def _present_rows(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``delta (K, D)`` with the rows of the classes absent from ``labels`` zeroed."""
+    present = torch.zeros(delta.shape[0], dtype=torch.bool, device=delta.device).index_fill_(0, labels, True)
+    return torch.where(present[:, None], delta, 0)
 
 
 def serves(h: torch.Tensor, head: nn.Linear, num_classes: int, mode: str) -> bool:
@@ -78,8 +88,7 @@ def loss(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weigh
          shift: torch.Tensor | None, stats: torch.Tensor | None, grad_scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``definition``'s ``(loss, z)``, ``stats (3, K)`` (or None) increased by the class statistics of its
     log-softmax (``step_update.naive.class_stats_``), delta's gradient times ``grad_scale``. One host call
-    each way where the kernels serve these tensors, else ``definition`` (e.g. a forward hook on the head
-    returned logits of another dtype)."""
+    each way where the kernels take these tensors, else ``definition``'s ops."""
     if _host_ext.serves_head_loss(logits0, labels, delta, weight, shift, stats):
         return _ClassSpaceLoss.apply(logits0, labels, delta, weight, shift, stats, grad_scale)
     result, z = definition(logits0, labels, scaled_grad(delta, grad_scale), weight, shift)
@@ -90,37 +99,49 @@ def loss(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weigh
 
 
 class _ClassSpaceLoss(torch.autograd.Function):
-    """``loss``'s autograd node on the host kernels (``forward(ctx, ...)`` form: the cheaper ``apply``)."""
+    """``loss``'s autograd node on the host kernels (``forward(ctx, ...)`` form: the cheaper ``apply``). The
+    backward reads a copy of delta taken in the forward (the single-pass update changes delta in place after
+    the backward; a graph kept with ``retain_graph`` stays valid after it)."""
 
     @staticmethod
     def forward(ctx, logits0, labels, delta, weight, shift, stats, grad_scale: int):
-        result, z, probs = _host_ext.head_loss_forward(logits0, labels, delta, weight, shift, stats)
-        ctx.save_for_backward(logits0, probs, labels, delta, weight, shift)
-        ctx.grad_scale = grad_scale
+        result, z, probs, delta_copy = _host_ext.head_loss_forward(logits0, labels, delta, weight, shift, stats)
+        ctx.save_for_backward(logits0, probs, labels, delta_copy, weight, shift)
+        ctx.grad_scale, ctx.delta, ctx.delta_version = grad_scale, delta, delta._version
         ctx.set_materialize_grads(False)  # None for an output nothing differentiates (usually the logits)
         return result, z
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z):
-        logits0, probs, labels, delta, weight, shift = ctx.saved_tensors
+        logits0, probs, labels, delta_copy, weight, shift = ctx.saved_tensors
         need_logits, _, need_delta, need_weight = ctx.needs_input_grad[:4]
         if grad_loss is None:
             grad_loss = probs.new_zeros(())
-        if torch.is_grad_enabled():  # create_graph: the definition's ops, which autograd records
-            return _recorded_backward(ctx, logits0, labels, delta, weight, shift, grad_loss, grad_z)
+        if torch.is_grad_enabled():  # create_graph: the gradients' formulas in PyTorch ops, which autograd records
+            return _recorded_backward(ctx, logits0, labels, weight, shift, grad_loss, grad_z)
         grad_logits0, grad_delta, grad_weight = _host_ext.head_loss_backward(
-            probs, labels, delta, weight, grad_loss.to(probs.dtype),
+            probs, labels, delta_copy, weight, grad_loss.to(probs.dtype),
             None if grad_z is None else grad_z.to(probs.dtype).contiguous(), need_delta, need_weight, ctx.grad_scale)
         return grad_logits0 if need_logits else None, None, grad_delta, grad_weight, None, None, None
 
 
-def _recorded_backward(ctx, logits0, labels, delta, weight, shift, grad_loss, grad_z):
-    """``_ClassSpaceLoss``'s gradients through ``definition``'s ops, differentiable themselves."""
-    wanted = [(i, t) for i, t in ((0, logits0), (2, delta), (3, weight)) if ctx.needs_input_grad[i]]
-    result, z = definition(logits0, labels, delta, weight, shift)
-    outputs, grads = ([result, z], [grad_loss, grad_z]) if grad_z is not None else ([result], [grad_loss])
-    found = torch.autograd.grad(outputs, [t for _, t in wanted], grads, create_graph=True, allow_unused=True)
-    out = [None] * 7
-    for (i, _), g in zip(wanted, found):
-        out[i] = g * ctx.grad_scale if i == 2 and g is not None else g
-    return tuple(out)
+def _recorded_backward(ctx, logits0, labels, weight, shift, grad_loss, grad_z):
+    """``_ClassSpaceLoss``'s gradients (module docstring) in PyTorch ops on the forward's own inputs, so that
+    they are differentiable themselves (their graph reaches delta: it must be unchanged since the forward)."""
+    delta = ctx.delta
+    if delta._version != ctx.delta_version:
+        raise RuntimeError("the class-space LPA loss was differentiated with create_graph=True after delta was "
+                           "changed in place (after_backward): differentiate before the update")
+    labels, classes = labels.long(), weight.shape[0]
+    # what reaches delta through these formulas is scaled as its first-order gradient is (the perturbed
+    # forward's node scales every gradient through it)
+    rows = _present_rows(scaled_grad(delta, ctx.grad_scale), labels)
+    z = logits0 + (rows @ weight.T).index_select(0, labels)
+    g = (z if shift is None else z + shift).softmax(dim=1) - F.one_hot(labels, classes).to(z.dtype)
+    g = g * (grad_loss / labels.shape[0])
+    if grad_z is not None:
+        g = g + grad_z
+    sums = g.new_zeros(classes, classes).index_add(0, labels, g)  # S: the class sums of dL/dz
+    present = rows.new_zeros(classes, dtype=torch.bool).index_fill_(0, labels, True)
+    grads = [g, None, torch.where(present[:, None], sums @ weight, 0) * ctx.grad_scale, sums.T @ rows]
+    return tuple(grad if ctx.needs_input_grad[i] else None for i, grad in enumerate(grads)) + (None,) * 3

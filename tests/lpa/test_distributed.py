@@ -28,6 +28,9 @@ CONFIGS = {
                                         direction="confidence", radius="confidence")),
     "lpa+lpl-single-pass": ("lpa+lpl", LPAConfig(steps=0, lpl_steps=0, norm="l2", eps=0.5, step_size=0.2,
                                                  direction="ascent")),
+    # at "4", which feeds the classifier: the class-space loss (lpa.head_loss) on each rank
+    "single-pass-at-the-classifier": ("lpa", LPAConfig(steps=0, norm="l2", eps=0.5, step_size=0.2,
+                                                       direction="confidence")),
 }
 
 
@@ -46,7 +49,8 @@ def _train(rows: slice, world: int) -> dict:
     for key, (name, config) in list(CONFIGS.items()) + [("ddp-module", CONFIGS["t-step-carried"])]:
         torch.manual_seed(0)
         model = mlp()
-        method = build_method(name, model, NUM_CLASSES, layer="3", config=config)
+        method = build_method(name, model, NUM_CLASSES, layer="4" if key.endswith("classifier") else "3",
+                              config=config)
         use_ddp = key == "ddp-module" and world > 1
         forward = DistributedDataParallel(method.as_module()) if use_ddp else method.as_module()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -85,23 +85,96 @@ def test_definition_is_the_perturbed_forward():
     torch.testing.assert_close(loss, F.cross_entropy(logits + t["shift"], t["labels"]), rtol=1e-12, atol=1e-12)
 
 
-def test_create_graph_backward_differentiates_through_the_definition():
-    """A gradient penalty (double backward) through the host node equals the same through the definition."""
-    t = _inputs(9, 6, 3, torch.float64)
+def _step_gradients(class_space, monkeypatch, x, y, prepare=None, create_graph=False, K=4):
+    """The parameters' and delta's gradients after one single-pass training forward at the classifier
+    (float64), with class space on or off; ``prepare(model)`` first."""
+    monkeypatch.setattr(head_loss, "CLASSES_SQUARED_PER_SAMPLE", 4 if class_space else 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, K)).double()
+    if prepare is not None:
+        prepare(model)
+    method = build_method("lpa", model, K, layer="1", config=LPAConfig(steps=0, backend="reference"))
+    with torch.no_grad():
+        method.training_loss(x, y)  # makes delta
+        method.lpa.perturbation.delta.copy_(torch.randn(K, 12, generator=torch.Generator().manual_seed(3)))
+    loss, _ = method.training_loss(x, y)
+    params = list(model.parameters()) + [method.lpa.perturbation.live_delta()]
+    if create_graph:  # a penalty on the input gradient's norm: second-order terms reach every parameter
+        x = x.clone().requires_grad_()
+        loss, _ = method.training_loss(x, y)
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + grad_x.square().sum()).backward()
+        return [p.grad for p in params]
+    return list(torch.autograd.grad(loss, params))
+
+
+def test_first_and_second_order_gradients_equal_the_perturbed_step(monkeypatch):
+    """create_graph=True, then a penalty's backward: every parameter's and delta's gradient as without class
+    space (the recorded backward once counted the classifier's own weight gradient twice)."""
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.arange(16) % 4
+    for create_graph in (False, True):
+        got = _step_gradients(True, monkeypatch, x, y, create_graph=create_graph)
+        want = _step_gradients(False, monkeypatch, x, y, create_graph=create_graph)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_row_with_an_infinite_logit_is_all_nan_as_in_the_perturbed_step(monkeypatch):
+    """A classifier bias of +inf (a diverged run): loss and every gradient NaN where the perturbed step's are."""
+    def diverge(model):
+        with torch.no_grad():
+            model[2].bias[0] = float("inf")
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.tensor([1, 2, 3, 1, 2, 3, 1, 2])  # class 0 absent
+    got = _step_gradients(True, monkeypatch, x, y, diverge)
+    want = _step_gradients(False, monkeypatch, x, y, diverge)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan())
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_retained_graph_backpropagates_again_after_the_update(monkeypatch):
+    """backward(retain_graph=True), after_backward (delta changed in place), backward again: as without class
+    space (the node reads its copy of delta)."""
     results = []
+    for class_space in (True, False):
+        monkeypatch.setattr(head_loss, "CLASSES_SQUARED_PER_SAMPLE", 4 if class_space else 0)
+        model = _mlp(3).double()
+        method = build_method("lpa", model, 3, layer="3", config=LPAConfig(steps=0, backend="reference"))
+        x, y = torch.randn(10, 6, dtype=torch.float64), torch.arange(10) % 3
+        for _ in range(2):
+            loss, _ = method.training_loss(x, y)
+            loss.backward(retain_graph=True)
+            method.after_backward()
+            loss.backward()
+            method.after_backward()
+        results.append([method.delta.clone()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_definition_keeps_absent_classes_out_like_the_kernels():
+    """NaN in an absent class's delta row reaches no gradient, in the host node and in ``definition``."""
+    t = _inputs(9, 5, 3, torch.float64, absent=(2,))
+    t["delta"][2] = float("nan")
     for host in (True, False):
-        h, weight, delta = (t[n].clone().requires_grad_() for n in ("h", "weight", "delta"))
-        logits0 = F.linear(h, weight, t["bias"])
-        if host:
-            loss, _ = head_loss.loss(logits0, t["labels"], delta, weight, None, None, 9)
-        else:
-            loss, _ = head_loss.definition(logits0, t["labels"], delta * 1, weight)
-        (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
-        grad_h.square().sum().backward()
-        results.append((weight.grad, delta.grad))
-    (w_host, d_host), (w_def, d_def) = results
-    torch.testing.assert_close(w_host, w_def)
-    torch.testing.assert_close(d_host, d_def)
+        weight, delta = t["weight"].clone().requires_grad_(), t["delta"].clone().requires_grad_()
+        logits0 = F.linear(t["h"], weight, t["bias"])
+        loss = (head_loss.loss(logits0, t["labels"], delta, weight, None, None, 9) if host
+                else head_loss.definition(logits0, t["labels"], delta, weight))[0]
+        loss.backward()
+        assert not weight.grad.isnan().any() and not delta.grad.isnan().any(), host
+        assert not delta.grad[2].any()
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 10 ** 6])
+def test_a_label_out_of_range_raises_and_writes_nothing(bad):
+    t = _inputs(6, 5, 3, torch.float32)
+    labels = t["labels"].clone()
+    labels[4] = bad
+    stats = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, K\)"):
+        head_loss.loss(F.linear(t["h"], t["weight"], t["bias"]), labels, t["delta"], t["weight"], None, stats, 6)
+    assert not stats.any()
 
 
 def test_a_hook_changing_the_logits_falls_back_to_the_definition():
