@@ -2,8 +2,8 @@
 // algebra). With E = delta W^T (K x K), the perturbed logits are z_b = logits0_b + E[y_b], which equals
 // W (h_b + delta[y_b]) + bias, so the (B, D) perturbed activations are never formed: the forward reads and
 // writes (B, K), and the backward's class sums S (K x K) of dL/dz give delta's and W's extra gradients as
-// two K x K x D products. Sums run in double and are rounded once (the softmax's terms and total per row, the loss, E,
-// S and the two products).
+// two K x K x D products. Sums run in double and are rounded once (the softmax's terms and total per row,
+// the loss, E, S and the two products).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -48,9 +48,10 @@ std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
 }  // namespace
 
 // exp_nonpositive (host_kernels.h): std::exp is a library call per element, most of a softmax's time at
-// K ~ 10; the build's -fno-trapping-math lets the selects below vectorise. x = n ln2 + r with n an integer and |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r by its Taylor
-// series to degree 13 (truncation below 1e-17 relative), 2^n from the exponent bits; below -708 (e^x within
-// 1.5x of the smallest normal double, where 2^n would leave the exponent range) 0.
+// K ~ 10; the build's -fno-trapping-math lets the selects below vectorise. x = n ln2 + r with n an integer
+// and |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), e^r by its Taylor series to degree 13 (truncation
+// below 1e-17 relative), 2^n from the exponent bits; below -708 (e^x within 1.5x of the smallest normal
+// double, where 2^n would leave the exponent range) 0.
 LPA_HOST_CLONES
 void exp_nonpositive(const double* x, double* e, int64_t n) {
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
@@ -170,18 +171,15 @@ void head_loss_backward(const T* probs, const Label* labels, const T* delta, con
     for (int64_t c = 0; c < K; ++c) {
       std::fill(row.begin(), row.end(), 0.0);
       if (present[c])
-        for (int64_t k = 0; k < K; ++k) {
-          add_scaled(row.data(), S[c * K + k], weight + k * D, D);
-        }
+        for (int64_t k = 0; k < K; ++k) add_scaled(row.data(), S[c * K + k], weight + k * D, D);
       for (int64_t j = 0; j < D; ++j) grad_delta[c * D + j] = T(row[j]) * grad_scale;  // as perturb_class_grad
     }
   }
   if (grad_weight) {  // grad_weight[k] = sum_c S[c, k] delta[c]: E's part of W's gradient
     for (int64_t k = 0; k < K; ++k) {
       std::fill(row.begin(), row.end(), 0.0);
-      for (int64_t c = 0; c < K; ++c) {
+      for (int64_t c = 0; c < K; ++c)
         if (present[c]) add_scaled(row.data(), S[c * K + k], delta + c * D, D);
-      }
       for (int64_t j = 0; j < D; ++j) grad_weight[k * D + j] = T(row[j]);
     }
   }

@@ -95,9 +95,9 @@ void exp_nonpositive(const double* x, double* e, int64_t n);
 // with E = delta W^T (delta, weight (K, D)); probs (B, K) = the softmax of z + shift (shift (K,) or null);
 // *loss = the mean over the batch of its cross-entropy; stats (3, K) or null increased by the class statistics
 // of its log-softmax (as class_stats); delta_copy (K, D) = delta, for the backward. Returns false, writing
-// nothing, when a label is outside [0, K). Backward from probs and that copy: g = grad_loss * d loss / d z (+ grad_z when not
-// null) into grad_logits0 (B, K); with S (K, K) its class sums, grad_delta = grad_scale * S W and
-// grad_weight = S^T delta (each skipped when null).
+// nothing, when a label is outside [0, K). Backward from probs and that copy (as delta): g = grad_loss *
+// d loss / d z (+ grad_z when not null) into grad_logits0 (B, K); with S (K, K) its class sums,
+// grad_delta = grad_scale * S W and grad_weight = S^T delta (each skipped when null).
 template <typename T, typename Label>
 bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, const T* weight, const T* shift, T* z,
                        T* probs, T* loss, T* stats, T* delta_copy, int64_t B, int64_t K, int64_t D);

@@ -6,8 +6,7 @@ delta is a full ``(K, D)`` added perturbation, the training forward's logits are
     z_b = W (h_b + delta[y_b]) + b = logits0_b + E[y_b],    logits0 = W h + b,    E = delta W^T  (K, K),
 
 so the step runs the classifier (the model's own module) on the unperturbed ``h`` and adds a class-indexed
-row. The backward follows: with ``g = dL/dz (B, K)`` and ``S (K, K)`` its sums over
-the samples of each class,
+row. The backward follows: with ``g = dL/dz (B, K)`` and ``S (K, K)`` its sums over the samples of each class,
 
     dL/dlogits0 = g,    dL/d delta = S W    (the class-summed gradient in h + delta[y]),
     dL/dW = g^T h (the Linear's own backward) + S^T delta,
@@ -23,8 +22,8 @@ classifier: they would see ``h`` and the unperturbed logits), add mode,
 (delta's gradient goes to its leaf, the class statistics into the step's buffer). Measured on the CPU
 (``lpa-bench`` MLP tier, in one process with it switched on and off): the T = 0 step's ratio to ERM's
 1.19x -> 1.10x. A T-step training forward perturbs a constant delta, which costs less: no gain measured there.
-``definition`` is the same loss in PyTorch ops: the backward runs it when autograd records the backward
-(``create_graph=True``), and the tests compare both forms with the perturbed forward.
+``definition`` is the same loss in PyTorch ops (run where the kernels do not take the tensors); under
+``create_graph=True`` the backward writes the gradients' formulas in PyTorch ops, which autograd records.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def _train(method, model, batches, between):
 
 
 # single pass: the statistics come from the class-space loss (lpa.head_loss) where it serves, else are bound
-BOUND_KERNELS = {(0, True): ("policy_pgd_step",), (0, False): ("class_stats", "policy_pgd_step"), (3, False): ("head_pgd",)}
+BOUND_KERNELS = {(0, True): ("policy_pgd_step",), (0, False): ("class_stats", "policy_pgd_step"),
+                 (3, False): ("head_pgd",)}
 
 
 @pytest.mark.parametrize("between", ["nothing", "reload the state", "delta moved", "classifier weight moved",
