@@ -30,13 +30,6 @@ double dot(const T* a, const T* b, int64_t D) {
   return total;
 }
 
-// row (D) += s * x (D), in double.
-template <typename T>
-LPA_HOST_CLONES
-void add_scaled(double* row, double s, const T* x, int64_t D) {
-  for (int64_t j = 0; j < D; ++j) row[j] += s * double(x[j]);
-}
-
 // The classes present in labels (B,).
 template <typename Label>
 std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
@@ -83,6 +76,41 @@ void exp_nonpositive(const double* x, double* e, int64_t n) {
   }
 }
 
+template <typename T>
+void softmax_rows(const T* t, int64_t B, int64_t K, T* probs, double* lse, double* terms) {
+  std::vector<char> odd(static_cast<size_t>(B), 0);
+  std::vector<T> largest(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const T* tb = t + b * K;
+    T top = -std::numeric_limits<T>::infinity();
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) {
+      nan = nan || std::isnan(tb[k]);
+      top = tb[k] > top ? tb[k] : top;
+    }
+    odd[b] = nan || std::isinf(top);
+    largest[b] = top;
+    for (int64_t k = 0; k < K; ++k) terms[b * K + k] = odd[b] ? 0.0 : double(tb[k]) - double(top);
+  }
+  exp_nonpositive(terms, terms, B * K);  // every row at once; t is not read after this (probs may be t)
+  for (int64_t b = 0; b < B; ++b) {
+    T* p = probs + b * K;
+    const double* e = terms + b * K;
+    if (odd[b]) {
+      std::fill(p, p + K, std::numeric_limits<T>::quiet_NaN());
+      if (lse) lse[b] = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
+    double total = 0;
+    for (int64_t k = 0; k < K; ++k) total += e[k];
+    for (int64_t k = 0; k < K; ++k) p[k] = T(e[k] / total);
+    if (lse) lse[b] = double(largest[b]) + std::log(total);
+  }
+}
+
+template void softmax_rows<float>(const float*, int64_t, int64_t, float*, double*, double*);
+template void softmax_rows<double>(const double*, int64_t, int64_t, double*, double*, double*);
+
 template <typename T, typename Label>
 bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, const T* weight, const T* shift, T* z,
                        T* probs, T* loss, T* stats, T* delta_copy, int64_t B, int64_t K, int64_t D) {
@@ -94,51 +122,28 @@ bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
   for (int64_t c = 0; c < K; ++c)
     if (present[c])
       for (int64_t k = 0; k < K; ++k) E[c * K + k] = T(dot(delta + c * D, weight + k * D, D));
-  // the targets t = z + shift (in T, as `logits + shift` in PyTorch), each row's largest, and t - largest;
-  // a row holding a NaN or an infinite largest target (+inf, or every target -inf) is all NaN, as
-  // log_softmax makes it (t - largest is NaN somewhere, and so is the log-sum-exp)
+  // the targets t = z + shift (in T, as `logits + shift` in PyTorch), then their softmax and log-sum-exp
   const size_t n = static_cast<size_t>(B * K);
-  std::vector<T> t(n), largest(static_cast<size_t>(B));
-  std::vector<double> x(n), terms(n);
-  std::vector<char> odd(static_cast<size_t>(B), 0);
+  std::vector<T> t(n);
+  std::vector<double> lse(static_cast<size_t>(B)), terms(n);
   for (int64_t b = 0; b < B; ++b) {
     const T* e = E.data() + static_cast<int64_t>(labels[b]) * K;
     T* zb = z + b * K;
     T* tb = t.data() + b * K;
-    T top = -std::numeric_limits<T>::infinity();
-    bool nan = false;
     for (int64_t k = 0; k < K; ++k) {
       zb[k] = logits0[b * K + k] + e[k];
       tb[k] = shift ? T(zb[k] + shift[k]) : zb[k];
-      nan = nan || std::isnan(tb[k]);
-      top = tb[k] > top ? tb[k] : top;
     }
-    odd[b] = nan || std::isinf(top);
-    largest[b] = odd[b] ? std::numeric_limits<T>::quiet_NaN() : top;
-    for (int64_t k = 0; k < K; ++k) x[b * K + k] = odd[b] ? 0.0 : double(tb[k]) - double(top);
   }
-  exp_nonpositive(x.data(), terms.data(), B * K);
+  softmax_rows(t.data(), B, K, probs, lse.data(), terms.data());
   double total_loss = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t c = labels[b];
-    const T* tb = t.data() + b * K;
-    const double* eb = terms.data() + b * K;
-    T* p = probs + b * K;
-    double lse = double(largest[b]);  // NaN for an odd row
-    if (odd[b]) {
-      for (int64_t k = 0; k < K; ++k) p[k] = std::numeric_limits<T>::quiet_NaN();
-    } else {
-      double total = 0;
-      for (int64_t k = 0; k < K; ++k) total += eb[k];
-      const double inverse = 1.0 / total;
-      for (int64_t k = 0; k < K; ++k) p[k] = T(eb[k] * inverse);
-      lse += std::log(total);
-    }
-    const T log_p = T(double(tb[c]) - lse);
+    const T log_p = T(double(t[b * K + c]) - lse[b]);
     total_loss -= double(log_p);
     if (stats) {  // step_update/naive.class_stats_: the count, p_true (the softmax's, = exp(log_p)) and the CE
       stats[c] += T(1);
-      stats[K + c] += p[c];
+      stats[K + c] += probs[b * K + c];
       stats[2 * K + c] += -log_p;
     }
   }
@@ -171,7 +176,7 @@ void head_loss_backward(const T* probs, const Label* labels, const T* delta, con
     for (int64_t c = 0; c < K; ++c) {
       std::fill(row.begin(), row.end(), 0.0);
       if (present[c])
-        for (int64_t k = 0; k < K; ++k) add_scaled(row.data(), S[c * K + k], weight + k * D, D);
+        for (int64_t k = 0; k < K; ++k) axpy(row.data(), S[c * K + k], weight + k * D, D);
       for (int64_t j = 0; j < D; ++j) grad_delta[c * D + j] = T(row[j]) * grad_scale;  // as perturb_class_grad
     }
   }
@@ -179,7 +184,7 @@ void head_loss_backward(const T* probs, const Label* labels, const T* delta, con
     for (int64_t k = 0; k < K; ++k) {
       std::fill(row.begin(), row.end(), 0.0);
       for (int64_t c = 0; c < K; ++c)
-        if (present[c]) add_scaled(row.data(), S[c * K + k], delta + c * D, D);
+        if (present[c]) axpy(row.data(), S[c * K + k], delta + c * D, D);
       for (int64_t j = 0; j < D; ++j) grad_weight[k * D + j] = T(row[j]);
     }
   }

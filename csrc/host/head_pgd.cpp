@@ -3,7 +3,6 @@
 // class gradient is sum_{y_b = c} (P_b - Y_b) W (times h_b for scale), then pgd_step's update.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "host_kernels.h"
@@ -21,14 +20,6 @@ template <typename T> T dot(const T* a, const T* b, int64_t n) {
   T tail = 0;
   for (; i < n; ++i) tail += a[i] * b[i];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
-}
-
-// y (n, double) += a x. The sums over classes and samples (the softmax's total, the sample and class
-// gradients, the class sums of P - Y) run in double: one running float32 sum over K = 131,072 classes
-// lost ~100x PyTorch's (pairwise) accuracy. Double also keeps the result independent of the order the
-// terms come in, to the last float32 bit in practice.
-template <typename T> void axpy(double* y, double a, const T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // z (K) <- softmax(z) in place; NaN in z gives a NaN row, as torch.softmax.
@@ -80,13 +71,13 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
   for (int64_t b = 0; b < B; ++b) present[labels[b]] = 1;
   // class space: the logits without delta (B, K), once; per step the offset E = delta W^T (K, K) and the
   // class sums S[c] = sum_{y_b = c} (P_b - Y_b) (K, K). Rows: the perturbed sample and its gradient (D).
-  std::vector<T> base, shift, h_tilde, row_logits;
+  std::vector<T> base, shift, h_tilde, row_probs;
   std::vector<double> sums, sample_grad, terms;
   if (class_space) {
     base.resize(B * K);
     shift.resize(K * K);
     sums.resize(K * K);
-    row_logits.resize(B * K);
+    row_probs.resize(B * K);
     terms.resize(B * K);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t k = 0; k < K; ++k) base[b * K + k] = dot(h + b * D, weight + k * D, D) + (bias ? bias[k] : T(0));
@@ -102,28 +93,17 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
         if (present[c])
           for (int64_t k = 0; k < K; ++k) shift[c * K + k] = dot(delta + c * D, weight + k * D, D);
       std::fill(sums.begin(), sums.end(), 0.0);
-      // every row's logits less their largest, then their exps in one vectorised pass (exp_nonpositive);
-      // a NaN, or a +inf logit, gives a NaN row, as torch.softmax
+      // every row's logits, then their softmax in place (softmax_rows: one vectorised exp pass)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k)
+          row_probs[b * K + k] = base[b * K + k] + shift[static_cast<int64_t>(labels[b]) * K + k];
+      softmax_rows(row_probs.data(), B, K, row_probs.data(), nullptr, terms.data());
       for (int64_t b = 0; b < B; ++b) {
         const int64_t c = labels[b];
-        T largest = -std::numeric_limits<T>::infinity();
-        for (int64_t k = 0; k < K; ++k) {
-          const T z = base[b * K + k] + shift[c * K + k];
-          row_logits[b * K + k] = z;
-          largest = std::isnan(z) || z > largest ? z : largest;
-        }
-        for (int64_t k = 0; k < K; ++k) terms[b * K + k] = double(row_logits[b * K + k]) - double(largest);
-      }
-      exp_nonpositive(terms.data(), terms.data(), B * K);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t c = labels[b];
-        const double* e = terms.data() + b * K;
-        double total = 0;
-        for (int64_t k = 0; k < K; ++k) total += e[k];
-        for (int64_t k = 0; k < K; ++k) probs[k] = T(e[k] / total);
-        if (first_confidence) p_true[b] = probs[c];
-        probs[c] -= 1;
-        axpy(&sums[c * K], 1.0, probs.data(), K);
+        T* p = row_probs.data() + b * K;
+        if (first_confidence) p_true[b] = p[c];
+        p[c] -= 1;
+        axpy(&sums[c * K], 1.0, p, K);
       }
       for (int64_t c = 0; c < K; ++c)
         if (present[c])

@@ -88,8 +88,22 @@ template <typename Label> void label_range(const Label* labels, int64_t B, int64
 namespace lpa_host {
 
 // e (n) = exp(x) for x (n) <= 0 or NaN (a softmax's terms z - max z), vectorised, within 4e-16 relative of
-// std::exp; 0 below -708, NaN for NaN (head_loss.cpp).
+// std::exp; 0 below -708, NaN for NaN (head_loss.cpp; e may be x).
 void exp_nonpositive(const double* x, double* e, int64_t n);
+
+// probs (B, K) = the softmax of each row of t (B, K) (probs may be t): the terms exp(t - max t) in one
+// exp_nonpositive pass, summed in double; lse (B) or null: each row's log-sum-exp. A row holding a NaN, or
+// whose largest entry is infinite (+inf, or every entry -inf), is all NaN, lse too, as torch.softmax and
+// log_softmax make it. terms: B * K doubles of scratch.
+template <typename T> void softmax_rows(const T* t, int64_t B, int64_t K, T* probs, double* lse, double* terms);
+
+// y (n, double) += a x. The host kernels' sums over classes and samples (a softmax's total, the sample and
+// class gradients, the class sums of P - Y) run in double: one running float32 sum over K = 131,072 classes
+// lost ~100x PyTorch's (pairwise) accuracy. Double also keeps the result independent of the order the
+// terms come in, to the last float32 bit in practice.
+template <typename T> inline void axpy(double* y, double a, const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
 
 // lpa/head_loss.py's single-pass loss at the classifier in class space. Forward: z (B, K) = logits0 + E[labels]
 // with E = delta W^T (delta, weight (K, D)); probs (B, K) = the softmax of z + shift (shift (K,) or null);

@@ -48,14 +48,14 @@ def definition(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor,
     from ``labels`` are left out of the product, as the perturbed forward never reads them (a NaN there
     reaches no gradient)."""
     labels = labels.long()
-    z = logits0 + (_present_rows(delta, labels) @ weight.T).index_select(0, labels)
+    rows = torch.where(_present(labels, delta.shape[0])[:, None], delta, 0)
+    z = logits0 + (rows @ weight.T).index_select(0, labels)
     return F.cross_entropy(z if shift is None else z + shift, labels), z
 
 
-def _present_rows(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``delta (K, D)`` with the rows of the classes absent from ``labels`` zeroed."""
-    present = torch.zeros(delta.shape[0], dtype=torch.bool, device=delta.device).index_fill_(0, labels, True)
-    return torch.where(present[:, None], delta, 0)
+def _present(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """``(K,)`` bool: the classes present in ``labels``."""
+    return torch.zeros(classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
 
 
 def serves(h: torch.Tensor, head: nn.Linear, num_classes: int, mode: str) -> bool:
@@ -134,13 +134,13 @@ def _recorded_backward(ctx, logits0, labels, weight, shift, grad_loss, grad_z):
     labels, classes = labels.long(), weight.shape[0]
     # what reaches delta through these formulas is scaled as its first-order gradient is (the perturbed
     # forward's node scales every gradient through it)
-    rows = _present_rows(scaled_grad(delta, ctx.grad_scale), labels)
+    present = _present(labels, classes)
+    rows = torch.where(present[:, None], scaled_grad(delta, ctx.grad_scale), 0)
     z = logits0 + (rows @ weight.T).index_select(0, labels)
     g = (z if shift is None else z + shift).softmax(dim=1) - F.one_hot(labels, classes).to(z.dtype)
     g = g * (grad_loss / labels.shape[0])
     if grad_z is not None:
         g = g + grad_z
     sums = g.new_zeros(classes, classes).index_add(0, labels, g)  # S: the class sums of dL/dz
-    present = rows.new_zeros(classes, dtype=torch.bool).index_fill_(0, labels, True)
     grads = [g, None, torch.where(present[:, None], sums @ weight, 0) * ctx.grad_scale, sums.T @ rows]
     return tuple(grad if ctx.needs_input_grad[i] else None for i, grad in enumerate(grads)) + (None,) * 3
