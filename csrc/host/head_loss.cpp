@@ -15,21 +15,6 @@
 namespace lpa_host {
 namespace {
 
-// The dot product of two length-D rows in double, in 8 interleaved partial sums (vectorisable: a single
-// running sum is one dependent add per element).
-template <typename T>
-LPA_HOST_CLONES
-double dot(const T* a, const T* b, int64_t D) {
-  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= D; j += 8)
-    for (int i = 0; i < 8; ++i) partial[i] += double(a[j + i]) * double(b[j + i]);
-  double total = 0;
-  for (; j < D; ++j) total += double(a[j]) * double(b[j]);
-  for (int i = 0; i < 8; ++i) total += partial[i];
-  return total;
-}
-
 // The classes present in labels (B,).
 template <typename Label>
 std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
@@ -112,6 +97,7 @@ template void softmax_rows<float>(const float*, int64_t, int64_t, float*, double
 template void softmax_rows<double>(const double*, int64_t, int64_t, double*, double*, double*);
 
 template <typename T, typename Label>
+LPA_HOST_CLONES
 bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, const T* weight, const T* shift, T* z,
                        T* probs, T* loss, T* stats, T* delta_copy, int64_t B, int64_t K, int64_t D) {
   for (int64_t b = 0; b < B; ++b)
@@ -121,7 +107,7 @@ bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
   std::vector<T> E(static_cast<size_t>(K * K));  // rows of the classes present only
   for (int64_t c = 0; c < K; ++c)
     if (present[c])
-      for (int64_t k = 0; k < K; ++k) E[c * K + k] = T(dot(delta + c * D, weight + k * D, D));
+      for (int64_t k = 0; k < K; ++k) E[c * K + k] = T(dot_double(delta + c * D, weight + k * D, D));
   // the targets t = z + shift (in T, as `logits + shift` in PyTorch), then their softmax and log-sum-exp
   const size_t n = static_cast<size_t>(B * K);
   std::vector<T> t(n);
@@ -152,6 +138,7 @@ bool head_loss_forward(const T* logits0, const Label* labels, const T* delta, co
 }
 
 template <typename T, typename Label>
+LPA_HOST_CLONES
 void head_loss_backward(const T* probs, const Label* labels, const T* delta, const T* weight, T grad_loss,
                         const T* grad_z, T* grad_logits0, T* grad_delta, T* grad_weight, int64_t B, int64_t K,
                         int64_t D, T grad_scale) {

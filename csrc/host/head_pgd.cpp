@@ -61,6 +61,7 @@ void confidence_direction(T* direction, const T* p_true, const Label* labels, in
 }  // namespace
 
 template <typename T, typename Label>
+LPA_HOST_CLONES
 void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* bias, T* delta, int64_t B, int64_t D,
                     int64_t K, int64_t steps, const T* step, const T* eps, const T* direction, bool l2, bool scale,
                     bool class_space, T margin) {

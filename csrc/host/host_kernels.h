@@ -16,6 +16,10 @@
 
 namespace lpa_host {
 
+// The dot product of two length-n rows, summed in double in eight interleaved partial sums (a single running
+// sum is one dependent add per element: it would not vectorise). pgd_step.cpp.
+template <typename T> double dot_double(const T* a, const T* b, int64_t n);
+
 // pgd/naive.pgd_step_ on delta (K, N) in place from grad (K, N); step, eps, direction (K,). l2 projects
 // onto eps - eps * margin (_common.l2_radius_margin). With ok (0-d bool) and skipped (0-d int64) not
 // null: naive.guarded_pgd_step_ (nothing changes when !*ok; a class with a non-finite gradient keeps

@@ -18,11 +18,35 @@ template <typename T> std::vector<T>& scratch(int64_t n) {
   return buffer;
 }
 
-// One class: delta_c (N) from grad_c (N); sd = step_c * direction_c.
-template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, bool l2, T margin) {
-  bool active = false;  // NaN != 0: a NaN gradient is active and propagates
-  for (int64_t i = 0; i < N && !active; ++i) active = g[i] != 0;
-  if (!active) return;  // an all-zero gradient (absent class) keeps delta, projection included
+// The largest |g_i| of a row and whether every entry is finite, in one pass over eight lanes (vectorised: a
+// single running maximum is one dependent select per element). A NaN entry leaves the maximum alone;
+// poison sums g_i * 0, which is NaN exactly when some g_i is NaN or infinite.
+template <typename T> T largest_magnitude(const T* g, int64_t n, bool& finite) {
+  T top[8] = {}, poison[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) top[j] = std::fabs(g[i + j]) > top[j] ? std::fabs(g[i + j]) : top[j];
+    for (int j = 0; j < 8; ++j) poison[j] += g[i + j] * T(0);
+  }
+  T largest = 0, tail = 0;
+  for (; i < n; ++i) {
+    const T a = std::fabs(g[i]);
+    largest = a > largest ? a : largest;
+    tail += g[i] * T(0);
+  }
+  for (int j = 0; j < 8; ++j) {
+    largest = top[j] > largest ? top[j] : largest;
+    tail += poison[j];
+  }
+  finite = tail == tail;
+  return largest;
+}
+
+// One class: delta_c (N) from grad_c (N), whose largest |entry| and finiteness largest_magnitude gave; sd =
+// step_c * direction_c.
+template <typename T>
+void update_row(T* d, const T* g, int64_t N, T sd, T eps, bool l2, T margin, T largest, bool finite) {
+  if (finite && largest == 0) return;  // an all-zero gradient (absent class) keeps delta, projection included
   if (!l2) {
     for (int64_t i = 0; i < N; ++i) {  // branch-free, so that it vectorises: a comparison with NaN is false
       const T sign = g[i] != g[i] ? g[i] : T(g[i] > 0) - T(g[i] < 0);  // sign_keep_nan
@@ -33,12 +57,7 @@ template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, 
     return;
   }
   bool has_nan = false;
-  T largest = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    const T a = g[i];
-    if (std::isnan(a)) has_nan = true;
-    else if (std::fabs(a) > largest) largest = std::fabs(a);
-  }
+  for (int64_t i = 0; i < N && !finite && !has_nan; ++i) has_nan = std::isnan(g[i]);
   if (has_nan) {  // the unit vector is NaN everywhere (naive.l2_unit: the row's largest entry is NaN)
     for (int64_t i = 0; i < N; ++i) d[i] = std::numeric_limits<T>::quiet_NaN();
     return;
@@ -51,46 +70,52 @@ template <typename T> void update_row(T* d, const T* g, int64_t N, T sd, T eps, 
     for (int64_t i = 0; i < N; ++i) unit[i] = std::isinf(g[i]) ? sign_keep_nan(g[i]) : T(0);
   else
     for (int64_t i = 0; i < N; ++i) unit[i] = g[i] / largest;
-  // The two norms sum in double: a float32 running sum over a long row lost ~10x PyTorch's (pairwise)
-  // accuracy and left rows above eps by more than the margin; double also cannot overflow on a float32
-  // delta (a row of 3e19 entries has a finite norm) and costs nothing next to the row's memory traffic.
-  double squares = 0;
-  for (int64_t i = 0; i < N; ++i) squares += double(unit[i]) * unit[i];
-  const T denom = T(std::sqrt(squares)) + (infinite ? T(0) : T(1e-12) / largest);
-  double length2 = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    d[i] += sd * (unit[i] / denom);
-    length2 += double(d[i]) * d[i];
-  }
-  const double length = std::sqrt(length2), radius = double(eps - eps * margin);
+  // The two norms sum in double (dot_double): a float32 running sum over a long row lost ~10x PyTorch's
+  // (pairwise) accuracy and left rows above eps by more than the margin; double also cannot overflow on a
+  // float32 delta (a row of 3e19 entries has a finite norm).
+  const T denom = T(std::sqrt(dot_double(unit.data(), unit.data(), N))) + (infinite ? T(0) : T(1e-12) / largest);
+  for (int64_t i = 0; i < N; ++i) d[i] += sd * (unit[i] / denom);
+  const double length = std::sqrt(dot_double(d, d, N)), radius = double(eps - eps * margin);
   if (length > radius) {
     const T shrink = T(radius / length);
     for (int64_t i = 0; i < N; ++i) d[i] *= shrink;
   }
 }
 
-template <typename T> bool all_finite(const T* g, int64_t N) {
-  int bad = 0;  // no early exit: the branch-free loop vectorises (NaN fails the comparison)
-  for (int64_t i = 0; i < N; ++i) bad |= !(std::fabs(g[i]) <= std::numeric_limits<T>::max());
-  return !bad;
-}
-
 }  // namespace
 
 template <typename T>
+LPA_HOST_CLONES
 void pgd_step(T* delta, const T* grad, const T* step, const T* eps, const T* direction, int64_t K, int64_t N,
               bool l2, T margin, const bool* ok, int64_t* skipped) {
   if (ok != nullptr && !*ok) return;  // the batch's labels were out of range: every class keeps its delta
   for (int64_t c = 0; c < K; ++c) {
     const T* g = grad + c * N;
-    if (ok != nullptr && !all_finite(g, N)) {
+    bool finite;
+    const T largest = largest_magnitude(g, N, finite);
+    if (ok != nullptr && !finite) {
       ++*skipped;
       continue;
     }
-    update_row(delta + c * N, g, N, step[c] * direction[c], eps[c], l2, margin);
+    update_row(delta + c * N, g, N, step[c] * direction[c], eps[c], l2, margin, largest, finite);
   }
 }
 
+template <typename T>
+LPA_HOST_CLONES
+double dot_double(const T* a, const T* b, int64_t n) {
+  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) partial[j] += double(a[i + j]) * double(b[i + j]);
+  double total = 0;
+  for (; i < n; ++i) total += double(a[i]) * double(b[i]);
+  for (int j = 0; j < 8; ++j) total += partial[j];
+  return total;
+}
+
+template double dot_double<float>(const float*, const float*, int64_t);
+template double dot_double<double>(const double*, const double*, int64_t);
 template void pgd_step<float>(float*, const float*, const float*, const float*, const float*, int64_t, int64_t, bool,
                               float, const bool*, int64_t*);
 template void pgd_step<double>(double*, const double*, const double*, const double*, const double*, int64_t, int64_t,

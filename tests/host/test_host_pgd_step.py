@@ -18,9 +18,10 @@ INF, NAN = float("inf"), float("nan")
 
 
 def gradient_rows(features, dtype):
-    """``(9, features)``: ordinary, all-zero, one NaN, one +Inf, +-Inf, huge and tiny finite rows, a
-    single non-zero entry and a row of -0.0."""
-    g = torch.randn(9, features, dtype=torch.float64)
+    """``(10, features)``: ordinary, all-zero, one NaN, one +Inf, +-Inf, huge and tiny finite rows, a
+    single non-zero entry, a row of -0.0 and one NaN in the last entry (the kernel's tail after its
+    eight-entry blocks, for 13 features)."""
+    g = torch.randn(10, features, dtype=torch.float64)
     g[1] = 0
     g[2, features // 2] = NAN
     g[3, 0] = INF
@@ -30,6 +31,7 @@ def gradient_rows(features, dtype):
     g[7] = 0
     g[7, -1] = -3.0
     g[8] = -0.0
+    g[9, -1] = NAN
     return g.to(dtype)
 
 
@@ -92,7 +94,7 @@ def test_guarded_step_matches_the_definition(reference_path, dtype, norm, ok):
     truth, lowp = expected(naive.guarded_pgd_step_, delta, grad, hyper, norm, flag, skipped)
     assert run_guarded_pgd_step_(delta, grad, *hyper, norm, flag, skipped, "reference") is delta
     assert_close_to_reference(delta, truth, lowp, what=f"guarded {norm} step (ok {ok})")
-    assert skipped.item() == (5 + 3 if ok else 5), "three rows hold NaN or Inf"
+    assert skipped.item() == (5 + 4 if ok else 5), "four rows hold NaN or Inf"
     non_finite = ~torch.isfinite(grad).all(dim=1)
     unchanged = non_finite if ok else torch.ones_like(non_finite)
     assert torch.equal(delta[unchanged], before[unchanged])

@@ -187,7 +187,7 @@ def test_policy_then_pgd_step_in_one_call(reference_path, direction, radius, ver
     from lpa_kernels.pgd import naive as pgd_naive
     from tests.host.test_host_pgd_step import gradient_rows, start_delta
 
-    classes, features = 9, 13
+    classes, features = 10, 13  # one class per row of gradient_rows
     torch.manual_seed(classes)
     stats = policy_stats(classes, dtype, "mixed")
     fixed = (torch.randint(-1, 2, (classes,)).to(dtype), (torch.rand(classes) + 0.5).to(dtype))
