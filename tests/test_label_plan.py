@@ -82,19 +82,22 @@ def test_the_one_program_chunk_plan_equals_its_definition(segments, shape):
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS[:1])  # Triton (the counter does not see the CUDA C++ launches)
-@pytest.mark.parametrize("above", [False, True], ids=["one-launch", "above-the-threshold"])
+@pytest.mark.parametrize("above", ["below", "sorted", "above"], ids=["one-launch", "sorted", "above-both"])
 def test_public_ops_build_their_label_plan_in_one_launch(target, above, monkeypatch):
     """perturb's backward and class_grad_pgd_step_ called without the training step's plan build it in one
     launch (step_update.plan.call_plan) instead of sorting the labels in ~13 ATen launches; above
-    ONE_LAUNCH_PLAN_MAX they sort as before."""
+    ONE_LAUNCH_PLAN_MAX in two (the sorted plan), and with more samples than SORTED_PLAN_MAX_B too in the
+    definition's ops."""
     from lpa_bench.static.counting import LaunchCounter
     from lpa_kernels import class_grad_pgd_step_, perturb
     from lpa_kernels.step_update import plan as plan_module
 
     backend, device = target
     monkeypatch.setenv("LPA_POISON", "0")
-    if above:
+    if above != "below":
         monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 33 * 7 - 1)
+    if above == "above":
+        monkeypatch.setattr(plan_module, "SORTED_PLAN_MAX_B", 32)
     labels = torch.randint(0, 7, (33,), device=device)
     h, delta = torch.randn(33, 20, device=device), torch.zeros(7, 20, device=device, requires_grad=True)
     out = perturb(h, labels, delta, backend=backend)
@@ -103,5 +106,7 @@ def test_public_ops_build_their_label_plan_in_one_launch(target, above, monkeypa
         with LaunchCounter() as counts:
             call()
         summary = counts.summary()
-        planned = summary["triton"].get("step_update._checked_label_plan_kernel", 0)
-        assert (planned, "argsort" in summary["aten"]) == ((0, True) if above else (1, False)), summary
+        planned = tuple(summary["triton"].get(f"step_update._{name}_kernel", 0)
+                        for name in ("checked_label_plan", "sorted_label_plan", "class_starts"))
+        expected = {"below": (1, 0, 0), "sorted": (0, 1, 1), "above": (0, 0, 0)}[above]
+        assert (planned, "argsort" in summary["aten"]) == (expected, above == "above"), summary

@@ -119,8 +119,9 @@ def record(recorder) -> None:
         # the training step's fused ops: statistics, policy and trend state in the compute dtype (float32
         # for the half dtypes); the label plan for int64 and int32 labels
         for label_dtype in (torch.int64, torch.int32):
-            call(f"{dt} labels={label_dtype}", step_update.checked_label_plan, labels.to(label_dtype), 2,
-                 torch.zeros(2, dtype=torch.int64))
+            for sort in (False, True):
+                call(f"{dt} labels={label_dtype} sort={sort}", step_update.checked_label_plan, labels.to(label_dtype),
+                     2, torch.zeros(2, dtype=torch.int64), sort)
         for accumulate in (False, True):
             call(f"{dt} accumulate={accumulate}", step_update.class_stats, torch.zeros(3, 2, dtype=acc),
                  rand(64, 2, dtype=dt).to(acc), labels, torch.tensor(True), accumulate)

@@ -197,12 +197,17 @@ def _fused_step_s(B, D, K, g, tensor_cores: bool) -> float:
 
 
 def _label_plan_setup(B, K):
-    """The call's label plan ``[(bytes, flops)]``: one launch (its one-program time as bytes at the copy
-    rate) or the sort's ``LABEL_PLAN_LAUNCHES`` (``step_update/plan.py``)."""
-    from lpa_kernels.step_update.plan import ONE_LAUNCH_PLAN_MAX
+    """The call's label plan ``[(bytes, flops)]`` (``step_update/plan.py``): one launch (its one-program time
+    as bytes at the copy rate), the sorted plan's two (one program's bitonic sort of B keys, log2(B) (log2(B)
+    + 1) / 2 passes over them, timed the same way; the class starts' K + 1 entries and the B sorted labels
+    they search) or the definition's sort's ``LABEL_PLAN_LAUNCHES``."""
+    from lpa_kernels.step_update.plan import ONE_LAUNCH_PLAN_MAX, SORTED_PLAN_MAX_B
 
     if B * K <= ONE_LAUNCH_PLAN_MAX:
         return [(B * K / ONE_PROGRAM_ELEMENTS_PER_S * H100["hbm_copy_Bps"], 0)]
+    if B <= SORTED_PLAN_MAX_B:
+        passes = B.bit_length() * (B.bit_length() + 1) / 2
+        return [(B * passes / ONE_PROGRAM_ELEMENTS_PER_S * H100["hbm_copy_Bps"], 0), (8 * (K + 1) + 8 * B, 0)]
     return [(16 * B, 0)] * LABEL_PLAN_LAUNCHES
 
 

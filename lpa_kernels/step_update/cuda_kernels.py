@@ -10,8 +10,10 @@ from lpa_kernels._common import new_output
 from lpa_kernels.step_update.naive import DIRECTIONS, RADII
 
 
-def checked_label_plan(labels, num_classes, bad_range):
-    """``StepLaunchers.checked_label_plan``."""
+def checked_label_plan(labels, num_classes, bad_range, sort):
+    """``StepLaunchers.checked_label_plan`` (the one-launch form: ``plan.py`` asks this backend for no other)."""
+    if sort:
+        raise NotImplementedError("the CUDA backend builds the label plan in one launch only")
     B, device = labels.numel(), labels.device
     int64 = dict(dtype=torch.int64, device=device)
     safe, loss_labels = torch.empty(B, **int64), torch.empty(B, **int64)

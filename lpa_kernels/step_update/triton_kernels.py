@@ -6,6 +6,13 @@ a one-hot count of each class (whose running exclusive sum gives ``starts``, and
 present the segment index), then each sample's place in the stable class order: its class's start,
 plus the samples of that class in earlier blocks, plus its rank in its block (a cumulative sum of the
 one-hot tile down the samples). A counting sort without atomics: the plan is the same on every run.
+Its work grows with B x K; for large class counts (``step_update.plan``: above ``ONE_LAUNCH_PLAN_MAX``, B
+at most ``SORTED_PLAN_MAX_B``) the plan is sorted instead, in two launches:
+``_sorted_label_plan_kernel``, one program, checks and clamps the labels as above, then sorts the keys
+``label * B + sample`` (distinct, so their order is the stable class order: the order is ``key % B``),
+marks the first sample of each class in the sorted labels (their left neighbour, read back from memory,
+differs) and numbers those with a cumulative sum (the segments); ``_class_starts_kernel``, one program
+per block of classes, finds ``starts[c]``, the number of sorted labels below ``c``, by binary search.
 ``_class_stats_kernel``: one program per block of classes sums the one-hot tile of each block of
 samples (``where``, not a product, so a non-finite sample reaches only its own class).
 ``_policy_kernel``: one program walks the classes in blocks: the means and their sums (the confidence
@@ -35,6 +42,27 @@ def _safe_labels(labels_ptr, b, B, K):
 
 
 @triton.jit
+def _record_verdict(ok_ptr, bad_range_ptr, lowest, highest, K):
+    """``ok`` (every label in ``[0, K)``: True for an empty batch), stored, and for a bad batch its label range
+    ``(lowest, highest)`` into the record; returns ``ok``."""
+    ok = (lowest >= 0) & (highest < K)
+    tl.store(ok_ptr, ok)
+    tl.store(bad_range_ptr, tl.where(ok, tl.load(bad_range_ptr), lowest))
+    tl.store(bad_range_ptr + 1, tl.where(ok, tl.load(bad_range_ptr + 1), highest))
+    return ok
+
+
+@triton.jit
+def _pad_segments(segment_class_ptr, segment_start_ptr, segments, B, K, S, BLOCK: tl.constexpr):
+    """The plan's segments past the ``segments`` classes present: class K, no samples (start B)."""
+    for s0 in range(0, S + 1, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        padding = s >= segments
+        tl.store(segment_class_ptr + s, tl.full((BLOCK,), 0, tl.int64) + K, mask=padding & (s < S))
+        tl.store(segment_start_ptr + s, tl.full((BLOCK,), 0, tl.int64) + B, mask=padding & (s <= S))
+
+
+@triton.jit
 def _checked_label_plan_kernel(
     labels_ptr, safe_ptr, loss_labels_ptr, ok_ptr, bad_range_ptr, plan_ptr, B, K, S,
     IGNORE: tl.constexpr, BOUND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -46,11 +74,7 @@ def _checked_label_plan_kernel(
         y = tl.load(labels_ptr + b, mask=b < B, other=0).to(tl.int64)
         lo = tl.minimum(lo, tl.where(b < B, y, BOUND))
         hi = tl.maximum(hi, tl.where(b < B, y, -BOUND))
-    lowest, highest = tl.min(lo, axis=0), tl.max(hi, axis=0)
-    ok = (lowest >= 0) & (highest < K)  # True for an empty batch
-    tl.store(ok_ptr, ok)
-    tl.store(bad_range_ptr, tl.where(ok, tl.load(bad_range_ptr), lowest))
-    tl.store(bad_range_ptr + 1, tl.where(ok, tl.load(bad_range_ptr + 1), highest))
+    ok = _record_verdict(ok_ptr, bad_range_ptr, tl.min(lo, axis=0), tl.max(hi, axis=0), K)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         y = _safe_labels(labels_ptr, b, B, K)
@@ -88,12 +112,53 @@ def _checked_label_plan_kernel(
         placed += tl.sum(counts, axis=0)
         segments += tl.sum(present, axis=0)
     tl.store(starts_ptr + K, placed)
-    # segments past the classes present: class K, no samples
-    for s0 in range(0, S + 1, BLOCK_K):
-        s = s0 + tl.arange(0, BLOCK_K)
-        padding = s >= segments
-        tl.store(segment_class_ptr + s, tl.full((BLOCK_K,), 0, tl.int64) + K, mask=padding & (s < S))
-        tl.store(segment_start_ptr + s, tl.full((BLOCK_K,), 0, tl.int64) + B, mask=padding & (s <= S))
+    _pad_segments(segment_class_ptr, segment_start_ptr, segments, B, K, S, BLOCK_K)
+
+
+@triton.jit
+def _sorted_label_plan_kernel(
+    labels_ptr, safe_ptr, loss_labels_ptr, ok_ptr, bad_range_ptr, plan_ptr, sorted_ptr, B, K, S,
+    IGNORE: tl.constexpr, BOUND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.arange(0, BLOCK)
+    valid = b < B
+    y = tl.load(labels_ptr + b, mask=valid, other=0).to(tl.int64)
+    ok = _record_verdict(ok_ptr, bad_range_ptr, tl.min(tl.where(valid, y, BOUND), axis=0),
+                         tl.max(tl.where(valid, y, -BOUND), axis=0), K)
+    safe = tl.minimum(tl.maximum(y, 0), K - 1)
+    tl.store(safe_ptr + b, safe, mask=valid)
+    tl.store(loss_labels_ptr + b, tl.where(ok, safe, IGNORE), mask=valid)
+    # plan = [order (B) | starts (K + 1, _class_starts_kernel) | segment_class (S) | segment_start (S + 1)]
+    keys = tl.sort(tl.where(valid, safe * B + b, BOUND))  # the padding lanes' keys sort last
+    sorted_labels = keys // B
+    tl.store(plan_ptr + b, keys - sorted_labels * B, mask=valid)
+    tl.store(sorted_ptr + b, sorted_labels, mask=valid)
+    tl.debug_barrier()  # each lane reads its left neighbour's sorted label, which another thread wrote
+    previous = tl.load(sorted_ptr + b - 1, mask=valid & (b > 0), other=-1)
+    first = valid & (sorted_labels != previous)  # the first sample of each class present
+    segment = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    segments = tl.sum(first.to(tl.int32), axis=0)
+    segment_class_ptr = plan_ptr + B + K + 1
+    segment_start_ptr = segment_class_ptr + S
+    tl.store(segment_class_ptr + segment, sorted_labels, mask=first)
+    tl.store(segment_start_ptr + segment, b.to(tl.int64), mask=first)
+    _pad_segments(segment_class_ptr, segment_start_ptr, segments, B, K, S, BLOCK)
+
+
+@triton.jit
+def _class_starts_kernel(sorted_ptr, plan_ptr, B, K, halvings, BLOCK_K: tl.constexpr):
+    """``starts[c]`` (the plan's, after its B entries of order) for this program's classes ``c <= K``: the
+    number of sorted labels below ``c``, by a binary search of ``halvings`` (B's bit length) steps."""
+    c = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    lo = tl.zeros((BLOCK_K,), tl.int64)
+    hi = tl.zeros((BLOCK_K,), tl.int64) + B
+    for _ in range(halvings):
+        searching = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(sorted_ptr + mid, mask=searching, other=0) < c
+        lo = tl.where(searching & below, mid + 1, lo)
+        hi = tl.where(searching & ~below, mid, hi)
+    tl.store(plan_ptr + B + c, lo, mask=c <= K)
 
 
 @triton.jit
@@ -238,7 +303,7 @@ def _policy_kernel(
 
 
 # launched on a grid of one program (the GPU compile check finds kernels by their program id otherwise)
-SINGLE_PROGRAM_KERNELS = (_checked_label_plan_kernel, _policy_kernel)
+SINGLE_PROGRAM_KERNELS = (_checked_label_plan_kernel, _sorted_label_plan_kernel, _policy_kernel)
 
 
 def _index_output(size: int, device: torch.device) -> torch.Tensor:
@@ -264,13 +329,27 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
 PLAN_BLOCK_B, PLAN_MIN_TILE, PLAN_WARPS = 64, 256, 8
 
 
-def checked_label_plan(labels, num_classes, bad_range):
+# The sorted plan's class blocks (binary searches) per program.
+STARTS_BLOCK_K = 1024
+
+
+def checked_label_plan(labels, num_classes, bad_range, sort):
     """``StepLaunchers.checked_label_plan``."""
     B = labels.numel()
     segments = min(B, num_classes)
     safe, loss_labels = _index_output(B, labels.device), _index_output(B, labels.device)
     ok = torch.empty((), dtype=torch.bool, device=labels.device)
     plan = _index_output(B + num_classes + 2 * segments + 2, labels.device)
+    if sort:
+        sorted_labels = torch.empty(B, dtype=torch.int64, device=labels.device)  # scratch
+        _sorted_label_plan_kernel[(1,)](
+            labels, safe, loss_labels, ok, bad_range, plan, sorted_labels, B, num_classes, segments,
+            IGNORE=IGNORE_LABEL, BOUND=LABEL_BOUND, BLOCK=max(triton.next_power_of_2(B), 16), num_warps=PLAN_WARPS,
+        )
+        _class_starts_kernel[(triton.cdiv(num_classes + 1, STARTS_BLOCK_K),)](
+            sorted_labels, plan, B, num_classes, B.bit_length(), BLOCK_K=STARTS_BLOCK_K,
+        )
+        return safe, loss_labels, ok, plan
     block_b, block_k = _tiling(num_classes)
     block_b = min(block_b, max(PLAN_BLOCK_B, PLAN_MIN_TILE // block_k))
     _checked_label_plan_kernel[(1,)](

@@ -40,12 +40,51 @@ def test_checked_label_plan_equals_reference(target, batch, num_classes, bad, la
     assert torch.equal(plan.cpu(), label_plan(labels.clamp(0, num_classes - 1), num_classes).cpu())
 
 
+# every small size with every kind of bad batch and label dtype; the largest batch (a full 4096-key sort, ~10 s
+# in the interpreter) and a 2000-sample single class once each
+SORTED_CASES = [(b, k, bad, dtype) for b, k in SIZES[1:] + [(1, 70000), (37, 70000)]
+                for bad in ("none", "high", "negative") for dtype in (torch.int64, torch.int32)]
+SORTED_CASES += [(4096, 3, "negative", torch.int32), (2000, 1, "high", torch.int64)]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:1])  # Triton: the only backend with the sorted plan
+@pytest.mark.parametrize("batch,num_classes,bad,label_dtype", SORTED_CASES)
+def test_sorted_label_plan_equals_reference(target, batch, num_classes, bad, label_dtype, monkeypatch):
+    """Above ``ONE_LAUNCH_PLAN_MAX`` (set to 0 here) and up to ``SORTED_PLAN_MAX_B`` samples the Triton
+    backend sorts the plan in two launches (one program for the check, the order and the segments, a grid
+    for the class starts) and none of the definition's: the same tuple and record as the definition."""
+    from lpa_bench.static.counting import LaunchCounter
+
+    monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 0)
+    test_checked_label_plan_equals_reference(target, batch, num_classes, bad, label_dtype)
+    backend, device = target
+    labels = _labels(batch, num_classes, bad, label_dtype, device)
+    with LaunchCounter() as counts:
+        plan_module.checked_labels(labels, num_classes, torch.zeros(2, dtype=torch.int64, device=device), backend)
+    summary = counts.summary()
+    assert summary["triton"] == {"step_update._sorted_label_plan_kernel": 1, "step_update._class_starts_kernel": 1}
+    assert not {"argsort", "sort", "searchsorted", "cumsum"} & set(summary["aten"]), summary["aten"]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:1])
+@pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
+def test_label_plan_op_passes_opcheck(target, sort):
+    """The custom op behind both plan forms: its schema (``bad_range`` mutated), fake tensor and compiled
+    dispatch (``torch.library.opcheck``), with a bad label so that the record is written."""
+    backend, device = target
+    labels = _labels(37, 11, "high", torch.int32, device)
+    torch.library.opcheck(plan_module._checked_label_plan_op,
+                          (labels, 11, torch.tensor([3, 4], device=device), backend, sort))
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_large_batches_by_classes_take_the_parallel_plan(target, monkeypatch):
-    """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K) the one-program kernel is not launched; the range check and
-    the sorted plan come from the definition's ops, the same tuple and record."""
+    """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K), with more samples than ``SORTED_PLAN_MAX_B`` on Triton, no
+    kernel builds the plan; the range check and the sorted plan come from the definition's ops, the same
+    tuple and record."""
     backend, device = target
     monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 33 * 10 - 1)
+    monkeypatch.setattr(plan_module, "SORTED_PLAN_MAX_B", 32)
     monkeypatch.setattr(plan_module, "_checked_label_plan_op", lambda *a: pytest.fail("the one-launch kernel ran"))
     for bad in ("none", "high"):
         labels = _labels(33, 10, bad, torch.int32, device)
