@@ -47,7 +47,7 @@ SORTED_CASES = [(b, k, bad, dtype) for b, k in SIZES[1:] + [(1, 70000), (37, 700
 SORTED_CASES += [(4096, 3, "negative", torch.int32), (2000, 1, "high", torch.int64)]
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS[:1])  # Triton: the only backend with the sorted plan
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (interpreter, GPU): the only sorted plan
 @pytest.mark.parametrize("batch,num_classes,bad,label_dtype", SORTED_CASES)
 def test_sorted_label_plan_equals_reference(target, batch, num_classes, bad, label_dtype, monkeypatch):
     """Above ``ONE_LAUNCH_PLAN_MAX`` (set to 0 here) and up to ``SORTED_PLAN_MAX_B`` samples the Triton
@@ -66,7 +66,7 @@ def test_sorted_label_plan_equals_reference(target, batch, num_classes, bad, lab
     assert not {"argsort", "sort", "searchsorted", "cumsum"} & set(summary["aten"]), summary["aten"]
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS[:1])
+@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])
 @pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
 def test_label_plan_op_passes_opcheck(target, sort):
     """The custom op behind both plan forms: its schema (``bad_range`` mutated), fake tensor and compiled
