@@ -19,12 +19,12 @@ from lpa_kernels.step_update.backends import launchers
 
 # B x K up to which the kernel backends check the labels and build the plan in one launch, which runs as
 # one program (on Triton a loop over B x K one-hot tiles, ~6 us at 1024 x 1000 on an H100, MODELLED; on CUDA
-# one block, its class scan on one thread); above it (LLM-vocabulary heads: B = 4096, K = 100,000 would be
-# ~400,000 serial tile steps) naive's ops: the range check and _common.label_plan's sort, ~20 launches
-# that run in parallel.
+# one block, its class scan on one thread). Above it (LLM-vocabulary heads: B = 4096, K = 100,000 would be
+# ~400,000 serial tile steps) the Triton backend's sorted plan (one program sorts the batch's keys, a grid
+# of programs finds the class starts: triton_kernels.py) up to SORTED_PLAN_MAX_B samples (4096 int64 keys
+# over 8 warps are 16 per thread); beyond that, and on CUDA, naive's ops: the range check and
+# _common.label_plan's sort, ~20 launches that run in parallel.
 ONE_LAUNCH_PLAN_MAX = 1 << 21
-# Above it, the Triton backend's sorted plan (one program sorts the batch's keys, a grid of programs finds
-# the class starts: triton_kernels.py) up to this many samples: 4096 int64 keys over 8 warps are 16 per thread.
 SORTED_PLAN_MAX_B = 4096
 
 
