@@ -13,17 +13,6 @@
 #include "host_kernels.h"
 
 namespace lpa_host {
-namespace {
-
-// The classes present in labels (B,).
-template <typename Label>
-std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
-  std::vector<char> present(static_cast<size_t>(K), 0);
-  for (int64_t b = 0; b < B; ++b) present[static_cast<size_t>(labels[b])] = 1;
-  return present;
-}
-
-}  // namespace
 
 // exp_nonpositive (host_kernels.h): std::exp is a library call per element, most of a softmax's time at
 // K ~ 10; the build's -fno-trapping-math lets the selects below vectorise. x = n ln2 + r with n an integer

@@ -68,8 +68,7 @@ void head_pgd_steps(const T* h, const Label* labels, const T* weight, const T* b
   if (B == 0 || steps == 0) return;
   std::vector<T> grad(K * D), probs(K), p_true(direction == nullptr ? B : 0), confidence(K);
   std::vector<double> class_grad(K * D);  // grad, summed in double (axpy), rounded once per step
-  std::vector<char> present(K, 0);
-  for (int64_t b = 0; b < B; ++b) present[labels[b]] = 1;
+  const std::vector<char> present = present_classes(labels, B, K);
   // class space: the logits without delta (B, K), once; per step the offset E = delta W^T (K, K) and the
   // class sums S[c] = sum_{y_b = c} (P_b - Y_b) (K, K). Rows: the perturbed sample and its gradient (D).
   std::vector<T> base, shift, h_tilde, row_probs;

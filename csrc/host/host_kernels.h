@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 // The memory-bound loops are compiled for AVX2 as well, chosen when the module loads (GCC's target_clones): the
 // extension itself stays built for baseline x86-64, with no -march=native.
@@ -15,6 +16,13 @@
 #endif
 
 namespace lpa_host {
+
+// The classes present in labels (B,): 1 where some label equals the class.
+template <typename Label> inline std::vector<char> present_classes(const Label* labels, int64_t B, int64_t K) {
+  std::vector<char> present(static_cast<size_t>(K), 0);
+  for (int64_t b = 0; b < B; ++b) present[static_cast<size_t>(labels[b])] = 1;
+  return present;
+}
 
 // The dot product of two length-n rows, summed in double in eight interleaved partial sums (a single running
 // sum is one dependent add per element: it would not vectorise). pgd_step.cpp.

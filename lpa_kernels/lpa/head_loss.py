@@ -48,14 +48,16 @@ def definition(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor,
     from ``labels`` are left out of the product, as the perturbed forward never reads them (a NaN there
     reaches no gradient)."""
     labels = labels.long()
-    rows = torch.where(_present(labels, delta.shape[0])[:, None], delta, 0)
-    z = logits0 + (rows @ weight.T).index_select(0, labels)
+    z = _perturbed_logits(logits0, labels, delta, weight)[0]
     return F.cross_entropy(z if shift is None else z + shift, labels), z
 
 
-def _present(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """``(K,)`` bool: the classes present in ``labels``."""
-    return torch.zeros(classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+def _perturbed_logits(logits0: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
+    """``(z, rows, present)``: ``definition``'s ``z`` from int64 ``labels``, ``rows (K, D)`` delta with the absent
+    classes' rows zero, ``present (K,)`` bool the classes present in ``labels``."""
+    present = torch.zeros(delta.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+    rows = torch.where(present[:, None], delta, 0)
+    return logits0 + (rows @ weight.T).index_select(0, labels), rows, present
 
 
 def serves(h: torch.Tensor, head: nn.Linear, num_classes: int, mode: str) -> bool:
@@ -134,9 +136,7 @@ def _recorded_backward(ctx, logits0, labels, weight, shift, grad_loss, grad_z):
     labels, classes = labels.long(), weight.shape[0]
     # what reaches delta through these formulas is scaled as its first-order gradient is (the perturbed
     # forward's node scales every gradient through it)
-    present = _present(labels, classes)
-    rows = torch.where(present[:, None], scaled_grad(delta, ctx.grad_scale), 0)
-    z = logits0 + (rows @ weight.T).index_select(0, labels)
+    z, rows, present = _perturbed_logits(logits0, labels, scaled_grad(delta, ctx.grad_scale), weight)
     g = (z if shift is None else z + shift).softmax(dim=1) - F.one_hot(labels, classes).to(z.dtype)
     g = g * (grad_loss / labels.shape[0])
     if grad_z is not None:
