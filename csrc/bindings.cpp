@@ -86,6 +86,12 @@ PYBIND11_MODULE(_lpa_cuda, m) {
     lpa::checked_label_plan(vptr(labels), label_bytes, ptr<int64_t>(safe), ptr<int64_t>(loss_labels), ptr<bool>(ok),
                             ptr<int64_t>(bad_range), ptr<int64_t>(plan), ptr<int64_t>(cursor), B, K, stream_of(stream));
   });
+  m.def("sorted_label_plan", [](uintptr_t labels, int label_bytes, uintptr_t safe, uintptr_t loss_labels, uintptr_t ok,
+                                uintptr_t bad_range, uintptr_t plan, uintptr_t sorted, int64_t B, int64_t K,
+                                uintptr_t stream) {
+    lpa::sorted_label_plan(vptr(labels), label_bytes, ptr<int64_t>(safe), ptr<int64_t>(loss_labels), ptr<bool>(ok),
+                           ptr<int64_t>(bad_range), ptr<int64_t>(plan), ptr<int64_t>(sorted), B, K, stream_of(stream));
+  });
   m.def("class_stats", [](uintptr_t stats, uintptr_t log_probs, uintptr_t labels, uintptr_t ok, int64_t B, int64_t K,
                           bool accumulate, int dtype, uintptr_t stream) {
     lpa::class_stats(vptr(stats), vptr(log_probs), ptr<const int64_t>(labels), ptr<const bool>(ok), B, K, accumulate,

@@ -119,6 +119,10 @@ void linear_backward_epilogue(void* grad_preact, const void* grad_out, const voi
 void checked_label_plan(const void* labels, int label_bytes, int64_t* safe, int64_t* loss_labels, bool* ok,
                         int64_t* bad_range, int64_t* plan, int64_t* cursor, int64_t B, int64_t K,
                         cudaStream_t stream);
+// The same outputs for 1 to 4096 labels by sorting them, in two launches (one block, then a grid over the
+// classes); `sorted` is B int64 of scratch (the sorted labels).
+void sorted_label_plan(const void* labels, int label_bytes, int64_t* safe, int64_t* loss_labels, bool* ok,
+                       int64_t* bad_range, int64_t* plan, int64_t* sorted, int64_t B, int64_t K, cudaStream_t stream);
 
 // stats (3, K) set to (or, with `accumulate`, increased by) the class statistics of log_probs (B, K) at
 // the in-range labels, zero when *ok is false; stats and log_probs float32 or float64 (`dtype`).

@@ -4,7 +4,15 @@
 //   labels, then the label plan by a counting sort: class counts (atomic adds of integers: exact in any
 //   order), their exclusive scan and the segments by one thread, then the samples placed tile by tile in
 //   index order, each at its class's cursor plus its rank among the tile's samples of its class (stable,
-//   so the plan is the same on every run).
+//   so the plan is the same on every run). Its class scan runs on one thread: above B x K = 2^21
+//   (plan.ONE_LAUNCH_PLAN_MAX, LLM-vocabulary heads) the plan is sorted instead, for batches of up to
+//   kSortedPlanMaxB samples, in two launches:
+// - sorted_label_plan: one block checks and clamps the labels as above, sorts the distinct keys
+//   label * B + sample in shared memory (a bitonic network over the next power of two, padded with
+//   INT64_MAX; distinct keys, so their order is the stable class order: order = key % B), marks the first
+//   sample of each class (its left neighbour's label differs) and numbers those by a scan of the threads'
+//   runs (the segments); class_starts: a grid over the classes finds starts[c], the number of sorted
+//   labels below c, by binary search of the sorted labels the first launch left in `sorted`.
 // - class_stats: one block per class sums its samples' count, true-class probability and cross-entropy
 //   in a fixed tree order (block_reduce), gated by ok, into or onto stats.
 // - policy: one block walks the classes three times: the means and the confidence threshold's sums with
@@ -92,6 +100,109 @@ checked_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, 
     if (b < B && scratch[t] > 0) cursor[tile[t]] += scratch[t];  // one writer per class: its tile's last sample
     __syncthreads();
   }
+}
+
+constexpr int64_t kSortedPlanMaxB = 4096;  // plan.SORTED_PLAN_MAX_B: the keys fill 32 KiB of shared memory
+
+template <typename L>
+__global__ void __launch_bounds__(kStepThreads)
+sorted_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, bool* ok_out, int64_t* bad_range,
+                         int64_t* plan, int64_t* sorted, int64_t B, int64_t K, int64_t S, int padded) {
+  __shared__ int64_t keys[kSortedPlanMaxB];
+  __shared__ int64_t scratch[kStepThreads];
+  const int t = threadIdx.x;
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t b = t; b < B; b += kStepThreads) {
+    const int64_t y = static_cast<int64_t>(labels[b]);
+    lo = y < lo ? y : lo;
+    hi = y > hi ? y : hi;
+  }
+  lo = block_reduce(lo, scratch, [](int64_t a, int64_t b) { return a < b ? a : b; });
+  hi = block_reduce(hi, scratch, [](int64_t a, int64_t b) { return a > b ? a : b; });
+  const bool ok = lo >= 0 && hi < K;  // true for an empty batch
+  if (t == 0) {
+    *ok_out = ok;
+    if (!ok) {
+      bad_range[0] = lo;
+      bad_range[1] = hi;
+    }
+  }
+  for (int64_t b = t; b < padded; b += kStepThreads) {
+    int64_t key = INT64_MAX;  // the padding sorts last
+    if (b < B) {
+      int64_t y = static_cast<int64_t>(labels[b]);
+      y = y < 0 ? 0 : (y >= K ? K - 1 : y);
+      safe[b] = y;
+      loss_labels[b] = ok ? y : kIgnoreLabel;
+      key = y * B + b;
+    }
+    keys[b] = key;
+  }
+  __syncthreads();
+  // bitonic network: pair (i, i + stride) ascending within blocks of `size` whose index has bit `size` clear
+  for (int size = 2; size <= padded; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      for (int pair = t; pair < padded / 2; pair += kStepThreads) {
+        const int i = 2 * pair - (pair & (stride - 1));  // the pair's lower index: stride a power of two
+        const int64_t a = keys[i], c = keys[i + stride];
+        if ((a > c) == ((i & size) == 0)) {
+          keys[i] = c;
+          keys[i + stride] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // plan = [order (B) | starts (K + 1, class_starts_kernel) | segment_class (S) | segment_start (S + 1)]
+  int64_t* segment_class = plan + B + K + 1;
+  int64_t* segment_start = segment_class + S;
+  // each thread numbers the classes that begin in its run of the sorted keys, after those of earlier runs
+  const int64_t run = (B + kStepThreads - 1) / kStepThreads;
+  const int64_t first = min64(B, t * run), end = min64(B, first + run);
+  int64_t begun = 0;
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t y = keys[b] / B;
+    plan[b] = keys[b] - y * B;
+    sorted[b] = y;
+    begun += b == 0 || keys[b - 1] / B != y;
+  }
+  scratch[t] = begun;
+  __syncthreads();
+  if (t == 0) {  // exclusive scan of the runs' counts (256 entries), the total last
+    int64_t total = 0;
+    for (int i = 0; i < kStepThreads; ++i) {
+      const int64_t count = scratch[i];
+      scratch[i] = total;
+      total += count;
+    }
+    for (int64_t s = total; s <= S; ++s) {  // the padding segments: class K, no samples
+      if (s < S) segment_class[s] = K;
+      segment_start[s] = B;
+    }
+  }
+  __syncthreads();
+  int64_t segment = scratch[t];
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t y = keys[b] / B;
+    if (b == 0 || keys[b - 1] / B != y) {
+      segment_class[segment] = y;
+      segment_start[segment++] = b;
+    }
+  }
+}
+
+// starts[c] (the plan's, after its B entries of order) for c <= K: the number of sorted labels below c.
+__global__ void __launch_bounds__(kStepThreads)
+class_starts_kernel(const int64_t* sorted, int64_t* starts, int64_t B, int64_t K) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kStepThreads + threadIdx.x;
+  if (c > K) return;
+  int64_t lo = 0, hi = B;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted[mid] < c) lo = mid + 1;
+    else hi = mid;
+  }
+  starts[c] = lo;
 }
 
 template <typename A>
@@ -237,6 +348,26 @@ void checked_label_plan(const void* labels, int label_bytes, int64_t* safe, int6
     throw std::invalid_argument("checked_label_plan: labels must be int32 or int64");
   }
   check_launch("checked_label_plan_kernel");
+}
+
+void sorted_label_plan(const void* labels, int label_bytes, int64_t* safe, int64_t* loss_labels, bool* ok,
+                       int64_t* bad_range, int64_t* plan, int64_t* sorted, int64_t B, int64_t K, cudaStream_t stream) {
+  if (B < 1 || B > kSortedPlanMaxB) throw std::invalid_argument("sorted_label_plan: 1 to 4096 labels");
+  const int64_t S = min64(B, K);
+  int padded = 1;
+  while (padded < B) padded *= 2;
+  if (label_bytes == 4) {
+    sorted_label_plan_kernel<int32_t><<<1, kStepThreads, 0, stream>>>(
+        static_cast<const int32_t*>(labels), safe, loss_labels, ok, bad_range, plan, sorted, B, K, S, padded);
+  } else if (label_bytes == 8) {
+    sorted_label_plan_kernel<int64_t><<<1, kStepThreads, 0, stream>>>(
+        static_cast<const int64_t*>(labels), safe, loss_labels, ok, bad_range, plan, sorted, B, K, S, padded);
+  } else {
+    throw std::invalid_argument("sorted_label_plan: labels must be int32 or int64");
+  }
+  check_launch("sorted_label_plan_kernel");
+  class_starts_kernel<<<(K + kStepThreads) / kStepThreads, kStepThreads, 0, stream>>>(sorted, plan + B, B, K);
+  check_launch("class_starts_kernel");
 }
 
 void class_stats(void* stats, const void* log_probs, const int64_t* labels, const bool* ok, int64_t B, int64_t K,

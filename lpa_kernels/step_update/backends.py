@@ -13,8 +13,8 @@ from lpa_kernels.backend import serialised
 class StepLaunchers(Protocol):
     def checked_label_plan(self, labels: torch.Tensor, num_classes: int, bad_range: torch.Tensor, sort: bool):
         """``naive.checked_label_plan_`` with the plan: ``(safe, loss_labels, ok, plan)``, ``bad_range``
-        updated in place; ``sort``: by sorting the labels (Triton only, ``plan.SORTED_PLAN_MAX_B`` samples at
-        most), else in one launch."""
+        updated in place; ``sort``: by sorting the labels, in two launches (``plan.SORTED_PLAN_MAX_B`` samples
+        at most), else in one."""
 
     def class_stats(self, stats: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor,
                     accumulate: bool) -> None:

@@ -11,18 +11,17 @@ from lpa_kernels.step_update.naive import DIRECTIONS, RADII
 
 
 def checked_label_plan(labels, num_classes, bad_range, sort):
-    """``StepLaunchers.checked_label_plan`` (the one-launch form: ``plan.py`` asks this backend for no other)."""
-    if sort:
-        raise NotImplementedError("the CUDA backend builds the label plan in one launch only")
+    """``StepLaunchers.checked_label_plan``: one launch, or sorted in two (``csrc/step_update.cu``)."""
     B, device = labels.numel(), labels.device
     int64 = dict(dtype=torch.int64, device=device)
     safe, loss_labels = torch.empty(B, **int64), torch.empty(B, **int64)
     ok = torch.empty((), dtype=torch.bool, device=device)
     plan = torch.empty(B + num_classes + 2 * min(B, num_classes) + 2, **int64)
-    cursor = torch.empty(num_classes, **int64)  # scratch: each class's next free place in the order
-    cuda.launch("checked_label_plan", device, labels.data_ptr(), labels.element_size(), safe.data_ptr(),
-                loss_labels.data_ptr(), ok.data_ptr(), bad_range.data_ptr(), plan.data_ptr(), cursor.data_ptr(), B,
-                num_classes)
+    # scratch: the sorted labels (sorted), or each class's next free place in the order
+    scratch = torch.empty(B if sort else num_classes, **int64)
+    cuda.launch("sorted_label_plan" if sort else "checked_label_plan", device, labels.data_ptr(),
+                labels.element_size(), safe.data_ptr(), loss_labels.data_ptr(), ok.data_ptr(), bad_range.data_ptr(),
+                plan.data_ptr(), scratch.data_ptr(), B, num_classes)
     return safe, loss_labels, ok, plan
 
 

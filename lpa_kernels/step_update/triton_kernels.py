@@ -32,7 +32,9 @@ from lpa_kernels.step_update.naive import DIRECTIONS, IGNORE_LABEL, RADII
 BLOCK_K = 128  # classes per tile at most (label plan, class statistics)
 TILE = 2048  # (samples x classes) per one-hot tile: with few classes a tile takes more samples
 BLOCK_POLICY = 256  # classes per block of the policy's walk
-LABEL_BOUND = 2**62  # above every label: the neutral element of the range's min (and, negated, max)
+# the largest int64: the neutral element of the range's min (and, negated minus one, the smallest, of its max), so
+# that the record of a bad batch is exact for every label; also the sorted plan's padding key
+LABEL_BOUND = 2**63 - 1
 
 
 @triton.jit
@@ -68,12 +70,12 @@ def _checked_label_plan_kernel(
     IGNORE: tl.constexpr, BOUND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     lo = tl.full((BLOCK_B,), BOUND, tl.int64)
-    hi = tl.full((BLOCK_B,), -BOUND, tl.int64)
+    hi = tl.full((BLOCK_B,), -BOUND - 1, tl.int64)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         y = tl.load(labels_ptr + b, mask=b < B, other=0).to(tl.int64)
         lo = tl.minimum(lo, tl.where(b < B, y, BOUND))
-        hi = tl.maximum(hi, tl.where(b < B, y, -BOUND))
+        hi = tl.maximum(hi, tl.where(b < B, y, -BOUND - 1))
     ok = _record_verdict(ok_ptr, bad_range_ptr, tl.min(lo, axis=0), tl.max(hi, axis=0), K)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
@@ -124,7 +126,7 @@ def _sorted_label_plan_kernel(
     valid = b < B
     y = tl.load(labels_ptr + b, mask=valid, other=0).to(tl.int64)
     ok = _record_verdict(ok_ptr, bad_range_ptr, tl.min(tl.where(valid, y, BOUND), axis=0),
-                         tl.max(tl.where(valid, y, -BOUND), axis=0), K)
+                         tl.max(tl.where(valid, y, -BOUND - 1), axis=0), K)
     safe = tl.minimum(tl.maximum(y, 0), K - 1)
     tl.store(safe_ptr + b, safe, mask=valid)
     tl.store(loss_labels_ptr + b, tl.where(ok, safe, IGNORE), mask=valid)

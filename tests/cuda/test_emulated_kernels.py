@@ -551,6 +551,23 @@ def test_checked_label_plan(launchers, batch, num_classes, bad):
         step_update_tests.test_checked_label_plan_equals_reference(("cuda", "cpu"), batch, num_classes, bad, label_dtype)
 
 
+@pytest.mark.parametrize("batch,num_classes,bad,label_dtype", step_update_tests.SORTED_CASES)
+def test_sorted_label_plan(launchers, batch, num_classes, bad, label_dtype, monkeypatch):
+    """The sorted plan (above B x K = 2^21, up to 4096 samples): one block's bitonic sort, then the class starts."""
+    step_update_tests.test_sorted_label_plan_equals_reference(("cuda", "cpu"), batch, num_classes, bad, label_dtype,
+                                                              monkeypatch)
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
+def test_label_plan_op_passes_opcheck(launchers, sort):
+    step_update_tests.test_label_plan_op_passes_opcheck(("cuda", "cpu"), sort)
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
+def test_bad_batch_record_is_exact_at_the_int64_extremes(launchers, sort, monkeypatch):
+    step_update_tests.test_bad_batch_record_is_exact_at_the_int64_extremes(("cuda", "cpu"), sort, monkeypatch)
+
+
 @pytest.mark.parametrize("batch,num_classes", [(0, 3), (7, 3), (33, 10), (70, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_class_stats(launchers, batch, num_classes, dtype):

@@ -47,12 +47,17 @@ SORTED_CASES = [(b, k, bad, dtype) for b, k in SIZES[1:] + [(1, 70000), (37, 700
 SORTED_CASES += [(4096, 3, "negative", torch.int32), (2000, 1, "high", torch.int64)]
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])  # Triton (interpreter, GPU): the only sorted plan
+# the sorted plan's Triton launches (the counter does not see the CUDA C++ extension's: its two are the same)
+SORTED_PLAN_TRITON_LAUNCHES = {"triton": {"step_update._sorted_label_plan_kernel": 1, "step_update._class_starts_kernel": 1},
+                               "cuda": {}}
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)  # the CUDA C++ kernels on the CPU: tests/cuda (emulated)
 @pytest.mark.parametrize("batch,num_classes,bad,label_dtype", SORTED_CASES)
 def test_sorted_label_plan_equals_reference(target, batch, num_classes, bad, label_dtype, monkeypatch):
-    """Above ``ONE_LAUNCH_PLAN_MAX`` (set to 0 here) and up to ``SORTED_PLAN_MAX_B`` samples the Triton
-    backend sorts the plan in two launches (one program for the check, the order and the segments, a grid
-    for the class starts) and none of the definition's: the same tuple and record as the definition."""
+    """Above ``ONE_LAUNCH_PLAN_MAX`` (set to 0 here) and up to ``SORTED_PLAN_MAX_B`` samples the kernel
+    backends sort the plan in two launches (one program or block for the check, the order and the segments, a
+    grid for the class starts) and none of the definition's: the same tuple and record as the definition."""
     from lpa_bench.static.counting import LaunchCounter
 
     monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 0)
@@ -62,11 +67,11 @@ def test_sorted_label_plan_equals_reference(target, batch, num_classes, bad, lab
     with LaunchCounter() as counts:
         plan_module.checked_labels(labels, num_classes, torch.zeros(2, dtype=torch.int64, device=device), backend)
     summary = counts.summary()
-    assert summary["triton"] == {"step_update._sorted_label_plan_kernel": 1, "step_update._class_starts_kernel": 1}
+    assert summary["triton"] == SORTED_PLAN_TRITON_LAUNCHES[backend]
     assert not {"argsort", "sort", "searchsorted", "cumsum"} & set(summary["aten"]), summary["aten"]
 
 
-@pytest.mark.parametrize("target", KERNEL_TARGETS[:2])
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
 def test_label_plan_op_passes_opcheck(target, sort):
     """The custom op behind both plan forms: its schema (``bad_range`` mutated), fake tensor and compiled
@@ -78,8 +83,24 @@ def test_label_plan_op_passes_opcheck(target, sort):
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("sort", [False, True], ids=["one-launch", "sorted"])
+def test_bad_batch_record_is_exact_at_the_int64_extremes(target, sort, monkeypatch):
+    """The record of a bad batch is its labels' exact (min, max), labels near the int64 limits too (a neutral
+    element of the range inside int64 would show through: padding lanes, a min's start value)."""
+    backend, device = target
+    monkeypatch.setattr(plan_module, "ONE_LAUNCH_PLAN_MAX", 0 if sort else plan_module.ONE_LAUNCH_PLAN_MAX)
+    for values in ([2**62 + 5, 2**63 - 1, 2**62 + 9], [-(2**63), -(2**62) - 1], [2**63 - 1], [-(2**63)]):
+        labels = torch.tensor(values, device=device)
+        expected_range, got_range = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64, device=device)
+        expected = naive.checked_label_plan_(labels.cpu(), 1000, expected_range)
+        got = plan_module.checked_labels(labels, 1000, got_range, backend)
+        assert all(torch.equal(h.cpu(), w) for h, w in zip(got, expected))
+        assert got_range.tolist() == expected_range.tolist() == [min(values), max(values)]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_large_batches_by_classes_take_the_parallel_plan(target, monkeypatch):
-    """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K), with more samples than ``SORTED_PLAN_MAX_B`` on Triton, no
+    """Above ``ONE_LAUNCH_PLAN_MAX`` (B x K), with more samples than ``SORTED_PLAN_MAX_B``, no
     kernel builds the plan; the range check and the sorted plan come from the definition's ops, the same
     tuple and record."""
     backend, device = target
