@@ -198,7 +198,8 @@ def _pgd_step_kernel(
     if GUARD:
         ok = tl.load(ok_ptr) != 0
         active = active & finite & ok
-        tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64))
+        skip = ok & (finite == 0)  # only a skipped class adds: K programs adding 0 would queue on one address
+        tl.atomic_add(skipped_ptr, skip.to(tl.int64), mask=skip)
     _update_class(delta_ptr + row, grad_ptr + row, c, D, step_ptr, eps_ptr, direction_ptr, active, largest,
                   radius_margin, rounded_ptr + row, L2, ACC, BLOCK, ROUNDED)
 
@@ -345,7 +346,8 @@ def _block_update_kernel(
     active, finite, largest, sumsq, dot, delta_sumsq = _row_stats(stats_ptr, c, K, NB, L2, ACC, STATS_BLOCK)
     if GUARD:
         ok = tl.load(ok_ptr) != 0
-        tl.atomic_add(skipped_ptr, (ok & (finite == 0)).to(tl.int64), mask=b == 0)
+        skip = ok & (finite == 0)
+        tl.atomic_add(skipped_ptr, skip.to(tl.int64), mask=skip & (b == 0))
         active = active & finite & ok
     mask = d < tl.where(active, D, 0)  # an inactive class writes nothing: its delta stays exactly as it was
     step, eps, along, scale, largest, infinite = _step_coefficients(
