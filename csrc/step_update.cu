@@ -25,6 +25,50 @@ namespace lpa {
 constexpr int kStepThreads = 256;
 constexpr int64_t kIgnoreLabel = -100;  // naive.IGNORE_LABEL, F.cross_entropy's ignore_index
 
+// The block's verdict on the labels: *ok_out (every label in [0, K): true for an empty batch) and, for a bad
+// batch, its (min, max) into bad_range; every thread gets it. `scratch`: one int64 per thread.
+template <typename L>
+__device__ bool label_verdict(const L* labels, bool* ok_out, int64_t* bad_range, int64_t B, int64_t K,
+                              int64_t* scratch) {
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t b = threadIdx.x; b < B; b += kStepThreads) {
+    const int64_t y = static_cast<int64_t>(labels[b]);
+    lo = y < lo ? y : lo;
+    hi = y > hi ? y : hi;
+  }
+  lo = block_reduce(lo, scratch, [](int64_t a, int64_t b) { return a < b ? a : b; });
+  hi = block_reduce(hi, scratch, [](int64_t a, int64_t b) { return a > b ? a : b; });
+  const bool ok = lo >= 0 && hi < K;
+  if (threadIdx.x == 0) {
+    *ok_out = ok;
+    if (!ok) {
+      bad_range[0] = lo;
+      bad_range[1] = hi;
+    }
+  }
+  return ok;
+}
+
+// Sample b's label clamped into [0, K), stored as safe[b], and its loss label (kIgnoreLabel in a bad batch).
+template <typename L>
+__device__ int64_t store_checked_label(const L* labels, int64_t b, int64_t K, bool ok, int64_t* safe,
+                                       int64_t* loss_labels) {
+  int64_t y = static_cast<int64_t>(labels[b]);
+  y = y < 0 ? 0 : (y >= K ? K - 1 : y);
+  safe[b] = y;
+  loss_labels[b] = ok ? y : kIgnoreLabel;
+  return y;
+}
+
+// The plan's segments past the `segments` classes present (one thread): class K, no samples (start B).
+__device__ void pad_segments(int64_t* segment_class, int64_t* segment_start, int64_t segments, int64_t B, int64_t K,
+                             int64_t S) {
+  for (int64_t s = segments; s <= S; ++s) {
+    if (s < S) segment_class[s] = K;
+    segment_start[s] = B;
+  }
+}
+
 template <typename L>
 __global__ void __launch_bounds__(kStepThreads)
 checked_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, bool* ok_out, int64_t* bad_range,
@@ -32,22 +76,7 @@ checked_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, 
   __shared__ int64_t scratch[kStepThreads];
   __shared__ int64_t tile[kStepThreads];
   const int t = threadIdx.x;
-  int64_t lo = INT64_MAX, hi = INT64_MIN;
-  for (int64_t b = t; b < B; b += kStepThreads) {
-    const int64_t y = static_cast<int64_t>(labels[b]);
-    lo = y < lo ? y : lo;
-    hi = y > hi ? y : hi;
-  }
-  lo = block_reduce(lo, scratch, [](int64_t a, int64_t b) { return a < b ? a : b; });
-  hi = block_reduce(hi, scratch, [](int64_t a, int64_t b) { return a > b ? a : b; });
-  const bool ok = lo >= 0 && hi < K;  // true for an empty batch
-  if (t == 0) {
-    *ok_out = ok;
-    if (!ok) {
-      bad_range[0] = lo;
-      bad_range[1] = hi;
-    }
-  }
+  const bool ok = label_verdict(labels, ok_out, bad_range, B, K, scratch);
   int64_t* order = plan;
   int64_t* starts = plan + B;
   int64_t* segment_class = starts + K + 1;
@@ -55,10 +84,7 @@ checked_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, 
   for (int64_t c = t; c <= K; c += kStepThreads) starts[c] = 0;
   __syncthreads();
   for (int64_t b = t; b < B; b += kStepThreads) {
-    int64_t y = static_cast<int64_t>(labels[b]);
-    y = y < 0 ? 0 : (y >= K ? K - 1 : y);
-    safe[b] = y;
-    loss_labels[b] = ok ? y : kIgnoreLabel;
+    const int64_t y = store_checked_label(labels, b, K, ok, safe, loss_labels);
     atomicAdd(reinterpret_cast<unsigned long long*>(starts + y), 1ull);
   }
   __syncthreads();
@@ -74,10 +100,7 @@ checked_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, 
       placed += count;
     }
     starts[K] = placed;
-    for (int64_t s = segments; s <= S; ++s) {
-      if (s < S) segment_class[s] = K;
-      segment_start[s] = B;
-    }
+    pad_segments(segment_class, segment_start, segments, B, K, S);
   }
   __syncthreads();
   for (int64_t base = 0; base < B; base += kStepThreads) {
@@ -111,31 +134,10 @@ sorted_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, b
   __shared__ int64_t keys[kSortedPlanMaxB];
   __shared__ int64_t scratch[kStepThreads];
   const int t = threadIdx.x;
-  int64_t lo = INT64_MAX, hi = INT64_MIN;
-  for (int64_t b = t; b < B; b += kStepThreads) {
-    const int64_t y = static_cast<int64_t>(labels[b]);
-    lo = y < lo ? y : lo;
-    hi = y > hi ? y : hi;
-  }
-  lo = block_reduce(lo, scratch, [](int64_t a, int64_t b) { return a < b ? a : b; });
-  hi = block_reduce(hi, scratch, [](int64_t a, int64_t b) { return a > b ? a : b; });
-  const bool ok = lo >= 0 && hi < K;  // true for an empty batch
-  if (t == 0) {
-    *ok_out = ok;
-    if (!ok) {
-      bad_range[0] = lo;
-      bad_range[1] = hi;
-    }
-  }
+  const bool ok = label_verdict(labels, ok_out, bad_range, B, K, scratch);
   for (int64_t b = t; b < padded; b += kStepThreads) {
     int64_t key = INT64_MAX;  // the padding sorts last
-    if (b < B) {
-      int64_t y = static_cast<int64_t>(labels[b]);
-      y = y < 0 ? 0 : (y >= K ? K - 1 : y);
-      safe[b] = y;
-      loss_labels[b] = ok ? y : kIgnoreLabel;
-      key = y * B + b;
-    }
+    if (b < B) key = store_checked_label(labels, b, K, ok, safe, loss_labels) * B + b;
     keys[b] = key;
   }
   __syncthreads();
@@ -168,17 +170,14 @@ sorted_label_plan_kernel(const L* labels, int64_t* safe, int64_t* loss_labels, b
   }
   scratch[t] = begun;
   __syncthreads();
-  if (t == 0) {  // exclusive scan of the runs' counts (256 entries), the total last
+  if (t == 0) {  // exclusive scan of the runs' counts (one per thread); the padding after their total
     int64_t total = 0;
     for (int i = 0; i < kStepThreads; ++i) {
       const int64_t count = scratch[i];
       scratch[i] = total;
       total += count;
     }
-    for (int64_t s = total; s <= S; ++s) {  // the padding segments: class K, no samples
-      if (s < S) segment_class[s] = K;
-      segment_start[s] = B;
-    }
+    pad_segments(segment_class, segment_start, total, B, K, S);
   }
   __syncthreads();
   int64_t segment = scratch[t];
