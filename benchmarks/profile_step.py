@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled steps per method (default: 5)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps: must be at least 1 (got {args.steps})")
     network = NETWORKS[args.model]
     layer = args.layer or next(iter(network.layers))
     if layer not in network.layers:

@@ -26,3 +26,11 @@ def test_profile_step_refuses_a_layer_the_network_does_not_time(capsys):
         profile_step.main(["--tier", "quick", "--model", "resnet", "--layer", "features.stage9"])
     assert exit_.value.code == 2
     assert "--layer: 'features.stage9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_profile_step_refuses_fewer_than_one_profiled_step(capsys, steps):
+    with pytest.raises(SystemExit) as exit_:
+        profile_step.main(["--tier", "quick", "--steps", steps])
+    assert exit_.value.code == 2
+    assert f"--steps: must be at least 1 (got {steps})" in capsys.readouterr().err
