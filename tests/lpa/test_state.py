@@ -1,5 +1,6 @@
 """The method's state in state dicts: what standard checkpoint code saves, restores and refuses."""
 
+import copy
 import io
 
 import pytest
@@ -161,3 +162,24 @@ def test_a_fresh_method_checks_a_loaded_delta_against_its_first_batch():
         fresh.load_state_dict({**state, "lpa.delta": state["lpa.delta"].to(dtype)})
         train_step(fresh, torch.optim.SGD(fresh.model.parameters(), lr=0.1), 0)
         assert fresh.delta.dtype == torch.float64
+
+
+@pytest.mark.parametrize("through", ["method", "as_module"])
+def test_a_checkpoint_replaces_a_loaded_delta_its_first_batch_refused(through):
+    """The refused delta fixes no per-class shape: the right checkpoint loads over it, and the method trains
+    as one that loaded it in the first place."""
+    source, _ = trained()
+    holder = (lambda m: m) if through == "method" else (lambda m: m.as_module())
+    state = holder(source).state_dict()
+    key = "lpa.delta" if through == "method" else "lpa_state.lpa.delta"
+    model = mlp()
+    fresh = build_method("lpa+lpl", copy.deepcopy(model), NUM_CLASSES, layer="3", config=CONFIG)
+    holder(fresh).load_state_dict({**state, key: torch.zeros(NUM_CLASSES, 9, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"the loaded delta has per-class shape \(9,\)"):
+        fresh.training_loss(*batch())
+    holder(fresh).load_state_dict(state)
+    direct = build_method("lpa+lpl", copy.deepcopy(model), NUM_CLASSES, layer="3", config=CONFIG)
+    holder(direct).load_state_dict(state)
+    for method in (fresh, direct):
+        train_step(method, torch.optim.SGD(method.model.parameters(), lr=0.1), 0)
+    assert torch.equal(fresh.delta, direct.delta) and torch.equal(fresh.logit_delta, direct.logit_delta)
