@@ -137,11 +137,11 @@ class ClassPerturbation(nn.Module):
         direction: float | torch.Tensor | None = None,
     ) -> bool:
         """One PGD step on delta from ``grad (K, *shape)`` (default: the class gradient the training
-        backwards since the last step left). Arguments left None take the module's settings. Returns False
-        (and changes nothing) when there is no gradient, e.g. no backward ran since the last step."""
+        backwards since the last step left, which the step then drops). Arguments left None take the module's
+        settings. Returns False (and changes nothing) when there is no gradient, e.g. no backward ran since the
+        last step. A bad argument raises before anything changes, the pending gradient included."""
         if grad is None:
             grad = self._live.grad
-        self._live.grad = None
         if grad is None:
             return False
         pgd_step_(
@@ -151,6 +151,7 @@ class ClassPerturbation(nn.Module):
             self.direction if direction is None else direction,
             self.norm, backend=self.backend,
         )
+        self._live.grad = None
         return True
 
     def reset(self) -> None:

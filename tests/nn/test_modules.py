@@ -74,6 +74,30 @@ def test_class_perturbation_step_takes_overrides_and_reset_clears_delta_and_the_
     assert module.live_delta().data_ptr() == module.delta.data_ptr(), "the leaf must still share delta's storage"
 
 
+@pytest.mark.parametrize("module_type", ["ClassPerturbation", "LPALinear"])
+@pytest.mark.parametrize("bad", [dict(eps=-1.0), dict(step_size=float("nan")), dict(direction=torch.ones(5)),
+                                 dict(grad=torch.ones(2, 2))], ids=["eps", "step_size", "direction", "grad"])
+def test_a_refused_step_keeps_delta_and_the_pending_gradient(module_type, bad):
+    """A bad override raises before anything changes: the gradient stays pending, so the next step uses it."""
+    if module_type == "ClassPerturbation":
+        module = ClassPerturbation(3, (4,), eps=0.5, step_size=0.1, dtype=torch.float64)
+        module(torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])).square().sum().backward()
+    else:
+        module = LPALinear(6, 4, num_classes=3, eps=0.5, step_size=0.1, dtype=torch.float64)
+        module(torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])).square().sum().backward()
+    perturbation = module if module_type == "ClassPerturbation" else module.perturbation
+    pending = perturbation.live_delta().grad.clone()
+    with pytest.raises((ValueError, TypeError)):
+        module.step(**bad)
+    assert not perturbation.delta.any(), "the refused step changed delta"
+    assert torch.equal(perturbation.live_delta().grad, pending), "the refused step dropped the pending gradient"
+    reference = torch.zeros(3, 4, dtype=torch.float64)
+    pgd_naive.pgd_step_(reference, pending, _per_class(0.1, 3), _per_class(0.5, 3), _per_class(1.0, 3),
+                        perturbation.norm)
+    assert module.step() and perturbation.live_delta().grad is None
+    torch.testing.assert_close(perturbation.delta, reference, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("assign", [False, True])
 def test_class_perturbation_trains_the_delta_it_loaded(assign):
     """load_state_dict, also with assign=True (meta-device loading replaces the buffer): the forward
