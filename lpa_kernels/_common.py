@@ -141,15 +141,28 @@ def per_class(value: float | torch.Tensor, num_classes: int, like: torch.Tensor)
     return torch.full((num_classes,), float(value), dtype=dtype, device=like.device)
 
 
-# The L2 projection targets ``eps - eps * margin``, not eps itself: the norm it divides by is rounded in
-# the compute dtype (a few ulps, growing slowly with D), and a row scaled onto exactly eps by a rounded
-# norm can land one ulp outside the ball. The margin (32 float32 ulps, 256 float64 ulps) absorbs that
-# rounding, so a projected float32/float64 row never exceeds eps; the radius moves by ~2e-6 (float32).
-# Powers of two, so a Triton kernel receives them exactly as a float32 scalar argument.
+# The L2 projection targets ``eps - eps * margin``, not eps itself: the norm it divides by is rounded (a
+# few ulps, growing slowly with D), and so is the projected row when it is stored; a row scaled onto
+# exactly eps can land one ulp outside the ball. The margin (32 float32 ulps, 256 float64 ulps) is that of
+# the dtype delta is stored in (its compute dtype: float64 only for a float64 delta), which absorbs both
+# roundings, so a projected float32/float64 row never exceeds eps, also when it was computed in float64 (a
+# float64 gradient); the radius moves by ~2e-6 (float32). Powers of two, so a Triton kernel receives them
+# exactly as a float32 scalar argument.
 L2_RADIUS_MARGIN = {torch.float32: 2.0**-19, torch.float64: 2.0**-45}
 
 
-def l2_radius_margin(compute: torch.dtype) -> float:
-    """The relative margin inside eps that the L2 projection of ``pgd_step_`` targets in ``compute``."""
-    return L2_RADIUS_MARGIN[compute]
+def l2_radius_margin(delta_dtype: torch.dtype) -> float:
+    """The relative margin inside eps that the L2 projection of ``pgd_step_`` targets for a delta stored in
+    ``delta_dtype`` (whatever dtype the step computes in)."""
+    return L2_RADIUS_MARGIN[compute_dtype(delta_dtype)]
+
+
+def l2_iterate_eps(eps: torch.Tensor, delta_dtype: torch.dtype, iterate_dtype: torch.dtype, norm: str) -> torch.Tensor:
+    """The radii ``(K,)`` for the L2 steps of an iterate kept in ``iterate_dtype`` and rounded into a delta of
+    ``delta_dtype`` once after them (``head_pgd_`` on a float32 delta with float64 ``h``): ``eps`` shrunk by
+    delta's margin where it is wider than the iterate's, which the steps' own projections use, so that the
+    final rounding leaves no class above eps either; ``eps`` itself otherwise."""
+    if norm != "l2" or l2_radius_margin(delta_dtype) <= l2_radius_margin(iterate_dtype):
+        return eps
+    return eps - eps * l2_radius_margin(delta_dtype)
 

@@ -60,7 +60,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lpa_kernels._common import class_order, compute_dtype, label_plan, new_output
+from lpa_kernels._common import class_order, compute_dtype, l2_iterate_eps, label_plan, new_output
 from lpa_kernels.confidence import confidence_direction
 from lpa_kernels.head_pgd import cost
 from lpa_kernels.pgd.split import N_STATS
@@ -320,6 +320,7 @@ def _steps(h, labels, weight, bias, delta, steps, step, eps, direction, norm, mo
     # of the confidence rule are in that dtype.
     softmax_acc = compute_dtype(gd)
     current = delta if delta.dtype == acc else delta.to(acc)  # the iterate, in acc between steps
+    eps = l2_iterate_eps(eps, delta.dtype, acc, norm)  # it is rounded into delta after the steps
     if fused is not None:
         order, starts = class_order(labels, num_classes, plan)
         fused.run(current, F.linear(h, weight, bias), weight, labels, order, starts, step, eps, direction, steps, norm,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lpa_kernels._common import compute_dtype
+from lpa_kernels._common import compute_dtype, l2_iterate_eps
 from lpa_kernels.confidence import confidence_direction
 from lpa_kernels.perturb.naive import perturb
 from lpa_kernels.pgd.naive import pgd_step_
@@ -34,6 +34,7 @@ def head_pgd_(
     h, w = h.detach().to(cd), weight.detach().to(cd)
     b = None if bias is None else bias.detach().to(cd)
     current = delta.detach().to(cd).clone()
+    eps = l2_iterate_eps(eps.to(cd), delta.dtype, cd, norm)  # the iterate is rounded into delta after the steps
     k = delta.shape[0]
     for _ in range(steps):
         with torch.enable_grad():

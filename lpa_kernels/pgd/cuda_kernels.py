@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lpa_kernels import _cuda_launch as cuda
-from lpa_kernels._common import class_order, compute_dtype
+from lpa_kernels._common import class_order, compute_dtype, l2_iterate_eps
 from lpa_kernels.pgd import split
 
 
@@ -32,6 +32,7 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None, rou
     in_kernel = rounded is not None and kdelta is delta and not tile and rounded.dtype == kgrad.dtype \
         and rounded.is_contiguous()
     step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+    eps = l2_iterate_eps(eps, delta.dtype, kdelta.dtype, norm)  # the kernel's margin is kdelta's
     # The split grid's per-(class, tile) partials, for l2 and the guard (unguarded linf needs none).
     stats = torch.empty((split.N_STATS, K, -(-D // tile)), dtype=acc, device=delta.device) \
         if tile and (norm == "l2" or ok is not None) else None
@@ -74,6 +75,7 @@ def prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, p
         # through an accumulation-dtype copy, written back (rounded once).
         kdelta = delta if delta.dtype in (kdtype, acc) else cuda.as_dtype(delta, acc)
         step, eps, direction = (cuda.as_dtype(v, acc) for v in (step, eps, direction))
+        eps = l2_iterate_eps(eps, delta.dtype, kdelta.dtype, norm)  # the kernel's margin is kdelta's
         cuda.launch("class_grad_pgd_step", delta.device, kdelta.data_ptr(), kgrad_out.data_ptr(), cuda.ptr(kh),
                     order.data_ptr(), offsets.data_ptr(), step.data_ptr(), eps.data_ptr(), direction.data_ptr(), K,
                     F, D, inner, cuda.MODE_CODES[mode], cuda.NORM_CODES[norm], cuda.code(kdtype),

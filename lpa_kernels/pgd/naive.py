@@ -11,8 +11,8 @@ L2 details every backend follows (``pgd_step_``'s docstring states them for user
 - the direction is computed from ``g_c`` divided by its largest ``|entry|`` (the same unit vector, but
   ``||g_c||^2`` cannot overflow); a row holding +-Inf entries steps along the sign pattern of those
   entries (finite entries count 0), the limit of ``g / ||g||`` as they grow: finite, not NaN;
-- the projection targets ``eps_c - eps_c * l2_radius_margin`` (a few ulps inside eps), so rounding in the
-  norm never leaves a class above ``eps_c``; the norm of the stepped row is summed in float64 (a float32
+- the projection targets ``eps_c - eps_c * l2_radius_margin`` (a few ulps of delta's dtype inside eps), so
+  rounding in the norm and into delta never leaves a class above ``eps_c``; the norm of the stepped row is summed in float64 (a float32
   sum over a row of millions lost more than the margin, and squares of entries near 1e19 overflowed it,
   shrinking a row inside the ball to zero).
 The arithmetic runs in float64 when delta or grad is float64, else float32.
@@ -44,7 +44,7 @@ def pgd_step_(
     else:
         new = d + step * direction * l2_unit(g)
         length = torch.linalg.vector_norm(new, dim=1, keepdim=True, dtype=torch.float64)
-        radius = eps - eps * l2_radius_margin(cd)
+        radius = eps - eps * l2_radius_margin(delta.dtype)
         # (float64 from here; copy_ rounds it into delta's dtype)
         new = torch.where(length > radius, new * (radius / length), new)
     active = (g != 0).any(dim=1, keepdim=True)

@@ -82,7 +82,8 @@ def pgd_step_(
     (the limit of ``g / ||g||`` as those entries grow; its finite entries count as 0), so the result is
     finite. Rows are scaled by their largest entry before the norm, so huge finite gradients do not
     overflow it. The projection never leaves a float32/float64 class above eps: rows are projected onto
-    a radius a few ulps below ``eps_c`` (``_common.l2_radius_margin``), absorbing the rounding of the norm;
+    a radius a few ulps of delta's dtype below ``eps_c`` (``_common.l2_radius_margin``), absorbing the rounding
+    of the norm and into delta (a float32 delta stepped in float64 included);
     half-precision deltas may exceed it by their own rounding. The reference backend sums that norm in
     float64; the Triton and CUDA kernels in the compute dtype, so there a float32 row with entries beyond
     ~1e19 overflows it and is projected to zero (Inf entries of delta give the definition's NaN).

@@ -406,7 +406,7 @@ def pgd_step(delta, grad, step, eps, direction, norm, ok=None, skipped=None, rou
     kgrad = kernel_dtype_view(grad.contiguous())
     guard, l2 = ok is not None, norm == "l2"
     acc, acc_dtype = accumulator(delta, grad), accumulator_dtype(delta, grad)
-    margin = l2_radius_margin(acc_dtype)
+    margin = l2_radius_margin(delta.dtype)
     ok, skipped = (ok, skipped) if guard else (step, step)  # unread placeholders
     block = split_block(K, D, delta.device)
     in_kernel = rounded is not None and block is None and delta.dtype == acc_dtype
@@ -481,7 +481,7 @@ def prepare_class_grad_pgd_step(delta, grad_out, labels, h, inner, mode, norm, p
         _in_kernel_dtype(delta, lambda kdelta: _class_grad_pgd_step_kernel[(programs * num_d_blocks,)](
             kdelta, kgrad_out, kgrad_out if kh is None else kh, scratch, partial, arrivals, finished, stats, order,
             segment_class, segment_start, chunk_segment, first_chunk, step, eps, direction,
-            K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(acc_dtype),
+            K, segments, F, D, inner, R, num_d_blocks, chunk, D * inner, block_d * inner, l2_radius_margin(delta.dtype),
             **constants,
         ))
 

@@ -29,7 +29,9 @@ from tests.head_pgd import test_fused_class_space as fused_checks
 from tests.head_pgd.test_head_pgd_compact import check_compacted, check_guard
 from tests.head_pgd.test_head_pgd import check_against_reference as check_head_pgd
 from tests.head_pgd.test_head_pgd import check_float16_class_space_overflow
+from tests.head_pgd.test_head_pgd import check_float32_delta_with_float64_data_inside_eps
 from tests.head_pgd.test_head_pgd import make_problem as make_head_problem
+from tests.pgd.test_pgd import PROJECTION_DTYPES, check_fused_step_inside_eps, check_l2_projection_inside_eps
 from tests.pgd.test_pgd import check_rounded_copy
 from tests.step_update import test_step_update as step_update_tests
 from tests.helpers import DTYPES, assert_close_to_reference, make_labels
@@ -470,6 +472,22 @@ def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backen
         lpa_kernels.head_pgd_(h, y, weight, bias, delta, steps, 0.1, 0.3, 1.0, "l2", "add", backend="cuda")
         launched[steps] = list(kernels)
     assert launched[1] == launched[3] and launched[3].count("class_space_steps") == 1, launched
+
+
+@pytest.mark.parametrize("dtypes", PROJECTION_DTYPES)
+def test_pgd_step_l2_projection_stays_inside_eps(launchers, pgd_grid, dtypes):
+    """The margin of delta's dtype (``l2_radius_margin<T, A>``), also for a float32 delta stepped in float64."""
+    check_l2_projection_inside_eps(
+        lambda delta, grad, step, eps: launchers.pgd_step(delta, grad, step, eps, torch.ones_like(eps), "l2"),
+        dtypes, "cpu")
+
+
+def test_head_pgd_l2_steps_of_a_float32_delta_with_float64_data_stay_inside_eps(cuda_backend_on_cpu):
+    check_float32_delta_with_float64_data_inside_eps("cuda", "cpu")
+
+
+def test_fused_l2_step_of_a_float32_delta_from_float64_gradients_stays_inside_eps(cuda_backend_on_cpu):
+    check_fused_step_inside_eps("cuda", "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -422,3 +422,25 @@ def check_float16_class_space_overflow(target, direction):
     definition(_cpu64(h), y.cpu(), _cpu64(weight), _cpu64(bias), expected, 1, 0.1, 10.0, direction, "l2", "add")
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual.cpu().double(), expected, rtol=0, atol=2e-3)
+
+
+def check_float32_delta_with_float64_data_inside_eps(backend: str, device: str) -> None:
+    """L2 steps on a float32 delta with float64 ``h`` and ``weight`` run in float64 and are rounded into delta
+    after them: every class ends inside eps (the iterate's radius keeps delta's margin), in both forms
+    (few samples per class: rows; many: class space) and with one step or several."""
+    g = torch.Generator().manual_seed(5)
+    for batch, classes, steps in ((4, 2, 2), (9, 5, 1), (64, 3, 3)):
+        for _ in range(12):
+            h = torch.randn(batch, 64, generator=g, dtype=torch.float64).to(device)
+            weight = torch.randn(classes, 64, generator=g, dtype=torch.float64).to(device)
+            labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+            delta = torch.zeros(classes, 64, device=device)
+            eps = torch.full((classes,), 0.3, device=device)
+            head_pgd_(h, labels, weight, None, delta, steps, 1.0, eps, 1.0, "l2", backend=backend)
+            norms = delta.double().norm(dim=1)
+            assert (norms <= eps.double()).all(), f"{batch, classes, steps}: worst by {(norms / 0.3).max() - 1:.2e}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_l2_steps_of_a_float32_delta_with_float64_data_stay_inside_eps(target):
+    check_float32_delta_with_float64_data_inside_eps(*target)

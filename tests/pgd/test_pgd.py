@@ -305,24 +305,59 @@ def test_l2_step_of_a_huge_finite_gradient_does_not_overflow_the_norm(target, mo
     assert_close_to_reference(got, expected, what=f"huge gradient ({backend})")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("target", GRID_TARGETS)
-def test_l2_projection_never_leaves_a_class_above_eps(target, dtype, monkeypatch):
+# (delta, grad) dtypes: a float32 delta stepped in float64 (a float64 gradient) is rounded into float32 after
+# the projection, which float64's margin does not absorb: the margin is delta's dtype's
+PROJECTION_DTYPES = [pytest.param((d, g), id=f"{str(d)[6:]}-delta-{str(g)[6:]}-grad") for d, g in
+                     ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.float64))]
+
+
+def check_l2_projection_inside_eps(step, dtypes, device) -> None:
     """Rows far outside the ball, rows one step outside it and rows on its surface, for several widths:
-    after the step, every row's norm (in float64, of the stored values) is at most eps."""
-    backend, device = use_grid(monkeypatch, target)
+    after ``step(delta, grad, step_size, eps)`` (an L2 ``pgd_step_``), every row's norm (in float64, of the
+    stored values) is at most eps."""
+    delta_dtype, grad_dtype = dtypes
     for width in (1, 7, 300, 2500):
         k = 64
-        eps = (torch.rand(k, device=device, dtype=dtype) + 0.1) * torch.logspace(-3, 3, k, device=device, dtype=dtype)
-        direction = torch.randn(k, width, device=device, dtype=dtype)
+        eps = (torch.rand(k, device=device, dtype=delta_dtype) + 0.1) * torch.logspace(-3, 3, k, device=device,
+                                                                                    dtype=delta_dtype)
+        direction = torch.randn(k, width, device=device, dtype=delta_dtype)
         delta = direction / direction.norm(dim=1, keepdim=True) * eps[:, None]  # on the surface (rounded)
         delta[::3] *= 1000  # far outside
-        grad = torch.randn(k, width, device=device, dtype=dtype)
+        grad = torch.randn(k, width, device=device, dtype=grad_dtype)
         for _ in range(2):  # the second step starts from rows projected by the first
-            pgd_step_(delta, grad, eps * 0.5, eps, 1.0, "l2", backend=backend)
+            step(delta, grad, eps * 0.5, eps)
             norms = delta.double().norm(dim=1)
             assert (norms <= eps.double()).all(), \
                 f"D={width}: {int((norms > eps.double()).sum())} classes above eps, worst by {(norms / eps.double()).max().item() - 1:.2e}"
+
+
+@pytest.mark.parametrize("dtypes", PROJECTION_DTYPES)
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_l2_projection_never_leaves_a_class_above_eps(target, dtypes, monkeypatch):
+    backend, device = use_grid(monkeypatch, target)
+    check_l2_projection_inside_eps(
+        lambda delta, grad, step, eps: pgd_step_(delta, grad, step, eps, 1.0, "l2", backend=backend), dtypes, device)
+
+
+@pytest.mark.parametrize("target", GRID_TARGETS)
+def test_fused_l2_step_of_a_float32_delta_from_float64_gradients_stays_inside_eps(target, monkeypatch):
+    check_fused_step_inside_eps(*use_grid(monkeypatch, target))
+
+
+def check_fused_step_inside_eps(backend: str, device: str) -> None:
+    """``class_grad_pgd_step_`` with float64 ``grad_out``: the step is computed in float64 and rounded into the
+    float32 delta, which stays inside the ball (delta's margin)."""
+    g = torch.Generator().manual_seed(3)
+    for width in (7, 64, 300):
+        k, batch = 6, 40
+        labels = torch.randint(0, k, (batch,), generator=g).to(device)
+        eps = (torch.rand(k, generator=g) + 0.1).to(device)
+        for _ in range(8):
+            delta = (torch.randn(k, width, generator=g) * 0.3).to(device)
+            grad_out = torch.randn(batch, width, generator=g, dtype=torch.float64).to(device)
+            class_grad_pgd_step_(delta, grad_out, labels, 1.0, eps, 1.0, "l2", backend=backend)
+            norms = delta.double().norm(dim=1)
+            assert (norms <= eps.double()).all(), f"D={width}: worst by {(norms / eps.double()).max().item() - 1:.2e}"
 
 
 @pytest.mark.parametrize("target", GRID_KERNEL_TARGETS)
