@@ -73,8 +73,7 @@ class LabelGuard:
         The dtype and shape are checked on the host (metadata, no sync) and raise at once, like the
         public ops; so do the values of CPU labels (module docstring), which then need no device-side
         check, only the plan on a kernel backend."""
-        on_host = (isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and _host_check_cpu_labels
-                   and not torch.compiler.is_compiling())
+        on_host = self._read_on_host(labels)
         labels = _checks.check_labels(labels, batch, self.num_classes, values=on_host)
         if self._bad_range is None or self._bad_range.device != labels.device:
             self._bad_range = torch.zeros(2, dtype=torch.int64, device=labels.device)
@@ -84,6 +83,17 @@ class LabelGuard:
             return CheckedLabels(labels, self._passed, labels, None, True)
         safe, loss_labels, ok, plan = checked_labels(labels, self.num_classes, self._bad_range, backend)
         return CheckedLabels(safe, ok, loss_labels, plan, on_host)
+
+    def check_on_host(self, labels: object, batch: int) -> None:
+        """``check``'s host part alone: where a compiled step is about to run (whose graph cannot raise on
+        values), CPU labels raise at the call, as in eager mode."""
+        if self._read_on_host(labels):
+            _checks.check_labels(labels, batch, self.num_classes)
+
+    @staticmethod
+    def _read_on_host(labels: object) -> bool:
+        return (isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and _host_check_cpu_labels
+                and not torch.compiler.is_compiling())
 
     def raise_if_bad(self) -> None:
         """Raise ``ValueError`` if a batch checked since the last call had a label outside ``[0, K)``

@@ -177,6 +177,7 @@ class Method:
                 result = self.training_loss(x, y)
                 per_call.update({name: self._counts[name] - before[name] for name in before})
                 return result
+            self._check_labels_outside_graph(x, y)
             begin_training_call()
             self._counting = False
             try:
@@ -194,6 +195,10 @@ class Method:
         """Validate the batch's labels before anything runs; returns the labels the step uses (the
         baselines leave the check to cross-entropy, which reads int64: int32 labels are widened)."""
         return y.long() if isinstance(y, torch.Tensor) and y.dtype == torch.int32 else y
+
+    def _check_labels_outside_graph(self, x, y) -> None:
+        """Before a compiled call: what ``_check_labels`` raises at once in eager mode but a graph cannot (a
+        raise that depends on values); nothing for the baselines."""
 
     def sync(self) -> None:
         """Raise what the training steps since the last call could only find by reading the device (a
@@ -419,13 +424,17 @@ class ClassPerturbationMethod(Method):
         return delta
 
     def _check_labels(self, x, y) -> torch.Tensor:
-        # on the device (no sync); x's first dimension is the batch (y's own length for non-tensor x)
-        batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else getattr(y, "shape", (-1,))[0]
+        # on the device (no sync)
         device = y.device if isinstance(y, torch.Tensor) else None
         if device not in self._backends:
             self._backends[device] = _backend.resolve(self.config.backend, device or torch.device("cpu"))
-        self._batch = self._labels.check(y, batch, self._backends[device])
+        self._batch = self._labels.check(y, _batch_size(x, y), self._backends[device])
         return self._batch.safe
+
+    def _check_labels_outside_graph(self, x, y) -> None:
+        # CPU labels' values, read on the host as the eager call reads them (the graph checks them again, on
+        # the device, gating the update)
+        self._labels.check_on_host(y, _batch_size(x, y))
 
     def sync(self) -> None:
         self._labels.raise_if_bad()
@@ -493,6 +502,11 @@ class ClassPerturbationMethod(Method):
     def logit_delta(self) -> torch.Tensor | None:
         """LPL's per-class logit offset ``(K, K)`` (None before the first batch or without LPL)."""
         return None if self.lpl is None else self.lpl.delta
+
+
+def _batch_size(x, y) -> int:
+    """The batch's size: x's first dimension (y's own length for a non-tensor x)."""
+    return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else getattr(y, "shape", (-1,))[0]
 
 
 def _perturbation(use_lpa: bool, use_lpl: bool) -> Callable[..., ClassPerturbationMethod]:

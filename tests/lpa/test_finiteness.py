@@ -167,23 +167,27 @@ def _bad_batch_on_the_device_path(steps, backend="reference"):
         method.training_loss(x, y.double())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("steps", [0, 2])
-def test_cpu_labels_out_of_range_raise_before_anything_changes(steps):
+def test_cpu_labels_out_of_range_raise_before_anything_changes(steps, compiled):
     """CPU labels are read on the host for free: the call raises at once, and no counter, delta, policy
-    state or BatchNorm statistic has moved."""
+    state or BatchNorm statistic has moved; also a compiled call (``compiled_training_loss``), whose graph
+    cannot raise on values: the host check runs before it."""
     model = TinyResNet()
     method = build_method("lpa+lpl", model, NUM_CLASSES, layer="layer1",
                           config=LPAConfig(steps=steps, lpl_steps=steps, direction="loss_trend", head="never"))
+    training_loss = method.compiled_training_loss(backend="eager") if compiled else method.training_loss
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
-    loss, _ = method.training_loss(x, y)
-    loss.backward()
-    method.after_backward()
+    for _ in range(2 if compiled else 1):  # a compiled step after the eager first call
+        loss, _ = training_loss(x, y)
+        loss.backward()
+        method.after_backward()
     before = {k: v.clone() for k, v in [*model.state_dict().items(), *method.state_dict().items()]}
     stats = method.stats()
     bad = y.clone()
     bad[4] = -1
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, {NUM_CLASSES}\).*values in \[-1, 3\]"):
-        method.training_loss(x, bad)
+        training_loss(x, bad)
     after = {**model.state_dict(), **method.state_dict()}
     assert all(torch.equal(after[k], v) for k, v in before.items()), "a rejected call changed the model or method"
     assert method.stats() == stats
