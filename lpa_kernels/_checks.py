@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from lpa_kernels import _host_ext
-from lpa_kernels._common import compute_dtype, per_class
+from lpa_kernels._common import compute_dtype, per_class, transform_unwrapped
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -98,8 +98,9 @@ def check_labels(labels: object, batch: int, num_classes: int, name: str = "labe
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
                             f"{name} must lie in [0, {num_classes}) (num_classes={num_classes})")
     else:
-        lo_hi = _host_ext.label_range(labels)  # CPU labels: one C++ pass, no PyTorch dispatch
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if lo_hi is None else lo_hi  # one host read
+        values = transform_unwrapped(labels)  # under vmap: every batch's labels
+        lo_hi = _host_ext.label_range(values)  # CPU labels: one C++ pass, no PyTorch dispatch
+        lo, hi = torch.stack(torch.aminmax(values)).tolist() if lo_hi is None else lo_hi  # one host read
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")
     return labels

@@ -23,6 +23,15 @@ def under_transform() -> bool:
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def transform_unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the wrappers of the ``torch.func`` transforms around it: under ``vmap`` a tensor whose
+    values are all of the batch's (``t`` itself when not wrapped), for a host read of values such as the
+    labels' range check (a wrapped tensor has no storage of its own)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def padded_delta_shape(delta_shape: Sequence[int], feature_shape: Sequence[int]) -> tuple[int, ...]:
     """``(K, *P)`` with ``P`` left-padded by ones to the rank of ``F``, so ``delta[labels]`` broadcasts."""
     per_class = tuple(delta_shape[1:])

@@ -43,6 +43,22 @@ def test_vmap_of_perturb_over_a_leading_dimension_maps_each_slice():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_the_labels_maps_each_set_and_checks_them_all(backend):
+    """The labels' range check reads every batch's labels through vmap's wrapper (a wrapped tensor has no
+    storage to read): each set maps as the op does alone, and a bad label in any set raises the op's error."""
+    h, y, delta = _inputs()
+    sets = torch.stack([y, y.flip(0), torch.zeros_like(y)])
+    for op in (lambda t: lpa.perturb(h, t, delta, backend=backend),
+               lambda t: lpa.class_grad(h, t, 3, delta.shape, backend=backend)):
+        expected = torch.stack([op(t) for t in sets])
+        assert torch.equal(vmap(op)(sets), expected), "vmap over the labels differs from each set alone"
+        bad = sets.clone()
+        bad[2, 1] = 3
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*got values in \[0, 3\]"):
+            vmap(op)(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["add", "scale"])
 def test_forward_mode_tangents_and_jacfwd_match_the_definition(backend, mode):
     h, y, delta = _inputs()
