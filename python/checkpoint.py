@@ -13,7 +13,10 @@ file holds everything the rest of the run depends on (``torch.load(path, weights
     e.g. the step times)
 
 ``--resume FILE`` continues the run that wrote FILE; ``--resume DIR`` continues every requested run
-from its newest checkpoint under DIR (a run without one starts from scratch). The options that shape
+from its newest checkpoint under DIR (a run without one starts from scratch; a DIR with none for any of
+them is refused). A run's folder under ``--save-dir`` may hold checkpoints only when the run resumes
+from one of them: a fresh run there would overwrite another run's checkpoints. Checkpoints are ordered
+by their epoch number, not their name (``epoch-10000.pt`` is newer than ``epoch-9999.pt``). The options that shape
 training must equal the checkpoint's (those both versions of lpa-train have, except options the run's
 method reads under neither setting, e.g. ``--lpl-eps`` of an lpa run); the process count, device,
 backend, FSDP and output options may differ: the global batches do not depend on the number of
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -32,9 +36,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from lpa_kernels.lpa import LPAConfig
+from lpa_kernels.lpa import METHODS, LPAConfig
+from lpa_kernels.lpa.policies import head_count
 from lpa_programs.cli import check_writable, number, write_atomically
-from lpa_programs.data import DATASETS, resolved_imbalance
+from lpa_programs.data import DATASETS, NUM_CLASSES, resolved_imbalance
 from lpa_programs.distributed import Context, sync_buffers
 
 FORMAT = "lpa-train checkpoint 1"
@@ -44,6 +49,7 @@ FREE_OPTIONS = ("method", "seeds", "device", "threads", "backend", "data_dir", "
                 "eval_every", "recipe")
 _LPA_OPTIONS = frozenset(f.name for f in dataclasses.fields(LPAConfig))  # the training options LPAConfig holds
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)\.pt")
 
 
 class CheckpointWriteError(RuntimeError):
@@ -70,29 +76,39 @@ def training_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in FREE_OPTIONS}
 
 
-def as_trained(config: dict) -> dict:
-    """``config`` (``training_config``'s) with the defaults lpa-train resolves filled in: the dataset's
-    imbalance and the PGD step sizes (``LPAConfig.resolved``), so that an option given as its default
-    value compares equal to the option left out."""
+def as_trained(config: dict, method: str) -> dict:
+    """``config`` (``training_config``'s) as the method ``method`` trains with it: the defaults lpa-train
+    resolves filled in (the dataset's imbalance, ``LPAConfig``'s step sizes and ``init``), the method's
+    fixed settings applied (``loss="la"`` for the la methods) and ``head_classes`` / ``head_fraction`` as
+    the number of head classes they give on the dataset, so that an option given as the value it
+    resolves to compares equal to the option left out."""
     config = dict(config)
     if config.get("dataset") in DATASETS:  # (a dataset of another version of lpa-train: compared as given)
         config["imbalance"] = resolved_imbalance(config["dataset"], config.get("imbalance"))
     lpa_config = _lpa_config(config)
-    if lpa_config is None:  # options of another version of lpa-train: compared as given
+    if lpa_config is None or method not in METHODS:  # options of another version of lpa-train: compared as given
         return config
-    resolved = lpa_config.resolved()
-    config.update({name: resolved[name] for name in ("step_size", "lpl_step_size") if name in config})
+    resolved = lpa_config.for_method(method).resolved()
+    config.update({name: resolved[name] for name in _LPA_OPTIONS & set(config)})
+    base = str(config.get("dataset")).removesuffix("-lt")
+    if {"head_classes", "head_fraction"} <= set(config) and base in NUM_CLASSES:
+        config.update(head_classes=head_count(lpa_config, NUM_CLASSES[base]), head_fraction=None)
     return config
 
 
 def unread_options(config: dict, method: str) -> set[str]:
-    """The ``LPAConfig`` options in ``config`` (``training_config``'s) that the method ``method`` does not read
-    (``LPAConfig.settings_for``: e.g. ``--lpl-eps`` for ``lpa``, every LPA option for ``erm``); none when
-    ``config`` does not make an ``LPAConfig`` (options of another version of lpa-train: all compared)."""
+    """The options in ``config`` (``training_config``'s) that the method ``method`` does not read: the
+    ``LPAConfig`` options outside ``LPAConfig.settings_for`` (e.g. ``--lpl-eps`` for ``lpa``, every LPA option
+    for ``erm``), and ``--layer`` for a method without settings (``erm``, ``la``: the model is split there but
+    nothing is done to the layer's output); none when ``config`` does not make an ``LPAConfig`` (options of
+    another version of lpa-train: all compared)."""
     lpa_config = _lpa_config(config)
-    if lpa_config is None:
+    if lpa_config is None or method not in METHODS:
         return set()
-    return (_LPA_OPTIONS & set(config)) - set(lpa_config.settings_for(method))
+    unread = set(config) & _LPA_OPTIONS - set(lpa_config.settings_for(method))
+    if not METHODS[method].meta.get("settings") and "layer" in config:
+        unread.add("layer")
+    return unread
 
 
 def _lpa_config(config: dict) -> LPAConfig | None:
@@ -116,6 +132,17 @@ def read(path: Path) -> dict:
     return checkpoint
 
 
+def saved_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints ``epoch-NNNN.pt`` in ``folder``, oldest first (by epoch number: as strings,
+    ``epoch-10000.pt`` would sort before ``epoch-9999.pt``)."""
+    numbered = []
+    for path in folder.glob("epoch-*.pt"):
+        match = _CHECKPOINT_NAME.fullmatch(path.name)
+        if match:
+            numbered.append((int(match.group(1)), path))
+    return [path for _, path in sorted(numbered)]
+
+
 def resume_file(resume: str | None, method: str, seed: int) -> Path | None:
     """The checkpoint ``--resume`` names for the run ``(method, seed)``, if any."""
     if resume is None:
@@ -124,53 +151,73 @@ def resume_file(resume: str | None, method: str, seed: int) -> Path | None:
     if path.is_file():
         run = read(path)["run"]
         return path if (run["method"], run["seed"]) == (method, seed) else None
-    found = sorted((path / run_name(method, seed)).glob("epoch-*.pt"))
+    found = saved_checkpoints(path / run_name(method, seed))
     return found[-1] if found else None
 
 
 def check_arguments(args: argparse.Namespace) -> str:
-    """Why the checkpoint options cannot be used ("" when they can); reads every checkpoint to resume
-    and compares its training options with this command's."""
+    """Why the checkpoint options cannot be used ("" when they can); reads every checkpoint to resume,
+    compares its training options with this command's, and refuses a run folder under ``--save-dir`` that
+    holds checkpoints the run does not continue."""
     if args.save_every is not None and args.save_dir is None:
         return "argument --save-every: needs --save-dir"
+    runs = [(m, s) for m in args.method for s in args.seeds]
     if args.save_dir is not None:
         if args.save_every is None:
             return "argument --save-dir: needs --save-every N"
-        for method in args.method:  # each run's own folder, which may be taken by a file
-            for seed in args.seeds:
-                problem = check_writable(Path(args.save_dir) / run_name(method, seed) / "epoch-0001.pt")
+        for method, seed in runs:  # each run's own folder, which may be taken by a file
+            problem = check_writable(Path(args.save_dir) / run_name(method, seed) / "epoch-0001.pt")
+            if problem:
+                return f"argument --save-dir: {problem}"
+    resumed = {}  # run -> the checkpoint it continues
+    if args.resume is not None:
+        path = Path(args.resume).expanduser()
+        if not path.exists():
+            return f"argument --resume: no such file or folder: {args.resume}"
+        try:
+            if path.is_file():
+                run = read(path)["run"]
+                if (run["method"], run["seed"]) not in runs:
+                    return f"argument --resume: {path} belongs to run {run}, not one of this command's"
+            for method, seed in runs:
+                found = resume_file(args.resume, method, seed)
+                if found is not None:
+                    resumed[method, seed] = found
+            if not resumed:  # a folder (a file names one of the runs: checked above)
+                looked = ", ".join(str(path / run_name(m, s) / "epoch-NNNN.pt") for m, s in runs)
+                hint = ("; it holds checkpoints itself: give the folder above it, or one checkpoint file"
+                        if saved_checkpoints(path) else "")
+                return f"argument --resume: no checkpoint of this command's runs in {path} (looked for {looked}){hint}"
+            for (method, seed), found in resumed.items():
+                problem = _mismatch(read(found)["config"], training_config(args), method)
                 if problem:
-                    return f"argument --save-dir: {problem}"
-    if args.resume is None:
-        return ""
-    path = Path(args.resume).expanduser()
-    if not path.exists():
-        return f"argument --resume: no such file or folder: {args.resume}"
-    runs = [(m, s) for m in args.method for s in args.seeds]
-    try:
-        if path.is_file():
-            run = read(path)["run"]
-            if (run["method"], run["seed"]) not in runs:
-                return f"argument --resume: {path} belongs to run {run}, not one of this command's"
+                    return f"argument --resume: {found} was written with {problem} (the options that shape training must match)"
+        except (OSError, ValueError, KeyError) as exc:
+            return f"argument --resume: cannot read a checkpoint: {exc}"
+    if args.save_dir is not None:
         for method, seed in runs:
-            found = resume_file(args.resume, method, seed)
-            if found is None:
-                continue
-            given_saved, given_mine = read(found)["config"], training_config(args)
-            saved, mine = as_trained(given_saved), as_trained(given_mine)
-            # an option one of the two versions of lpa-train lacks is not compared, nor one that the run's
-            # method reads under neither of the two settings (e.g. --lpl-eps of an lpa run)
-            unread = unread_options(given_saved, method) & unread_options(given_mine, method)
-            differ = [k for k in sorted(set(saved) & set(mine) - unread) if saved[k] != mine[k]]
-            if differ:
-                # an option given differently before one that differs only as resolved from it (a step size
-                # resolved from the radius policy)
-                k = next((k for k in differ if given_saved.get(k) != given_mine.get(k)), differ[0])
-                return (f"argument --resume: {found} was written with --{k.replace('_', '-')} {saved.get(k)}, "
-                        f"this command has {mine.get(k)} (the options that shape training must match)")
-    except (OSError, ValueError, KeyError) as exc:
-        return f"argument --resume: cannot read a checkpoint: {exc}"
+            folder = Path(args.save_dir) / run_name(method, seed)
+            continued = resumed.get((method, seed))
+            if saved_checkpoints(folder) and (continued is None or continued.parent.resolve() != folder.resolve()):
+                return (f"argument --save-dir: {folder} holds checkpoints of an earlier run, which this run would "
+                        f"overwrite: continue that run with --resume {args.save_dir}, or give another --save-dir")
     return ""
+
+
+def _mismatch(given_saved: dict, given_mine: dict, method: str) -> str:
+    """The first option that shapes ``method``'s training and differs between a checkpoint's
+    ``training_config`` and this command's, as "--OPTION SAVED, this command has MINE"; "" when none does."""
+    saved, mine = as_trained(given_saved, method), as_trained(given_mine, method)
+    # an option one of the two versions of lpa-train lacks is not compared, nor one that the run's
+    # method reads under neither of the two settings (e.g. --lpl-eps of an lpa run)
+    unread = unread_options(given_saved, method) & unread_options(given_mine, method)
+    differ = [k for k in sorted(set(saved) & set(mine) - unread) if saved[k] != mine[k]]
+    if not differ:
+        return ""
+    # an option given differently before one that differs only as resolved from it (a step size
+    # resolved from the radius policy)
+    k = next((k for k in differ if given_saved.get(k) != given_mine.get(k)), differ[0])
+    return f"--{k.replace('_', '-')} {saved.get(k)}, this command has {mine.get(k)}"
 
 
 def _rng_state() -> dict:
@@ -240,7 +287,7 @@ class Checkpointer:
         }
         try:
             write_atomically(self.folder / f"epoch-{epoch:04d}.pt", lambda f: torch.save(checkpoint, f))
-            for old in sorted(self.folder.glob("epoch-*.pt"))[:-self.args.keep_last]:
+            for old in saved_checkpoints(self.folder)[:-self.args.keep_last]:
                 old.unlink()
         except OSError as exc:
             raise CheckpointWriteError(f"argument --save-dir: cannot write a checkpoint in {self.folder}: "

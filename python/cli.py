@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, NoReturn
 
@@ -15,19 +18,31 @@ from typing import BinaryIO, Callable, NoReturn
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
+def main_process() -> bool:
+    """Whether this process prints: the only one, or rank 0 of those torchrun started (by its ``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors, its own and those the programs find later with
     ``parser.error``, are one line on stderr and exit status 2 (argparse would print the whole usage,
-    which for these programs is a screenful that hides the message)."""
+    which for these programs is a screenful that hides the message). Under torchrun each rank prints its
+    own line, the ranks other than 0 naming themselves: a check one rank alone fails (its data folder, say)
+    must not exit silently, so a mistake every rank finds is printed once per rank."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # one line whatever the message holds (a library's message may span several)
+        line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+        rank = int(os.environ.get("RANK", "0"))
+        who = self.prog if rank == 0 else f"{self.prog} (rank {rank})"
+        self.exit(2, f"{who}: error: {line} (see {self.prog} --help)\n")
 
 
 def number(kind: type, minimum: float, strict: bool = False, maximum: float | None = None):
     """An argparse ``type``: a finite ``kind`` (int or float) >= ``minimum`` (> with ``strict``), and at most
     ``maximum`` when given."""
-    rule = f"{'>' if strict else '>='} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
+    shown = str if kind is int else (lambda bound: f"{bound:g}")  # an int bound in full (2^63 - 1, not 9.2e+18)
+    rule = f"{'>' if strict else '>='} {shown(minimum)}" + ("" if maximum is None else f" and <= {shown(maximum)}")
 
     def parse(text: str):
         try:
@@ -35,7 +50,8 @@ def number(kind: type, minimum: float, strict: bool = False, maximum: float | No
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         above = value > minimum if strict else value >= minimum
-        if not (above and math.isfinite(value) and (maximum is None or value <= maximum)):
+        finite = kind is int or math.isfinite(value)  # (math.isfinite of an int beyond 1e308 raises)
+        if not (above and finite and (maximum is None or value <= maximum)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
@@ -59,6 +75,32 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+class Terminated(BaseException):
+    """SIGTERM (what job schedulers and torchrun send to stop a job) inside ``sigterm_stops``: raised in the
+    main thread as Ctrl-C raises ``KeyboardInterrupt``, so that both stop a run the same way (a file being
+    written is removed, the results written so far stay, ``--json``'s ``finished`` stays false)."""
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """A block in which SIGTERM raises ``Terminated`` (once: a second SIGTERM while the first unwinds is
+    ignored, so that the clean-up is not cut short). Only the main thread can set a signal handler: in
+    another one the block runs with SIGTERM's handling unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

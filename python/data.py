@@ -24,6 +24,7 @@ DATASETS = ("digits", "digits-lt", "synthetic", "synthetic-lt",
             "cifar10", "cifar10-lt", "cifar100", "cifar100-lt")
 # Imbalance ratio n_max / n_min used by an ``-lt`` dataset when ``--imbalance`` is not given.
 DEFAULT_IMBALANCE = {"digits": 10.0, "synthetic": 10.0, "cifar10": 100.0, "cifar100": 100.0}
+NUM_CLASSES = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}  # per dataset, its -lt form alike
 SHOT_THRESHOLDS = (100, 20)  # many: count > 100, few: count < 20, medium: the rest
 SPLIT_SEED = 0  # train/test splits and long-tail subsets are fixed, whatever the training seed
 
@@ -109,9 +110,9 @@ def load(name: str, imbalance: float | None = None, data_dir: str | Path | None 
     if base.startswith("cifar"):
         if data_dir is None:
             raise ValueError(f"dataset {name!r} needs --data-dir: a folder holding the CIFAR python-pickle files")
-        x_train, y_train, x_test, y_test, k = _cifar(Path(data_dir), int(base.removeprefix("cifar")))
+        x_train, y_train, x_test, y_test, k = _cifar(Path(data_dir), NUM_CLASSES[base])
     else:
-        x_train, y_train, x_test, y_test, k = _digits() if base == "digits" else _synthetic()
+        x_train, y_train, x_test, y_test, k = _digits() if base == "digits" else _synthetic(NUM_CLASSES[base])
     rng = np.random.default_rng(SPLIT_SEED)
     if long_tail:
         keep = long_tail_indices(y_train, k, resolved_imbalance(name, imbalance), rng)
@@ -177,16 +178,36 @@ def _cifar(data_dir: Path, num_classes: int):
                                 f"(expected the python-pickle release, folder {folder_name})")
 
     def read(files):
-        parts = []
-        for f in files:
-            with open(folder / f, "rb") as fh:
-                parts.append(pickle.load(fh, encoding="bytes"))
-        x = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
-        return x.astype(np.float32) / 255.0, y
+        images, labels = zip(*(_cifar_batch(folder / f, label_key, num_classes) for f in files))
+        return np.concatenate(images).astype(np.float32) / 255.0, np.concatenate(labels)
 
     (x_train, y_train), (x_test, y_test) = read(train_files), read(test_files)
     return x_train, y_train, x_test, y_test, num_classes
+
+
+def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the CIFAR python-pickle release: images ``(n, 3, 32, 32)`` uint8 and labels ``(n,)``;
+    ``ValueError`` naming the file when it is not one (a truncated or empty download, the other CIFAR's
+    file, labels outside ``[0, num_classes)``)."""
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except OSError:
+        raise
+    except Exception as exc:  # pickle raises many kinds for damaged data (UnpicklingError, EOFError, ...)
+        raise ValueError(f"cannot read the CIFAR file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise ValueError(f"the CIFAR file {path} does not hold the keys {[b'data', label_key]} of CIFAR-{num_classes}'s "
+                         "python-pickle release")
+    try:
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the CIFAR file {path} does not hold 3x32x32 uint8 images and integer labels: {exc}") from exc
+    if len(images) != len(labels) or not len(labels) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"the CIFAR file {path} holds {len(images)} images and {len(labels)} labels, which must be "
+                         f"as many, at least one, in [0, {num_classes})")
+    return images, labels
 
 
 def augment_images(x: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,12 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from lpa_kernels.lpa.collectives import set_order_guard, world_size
-from lpa_programs.cli import number
+from lpa_programs.cli import main_process, number
 
 
+# --dist-timeout: ~31 years, beyond any job (1e30 overflowed datetime.timedelta) and well inside what a clock
+# counting int64 nanoseconds, as C++'s steady_clock does, can add a timeout to (292 years)
+MAX_TIMEOUT_S = 1e9
 _owned = {"group": False}  # whether the process group is one that ``setup`` created
 
 
@@ -63,7 +66,7 @@ def context() -> Context:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
-    parser.add_argument("--dist-timeout", type=number(float, 1), default=600.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=number(float, 1, maximum=MAX_TIMEOUT_S), default=600.0, metavar="SECONDS",
                         help="under torchrun: the longest a collective may wait for the other processes")
     parser.add_argument("--order-guard", choices=("device", "host", "off"), default="device",
                         help="under torchrun: how the ranks check that their LPA all-reduces pair up: on the device "
@@ -76,8 +79,19 @@ def check_arguments(args: argparse.Namespace) -> str:
     world = launched_world()
     if args.fsdp and world == 1:
         return "argument --fsdp: needs several processes (torchrun --nproc_per_node N ...)"
-    if args.batch_size % world:
-        return f"argument --batch-size: the global batch {args.batch_size} must be a multiple of the {world} processes"
+    return ""
+
+
+def batch_split_problem(batch_size: int, num_samples: int, world: int) -> str:
+    """Why ``world`` processes cannot take equal shares of every global batch ("" when they can). A global
+    batch is ``batch_size`` samples, or the whole training set of ``num_samples`` when that is smaller:
+    an odd set cannot be split over 2 processes, which would drop a sample one process keeps."""
+    if batch_size % world:
+        return f"the global batch {batch_size} must be a multiple of the {world} processes"
+    if batch_size > num_samples and num_samples % world:
+        return (f"{batch_size} is more than the {num_samples} training samples, so a global batch is all of them, "
+                f"which the {world} processes cannot share evenly: give --batch-size {num_samples - num_samples % world} "
+                "or less")
     return ""
 
 
@@ -128,7 +142,7 @@ def teardown(failed: bool) -> None:
 def quiet_unless_main():
     """A block in which only rank 0 (by torchrun's ``RANK``) prints to standard output (progress bars
     use stderr and are turned off on the other ranks by the caller)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process():
         yield
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -145,8 +159,9 @@ class Batches:
     the incomplete last batch is dropped (no tiny batches for batch norm)."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, ctx: Context):
-        if batch_size % ctx.world:
-            raise ValueError(f"the batch size {batch_size} must be a multiple of the number of processes {ctx.world}")
+        problem = batch_split_problem(batch_size, num_samples, ctx.world)
+        if problem:
+            raise ValueError(problem)
         self.local_batch = min(batch_size, num_samples) // ctx.world
         self.seed, self.ctx = seed, ctx
         self.sampler = DistributedSampler(range(num_samples), num_replicas=ctx.world, rank=ctx.rank, shuffle=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,8 @@ GROUP_SHADES = {"many": "#dbe9f6", "medium": "#fbe5c8", "few": "#f6d5d5"}
 
 
 def check_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Before any training: matplotlib is importable and PATH writable (one error line, exit 2)."""
+    """Before any training: matplotlib is importable and can write PATH's format (named by its extension),
+    PATH is writable and is not ``--json``'s file (one error line, exit 2)."""
     if args.plot is None:
         return
     if importlib.util.find_spec("matplotlib") is None:
@@ -29,13 +31,23 @@ def check_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      "(or pip install matplotlib)")
     if check_writable(args.plot):
         parser.error(f"argument --plot: {check_writable(args.plot)}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    extension = Path(args.plot).suffix.lower().removeprefix(".")
+    if extension not in formats:  # matplotlib would refuse it after the training, or append .png to the name
+        problem = f"matplotlib cannot write .{extension} files" if extension else "the name has no extension"
+        parser.error(f"argument --plot: {args.plot}: {problem}; name a .png file (or one of "
+                     f"{', '.join('.' + f for f in sorted(formats))})")
+    if args.json is not None and Path(args.json).resolve() == Path(args.plot).resolve():
+        parser.error(f"argument --plot: {args.plot} is also the --json file; the picture would replace the report")
 
 
 class EpochLog:
-    """Per-epoch figures of one run: ``add(loss)`` after every training step (no host read), ``end_epoch
-    (model, epoch)`` after each epoch (numbered from 1): the epoch's mean training loss (this process's batches) and the overall
-    test accuracy in % (the whole test set, summed over processes under torchrun). ``rows``: the epochs
-    so far, starting from those a resumed checkpoint carried."""
+    """Per-epoch figures of one run: ``add(loss)`` after every training step of an epoch to evaluate (no
+    host read), then ``end_epoch(model, epoch)`` (epochs numbered from 1): that epoch's mean training loss
+    (this process's batches) and the overall test accuracy in % (the whole test set, summed over processes
+    under torchrun). ``rows``: the epochs so far, starting from those a resumed checkpoint carried."""
 
     def __init__(self, data: Dataset, device: torch.device, rows: list[dict]):
         self.data, self.x_test, self.y_test = data, data.x_test.to(device), data.y_test.to(device)

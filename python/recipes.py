@@ -11,14 +11,17 @@ recipe in full and ``--json`` records the recipe's name and settings.
 - ``ldam-drw-resnet32``: LDAM-DRW's CIFAR-LT schedule: ResNet-32 (option A), 200 epochs, 5 warm-up epochs,
   x0.01 at epochs 160 and 180, weight decay 2e-4, batch 128, lr 0.1, momentum 0.9 (not Nesterov).
 
-All evaluate every epoch (best and last accuracy) and use bf16 autocast on a GPU.
+All evaluate every epoch (best and last accuracy) and use bf16 autocast on a GPU (``--amp`` on the CPU too,
+``--no-amp`` nowhere).
 """
 
 from __future__ import annotations
 
 import argparse
 
-_COMMON = dict(batch_size=128, lr=0.1, momentum=0.9, eval_every=1, amp=True)
+# a recipe's --amp: bf16 autocast where the run's device is a GPU (resolved_amp), not on the CPU
+ON_A_GPU = "on a GPU"
+_COMMON = dict(batch_size=128, lr=0.1, momentum=0.9, eval_every=1, amp=ON_A_GPU)
 _LONG_TAIL = dict(model="resnet32a", direction="split", radius="budget")
 RECIPES = {
     "lpl-wrn28-10": dict(_COMMON, model="wrn28-10", epochs=240, schedule="cosine", weight_decay=5e-4, nesterov=True),
@@ -39,11 +42,23 @@ def describe() -> str:
     """Every recipe in full, for ``--help``."""
     lines = ["recipes (--recipe NAME; explicit options override):"]
     for name, settings in RECIPES.items():
-        shown = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                         if not isinstance(v, bool) else f"--{'' if v else 'no-'}{k.replace('_', '-')}"
-                         for k, v in settings.items())
-        lines.append(f"  {name}: {shown}")
+        lines.append(f"  {name}: {' '.join(_as_option(k, v) for k, v in settings.items())}")
     return "\n".join(lines)
+
+
+def _as_option(name: str, value) -> str:
+    """A recipe setting as the command-line option that gives it."""
+    option = "--" + name.replace("_", "-")
+    if value == ON_A_GPU:
+        return f"{option} ({value})"
+    if isinstance(value, bool):
+        return option if value else option.replace("--", "--no-", 1)
+    return f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def resolved_amp(amp: bool | str, device) -> bool:
+    """``--amp`` for a run on ``device`` (a ``torch.device``): as given, or a recipe's ``ON_A_GPU``."""
+    return device.type == "cuda" if amp == ON_A_GPU else amp
 
 
 def apply(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:

@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,12 +51,17 @@ from lpa_programs.data import DATASETS, DEFAULT_IMBALANCE, Dataset, augment_imag
 from lpa_programs.models import DEFAULT_LAYER, MODEL_SIZES, build_model
 from lpa_programs import recipes, schedules
 from lpa_programs.cifar_models import CIFAR_MODELS
-from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_json_atomically, write_or_exit
+from lpa_programs.cli import (MAX_THREADS, Parser, Terminated, check_writable, main_process, number, sigterm_stops,
+                              write_json_atomically, write_or_exit)
 from lpa_programs import checkpoint, distributed
 from lpa_programs.distributed import per_class_accuracy
 from lpa_programs.plot import EpochLog, check_option as check_plot_option, write as write_plot
 
 FIGURES = ("overall", "many", "medium", "few", "sec_per_step")
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# torch.manual_seed takes seeds below 2^64 and the batch order's generator is seeded with seed + epoch: a seed
+# below 2^63 leaves room for any number of epochs
+MAX_SEED = 2**63 - 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 # CLI options that are LPAConfig fields; their defaults are LPAConfig's, read from the dataclass.
 CONFIG_OPTIONS = {
@@ -126,14 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=number(int, 1), default=60, help="passes over the training set")
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="training batch size (the global batch: split over the processes under torchrun)")
-    p.add_argument("--lr", type=number(float, 0, strict=True), default=0.05,
+    # the optimizer's update takes them as float32 numbers (a larger one fails at the first step)
+    p.add_argument("--lr", type=number(float, 0, strict=True, maximum=FLOAT32_MAX), default=0.05,
                    help="SGD learning rate (the peak, after any warm-up)")
-    p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay")
+    p.add_argument("--weight-decay", type=number(float, 0, maximum=FLOAT32_MAX), default=5e-4, help="SGD weight decay")
     schedules.add_options(p)
     p.add_argument("--model", default="auto", choices=("auto",) + tuple(CIFAR_MODELS),
                    help="auto: an MLP for vectors, lpa-train's ResNet (--width, --depth) for images; or a CIFAR "
                         "network: " + ", ".join(CIFAR_MODELS))
-    p.add_argument("--amp", action="store_true", help="bf16 autocast of the training forward (GPU or CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast of the training forward (GPU or CPU; a --recipe's: on a GPU only)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, metavar="N",
                    help="evaluate every N epochs (and the last) into the JSON's epochs, with the best and last "
                         "accuracy (0: at the end only, or every epoch with --plot)")
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MLP width / ResNet base channels (default: {mlp['width']} / {resnet['width']})")
     p.add_argument("--depth", type=number(int, 1), default=None,
                    help=f"MLP hidden layers / ResNet blocks per stage (default: {mlp['depth']} / {resnet['depth']})")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=number(int, 0), nargs="+", default=[0, 1, 2],
+    p.add_argument("--seed", "--seeds", dest="seeds", type=number(int, 0, maximum=MAX_SEED), nargs="+", default=[0, 1, 2],
                    help="one run per seed; several give mean and std")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=number(int, 1, maximum=MAX_THREADS), default=None,
@@ -212,6 +220,8 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
                leave=False, dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty() or not ctx.is_main)
     for epoch in range(first_epoch, args.epochs):
         model.train()
+        # the evaluated epochs log their own mean training loss, so only their steps are summed
+        evaluate = epoch_log and (args.plot or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
         for idx in batches.epoch(epoch, device):
             xb, yb = x_train[idx], y_train[idx]
             if data.is_image:
@@ -228,11 +238,11 @@ def train_one(data: Dataset, method_name: str, seed: int, args: argparse.Namespa
             step_seconds.append(time.perf_counter() - start)
             scheduler.step()
             bar.update()
-            if epoch_log:
+            if evaluate:
                 epoch_log.add(loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         method.sync()  # the step reads nothing back: a bad label found on the device is raised here
-        if epoch_log and (args.plot or (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        if evaluate:
             epoch_log.end_epoch(model, epoch + 1)
         saver.after_epoch(epoch + 1, {"step_seconds": step_seconds,
                                       "epochs": epoch_log.rows if epoch_log else []})
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipes.apply(parser, argv)
         args = parser.parse_args(argv)
-        with distributed.quiet_unless_main():
+        with distributed.quiet_unless_main(), sigterm_stops():
             code = _main(parser, args, argv, recipe)
         failed = False
         return code
@@ -421,6 +431,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     args.method, args.seeds = list(dict.fromkeys(args.method)), list(dict.fromkeys(args.seeds))  # each run once
     # joins torchrun's group
     device = distributed.setup(check_device(parser, args.device), args.dist_timeout, args.order_guard)
+    args.amp = recipes.resolved_amp(args.amp, device)
     problem = schedules.check(args) or distributed.check_arguments(args) or distributed.agree(
         checkpoint.check_arguments(args) if distributed.context().is_main else "")
     if problem:
@@ -437,6 +448,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         parser.error(f"argument --json: {check_writable(args.json)}")
     check_plot_option(parser, args)
     data = check_data(parser, args)
+    problem = distributed.batch_split_problem(args.batch_size, len(data.y_train), distributed.launched_world())
+    if problem:
+        parser.error(f"argument --batch-size: {problem}")
     if args.model != "auto" and not data.is_image:
         parser.error(f"argument --model: {args.model} is a CIFAR network; {data.name} is not an image dataset")
     if args.threads or not data.is_image:
@@ -473,7 +487,7 @@ def check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dat
     try:
         return load(args.dataset, args.imbalance,
                     None if args.data_dir is None else Path(args.data_dir).expanduser())
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         parser.error(f"argument --dataset: {exc}")
 
 
@@ -523,8 +537,16 @@ def run_as_program(argv: list[str] | None = None) -> None:
     skipping the interpreter's shutdown: there gloo's worker threads can abort the process ("terminate
     called without an active exception", seen on 2-core CI machines after a complete, correct run),
     which torchrun reports as a failed job. Nothing is lost: results and checkpoints are written and
-    closed as they are made, and the process group is already destroyed."""
-    code = main(argv)
+    closed as they are made, and the process group is already destroyed.
+
+    SIGTERM stops a run as Ctrl-C does (``cli.sigterm_stops``); it then ends with one line and status 143
+    (128 + SIGTERM, as if the signal had ended the process)."""
+    try:
+        code = main(argv)
+    except Terminated as stop:
+        if main_process():
+            print(f"lpa-train: {stop}; the checkpoints and --json written so far are kept", file=sys.stderr)
+        code = 128 + signal.SIGTERM
     if distributed.launched_world() > 1:
         sys.stdout.flush()
         sys.stderr.flush()

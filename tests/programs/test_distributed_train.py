@@ -175,3 +175,29 @@ def test_order_guard_option_sets_the_guard_of_a_launched_process(monkeypatch, op
         assert collectives._guard["mode"] == mode
     finally:
         collectives.set_order_guard(True)
+
+
+def test_under_torchrun_each_rank_prints_its_error_line_naming_itself(monkeypatch, capsys):
+    """Every rank exits 2 with one line; the ranks other than 0 say which they are (an error one rank alone
+    finds, e.g. its data folder, must not exit silently)."""
+    for rank, prefix in (("1", "lpa-train (rank 1): error: "), ("0", "lpa-train: error: ")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--epochs", "0"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(prefix) and err.count("\n") == 1, (rank, err)
+
+
+def test_a_batch_beyond_an_odd_training_set_cannot_be_shared_by_two_processes():
+    """With --batch-size above the set's 503 samples one process took all 503 per step, two took 2 x 251:
+    another global batch. Refused (a batch of 502 is the same on 1 and 2 processes)."""
+    from lpa_programs.distributed import Batches, Context, batch_split_problem
+
+    problem = batch_split_problem(1000, 503, 2)
+    assert "more than the 503 training samples" in problem and "--batch-size 502 or less" in problem, problem
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        Batches(503, 1000, 0, Context(0, 2))
+    assert batch_split_problem(1000, 503, 1) == batch_split_problem(1000, 502, 2) == batch_split_problem(502, 503, 2) == ""
+    one = next(Batches(503, 502, 0, Context(0, 1)).epoch(0, torch.device("cpu")))
+    two = [next(Batches(503, 502, 0, Context(rank, 2)).epoch(0, torch.device("cpu"))) for rank in (0, 1)]
+    assert sorted(torch.cat(two).tolist()) == sorted(one.tolist()) and len(one) == 502

@@ -58,3 +58,42 @@ def test_a_resumed_run_keeps_the_epochs_its_checkpoint_saw(tmp_path):
     full, continued = (json.loads(p.read_text())["runs"][0]["epochs"] for p in (first, resumed))
     assert len(continued) == 2 and continued[0] == full[0]
     assert continued[1]["test_accuracy"] == pytest.approx(full[1]["test_accuracy"])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("curves.txt", "curves.txt: matplotlib cannot write .txt files; name a .png file"),
+    ("curves", "curves: the name has no extension"),  # matplotlib would write curves.png instead
+])
+def test_plot_in_a_format_matplotlib_cannot_write_is_refused_before_training(monkeypatch, capsys, tmp_path, name,
+                                                                              message):
+    """matplotlib refused .txt only after the whole training, with a traceback."""
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--plot", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"argument --plot: {tmp_path}/{message}" in err, err
+
+
+def test_plot_and_json_naming_one_file_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path):
+    """The PNG replaced the JSON report at the end."""
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--json", str(tmp_path / "out.png"), "--plot", str(tmp_path / "." / "out.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "is also the --json file" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_loss_of_an_evaluated_epoch_is_that_epochs_mean_also_when_resumed(tmp_path):
+    """With --eval-every 2 the loss logged at epoch 2 was the mean over epochs 1 and 2, and a run resumed after
+    epoch 1 (whose partial sum is not checkpointed) logged another value: now all three runs log epoch 2's."""
+    run = [*TINY, "--method", "lpa", "--seeds", "0"]
+    every, second, resumed = (tmp_path / f"{name}.json" for name in ("every", "second", "resumed"))
+    assert main([*run, "--eval-every", "1", "--json", str(every)]) == 0
+    assert main([*run, "--eval-every", "2", "--json", str(second), "--save-dir", str(tmp_path / "ckpt"),
+                 "--save-every", "1"]) == 0
+    assert main([*run, "--eval-every", "2", "--json", str(resumed),
+                 "--resume", str(tmp_path / "ckpt" / "lpa-seed0" / "epoch-0001.pt")]) == 0
+    logged = [json.loads(p.read_text())["runs"][0]["epochs"] for p in (every, second, resumed)]
+    assert [row["epoch"] for row in logged[1]] == [2] and [row["epoch"] for row in logged[2]] == [2]
+    assert logged[1][0]["train_loss"] == logged[2][0]["train_loss"] == logged[0][1]["train_loss"], logged

@@ -49,6 +49,22 @@ def test_recipe_sets_defaults_and_explicit_options_win():
         assert name in recipes.describe()
 
 
+@pytest.mark.parametrize("argv, device, amp", [
+    (["--recipe", "lpl-wrn16-8"], "cuda", True),  # the recipes' bf16 autocast is on a GPU
+    (["--recipe", "lpl-wrn16-8"], "cpu", False),
+    (["--recipe", "lpl-wrn16-8", "--no-amp"], "cuda", False),  # an explicit option overrides the recipe
+    (["--recipe", "lpl-wrn16-8", "--amp"], "cpu", True),
+    (["--amp"], "cpu", True),
+    ([], "cuda", False),
+])
+def test_amp_of_a_recipe_is_on_a_gpu_and_explicit_amp_or_no_amp_wins(argv, device, amp):
+    """A recipe's --amp could not be turned off (no --no-amp) and applied on the CPU too, though the recipes
+    document bf16 autocast on a GPU and explicit options override a recipe."""
+    parser = build_parser()
+    recipes.apply(parser, argv)
+    assert recipes.resolved_amp(parser.parse_args(argv).amp, torch.device(device)) is amp
+
+
 @pytest.mark.parametrize("name, millions", [("wrn28-10", 36.5), ("wrn16-8", 11.0), ("resnet32a", 0.46)])
 def test_cifar_networks_have_the_published_sizes(name, millions):
     model = CIFAR_MODELS[name](10, 3)
@@ -79,3 +95,4 @@ def test_recipe_runs_end_to_end_on_a_fake_cifar_folder(tmp_path):
     assert run["best"] == max(row["test_accuracy"] for row in run["epochs"])
     assert run["epochs"][-1]["test_accuracy"] == run["overall"]
     assert run["config"]["loss"] == "la" and run["config"]["direction"] == "split"
+    assert report["args"]["amp"] is False, "the recipe's bf16 autocast is for a GPU, this run is on the CPU"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,18 @@ USER_ERRORS = {
     "model-beyond-memory": (["--width", "10000000000"], "the model does not fit in the cpu memory"),
     "head-always-off-head": (["--method", "lpa", "--layer", "features.1", "--head", "always"],
                              "--method lpa cannot train with these settings: head='always' needs"),
+    # torch.manual_seed takes seeds below 2^64, and the batch order is seeded with seed + epoch
+    "seed-beyond-2^64": (["--seed", "18446744073709551616"],
+                         "argument --seed/--seeds: must be >= 0 and <= 9223372036854775807, got 18446744073709551616"),
+    "seed-plus-epoch-beyond-2^64": (["--seed", "18446744073709551615", "--epochs", "2"], "argument --seed/--seeds"),
+    "threads-beyond-a-float": (["--threads", "1" + "0" * 400], "argument --threads: must be >= 1 and <= "),
+    # the optimizer's step takes them as float32
+    "lr-beyond-float32": (["--lr", "1e39"], "argument --lr: must be > 0 and <= 3.40282e+38, got 1e39"),
+    "weight-decay-beyond-float32": (["--weight-decay", "1e39"], "argument --weight-decay: must be >= 0 and <= 3.4"),
+    # torch's message spans two lines
+    "mixup-alpha-zero-in-float32": (["--method", "mixup", "--mixup-alpha", "1e-300"],
+                                    "--method mixup cannot train with these settings: "),
+    "dist-timeout-beyond-timedelta": (["--dist-timeout", "1e30"], "argument --dist-timeout: must be >= 1 and <= 1e+09"),
 }
 
 
@@ -171,6 +184,31 @@ def test_empty_cifar_folder_is_a_user_error(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit, match="2"):
         main([*TINY, "--dataset", "cifar10-lt", "--data-dir", str(tmp_path)])
     assert "CIFAR-10 files" in capsys.readouterr().err
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _other_cifars_keys(path: Path) -> None:  # a CIFAR-100 file in a CIFAR-10 folder
+    path.write_bytes(pickle.dumps({b"data": [], b"fine_labels": []}))
+
+
+@pytest.mark.parametrize("damage, name, message", [
+    (_truncate, "test_batch", "UnpicklingError"),
+    (lambda path: path.write_bytes(b""), "data_batch_2", "EOFError"),
+    (_other_cifars_keys, "test_batch", "does not hold the keys"),
+], ids=["truncated", "empty", "other-cifars-keys"])
+def test_a_damaged_cifar_file_is_one_line_naming_it(monkeypatch, capsys, tmp_path, damage, name, message):
+    """A truncated download, an empty file or the other CIFAR's file gave a traceback."""
+    folder = write_cifar(tmp_path, 10, per_class_per_file=1)
+    damage(folder / name)
+    monkeypatch.setattr("lpa_programs.train.train_one", _no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"the CIFAR file {folder / name}" in err and message in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
