@@ -43,7 +43,27 @@ def _report(path: str) -> dict:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
     if not isinstance(report, dict) or not {"dataset", "finished", "runs"} <= set(report):
         raise argparse.ArgumentTypeError(f"{path} is not an lpa-train --json report")
+    problem = _structure_problem(report)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{path} is not an lpa-train --json report: {problem}")
     return report
+
+
+def _structure_problem(report: dict) -> str:
+    """What ``table`` would trip over in ``report`` ("" when nothing)."""
+    if not isinstance(report["dataset"], dict) or not isinstance(report["dataset"].get("name"), str):
+        return "dataset is not an object with a name"
+    if not isinstance(report["runs"], list):
+        return "runs is not a list"
+    for index, run in enumerate(report["runs"]):
+        if not isinstance(run, dict) or not isinstance(run.get("method"), str):
+            return f"runs[{index}] is not an object with a method"
+        for key in ("overall", "many", "medium", "few") + tuple(k for k in ("last", "best") if k in run):
+            if key not in run:
+                return f"runs[{index}] has no {key}"
+            if isinstance(run[key], bool) or not isinstance(run[key], (int, float)):
+                return f"runs[{index}].{key} is {json.dumps(run[key])}, not an accuracy"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,22 +10,21 @@ Examples::
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 
-from lpa_bench.memory import memory_rows
+from lpa_bench.memory import MEMORY_IMPLS, memory_rows
 from lpa_bench.ops import OPS
 from lpa_bench.report import metadata, write_json
-from lpa_bench.runner import Budget, run_op
+from lpa_bench.runner import PEERS, Budget, op_impls, run_op
 from lpa_bench.timing import device_peaks
 from lpa_bench.training import train_rows
 from lpa_kernels.backend import BACKENDS, resolve
 from lpa_kernels.lpa import DIRECTIONS, METHODS, RADII, LPAConfig
 from lpa_programs.cli import MAX_THREADS, Parser, check_writable, number, write_or_exit
+from lpa_programs.plot import check_option as check_plot_option
 
-PEERS = ("eager", "compile", "matmul")
 SECTIONS = ("perturb", "linear_perturb", "train_step", "memory", "head_pgd_", "class_grad", "pgd_step_",
             "class_grad_pgd_step_")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -81,12 +80,14 @@ def check_args(parser: Parser, args) -> torch.device:
             resolve(backend, device)
         except ValueError as exc:
             parser.error(f"argument --backends: {exc}")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error("argument --plot: needs matplotlib, which is not installed: pip install 'lpa_kernels[bench]' "
-                     "(or pip install matplotlib)")
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and check_writable(path):
-            parser.error(f"argument {option}: {check_writable(path)}")
+    if args.json is not None:
+        if not args.json:
+            parser.error("argument --json: the file name is empty")
+        if check_writable(args.json):
+            parser.error(f"argument --json: {check_writable(args.json)}")
+    if args.plot is not None and not args.plot:
+        parser.error("argument --plot: the file name is empty")
+    check_plot_option(parser, args)  # matplotlib there, a format it writes, a writable path that is not --json's
     return device
 
 
@@ -156,10 +157,23 @@ def _case(r: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in {**(r["shape"] or {}), **(r["variant"] or {})}.items())
 
 
-def _print_rows(rows) -> None:
-    for r in rows:
+class RowPrinter:
+    """Prints each row as one line. A row's ``notes`` (the Triton interpreter's times are no performance
+    figure, a peer left out ...) would be lost on the screen otherwise and repeat on many rows: the line
+    ends with ``[note N]`` and the note's text follows on a line of its own the first time it appears."""
+
+    def __init__(self):
+        self.numbers: dict = {}
+
+    def print(self, r: dict) -> None:
         line = f"{r['op']:>20} {r['pass']:>7} {r['impl']:>9} {r['dtype'] or '':>8} {_case(r):<44} {_figure(r):<44}"
+        new_note = r["notes"] and r["notes"] not in self.numbers
+        if r["notes"]:
+            number = self.numbers.setdefault(r["notes"], len(self.numbers) + 1)
+            line = f"{line} [note {number}]"
         print(f"{line} {_verdict(r)}".rstrip(), flush=True)
+        if new_note:
+            print(f"{'':>20} note {self.numbers[r['notes']]}: {r['notes']}", flush=True)
 
 
 def _header(meta: dict, peaks: dict, impls: list) -> str:
@@ -168,10 +182,27 @@ def _header(meta: dict, peaks: dict, impls: list) -> str:
             f"matmul {matmul} TFLOP/s; timing {', '.join(impls)}")
 
 
-def _write_json(parser: Parser, path: str, meta: dict, rows: list) -> None:
+def _write_json(parser: Parser, path: str, meta: dict, rows: list, finished: bool) -> None:
     """The report so far into ``path``; a write that fails (what ``check_args`` could not foresee) is one
     error line, exit 2 (the rows printed so far stay on the screen)."""
-    write_or_exit(parser, "--json", path, lambda: write_json(path, meta, rows))
+    write_or_exit(parser, "--json", path, lambda: write_json(path, meta, rows, finished))
+
+
+def check_sections(parser: Parser, sections, impls: list, backends) -> None:
+    """The ops asked for that none of the implementations asked for can time (``--backends matmul`` for
+    ``perturb``, which has no bare-GEMM peer): refused, as the run would end with no row for them."""
+    for section in sections:
+        if section in OPS:
+            timed = op_impls(OPS[section], impls)
+            has = list(BACKENDS) + list(OPS[section].peers)
+        elif section == "memory":
+            timed = [i for i in impls if i in MEMORY_IMPLS]
+            has = list(MEMORY_IMPLS)
+        else:  # train_step times the --train-methods
+            continue
+        if not timed:
+            parser.error(f"argument --backends: --ops {section} would have no row: it is timed with {', '.join(has)}, "
+                         f"not with {' '.join(backends)}")
 
 
 def main(argv=None) -> int:
@@ -185,12 +216,25 @@ def main(argv=None) -> int:
     device = check_args(parser, args)
     cuda = device.type == "cuda"
     tier = "quick" if args.quick else ("gpu" if cuda else "cpu")
-    dtypes = [DTYPES[d] for d in dict.fromkeys(args.dtypes or (["bfloat16"] if cuda else ["float32"]))]
+    # bf16 and bfloat16 name one dtype: each is timed once
+    dtypes = list(dict.fromkeys(DTYPES[d] for d in args.dtypes or (["bfloat16"] if cuda else ["float32"])))
     impls, notes, unavailable = choose_impls(device, args.backends, args.quick)
+    if args.backends:
+        check_sections(parser, dict.fromkeys(args.ops), impls, args.backends)
     budget = Budget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    try:
+        return _run(parser, args, argv, device, tier, dtypes, impls, notes, unavailable, budget)
+    except KeyboardInterrupt:  # Ctrl-C, or gpu_session.sh's timeout --signal=INT
+        kept = f"; {args.json} holds the rows measured so far" if args.json else ""
+        print(f"lpa-bench: interrupted{kept}", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as if the signal had ended the process
+
+
+def _run(parser: Parser, args, argv, device, tier, dtypes, impls, notes, unavailable, budget) -> int:
+    """The sweep, the report rewritten after every row (``finished`` false until the sweep is complete)."""
     peaks = device_peaks(device, dtypes, args.quick)
     meta = metadata(device, argv, tier, peaks)
     meta["impls"], meta["unavailable_impls"] = impls, unavailable
@@ -199,6 +243,9 @@ def main(argv=None) -> int:
         print(f"  not timed: {name}: {reason}", flush=True)
 
     rows: list = []
+    if args.json:  # from the start, so that a run stopped before its first row leaves its metadata
+        _write_json(parser, args.json, meta, rows, finished=False)
+    printer = RowPrinter()
     for section in dict.fromkeys(args.ops):
         if section == "train_step":
             new = train_rows(tier, device, budget, args.quick, [m for m in args.train_methods if m != "erm"],
@@ -207,16 +254,18 @@ def main(argv=None) -> int:
             new = memory_rows(tier, dtypes, impls, device, budget)
         else:
             new = run_op(OPS[section], tier, dtypes, impls, device, peaks, budget, args.quick, notes)
-            if unavailable.get("compile") == COMPILE_SKIPPED and "compile" in OPS[section].peers:
-                for row in new:
-                    row["notes"] = "; ".join(filter(None, [row["notes"], COMPILE_SKIPPED]))
-        _print_rows(new)
-        rows.extend(new)
-        if args.json:
-            _write_json(parser, args.json, meta, rows)
+        compile_skipped = (section in OPS and unavailable.get("compile") == COMPILE_SKIPPED
+                           and "compile" in OPS[section].peers)
+        for row in new:
+            if compile_skipped:
+                row["notes"] = "; ".join(filter(None, [row["notes"], COMPILE_SKIPPED]))
+            printer.print(row)
+            rows.append(row)
+            if args.json:
+                _write_json(parser, args.json, meta, rows, finished=False)
     _print_targets(rows)
     if args.json:
-        _write_json(parser, args.json, meta, rows)  # also when no section ran
+        _write_json(parser, args.json, meta, rows, finished=True)
         print(f"wrote {args.json}", flush=True)
     if args.plot:
         from lpa_bench.plot import plot  # matplotlib: checked to be there before the run

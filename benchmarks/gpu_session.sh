@@ -31,7 +31,7 @@ T_BUILD=${T_BUILD:-200}  # the CUTLASS sm_90a GEMM adds ~60 s of nvcc on 2 cores
 T_PYTEST=${T_PYTEST:-200}
 T_STATIC=${T_STATIC:-150}  # compiling for sm_90a, then timing each case (autotuning included)
 T_BENCH=${T_BENCH:-120}
-BENCH_BUDGET=${BENCH_BUDGET:-$((T_BENCH - 30))}  # lpa-bench stops starting new cases after this
+BENCH_MARGIN=${BENCH_MARGIN:-30}  # lpa-bench stops starting new cases this long before its part's limit
 T_PROFILE=${T_PROFILE:-45}
 T_SANITIZER=${T_SANITIZER:-45}  # each of memcheck and racecheck
 BENCH_OPS=${BENCH_OPS:-train_step head_pgd_}
@@ -80,20 +80,27 @@ EOF
     fi
 }
 
+# limit CAP: the cap clamped to the time left.
+limit() {
+    local left=$((TOTAL - SECONDS))
+    echo $(($1 < left ? $1 : left))
+}
+
 # part NAME CAP LOG COMMAND...: run with the cap clamped to the time left (SIGINT at the limit, SIGKILL 15 s
 # later), log stdout+stderr, record exit code, seconds and limit (124 = timed out), publish.
 part() {
     local name=$1 cap=$2 log=$3
     shift 3
     local left=$((TOTAL - SECONDS))
-    local limit=$((cap < left ? cap : left))
+    local limit
+    limit=$(limit "$cap")
     if ((limit < MIN_PART)); then
         printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$STEPS"
         echo "== $name skipped: ${left}s left of ${TOTAL}s"
         publish
         return
     fi
-    echo "== $name (limit ${limit}s) -> $log"
+    echo "== $name (limit ${limit}s) -> $log: $*"
     local start=$SECONDS
     if [[ -n $DRY_RUN ]]; then
         set -- sleep "$DRY_RUN"
@@ -145,8 +152,12 @@ part pytest_gpu "$T_PYTEST" "$RESULTS/pytest_gpu.log" python -m pytest "${PYTEST
 part static "$T_STATIC" "$RESULTS/static.log" python -m lpa_bench.cli static --arch 90a --measure \
     --json "$RESULTS/static.json"
 
+# lpa-bench's budget follows the part's limit (clamped when earlier parts ran long), so that it stops
+# starting cases before the SIGINT; the budget never goes below 0
+BENCH_LIMIT=$(limit "$T_BENCH")
+BENCH_BUDGET=$((BENCH_LIMIT > BENCH_MARGIN ? BENCH_LIMIT - BENCH_MARGIN : 0))
 # shellcheck disable=SC2086  # BENCH_OPS is a list of op names
-part bench "$T_BENCH" "$RESULTS/bench.log" python -m lpa_bench.cli --ops $BENCH_OPS \
+part bench "$BENCH_LIMIT" "$RESULTS/bench.log" python -m lpa_bench.cli --ops $BENCH_OPS \
     --json "$RESULTS/bench.json" --plot "$RESULTS/bench.png" --budget-s "$BENCH_BUDGET"
 
 part profile_step "$T_PROFILE" "$RESULTS/profile_step.log" python -m lpa_bench.profile_step \

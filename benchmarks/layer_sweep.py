@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lpa_kernels.lpa.policy import class_stats
-from lpa_programs.cli import Parser, write_json_atomically
+from lpa_programs.cli import Parser, check_writable, number, write_json_atomically
 from lpa_programs.data import load, shot_groups
 from lpa_programs.train import build_parser as train_parser, train_one
 
@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m lpa_bench.layer_sweep", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_sweep"), help="output folder")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=number(int, 1), default=60)
     args = p.parse_args(argv)
+    for name in ("layer_sweep.json", "layer_sweep.png"):  # before minutes of training
+        if check_writable(args.out / name):
+            p.error(f"argument --out: {check_writable(args.out / name)}")
     results = run(args.datasets, args.seeds, args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(args.out / "layer_sweep.json", {"seeds": args.seeds, "epochs": args.epochs, "results": results})

@@ -4,7 +4,7 @@ Every op is timed through the public API with each backend, and against peers:
 - ``eager``: the op written plainly in PyTorch in the input dtype (e.g. ``h + delta[y]``), with its
   autograd backward;
 - ``compile``: ``torch.compile`` of that same plain function;
-- ``matmul`` (``linear_perturb`` only): the bare GEMMs of the same shape, the SPEC's yardstick.
+- ``matmul`` (``linear_perturb`` and ``head_pgd_``): the bare GEMMs of the same shape, the SPEC's yardstick.
 Peers use their op's byte and flop counts, so their rates compare with the kernels' directly.
 
 Byte counts are the bytes that must move, each tensor counted once (``s`` = element size, 8 bytes per

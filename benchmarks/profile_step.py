@@ -10,15 +10,14 @@ heaviest kernels by device time. On a CPU the same table lists CPU operators ins
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lpa_bench.training import NETWORKS, STEPS, training_step
+from lpa_programs.cli import Parser, check_writable, write_json_atomically, write_or_exit
 
 TOP = 8
 
@@ -58,7 +57,7 @@ def _profile(name: str, steps: int | None, base, x, y, num_classes: int, layer: 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m lpa_bench.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(NETWORKS), default="mlp", help="the network (default: mlp)")
     p.add_argument("--layer", default=None, help="the perturbed layer (default: the network's first timed layer)")
     p.add_argument("--tier", choices=sorted(NETWORKS["mlp"].sizes), default=None,
@@ -72,6 +71,8 @@ def main(argv=None) -> None:
     layer = args.layer or next(iter(network.layers))
     if layer not in network.layers:
         p.error(f"--layer: {layer!r} is not one of {args.model}'s timed layers {list(network.layers)}")
+    if args.json is not None and (not args.json or check_writable(args.json)):  # before minutes of profiling
+        p.error(f"argument --json: {check_writable(args.json) if args.json else 'the file name is empty'}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = network.sizes[args.tier or ("gpu" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)
@@ -88,9 +89,9 @@ def main(argv=None) -> None:
         for k in r["heaviest"]:
             print(f"{'':>11}{k['ms_per_step']:8.3f} ms x{k['calls_per_step']:5.1f}  {k['name']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": args.model,
-                       "layer": layer, "shape": shape, "results": results}, f, indent=1)
+        report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": args.model,
+                  "layer": layer, "shape": shape, "results": results}
+        write_or_exit(p, "--json", args.json, lambda: write_json_atomically(args.json, report))
         print(f"wrote {args.json}")
 
 

@@ -91,14 +91,16 @@ def metadata(device: torch.device, argv: list, tier: str, peaks: dict) -> dict:
         "timer": "do_bench" if device.type == "cuda" else "cpu-timer",
         "cpu_threads": torch.get_num_threads(),
         "copy_gbps": peaks.get("copy_gbps"),
+        "copy_bytes": peaks.get("copy_bytes"),
         "matmul_tflops": peaks.get("matmul_tflops"),
         "backend_info": lpa_kernels.backend_info(),
     }
 
 
-def write_json(path: str, meta: dict, rows: list) -> None:
-    """Write atomically, so a run cut short by a timeout leaves the last complete report."""
-    write_json_atomically(path, {"schema": SCHEMA, "meta": meta, "rows": rows})
+def write_json(path: str, meta: dict, rows: list, finished: bool) -> None:
+    """Write atomically, so a run cut short by a timeout leaves the last complete report; ``finished``
+    says whether the run completed (false in the copies written as the rows come)."""
+    write_json_atomically(path, {"schema": SCHEMA, "finished": finished, "meta": meta, "rows": rows})
 
 
 # ---- SPEC section 4 ------------------------------------------------------------------------------
@@ -127,7 +129,8 @@ def _at_least(value, bar):
     return None if value is None else bool(value >= bar)
 
 
-def _all(results):
+def all_met(results):
+    """A target of several parts: False when one is missed, None (not measured) when one is unmeasured."""
     if any(r is False for r in results):
         return False
     return None if any(r is None for r in results) else True
@@ -140,4 +143,4 @@ def apply_kernel_target(row: dict) -> None:
         return
     row["target"] = "; ".join(text for text, _ in targets)
     if row["timer"] == "do_bench" and row["dtype"] == "bfloat16" and row["time_ms"] is not None:
-        row["target_met"] = _all([check(row) for _, check in targets])
+        row["target_met"] = all_met([check(row) for _, check in targets])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Iterator
 
 import torch
 
 from lpa_bench.ops import OpBench
 from lpa_bench.report import apply_kernel_target, dtype_name, new_row
 from lpa_bench.timing import median_ms, timer_name
+
+PEERS = ("eager", "compile", "matmul")
 
 
 class Budget:
@@ -105,13 +108,17 @@ def _case_rows(op: OpBench, shape: dict, variant: dict, dtype: torch.dtype, impl
 
 
 def run_op(op: OpBench, tier: str, dtypes, impls, device: torch.device, peaks: dict, budget: Budget,
-           quick: bool, notes: dict | None = None) -> list:
-    """Rows for one op. ``impls`` are the backends and peers to time; ``notes[impl]`` goes into that
-    implementation's rows (e.g. "triton-interpreter")."""
-    impls = [i for i in impls if i not in ("eager", "compile", "matmul") or i in op.peers]
-    rows = []
+           quick: bool, notes: dict | None = None) -> Iterator[dict]:
+    """Rows for one op, yielded case by case (a case's rows carry their speedups over each other, so they
+    come together) for the caller to keep as they come. ``impls`` are the backends and peers to time;
+    ``notes[impl]`` goes into that implementation's rows (e.g. "triton-interpreter")."""
+    impls = op_impls(op, impls)
     for shape, variant, dtype in itertools.product(op.shapes[tier], op.variants(tier), dtypes):
-        rows.extend(_case_rows(op, shape, variant, dtype, impls, device, peaks, budget, quick, notes or {}))
+        yield from _case_rows(op, shape, variant, dtype, impls, device, peaks, budget, quick, notes or {})
         if device.type == "cuda":  # the case's inputs are gone: hand their memory back
             torch.cuda.empty_cache()
-    return rows
+
+
+def op_impls(op: OpBench, impls) -> list:
+    """Those of ``impls`` that time ``op``: every backend, and the peers ``op`` has."""
+    return [i for i in impls if i not in PEERS or i in op.peers]

@@ -49,3 +49,33 @@ def test_cifar_table_reads_reports_and_refuses_anything_else_in_one_line(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         cifar_table.main(["--help"])
     assert exit_.value.code == 0 and "REPORT.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}/afile"], "argument --out: cannot create the folder"),
+    (["--epochs", "0"], "python -m lpa_bench.layer_sweep: error: argument --epochs: must be >= 1"),
+])
+def test_layer_sweep_refuses_bad_options_before_training(monkeypatch, capsys, tmp_path, argv, message):
+    """An --out that is a file failed after the whole sweep; --epochs 0 was refused in lpa-train's name."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(layer_sweep, "run", lambda *a: pytest.fail("trained before checking the options"))
+    with pytest.raises(SystemExit) as exit_:
+        layer_sweep.main(["--datasets", "digits-lt", "--seeds", "0", *[a.format(tmp=tmp_path) for a in argv]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"dataset": {"name": "x"}, "finished": True, "runs": [{"method": "erm"}]}, "runs[0] has no overall"),
+    ({"dataset": "cifar10-lt", "finished": True, "runs": []}, "dataset is not an object with a name"),
+    ({"dataset": {"name": "x"}, "finished": True, "runs": [dict(method="erm", overall=90, many=None, medium=80, few=70)]},
+     "runs[0].many is null, not an accuracy"),
+], ids=["no-overall", "dataset-string", "null-group"])
+def test_cifar_table_refuses_a_malformed_report_in_one_line(tmp_path, capsys, report, message):
+    """Such reports passed the top-level check and then crashed in the table with a traceback."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_:
+        cifar_table.main([str(path)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(error) == 1 and str(path) in error[0] and message in error[0], error

@@ -65,3 +65,15 @@ def test_the_bench_part_asks_for_sections_lpa_bench_has():
 
     ops = re.search(r"^BENCH_OPS=\$\{BENCH_OPS:-([^}]*)\}", SCRIPT.read_text(), re.M).group(1).split()
     assert ops and set(ops) <= set(SECTIONS), ops
+
+
+def test_bench_budget_follows_its_part_limit_when_clamped(tmp_path):
+    """When earlier parts leave the bench part less than its cap, lpa-bench's --budget-s must shrink with the
+    limit: a budget past the SIGINT lets the part be cut mid-case instead of stopping cleanly."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = _run(SCRIPT, {"OUT": str(out), "DRY_RUN": "1", "TOTAL": "45", "MIN_PART": "1"})
+    (line,) = [l for l in run.stdout.splitlines() if l.startswith("== bench ")]
+    limit = int(re.search(r"limit (\d+)s", line).group(1))
+    budget = int(re.search(r"--budget-s (\d+)", line).group(1))
+    assert limit < 120 and budget == limit - 30, line  # T_BENCH 120 clamped to the time left; 30 s margin

@@ -358,3 +358,133 @@ def test_quick_run_on_the_gpu_times_the_fast_backends_with_do_bench(tmp_path):
     assert {"reference", "triton", "eager", "matmul"} <= timed, f"timed implementations: {timed}"
     peaks = [r["peak_bytes"] for r in report["rows"] if r["bench"] == "memory" and r["error"] is None]
     assert peaks and all(p is not None and p > 0 for p in peaks), "GPU memory rows need peak_bytes"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plot", "{tmp}/p.xyz"], "argument --plot: {tmp}/p.xyz: matplotlib cannot write .xyz files"),
+    (["--plot", "{tmp}/pnoext"], "argument --plot: {tmp}/pnoext: the name has no extension"),
+    (["--json", "{tmp}/same.png", "--plot", "{tmp}/same.png"], "is also the --json file"),
+    (["--json", ""], "argument --json: the file name is empty"),
+], ids=["unknown-format", "no-extension", "same-file", "empty-json"])
+def test_output_names_that_would_fail_or_mislead_are_refused_up_front(monkeypatch, capsys, tmp_path, argv, message):
+    """A plot format matplotlib cannot write crashed after the whole run; a name without extension got .png
+    appended behind the user's back; the PNG replaced a --json of the same name; --json '' wrote nothing."""
+    pytest.importorskip("matplotlib")
+    err = _refused(monkeypatch, capsys, ["--quick", *[a.format(tmp=tmp_path) for a in argv]])
+    assert message.format(tmp=tmp_path) in err, err
+    assert not list(tmp_path.iterdir()), "nothing may be written before the options are checked"
+
+
+@pytest.mark.parametrize("argv, op", [
+    (["--ops", "perturb", "class_grad", "--backends", "matmul"], "perturb"),
+    (["--ops", "head_pgd_", "--backends", "compile"], "head_pgd_"),
+    (["--ops", "memory", "--backends", "matmul"], "memory"),
+])
+def test_backends_that_give_an_op_no_row_are_refused(monkeypatch, capsys, argv, op):
+    """Peers an op lacks are dropped for it; when that leaves the op nothing to time, the run would end with
+    status 0 and no row for it."""
+    err = _refused(monkeypatch, capsys, ["--quick", *argv])
+    assert f"argument --backends: --ops {op} would have no row" in err, err
+
+
+def test_dtype_spellings_of_one_dtype_time_it_once(tmp_path):
+    """``fp32`` and ``float32`` name the same dtype: both given must not time every case twice."""
+    path = tmp_path / "r.json"
+    assert cli.main(["--quick", "--device", "cpu", "--threads", "1", "--ops", "pgd_step_", "--backends", "reference",
+                     "--dtypes", "fp32", "float32", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    cases = [json.dumps([r["shape"], r["variant"], r["pass"], r["dtype"]], sort_keys=True) for r in rows]
+    assert rows and len(cases) == len(set(cases)), "a case was timed twice"
+
+
+def test_an_interrupted_run_keeps_its_rows_and_says_it_did_not_finish(monkeypatch, capsys, tmp_path):
+    """Ctrl-C (or gpu_session.sh's timeout --signal=INT) during a section lost the rows measured in it and
+    ended in a traceback; the report must hold every row measured, marked unfinished, with one line, 130."""
+    from lpa_bench import training
+
+    measure, calls = training._measure, []
+
+    def interrupt_the_second(*args, **kw):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(training, "_measure", interrupt_the_second)
+    path = tmp_path / "r.json"
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["--quick", "--device", "cpu", "--threads", "1", "--ops", "train_step", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 130
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "interrupted" in err and str(path) in err, err
+    report = json.loads(path.read_text())
+    assert report["finished"] is False
+    assert [(r["impl"], r["time_ms"] is not None) for r in report["rows"]] == [("erm", True)]
+
+
+def test_a_completed_run_says_it_finished(quick_run):
+    report, _ = quick_run
+    assert report["finished"] is True
+    assert report["meta"]["copy_bytes"] > 0, "the copy's size goes with its bandwidth"
+
+
+def test_row_notes_are_printed_with_the_row(capsys):
+    """Notes such as "compile peer skipped" were only in the JSON: the console table showed the rows as if
+    nothing were left out."""
+    assert cli.main(["--quick", "--device", "cpu", "--threads", "1", "--ops", "pgd_step_"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [l for l in lines if l.split()[:1] == ["pgd_step_"]]
+    assert rows and all(l.endswith("[note 1]") for l in rows), rows
+    notes = [l.strip() for l in lines if l.strip().startswith("note ")]
+    assert notes == [f"note 1: {cli.COMPILE_SKIPPED}"], "the note's text is printed once, after its first row"
+
+
+def test_train_step_targets_are_lpa_s_only():
+    """The SPEC's step targets (1.05x the plain step at T = 0, lower network once) are LPA's; other methods
+    (adversarial training on the input runs the lower network more) were held to them and shown MISSED."""
+    from lpa_bench import training
+    from lpa_bench.runner import Budget
+
+    rows = list(training._network_rows(training.NETWORKS["mlp"], "quick", torch.device("cpu"), Budget(None), True,
+                                       ["lpa", "adv"], {}))
+    lpa = [r for r in rows if r["impl"] == "lpa"]
+    other = [r for r in rows if r["impl"] == "adv"]
+    assert lpa and all(r["target"] for r in lpa)
+    assert other and all(r["target"] is None and r["target_met"] is None and r["ratio"] for r in other)
+
+
+def test_memory_target_is_not_met_when_the_peak_is_unmeasured():
+    """On the CPU peak_bytes is None: a target on saved and peak bytes is then not measured, not met."""
+    from lpa_bench.memory import _targets
+
+    eager = {"impl": "eager", "saved_bytes": 100, "peak_bytes": None, "target": None, "target_met": None}
+    fast = dict(eager, impl="triton", saved_bytes=50)
+    _targets([fast, eager])
+    assert fast["target"] and fast["target_met"] is None
+    measured = [dict(fast, peak_bytes=10), dict(eager, peak_bytes=20)]
+    _targets(measured)
+    assert measured[0]["target_met"] is True
+
+
+def test_training_plot_names_each_method_s_bars():
+    """With several --train-methods the bars of one network, layer and T had one label and overlapped, under a
+    y axis that called every method LPA."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lpa_bench.plot import _train_panel
+
+    rows = [{"impl": m, "op": "mlp_step", "variant": {"layer": "3", "steps": 1}, "ratio": 1.2} for m in ("lpa", "adv")]
+    fig, ax = plt.subplots()
+    _train_panel(ax, rows)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    plt.close(fig)
+    assert len(set(labels)) == 2 and all(any(m in l for l in labels) for m in ("lpa", "adv")), labels
+    assert not ax.get_ylabel().startswith("LPA"), ax.get_ylabel()

@@ -34,3 +34,23 @@ def test_profile_step_refuses_fewer_than_one_profiled_step(capsys, steps):
         profile_step.main(["--tier", "quick", "--steps", steps])
     assert exit_.value.code == 2
     assert f"--steps: must be at least 1 (got {steps})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, message", [("", "the file name is empty"), ("afile/x.json", "cannot create the folder")])
+def test_profile_step_refuses_an_unwritable_json_before_profiling(monkeypatch, capsys, tmp_path, name, message):
+    """An unwritable --json surfaced as a traceback after every method was profiled."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(profile_step, "_profile", lambda *a, **k: pytest.fail("profiled before checking --json"))
+    with pytest.raises(SystemExit) as exit_:
+        profile_step.main(["--tier", "quick", "--json", str(tmp_path / name) if name else ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"argument --json: " in err and message in err, err
+
+
+def test_profile_step_creates_the_json_s_folder(monkeypatch, tmp_path):
+    """As lpa-bench does: a --json in a folder not made yet is written there (atomically), not refused."""
+    monkeypatch.setattr(profile_step, "_profile", lambda name, steps, *a: {
+        "method": name, "launches_per_step": 1.0, "device_ms_per_step": 0.0, "host_ms_per_step": 0.0, "heaviest": []})
+    path = tmp_path / "new" / "profile.json"
+    profile_step.main(["--tier", "quick", "--steps", "1", "--json", str(path)])
+    assert len(json.loads(path.read_text())["results"]) == 4
