@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lpa_kernels import class_grad, class_grad_pgd_step_, head_pgd_, perturb, pgd_step_
+from lpa_kernels._common import l2_iterate_eps
 from lpa_kernels.pgd import naive
 
 B, K = 4, 3
@@ -167,7 +168,9 @@ def test_float64_grad_is_not_rounded_to_delta_dtype_before_the_step(delta_dtype)
     delta, grad = torch.randn(K, 6).to(delta_dtype), torch.randn(K, 6, dtype=torch.float64)
     grad[0] *= 1e300  # finite in float64; rounded to float32 first, class 0 would step along sign(grad[0])
     expected = delta.double().clone()
-    naive.pgd_step_(expected, grad, *torch.tensor([[0.3] * K, [1.0] * K, [1.0] * K], dtype=torch.float64), "l2")
+    step, eps, direction = torch.tensor([[0.3] * K, [1.0] * K, [1.0] * K], dtype=torch.float64)
+    # projected inside eps by delta's dtype's margin, as a float64 iterate rounded into that delta is
+    naive.pgd_step_(expected, grad, step, l2_iterate_eps(eps, delta_dtype, torch.float64, "l2"), direction, "l2")
     got = pgd_step_(delta.clone(), grad, 0.3, 1.0, 1.0, "l2", backend="reference")
     assert got.dtype == delta_dtype
     # step_size and eps are taken in delta's compute dtype (float32): equal up to 2 ulps of delta's dtype

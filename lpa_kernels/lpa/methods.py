@@ -349,7 +349,10 @@ class ManifoldMixup(Method):
     name = "mixup"
 
     def _mix(self, h, extras):
-        lam = float(torch.distributions.Beta(self.config.mixup_alpha, self.config.mixup_alpha).sample())
+        # validated whatever the process default (torch.compile turns the default off for good): an alpha
+        # that rounds to 0 in float32 raises instead of mixing with a NaN lam
+        alpha = self.config.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha, validate_args=True).sample())
         order = torch.randperm(h.shape[0], device=h.device)
         mix = lambda t: lam * t + (1 - lam) * t[order]  # noqa: E731
         batch_like = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == h.shape[0]  # noqa: E731

@@ -222,6 +222,15 @@ def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda():
     assert torch.allclose(loss, expected, rtol=1e-9), "mixup loss must mix the two targets' cross-entropies"
 
 
+def test_manifold_mixup_refuses_an_alpha_that_rounds_to_zero_also_after_torch_compile(monkeypatch):
+    """Beta(alpha, alpha) with alpha below float32's range: torch.compile switches distributions' default
+    argument checks off for the whole process, after which the sample was NaN and the loss NaN, silently."""
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_args", False)  # what torch.compile leaves
+    method = build_method("mixup", mlp(), NUM_CLASSES, layer="2", config=LPAConfig(mixup_alpha=1e-300))
+    with pytest.raises(ValueError, match="concentration"):
+        method.training_loss(*batch())
+
+
 def test_diagnostics_report_expansion_per_class_for_a_known_delta():
     model = mlp()
     x, y = batch()
