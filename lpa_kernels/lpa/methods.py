@@ -348,11 +348,17 @@ class ManifoldMixup(Method):
 
     name = "mixup"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Beta's concentration is a tensor of torch's default dtype, where an alpha far below 1e-38 is 0: no
+        # distribution. Its own argument check cannot be the guard: torch.compile switches those checks off
+        # for the whole process (and cannot trace them), after which the mixing weight was NaN, silently.
+        if not torch.tensor(self.config.mixup_alpha) > 0:
+            raise ValueError(f"mixup_alpha={self.config.mixup_alpha!r} rounds to 0 in torch's default dtype "
+                             f"({torch.get_default_dtype()}): Beta(alpha, alpha) needs alpha > 0 there")
+
     def _mix(self, h, extras):
-        # validated whatever the process default (torch.compile turns the default off for good): an alpha
-        # that rounds to 0 in float32 raises instead of mixing with a NaN lam
-        alpha = self.config.mixup_alpha
-        lam = float(torch.distributions.Beta(alpha, alpha, validate_args=True).sample())
+        lam = float(torch.distributions.Beta(self.config.mixup_alpha, self.config.mixup_alpha).sample())
         order = torch.randperm(h.shape[0], device=h.device)
         mix = lambda t: lam * t + (1 - lam) * t[order]  # noqa: E731
         batch_like = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == h.shape[0]  # noqa: E731

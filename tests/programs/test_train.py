@@ -164,7 +164,7 @@ USER_ERRORS = {
     "weight-decay-beyond-float32": (["--weight-decay", "1e39"], "argument --weight-decay: must be >= 0 and <= 3.4"),
     # torch's message spans two lines
     "mixup-alpha-zero-in-float32": (["--method", "mixup", "--mixup-alpha", "1e-300"],
-                                    "--method mixup cannot train with these settings: "),
+                                    "--method mixup cannot train with these settings: mixup_alpha=1e-300 rounds to 0"),
     "dist-timeout-beyond-timedelta": (["--dist-timeout", "1e30"], "argument --dist-timeout: must be >= 1 and <= 1e+09"),
 }
 
