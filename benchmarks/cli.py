@@ -80,13 +80,8 @@ def check_args(parser: Parser, args) -> torch.device:
             resolve(backend, device)
         except ValueError as exc:
             parser.error(f"argument --backends: {exc}")
-    if args.json is not None:
-        if not args.json:
-            parser.error("argument --json: the file name is empty")
-        if check_writable(args.json):
-            parser.error(f"argument --json: {check_writable(args.json)}")
-    if args.plot is not None and not args.plot:
-        parser.error("argument --plot: the file name is empty")
+    if args.json is not None and check_writable(args.json):
+        parser.error(f"argument --json: {check_writable(args.json)}")
     check_plot_option(parser, args)  # matplotlib there, a format it writes, a writable path that is not --json's
     return device
 

@@ -71,8 +71,8 @@ def main(argv=None) -> None:
     layer = args.layer or next(iter(network.layers))
     if layer not in network.layers:
         p.error(f"--layer: {layer!r} is not one of {args.model}'s timed layers {list(network.layers)}")
-    if args.json is not None and (not args.json or check_writable(args.json)):  # before minutes of profiling
-        p.error(f"argument --json: {check_writable(args.json) if args.json else 'the file name is empty'}")
+    if args.json is not None and check_writable(args.json):  # before minutes of profiling
+        p.error(f"argument --json: {check_writable(args.json)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = network.sizes[args.tier or ("gpu" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)

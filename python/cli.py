@@ -125,6 +125,8 @@ def write_or_exit(parser: argparse.ArgumentParser, option: str, path: str | Path
 
 def check_writable(path: str | Path) -> str:
     """Why ``path`` cannot be written as an output file ("" when it can), checked before a long run."""
+    if not str(path):  # (Path("") is the current folder)
+        return "the file name is empty"
     path = Path(path)
     if path.is_dir():
         return f"{path} is a folder, not a file name"

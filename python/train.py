@@ -444,7 +444,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         resolve(args.backend, device)
     except ValueError as exc:
         parser.error(f"argument --backend: {exc}")
-    if args.json and check_writable(args.json):
+    if args.json is not None and check_writable(args.json):
         parser.error(f"argument --json: {check_writable(args.json)}")
     check_plot_option(parser, args)
     data = check_data(parser, args)

@@ -166,6 +166,9 @@ USER_ERRORS = {
     "mixup-alpha-zero-in-float32": (["--method", "mixup", "--mixup-alpha", "1e-300"],
                                     "--method mixup cannot train with these settings: mixup_alpha=1e-300 rounds to 0"),
     "dist-timeout-beyond-timedelta": (["--dist-timeout", "1e30"], "argument --dist-timeout: must be >= 1 and <= 1e+09"),
+    # an empty name was no report at all (--json) or "." named as a folder (--plot)
+    "json-empty": (["--json", ""], "argument --json: the file name is empty"),
+    "plot-empty": (["--plot", ""], "argument --plot: the file name is empty"),
 }
 
 
