@@ -18,9 +18,14 @@ from typing import BinaryIO, Callable, NoReturn
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
+def launched_rank() -> int:
+    """This process's rank among those torchrun started (its ``RANK``); 0 for the only one."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def main_process() -> bool:
-    """Whether this process prints: the only one, or rank 0 of those torchrun started (by its ``RANK``)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Whether this process prints: the only one, or rank 0 of those torchrun started."""
+    return launched_rank() == 0
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,8 +38,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # one line whatever the message holds (a library's message may span several)
         line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-        rank = int(os.environ.get("RANK", "0"))
-        who = self.prog if rank == 0 else f"{self.prog} (rank {rank})"
+        who = self.prog if main_process() else f"{self.prog} (rank {launched_rank()})"
         self.exit(2, f"{who}: error: {line} (see {self.prog} --help)\n")
 
 
