@@ -136,7 +136,7 @@ __device__ void apply_step(T* delta_row, const G* grad_row, int64_t begin, int64
   const A moved_squares =
       isinf(r.delta_squares) ? r.delta_squares : r.delta_squares + A(2) * along * r.dot + along * along * r.squares;
   const A length = sqrt(moved_squares > A(0) ? moved_squares : A(0));
-  const A radius = eps - eps * l2_radius_margin<T, A>();
+  const A radius = eps - eps * l2_radius_margin<A>();
   const bool outside = length > radius;
   for (int64_t j = begin + t; j < end; j += nt) {
     const A moved = A(load_as_acc(delta_row[j])) + along * l2_scaled(A(load_as_acc(__ldcg(grad_row + j))), r.largest);

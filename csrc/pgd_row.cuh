@@ -7,10 +7,9 @@
 namespace lpa {
 
 // The L2 projection targets eps - eps * margin (lpa_kernels._common.L2_RADIUS_MARGIN): the norm it divides
-// by is rounded, and so is the row stored into delta (T); the margin of delta's dtype (float64's only for a
-// float64 delta, whatever A) keeps a projected row from landing an ulp outside the ball.
-template <typename T, typename A> __device__ __forceinline__ A l2_radius_margin() {
-  return std::is_same_v<T, double> ? A(0x1p-45) : A(0x1p-19);
+// by is rounded, and the margin keeps a projected row from landing an ulp outside the ball.
+template <typename A> __device__ __forceinline__ A l2_radius_margin() {
+  return std::is_same_v<A, double> ? A(0x1p-45) : A(0x1p-19);
 }
 
 // An entry of the L2 direction before normalisation (lpa_kernels/pgd/naive.py, l2_unit): g / largest, so
@@ -59,7 +58,7 @@ __device__ void pgd_update_row(T* delta_row, const G* grad_row, int64_t D, A ste
     moved_squares += moved * moved;
   }
   const A length = sqrt(block_sum(moved_squares, scratch));
-  const A radius = eps - eps * l2_radius_margin<T, A>();
+  const A radius = eps - eps * l2_radius_margin<A>();
   const bool outside = length > radius;
   for (int64_t j = t; j < D; j += nt) {
     const A moved = A(load_as_acc(delta_row[j])) + along * l2_scaled(A(load_as_acc(grad_row[j])), largest);

@@ -476,7 +476,8 @@ def test_head_pgd_fused_class_space_is_one_launch_whatever_the_steps(cuda_backen
 
 @pytest.mark.parametrize("dtypes", PROJECTION_DTYPES)
 def test_pgd_step_l2_projection_stays_inside_eps(launchers, pgd_grid, dtypes):
-    """The margin of delta's dtype (``l2_radius_margin<T, A>``), also for a float32 delta stepped in float64."""
+    """Inside eps, also a float32 delta stepped in float64 (the launcher steps a float64 copy with eps shrunk by
+    float32's margin, ``l2_iterate_eps``)."""
     check_l2_projection_inside_eps(
         lambda delta, grad, step, eps: launchers.pgd_step(delta, grad, step, eps, torch.ones_like(eps), "l2"),
         dtypes, "cpu")
